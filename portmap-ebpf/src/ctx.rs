@@ -1,0 +1,250 @@
+//! The one seam between the shared datapath and its two hooks.
+//!
+//! Parse, conntrack and NAT code is generic over [`PacketCtx`]; only the primitives below differ:
+//! XDP writes through bounds-checked pointers and updates checksums with the RFC 1624 arithmetic
+//! of `portmap_common::csum`; TC uses `bpf_skb_store_bytes` and `bpf_l{3,4}_csum_replace`, which
+//! also keep `skb->csum` (CHECKSUM_COMPLETE) and partial checksums (CHECKSUM_PARTIAL, GSO) right.
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::generated::bpf_redirect,
+    programs::{TcContext, XdpContext},
+};
+use portmap_common::csum;
+
+use crate::PM_REDIRECT_DEVS;
+
+/// A primitive failed (a bounds check or a helper): the packet is dropped and counted.
+#[derive(Clone, Copy)]
+pub struct StoreError;
+
+/// What the datapath decided for a packet; each hook turns it into its own return code.
+#[derive(Clone, Copy)]
+pub enum Action {
+    Pass,
+    Drop,
+    Redirect(u32),
+}
+
+/// How an L4 checksum update is applied.
+#[derive(Clone, Copy)]
+pub struct L4Csum {
+    /// The changed field is part of the pseudo-header (an IP address), not of the L4 segment.
+    pub pseudo: bool,
+    /// UDP: a checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff.
+    pub udp: bool,
+}
+
+pub trait PacketCtx {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Length of the whole packet from the Ethernet header on (an skb may be longer than its
+    /// linear part, `data_end - data`).
+    fn packet_len(&self) -> usize;
+    fn ingress_ifindex(&self) -> u32;
+    /// The VLAN tag was stripped into metadata (skb only): forwarding is left to the kernel.
+    fn vlan_offloaded(&self) -> bool;
+    /// The raw context pointer for helpers that take it (`bpf_fib_lookup`).
+    fn raw(&self) -> *mut c_void;
+
+    fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError>;
+    /// `check_off` holds the IPv4 header checksum; a `size`-byte field changed `from` → `to`.
+    fn l3_csum_replace(&mut self, check_off: usize, from: u32, to: u32, size: u8) -> Result<(), StoreError>;
+    /// `check_off` holds the TCP/UDP checksum; a `size`-byte field changed `from` → `to`.
+    fn l4_csum_replace(
+        &mut self,
+        check_off: usize,
+        from: u32,
+        to: u32,
+        size: u8,
+        how: L4Csum,
+    ) -> Result<(), StoreError>;
+
+    /// Whether `redirect(ifindex)` can deliver there from this hook.
+    fn can_redirect(&self, ifindex: u32) -> bool;
+    fn verdict(&self, action: Action) -> u32;
+}
+
+/// Returns a pointer to a `T` at `off` if it lies entirely inside the packet's linear data.
+/// The one bounds helper of the datapath.
+#[inline(always)]
+pub fn ptr_at<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        XdpContext::ingress_ifindex(self) as u32
+    }
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        false
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.ctx.cast()
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError> {
+        let p = ptr_at::<_, T>(self, off).ok_or(StoreError)?;
+        // SAFETY: bounds checked by ptr_at; packet memory is writable in XDP.
+        unsafe { p.write_unaligned(v) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace(&mut self, check_off: usize, from: u32, to: u32, size: u8) -> Result<(), StoreError> {
+        let p = ptr_at::<_, u16>(self, check_off).ok_or(StoreError)?;
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let check = p.read_unaligned();
+            let new = if size == 2 {
+                csum::replace2(check, from as u16, to as u16)
+            } else {
+                csum::replace4(check, from, to)
+            };
+            p.write_unaligned(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace(
+        &mut self,
+        check_off: usize,
+        from: u32,
+        to: u32,
+        size: u8,
+        how: L4Csum,
+    ) -> Result<(), StoreError> {
+        let p = ptr_at::<_, u16>(self, check_off).ok_or(StoreError)?;
+        let update = |check: u16| {
+            if size == 2 {
+                csum::replace2(check, from as u16, to as u16)
+            } else {
+                csum::replace4(check, from, to)
+            }
+        };
+        // SAFETY: bounds checked by ptr_at.
+        unsafe {
+            let check = p.read_unaligned();
+            let new = if how.udp { csum::udp_mangled(check, update) } else { update(check) };
+            p.write_unaligned(new);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn can_redirect(&self, ifindex: u32) -> bool {
+        // XDP_REDIRECT only works into devices that implement ndo_xdp_xmit (not bridges) and, for
+        // a veth, whose peer has NAPI (an XDP program or GRO): the daemon lists those.
+        PM_REDIRECT_DEVS.get_ifindex(ifindex).is_some()
+    }
+
+    #[inline(always)]
+    fn verdict(&self, action: Action) -> u32 {
+        match action {
+            Action::Pass => xdp_action::XDP_PASS,
+            Action::Drop => xdp_action::XDP_DROP,
+            // Falls back to XDP_PASS if the device left the map since can_redirect().
+            Action::Redirect(ifindex) => PM_REDIRECT_DEVS
+                .redirect(ifindex, u64::from(xdp_action::XDP_PASS))
+                .unwrap_or(xdp_action::XDP_PASS),
+        }
+    }
+}
+
+impl PacketCtx for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len() as usize
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.skb.skb.cast()
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError> {
+        TcContext::store(self, off, &v, 0).map_err(|_| StoreError)
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace(&mut self, check_off: usize, from: u32, to: u32, size: u8) -> Result<(), StoreError> {
+        TcContext::l3_csum_replace(self, check_off, u64::from(from), u64::from(to), u64::from(size))
+            .map_err(|_| StoreError)
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace(
+        &mut self,
+        check_off: usize,
+        from: u32,
+        to: u32,
+        size: u8,
+        how: L4Csum,
+    ) -> Result<(), StoreError> {
+        let mut flags = u64::from(size);
+        if how.pseudo {
+            flags |= u64::from(BPF_F_PSEUDO_HDR);
+        }
+        if how.udp {
+            flags |= u64::from(BPF_F_MARK_MANGLED_0);
+        }
+        TcContext::l4_csum_replace(self, check_off, u64::from(from), u64::from(to), flags).map_err(|_| StoreError)
+    }
+
+    #[inline(always)]
+    fn can_redirect(&self, _ifindex: u32) -> bool {
+        // bpf_redirect() of an skb works into any device, bridges included (br_dev_xmit).
+        true
+    }
+
+    #[inline(always)]
+    fn verdict(&self, action: Action) -> u32 {
+        match action {
+            Action::Pass => TC_ACT_OK as u32,
+            Action::Drop => TC_ACT_SHOT as u32,
+            // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success, TC_ACT_SHOT otherwise.
+            Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        }
+    }
+}

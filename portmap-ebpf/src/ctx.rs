@@ -89,7 +89,14 @@ impl PacketCtx for XdpContext {
     }
     #[inline(always)]
     fn packet_len(&self) -> usize {
-        XdpContext::data_end(self) - XdpContext::data(self)
+        // Volatile loads: otherwise LLVM derives "the L4 header is in bounds" from the IPv4
+        // total-length check and deletes the bounds check the verifier needs.
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        unsafe {
+            let end = core::ptr::read_volatile(&raw const (*self.ctx).data_end);
+            let start = core::ptr::read_volatile(&raw const (*self.ctx).data);
+            end.wrapping_sub(start) as usize
+        }
     }
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {

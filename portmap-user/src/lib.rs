@@ -1,0 +1,7 @@
+//! The `portmap` daemon and CLI, as a library so that tests can reuse the same code.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod spec;

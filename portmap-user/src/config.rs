@@ -1,0 +1,246 @@
+//! The daemon's TOML configuration, validated as a whole before anything is applied.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use portmap_common::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_MAPPINGS};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{self, Binding, Mapping, SpecError};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/portmap/portmap.toml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portmap";
+pub const DEFAULT_SOCKET: &str = "/run/portmap/portmap.sock";
+
+/// How the ingress program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// XDP (driver mode) on NICs that support it, TC on everything else (veth, bridges, ...).
+    #[default]
+    Auto,
+    /// XDP on every interface (on a veth this turns off the peer's TSO/GSO).
+    Xdp,
+    /// TC (tcx) on every interface.
+    Tc,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Idle timeout of an established TCP flow (RFC 5382: at least 2 h 4 min).
+    pub tcp_seconds: u64,
+    /// How long a TCP flow lives on after its first FIN or RST.
+    pub tcp_close_seconds: u64,
+    /// Idle timeout of a UDP flow (RFC 4787: at least 2 min).
+    pub udp_seconds: u64,
+    /// How often the daemon walks the flow table to expire flows.
+    pub gc_interval_seconds: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { tcp_seconds: 7440, tcp_close_seconds: 10, udp_seconds: 120, gc_interval_seconds: 5 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_mappings: u32,
+    /// Conntrack entries; each flow takes two.
+    pub conntrack_entries: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_mappings: DEFAULT_MAX_MAPPINGS, conntrack_entries: DEFAULT_CONNTRACK_ENTRIES }
+    }
+}
+
+/// `portmap.toml`. Every field is optional; see the README for an example.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client-facing interfaces (where published ports are reached).
+    pub interfaces: Vec<String>,
+    pub attach: AttachMode,
+    /// Extra devices the XDP program may redirect to directly (a veth listed here must have GRO
+    /// or an XDP program on its peer). Everything else is reached through the kernel's routing.
+    pub redirect_interfaces: Vec<String>,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Mapping specs, as on the command line.
+    pub mappings: Vec<String>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            attach: AttachMode::Auto,
+            redirect_interfaces: Vec::new(),
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            socket: DEFAULT_SOCKET.into(),
+            mappings: Vec::new(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("mappings[{index}] '{spec}': {source}")]
+    Spec { index: usize, spec: String, source: SpecError },
+    #[error("mappings[{index}] '{spec}' binds {binding}, already bound by '{other}'")]
+    Duplicate { index: usize, spec: String, binding: Binding, other: Mapping },
+    #[error("no interface to attach to: list them in `interfaces` or pass --iface")]
+    NoInterfaces,
+    #[error("interface name '{0}' is not valid (1-15 characters, no '/', ':' or whitespace)")]
+    Interface(String),
+    #[error("{field} must be at least 1")]
+    Zero { field: &'static str },
+    #[error("{count} mappings exceed limits.max_mappings = {max}")]
+    TooManyMappings { count: usize, max: u32 },
+}
+
+/// A configuration that passed every check; the daemon applies it as one change.
+#[derive(Clone, Debug)]
+pub struct Valid {
+    pub config: Config,
+    pub mappings: Vec<Mapping>,
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks everything and parses the mappings; nothing is half-valid.
+    pub fn validate(self) -> Result<Valid, ConfigError> {
+        if self.interfaces.is_empty() {
+            return Err(ConfigError::NoInterfaces);
+        }
+        for name in self.interfaces.iter().chain(&self.redirect_interfaces) {
+            let bad = name.is_empty()
+                || name.len() > 15
+                || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+            if bad {
+                return Err(ConfigError::Interface(name.clone()));
+            }
+        }
+        for (field, value) in [
+            ("timeouts.tcp_seconds", self.timeouts.tcp_seconds),
+            ("timeouts.tcp_close_seconds", self.timeouts.tcp_close_seconds),
+            ("timeouts.udp_seconds", self.timeouts.udp_seconds),
+            ("timeouts.gc_interval_seconds", self.timeouts.gc_interval_seconds),
+            ("limits.max_mappings", u64::from(self.limits.max_mappings)),
+            ("limits.conntrack_entries", u64::from(self.limits.conntrack_entries)),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        let mappings = parse_mappings(&self.mappings)?;
+        if mappings.len() > self.limits.max_mappings as usize {
+            return Err(ConfigError::TooManyMappings { count: mappings.len(), max: self.limits.max_mappings });
+        }
+        Ok(Valid { config: self, mappings })
+    }
+}
+
+/// Parses a list of specs and rejects two that share a binding.
+pub fn parse_mappings(specs: &[String]) -> Result<Vec<Mapping>, ConfigError> {
+    let mut seen: BTreeMap<Binding, Mapping> = BTreeMap::new();
+    let mut out = Vec::with_capacity(specs.len());
+    for (index, text) in specs.iter().enumerate() {
+        let mapping =
+            spec::parse(text).map_err(|source| ConfigError::Spec { index, spec: text.clone(), source })?;
+        if let Some(other) = seen.insert(mapping.binding(), mapping) {
+            return Err(ConfigError::Duplicate { index, spec: text.clone(), binding: mapping.binding(), other });
+        }
+        out.push(mapping);
+    }
+    Ok(out)
+}
+
+impl Timeouts {
+    #[must_use]
+    pub fn gc_interval(&self) -> Duration {
+        Duration::from_secs(self.gc_interval_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+interfaces = ["eth0"]
+attach = "tc"
+mappings = ["8080:198.18.2.2:80", "198.18.1.1:5353:198.18.2.2:53/udp"]
+
+[timeouts]
+udp_seconds = 30
+"#;
+
+    #[test]
+    fn example_parses_with_defaults() {
+        let valid = Config::from_toml(EXAMPLE).unwrap().validate().unwrap();
+        assert_eq!(valid.config.attach, AttachMode::Tc);
+        assert_eq!(valid.config.timeouts.udp_seconds, 30);
+        assert_eq!(valid.config.timeouts.tcp_seconds, 7440);
+        assert_eq!(valid.config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(valid.mappings.len(), 2);
+        assert_eq!(valid.mappings[1].to_string(), "198.18.1.1:5353:198.18.2.2:53/udp");
+    }
+
+    #[test]
+    fn readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+        let len = readme[start..].find("```").unwrap();
+        Config::from_toml(&readme[start..start + len]).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases = [
+            ("interfaces = []", "no interface"),
+            ("interfaces = [\"eth0\"]\nbogus = 1", "unknown field `bogus`"),
+            ("interfaces = [\"eth0\"]\nattach = \"fast\"", "unknown variant `fast`"),
+            ("interfaces = [\"eth0\"]\nmappings = [\"8080:x:80\"]", "mappings[0] '8080:x:80': backend address 'x'"),
+            (
+                "interfaces = [\"eth0\"]\nmappings = [\"8080:198.18.2.2:80\", \"0.0.0.0:8080:198.18.2.3:81/tcp\"]",
+                "mappings[1] '0.0.0.0:8080:198.18.2.3:81/tcp' binds 0.0.0.0:8080/tcp, already bound by '8080:198.18.2.2:80/tcp'",
+            ),
+            ("interfaces = [\"eth0\"]\n[timeouts]\nudp_seconds = 0", "timeouts.udp_seconds must be at least 1"),
+            ("interfaces = [\"a/b\"]", "interface name 'a/b'"),
+            (
+                "interfaces = [\"eth0\"]\nmappings = [\"1:198.18.2.2:1\", \"2:198.18.2.2:1\"]\n[limits]\nmax_mappings = 1",
+                "2 mappings exceed limits.max_mappings = 1",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::from_toml(text).and_then(Config::validate).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn same_port_on_specific_and_wildcard_address_is_allowed() {
+        let specs = vec!["8080:198.18.2.2:80".to_string(), "198.18.1.1:8080:198.18.2.3:80".to_string()];
+        assert_eq!(parse_mappings(&specs).unwrap().len(), 2);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn from_toml_never_panics(s in "\\PC{0,200}") {
+            let _ = Config::from_toml(&s).and_then(Config::validate);
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! Loads the eBPF object, pins its maps and links under one bpffs directory, attaches the
+//! programs, and gives typed access to the maps.
+//!
+//! Pin layout (`PIN_DIR` defaults to /sys/fs/bpf/portmap):
+//! ```text
+//! PIN_DIR/maps/PM_MAPPINGS, PM_CONNTRACK, PM_MAPPING_STATS, PM_GLOBAL_STATS, PM_REDIRECT_DEVS
+//! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
+//! ```
+//! A pinned link keeps its program attached even if the daemon dies; a clean shutdown unpins and
+//! so detaches everything. A later version can re-open these pins to restart without dropping
+//! traffic; this one removes stale pins at start-up.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+    util::nr_cpus,
+};
+use log::{info, warn};
+use portmap_common::{
+    DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, MappingCounters, MappingValue, PROTO_UDP,
+    map_names, prog_names, stat,
+};
+
+use crate::{
+    config::{AttachMode, Limits, Timeouts},
+    spec::Mapping,
+};
+
+/// The eBPF object built by build.rs (aya-build) from portmap-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portmap"));
+
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    XdpIngress,
+    TcIngress,
+    TcEgress,
+}
+
+impl Hook {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::XdpIngress => "xdp_ingress",
+            Self::TcIngress => "tc_ingress",
+            Self::TcEgress => "tc_egress",
+        }
+    }
+}
+
+struct Attachment {
+    iface: String,
+    hook: Hook,
+    link: PinnedLink,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attachments: Vec<Attachment>,
+}
+
+fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join("maps").join(name)
+}
+
+/// bpffs refuses names containing '.', which interface names may have (eth0.100): those are
+/// percent-encoded, as is '%' itself.
+fn link_pin(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
+    let iface = iface.replace('%', "%25").replace('.', "%2E");
+    pin_dir.join("links").join(format!("{iface}_{}", hook.as_str()))
+}
+
+/// Removes pins a previous run left behind (a crash, or SIGKILL): unpinning detaches its links.
+pub fn remove_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            warn!("removing stale pin {} left by an earlier run", path.display());
+            fs::remove_file(&path).with_context(|| format!("removing stale pin {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Physical NICs have a `device` link in sysfs; veth, bridges, tunnels and loopback do not.
+fn is_physical(iface: &str) -> bool {
+    Path::new("/sys/class/net").join(iface).join("device").exists()
+}
+
+fn ifindex(iface: &str) -> anyhow::Result<u32> {
+    nix::net::if_::if_nametoindex(iface).map_err(|e| anyhow!("interface '{iface}' not found: {e}"))
+}
+
+impl Datapath {
+    /// Loads the object with the configured capacities and pins its maps.
+    pub fn load(pin_dir: &Path, limits: &Limits) -> anyhow::Result<Self> {
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
+            .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
+            .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        for dir in ["maps", "links"] {
+            fs::create_dir_all(pin_dir.join(dir))
+                .with_context(|| format!("creating pin directory {}", pin_dir.join(dir).display()))?;
+        }
+        let mut dp = Self { ebpf, pin_dir: pin_dir.to_path_buf(), attachments: Vec::new() };
+        for name in map_names::ALL {
+            let map = dp.ebpf.map(name).with_context(|| format!("map {name} missing from the object"))?;
+            if let Err(e) = map.pin(map_pin(pin_dir, name)) {
+                dp.shutdown();
+                return Err(e).with_context(|| format!("pinning map {name}"));
+            }
+        }
+        for name in [prog_names::XDP_INGRESS] {
+            let prog: &mut Xdp = dp.program_mut(name)?.try_into()?;
+            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        for name in [prog_names::TC_INGRESS, prog_names::TC_EGRESS] {
+            let prog: &mut SchedClassifier = dp.program_mut(name)?.try_into()?;
+            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        Ok(dp)
+    }
+
+    fn program_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::programs::Program> {
+        self.ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))
+    }
+
+    /// Takes the aya-log ring buffer for the daemon to drain (the datapath only logs on helper
+    /// failures, which would be bugs).
+    pub fn take_logger(&mut self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("initialising aya-log")
+    }
+
+    /// Attaches ingress (XDP or TC) and TC egress to every interface. On any failure everything
+    /// attached so far is detached again and the error names the interface.
+    pub fn attach(&mut self, ifaces: &[String], mode: AttachMode, redirect_ifaces: &[String]) -> anyhow::Result<()> {
+        let result = self.attach_all(ifaces, mode, redirect_ifaces);
+        if result.is_err() {
+            self.detach_all();
+        }
+        result
+    }
+
+    fn attach_all(&mut self, ifaces: &[String], mode: AttachMode, redirect_ifaces: &[String]) -> anyhow::Result<()> {
+        let mut xdp_ifaces = Vec::new();
+        for iface in ifaces {
+            ifindex(iface)?;
+            let use_xdp = match mode {
+                AttachMode::Xdp => true,
+                AttachMode::Tc => false,
+                AttachMode::Auto => is_physical(iface),
+            };
+            let ingress = if use_xdp {
+                match self.attach_xdp(iface) {
+                    Ok(()) => Some(Hook::XdpIngress),
+                    Err(e) if mode == AttachMode::Auto => {
+                        info!("{iface}: no native XDP ({e:#}); using TC");
+                        None
+                    }
+                    Err(e) => return Err(e.context(format!("{iface}: XDP attach failed; try --attach tc"))),
+                }
+            } else {
+                None
+            };
+            if ingress.is_some() {
+                xdp_ifaces.push(iface.clone());
+            } else {
+                self.attach_tc(iface, Hook::TcIngress)?;
+            }
+            self.attach_tc(iface, Hook::TcEgress)?;
+            info!(
+                "{iface}: attached {} ingress and tc egress",
+                if ingress.is_some() { "xdp" } else { "tc" }
+            );
+        }
+        if !xdp_ifaces.is_empty() {
+            let mut devs: DevMapHash<_> = DevMapHash::try_from(self.map_mut(map_names::REDIRECT_DEVS)?)?;
+            for iface in xdp_ifaces.iter().chain(redirect_ifaces) {
+                let index = ifindex(iface)?;
+                devs.insert(index, index, None, 0)
+                    .with_context(|| format!("adding {iface} to the XDP redirect devices"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
+        let id = prog.attach(iface, XdpMode::Driver)?;
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link.try_into().map_err(|e| anyhow!("XDP link is not a bpf_link: {e}"))?;
+        self.pin_link(iface, Hook::XdpIngress, fd)
+    }
+
+    fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
+        let (name, kind) = match hook {
+            Hook::TcIngress => (prog_names::TC_INGRESS, TcAttachType::Ingress),
+            _ => (prog_names::TC_EGRESS, TcAttachType::Egress),
+        };
+        let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
+        // Kernel >= 6.6: a tcx bpf_link (no clsact qdisc, coexists with other tcx programs).
+        let id = prog.attach(iface, kind).with_context(|| format!("{iface}: attaching {name}"))?;
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link.try_into().map_err(|e| anyhow!("{iface}: TC link is not a bpf_link (kernel < 6.6?): {e}"))?;
+        self.pin_link(iface, hook, fd)
+    }
+
+    fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
+        let path = link_pin(&self.pin_dir, iface, hook);
+        let link = fd.pin(&path).with_context(|| format!("pinning link {}", path.display()))?;
+        self.attachments.push(Attachment { iface: iface.to_string(), hook, link });
+        Ok(())
+    }
+
+    /// (interface, hook) of every attachment.
+    #[must_use]
+    pub fn attachments(&self) -> Vec<(String, Hook)> {
+        self.attachments.iter().map(|a| (a.iface.clone(), a.hook)).collect()
+    }
+
+    fn detach_all(&mut self) {
+        for a in self.attachments.drain(..) {
+            // Unpinning removes the bpffs entry; dropping the last fd detaches the link.
+            if let Err(e) = a.link.unpin() {
+                warn!("{}: unpinning {} failed: {e}", a.iface, a.hook.as_str());
+            }
+        }
+    }
+
+    /// Detaches every program and removes every pin this daemon created.
+    pub fn shutdown(&mut self) {
+        self.detach_all();
+        for name in map_names::ALL {
+            let path = map_pin(&self.pin_dir, name);
+            if path.exists()
+                && let Err(e) = fs::remove_file(&path)
+            {
+                warn!("removing {}: {e}", path.display());
+            }
+        }
+        for dir in ["links", "maps", ""] {
+            let _ = fs::remove_dir(self.pin_dir.join(dir));
+        }
+    }
+
+    fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))
+    }
+
+    fn map(&self, name: &str) -> anyhow::Result<&aya::maps::Map> {
+        self.ebpf.map(name).with_context(|| format!("map {name} missing"))
+    }
+
+    pub fn insert_mapping(&mut self, mapping: &Mapping, stats_slot: u32) -> anyhow::Result<()> {
+        self.reset_slot(stats_slot)?;
+        let value = MappingValue {
+            backend_addr_be: u32::from_ne_bytes(mapping.backend_ip.octets()),
+            backend_port_be: mapping.backend_port.to_be(),
+            _pad: 0,
+            stats_slot,
+        };
+        let mut map: HashMap<_, _, _> = HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
+        map.insert(mapping.map_key(), value, 0).with_context(|| format!("inserting mapping {mapping}"))
+    }
+
+    pub fn remove_mapping(&mut self, mapping: &Mapping) -> anyhow::Result<()> {
+        let mut map: HashMap<_, portmap_common::MappingKey, MappingValue> =
+            HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
+        map.remove(&mapping.map_key()).with_context(|| format!("removing mapping {mapping}"))
+    }
+
+    fn reset_slot(&mut self, slot: u32) -> anyhow::Result<()> {
+        let mut stats: PerCpuArray<_, MappingCounters> = PerCpuArray::try_from(self.map_mut(map_names::MAPPING_STATS)?)?;
+        let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
+        stats.set(slot, PerCpuValues::try_from(vec![MappingCounters::default(); cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// A mapping's counters summed over CPUs.
+    pub fn mapping_counters(&self, slot: u32) -> anyhow::Result<MappingCounters> {
+        let stats: PerCpuArray<_, MappingCounters> = PerCpuArray::try_from(self.map(map_names::MAPPING_STATS)?)?;
+        let per_cpu = stats.get(&slot, 0)?;
+        Ok(per_cpu.iter().fold(MappingCounters::default(), |acc, c| MappingCounters {
+            fwd_packets: acc.fwd_packets + c.fwd_packets,
+            fwd_bytes: acc.fwd_bytes + c.fwd_bytes,
+            reply_packets: acc.reply_packets + c.reply_packets,
+            reply_bytes: acc.reply_bytes + c.reply_bytes,
+            flows: acc.flows + c.flows,
+        }))
+    }
+
+    /// Global counters summed over CPUs, in `stat` code order.
+    pub fn global_counters(&self) -> anyhow::Result<Vec<u64>> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(map_names::GLOBAL_STATS)?)?;
+        (0..stat::COUNT).map(|code| Ok(stats.get(&code, 0)?.iter().sum())).collect()
+    }
+
+    /// Deletes expired flows (both entries); returns how many flows remain.
+    pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<u64> {
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
+        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).collect();
+        let plan = plan_expiry(&entries, now_ns, timeouts);
+        for key in &plan.delete {
+            // Already gone (LRU eviction or a concurrent re-creation) is fine.
+            let _ = ct.remove(key);
+        }
+        Ok(plan.live_flows)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if !self.attachments.is_empty() {
+            self.shutdown();
+        }
+    }
+}
+
+/// What an expiry pass deletes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExpiryPlan {
+    pub delete: Vec<FlowKey>,
+    pub live_flows: u64,
+}
+
+/// The reply entry's key for a forward entry (backend → client).
+#[must_use]
+pub fn reply_key(forward: &FlowKey, value: &FlowValue) -> FlowKey {
+    FlowKey {
+        src_addr_be: value.nat_addr_be,
+        dst_addr_be: forward.src_addr_be,
+        src_port_be: value.nat_port_be,
+        dst_port_be: forward.src_port_be,
+        proto: forward.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Pure expiry decision. A flow's age is that of its most recent entry; its limit is the UDP or
+/// TCP idle timeout, or the close grace once either direction saw FIN/RST. A lone entry (its
+/// partner was evicted, or is being created this instant) goes after the close grace.
+#[must_use]
+pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) -> ExpiryPlan {
+    const NS: u64 = 1_000_000_000;
+    let by_key: StdHashMap<FlowKey, FlowValue> = entries.iter().copied().collect();
+    let mut plan = ExpiryPlan::default();
+    let mut paired_replies = std::collections::HashSet::new();
+    let idle = |v: &FlowValue| now_ns.saturating_sub(v.last_seen_ns);
+    let close_grace = t.tcp_close_seconds.saturating_mul(NS);
+    for (key, value) in entries.iter().filter(|(_, v)| v.direction == DIR_FORWARD) {
+        let rkey = reply_key(key, value);
+        let reply = by_key.get(&rkey).filter(|r| r.direction == DIR_REPLY);
+        let Some(reply) = reply else {
+            if idle(value) > close_grace {
+                plan.delete.push(*key);
+            }
+            continue;
+        };
+        paired_replies.insert(rkey);
+        let age = idle(value).min(idle(reply));
+        let limit = if key.proto == PROTO_UDP {
+            t.udp_seconds.saturating_mul(NS)
+        } else if (value.flags | reply.flags) & FLOW_F_CLOSING != 0 {
+            close_grace
+        } else {
+            t.tcp_seconds.saturating_mul(NS)
+        };
+        if age > limit {
+            plan.delete.push(*key);
+            plan.delete.push(rkey);
+        } else {
+            plan.live_flows += 1;
+        }
+    }
+    for (key, value) in entries.iter().filter(|(k, v)| v.direction == DIR_REPLY && !paired_replies.contains(k)) {
+        if idle(value) > close_grace {
+            plan.delete.push(*key);
+        }
+    }
+    plan
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> anyhow::Result<u64> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(u64::try_from(ts.tv_sec())? * 1_000_000_000 + u64::try_from(ts.tv_nsec())?)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted there yet.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let root = Path::new("/sys/fs/bpf");
+    if let Ok(st) = nix::sys::statfs::statfs(root)
+        && st.filesystem_type().0 as i64 == BPF_FS_MAGIC
+    {
+        return Ok(());
+    }
+    fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
+    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .context("mounting bpffs at /sys/fs/bpf")?;
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// Fails when `pin_dir` is not on bpffs (pinning would fail later with a less clear error).
+pub fn check_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let st = nix::sys::statfs::statfs(&probe).with_context(|| format!("statfs {}", probe.display()))?;
+    if st.filesystem_type().0 as i64 != 0xcafe_4a11 {
+        bail!("pin directory {} is not on a bpffs mount", pin_dir.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use portmap_common::PROTO_TCP;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn flow(proto: u8, client_port: u16, fwd_seen: u64, reply_seen: u64, flags: u8) -> [(FlowKey, FlowValue); 2] {
+        let fkey = FlowKey {
+            src_addr_be: 1,
+            dst_addr_be: 2,
+            src_port_be: client_port,
+            dst_port_be: 8080,
+            proto,
+            _pad: [0; 3],
+        };
+        let fval = FlowValue {
+            last_seen_ns: fwd_seen,
+            nat_addr_be: 3,
+            nat_port_be: 80,
+            direction: DIR_FORWARD,
+            flags,
+            stats_slot: 0,
+            _pad: 0,
+        };
+        let rkey = reply_key(&fkey, &fval);
+        let rval = FlowValue { last_seen_ns: reply_seen, nat_addr_be: 2, nat_port_be: 8080, direction: DIR_REPLY, flags: 0, ..fval };
+        [(fkey, fval), (rkey, rval)]
+    }
+
+    #[test]
+    fn expiry_uses_the_fresher_direction_and_protocol_timeouts() {
+        let t = Timeouts { tcp_seconds: 100, tcp_close_seconds: 10, udp_seconds: 30, gc_interval_seconds: 1 };
+        let now = 1000 * S;
+        let mut entries = Vec::new();
+        let live_tcp = flow(PROTO_TCP, 1, now - 500 * S, now - 50 * S, 0); // reply fresh: live
+        let idle_tcp = flow(PROTO_TCP, 2, now - 101 * S, now - 150 * S, 0); // both idle > 100 s
+        let closing = flow(PROTO_TCP, 3, now - 11 * S, now - 11 * S, FLOW_F_CLOSING); // past grace
+        let closing_young = flow(PROTO_TCP, 4, now - 5 * S, now - 5 * S, FLOW_F_CLOSING);
+        let udp_idle = flow(PROTO_UDP, 5, now - 31 * S, now - 40 * S, 0);
+        let udp_live = flow(PROTO_UDP, 6, now - 29 * S, now - 40 * S, 0);
+        for f in [live_tcp, idle_tcp, closing, closing_young, udp_idle, udp_live] {
+            entries.extend(f);
+        }
+        let orphan_reply = flow(PROTO_TCP, 7, 0, now - 11 * S, 0)[1];
+        let young_orphan = flow(PROTO_TCP, 8, 0, now - S, 0)[1];
+        entries.push(orphan_reply);
+        entries.push(young_orphan);
+
+        let plan = plan_expiry(&entries, now, &t);
+        let mut want = vec![idle_tcp[0].0, idle_tcp[1].0, closing[0].0, closing[1].0, udp_idle[0].0, udp_idle[1].0, orphan_reply.0];
+        let mut got = plan.delete.clone();
+        let order = |k: &FlowKey| (k.src_addr_be, k.src_port_be, k.dst_port_be, k.proto);
+        want.sort_by_key(order);
+        got.sort_by_key(order);
+        assert_eq!(got, want);
+        assert_eq!(plan.live_flows, 3);
+    }
+}

@@ -11,7 +11,11 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = manifest_dir.join("../portmap-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path to portmap-ebpf")?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "portmap-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "portmap-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

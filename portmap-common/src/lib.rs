@@ -23,13 +23,7 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "PM_GLOBAL_STATS";
     pub const REDIRECT_DEVS: &str = "PM_REDIRECT_DEVS";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 5] = [
-        MAPPINGS,
-        CONNTRACK,
-        MAPPING_STATS,
-        GLOBAL_STATS,
-        REDIRECT_DEVS,
-    ];
+    pub const ALL: [&str; 5] = [MAPPINGS, CONNTRACK, MAPPING_STATS, GLOBAL_STATS, REDIRECT_DEVS];
 }
 
 /// Program names, exactly as the functions are named in `portmap-ebpf`.

@@ -74,13 +74,22 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
         return None;
     }
     touch(entry, tcp_flags, now);
-    Some(Nat { addr: v.nat_addr_be, port: v.nat_port_be, stats_slot: v.stats_slot })
+    Some(Nat {
+        addr: v.nat_addr_be,
+        port: v.nat_port_be,
+        stats_slot: v.stats_slot,
+    })
 }
 
 /// The mapping for a packet's destination: the exact host address first, then the wildcard.
 #[inline(always)]
 pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
-    let mut key = MappingKey { addr_be: pkt.daddr, port_be: pkt.dport, proto: pkt.proto, _pad: 0 };
+    let mut key = MappingKey {
+        addr_be: pkt.daddr,
+        port_be: pkt.dport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
     // SAFETY: values are plain data copied out of the map.
     if let Some(v) = unsafe { PM_MAPPINGS.get(&key) } {
         return Some(*v);
@@ -102,7 +111,11 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 { FLOW_F_CLOSING } else { 0 };
+    let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_F_CLOSING
+    } else {
+        0
+    };
     let reply = FlowValue {
         last_seen_ns: now,
         nat_addr_be: pkt.daddr,
@@ -112,7 +125,10 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         stats_slot: mapping.stats_slot,
         _pad: 0,
     };
-    if PM_CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_NOEXIST)).is_err() {
+    if PM_CONNTRACK
+        .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
         // Taken: by an earlier incarnation of this very flow (same client port, same published
         // address) it is ours to overwrite; by any other flow it is a clash.
         if let Some(old) = unsafe { PM_CONNTRACK.get(&reply_key) }
@@ -120,7 +136,10 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         {
             return Err(stat::DROP_NAT_CLASH);
         }
-        if PM_CONNTRACK.insert(&reply_key, &reply, u64::from(BPF_ANY)).is_err() {
+        if PM_CONNTRACK
+            .insert(&reply_key, &reply, u64::from(BPF_ANY))
+            .is_err()
+        {
             return Err(stat::DROP_CT_FULL);
         }
     }
@@ -137,5 +156,9 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         let _ = PM_CONNTRACK.remove(&reply_key);
         return Err(stat::DROP_CT_FULL);
     }
-    Ok(Nat { addr: mapping.backend_addr_be, port: mapping.backend_port_be, stats_slot: mapping.stats_slot })
+    Ok(Nat {
+        addr: mapping.backend_addr_be,
+        port: mapping.backend_port_be,
+        stats_slot: mapping.stats_slot,
+    })
 }

@@ -155,7 +155,11 @@ impl PacketCtx for XdpContext {
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             let check = p.read_unaligned();
-            let new = if how.udp { csum::udp_mangled(check, update) } else { update(check) };
+            let new = if how.udp {
+                csum::udp_mangled(check, update)
+            } else {
+                update(check)
+            };
             p.write_unaligned(new);
         }
         Ok(())
@@ -236,7 +240,8 @@ impl PacketCtx for TcContext {
         if how.udp {
             flags |= u64::from(BPF_F_MARK_MANGLED_0);
         }
-        TcContext::l4_csum_replace(self, check_off, u64::from(from), u64::from(to), flags).map_err(|_| StoreError)
+        TcContext::l4_csum_replace(self, check_off, u64::from(from), u64::from(to), flags)
+            .map_err(|_| StoreError)
     }
 
     #[inline(always)]

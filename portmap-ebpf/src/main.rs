@@ -31,11 +31,13 @@ static PM_MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entrie
 
 /// Flows: two entries each (forward and reply), see `conntrack`.
 #[map]
-static PM_CONNTRACK: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+static PM_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 
 /// Per-mapping packet/byte counters, indexed by `MappingValue::stats_slot`.
 #[map]
-static PM_MAPPING_STATS: PerCpuArray<MappingCounters> = PerCpuArray::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
+static PM_MAPPING_STATS: PerCpuArray<MappingCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
 
 /// Global outcome counters, indexed by `portmap_common::stat` codes.
 #[map]
@@ -92,11 +94,19 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         Some(nat) => (nat, false),
         None => {
             let Some(mapping) = conntrack::find_mapping(&pkt) else {
-                return Verdict { stat: stat::PASS_NO_MAPPING, action: Action::Pass };
+                return Verdict {
+                    stat: stat::PASS_NO_MAPPING,
+                    action: Action::Pass,
+                };
             };
             match conntrack::create(&pkt, &key, &mapping, now) {
                 Ok(nat) => (nat, true),
-                Err(reason) => return Verdict { stat: reason, action: Action::Drop },
+                Err(reason) => {
+                    return Verdict {
+                        stat: reason,
+                        action: Action::Drop,
+                    };
+                }
             }
         }
     };
@@ -104,7 +114,10 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         count(stat::FLOW_NEW);
     }
     if nat::rewrite(ctx, &pkt, Side::Destination, nat.addr, nat.port).is_err() {
-        return Verdict { stat: stat::DROP_ERROR, action: Action::Drop };
+        return Verdict {
+            stat: stat::DROP_ERROR,
+            action: Action::Drop,
+        };
     }
     count_mapping(nat.stats_slot, DIR_FORWARD, pkt.tot_len, new_flow);
     nat::forward(ctx, &pkt, nat.addr, nat.port)
@@ -119,13 +132,22 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     };
     let key = conntrack::flow_key(&pkt);
     let Some(nat) = conntrack::lookup(&key, DIR_REPLY, pkt.tcp_flags, conntrack::now_ns()) else {
-        return Verdict { stat: stat::PASS_NO_MAPPING, action: Action::Pass };
+        return Verdict {
+            stat: stat::PASS_NO_MAPPING,
+            action: Action::Pass,
+        };
     };
     if nat::rewrite(ctx, &pkt, Side::Source, nat.addr, nat.port).is_err() {
-        return Verdict { stat: stat::DROP_ERROR, action: Action::Drop };
+        return Verdict {
+            stat: stat::DROP_ERROR,
+            action: Action::Drop,
+        };
     }
     count_mapping(nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
-    Verdict { stat: stat::REPLY_NAT, action: Action::Pass }
+    Verdict {
+        stat: stat::REPLY_NAT,
+        action: Action::Pass,
+    }
 }
 
 /// Records the outcome and turns it into the hook's return code. Helper failures (which point at

@@ -27,7 +27,13 @@ pub enum Side {
 /// Rewrites one side's address and port, updating the IPv4 header checksum and the L4 checksum
 /// (pseudo-header for the address, segment for the port) by RFC 1624 differences.
 #[inline(always)]
-pub fn rewrite<C: PacketCtx>(ctx: &mut C, pkt: &Packet, side: Side, addr: u32, port: u16) -> Result<(), StoreError> {
+pub fn rewrite<C: PacketCtx>(
+    ctx: &mut C,
+    pkt: &Packet,
+    side: Side,
+    addr: u32,
+    port: u16,
+) -> Result<(), StoreError> {
     let (addr_off, port_off, old_addr, old_port) = match side {
         Side::Destination => (pkt.l3_off + 16, pkt.l4_off + 2, pkt.daddr, pkt.dport),
         Side::Source => (pkt.l3_off + 12, pkt.l4_off, pkt.saddr, pkt.sport),
@@ -40,7 +46,13 @@ pub fn rewrite<C: PacketCtx>(ctx: &mut C, pkt: &Packet, side: Side, addr: u32, p
         ctx.store(addr_off, addr)?;
     }
     if old_port != port {
-        ctx.l4_csum_replace(check_off, u32::from(old_port), u32::from(port), 2, L4Csum { pseudo: false, udp })?;
+        ctx.l4_csum_replace(
+            check_off,
+            u32::from(old_port),
+            u32::from(port),
+            2,
+            L4Csum { pseudo: false, udp },
+        )?;
         ctx.store(port_off, port)?;
     }
     Ok(())
@@ -50,7 +62,10 @@ const AF_INET: u8 = 2;
 
 #[inline(always)]
 fn to_stack() -> Verdict {
-    Verdict { stat: stat::FWD_STACK, action: Action::Pass }
+    Verdict {
+        stat: stat::FWD_STACK,
+        action: Action::Pass,
+    }
 }
 
 /// Sends a packet whose destination was just rewritten to `daddr` on its way: a FIB lookup, then
@@ -77,7 +92,10 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) 
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Verdict { stat: stat::DROP_NO_ROUTE, action: Action::Drop };
+            return Verdict {
+                stat: stat::DROP_NO_ROUTE,
+                action: Action::Drop,
+            };
         }
         // No neighbour entry yet, MTU exceeded, forwarding disabled, local destination, ...: the
         // kernel resolves, fragments or refuses it exactly as it would any routed packet.
@@ -87,9 +105,15 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) 
         return to_stack();
     }
     if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, &fib).is_err() {
-        return Verdict { stat: stat::DROP_ERROR, action: Action::Drop };
+        return Verdict {
+            stat: stat::DROP_ERROR,
+            action: Action::Drop,
+        };
     }
-    Verdict { stat: stat::FWD_REDIRECT, action: Action::Redirect(fib.ifindex) }
+    Verdict {
+        stat: stat::FWD_REDIRECT,
+        action: Action::Redirect(fib.ifindex),
+    }
 }
 
 /// ip_decrease_ttl(): the TTL shares a 16-bit checksum word with the protocol byte.

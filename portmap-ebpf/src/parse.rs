@@ -12,8 +12,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::Vl
 use portmap_common::{PROTO_TCP, PROTO_UDP, stat};
 
 use crate::{
-    ctx::{Action, PacketCtx, ptr_at},
     Verdict,
+    ctx::{Action, PacketCtx, ptr_at},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -50,18 +50,28 @@ impl Packet {
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
-        if self.proto == PROTO_TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+        if self.proto == PROTO_TCP {
+            self.l4_off + 16
+        } else {
+            self.l4_off + 6
+        }
     }
 }
 
 #[inline(always)]
 fn pass(reason: u32) -> Verdict {
-    Verdict { stat: reason, action: Action::Pass }
+    Verdict {
+        stat: reason,
+        action: Action::Pass,
+    }
 }
 
 #[inline(always)]
 fn drop(reason: u32) -> Verdict {
-    Verdict { stat: reason, action: Action::Drop }
+    Verdict {
+        stat: reason,
+        action: Action::Drop,
+    }
 }
 
 #[inline(always)]

@@ -39,7 +39,12 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { tcp_seconds: 7440, tcp_close_seconds: 10, udp_seconds: 120, gc_interval_seconds: 5 }
+        Self {
+            tcp_seconds: 7440,
+            tcp_close_seconds: 10,
+            udp_seconds: 120,
+            gc_interval_seconds: 5,
+        }
     }
 }
 
@@ -53,7 +58,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_mappings: DEFAULT_MAX_MAPPINGS, conntrack_entries: DEFAULT_CONNTRACK_ENTRIES }
+        Self {
+            max_mappings: DEFAULT_MAX_MAPPINGS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+        }
     }
 }
 
@@ -95,9 +103,18 @@ pub enum ConfigError {
     #[error("{0}")]
     Toml(#[from] toml::de::Error),
     #[error("mappings[{index}] '{spec}': {source}")]
-    Spec { index: usize, spec: String, source: SpecError },
+    Spec {
+        index: usize,
+        spec: String,
+        source: SpecError,
+    },
     #[error("mappings[{index}] '{spec}' binds {binding}, already bound by '{other}'")]
-    Duplicate { index: usize, spec: String, binding: Binding, other: Mapping },
+    Duplicate {
+        index: usize,
+        spec: String,
+        binding: Binding,
+        other: Mapping,
+    },
     #[error("no interface to attach to: list them in `interfaces` or pass --iface")]
     NoInterfaces,
     #[error("interface name '{0}' is not valid (1-15 characters, no '/', ':' or whitespace)")]
@@ -139,7 +156,10 @@ impl Config {
             ("timeouts.udp_seconds", self.timeouts.udp_seconds),
             ("timeouts.gc_interval_seconds", self.timeouts.gc_interval_seconds),
             ("limits.max_mappings", u64::from(self.limits.max_mappings)),
-            ("limits.conntrack_entries", u64::from(self.limits.conntrack_entries)),
+            (
+                "limits.conntrack_entries",
+                u64::from(self.limits.conntrack_entries),
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });
@@ -147,9 +167,15 @@ impl Config {
         }
         let mappings = parse_mappings(&self.mappings)?;
         if mappings.len() > self.limits.max_mappings as usize {
-            return Err(ConfigError::TooManyMappings { count: mappings.len(), max: self.limits.max_mappings });
+            return Err(ConfigError::TooManyMappings {
+                count: mappings.len(),
+                max: self.limits.max_mappings,
+            });
         }
-        Ok(Valid { config: self, mappings })
+        Ok(Valid {
+            config: self,
+            mappings,
+        })
     }
 }
 
@@ -158,10 +184,18 @@ pub fn parse_mappings(specs: &[String]) -> Result<Vec<Mapping>, ConfigError> {
     let mut seen: BTreeMap<Binding, Mapping> = BTreeMap::new();
     let mut out = Vec::with_capacity(specs.len());
     for (index, text) in specs.iter().enumerate() {
-        let mapping =
-            spec::parse(text).map_err(|source| ConfigError::Spec { index, spec: text.clone(), source })?;
+        let mapping = spec::parse(text).map_err(|source| ConfigError::Spec {
+            index,
+            spec: text.clone(),
+            source,
+        })?;
         if let Some(other) = seen.insert(mapping.binding(), mapping) {
-            return Err(ConfigError::Duplicate { index, spec: text.clone(), binding: mapping.binding(), other });
+            return Err(ConfigError::Duplicate {
+                index,
+                spec: text.clone(),
+                binding: mapping.binding(),
+                other,
+            });
         }
         out.push(mapping);
     }
@@ -204,7 +238,10 @@ udp_seconds = 30
         let readme = include_str!("../../README.md");
         let start = readme.find("```toml\n").expect("README has a toml example") + 8;
         let len = readme[start..].find("```").unwrap();
-        Config::from_toml(&readme[start..start + len]).unwrap().validate().unwrap();
+        Config::from_toml(&readme[start..start + len])
+            .unwrap()
+            .validate()
+            .unwrap();
     }
 
     #[test]
@@ -212,13 +249,22 @@ udp_seconds = 30
         let cases = [
             ("interfaces = []", "no interface"),
             ("interfaces = [\"eth0\"]\nbogus = 1", "unknown field `bogus`"),
-            ("interfaces = [\"eth0\"]\nattach = \"fast\"", "unknown variant `fast`"),
-            ("interfaces = [\"eth0\"]\nmappings = [\"8080:x:80\"]", "mappings[0] '8080:x:80': backend address 'x'"),
+            (
+                "interfaces = [\"eth0\"]\nattach = \"fast\"",
+                "unknown variant `fast`",
+            ),
+            (
+                "interfaces = [\"eth0\"]\nmappings = [\"8080:x:80\"]",
+                "mappings[0] '8080:x:80': backend address 'x'",
+            ),
             (
                 "interfaces = [\"eth0\"]\nmappings = [\"8080:198.18.2.2:80\", \"0.0.0.0:8080:198.18.2.3:81/tcp\"]",
                 "mappings[1] '0.0.0.0:8080:198.18.2.3:81/tcp' binds 0.0.0.0:8080/tcp, already bound by '8080:198.18.2.2:80/tcp'",
             ),
-            ("interfaces = [\"eth0\"]\n[timeouts]\nudp_seconds = 0", "timeouts.udp_seconds must be at least 1"),
+            (
+                "interfaces = [\"eth0\"]\n[timeouts]\nudp_seconds = 0",
+                "timeouts.udp_seconds must be at least 1",
+            ),
             ("interfaces = [\"a/b\"]", "interface name 'a/b'"),
             (
                 "interfaces = [\"eth0\"]\nmappings = [\"1:198.18.2.2:1\", \"2:198.18.2.2:1\"]\n[limits]\nmax_mappings = 1",
@@ -226,14 +272,20 @@ udp_seconds = 30
             ),
         ];
         for (text, want) in cases {
-            let err = Config::from_toml(text).and_then(Config::validate).expect_err(text).to_string();
+            let err = Config::from_toml(text)
+                .and_then(Config::validate)
+                .expect_err(text)
+                .to_string();
             assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
         }
     }
 
     #[test]
     fn same_port_on_specific_and_wildcard_address_is_allowed() {
-        let specs = vec!["8080:198.18.2.2:80".to_string(), "198.18.1.1:8080:198.18.2.3:80".to_string()];
+        let specs = vec![
+            "8080:198.18.2.2:80".to_string(),
+            "198.18.1.1:8080:198.18.2.3:80".to_string(),
+        ];
         assert_eq!(parse_mappings(&specs).unwrap().len(), 2);
     }
 

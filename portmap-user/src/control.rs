@@ -67,7 +67,10 @@ pub enum ClientError {
 /// Sends one request and waits for its answer.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
-    let io = |source: std::io::Error| ClientError::Io { path: path.clone(), source };
+    let io = |source: std::io::Error| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             ClientError::NotRunning { path: path.clone() }
@@ -75,7 +78,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         std::io::ErrorKind::PermissionDenied => ClientError::Permission { path: path.clone() },
         _ => io(e),
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
@@ -90,9 +95,17 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request::Add { spec: "8080:198.18.2.2:80".into() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"request":"add","spec":"8080:198.18.2.2:80"}"#);
-        assert_eq!(serde_json::from_str::<Request>(r#"{"request":"list"}"#).unwrap(), Request::List);
+        let r = Request::Add {
+            spec: "8080:198.18.2.2:80".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"request":"add","spec":"8080:198.18.2.2:80"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"request":"list"}"#).unwrap(),
+            Request::List
+        );
     }
 
     proptest::proptest! {

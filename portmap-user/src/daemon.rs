@@ -12,8 +12,8 @@ use anyhow::{Context as _, bail};
 use log::{error, info, warn};
 use portmap_common::stat;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     io::unix::AsyncFd,
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
 };
@@ -35,7 +35,11 @@ pub enum TableError {
     #[error("no mapping {0}")]
     NotFound(Mapping),
     #[error("{binding} maps to {}:{}, not {}:{}", existing.backend_ip, existing.backend_port, asked.backend_ip, asked.backend_port)]
-    Mismatch { binding: Binding, existing: Mapping, asked: Mapping },
+    Mismatch {
+        binding: Binding,
+        existing: Mapping,
+        asked: Mapping,
+    },
     #[error("mapping table is full ({0} mappings, limits.max_mappings)")]
     Full(u32),
     #[error("kernel map update failed: {0:#}")]
@@ -54,13 +58,21 @@ pub struct Table {
 impl Table {
     #[must_use]
     pub fn new(max: u32) -> Self {
-        Self { entries: BTreeMap::new(), free_slots: VecDeque::new(), next_slot: 0, max }
+        Self {
+            entries: BTreeMap::new(),
+            free_slots: VecDeque::new(),
+            next_slot: 0,
+            max,
+        }
     }
 
     /// Checks that `mapping` can be added, without changing anything.
     pub fn check_add(&self, mapping: &Mapping) -> Result<(), TableError> {
         if let Some((existing, _)) = self.entries.get(&mapping.binding()) {
-            return Err(TableError::Duplicate { binding: mapping.binding(), existing: *existing });
+            return Err(TableError::Duplicate {
+                binding: mapping.binding(),
+                existing: *existing,
+            });
         }
         if self.entries.len() >= self.max as usize {
             return Err(TableError::Full(self.max));
@@ -88,7 +100,11 @@ impl Table {
             return Err(TableError::NotFound(*mapping));
         };
         if existing != *mapping {
-            return Err(TableError::Mismatch { binding, existing, asked: *mapping });
+            return Err(TableError::Mismatch {
+                binding,
+                existing,
+                asked: *mapping,
+            });
         }
         dp.remove_mapping(mapping).map_err(TableError::Datapath)?;
         self.entries.remove(&binding);
@@ -127,7 +143,9 @@ pub async fn run(valid: Valid) -> anyhow::Result<()> {
     let result = async {
         dp.attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces)?;
         let mut table = Table::new(cfg.limits.max_mappings);
-        table.add_all(&mut dp, &valid.mappings).context("applying the configured mappings")?;
+        table
+            .add_all(&mut dp, &valid.mappings)
+            .context("applying the configured mappings")?;
         info!("{} mapping(s) applied", valid.mappings.len());
         let listener = bind_socket(&cfg.socket)?;
         let served = serve(&mut dp, &mut table, &valid, listener, logger).await;
@@ -142,7 +160,10 @@ pub async fn run(valid: Valid) -> anyhow::Result<()> {
 
 fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        bail!("another portmap daemon is already running (control socket {} answers)", socket.display());
+        bail!(
+            "another portmap daemon is already running (control socket {} answers)",
+            socket.display()
+        );
     }
     Ok(())
 }
@@ -153,7 +174,8 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     // A socket file nobody answers on is left over from a crash.
     let _ = fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     info!("control socket {}", path.display());
     Ok(listener)
@@ -198,7 +220,12 @@ async fn serve(
     }
 }
 
-async fn handle(stream: UnixStream, dp: &mut Datapath, table: &mut Table, active_flows: u64) -> anyhow::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    dp: &mut Datapath,
+    table: &mut Table,
+    active_flows: u64,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(5), BufReader::new(read).read_line(&mut line))
@@ -206,7 +233,9 @@ async fn handle(stream: UnixStream, dp: &mut Datapath, table: &mut Table, active
         .context("client sent no request within 5 s")??;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => dispatch(request, dp, table, active_flows),
-        Err(e) => Response::Error { message: format!("bad request: {e}") },
+        Err(e) => Response::Error {
+            message: format!("bad request: {e}"),
+        },
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
@@ -226,20 +255,28 @@ fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, active_flows
             info!("deleted {m}");
             Ok(format!("deleted {}", m.docker_line()))
         }),
-        Request::List => return Response::Mappings { mappings: table.mappings().map(|(m, _)| m).collect() },
+        Request::List => {
+            return Response::Mappings {
+                mappings: table.mappings().map(|(m, _)| m).collect(),
+            };
+        }
         Request::Stats => {
             return match stats(dp, table, active_flows) {
                 Ok(stats) => Response::Stats { stats },
                 Err(e) => {
                     error!("reading counters: {e:#}");
-                    Response::Error { message: format!("reading counters: {e:#}") }
+                    Response::Error {
+                        message: format!("reading counters: {e:#}"),
+                    }
                 }
             };
         }
     };
     match outcome {
         Ok(message) => Response::Ok { message },
-        Err(e) => Response::Error { message: e.to_string() },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
 
@@ -256,7 +293,14 @@ fn stats(dp: &Datapath, table: &Table, active_flows: u64) -> anyhow::Result<Stat
             flows: c.flows,
         });
     }
-    let counters =
-        stat::NAMES.iter().zip(dp.global_counters()?).map(|(name, value)| ((*name).to_string(), value)).collect();
-    Ok(StatsReport { mappings, counters, active_flows })
+    let counters = stat::NAMES
+        .iter()
+        .zip(dp.global_counters()?)
+        .map(|(name, value)| ((*name).to_string(), value))
+        .collect();
+    Ok(StatsReport {
+        mappings,
+        counters,
+        active_flows,
+    })
 }

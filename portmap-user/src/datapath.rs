@@ -118,9 +118,16 @@ impl Datapath {
             fs::create_dir_all(pin_dir.join(dir))
                 .with_context(|| format!("creating pin directory {}", pin_dir.join(dir).display()))?;
         }
-        let mut dp = Self { ebpf, pin_dir: pin_dir.to_path_buf(), attachments: Vec::new() };
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            attachments: Vec::new(),
+        };
         for name in map_names::ALL {
-            let map = dp.ebpf.map(name).with_context(|| format!("map {name} missing from the object"))?;
+            let map = dp
+                .ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
             if let Err(e) = map.pin(map_pin(pin_dir, name)) {
                 dp.shutdown();
                 return Err(e).with_context(|| format!("pinning map {name}"));
@@ -138,7 +145,9 @@ impl Datapath {
     }
 
     fn program_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::programs::Program> {
-        self.ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))
     }
 
     /// Takes the aya-log ring buffer for the daemon to drain (the datapath only logs on helper
@@ -149,7 +158,12 @@ impl Datapath {
 
     /// Attaches ingress (XDP or TC) and TC egress to every interface. On any failure everything
     /// attached so far is detached again and the error names the interface.
-    pub fn attach(&mut self, ifaces: &[String], mode: AttachMode, redirect_ifaces: &[String]) -> anyhow::Result<()> {
+    pub fn attach(
+        &mut self,
+        ifaces: &[String],
+        mode: AttachMode,
+        redirect_ifaces: &[String],
+    ) -> anyhow::Result<()> {
         let result = self.attach_all(ifaces, mode, redirect_ifaces);
         if result.is_err() {
             self.detach_all();
@@ -157,7 +171,12 @@ impl Datapath {
         result
     }
 
-    fn attach_all(&mut self, ifaces: &[String], mode: AttachMode, redirect_ifaces: &[String]) -> anyhow::Result<()> {
+    fn attach_all(
+        &mut self,
+        ifaces: &[String],
+        mode: AttachMode,
+        redirect_ifaces: &[String],
+    ) -> anyhow::Result<()> {
         let mut xdp_ifaces = Vec::new();
         for iface in ifaces {
             ifindex(iface)?;
@@ -204,7 +223,9 @@ impl Datapath {
         let prog: &mut Xdp = self.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
         let id = prog.attach(iface, XdpMode::Driver)?;
         let link = prog.take_link(id)?;
-        let fd: FdLink = link.try_into().map_err(|e| anyhow!("XDP link is not a bpf_link: {e}"))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e| anyhow!("XDP link is not a bpf_link: {e}"))?;
         self.pin_link(iface, Hook::XdpIngress, fd)
     }
 
@@ -215,23 +236,36 @@ impl Datapath {
         };
         let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
         // Kernel >= 6.6: a tcx bpf_link (no clsact qdisc, coexists with other tcx programs).
-        let id = prog.attach(iface, kind).with_context(|| format!("{iface}: attaching {name}"))?;
+        let id = prog
+            .attach(iface, kind)
+            .with_context(|| format!("{iface}: attaching {name}"))?;
         let link = prog.take_link(id)?;
-        let fd: FdLink = link.try_into().map_err(|e| anyhow!("{iface}: TC link is not a bpf_link (kernel < 6.6?): {e}"))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e| anyhow!("{iface}: TC link is not a bpf_link (kernel < 6.6?): {e}"))?;
         self.pin_link(iface, hook, fd)
     }
 
     fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
         let path = link_pin(&self.pin_dir, iface, hook);
-        let link = fd.pin(&path).with_context(|| format!("pinning link {}", path.display()))?;
-        self.attachments.push(Attachment { iface: iface.to_string(), hook, link });
+        let link = fd
+            .pin(&path)
+            .with_context(|| format!("pinning link {}", path.display()))?;
+        self.attachments.push(Attachment {
+            iface: iface.to_string(),
+            hook,
+            link,
+        });
         Ok(())
     }
 
     /// (interface, hook) of every attachment.
     #[must_use]
     pub fn attachments(&self) -> Vec<(String, Hook)> {
-        self.attachments.iter().map(|a| (a.iface.clone(), a.hook)).collect()
+        self.attachments
+            .iter()
+            .map(|a| (a.iface.clone(), a.hook))
+            .collect()
     }
 
     fn detach_all(&mut self) {
@@ -260,7 +294,9 @@ impl Datapath {
     }
 
     fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing"))
     }
 
     fn map(&self, name: &str) -> anyhow::Result<&aya::maps::Map> {
@@ -276,44 +312,57 @@ impl Datapath {
             stats_slot,
         };
         let mut map: HashMap<_, _, _> = HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
-        map.insert(mapping.map_key(), value, 0).with_context(|| format!("inserting mapping {mapping}"))
+        map.insert(mapping.map_key(), value, 0)
+            .with_context(|| format!("inserting mapping {mapping}"))
     }
 
     pub fn remove_mapping(&mut self, mapping: &Mapping) -> anyhow::Result<()> {
         let mut map: HashMap<_, portmap_common::MappingKey, MappingValue> =
             HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
-        map.remove(&mapping.map_key()).with_context(|| format!("removing mapping {mapping}"))
+        map.remove(&mapping.map_key())
+            .with_context(|| format!("removing mapping {mapping}"))
     }
 
     fn reset_slot(&mut self, slot: u32) -> anyhow::Result<()> {
-        let mut stats: PerCpuArray<_, MappingCounters> = PerCpuArray::try_from(self.map_mut(map_names::MAPPING_STATS)?)?;
+        let mut stats: PerCpuArray<_, MappingCounters> =
+            PerCpuArray::try_from(self.map_mut(map_names::MAPPING_STATS)?)?;
         let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
-        stats.set(slot, PerCpuValues::try_from(vec![MappingCounters::default(); cpus])?, 0)?;
+        stats.set(
+            slot,
+            PerCpuValues::try_from(vec![MappingCounters::default(); cpus])?,
+            0,
+        )?;
         Ok(())
     }
 
     /// A mapping's counters summed over CPUs.
     pub fn mapping_counters(&self, slot: u32) -> anyhow::Result<MappingCounters> {
-        let stats: PerCpuArray<_, MappingCounters> = PerCpuArray::try_from(self.map(map_names::MAPPING_STATS)?)?;
+        let stats: PerCpuArray<_, MappingCounters> =
+            PerCpuArray::try_from(self.map(map_names::MAPPING_STATS)?)?;
         let per_cpu = stats.get(&slot, 0)?;
-        Ok(per_cpu.iter().fold(MappingCounters::default(), |acc, c| MappingCounters {
-            fwd_packets: acc.fwd_packets + c.fwd_packets,
-            fwd_bytes: acc.fwd_bytes + c.fwd_bytes,
-            reply_packets: acc.reply_packets + c.reply_packets,
-            reply_bytes: acc.reply_bytes + c.reply_bytes,
-            flows: acc.flows + c.flows,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(MappingCounters::default(), |acc, c| MappingCounters {
+                fwd_packets: acc.fwd_packets + c.fwd_packets,
+                fwd_bytes: acc.fwd_bytes + c.fwd_bytes,
+                reply_packets: acc.reply_packets + c.reply_packets,
+                reply_bytes: acc.reply_bytes + c.reply_bytes,
+                flows: acc.flows + c.flows,
+            }))
     }
 
     /// Global counters summed over CPUs, in `stat` code order.
     pub fn global_counters(&self) -> anyhow::Result<Vec<u64>> {
         let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(map_names::GLOBAL_STATS)?)?;
-        (0..stat::COUNT).map(|code| Ok(stats.get(&code, 0)?.iter().sum())).collect()
+        (0..stat::COUNT)
+            .map(|code| Ok(stats.get(&code, 0)?.iter().sum()))
+            .collect()
     }
 
     /// Deletes expired flows (both entries); returns how many flows remain.
     pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<u64> {
-        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
         let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).collect();
         let plan = plan_expiry(&entries, now_ns, timeouts);
         for key in &plan.delete {
@@ -388,7 +437,10 @@ pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) 
             plan.live_flows += 1;
         }
     }
-    for (key, value) in entries.iter().filter(|(k, v)| v.direction == DIR_REPLY && !paired_replies.contains(k)) {
+    for (key, value) in entries
+        .iter()
+        .filter(|(k, v)| v.direction == DIR_REPLY && !paired_replies.contains(k))
+    {
         if idle(value) > close_grace {
             plan.delete.push(*key);
         }
@@ -412,8 +464,14 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
         return Ok(());
     }
     fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
-    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .context("mounting bpffs at /sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")?;
     info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
 }
@@ -441,7 +499,13 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn flow(proto: u8, client_port: u16, fwd_seen: u64, reply_seen: u64, flags: u8) -> [(FlowKey, FlowValue); 2] {
+    fn flow(
+        proto: u8,
+        client_port: u16,
+        fwd_seen: u64,
+        reply_seen: u64,
+        flags: u8,
+    ) -> [(FlowKey, FlowValue); 2] {
         let fkey = FlowKey {
             src_addr_be: 1,
             dst_addr_be: 2,
@@ -460,13 +524,25 @@ mod tests {
             _pad: 0,
         };
         let rkey = reply_key(&fkey, &fval);
-        let rval = FlowValue { last_seen_ns: reply_seen, nat_addr_be: 2, nat_port_be: 8080, direction: DIR_REPLY, flags: 0, ..fval };
+        let rval = FlowValue {
+            last_seen_ns: reply_seen,
+            nat_addr_be: 2,
+            nat_port_be: 8080,
+            direction: DIR_REPLY,
+            flags: 0,
+            ..fval
+        };
         [(fkey, fval), (rkey, rval)]
     }
 
     #[test]
     fn expiry_uses_the_fresher_direction_and_protocol_timeouts() {
-        let t = Timeouts { tcp_seconds: 100, tcp_close_seconds: 10, udp_seconds: 30, gc_interval_seconds: 1 };
+        let t = Timeouts {
+            tcp_seconds: 100,
+            tcp_close_seconds: 10,
+            udp_seconds: 30,
+            gc_interval_seconds: 1,
+        };
         let now = 1000 * S;
         let mut entries = Vec::new();
         let live_tcp = flow(PROTO_TCP, 1, now - 500 * S, now - 50 * S, 0); // reply fresh: live
@@ -484,7 +560,15 @@ mod tests {
         entries.push(young_orphan);
 
         let plan = plan_expiry(&entries, now, &t);
-        let mut want = vec![idle_tcp[0].0, idle_tcp[1].0, closing[0].0, closing[1].0, udp_idle[0].0, udp_idle[1].0, orphan_reply.0];
+        let mut want = vec![
+            idle_tcp[0].0,
+            idle_tcp[1].0,
+            closing[0].0,
+            closing[1].0,
+            udp_idle[0].0,
+            udp_idle[1].0,
+            orphan_reply.0,
+        ];
         let mut got = plan.delete.clone();
         let order = |k: &FlowKey| (k.src_addr_be, k.src_port_be, k.dst_port_be, k.proto);
         want.sort_by_key(order);

@@ -11,7 +11,11 @@ use portmap::{
 };
 
 #[derive(Parser)]
-#[command(name = "portmap", version, about = "Publish host ports to backends in the kernel's fast path (eBPF/XDP)")]
+#[command(
+    name = "portmap",
+    version,
+    about = "Publish host ports to backends in the kernel's fast path (eBPF/XDP)"
+)]
 struct Cli {
     /// Control socket of the daemon.
     #[arg(long, global = true, env = "PORTMAP_SOCKET")]
@@ -59,8 +63,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_daemon = matches!(cli.command, Command::Run { .. });
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if is_daemon { "info" } else { "warn" }))
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if is_daemon {
+        "info"
+    } else {
+        "warn"
+    }))
+    .init();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -74,7 +82,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket.clone();
     let client_socket = || socket.clone().unwrap_or_else(|| config::DEFAULT_SOCKET.into());
     match cli.command {
-        Command::Run { config, ifaces, attach, redirect_ifaces, pin_dir } => {
+        Command::Run {
+            config,
+            ifaces,
+            attach,
+            redirect_ifaces,
+            pin_dir,
+        } => {
             let mut cfg = load_config(config)?;
             if !ifaces.is_empty() {
                 cfg.interfaces = ifaces;
@@ -92,7 +106,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 cfg.socket = socket;
             }
             let valid = cfg.validate()?;
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(daemon::run(valid))
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(daemon::run(valid))
         }
         Command::Add { spec } => simple(&client_socket(), &Request::Add { spec }),
         Command::Del { spec } => simple(&client_socket(), &Request::Del { spec }),
@@ -152,7 +169,10 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 fn print_stats(stats: &StatsReport) {
-    println!("{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}", "MAPPING", "FWD_PKTS", "FWD_BYTES", "REPLY_PKTS", "REPLY_BYTES", "FLOWS");
+    println!(
+        "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",
+        "MAPPING", "FWD_PKTS", "FWD_BYTES", "REPLY_PKTS", "REPLY_BYTES", "FLOWS"
+    );
     for m in &stats.mappings {
         println!(
             "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",

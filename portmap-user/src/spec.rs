@@ -66,7 +66,11 @@ impl fmt::Display for Binding {
 impl Mapping {
     #[must_use]
     pub fn binding(&self) -> Binding {
-        Binding { protocol: self.protocol, host_ip: self.host_ip, host_port: self.host_port }
+        Binding {
+            protocol: self.protocol,
+            host_ip: self.host_ip,
+            host_port: self.host_port,
+        }
     }
 
     /// The key of this mapping in `PM_MAPPINGS`.
@@ -96,7 +100,11 @@ impl fmt::Display for Mapping {
         if !self.host_ip.is_unspecified() {
             write!(f, "{}:", self.host_ip)?;
         }
-        write!(f, "{}:{}:{}/{}", self.host_port, self.backend_ip, self.backend_port, self.protocol)
+        write!(
+            f,
+            "{}:{}:{}/{}",
+            self.host_port, self.backend_ip, self.backend_port, self.protocol
+        )
     }
 }
 
@@ -128,12 +136,21 @@ pub enum SpecError {
 
 fn parse_port(what: &'static str, s: &str) -> Result<u16, SpecError> {
     if s.contains('-') && !s.starts_with('-') {
-        return Err(SpecError::RangeUnsupported { what, value: s.to_string() });
+        return Err(SpecError::RangeUnsupported {
+            what,
+            value: s.to_string(),
+        });
     }
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || s.len() > 6 {
-        return Err(SpecError::Port { what, value: s.to_string() });
+        return Err(SpecError::Port {
+            what,
+            value: s.to_string(),
+        });
     }
-    let n: u32 = s.parse().map_err(|_| SpecError::Port { what, value: s.to_string() })?;
+    let n: u32 = s.parse().map_err(|_| SpecError::Port {
+        what,
+        value: s.to_string(),
+    })?;
     match u16::try_from(n) {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(SpecError::PortRange { what, value: n }),
@@ -142,9 +159,15 @@ fn parse_port(what: &'static str, s: &str) -> Result<u16, SpecError> {
 
 fn parse_addr(what: &'static str, s: &str) -> Result<Ipv4Addr, SpecError> {
     if s.starts_with('[') || s.contains("::") {
-        return Err(SpecError::Ipv6Unsupported { what, value: s.to_string() });
+        return Err(SpecError::Ipv6Unsupported {
+            what,
+            value: s.to_string(),
+        });
     }
-    s.parse().map_err(|_| SpecError::Address { what, value: s.to_string() })
+    s.parse().map_err(|_| SpecError::Address {
+        what,
+        value: s.to_string(),
+    })
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, SpecError> {
@@ -167,7 +190,10 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
         None => (spec, Protocol::Tcp),
     };
     if body.starts_with('[') || body.matches(':').count() > 3 {
-        return Err(SpecError::Ipv6Unsupported { what: "address", value: body.to_string() });
+        return Err(SpecError::Ipv6Unsupported {
+            what: "address",
+            value: body.to_string(),
+        });
     }
     let parts: Vec<&str> = body.split(':').collect();
     let (host_ip, host_port, backend_ip, backend_port) = match parts.as_slice() {
@@ -184,7 +210,13 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
     if host_ip.is_broadcast() || host_ip.is_multicast() {
         return Err(SpecError::HostAddress(host_ip));
     }
-    Ok(Mapping { protocol, host_ip, host_port, backend_ip, backend_port })
+    Ok(Mapping {
+        protocol,
+        host_ip,
+        host_port,
+        backend_ip,
+        backend_port,
+    })
 }
 
 impl FromStr for Mapping {
@@ -211,15 +243,30 @@ mod tests {
     #[test]
     fn good_specs() {
         let cases = [
-            ("8080:198.18.2.2:80", m(Protocol::Tcp, [0; 4], 8080, [198, 18, 2, 2], 80)),
-            ("8080:198.18.2.2:80/tcp", m(Protocol::Tcp, [0; 4], 8080, [198, 18, 2, 2], 80)),
-            ("53:198.18.2.2:5353/udp", m(Protocol::Udp, [0; 4], 53, [198, 18, 2, 2], 5353)),
-            ("53:198.18.2.2:5353/UDP", m(Protocol::Udp, [0; 4], 53, [198, 18, 2, 2], 5353)),
+            (
+                "8080:198.18.2.2:80",
+                m(Protocol::Tcp, [0; 4], 8080, [198, 18, 2, 2], 80),
+            ),
+            (
+                "8080:198.18.2.2:80/tcp",
+                m(Protocol::Tcp, [0; 4], 8080, [198, 18, 2, 2], 80),
+            ),
+            (
+                "53:198.18.2.2:5353/udp",
+                m(Protocol::Udp, [0; 4], 53, [198, 18, 2, 2], 5353),
+            ),
+            (
+                "53:198.18.2.2:5353/UDP",
+                m(Protocol::Udp, [0; 4], 53, [198, 18, 2, 2], 5353),
+            ),
             (
                 "198.18.1.1:65535:198.18.2.2:1",
                 m(Protocol::Tcp, [198, 18, 1, 1], 65535, [198, 18, 2, 2], 1),
             ),
-            ("  0.0.0.0:1:198.18.2.2:2 ", m(Protocol::Tcp, [0; 4], 1, [198, 18, 2, 2], 2)),
+            (
+                "  0.0.0.0:1:198.18.2.2:2 ",
+                m(Protocol::Tcp, [0; 4], 1, [198, 18, 2, 2], 2),
+            ),
         ];
         for (spec, want) in cases {
             assert_eq!(parse(spec), Ok(want), "{spec}");
@@ -236,16 +283,28 @@ mod tests {
             ("0:198.18.2.2:80", "host port 0 is out of range"),
             ("8080:198.18.2.2:0", "backend port 0 is out of range"),
             ("65536:198.18.2.2:80", "host port 65536 is out of range"),
-            ("8080:198.18.2.2:99999999", "backend port '99999999' is not a port number"),
+            (
+                "8080:198.18.2.2:99999999",
+                "backend port '99999999' is not a port number",
+            ),
             ("http:198.18.2.2:80", "host port 'http' is not a port number"),
-            ("8080:198.18.2:80", "backend address '198.18.2' is not an IPv4 address"),
+            (
+                "8080:198.18.2:80",
+                "backend address '198.18.2' is not an IPv4 address",
+            ),
             ("1.2.3.400:8080:198.18.2.2:80", "host address '1.2.3.400'"),
             ("8080:198.18.2.2:80/icmp", "unknown protocol 'icmp'"),
             ("8080:198.18.2.2:80/sctp", "'sctp' is not supported yet"),
             ("8000-8010:198.18.2.2:80", "host port '8000-8010' is a port range"),
-            ("8080:0.0.0.0:80", "backend address 0.0.0.0 cannot be a destination"),
+            (
+                "8080:0.0.0.0:80",
+                "backend address 0.0.0.0 cannot be a destination",
+            ),
             ("8080:[fd00::2]:80", "IPv6"),
-            ("224.0.0.1:8080:198.18.2.2:80", "host address 224.0.0.1 cannot be published"),
+            (
+                "224.0.0.1:8080:198.18.2.2:80",
+                "host address 224.0.0.1 cannot be published",
+            ),
         ];
         for (spec, want) in cases {
             let err = parse(spec).expect_err(spec).to_string();
@@ -260,7 +319,10 @@ mod tests {
             assert_eq!(mapping.to_string(), spec);
             assert_eq!(parse(&mapping.to_string()), Ok(mapping));
         }
-        assert_eq!(parse("8080:198.18.2.2:80").unwrap().docker_line(), "198.18.2.2:80/tcp -> 0.0.0.0:8080");
+        assert_eq!(
+            parse("8080:198.18.2.2:80").unwrap().docker_line(),
+            "198.18.2.2:80/tcp -> 0.0.0.0:8080"
+        );
     }
 
     #[test]

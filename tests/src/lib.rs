@@ -1,1 +1,526 @@
+//! Test harness shared by the end-to-end tests and `cargo xtask demo`: network namespaces with
+//! drop guards, the client/host/backend topologies, the `portmap` daemon as a real process, and
+//! sockets opened inside namespaces (a thread that `setns(CLONE_NEWNET)`s).
+//!
+//! Sandbox rule: everything happens in namespaces this harness creates (names unique per process
+//! and call, so tests run in parallel); the root network namespace is never changed. Addresses
+//! come from 198.18.0.0/15.
 
+use std::{
+    fs::{self, File},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use nix::sched::{CloneFlags, setns};
+
+/// Client side of the host (the published address) and the rest of the addressing plan.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const HOST_BACKEND_SIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// Interface names inside the namespaces (they only need to be unique per namespace).
+pub const HOST_CLIENT_IFACE: &str = "h0";
+pub const HOST_BACKEND_IFACE: &str = "h1";
+pub const BRIDGE: &str = "br0";
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `pm<pid>-<n><suffix>`.
+#[must_use]
+pub fn unique(suffix: &str) -> String {
+    format!(
+        "pm{}-{}{suffix}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn sh(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program} (is it installed? `cargo xtask setup`)"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A directory under the system temp dir, removed with its contents on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("portmap-test-{}", unique(tag)));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A network namespace, deleted (with every interface in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(role: &str) -> anyhow::Result<Self> {
+        let name = unique(role);
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// `ip netns exec NAME PROGRAM ARGS...`
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", &self.name, program];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Writes a sysctl of this namespace (`/proc/sys/...` path relative to /proc/sys).
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.exec("sh", &["-c", &format!("echo {value} > /proc/sys/{key}")])
+            .map(drop)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread that entered this namespace; sockets it opens live there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<JoinHandle<anyhow::Result<T>>> {
+        let fd = File::open(self.path()).with_context(|| format!("opening netns {}", self.name))?;
+        Ok(thread::spawn(move || {
+            setns(&fd, CloneFlags::CLONE_NEWNET).context("setns")?;
+            f()
+        }))
+    }
+
+    /// `spawn` and wait.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.spawn(f)?
+            .join()
+            .map_err(|_| anyhow!("thread in netns {} panicked", self.name))?
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// How the backend is attached to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendLink {
+    /// A veth pair straight into the backend namespace (`h1` ↔ `b0`).
+    Veth,
+    /// docker0 style: the backend's veth is a port of bridge `br0`, which holds the address.
+    Bridge,
+}
+
+/// client (c0 198.18.0.2) ── (h0 198.18.0.1) host (h1|br0 198.18.1.1) ── (b0 198.18.1.2) backend
+pub struct Topology {
+    pub client: Netns,
+    pub host: Netns,
+    pub backend: Netns,
+    pub link: BackendLink,
+}
+
+impl Topology {
+    pub fn new(link: BackendLink) -> anyhow::Result<Self> {
+        let topo = Self {
+            client: Netns::new("c")?,
+            host: Netns::new("h")?,
+            backend: Netns::new("b")?,
+            link,
+        };
+        let (c, h, b) = (&topo.client, &topo.host, &topo.backend);
+        c.ip(&[
+            "link",
+            "add",
+            "c0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_CLIENT_IFACE,
+            "netns",
+            &h.name,
+        ])?;
+        b.ip(&[
+            "link",
+            "add",
+            "b0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_BACKEND_IFACE,
+            "netns",
+            &h.name,
+        ])?;
+        c.ip(&["addr", "add", "198.18.0.2/24", "dev", "c0"])?;
+        c.ip(&["link", "set", "c0", "up"])?;
+        c.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
+        h.ip(&["addr", "add", "198.18.0.1/24", "dev", HOST_CLIENT_IFACE])?;
+        h.ip(&["link", "set", HOST_CLIENT_IFACE, "up"])?;
+        let backend_side = match link {
+            BackendLink::Veth => HOST_BACKEND_IFACE,
+            BackendLink::Bridge => {
+                h.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+                h.ip(&["link", "set", HOST_BACKEND_IFACE, "master", BRIDGE])?;
+                h.ip(&["link", "set", BRIDGE, "up"])?;
+                BRIDGE
+            }
+        };
+        h.ip(&["addr", "add", "198.18.1.1/24", "dev", backend_side])?;
+        h.ip(&["link", "set", HOST_BACKEND_IFACE, "up"])?;
+        b.ip(&["addr", "add", "198.18.1.2/24", "dev", "b0"])?;
+        b.ip(&["link", "set", "b0", "up"])?;
+        b.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+        h.sysctl("net/ipv4/ip_forward", "1")?;
+        Ok(topo)
+    }
+
+    /// What XDP on the client-facing veth needs (see README, "XDP on a veth"): frames redirected
+    /// into a veth are only received if the peer has GRO on, and an XDP program cannot see that a
+    /// frame from a veth peer carries a partial (offloaded) checksum, so the client sends full ones.
+    pub fn prepare_for_xdp(&self) -> anyhow::Result<()> {
+        self.client.exec("ethtool", &["-K", "c0", "tx", "off"])?;
+        self.backend.exec("ethtool", &["-K", "b0", "gro", "on"])?;
+        Ok(())
+    }
+}
+
+/// Path of the `portmap` binary: $PORTMAP_BIN, or target/debug/portmap beside the test binary.
+pub fn portmap_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PORTMAP_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1) {
+        let candidate = dir.join("portmap");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "portmap binary not found near {}: build it with `cargo build -p portmap-user` (cargo xtask test does)",
+        exe.display()
+    )
+}
+
+/// A `portmap run` process inside a namespace, stopped (SIGKILL if needed) and cleaned up on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    bin: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    work_dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `portmap run` in `ns` with a unique socket and pin directory, and waits until its
+    /// control socket answers.
+    pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Self> {
+        let work_dir = TempDir::new("d")?;
+        let socket = work_dir.path().join("portmap.sock");
+        let pin_dir = Path::new("/sys/fs/bpf").join(work_dir.path().file_name().context("temp dir name")?);
+        let bin = portmap_bin()?;
+        let log = File::create(work_dir.path().join("daemon.log"))?;
+        let netns = File::open(ns.path())?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(args);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        // SAFETY: setns is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut daemon = Self {
+            child: Some(child),
+            bin,
+            socket,
+            pin_dir,
+            work_dir,
+        };
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()) {
+                bail!(
+                    "portmap run exited ({}) during start-up:\n{}",
+                    status?,
+                    self.log()
+                );
+            }
+            if self.socket.exists() && self.cli(&["list"])?.status.success() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("portmap run did not answer within 20 s:\n{}", self.log())
+    }
+
+    /// The daemon's output so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.work_dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs `portmap --socket SOCKET ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        ensure!(
+            out.status.success(),
+            "portmap {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `portmap stats --json`, parsed.
+    pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.cli_ok(&["stats", "--json"])?)?)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (at most 15 s).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                ensure!(
+                    status.success(),
+                    "portmap run exited with {status}:\n{}",
+                    self.log()
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("portmap run ignored SIGTERM for 15 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Unpinning whatever a killed daemon left detaches it.
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// Deterministic test payload.
+#[must_use]
+pub fn payload(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// What the TCP server saw.
+#[derive(Debug)]
+pub struct TcpServed {
+    pub peer: SocketAddr,
+    pub received: Vec<u8>,
+}
+
+fn accept_with_deadline(listener: &TcpListener) -> anyhow::Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((s, peer)) => {
+                s.set_nonblocking(false)?;
+                return Ok((s, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+}
+
+/// A TCP server in `ns` on `port` that serves one connection: reads until the client shuts down
+/// its side, then answers with `reply` and closes. Listening when this returns.
+pub fn tcp_server(
+    ns: &Netns,
+    port: u16,
+    reply: Vec<u8>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<TcpServed>>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = ns.spawn(move || {
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+        let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
+        let (mut stream, peer) = accept_with_deadline(&listener?)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut received = Vec::new();
+        stream.read_to_end(&mut received)?;
+        stream.write_all(&reply)?;
+        Ok(TcpServed { peer, received })
+    })?;
+    ready_rx
+        .recv()?
+        .map_err(|e| anyhow!("binding port {port}: {e}"))?;
+    Ok(handle)
+}
+
+/// Connects from `ns` to `dst`, sends `data`, half-closes, and returns everything received.
+pub fn tcp_exchange(ns: &Netns, dst: SocketAddrV4, data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    ns.run(move || {
+        let mut s =
+            TcpStream::connect_timeout(&dst.into(), IO_TIMEOUT).with_context(|| format!("connect {dst}"))?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        s.write_all(&data)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)?;
+        Ok(got)
+    })
+}
+
+/// Tries a TCP connection from `ns`; returns the error kind if it fails (e.g. ConnectionRefused).
+pub fn tcp_connect_result(ns: &Netns, dst: SocketAddrV4) -> anyhow::Result<Result<(), std::io::ErrorKind>> {
+    ns.run(move || {
+        Ok(TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3))
+            .map(drop)
+            .map_err(|e| e.kind()))
+    })
+}
+
+/// A UDP server in `ns` that answers `count` datagrams with their bytes reversed and returns the
+/// peers it saw. Bound when this returns.
+pub fn udp_server(
+    ns: &Netns,
+    port: u16,
+    count: usize,
+) -> anyhow::Result<JoinHandle<anyhow::Result<Vec<SocketAddr>>>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = ns.spawn(move || {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port));
+        let _ = ready_tx.send(sock.as_ref().map(drop).map_err(|e| e.to_string()));
+        let sock = sock?;
+        sock.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut peers = Vec::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..count {
+            let (n, peer) = sock.recv_from(&mut buf)?;
+            let mut answer = buf[..n].to_vec();
+            answer.reverse();
+            sock.send_to(&answer, peer)?;
+            peers.push(peer);
+        }
+        Ok(peers)
+    })?;
+    ready_rx
+        .recv()?
+        .map_err(|e| anyhow!("binding udp port {port}: {e}"))?;
+    Ok(handle)
+}
+
+/// Sends `count` datagrams of `size` bytes from one socket in `ns` to `dst`, one at a time, and
+/// checks each answer; returns the address the answers came from.
+pub fn udp_exchange(ns: &Netns, dst: SocketAddrV4, count: usize, size: usize) -> anyhow::Result<SocketAddr> {
+    ns.run(move || {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut from = None;
+        let mut buf = [0u8; 2048];
+        for i in 0..count {
+            let msg = payload(size, i as u8);
+            sock.send_to(&msg, dst)?;
+            let (n, peer) = sock
+                .recv_from(&mut buf)
+                .with_context(|| format!("no answer to datagram {i}"))?;
+            let mut want = msg;
+            want.reverse();
+            ensure!(buf[..n] == want[..], "datagram {i}: wrong answer");
+            from = Some(peer);
+        }
+        from.context("no datagram sent")
+    })
+}

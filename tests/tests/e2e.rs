@@ -1,0 +1,371 @@
+//! End-to-end tests: real namespaces, the real `portmap run` daemon, real sockets.
+//! Needs root (run through `cargo xtask test`).
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use portmap_tests::{
+    BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Netns, TempDir, Topology, payload,
+    tcp_connect_result, tcp_exchange, tcp_server, udp_exchange, udp_server,
+};
+use serde_json::Value;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Tc,
+    Xdp,
+}
+
+fn start(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
+    let mut args = vec!["--iface", HOST_CLIENT_IFACE];
+    match mode {
+        Mode::Tc => args.extend(["--attach", "tc"]),
+        Mode::Xdp => {
+            topo.prepare_for_xdp()?;
+            args.extend(["--attach", "xdp"]);
+            if topo.link == BackendLink::Veth {
+                args.extend(["--redirect-iface", portmap_tests::HOST_BACKEND_IFACE]);
+            }
+        }
+    }
+    args.extend_from_slice(extra);
+    Daemon::start(&topo.host, &args)
+}
+
+fn host(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(HOST_IP, port)
+}
+
+fn counter(stats: &Value, name: &str) -> u64 {
+    stats["counters"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c[0] == name))
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
+}
+
+fn mapping<'a>(stats: &'a Value, host_port: u16) -> &'a Value {
+    stats["mappings"]
+        .as_array()
+        .and_then(|all| all.iter().find(|m| m["mapping"]["host_port"] == host_port))
+        .unwrap_or_else(|| panic!("no mapping for port {host_port} in {stats}"))
+}
+
+fn num(v: &Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+/// Programs left on an interface of `ns`: tcx (ingress, egress) and whether XDP is attached.
+fn attached(ns: &Netns, iface: &'static str) -> anyhow::Result<(usize, usize, bool)> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (ingress, egress) = ns.run(move || {
+        let i = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?.1.len();
+        let e = SchedClassifier::query_tcx(iface, TcAttachType::Egress)?.1.len();
+        Ok((i, e))
+    })?;
+    let link = ns.ip(&["-d", "link", "show", iface])?;
+    Ok((ingress, egress, link.contains("xdp")))
+}
+
+/// The whole life of a daemon: TCP both ways with the client's real address at the backend, UDP
+/// with exact counters, untouched unmapped traffic, `del`, and a SIGTERM that leaves nothing.
+fn lifecycle(mode: Mode, link: BackendLink) -> anyhow::Result<()> {
+    let topo = Topology::new(link)?;
+    let mut daemon = start(&topo, mode, &[])?;
+    let added = daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    assert_eq!(added.trim(), "added 198.18.1.2:80/tcp -> 0.0.0.0:8080");
+    daemon.cli_ok(&["add", "198.18.0.1:5353:198.18.1.2:53/udp"])?;
+    assert_eq!(
+        daemon.cli_ok(&["list"])?,
+        "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:53/udp -> 198.18.0.1:5353\n"
+    );
+    assert!(
+        attached(&topo.host, HOST_CLIENT_IFACE)?.1 == 1,
+        "tc egress attached"
+    );
+
+    // TCP: 80 KiB up, 100 KiB down, both intact; the backend sees the real client.
+    let (up, down) = (payload(80 * 1024, 1), payload(100 * 1024, 2));
+    let server = tcp_server(&topo.backend, 80, down.clone())?;
+    let got = tcp_exchange(&topo.client, host(8080), up.clone())?;
+    let served = server.join().unwrap()?;
+    assert_eq!(
+        served.peer.ip(),
+        std::net::IpAddr::V4(CLIENT_IP),
+        "backend sees the client's address"
+    );
+    assert!(served.received == up, "request arrived intact");
+    assert!(got == down, "response arrived intact");
+
+    // UDP: 5 request/response pairs; the answers come from the published address.
+    let server = udp_server(&topo.backend, 53, 5)?;
+    let from = udp_exchange(&topo.client, host(5353), 5, 100)?;
+    assert_eq!(from, SocketAddr::V4(host(5353)));
+    assert!(
+        server
+            .join()
+            .unwrap()?
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::V4(CLIENT_IP))
+    );
+
+    // A port without a mapping reaches the host itself, untouched.
+    let before = counter(&daemon.stats()?, "pass_no_mapping");
+    let server = tcp_server(&topo.host, 9090, b"host itself".to_vec())?;
+    assert_eq!(
+        tcp_exchange(&topo.client, host(9090), b"hi".to_vec())?,
+        b"host itself"
+    );
+    assert_eq!(server.join().unwrap()?.peer.ip(), std::net::IpAddr::V4(CLIENT_IP));
+
+    let stats = daemon.stats()?;
+    assert!(counter(&stats, "pass_no_mapping") > before);
+    let tcp = mapping(&stats, 8080);
+    assert_eq!(num(tcp, "flows"), 1);
+    assert!(num(tcp, "fwd_bytes") >= up.len() as u64, "{tcp}");
+    assert!(num(tcp, "reply_bytes") >= down.len() as u64, "{tcp}");
+    let udp = mapping(&stats, 5353);
+    assert_eq!(num(udp, "flows"), 1, "{udp}");
+    assert_eq!(num(udp, "fwd_packets"), 5, "{udp}");
+    assert_eq!(num(udp, "reply_packets"), 5, "{udp}");
+    assert_eq!(num(udp, "fwd_bytes"), 5 * (20 + 8 + 100), "{udp}");
+    assert_eq!(num(udp, "reply_bytes"), 5 * (20 + 8 + 100), "{udp}");
+    assert_eq!(counter(&stats, "drop_error"), 0);
+    assert_eq!(counter(&stats, "flow_new"), 2);
+    let (redirected, via_stack) = (counter(&stats, "fwd_redirect"), counter(&stats, "fwd_stack"));
+    match (mode, link) {
+        // XDP cannot redirect into a bridge: rewritten, then routed by the kernel.
+        (Mode::Xdp, BackendLink::Bridge) => assert!(redirected == 0 && via_stack > 0, "{stats}"),
+        // The first packet waits for ARP in the kernel; the rest is redirected.
+        _ => assert!(redirected > 0, "{stats}"),
+    }
+
+    // del stops new flows: the host has no listener on 8080, so the connection is refused.
+    daemon.cli_ok(&["del", "8080:198.18.1.2:80"])?;
+    assert_eq!(
+        tcp_connect_result(&topo.client, host(8080))?,
+        Err(ErrorKind::ConnectionRefused)
+    );
+    assert_eq!(
+        daemon.cli_ok(&["list"])?,
+        "198.18.1.2:53/udp -> 198.18.0.1:5353\n"
+    );
+
+    // SIGTERM: clean exit, nothing attached, no pins.
+    daemon.stop()?;
+    assert!(
+        !daemon.pin_dir.exists(),
+        "pin dir {} left behind",
+        daemon.pin_dir.display()
+    );
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
+    Ok(())
+}
+
+#[test]
+fn lifecycle_tc_veth_backend() -> anyhow::Result<()> {
+    lifecycle(Mode::Tc, BackendLink::Veth)
+}
+
+#[test]
+fn lifecycle_tc_bridge_backend() -> anyhow::Result<()> {
+    lifecycle(Mode::Tc, BackendLink::Bridge)
+}
+
+#[test]
+fn lifecycle_xdp_veth_backend() -> anyhow::Result<()> {
+    lifecycle(Mode::Xdp, BackendLink::Veth)
+}
+
+#[test]
+fn lifecycle_xdp_bridge_backend() -> anyhow::Result<()> {
+    lifecycle(Mode::Xdp, BackendLink::Bridge)
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if cond()? {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("timed out waiting for {what}")
+}
+
+/// Closed TCP flows and idle UDP flows leave the table (both entries), and come back as new
+/// flows when traffic resumes.
+#[test]
+fn flows_expire_and_are_recreated() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("cfg")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(
+        &config,
+        "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [\"8080:198.18.1.2:80\", \"5353:198.18.1.2:53/udp\"]\n\
+         [timeouts]\ntcp_close_seconds = 1\nudp_seconds = 2\ngc_interval_seconds = 1\n",
+    )?;
+    let daemon = Daemon::start(&topo.host, &["--config", config.to_str().unwrap()])?;
+    let server = tcp_server(&topo.backend, 80, b"bye".to_vec())?;
+    tcp_exchange(&topo.client, host(8080), b"hello".to_vec())?;
+    server.join().unwrap()?;
+    let server = udp_server(&topo.backend, 53, 2)?;
+    udp_exchange(&topo.client, host(5353), 1, 10)?;
+    wait_for("both flows to be counted", || {
+        Ok(daemon.stats()?["active_flows"].as_u64() == Some(2))
+    })?;
+    wait_for("both flows to expire", || {
+        Ok(daemon.stats()?["active_flows"].as_u64() == Some(0))
+    })?;
+    // The UDP flow is recreated from the mapping.
+    udp_exchange(&topo.client, host(5353), 1, 10)?;
+    server.join().unwrap()?;
+    let stats = daemon.stats()?;
+    assert_eq!(num(mapping(&stats, 5353), "flows"), 2, "{stats}");
+    Ok(())
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// Every bad request gets a one-line error naming the problem, exit 1, and changes nothing.
+#[test]
+fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let daemon = start(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    let cases = [
+        (vec!["add", "0:198.18.1.2:80"], "host port 0 is out of range"),
+        (
+            vec!["add", "8080:198.18.1.2:70000"],
+            "backend port 70000 is out of range",
+        ),
+        (
+            vec!["add", "8080:198.18.1:80"],
+            "backend address '198.18.1' is not an IPv4 address",
+        ),
+        (vec!["add", "8081:198.18.1.2:80/icmp"], "unknown protocol 'icmp'"),
+        (vec!["add", "garbage"], "'garbage' does not match"),
+        (
+            vec!["add", "8080:198.18.1.3:81"],
+            "port is already allocated: 0.0.0.0:8080/tcp already maps to 198.18.1.2:80",
+        ),
+        (
+            vec!["del", "9999:198.18.1.2:80"],
+            "no mapping 9999:198.18.1.2:80/tcp",
+        ),
+        (
+            vec!["del", "8080:198.18.1.9:80"],
+            "0.0.0.0:8080/tcp maps to 198.18.1.2:80, not 198.18.1.9:80",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = daemon.cli(&args)?;
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(want) && err.lines().count() == 1,
+            "{args:?}: {err:?} lacks {want:?}"
+        );
+    }
+    assert_eq!(daemon.cli_ok(&["list"])?, "198.18.1.2:80/tcp -> 0.0.0.0:8080\n");
+    let json: Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
+    assert_eq!(json[0]["backend_ip"], "198.18.1.2");
+    Ok(())
+}
+
+#[test]
+fn cli_without_daemon_says_so() -> anyhow::Result<()> {
+    let bin = portmap_tests::portmap_bin()?;
+    let out = std::process::Command::new(bin)
+        .args(["--socket", "/nonexistent/portmap.sock", "list"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr_of(&out).contains("the portmap daemon is not running"),
+        "{}",
+        stderr_of(&out)
+    );
+    Ok(())
+}
+
+/// A bad config is rejected as a whole before anything is loaded or attached.
+#[test]
+fn bad_config_is_rejected_whole() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("cfg")?;
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "interfaces = [\"h0\"]\nmappings = [\"8080:198.18.1.2:80\", \"8080:198.18.1.3:80\"]\n",
+    )?;
+    let err = Daemon::start(&topo.host, &["--config", config.to_str().unwrap()])
+        .err()
+        .context("daemon started")?;
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("mappings[1] '8080:198.18.1.3:80' binds 0.0.0.0:8080/tcp"),
+        "{err}"
+    );
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
+    Ok(())
+}
+
+#[test]
+fn config_file_mappings_are_applied() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Bridge)?;
+    let dir = TempDir::new("cfg")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(
+        &config,
+        "interfaces = [\"h0\"]\nmappings = [\"8080:198.18.1.2:80\", \"198.18.0.1:53:198.18.1.2:5353/udp\"]\n",
+    )?;
+    let daemon = Daemon::start(&topo.host, &["--config", config.to_str().unwrap()])?;
+    assert_eq!(
+        daemon.cli_ok(&["list"])?,
+        "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:5353/udp -> 198.18.0.1:53\n"
+    );
+    // auto mode on a veth is TC: ingress and egress tcx programs, no XDP.
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (1, 1, false));
+    let server = tcp_server(&topo.backend, 80, payload(4096, 9))?;
+    assert_eq!(
+        tcp_exchange(&topo.client, host(8080), b"x".to_vec())?,
+        payload(4096, 9)
+    );
+    assert_eq!(server.join().unwrap()?.peer.ip(), std::net::IpAddr::V4(CLIENT_IP));
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_verifies() -> anyhow::Result<()> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/portmap.service");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .env("SYSTEMD_LOG_LEVEL", "warning")
+        .output()
+        .context("systemd-analyze (package systemd; `cargo xtask setup` installs it)")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The unit names /usr/local/bin/portmap, which need not exist on a build machine.
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.contains("/usr/local/bin/portmap"))
+        .collect();
+    ensure!(
+        out.status.success() || problems.is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+    ensure!(
+        problems.is_empty(),
+        "systemd-analyze verify: {}",
+        problems.join("\n")
+    );
+    Ok(())
+}

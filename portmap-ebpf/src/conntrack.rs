@@ -91,11 +91,11 @@ pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
         _pad: 0,
     };
     // SAFETY: values are plain data copied out of the map.
-    if let Some(v) = unsafe { PM_MAPPINGS.get(&key) } {
+    if let Some(v) = unsafe { PM_MAPPINGS.get(key) } {
         return Some(*v);
     }
     key.addr_be = 0;
-    unsafe { PM_MAPPINGS.get(&key) }.copied()
+    unsafe { PM_MAPPINGS.get(key) }.copied()
 }
 
 /// Records a new flow through `mapping`: the reply entry first (it may clash with another flow),
@@ -126,20 +126,17 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         _pad: 0,
     };
     if PM_CONNTRACK
-        .insert(&reply_key, &reply, u64::from(BPF_NOEXIST))
+        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Taken: by an earlier incarnation of this very flow (same client port, same published
         // address) it is ours to overwrite; by any other flow it is a clash.
-        if let Some(old) = unsafe { PM_CONNTRACK.get(&reply_key) }
+        if let Some(old) = unsafe { PM_CONNTRACK.get(reply_key) }
             && (old.direction != DIR_REPLY || old.nat_addr_be != pkt.daddr || old.nat_port_be != pkt.dport)
         {
             return Err(stat::DROP_NAT_CLASH);
         }
-        if PM_CONNTRACK
-            .insert(&reply_key, &reply, u64::from(BPF_ANY))
-            .is_err()
-        {
+        if PM_CONNTRACK.insert(reply_key, reply, u64::from(BPF_ANY)).is_err() {
             return Err(stat::DROP_CT_FULL);
         }
     }
@@ -152,8 +149,8 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         stats_slot: mapping.stats_slot,
         _pad: 0,
     };
-    if PM_CONNTRACK.insert(key, &forward, u64::from(BPF_ANY)).is_err() {
-        let _ = PM_CONNTRACK.remove(&reply_key);
+    if PM_CONNTRACK.insert(key, forward, u64::from(BPF_ANY)).is_err() {
+        let _ = PM_CONNTRACK.remove(reply_key);
         return Err(stat::DROP_CT_FULL);
     }
     Ok(Nat {

@@ -43,7 +43,8 @@ pub trait PacketCtx {
     /// Length of the whole packet from the Ethernet header on (an skb may be longer than its
     /// linear part, `data_end - data`).
     fn packet_len(&self) -> usize;
-    fn ingress_ifindex(&self) -> u32;
+    /// The interface the hook runs on (the packet's ingress device for XDP and TC ingress).
+    fn hook_ifindex(&self) -> u32;
     /// The VLAN tag was stripped into metadata (skb only): forwarding is left to the kernel.
     fn vlan_offloaded(&self) -> bool;
     /// The raw context pointer for helpers that take it (`bpf_fib_lookup`).
@@ -99,7 +100,7 @@ impl PacketCtx for XdpContext {
         }
     }
     #[inline(always)]
-    fn ingress_ifindex(&self) -> u32 {
+    fn hook_ifindex(&self) -> u32 {
         XdpContext::ingress_ifindex(self) as u32
     }
     #[inline(always)]
@@ -199,7 +200,7 @@ impl PacketCtx for TcContext {
         self.len() as usize
     }
     #[inline(always)]
-    fn ingress_ifindex(&self) -> u32 {
+    fn hook_ifindex(&self) -> u32 {
         // SAFETY: the context pointer is valid for the program's lifetime.
         unsafe { (*self.skb.skb).ifindex }
     }

@@ -133,10 +133,9 @@ impl Datapath {
                 return Err(e).with_context(|| format!("pinning map {name}"));
             }
         }
-        for name in [prog_names::XDP_INGRESS] {
-            let prog: &mut Xdp = dp.program_mut(name)?.try_into()?;
-            prog.load().with_context(|| format!("verifier rejected {name}"))?;
-        }
+        let xdp: &mut Xdp = dp.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
+        xdp.load()
+            .with_context(|| format!("verifier rejected {}", prog_names::XDP_INGRESS))?;
         for name in [prog_names::TC_INGRESS, prog_names::TC_EGRESS] {
             let prog: &mut SchedClassifier = dp.program_mut(name)?.try_into()?;
             prog.load().with_context(|| format!("verifier rejected {name}"))?;
@@ -454,13 +453,15 @@ pub fn monotonic_ns() -> anyhow::Result<u64> {
     Ok(u64::try_from(ts.tv_sec())? * 1_000_000_000 + u64::try_from(ts.tv_nsec())?)
 }
 
+fn is_bpffs(path: &Path) -> bool {
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
+}
+
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted there yet.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let root = Path::new("/sys/fs/bpf");
-    if let Ok(st) = nix::sys::statfs::statfs(root)
-        && st.filesystem_type().0 as i64 == BPF_FS_MAGIC
-    {
+    if is_bpffs(root) {
         return Ok(());
     }
     fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
@@ -478,14 +479,8 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
 
 /// Fails when `pin_dir` is not on bpffs (pinning would fail later with a less clear error).
 pub fn check_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
-    let mut probe = pin_dir.to_path_buf();
-    while !probe.exists() {
-        if !probe.pop() {
-            break;
-        }
-    }
-    let st = nix::sys::statfs::statfs(&probe).with_context(|| format!("statfs {}", probe.display()))?;
-    if st.filesystem_type().0 as i64 != 0xcafe_4a11 {
+    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
         bail!("pin directory {} is not on a bpffs mount", pin_dir.display());
     }
     Ok(())

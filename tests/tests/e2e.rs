@@ -50,7 +50,7 @@ fn counter(stats: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
 }
 
-fn mapping<'a>(stats: &'a Value, host_port: u16) -> &'a Value {
+fn mapping(stats: &Value, host_port: u16) -> &Value {
     stats["mappings"]
         .as_array()
         .and_then(|all| all.iter().find(|m| m["mapping"]["host_port"] == host_port))

@@ -49,6 +49,8 @@ pub trait PacketCtx {
     fn vlan_offloaded(&self) -> bool;
     /// The raw context pointer for helpers that take it (`bpf_fib_lookup`).
     fn raw(&self) -> *mut c_void;
+    /// `tot_len` for `bpf_fib_lookup`'s MTU check, given the packet's IPv4 total length.
+    fn fib_tot_len(&self, ip_tot_len: u16) -> u16;
 
     fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError>;
     /// `check_off` holds the IPv4 header checksum; a `size`-byte field changed `from` → `to`.
@@ -110,6 +112,10 @@ impl PacketCtx for XdpContext {
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.ctx.cast()
+    }
+    #[inline(always)]
+    fn fib_tot_len(&self, ip_tot_len: u16) -> u16 {
+        ip_tot_len
     }
 
     #[inline(always)]
@@ -212,6 +218,12 @@ impl PacketCtx for TcContext {
     #[inline(always)]
     fn raw(&self) -> *mut c_void {
         self.skb.skb.cast()
+    }
+    #[inline(always)]
+    fn fib_tot_len(&self, _ip_tot_len: u16) -> u16 {
+        // 0: the helper checks the skb itself, GSO-aware (a GRO super-packet is forwardable if
+        // its segments fit the egress MTU); its tot_len would always exceed the MTU.
+        0
     }
 
     #[inline(always)]

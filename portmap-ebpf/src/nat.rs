@@ -83,7 +83,7 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) 
     fib.l4_protocol = pkt.proto;
     fib.sport = pkt.sport;
     fib.dport = dport;
-    fib.__bindgen_anon_1.tot_len = pkt.tot_len;
+    fib.__bindgen_anon_1.tot_len = ctx.fib_tot_len(pkt.tot_len);
     fib.ifindex = ctx.hook_ifindex();
     fib.__bindgen_anon_3.ipv4_src = pkt.saddr;
     fib.__bindgen_anon_4.ipv4_dst = daddr;

@@ -1,1 +1,307 @@
-fn main() {}
+//! `cargo xtask`: what cargo alone cannot do — toolchain setup, the demo, the privileged test run.
+
+use std::{
+    env,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+use portmap_tests::{BackendLink, Daemon, HOST_CLIENT_IFACE, HOST_IP, Topology, payload};
+
+/// bpf-linker release built by `setup` (against the nightly toolchain's own libLLVM).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Tools the tests and the demo run, and the Debian package of each.
+const APT_TOOLS: [(&str, &str); 3] = [
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("systemd-analyze", "systemd"),
+];
+
+#[derive(Parser)]
+#[command(about = "portmap development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: rust-src (nightly), bpf-linker, apt packages.
+    Setup,
+    /// Demo: namespaces client/host/backend, `portmap run` with a mapping, real TCP traffic, stats.
+    Demo {
+        /// Ingress attach mode for the demo.
+        #[arg(long, default_value = "tc")]
+        attach: String,
+    },
+    /// The whole test suite: unit tests and the privileged end-to-end tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        args: Vec<String>,
+    },
+    /// rustfmt and clippy on every crate, the eBPF crate for its BPF target included.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Demo { attach } => demo(&attach),
+        Task::Test { args } => test(&args),
+        Task::Lint => lint(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn say(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Idempotent: checks each piece and installs only what is missing.
+fn setup() -> anyhow::Result<()> {
+    let started = Instant::now();
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_apt_tools()?;
+    say(&format!(
+        "setup complete ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let out = output("rustc", &["+nightly", "--print", "sysroot"]).context(
+        "the `nightly` toolchain is not installed (rustup toolchain list); it is needed for -Z build-std",
+    )?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+fn ensure_rust_src() -> anyhow::Result<()> {
+    let core = nightly_sysroot()?.join("lib/rustlib/src/rust/library/core");
+    if core.exists() {
+        say("rust-src (nightly): present");
+        return Ok(());
+    }
+    say("rust-src (nightly): installing with rustup");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker links against libLLVM through an rpath to a directory that must persist; the
+/// directory holds links to the nightly toolchain's own libLLVM (so LLVM versions always match)
+/// under both its plain and its versioned (soname) name.
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
+        .context("no libLLVM.so.* in the nightly toolchain")?;
+    let verbose = output("rustc", &["+nightly", "-vV"]).context("rustc +nightly -vV")?;
+    let major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV names no LLVM version")?
+        .to_string();
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    let llvm_dir = Path::new(&home)
+        .join(".cache/portmap")
+        .join(format!("llvm-{major}"));
+    let lib = llvm_dir.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    for name in [
+        std::ffi::OsString::from("libLLVM.so"),
+        libllvm.file_name().unwrap().to_owned(),
+    ] {
+        let link = lib.join(name);
+        if std::fs::read_link(&link).ok().as_deref() != Some(libllvm.as_path()) {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&libllvm, &link)?;
+        }
+    }
+    if let Some(v) = output("bpf-linker", &["--version"]) {
+        say(&format!("bpf-linker: present ({})", v.trim()));
+        return Ok(());
+    }
+    say(&format!(
+        "bpf-linker: building {BPF_LINKER_VERSION} against the nightly toolchain's LLVM {major} (about a minute)"
+    ));
+    run(cargo()
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &llvm_dir))?;
+    ensure!(
+        output("bpf-linker", &["--version"]).is_some(),
+        "bpf-linker installed but does not run (is ~/.cargo/bin on PATH?)"
+    );
+    Ok(())
+}
+
+fn ensure_apt_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_TOOLS
+        .iter()
+        .filter(|(tool, _)| which(tool).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        say("apt packages: present");
+        return Ok(());
+    }
+    ensure!(
+        is_root(),
+        "missing tools from packages {missing:?}: run `cargo xtask setup` as root"
+    );
+    say(&format!("apt packages: installing {}", missing.join(" ")));
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn build_portmap() -> anyhow::Result<PathBuf> {
+    run(cargo().args(["build", "-p", "portmap-user"]))?;
+    let target =
+        env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    Ok(target.join("debug/portmap"))
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "cargo xtask test needs root: the end-to-end tests create network namespaces and load BPF programs (run it with sudo)"
+    );
+    setup()?;
+    let bin = build_portmap()?;
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "portmap-ebpf"])
+        .args(args)
+        .env("PORTMAP_BIN", &bin))
+}
+
+fn lint() -> anyhow::Result<()> {
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().current_dir(workspace_root().join("portmap-ebpf")).args([
+        "+nightly",
+        "clippy",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn demo(attach: &str) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "cargo xtask demo needs root (network namespaces, BPF): run it with sudo"
+    );
+    setup()?;
+    let bin = build_portmap()?;
+    // SAFETY: single-threaded at this point; the harness reads it to find the binary.
+    unsafe { env::set_var("PORTMAP_BIN", &bin) };
+
+    say("building namespaces: client 198.18.0.2 -> host 198.18.0.1 (portmap) -> backend 198.18.1.2");
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut args = vec!["--iface", HOST_CLIENT_IFACE, "--attach", attach];
+    if attach == "xdp" {
+        topo.prepare_for_xdp()?;
+        args.extend(["--redirect-iface", portmap_tests::HOST_BACKEND_IFACE]);
+    }
+    let mut daemon = Daemon::start(&topo.host, &args)?;
+    println!("$ portmap add 8080:198.18.1.2:80");
+    print!("{}", daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?);
+    println!("$ portmap list");
+    print!("{}", daemon.cli_ok(&["list"])?);
+
+    let (up, down) = (payload(1 << 20, 1), payload(1 << 20, 2));
+    let started = Instant::now();
+    let server = portmap_tests::tcp_server(&topo.backend, 80, down.clone())?;
+    let got = portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), up.clone())?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+    ensure!(
+        served.received == up && got == down,
+        "payload corrupted in transit"
+    );
+    println!(
+        "\nTCP 198.18.0.2 -> 198.18.0.1:8080: sent 1 MiB, received 1 MiB back, both intact ({:.0} ms); \
+         the backend saw the connection come from {}",
+        started.elapsed().as_secs_f64() * 1000.0,
+        served.peer
+    );
+    println!("\n$ portmap stats");
+    print!("{}", daemon.cli_ok(&["stats"])?);
+    daemon.stop()?;
+    if !daemon.pin_dir.exists() {
+        say("daemon stopped (SIGTERM): programs detached, pins removed; namespaces are removed on exit");
+    } else {
+        bail!("pins left in {}", daemon.pin_dir.display());
+    }
+    Ok(())
+}

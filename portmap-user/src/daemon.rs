@@ -137,6 +137,9 @@ pub async fn run(valid: Valid) -> anyhow::Result<()> {
     datapath::ensure_bpffs()?;
     datapath::check_pin_dir(&cfg.pin_dir)?;
     datapath::remove_stale_pins(&cfg.pin_dir)?;
+    if fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        warn!("net.ipv4.ip_forward is 0: mapped traffic will not be forwarded until it is enabled");
+    }
 
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.limits)?;
     let logger = dp.take_logger()?;

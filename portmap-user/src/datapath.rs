@@ -69,6 +69,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attachments: Vec<Attachment>,
+    /// `shutdown` ran: nothing attached or pinned is left.
+    shut_down: bool,
 }
 
 fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
@@ -122,16 +124,16 @@ impl Datapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             attachments: Vec::new(),
+            shut_down: false,
         };
         for name in map_names::ALL {
             let map = dp
                 .ebpf
                 .map(name)
                 .with_context(|| format!("map {name} missing from the object"))?;
-            if let Err(e) = map.pin(map_pin(pin_dir, name)) {
-                dp.shutdown();
-                return Err(e).with_context(|| format!("pinning map {name}"));
-            }
+            // On error `dp` is dropped, and its Drop removes the pins made so far.
+            map.pin(map_pin(pin_dir, name))
+                .with_context(|| format!("pinning map {name}"))?;
         }
         let xdp: &mut Xdp = dp.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
         xdp.load()
@@ -276,8 +278,12 @@ impl Datapath {
         }
     }
 
-    /// Detaches every program and removes every pin this daemon created.
+    /// Detaches every program and removes every pin this daemon created. Idempotent.
     pub fn shutdown(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        self.shut_down = true;
         self.detach_all();
         for name in map_names::ALL {
             let path = map_pin(&self.pin_dir, name);
@@ -374,9 +380,7 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        if !self.attachments.is_empty() {
-            self.shutdown();
-        }
+        self.shutdown();
     }
 }
 

@@ -211,14 +211,11 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyho
 #[test]
 fn flows_expire_and_are_recreated() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;
-    let dir = TempDir::new("cfg")?;
-    let config = dir.path().join("portmap.toml");
-    std::fs::write(
-        &config,
+    let daemon = start_with_config(
+        &topo,
         "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [\"8080:198.18.1.2:80\", \"5353:198.18.1.2:53/udp\"]\n\
-         [timeouts]\ntcp_close_seconds = 1\nudp_seconds = 2\ngc_interval_seconds = 1\n",
+         [timeouts]\ntcp_close_seconds = 3\nudp_seconds = 4\ngc_interval_seconds = 1\n",
     )?;
-    let daemon = Daemon::start(&topo.host, &["--config", config.to_str().unwrap()])?;
     let server = tcp_server(&topo.backend, 80, b"bye".to_vec())?;
     tcp_exchange(&topo.client, host(8080), b"hello".to_vec())?;
     server.join().unwrap()?;
@@ -236,6 +233,18 @@ fn flows_expire_and_are_recreated() -> anyhow::Result<()> {
     let stats = daemon.stats()?;
     assert_eq!(num(mapping(&stats, 5353), "flows"), 2, "{stats}");
     Ok(())
+}
+
+/// Writes `toml` to a fresh config file and starts the daemon with it (the daemon reads the
+/// file once, at start).
+fn start_with_config(topo: &Topology, toml: &str) -> anyhow::Result<Daemon> {
+    let dir = TempDir::new("cfg")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(&config, toml)?;
+    Daemon::start(
+        &topo.host,
+        &["--config", config.to_str().context("non-UTF-8 temp path")?],
+    )
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
@@ -307,15 +316,12 @@ fn cli_without_daemon_says_so() -> anyhow::Result<()> {
 #[test]
 fn bad_config_is_rejected_whole() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;
-    let dir = TempDir::new("cfg")?;
-    let config = dir.path().join("bad.toml");
-    std::fs::write(
-        &config,
+    let err = start_with_config(
+        &topo,
         "interfaces = [\"h0\"]\nmappings = [\"8080:198.18.1.2:80\", \"8080:198.18.1.3:80\"]\n",
-    )?;
-    let err = Daemon::start(&topo.host, &["--config", config.to_str().unwrap()])
-        .err()
-        .context("daemon started")?;
+    )
+    .err()
+    .context("daemon started")?;
     let err = format!("{err:#}");
     assert!(
         err.contains("mappings[1] '8080:198.18.1.3:80' binds 0.0.0.0:8080/tcp"),
@@ -328,13 +334,10 @@ fn bad_config_is_rejected_whole() -> anyhow::Result<()> {
 #[test]
 fn config_file_mappings_are_applied() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Bridge)?;
-    let dir = TempDir::new("cfg")?;
-    let config = dir.path().join("portmap.toml");
-    std::fs::write(
-        &config,
+    let daemon = start_with_config(
+        &topo,
         "interfaces = [\"h0\"]\nmappings = [\"8080:198.18.1.2:80\", \"198.18.0.1:53:198.18.1.2:5353/udp\"]\n",
     )?;
-    let daemon = Daemon::start(&topo.host, &["--config", config.to_str().unwrap()])?;
     assert_eq!(
         daemon.cli_ok(&["list"])?,
         "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:5353/udp -> 198.18.0.1:53\n"

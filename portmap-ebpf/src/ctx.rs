@@ -37,7 +37,8 @@ pub struct L4Csum {
     pub udp: bool,
 }
 
-pub trait PacketCtx {
+/// `EbpfContext` gives aya-log (and helpers) the raw context.
+pub trait PacketCtx: aya_ebpf::EbpfContext {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Length of the whole packet from the Ethernet header on (an skb may be longer than its

@@ -54,6 +54,24 @@ pub struct Verdict {
     pub action: Action,
 }
 
+impl Verdict {
+    #[inline(always)]
+    pub fn pass(stat: u32) -> Self {
+        Self {
+            stat,
+            action: Action::Pass,
+        }
+    }
+
+    #[inline(always)]
+    pub fn drop(stat: u32) -> Self {
+        Self {
+            stat,
+            action: Action::Drop,
+        }
+    }
+}
+
 #[inline(always)]
 fn count(code: u32) {
     if let Some(c) = PM_GLOBAL_STATS.get_ptr_mut(code) {
@@ -94,18 +112,12 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         Some(nat) => (nat, false),
         None => {
             let Some(mapping) = conntrack::find_mapping(&pkt) else {
-                return Verdict {
-                    stat: stat::PASS_NO_MAPPING,
-                    action: Action::Pass,
-                };
+                return Verdict::pass(stat::PASS_NO_MAPPING);
             };
             match conntrack::create(&pkt, &key, &mapping, now) {
                 Ok(nat) => (nat, true),
                 Err(reason) => {
-                    return Verdict {
-                        stat: reason,
-                        action: Action::Drop,
-                    };
+                    return Verdict::drop(reason);
                 }
             }
         }
@@ -114,10 +126,7 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         count(stat::FLOW_NEW);
     }
     if nat::rewrite(ctx, &pkt, Side::Destination, nat.addr, nat.port).is_err() {
-        return Verdict {
-            stat: stat::DROP_ERROR,
-            action: Action::Drop,
-        };
+        return Verdict::drop(stat::DROP_ERROR);
     }
     count_mapping(nat.stats_slot, DIR_FORWARD, pkt.tot_len, new_flow);
     nat::forward(ctx, &pkt, nat.addr, nat.port)
@@ -132,31 +141,22 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     };
     let key = conntrack::flow_key(&pkt);
     let Some(nat) = conntrack::lookup(&key, DIR_REPLY, pkt.tcp_flags, conntrack::now_ns()) else {
-        return Verdict {
-            stat: stat::PASS_NO_MAPPING,
-            action: Action::Pass,
-        };
+        return Verdict::pass(stat::PASS_NO_MAPPING);
     };
     if nat::rewrite(ctx, &pkt, Side::Source, nat.addr, nat.port).is_err() {
-        return Verdict {
-            stat: stat::DROP_ERROR,
-            action: Action::Drop,
-        };
+        return Verdict::drop(stat::DROP_ERROR);
     }
     count_mapping(nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
-    Verdict {
-        stat: stat::REPLY_NAT,
-        action: Action::Pass,
-    }
+    Verdict::pass(stat::REPLY_NAT)
 }
 
 /// Records the outcome and turns it into the hook's return code. Helper failures (which point at
 /// a bug, never at traffic) are also logged; nothing else on the packet path logs.
 #[inline(always)]
-fn finish<C: PacketCtx>(ctx: &C, verdict: Verdict, log_ctx: &impl aya_ebpf::EbpfContext) -> u32 {
+fn finish<C: PacketCtx>(ctx: &C, verdict: Verdict) -> u32 {
     count(verdict.stat);
     if verdict.stat == stat::DROP_ERROR {
-        error!(log_ctx, "portmap: packet store or checksum helper failed");
+        error!(ctx, "portmap: packet store or checksum helper failed");
     }
     ctx.verdict(verdict.action)
 }
@@ -175,21 +175,21 @@ fn pull_headers(ctx: &TcContext) {
 #[xdp]
 pub fn portmap_xdp_ingress(mut ctx: XdpContext) -> u32 {
     let verdict = ingress(&mut ctx);
-    finish(&ctx, verdict, &ctx)
+    finish(&ctx, verdict)
 }
 
 #[classifier]
 pub fn portmap_tc_ingress(mut ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let verdict = ingress(&mut ctx);
-    finish(&ctx, verdict, &ctx) as i32
+    finish(&ctx, verdict) as i32
 }
 
 #[classifier]
 pub fn portmap_tc_egress(mut ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let verdict = egress(&mut ctx);
-    finish(&ctx, verdict, &ctx) as i32
+    finish(&ctx, verdict) as i32
 }
 
 #[cfg(not(test))]

@@ -60,14 +60,6 @@ pub fn rewrite<C: PacketCtx>(
 
 const AF_INET: u8 = 2;
 
-#[inline(always)]
-fn to_stack() -> Verdict {
-    Verdict {
-        stat: stat::FWD_STACK,
-        action: Action::Pass,
-    }
-}
-
 /// Sends a packet whose destination was just rewritten to `daddr` on its way: a FIB lookup, then
 /// TTL decrement + MAC rewrite + redirect when the egress device accepts redirects; otherwise it is
 /// handed to the kernel's routing (which forwards it without netfilter rules being involved).
@@ -75,7 +67,7 @@ fn to_stack() -> Verdict {
 pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) -> Verdict {
     // Tagged frames belong to a VLAN device; an expiring TTL needs the kernel's ICMP Time Exceeded.
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
-        return to_stack();
+        return Verdict::pass(stat::FWD_STACK);
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
@@ -92,23 +84,17 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) 
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Verdict {
-                stat: stat::DROP_NO_ROUTE,
-                action: Action::Drop,
-            };
+            return Verdict::drop(stat::DROP_NO_ROUTE);
         }
         // No neighbour entry yet, MTU exceeded, forwarding disabled, local destination, ...: the
         // kernel resolves, fragments or refuses it exactly as it would any routed packet.
-        _ => return to_stack(),
+        _ => return Verdict::pass(stat::FWD_STACK),
     }
     if !ctx.can_redirect(fib.ifindex) {
-        return to_stack();
+        return Verdict::pass(stat::FWD_STACK);
     }
     if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, &fib).is_err() {
-        return Verdict {
-            stat: stat::DROP_ERROR,
-            action: Action::Drop,
-        };
+        return Verdict::drop(stat::DROP_ERROR);
     }
     Verdict {
         stat: stat::FWD_REDIRECT,

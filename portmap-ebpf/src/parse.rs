@@ -13,7 +13,7 @@ use portmap_common::{PROTO_TCP, PROTO_UDP, stat};
 
 use crate::{
     Verdict,
-    ctx::{Action, PacketCtx, ptr_at},
+    ctx::{PacketCtx, ptr_at},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -59,76 +59,60 @@ impl Packet {
 }
 
 #[inline(always)]
-fn pass(reason: u32) -> Verdict {
-    Verdict {
-        stat: reason,
-        action: Action::Pass,
-    }
-}
-
-#[inline(always)]
-fn drop(reason: u32) -> Verdict {
-    Verdict {
-        stat: reason,
-        action: Action::Drop,
-    }
-}
-
-#[inline(always)]
 pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(pass(stat::PASS_NOT_OURS))?;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(stat::PASS_NOT_OURS))?;
     // SAFETY: bounds checked by ptr_at (as every dereference below).
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3_off = EthHdr::LEN;
     let mut vlan = false;
     if ether_type == ETH_P_8021Q {
-        let tag: *const VlanHdr = ptr_at(ctx, l3_off).ok_or(pass(stat::PASS_NOT_OURS))?;
+        let tag: *const VlanHdr = ptr_at(ctx, l3_off).ok_or(Verdict::pass(stat::PASS_NOT_OURS))?;
         ether_type = u16::from_be(unsafe { (*tag).ether_type });
         l3_off += VlanHdr::LEN;
         vlan = true;
     }
     if ether_type != ETH_P_IP {
-        return Err(pass(stat::PASS_NOT_OURS));
+        return Err(Verdict::pass(stat::PASS_NOT_OURS));
     }
 
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(drop(stat::DROP_MALFORMED))?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::drop(stat::DROP_MALFORMED))?;
     let (vihl, proto, ttl) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).ttl) };
     let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
     let frags = u16::from_be_bytes(unsafe { (*ip).frags });
     // Masked to 4 bits so the verifier sees a bounded offset (20..=60).
     let ihl_bytes = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl_bytes < Ipv4Hdr::LEN {
-        return Err(drop(stat::DROP_MALFORMED));
+        return Err(Verdict::drop(stat::DROP_MALFORMED));
     }
     let l3_len = ctx.packet_len() - l3_off;
     if usize::from(tot_len) < ihl_bytes || usize::from(tot_len) > l3_len {
-        return Err(drop(stat::DROP_MALFORMED));
+        return Err(Verdict::drop(stat::DROP_MALFORMED));
     }
     if frags & IP_MF_OFFSET_MASK != 0 {
-        return Err(pass(stat::PASS_FRAGMENT));
+        return Err(Verdict::pass(stat::PASS_FRAGMENT));
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Err(pass(stat::PASS_NOT_OURS));
+        return Err(Verdict::pass(stat::PASS_NOT_OURS));
     }
     let l4_off = l3_off + ihl_bytes;
 
     let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
         if usize::from(tot_len) < ihl_bytes + TcpHdr::LEN {
-            return Err(pass(stat::PASS_MALFORMED_L4));
+            return Err(Verdict::pass(stat::PASS_MALFORMED_L4));
         }
-        let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(pass(stat::PASS_MALFORMED_L4))?;
+        let tcp: *const TcpHdr = ptr_at(ctx, l4_off).ok_or(Verdict::pass(stat::PASS_MALFORMED_L4))?;
         let (source, dest) = unsafe { ((*tcp).source, (*tcp).dest) };
         let bytes: *const [u8; 14] = tcp.cast();
         let (doff, flags) = unsafe { ((*bytes)[12] >> 4, (*bytes)[13]) };
         if doff < 5 {
-            return Err(pass(stat::PASS_MALFORMED_L4));
+            return Err(Verdict::pass(stat::PASS_MALFORMED_L4));
         }
         (u16::from_ne_bytes(source), u16::from_ne_bytes(dest), flags)
     } else {
         if usize::from(tot_len) < ihl_bytes + UdpHdr::LEN {
-            return Err(pass(stat::PASS_MALFORMED_L4));
+            return Err(Verdict::pass(stat::PASS_MALFORMED_L4));
         }
-        let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(pass(stat::PASS_MALFORMED_L4))?;
+        let udp: *const UdpHdr = ptr_at(ctx, l4_off).ok_or(Verdict::pass(stat::PASS_MALFORMED_L4))?;
         let (source, dest) = unsafe { ((*udp).src, (*udp).dst) };
         (u16::from_ne_bytes(source), u16::from_ne_bytes(dest), 0)
     };

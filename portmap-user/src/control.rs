@@ -39,6 +39,8 @@ pub struct StatsReport {
     pub counters: Vec<(String, u64)>,
     /// Flows in the conntrack table at the last expiry pass.
     pub active_flows: u64,
+    /// Flows the conntrack table holds (`limits.conntrack_entries` / 2).
+    pub flow_capacity: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -184,6 +184,32 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// What the last expiry pass saw of the flow table.
+struct FlowTable {
+    active: u64,
+    /// Flows that fit (two conntrack entries each).
+    capacity: u64,
+    high: bool,
+}
+
+impl FlowTable {
+    /// Records a pass; warns once when the table crosses 90 % (the LRU then starts evicting live
+    /// flows) and says so again when it is back under 80 %.
+    fn update(&mut self, active: u64) {
+        self.active = active;
+        if !self.high && active * 10 >= self.capacity * 9 {
+            self.high = true;
+            warn!(
+                "flow table {active}/{} flows (>= 90 %): raise limits.conntrack_entries before live flows are evicted",
+                self.capacity
+            );
+        } else if self.high && active * 10 < self.capacity * 8 {
+            self.high = false;
+            info!("flow table back under 80 % ({active}/{} flows)", self.capacity);
+        }
+    }
+}
+
 async fn serve(
     dp: &mut Datapath,
     table: &mut Table,
@@ -197,14 +223,18 @@ async fn serve(
     let mut gc = tokio::time::interval(timeouts.gc_interval());
     // SAFETY: the logger owns its ring buffer fd, and AsyncFd owns the logger until it is dropped.
     let mut logs = unsafe { AsyncFd::register(logger)? };
-    let mut active_flows = 0;
+    let mut flows = FlowTable {
+        active: 0,
+        capacity: u64::from(valid.config.limits.conntrack_entries / 2),
+        high: false,
+    };
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); return Ok(()) }
             _ = int.recv() => { info!("SIGINT"); return Ok(()) }
             _ = gc.tick() => {
                 match datapath::monotonic_ns().and_then(|now| dp.expire_flows(now, timeouts)) {
-                    Ok(n) => active_flows = n,
+                    Ok(n) => flows.update(n),
                     Err(e) => warn!("flow expiry pass failed: {e:#}"),
                 }
             }
@@ -215,7 +245,7 @@ async fn serve(
             }
             conn = listener.accept() => {
                 let (stream, _) = conn?;
-                if let Err(e) = handle(stream, dp, table, active_flows).await {
+                if let Err(e) = handle(stream, dp, table, &flows).await {
                     warn!("control connection: {e:#}");
                 }
             }
@@ -227,7 +257,7 @@ async fn handle(
     stream: UnixStream,
     dp: &mut Datapath,
     table: &mut Table,
-    active_flows: u64,
+    flows: &FlowTable,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -235,7 +265,7 @@ async fn handle(
         .await
         .context("client sent no request within 5 s")??;
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => dispatch(request, dp, table, active_flows),
+        Ok(request) => dispatch(request, dp, table, flows),
         Err(e) => Response::Error {
             message: format!("bad request: {e}"),
         },
@@ -246,7 +276,7 @@ async fn handle(
     Ok(())
 }
 
-fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, active_flows: u64) -> Response {
+fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, flows: &FlowTable) -> Response {
     let outcome = match request {
         Request::Add { spec } => spec::parse(&spec).map_err(TableError::from).and_then(|m| {
             table.add(dp, m)?;
@@ -264,7 +294,7 @@ fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, active_flows
             };
         }
         Request::Stats => {
-            return match stats(dp, table, active_flows) {
+            return match stats(dp, table, flows) {
                 Ok(stats) => Response::Stats { stats },
                 Err(e) => {
                     error!("reading counters: {e:#}");
@@ -283,7 +313,7 @@ fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, active_flows
     }
 }
 
-fn stats(dp: &Datapath, table: &Table, active_flows: u64) -> anyhow::Result<StatsReport> {
+fn stats(dp: &Datapath, table: &Table, flows: &FlowTable) -> anyhow::Result<StatsReport> {
     let mut mappings = Vec::new();
     for (mapping, slot) in table.mappings() {
         let c = dp.mapping_counters(slot)?;
@@ -304,6 +334,7 @@ fn stats(dp: &Datapath, table: &Table, active_flows: u64) -> anyhow::Result<Stat
     Ok(StatsReport {
         mappings,
         counters,
-        active_flows,
+        active_flows: flows.active,
+        flow_capacity: flows.capacity,
     })
 }

@@ -190,4 +190,5 @@ fn print_stats(stats: &StatsReport) {
         println!("{name:<24} {value:>14}");
     }
     println!("{:<24} {:>14}", "active_flows", stats.active_flows);
+    println!("{:<24} {:>14}", "flow_capacity", stats.flow_capacity);
 }

@@ -271,15 +271,35 @@ impl Daemon {
         let work_dir = TempDir::new("d")?;
         let socket = work_dir.path().join("portmap.sock");
         let pin_dir = Path::new("/sys/fs/bpf").join(work_dir.path().file_name().context("temp dir name")?);
-        let bin = portmap_bin()?;
-        let log = File::create(work_dir.path().join("daemon.log"))?;
+        let mut daemon = Self {
+            child: None,
+            bin: portmap_bin()?,
+            socket,
+            pin_dir,
+            work_dir,
+        };
+        daemon.spawn(ns, args)?;
+        Ok(daemon)
+    }
+
+    /// Starts a new `portmap run` with the same socket and pin directory (after `stop` or `kill`).
+    pub fn restart(&mut self, ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "the daemon is still running");
+        self.spawn(ns, args)
+    }
+
+    fn spawn(&mut self, ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.path().join("daemon.log"))?;
         let netns = File::open(ns.path())?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(&self.bin);
         cmd.arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
             .arg("run")
             .arg("--pin-dir")
-            .arg(&pin_dir)
+            .arg(&self.pin_dir)
             .args(args);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -289,18 +309,20 @@ impl Daemon {
         unsafe {
             cmd.pre_exec(move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut daemon = Self {
-            child: Some(child),
-            bin,
-            socket,
-            pin_dir,
-            work_dir,
-        };
-        daemon.wait_ready()?;
-        Ok(daemon)
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.bin.display()))?,
+        );
+        self.wait_ready()
+    }
+
+    /// SIGKILL, as a crash: the daemon gets no chance to detach or unpin.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

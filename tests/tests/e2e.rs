@@ -379,3 +379,60 @@ fn systemd_unit_verifies() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A crashed daemon (SIGKILL) leaves its pinned links attached, so published ports keep working;
+/// the next daemon removes the stale pins, which detaches the old programs, before loading its own.
+#[test]
+fn crash_keeps_traffic_flowing_and_restart_cleans_up() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = start(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    daemon.kill()?;
+    assert!(daemon.pin_dir.join("maps/PM_MAPPINGS").exists());
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (1, 1, false));
+    let server = tcp_server(&topo.backend, 80, b"still here".to_vec())?;
+    assert_eq!(
+        tcp_exchange(&topo.client, host(8080), b"?".to_vec())?,
+        b"still here"
+    );
+    server.join().unwrap()?;
+
+    daemon.restart(&topo.host, &["--iface", HOST_CLIENT_IFACE, "--attach", "tc"])?;
+    assert!(daemon.log().contains("removing stale pin"), "{}", daemon.log());
+    assert_eq!(
+        attached(&topo.host, HOST_CLIENT_IFACE)?,
+        (1, 1, false),
+        "only the new programs"
+    );
+    assert_eq!(daemon.cli_ok(&["list"])?, "");
+    assert_eq!(
+        tcp_connect_result(&topo.client, host(8080))?,
+        Err(ErrorKind::ConnectionRefused)
+    );
+    daemon.stop()?;
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
+    Ok(())
+}
+
+/// An interface that does not exist is named in the error, and what was attached before it is
+/// detached again.
+#[test]
+fn missing_interface_is_named_and_rolled_back() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let args = [
+        "--iface",
+        HOST_CLIENT_IFACE,
+        "--iface",
+        "nosuch0",
+        "--attach",
+        "tc",
+    ];
+    let err = format!(
+        "{:#}",
+        Daemon::start(&topo.host, &args).err().context("daemon started")?
+    );
+    assert!(err.contains("interface 'nosuch0' not found"), "{err}");
+    assert!(err.contains("detached and unpinned"), "{err}");
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
+    Ok(())
+}

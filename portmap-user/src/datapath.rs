@@ -71,6 +71,8 @@ pub struct Datapath {
     attachments: Vec<Attachment>,
     /// `shutdown` ran: nothing attached or pinned is left.
     shut_down: bool,
+    /// Capacity of `PM_CONNTRACK`, which bounds one expiry pass.
+    conntrack_entries: u32,
 }
 
 fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
@@ -125,6 +127,7 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             attachments: Vec::new(),
             shut_down: false,
+            conntrack_entries: limits.conntrack_entries,
         };
         for name in map_names::ALL {
             let map = dp
@@ -366,9 +369,12 @@ impl Datapath {
 
     /// Deletes expired flows (both entries); returns how many flows remain.
     pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<u64> {
+        let capacity = self.conntrack_entries as usize;
         let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
             HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
-        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).collect();
+        // Iterating while the datapath inserts and deletes can revisit keys (the next key of a
+        // deleted one is the first one): a pass reads at most the table's capacity.
+        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).take(capacity).collect();
         let plan = plan_expiry(&entries, now_ns, timeouts);
         for key in &plan.delete {
             // Already gone (LRU eviction or a concurrent re-creation) is fine.

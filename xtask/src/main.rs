@@ -115,14 +115,16 @@ fn nightly_sysroot() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(out.trim()))
 }
 
+/// rust-src for `-Z build-std=core`, and clippy to lint the eBPF crate for its BPF target.
 fn ensure_rust_src() -> anyhow::Result<()> {
     let core = nightly_sysroot()?.join("lib/rustlib/src/rust/library/core");
-    if core.exists() {
-        say("rust-src (nightly): present");
+    let clippy = output("cargo", &["+nightly", "clippy", "--version"]).is_some();
+    if core.exists() && clippy {
+        say("rust-src, clippy (nightly): present");
         return Ok(());
     }
-    say("rust-src (nightly): installing with rustup");
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    say("rust-src, clippy (nightly): installing with rustup");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "clippy", "--toolchain", "nightly"]))
 }
 
 /// bpf-linker links against libLLVM through an rpath to a directory that must persist; the

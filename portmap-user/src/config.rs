@@ -100,13 +100,14 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
+    #[error(transparent)]
     Toml(#[from] toml::de::Error),
-    #[error("mappings[{index}] '{spec}': {source}")]
+    /// (`error` is not a `source`: the message already includes it, once.)
+    #[error("mappings[{index}] '{spec}': {error}")]
     Spec {
         index: usize,
         spec: String,
-        source: SpecError,
+        error: SpecError,
     },
     #[error("mappings[{index}] '{spec}' binds {binding}, already bound by '{other}'")]
     Duplicate {
@@ -184,10 +185,10 @@ pub fn parse_mappings(specs: &[String]) -> Result<Vec<Mapping>, ConfigError> {
     let mut seen: BTreeMap<Binding, Mapping> = BTreeMap::new();
     let mut out = Vec::with_capacity(specs.len());
     for (index, text) in specs.iter().enumerate() {
-        let mapping = spec::parse(text).map_err(|source| ConfigError::Spec {
+        let mapping = spec::parse(text).map_err(|error| ConfigError::Spec {
             index,
             spec: text.clone(),
-            source,
+            error,
         })?;
         if let Some(other) = seen.insert(mapping.binding(), mapping) {
             return Err(ConfigError::Duplicate {

@@ -60,18 +60,18 @@ pub enum ClientError {
     NotRunning { path: String },
     #[error("permission denied on {path}: the control socket is root-only")]
     Permission { path: String },
-    #[error("talking to the daemon at {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("talking to the daemon at {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("the daemon sent an unreadable answer: {0}")]
-    Protocol(#[from] serde_json::Error),
+    Protocol(serde_json::Error),
 }
 
 /// Sends one request and waits for its answer.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
-    let io = |source: std::io::Error| ClientError::Io {
+    let io = |error: std::io::Error| ClientError::Io {
         path: path.clone(),
-        source,
+        error,
     };
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -83,12 +83,12 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io)?;
-    let mut line = serde_json::to_string(request)?;
+    let mut line = serde_json::to_string(request).map_err(ClientError::Protocol)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
-    Ok(serde_json::from_str(&answer)?)
+    serde_json::from_str(&answer).map_err(ClientError::Protocol)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use crate::{
 /// Why a control request was refused. Nothing is changed when one of these is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("{0}")]
+    #[error(transparent)]
     Spec(#[from] SpecError),
     #[error("port is already allocated: {binding} already maps to {}:{}", existing.backend_ip, existing.backend_port)]
     Duplicate { binding: Binding, existing: Mapping },

@@ -327,6 +327,11 @@ fn bad_config_is_rejected_whole() -> anyhow::Result<()> {
         err.contains("mappings[1] '8080:198.18.1.3:80' binds 0.0.0.0:8080/tcp"),
         "{err}"
     );
+    assert_eq!(
+        err.matches("already bound by").count(),
+        1,
+        "cause printed once: {err}"
+    );
     assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
     Ok(())
 }

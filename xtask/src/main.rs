@@ -2,6 +2,7 @@
 
 use std::{
     env,
+    io::{BufRead as _, BufReader},
     net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -233,10 +234,42 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     );
     setup()?;
     let bin = build_portmap()?;
-    run(cargo()
+    let mut child = cargo()
         .args(["test", "--workspace", "--exclude", "portmap-ebpf"])
         .args(args)
-        .env("PORTMAP_BIN", &bin))
+        .env("PORTMAP_BIN", &bin)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Pass the output through and add up the "test result:" lines of every test binary, so the
+    // run ends with one total instead of the last binary's (often empty doc-test) line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, " passed");
+            failed += count_before(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    ensure!(status.success(), "cargo test failed: {status}");
+    Ok(())
+}
+
+/// In "ok. 12 passed; 0 failed; ...", the number before `label`.
+fn count_before(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim_start())
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn lint() -> anyhow::Result<()> {
@@ -306,4 +339,23 @@ fn demo(attach: &str) -> anyhow::Result<()> {
         bail!("pins left in {}", daemon.pin_dir.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn counts_from_test_result_lines() {
+        let ok = "ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.64s";
+        assert_eq!(
+            (count_before(ok, " passed"), count_before(ok, " failed")),
+            (12, 0)
+        );
+        let bad = "FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 9 filtered out; finished in 1.0s";
+        assert_eq!(
+            (count_before(bad, " passed"), count_before(bad, " failed")),
+            (3, 1)
+        );
+    }
 }

@@ -8,7 +8,7 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
@@ -25,7 +25,8 @@ pub struct StoreError;
 pub enum Action {
     Pass,
     Drop,
-    Redirect(u32),
+    /// `PacketCtx::redirect` accepted the packet; carries the hook's return code.
+    Redirected(u32),
 }
 
 /// How an L4 checksum update is applied.
@@ -66,8 +67,10 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
         how: L4Csum,
     ) -> Result<(), StoreError>;
 
-    /// Whether `redirect(ifindex)` can deliver there from this hook.
-    fn can_redirect(&self, ifindex: u32) -> bool;
+    /// Asks the kernel to send the packet out of `ifindex` once the program returns, and gives
+    /// the hook's return code for that; `None` if this hook cannot redirect there. The packet may
+    /// still be written afterwards (the helpers only record the target).
+    fn redirect(&mut self, ifindex: u32) -> Option<u32>;
     fn verdict(&self, action: Action) -> u32;
 }
 
@@ -174,10 +177,11 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
-    fn can_redirect(&self, ifindex: u32) -> bool {
+    fn redirect(&mut self, ifindex: u32) -> Option<u32> {
         // XDP_REDIRECT only works into devices that implement ndo_xdp_xmit (not bridges) and, for
-        // a veth, whose peer has NAPI (an XDP program or GRO): the daemon lists those.
-        PM_REDIRECT_DEVS.get_ifindex(ifindex).is_some()
+        // a veth, whose peer has NAPI (an XDP program or GRO): the daemon lists those. One devmap
+        // lookup: bpf_redirect_map fails when the device is not listed.
+        PM_REDIRECT_DEVS.redirect(ifindex, 0).ok()
     }
 
     #[inline(always)]
@@ -185,10 +189,7 @@ impl PacketCtx for XdpContext {
         match action {
             Action::Pass => xdp_action::XDP_PASS,
             Action::Drop => xdp_action::XDP_DROP,
-            // Falls back to XDP_PASS if the device left the map since can_redirect().
-            Action::Redirect(ifindex) => PM_REDIRECT_DEVS
-                .redirect(ifindex, u64::from(xdp_action::XDP_PASS))
-                .unwrap_or(xdp_action::XDP_PASS),
+            Action::Redirected(code) => code,
         }
     }
 }
@@ -259,9 +260,11 @@ impl PacketCtx for TcContext {
     }
 
     #[inline(always)]
-    fn can_redirect(&self, _ifindex: u32) -> bool {
+    fn redirect(&mut self, ifindex: u32) -> Option<u32> {
         // bpf_redirect() of an skb works into any device, bridges included (br_dev_xmit).
-        true
+        // SAFETY: plain helper call; TC_ACT_REDIRECT on success, TC_ACT_SHOT on bad flags.
+        let code = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        (code == TC_ACT_REDIRECT as u32).then_some(code)
     }
 
     #[inline(always)]
@@ -269,8 +272,7 @@ impl PacketCtx for TcContext {
         match action {
             Action::Pass => TC_ACT_OK as u32,
             Action::Drop => TC_ACT_SHOT as u32,
-            // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success, TC_ACT_SHOT otherwise.
-            Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+            Action::Redirected(code) => code,
         }
     }
 }

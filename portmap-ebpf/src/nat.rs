@@ -90,15 +90,16 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) 
         // kernel resolves, fragments or refuses it exactly as it would any routed packet.
         _ => return Verdict::pass(stat::FWD_STACK),
     }
-    if !ctx.can_redirect(fib.ifindex) {
+    // Redirect first: a device that refuses it leaves the packet as the kernel expects it.
+    let Some(code) = ctx.redirect(fib.ifindex) else {
         return Verdict::pass(stat::FWD_STACK);
-    }
+    };
     if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, &fib).is_err() {
         return Verdict::drop(stat::DROP_ERROR);
     }
     Verdict {
         stat: stat::FWD_REDIRECT,
-        action: Action::Redirect(fib.ifindex),
+        action: Action::Redirected(code),
     }
 }
 

@@ -192,7 +192,7 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 fn ensure_apt_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_TOOLS
         .iter()
-        .filter(|(tool, _)| which(tool).is_none())
+        .filter(|(tool, _)| which::which(tool).is_err())
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
@@ -211,13 +211,6 @@ fn ensure_apt_tools() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    env::split_paths(&env::var_os("PATH")?)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }
 
 fn build_portmap() -> anyhow::Result<PathBuf> {

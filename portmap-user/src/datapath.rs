@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
     },
     util::nr_cpus,
@@ -57,6 +57,16 @@ impl Hook {
             Self::TcEgress => "tc_egress",
         }
     }
+
+    /// The program that runs at this hook.
+    #[must_use]
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Self::XdpIngress => prog_names::XDP_INGRESS,
+            Self::TcIngress => prog_names::TC_INGRESS,
+            Self::TcEgress => prog_names::TC_EGRESS,
+        }
+    }
 }
 
 struct Attachment {
@@ -67,7 +77,9 @@ struct Attachment {
 
 pub struct Datapath {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
+    /// Where maps and links are pinned; `None` for a datapath loaded only to be run through
+    /// `BPF_PROG_TEST_RUN` (golden-packet tests, benchmarks), which can never be attached.
+    pin_dir: Option<PathBuf>,
     attachments: Vec<Attachment>,
     /// `shutdown` ran: nothing attached or pinned is left.
     shut_down: bool,
@@ -112,23 +124,12 @@ fn ifindex(iface: &str) -> anyhow::Result<u32> {
 impl Datapath {
     /// Loads the object with the configured capacities and pins its maps.
     pub fn load(pin_dir: &Path, limits: &Limits) -> anyhow::Result<Self> {
-        let ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
-            .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
-            .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
+        let mut dp = Self::load_unpinned(limits)?;
         for dir in ["maps", "links"] {
             fs::create_dir_all(pin_dir.join(dir))
                 .with_context(|| format!("creating pin directory {}", pin_dir.join(dir).display()))?;
         }
-        let mut dp = Self {
-            ebpf,
-            pin_dir: pin_dir.to_path_buf(),
-            attachments: Vec::new(),
-            shut_down: false,
-            conntrack_entries: limits.conntrack_entries,
-        };
+        dp.pin_dir = Some(pin_dir.to_path_buf());
         for name in map_names::ALL {
             let map = dp
                 .ebpf
@@ -138,6 +139,25 @@ impl Datapath {
             map.pin(map_pin(pin_dir, name))
                 .with_context(|| format!("pinning map {name}"))?;
         }
+        Ok(dp)
+    }
+
+    /// Loads the object and its programs without pinning anything: such a datapath is only
+    /// run through [`Datapath::test_run`] and cannot be attached.
+    pub fn load_unpinned(limits: &Limits) -> anyhow::Result<Self> {
+        let ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
+            .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
+            .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let mut dp = Self {
+            ebpf,
+            pin_dir: None,
+            attachments: Vec::new(),
+            shut_down: false,
+            conntrack_entries: limits.conntrack_entries,
+        };
         let xdp: &mut Xdp = dp.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
         xdp.load()
             .with_context(|| format!("verifier rejected {}", prog_names::XDP_INGRESS))?;
@@ -213,13 +233,18 @@ impl Datapath {
             );
         }
         if !xdp_ifaces.is_empty() {
-            let mut devs: DevMapHash<_> = DevMapHash::try_from(self.map_mut(map_names::REDIRECT_DEVS)?)?;
             for iface in xdp_ifaces.iter().chain(redirect_ifaces) {
-                let index = ifindex(iface)?;
-                devs.insert(index, index, None, 0)
+                self.allow_xdp_redirect(ifindex(iface)?)
                     .with_context(|| format!("adding {iface} to the XDP redirect devices"))?;
             }
         }
+        Ok(())
+    }
+
+    /// Lets the XDP program redirect into the device `ifindex` (`PM_REDIRECT_DEVS`).
+    pub fn allow_xdp_redirect(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        let mut devs: DevMapHash<_> = DevMapHash::try_from(self.map_mut(map_names::REDIRECT_DEVS)?)?;
+        devs.insert(ifindex, ifindex, None, 0)?;
         Ok(())
     }
 
@@ -234,9 +259,11 @@ impl Datapath {
     }
 
     fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
-        let (name, kind) = match hook {
-            Hook::TcIngress => (prog_names::TC_INGRESS, TcAttachType::Ingress),
-            _ => (prog_names::TC_EGRESS, TcAttachType::Egress),
+        let name = hook.program_name();
+        let kind = if hook == Hook::TcIngress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
         };
         let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
         // Kernel >= 6.6: a tcx bpf_link (no clsact qdisc, coexists with other tcx programs).
@@ -251,7 +278,11 @@ impl Datapath {
     }
 
     fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
-        let path = link_pin(&self.pin_dir, iface, hook);
+        let pin_dir = self
+            .pin_dir
+            .as_deref()
+            .context("a datapath loaded without a pin directory cannot be attached")?;
+        let path = link_pin(pin_dir, iface, hook);
         let link = fd
             .pin(&path)
             .with_context(|| format!("pinning link {}", path.display()))?;
@@ -288,8 +319,9 @@ impl Datapath {
         }
         self.shut_down = true;
         self.detach_all();
+        let Some(pin_dir) = &self.pin_dir else { return };
         for name in map_names::ALL {
-            let path = map_pin(&self.pin_dir, name);
+            let path = map_pin(pin_dir, name);
             if path.exists()
                 && let Err(e) = fs::remove_file(&path)
             {
@@ -297,7 +329,7 @@ impl Datapath {
             }
         }
         for dir in ["links", "maps", ""] {
-            let _ = fs::remove_dir(self.pin_dir.join(dir));
+            let _ = fs::remove_dir(pin_dir.join(dir));
         }
     }
 
@@ -382,6 +414,127 @@ impl Datapath {
         }
         Ok(plan.live_flows)
     }
+
+    /// Every conntrack entry (both directions of every flow).
+    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let ct: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(self.map(map_names::CONNTRACK)?)?;
+        let entries = ct.iter().take(self.conntrack_entries as usize);
+        Ok(entries.collect::<Result<_, _>>()?)
+    }
+
+    /// Empties the conntrack table.
+    pub fn clear_flows(&mut self) -> anyhow::Result<()> {
+        let keys: Vec<FlowKey> = self.flows()?.into_iter().map(|(k, _)| k).collect();
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
+        for key in keys {
+            ct.remove(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one program on `packet` with `BPF_PROG_TEST_RUN`, as if it arrived on (or, for TC
+    /// egress, left through) the device `ifindex` of the calling thread's network namespace,
+    /// `repeat` times. Returns the last run's verdict and packet, and the mean time per run.
+    pub fn test_run(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, ProgramError> {
+        let name = hook.program_name();
+        let program = self.ebpf.program(name).ok_or_else(|| ProgramError::InvalidName {
+            name: name.to_string(),
+        })?;
+        // Room for programs that grow the packet (none do today).
+        let mut out = vec![0u8; packet.len() + 256];
+        let len = u32::try_from(packet.len()).unwrap_or(u32::MAX);
+        let result = if hook == Hook::XdpIngress {
+            // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+            let ctx = words_to_bytes(&[0, len, 0, ifindex, 0, 0]);
+            let prog: &Xdp = program.try_into()?;
+            prog.test_run(test_run_options(packet, &mut out, &ctx, repeat))?
+        } else {
+            // struct __sk_buff up to `ifindex`: everything before it must be zero except
+            // ingress_ifindex (word 9); ifindex is word 10.
+            let mut words = [0u32; 11];
+            words[9] = ifindex;
+            words[10] = ifindex;
+            let ctx = words_to_bytes(&words);
+            let prog: &SchedClassifier = program.try_into()?;
+            prog.test_run(test_run_options(packet, &mut out, &ctx, repeat))?
+        };
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            return_value: result.return_value,
+            packet: out,
+            duration: result.duration,
+        })
+    }
+
+    /// Instruction counts of every loaded program, as the kernel reports them.
+    pub fn program_sizes(&self) -> anyhow::Result<Vec<ProgramSize>> {
+        [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress]
+            .into_iter()
+            .map(|hook| {
+                let name = hook.program_name();
+                let program = self.ebpf.program(name).context("program missing")?;
+                let info = match program {
+                    aya::programs::Program::Xdp(p) => p.info()?,
+                    aya::programs::Program::SchedClassifier(p) => p.info()?,
+                    _ => bail!("{name}: unexpected program type"),
+                };
+                Ok(ProgramSize {
+                    name,
+                    xlated_insns: info.size_translated().unwrap_or(0) / 8,
+                    verified_insns: info.verified_instruction_count().unwrap_or(0),
+                    jited_bytes: info.size_jitted(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn test_run_options<'a>(
+    packet: &'a [u8],
+    out: &'a mut [u8],
+    ctx: &'a [u8],
+    repeat: u32,
+) -> TestRunOptions<'a> {
+    TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(out),
+        ctx_in: Some(ctx),
+        repeat,
+        ..TestRunOptions::default()
+    }
+}
+
+fn words_to_bytes(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// What one `Datapath::test_run` returned.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    /// The program's return code (`XDP_*` or `TC_ACT_*`).
+    pub return_value: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+    /// Mean run time per repetition, as measured by the kernel.
+    pub duration: std::time::Duration,
+}
+
+/// A loaded program's size: what it translates to and how much work the verifier did.
+#[derive(Clone, Debug)]
+pub struct ProgramSize {
+    pub name: &'static str,
+    /// Instructions after the verifier's rewrites (`xlated_prog_len / 8`).
+    pub xlated_insns: u32,
+    /// Instructions the verifier processed (all paths; the kernel's limit is 1M).
+    pub verified_insns: u32,
+    pub jited_bytes: u32,
 }
 
 impl Drop for Datapath {

@@ -40,9 +40,16 @@ enum Task {
         #[arg(long, default_value = "tc")]
         attach: String,
     },
-    /// The whole test suite: unit tests and the privileged end-to-end tests (needs root).
+    /// The whole test suite: unit, golden-packet, fuzz and end-to-end tests (needs root).
     Test {
+        /// Packets the datapath fuzzer throws at the programs (default 100000).
+        #[arg(long)]
+        fuzz_packets: Option<u64>,
+        /// Seed for the datapath fuzzer (default: random; a failure prints the one it used).
+        #[arg(long)]
+        fuzz_seed: Option<u64>,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// rustfmt and clippy on every crate, the eBPF crate for its BPF target included.
@@ -53,7 +60,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup(),
         Task::Demo { attach } => demo(&attach),
-        Task::Test { args } => test(&args),
+        Task::Test {
+            fuzz_packets,
+            fuzz_seed,
+            args,
+        } => test(fuzz_packets, fuzz_seed, &args),
         Task::Lint => lint(),
     }
 }
@@ -215,25 +226,34 @@ fn ensure_apt_tools() -> anyhow::Result<()> {
 
 fn build_portmap() -> anyhow::Result<PathBuf> {
     run(cargo().args(["build", "-p", "portmap-user"]))?;
-    let target =
-        env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    Ok(target.join("debug/portmap"))
+    Ok(target_dir().join("debug/portmap"))
 }
 
-fn test(args: &[String]) -> anyhow::Result<()> {
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+fn test(fuzz_packets: Option<u64>, fuzz_seed: Option<u64>, args: &[String]) -> anyhow::Result<()> {
     ensure!(
         is_root(),
         "cargo xtask test needs root: the end-to-end tests create network namespaces and load BPF programs (run it with sudo)"
     );
     setup()?;
     let bin = build_portmap()?;
-    let mut child = cargo()
-        .args(["test", "--workspace", "--exclude", "portmap-ebpf"])
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--exclude", "portmap-ebpf"])
         .args(args)
         .env("PORTMAP_BIN", &bin)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cargo test")?;
+        .stdout(Stdio::piped());
+    if let Some(n) = fuzz_packets {
+        cmd.env("PORTMAP_FUZZ_PACKETS", n.to_string());
+    }
+    if let Some(seed) = fuzz_seed {
+        cmd.env("PORTMAP_FUZZ_SEED", seed.to_string());
+    }
+    let sizes = target_dir().join("tmp/program-sizes.txt");
+    let _ = std::fs::remove_file(&sizes);
+    let mut child = cmd.spawn().context("running cargo test")?;
     // Pass the output through and add up the "test result:" lines of every test binary, so the
     // run ends with one total instead of the last binary's (often empty doc-test) line.
     let (mut passed, mut failed) = (0u64, 0u64);
@@ -246,6 +266,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    // Captured by the test harness; shown here so that growth is visible in every run.
+    if let Ok(table) = std::fs::read_to_string(&sizes) {
+        print!("\n{table}");
+    }
     println!("{passed} passed, {failed} failed");
     ensure!(status.success(), "cargo test failed: {status}");
     Ok(())

@@ -1,0 +1,384 @@
+//! Hostile input: every prefix of every fixture, and random, mutated and generated packets, each
+//! run through all three programs and checked against the datapath's invariants:
+//!
+//! 1. the verdict is the one its counter implies (never XDP_ABORTED or XDP_TX), and exactly one
+//!    outcome counter moves (plus `flow_new` only for a forwarded new flow, ingress only);
+//! 2. the frame keeps its length;
+//! 3. a packet not counted as rewritten (`fwd_*`, `reply_nat`, or `drop_no_route`, which drops an
+//!    already rewritten packet) leaves byte for byte as it came;
+//! 4. a rewritten packet changes only its destination (ingress) or source (egress) address and
+//!    port, the two checksums, and when redirected the MACs and TTL (by exactly one); the new
+//!    address is a configured backend (ingress) or port a published one (egress);
+//! 5. rewriting never turns a verifying checksum into a failing one, nor the reverse.
+//!
+//! The fuzzer takes `PORTMAP_FUZZ_PACKETS` (default 100 000; `cargo xtask test --fuzz-packets N`)
+//! and `PORTMAP_FUZZ_SEED` (default: random, printed, and named in any failure) from the
+//! environment. An input that breaks an invariant is printed in hex; it becomes a fixture row.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use anyhow::{Context as _, bail, ensure};
+use portmap::{datapath::Hook, spec};
+use portmap_common::stat;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::{
+    BACKEND, CLIENT, Golden, HOST, MAPPINGS, Run, expected_action, fixtures, hex, outcome,
+    packets::{ETH_LEN, Fragment, Frame, backend_macs, checksums, fix_checksums, layout},
+};
+
+const HOOKS: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
+
+/// What the configured mappings allow a rewrite to produce.
+struct Targets {
+    /// (addr, port) a forward rewrite may set as destination.
+    backends: BTreeSet<(Ipv4Addr, u16)>,
+    /// Ports a reply rewrite may set as source.
+    host_ports: BTreeSet<u16>,
+}
+
+impl Targets {
+    fn new() -> anyhow::Result<Self> {
+        let mappings: Vec<spec::Mapping> = MAPPINGS
+            .iter()
+            .map(|s| spec::parse(s))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            backends: mappings.iter().map(|m| (m.backend_ip, m.backend_port)).collect(),
+            host_ports: mappings.iter().map(|m| m.host_port).collect(),
+        })
+    }
+}
+
+fn addr_at(frame: &[u8], off: usize) -> Ipv4Addr {
+    Ipv4Addr::new(frame[off], frame[off + 1], frame[off + 2], frame[off + 3])
+}
+
+fn port_at(frame: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([frame[off], frame[off + 1]])
+}
+
+/// Checks invariants 1–5 (module docs) for one run; returns the counter it was recorded under.
+fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> anyhow::Result<u32> {
+    let (code, new_flow) = outcome(&run.counted)?;
+    let name = stat::NAMES[code as usize];
+    let ret = run.output.return_value;
+    ensure!(
+        ret == expected_action(hook, code),
+        "returned {ret} for a packet counted as {name}"
+    );
+    let egress = hook == Hook::TcEgress;
+    ensure!(
+        !new_flow || (!egress && matches!(code, stat::FWD_REDIRECT | stat::FWD_STACK | stat::DROP_NO_ROUTE)),
+        "flow_new counted with {name} on {}",
+        hook.as_str()
+    );
+    ensure!(
+        !egress || !matches!(code, stat::FWD_REDIRECT | stat::FWD_STACK | stat::DROP_NO_ROUTE),
+        "egress counted {name}"
+    );
+    let out = &run.output.packet;
+    ensure!(
+        out.len() == input.len(),
+        "length changed: {} -> {}",
+        input.len(),
+        out.len()
+    );
+    let rewritten = matches!(
+        code,
+        stat::FWD_REDIRECT | stat::FWD_STACK | stat::REPLY_NAT | stat::DROP_NO_ROUTE
+    );
+    if !rewritten {
+        ensure!(out == input, "a packet counted as {name} was modified");
+        return Ok(code);
+    }
+
+    let l = layout(input).context("rewrote a frame that is not well-formed IPv4")?;
+    let l4 =
+        l.l4.context("rewrote a packet without a complete TCP/UDP header")?;
+    let check = l4 + if l.proto == 6 { 16 } else { 6 };
+    let redirected = code == stat::FWD_REDIRECT;
+    let (addr_off, port_off) = if egress {
+        (l.l3 + 12, l4)
+    } else {
+        (l.l3 + 16, l4 + 2)
+    };
+    let allowed = |i: usize| {
+        (addr_off..addr_off + 4).contains(&i)
+            || (port_off..port_off + 2).contains(&i)
+            || (l.l3 + 10..l.l3 + 12).contains(&i)
+            || (check..check + 2).contains(&i)
+            || (redirected && (i < 12 || i == l.l3 + 8))
+    };
+    if let Some(i) = (0..out.len()).find(|&i| out[i] != input[i] && !allowed(i)) {
+        bail!("{name}: byte {i} changed, which a rewrite must not touch");
+    }
+    let target = (addr_at(out, addr_off), port_at(out, port_off));
+    if egress {
+        ensure!(
+            targets.host_ports.contains(&target.1),
+            "reply source port {} is no published port",
+            target.1
+        );
+    } else {
+        ensure!(
+            targets.backends.contains(&target),
+            "destination {target:?} is no backend"
+        );
+    }
+    if redirected {
+        let (dmac, smac) = backend_macs(target.0).context("redirected to a backend without a neighbour")?;
+        ensure!(
+            out[..6] == dmac && out[6..12] == smac,
+            "redirected with MACs {}",
+            hex(&out[..12])
+        );
+        ensure!(out[l.l3 + 8] + 1 == input[l.l3 + 8], "TTL not decremented by one");
+    }
+    let (before, after) = (checksums(input), checksums(out));
+    ensure!(
+        before == after,
+        "checksum validity changed: {before:?} -> {after:?}"
+    );
+    Ok(code)
+}
+
+/// Outcome counts over a set of runs, for the report.
+#[derive(Default)]
+struct Tally {
+    runs: u64,
+    by_code: [u64; stat::COUNT as usize],
+}
+
+impl Tally {
+    fn add(&mut self, code: u32) {
+        self.runs += 1;
+        self.by_code[code as usize] += 1;
+    }
+
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .by_code
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n != 0)
+            .map(|(c, n)| format!("{} {n}", stat::NAMES[c]))
+            .collect();
+        format!("{} runs: {}", self.runs, parts.join(", "))
+    }
+}
+
+fn run_checked(
+    g: &Golden,
+    hook: Hook,
+    input: &[u8],
+    targets: &Targets,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let run = g.run(hook, input)?;
+    let code = check_invariants(hook, input, &run, targets)
+        .with_context(|| format!("on {}, input {}", hook.as_str(), hex(input)))?;
+    tally.add(code);
+    Ok(())
+}
+
+/// Whether `BPF_PROG_TEST_RUN` may refuse `frame` (EINVAL) before any program runs: shorter
+/// than an Ethernet header, or, for an skb (TC), shorter than the network header its ethertype
+/// announces (IPv4: IHL words, at least 20 bytes; IPv6: 40), as measured on 6.18, or longer
+/// than the one page it builds an skb in. No NIC delivers such runts, and a refusal of any other
+/// frame fails the test.
+fn kernel_may_refuse(hook: Hook, frame: &[u8]) -> bool {
+    if frame.len() < ETH_LEN {
+        return true;
+    }
+    if hook == Hook::XdpIngress {
+        return false;
+    }
+    if frame.len() > fixtures::TC_MAX_FRAME {
+        return true;
+    }
+    let l3_len = match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => frame
+            .get(ETH_LEN)
+            .map_or(20, |b| (usize::from(b & 0x0f) * 4).max(20)),
+        0x86dd => 40,
+        _ => 0,
+    };
+    frame.len() < ETH_LEN + l3_len
+}
+
+/// Runs and checks one frame; `false` if the kernel refused a runt (`kernel_may_refuse`).
+fn run_checked_or_runt(
+    g: &Golden,
+    hook: Hook,
+    input: &[u8],
+    targets: &Targets,
+    tally: &mut Tally,
+) -> anyhow::Result<bool> {
+    if kernel_may_refuse(hook, input) && g.dp.test_run(hook, input, g.client_ifindex, 1).is_err() {
+        return Ok(false);
+    }
+    run_checked(g, hook, input, targets, tally)?;
+    Ok(true)
+}
+
+/// Every prefix (0..=len bytes) of every fixture input on each of its hooks.
+pub fn every_prefix(g: &mut Golden) -> anyhow::Result<String> {
+    let targets = Targets::new()?;
+    let mut tally = Tally::default();
+    let mut refused = 0;
+    for row in fixtures::rows() {
+        for &hook in row.hooks {
+            for len in 0..=row.input.len() {
+                let ran = run_checked_or_runt(g, hook, &row.input[..len], &targets, &mut tally)
+                    .with_context(|| format!("prefix of {len} bytes of '{}'", row.name))?;
+                refused += u32::from(!ran);
+            }
+        }
+    }
+    Ok(format!(
+        "every prefix: {} (and {refused} runt frames refused by the kernel)",
+        tally.summary()
+    ))
+}
+
+/// A client-side or backend-side TCP/UDP frame with fields drawn mostly from what the mappings
+/// and flows use, so that many packets hit mappings and flows; checksums valid.
+fn generated(rng: &mut StdRng) -> Vec<u8> {
+    let reply = rng.random_bool(0.3);
+    let pick = |rng: &mut StdRng, known: &[u16]| {
+        if rng.random_bool(0.8) {
+            known[rng.random_range(0..known.len())]
+        } else {
+            rng.random()
+        }
+    };
+    let client_port = pick(rng, &[40_000, 40_001, 40_002]);
+    let (src, dst) = if reply {
+        let backend = [
+            BACKEND,
+            BACKEND,
+            Ipv4Addr::new(198, 18, 1, 3),
+            Ipv4Addr::new(198, 18, 2, 2),
+        ][rng.random_range(0..4)];
+        ((backend, pick(rng, &[80, 81, 8082])), (CLIENT, client_port))
+    } else {
+        let to = if rng.random_bool(0.8) {
+            HOST
+        } else {
+            Ipv4Addr::from(rng.random::<u32>())
+        };
+        (
+            (CLIENT, client_port),
+            (to, pick(rng, &[8080, 8081, 8082, 8083, 8084, 8085])),
+        )
+    };
+    let mut frame = if rng.random_bool(0.5) {
+        Frame::tcp(src, dst, rng.random::<u8>() & 0x3f)
+    } else {
+        Frame::udp(src, dst)
+    };
+    if reply {
+        frame = frame.sent_by_backend();
+    }
+    frame = frame
+        .ttl(rng.random())
+        .ihl(if rng.random_bool(0.8) {
+            5
+        } else {
+            rng.random_range(5..=15)
+        })
+        .payload(rng.random_range(0..64));
+    if rng.random_bool(0.1) {
+        frame = frame.vlan(rng.random_range(1..4095));
+    }
+    if rng.random_bool(0.05) {
+        frame = frame.fragment(if rng.random_bool(0.5) {
+            Fragment::First
+        } else {
+            Fragment::Later
+        });
+    }
+    frame.build()
+}
+
+/// `base` with 1–4 random changes (a byte in the headers, a bit anywhere, a cut, an extension),
+/// and its checksums made valid again half of the time.
+fn mutated(rng: &mut StdRng, base: &[u8]) -> Vec<u8> {
+    let mut frame = base.to_vec();
+    for _ in 0..rng.random_range(1..=4) {
+        match rng.random_range(0..4) {
+            0 => {
+                let i = rng.random_range(0..frame.len().min(80));
+                frame[i] = rng.random();
+            }
+            1 => {
+                let i = rng.random_range(0..frame.len());
+                frame[i] ^= 1 << rng.random_range(0..8);
+            }
+            2 => frame.truncate(rng.random_range(ETH_LEN..=frame.len())),
+            _ => frame.extend((0..rng.random_range(1..16)).map(|_| rng.random::<u8>())),
+        }
+    }
+    if rng.random_bool(0.5) {
+        fix_checksums(&mut frame);
+    }
+    frame
+}
+
+/// Random bytes, mostly with an IPv4 ethertype and version so that they reach the IPv4 parser.
+fn random_frame(rng: &mut StdRng) -> Vec<u8> {
+    let mut frame: Vec<u8> = (0..rng.random_range(ETH_LEN..=160))
+        .map(|_| rng.random())
+        .collect();
+    if rng.random_bool(0.7) && frame.len() > ETH_LEN {
+        frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        frame[ETH_LEN] = (frame[ETH_LEN] & 0x0f) | 0x40;
+        if rng.random_bool(0.5) {
+            fix_checksums(&mut frame);
+        }
+    }
+    frame
+}
+
+fn env_number(name: &str) -> anyhow::Result<Option<u64>> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().with_context(|| format!("{name}={v} is not a number")))
+        .transpose()
+}
+
+pub fn fuzz(g: &mut Golden) -> anyhow::Result<String> {
+    let packets = env_number("PORTMAP_FUZZ_PACKETS")?.unwrap_or(100_000);
+    let seed = env_number("PORTMAP_FUZZ_SEED")?.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let targets = Targets::new()?;
+    let corpus: Vec<Vec<u8>> = fixtures::rows()
+        .into_iter()
+        .flat_map(|row| row.setup.into_iter().chain([row.input]))
+        .collect();
+    let mut tally = Tally::default();
+    for i in 0..packets {
+        let (kind, input) = match rng.random_range(0..10) {
+            0..=3 => ("generated", generated(&mut rng)),
+            4..=5 => {
+                let base = corpus[rng.random_range(0..corpus.len())].clone();
+                ("mutated fixture", mutated(&mut rng, &base))
+            }
+            6..=7 => {
+                let base = generated(&mut rng);
+                ("mutated generated", mutated(&mut rng, &base))
+            }
+            _ => ("random", random_frame(&mut rng)),
+        };
+        for hook in HOOKS {
+            run_checked_or_runt(g, hook, &input, &targets, &mut tally).with_context(|| {
+                format!("PORTMAP_FUZZ_SEED={seed}: packet {i} ({kind}) broke an invariant")
+            })?;
+        }
+    }
+    Ok(format!(
+        "fuzz: {packets} packets, seed {seed}: {}",
+        tally.summary()
+    ))
+}

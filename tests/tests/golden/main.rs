@@ -1,0 +1,351 @@
+//! Golden-packet tests, hostile input and program sizes (needs root; run by `cargo xtask test`).
+//!
+//! The real eBPF object is loaded by the daemon's own `Datapath` (unpinned, never attached), its
+//! maps are filled through the same calls the daemon makes, and packets go through the kernel's
+//! `BPF_PROG_TEST_RUN` inside a namespace of their own, whose routes and neighbours make the
+//! programs' FIB lookups deterministic:
+//!
+//! ```text
+//! (c0) ── h0 198.18.0.1/24 02:00:00:00:00:01   [client side: every program runs "on" h0]
+//! (b0) ── h1 198.18.1.1/24 02:00:00:00:01:01   MTU 9000, neighbour 198.18.1.2 = 02:00:00:00:01:02
+//! (d0) ── h2 198.18.2.1/24 02:00:00:00:02:01   MTU 1500, neighbour 198.18.2.2 = 02:00:00:00:02:02
+//!         blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;  ip_forward = 1
+//! ```
+//!
+//! - `fixtures`: the table of rows (input, expected verdict, counter, output bytes, conntrack).
+//! - `hostile`: every prefix of every fixture, and the fuzzer, checked against the invariants.
+
+mod fixtures;
+mod hostile;
+mod packets;
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+use anyhow::{Context as _, ensure};
+use portmap::{
+    config::Limits,
+    datapath::{Datapath, Hook, TestRunOutput},
+    spec,
+};
+use portmap_common::{DIR_FORWARD, FlowValue, stat};
+use portmap_tests::Netns;
+
+/// The mappings every golden run installs; a mapping's stats slot is its index here.
+pub const MAPPINGS: [&str; 6] = [
+    // 0: bound to one host address.
+    "198.18.0.1:8080:198.18.1.2:80/tcp",
+    // 1: bound to every address (0.0.0.0).
+    "8081:198.18.1.2:81/udp",
+    // 2: a backend whose neighbour entry is not resolved yet.
+    "198.18.0.1:8082:198.18.1.3:8082/tcp",
+    // 3: a backend behind a blackhole route.
+    "198.18.0.1:8083:198.18.9.9:80/tcp",
+    // 4: the same backend port as mapping 0 (a client port used for both clashes).
+    "198.18.0.1:8084:198.18.1.2:80/tcp",
+    // 5: a backend behind a 1500-byte MTU link (the others have 9000).
+    "198.18.0.1:8085:198.18.2.2:80/tcp",
+];
+
+pub const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+
+/// Conntrack capacity of the golden datapath (the fuzzer creates many flows; the LRU recycles).
+const CONNTRACK_ENTRIES: u32 = 16_384;
+
+/// Builds the namespace and runs `f` on a thread inside it with a freshly loaded datapath.
+pub fn with_golden<T: Send + 'static>(
+    f: impl FnOnce(&mut Golden) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let ns = Netns::new("g")?;
+    let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    let (h0, h1, h2) = (
+        mac(packets::HOST_CLIENT_SIDE_MAC),
+        mac(packets::HOST_BACKEND_SIDE_MAC),
+        mac(packets::HOST_BACKEND2_SIDE_MAC),
+    );
+    let (backend, backend2) = (mac(packets::BACKEND_MAC), mac(packets::BACKEND2_MAC));
+    for args in [
+        &[
+            "link", "add", "h0", "address", &h0, "type", "veth", "peer", "name", "c0",
+        ][..],
+        &[
+            "link", "add", "h1", "address", &h1, "mtu", "9000", "type", "veth", "peer", "name", "b0",
+        ],
+        &[
+            "link", "add", "h2", "address", &h2, "type", "veth", "peer", "name", "d0",
+        ],
+        &["link", "set", "b0", "mtu", "9000"],
+        &["addr", "add", "198.18.0.1/24", "dev", "h0"],
+        &["addr", "add", "198.18.1.1/24", "dev", "h1"],
+        &["addr", "add", "198.18.2.1/24", "dev", "h2"],
+    ] {
+        ns.ip(args)?;
+    }
+    for dev in ["c0", "b0", "d0", "h0", "h1", "h2"] {
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    for (addr, lladdr, dev) in [("198.18.1.2", &backend, "h1"), ("198.18.2.2", &backend2, "h2")] {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            lladdr,
+            "nud",
+            "permanent",
+            "dev",
+            dev,
+        ])?;
+    }
+    ns.ip(&["route", "add", "blackhole", "198.18.9.0/24"])?;
+    ns.sysctl("net/ipv4/ip_forward", "1")?;
+    let result = ns.run(move || {
+        let mut golden = Golden::load()?;
+        f(&mut golden)
+    });
+    drop(ns);
+    result
+}
+
+pub struct Golden {
+    pub dp: Datapath,
+    /// The client-facing device every program runs on.
+    pub client_ifindex: u32,
+}
+
+/// One program run: the verdict, the packet as the program left it, and which global counters
+/// moved (per `stat` code).
+pub struct Run {
+    pub output: TestRunOutput,
+    pub counted: Vec<u64>,
+}
+
+impl Golden {
+    fn load() -> anyhow::Result<Self> {
+        let limits = Limits {
+            max_mappings: 64,
+            conntrack_entries: CONNTRACK_ENTRIES,
+        };
+        let mut dp = Datapath::load_unpinned(&limits)?;
+        for (slot, spec) in MAPPINGS.iter().enumerate() {
+            let mapping = spec::parse(spec)?;
+            dp.insert_mapping(&mapping, u32::try_from(slot)?)?;
+        }
+        let index =
+            |name: &str| nix::net::if_::if_nametoindex(name).with_context(|| format!("ifindex of {name}"));
+        dp.allow_xdp_redirect(index("h1")?)?;
+        dp.allow_xdp_redirect(index("h2")?)?;
+        Ok(Self {
+            dp,
+            client_ifindex: index("h0")?,
+        })
+    }
+
+    pub fn run(&self, hook: Hook, packet: &[u8]) -> anyhow::Result<Run> {
+        let before = self.dp.global_counters()?;
+        let output = self
+            .dp
+            .test_run(hook, packet, self.client_ifindex, 1)
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {} ({} bytes)", hook.as_str(), packet.len()))?;
+        let after = self.dp.global_counters()?;
+        let counted = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        Ok(Run { output, counted })
+    }
+
+    /// The conntrack table as readable, sorted entries.
+    pub fn flows(&self) -> anyhow::Result<Vec<FlowEntry>> {
+        let mut entries: Vec<FlowEntry> = self
+            .dp
+            .flows()?
+            .into_iter()
+            .map(|(k, v)| FlowEntry {
+                src: (
+                    Ipv4Addr::from(k.src_addr_be.to_ne_bytes()),
+                    u16::from_be(k.src_port_be),
+                ),
+                dst: (
+                    Ipv4Addr::from(k.dst_addr_be.to_ne_bytes()),
+                    u16::from_be(k.dst_port_be),
+                ),
+                proto: k.proto,
+                nat: (
+                    Ipv4Addr::from(v.nat_addr_be.to_ne_bytes()),
+                    u16::from_be(v.nat_port_be),
+                ),
+                forward: v.direction == DIR_FORWARD,
+                flags: v.flags,
+                stats_slot: v.stats_slot,
+            })
+            .collect();
+        entries.sort();
+        Ok(entries)
+    }
+}
+
+/// A conntrack entry without its timestamp, in host order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowEntry {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    pub proto: u8,
+    pub nat: (Ipv4Addr, u16),
+    pub forward: bool,
+    pub flags: u8,
+    pub stats_slot: u32,
+}
+
+const _: () = assert!(size_of::<FlowValue>() == 24, "FlowEntry mirrors FlowValue");
+
+/// The hook's return code for a packet counted under `code`: one table for fixtures and fuzzer.
+pub fn expected_action(hook: Hook, code: u32) -> u32 {
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    const XDP_REDIRECT: u32 = 4;
+    const TC_ACT_OK: u32 = 0;
+    const TC_ACT_SHOT: u32 = 2;
+    const TC_ACT_REDIRECT: u32 = 7;
+    let xdp = hook == Hook::XdpIngress;
+    match code {
+        stat::FWD_REDIRECT if xdp => XDP_REDIRECT,
+        stat::FWD_REDIRECT => TC_ACT_REDIRECT,
+        stat::DROP_MALFORMED..=stat::DROP_ERROR if xdp => XDP_DROP,
+        stat::DROP_MALFORMED..=stat::DROP_ERROR => TC_ACT_SHOT,
+        _ if xdp => XDP_PASS,
+        _ => TC_ACT_OK,
+    }
+}
+
+/// The single outcome counter a run moved (every packet is counted exactly once), and whether it
+/// also counted a new flow.
+pub fn outcome(counted: &[u64]) -> anyhow::Result<(u32, bool)> {
+    let moved: Vec<u32> = (0..stat::FLOW_NEW)
+        .filter(|&c| counted[c as usize] != 0)
+        .collect();
+    ensure!(
+        moved.len() == 1 && counted[moved[0] as usize] == 1,
+        "expected exactly one outcome counter +1, got {}",
+        describe_counts(counted)
+    );
+    let new_flow = counted[stat::FLOW_NEW as usize];
+    ensure!(new_flow <= 1, "flow_new moved by {new_flow}");
+    Ok((moved[0], new_flow == 1))
+}
+
+pub fn describe_counts(counted: &[u64]) -> String {
+    let moved: Vec<String> = counted
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n != 0)
+        .map(|(code, n)| format!("{}+{n}", stat::NAMES[code]))
+        .collect();
+    if moved.is_empty() {
+        "nothing".into()
+    } else {
+        moved.join(" ")
+    }
+}
+
+/// Where two packets differ, for failure messages: the first differing offset and both dumps.
+pub fn diff(expected: &[u8], actual: &[u8]) -> String {
+    let first = expected
+        .iter()
+        .zip(actual)
+        .position(|(a, b)| a != b)
+        .unwrap_or(expected.len().min(actual.len()));
+    let mut out = format!(
+        "first difference at byte {first} (lengths {} and {})\n",
+        expected.len(),
+        actual.len()
+    );
+    let _ = writeln!(out, "  expected {}", hex(expected));
+    let _ = writeln!(out, "  actual   {}", hex(actual));
+    out
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn golden_fixtures() -> anyhow::Result<()> {
+    let report = with_golden(fixtures::run_all)?;
+    println!("{report}");
+    Ok(())
+}
+
+#[test]
+fn every_prefix_of_every_fixture() -> anyhow::Result<()> {
+    let report = with_golden(hostile::every_prefix)?;
+    println!("{report}");
+    Ok(())
+}
+
+#[test]
+fn fuzzed_packets_keep_the_invariants() -> anyhow::Result<()> {
+    let report = with_golden(hostile::fuzz)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Records each program's size and the verifier's work in the test output and in
+/// `target/tmp/program-sizes.txt` (which `cargo xtask test` prints), beside the committed
+/// baseline in `tests/program-sizes.txt`, so growth shows from commit to commit.
+#[test]
+fn program_sizes_are_recorded() -> anyhow::Result<()> {
+    let sizes = Datapath::load_unpinned(&Limits::default())?.program_sizes()?;
+    let baseline = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/program-sizes.txt"))
+        .unwrap_or_default();
+    let base = |name: &str, column: usize| -> Option<u32> {
+        baseline
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(column)?.parse().ok())
+    };
+    let change = |now: u32, before: Option<u32>| match before {
+        Some(b) if b == now => "(=)".to_string(),
+        Some(b) => format!("({:+})", i64::from(now) - i64::from(b)),
+        None => "(new)".to_string(),
+    };
+    let mut table = String::from(
+        "program sizes (change against tests/program-sizes.txt)\n\
+         program                  xlated_insns  verified_insns  jited_bytes\n",
+    );
+    for s in &sizes {
+        let _ = writeln!(
+            table,
+            "{:<24} {:>6} {:<6} {:>8} {:<6} {:>8}",
+            s.name,
+            s.xlated_insns,
+            change(s.xlated_insns, base(s.name, 1)),
+            s.verified_insns,
+            change(s.verified_insns, base(s.name, 2)),
+            s.jited_bytes,
+        );
+        // The kernel rejects programs past 1M processed instructions; stay far below.
+        ensure!(
+            s.verified_insns > 0 && s.verified_insns < 250_000,
+            "{}: verifier processed {} instructions",
+            s.name,
+            s.verified_insns
+        );
+    }
+    print!("{table}");
+    std::fs::write(concat!(env!("CARGO_TARGET_TMPDIR"), "/program-sizes.txt"), &table)?;
+    if std::env::var_os("PORTMAP_UPDATE_PROGRAM_SIZES").is_some() {
+        let mut new = String::from(
+            "# program  xlated_insns  verified_insns  jited_bytes\n\
+             # Baseline for the program_sizes_are_recorded test; rewrite it with\n\
+             # PORTMAP_UPDATE_PROGRAM_SIZES=1 cargo xtask test program_sizes\n",
+        );
+        for s in &sizes {
+            let _ = writeln!(
+                new,
+                "{} {} {} {}",
+                s.name, s.xlated_insns, s.verified_insns, s.jited_bytes
+            );
+        }
+        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/program-sizes.txt"), new)?;
+    }
+    Ok(())
+}

@@ -290,10 +290,77 @@ udp_seconds = 30
         assert_eq!(parse_mappings(&specs).unwrap().len(), 2);
     }
 
+    /// Config-shaped documents: known and unknown keys, at top level and in tables, with values
+    /// of every TOML type, so most inputs reach deserialisation and validation.
+    fn config_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("interfaces"),
+            Just("attach"),
+            Just("redirect_interfaces"),
+            Just("pin_dir"),
+            Just("socket"),
+            Just("mappings"),
+            Just("tcp_seconds"),
+            Just("udp_seconds"),
+            Just("max_mappings"),
+            Just("conntrack_entries"),
+            Just("bogus"),
+        ];
+        let value = prop_oneof![
+            Just("[\"eth0\"]".to_string()),
+            Just("[\"8080:198.18.2.2:80\", \"8080:198.18.2.3:80\"]".to_string()),
+            "\\[\"[a-z0-9:./ -]{0,20}\"\\]",
+            "\"[a-z0-9:./]{0,12}\"",
+            (0u64..100_000).prop_map(|n| n.to_string()),
+            Just("-1".to_string()),
+            Just("true".to_string()),
+            Just("{}".to_string()),
+        ];
+        let table = prop_oneof![
+            Just(""),
+            Just("[timeouts]\n"),
+            Just("[limits]\n"),
+            Just("[nope]\n")
+        ];
+        proptest::collection::vec((table, key, value), 0..6).prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|(table, key, value)| format!("{table}{key} = {value}\n"))
+                .collect()
+        })
+    }
+
+    /// A config error names the problem: TOML errors give the line, the rest the field or value.
+    fn names_the_problem(err: &ConfigError) -> bool {
+        let msg = err.to_string();
+        match err {
+            ConfigError::Toml(_) => msg.contains("line "),
+            ConfigError::Spec { spec, .. } | ConfigError::Duplicate { spec, .. } => {
+                msg.contains(spec.as_str())
+            }
+            ConfigError::NoInterfaces => msg.contains("interfaces"),
+            ConfigError::Interface(name) => msg.contains(name.as_str()),
+            ConfigError::Zero { field } => msg.contains(field),
+            ConfigError::TooManyMappings { .. } => msg.contains("max_mappings"),
+        }
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
-        fn from_toml_never_panics(s in "\\PC{0,200}") {
-            let _ = Config::from_toml(&s).and_then(Config::validate);
+        fn any_text_parses_or_names_the_problem(s in "\\PC{0,200}") {
+            if let Err(e) = Config::from_toml(&s).and_then(Config::validate) {
+                proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}");
+            }
+        }
+
+        #[test]
+        fn config_shaped_text_parses_or_names_the_problem(s in config_like()) {
+            match Config::from_toml(&s).and_then(Config::validate) {
+                Ok(valid) => proptest::prop_assert!(!valid.config.interfaces.is_empty()),
+                Err(e) => proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}"),
+            }
         }
     }
 }

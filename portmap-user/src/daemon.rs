@@ -20,7 +20,7 @@ use tokio::{
 
 use crate::{
     config::Valid,
-    control::{MappingStats, Request, Response, StatsReport},
+    control::{self, MappingStats, Request, Response, StatsReport},
     datapath::{self, Datapath},
     spec::{self, Binding, Mapping, SpecError},
 };
@@ -264,10 +264,10 @@ async fn handle(
     tokio::time::timeout(Duration::from_secs(5), BufReader::new(read).read_line(&mut line))
         .await
         .context("client sent no request within 5 s")??;
-    let response = match serde_json::from_str::<Request>(&line) {
+    let response = match control::parse_request(&line) {
         Ok(request) => dispatch(request, dp, table, flows),
         Err(e) => Response::Error {
-            message: format!("bad request: {e}"),
+            message: e.to_string(),
         },
     };
     let mut out = serde_json::to_string(&response)?;

@@ -116,8 +116,12 @@ pub enum SpecError {
     Shape(String),
     #[error("unknown protocol '{0}' (expected tcp or udp)")]
     Protocol(String),
+    #[error("'{0}' has no protocol after '/' (expected tcp or udp)")]
+    MissingProtocol(String),
     #[error("protocol '{0}' is not supported yet (tcp and udp are)")]
     ProtocolUnsupported(String),
+    #[error("{what} is missing")]
+    Missing { what: &'static str },
     #[error("{what} '{value}' is not a port number (1-65535)")]
     Port { what: &'static str, value: String },
     #[error("{what} {value} is out of range (1-65535)")]
@@ -135,6 +139,9 @@ pub enum SpecError {
 }
 
 fn parse_port(what: &'static str, s: &str) -> Result<u16, SpecError> {
+    if s.is_empty() {
+        return Err(SpecError::Missing { what });
+    }
     if s.contains('-') && !s.starts_with('-') {
         return Err(SpecError::RangeUnsupported {
             what,
@@ -158,6 +165,9 @@ fn parse_port(what: &'static str, s: &str) -> Result<u16, SpecError> {
 }
 
 fn parse_addr(what: &'static str, s: &str) -> Result<Ipv4Addr, SpecError> {
+    if s.is_empty() {
+        return Err(SpecError::Missing { what });
+    }
     if s.starts_with('[') || s.contains("::") {
         return Err(SpecError::Ipv6Unsupported {
             what,
@@ -186,6 +196,7 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
         return Err(SpecError::Empty);
     }
     let (body, protocol) = match spec.rsplit_once('/') {
+        Some((_, "")) => return Err(SpecError::MissingProtocol(spec.to_string())),
         Some((body, proto)) => (body, parse_protocol(proto)?),
         None => (spec, Protocol::Tcp),
     };
@@ -275,7 +286,7 @@ mod tests {
 
     #[test]
     fn bad_specs_name_the_problem() {
-        let cases: [(&str, &str); 17] = [
+        let cases: [(&str, &str); 19] = [
             ("", "empty"),
             ("8080", "does not match"),
             ("8080:198.18.2.2", "does not match"),
@@ -295,6 +306,11 @@ mod tests {
             ("1.2.3.400:8080:198.18.2.2:80", "host address '1.2.3.400'"),
             ("8080:198.18.2.2:80/icmp", "unknown protocol 'icmp'"),
             ("8080:198.18.2.2:80/sctp", "'sctp' is not supported yet"),
+            (
+                "8080:198.18.2.2:80/",
+                "'8080:198.18.2.2:80/' has no protocol after '/'",
+            ),
+            ("8080::80", "backend address is missing"),
             ("8000-8010:198.18.2.2:80", "host port '8000-8010' is a port range"),
             (
                 "8080:0.0.0.0:80",
@@ -333,10 +349,71 @@ mod tests {
         assert_eq!(key.proto, PROTO_UDP);
     }
 
+    /// Spec-shaped input: fields drawn from valid and invalid addresses, ports, ranges and
+    /// protocols, joined by ':' with an optional '/proto', so most inputs get deep into the parser.
+    fn spec_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let field = prop_oneof![
+            "[0-9]{1,6}",
+            "[0-9]{1,5}-[0-9]{1,5}",
+            (0u8..=255, 0u8..=255, 0u8..=255, 0u8..=255).prop_map(|(a, b, c, d)| format!("{a}.{b}.{c}.{d}")),
+            "[0-9a-f.\\[\\]]{0,12}",
+            Just(String::new()),
+            Just("::".to_string()),
+            "\\PC{0,6}",
+        ];
+        let proto = prop_oneof![
+            Just(String::new()),
+            Just("/tcp".to_string()),
+            Just("/UDP".to_string()),
+            Just("/sctp".to_string()),
+            "/\\PC{0,5}",
+        ];
+        (proptest::collection::vec(field, 1..6), proto).prop_map(|(fields, proto)| fields.join(":") + &proto)
+    }
+
+    /// An error names the problem: the piece of input it is about appears in the input and in
+    /// the message, or it says which field is missing (and one is), or that all of it is.
+    /// (Exhaustive: a new variant must say what it names.)
+    fn names_the_problem(input: &str, err: &SpecError) -> bool {
+        let piece = match err {
+            SpecError::Empty => return input.trim().is_empty(),
+            SpecError::Missing { .. } => {
+                return input
+                    .split('/')
+                    .next()
+                    .is_some_and(|b| b.split(':').any(str::is_empty));
+            }
+            SpecError::Shape(s)
+            | SpecError::Protocol(s)
+            | SpecError::ProtocolUnsupported(s)
+            | SpecError::MissingProtocol(s) => s.clone(),
+            SpecError::Port { value, .. }
+            | SpecError::RangeUnsupported { value, .. }
+            | SpecError::Address { value, .. }
+            | SpecError::Ipv6Unsupported { value, .. } => value.clone(),
+            SpecError::PortRange { value, .. } => value.to_string(),
+            SpecError::BackendAddress(a) | SpecError::HostAddress(a) => a.to_string(),
+        };
+        !piece.is_empty() && input.contains(&piece) && err.to_string().contains(&piece)
+    }
+
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         #[test]
-        fn parse_never_panics(s in "\\PC{0,40}") {
-            let _ = parse(&s);
+        fn parse_never_panics_and_errors_name_the_problem(s in "\\PC{0,40}") {
+            match parse(&s) {
+                Ok(m) => proptest::prop_assert_eq!(parse(&m.to_string()), Ok(m)),
+                Err(e) => proptest::prop_assert!(names_the_problem(&s, &e), "{s:?}: {e}"),
+            }
+        }
+
+        #[test]
+        fn spec_shaped_input_parses_or_names_the_problem(s in spec_like()) {
+            match parse(&s) {
+                Ok(m) => proptest::prop_assert_eq!(parse(&m.to_string()), Ok(m)),
+                Err(e) => proptest::prop_assert!(names_the_problem(&s, &e), "{s:?}: {e}"),
+            }
         }
 
         #[test]

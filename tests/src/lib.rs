@@ -227,6 +227,21 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Sets the MTU of every link of the topology (veth ends and the bridge).
+    pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        self.client.ip(&["link", "set", "c0", "mtu", &mtu])?;
+        self.backend.ip(&["link", "set", "b0", "mtu", &mtu])?;
+        let mut host_links = vec![HOST_CLIENT_IFACE, HOST_BACKEND_IFACE];
+        if self.link == BackendLink::Bridge {
+            host_links.push(BRIDGE);
+        }
+        for link in host_links {
+            self.host.ip(&["link", "set", link, "mtu", &mtu])?;
+        }
+        Ok(())
+    }
+
     /// What XDP on the client-facing veth needs (see README, "XDP on a veth"): frames redirected
     /// into a veth are only received if the peer has GRO on, and an XDP program cannot see that a
     /// frame from a veth peer carries a partial (offloaded) checksum, so the client sends full ones.
@@ -508,7 +523,7 @@ pub fn udp_server(
         let sock = sock?;
         sock.set_read_timeout(Some(IO_TIMEOUT))?;
         let mut peers = Vec::new();
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65_536];
         for _ in 0..count {
             let (n, peer) = sock.recv_from(&mut buf)?;
             let mut answer = buf[..n].to_vec();
@@ -531,7 +546,7 @@ pub fn udp_exchange(ns: &Netns, dst: SocketAddrV4, count: usize, size: usize) ->
         let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         sock.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut from = None;
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65_536];
         for i in 0..count {
             let msg = payload(size, i as u8);
             sock.send_to(&msg, dst)?;

@@ -10,19 +10,19 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use portmap_common::{
-    DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, LAST_SEEN_GRANULARITY_NS, MappingKey,
-    MappingValue, stat,
+    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, LAST_SEEN_GRANULARITY_NS, MappingKey,
+    MappingValue, NO_GROUP, flow_hash, maglev_slot, stat,
 };
 
 use crate::{
-    PM_CONNTRACK, PM_MAPPINGS,
+    PM_BACKENDS, PM_CONNTRACK, PM_MAGLEV, PM_MAPPINGS,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// The address and port a flow's packets are rewritten to, and the mapping's stats slot.
 #[derive(Clone, Copy)]
 pub struct Nat {
-    pub addr: u32,
+    pub addr: Addr,
     pub port: u16,
     pub stats_slot: u32,
 }
@@ -36,12 +36,13 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn flow_key(pkt: &Packet) -> FlowKey {
     FlowKey {
-        src_addr_be: pkt.saddr,
-        dst_addr_be: pkt.daddr,
+        src: pkt.saddr,
+        dst: pkt.daddr,
         src_port_be: pkt.sport,
         dst_port_be: pkt.dport,
         proto: pkt.proto,
-        _pad: [0; 3],
+        family: pkt.family,
+        _pad: [0; 2],
     }
 }
 
@@ -75,7 +76,7 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
     }
     touch(entry, tcp_flags, now);
     Some(Nat {
-        addr: v.nat_addr_be,
+        addr: v.nat_addr,
         port: v.nat_port_be,
         stats_slot: v.stats_slot,
     })
@@ -85,31 +86,58 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
 #[inline(always)]
 pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
     let mut key = MappingKey {
-        addr_be: pkt.daddr,
+        addr: pkt.daddr,
         port_be: pkt.dport,
         proto: pkt.proto,
-        _pad: 0,
+        family: pkt.family,
     };
     // SAFETY: values are plain data copied out of the map.
     if let Some(v) = unsafe { PM_MAPPINGS.get(key) } {
         return Some(*v);
     }
-    key.addr_be = 0;
+    key.addr = [0; 4];
     unsafe { PM_MAPPINGS.get(key) }.copied()
 }
 
-/// Records a new flow through `mapping`: the reply entry first (it may clash with another flow),
-/// then the forward entry; if the forward insert fails the reply entry is removed again, so the
-/// two are only ever present together.
+/// The backend a new flow through `mapping` goes to: the inline one, or for several backends the
+/// one the mapping's Maglev table gives the client's hash. `Err(drop_no_backend)` if the table or
+/// the backend is missing (the daemon is replacing them).
 #[inline(always)]
-pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> Result<Nat, u32> {
+pub fn choose_backend(pkt: &Packet, mapping: &MappingValue) -> Result<(Addr, u16), u32> {
+    if mapping.group == NO_GROUP {
+        return Ok((mapping.backend_addr, mapping.backend_port_be));
+    }
+    let table = PM_MAGLEV.get(mapping.group).ok_or(stat::DROP_NO_BACKEND)?;
+    let slot = maglev_slot(flow_hash(&pkt.saddr, pkt.sport, pkt.proto));
+    let index = *table.backends.get(slot).ok_or(stat::DROP_NO_BACKEND)?;
+    let backend = PM_BACKENDS.get(index).ok_or(stat::DROP_NO_BACKEND)?;
+    if backend.family != pkt.family {
+        return Err(stat::DROP_NO_BACKEND);
+    }
+    let port = u16::from_be(backend.port_be).wrapping_add(mapping.port_offset);
+    Ok((backend.addr, port.to_be()))
+}
+
+/// Records a new flow to `backend` through `mapping`: the reply entry first (it may clash with
+/// another flow), then the forward entry; if the forward insert fails the reply entry is removed
+/// again, so the two are only ever present together.
+#[inline(always)]
+pub fn create(
+    pkt: &Packet,
+    key: &FlowKey,
+    backend: (Addr, u16),
+    stats_slot: u32,
+    now: u64,
+) -> Result<Nat, u32> {
+    let (backend_addr, backend_port) = backend;
     let reply_key = FlowKey {
-        src_addr_be: mapping.backend_addr_be,
-        dst_addr_be: pkt.saddr,
-        src_port_be: mapping.backend_port_be,
+        src: backend_addr,
+        dst: pkt.saddr,
+        src_port_be: backend_port,
         dst_port_be: pkt.sport,
         proto: pkt.proto,
-        _pad: [0; 3],
+        family: pkt.family,
+        _pad: [0; 2],
     };
     let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_F_CLOSING
@@ -118,12 +146,11 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
     };
     let reply = FlowValue {
         last_seen_ns: now,
-        nat_addr_be: pkt.daddr,
+        nat_addr: pkt.daddr,
         nat_port_be: pkt.dport,
         direction: DIR_REPLY,
         flags: 0,
-        stats_slot: mapping.stats_slot,
-        _pad: 0,
+        stats_slot,
     };
     if PM_CONNTRACK
         .insert(reply_key, reply, u64::from(BPF_NOEXIST))
@@ -132,7 +159,7 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
         // Taken: by an earlier incarnation of this very flow (same client port, same published
         // address) it is ours to overwrite; by any other flow it is a clash.
         if let Some(old) = unsafe { PM_CONNTRACK.get(reply_key) }
-            && (old.direction != DIR_REPLY || old.nat_addr_be != pkt.daddr || old.nat_port_be != pkt.dport)
+            && (old.direction != DIR_REPLY || old.nat_addr != pkt.daddr || old.nat_port_be != pkt.dport)
         {
             return Err(stat::DROP_NAT_CLASH);
         }
@@ -142,20 +169,19 @@ pub fn create(pkt: &Packet, key: &FlowKey, mapping: &MappingValue, now: u64) -> 
     }
     let forward = FlowValue {
         last_seen_ns: now,
-        nat_addr_be: mapping.backend_addr_be,
-        nat_port_be: mapping.backend_port_be,
+        nat_addr: backend_addr,
+        nat_port_be: backend_port,
         direction: DIR_FORWARD,
         flags: closing,
-        stats_slot: mapping.stats_slot,
-        _pad: 0,
+        stats_slot,
     };
     if PM_CONNTRACK.insert(key, forward, u64::from(BPF_ANY)).is_err() {
         let _ = PM_CONNTRACK.remove(reply_key);
         return Err(stat::DROP_CT_FULL);
     }
     Ok(Nat {
-        addr: mapping.backend_addr_be,
-        port: mapping.backend_port_be,
-        stats_slot: mapping.stats_slot,
+        addr: backend_addr,
+        port: backend_port,
+        stats_slot,
     })
 }

@@ -10,13 +10,14 @@ mod parse;
 
 use aya_ebpf::{
     macros::{classifier, map, xdp},
-    maps::{DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
 use portmap_common::{
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_MAPPINGS, DIR_FORWARD, DIR_REPLY, FlowKey, FlowValue,
-    MAX_REDIRECT_DEVS, MappingCounters, MappingKey, MappingValue, stat,
+    Backend, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_MAPPINGS, DIR_FORWARD, DIR_REPLY, FlowKey, FlowValue, MAX_REDIRECT_DEVS, MaglevTable,
+    MappingCounters, MappingKey, MappingValue, stat,
 };
 
 use crate::{
@@ -28,6 +29,14 @@ use crate::{
 /// (proto, host address, host port) → backend. Written by the daemon only.
 #[map]
 static PM_MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
+
+/// Backends of mappings with several backends, indexed by what `PM_MAGLEV` tables hold.
+#[map]
+static PM_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// One Maglev table per mapping with several backends (`MappingValue::group`).
+#[map]
+static PM_MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_BACKEND_GROUPS, 0);
 
 /// Flows: two entries each (forward and reply), see `conntrack`.
 #[map]
@@ -81,7 +90,7 @@ fn count(code: u32) {
 }
 
 #[inline(always)]
-fn count_mapping(slot: u32, dir: u8, bytes: u16, new_flow: bool) {
+fn count_mapping(slot: u32, dir: u8, bytes: u32, new_flow: bool) {
     if let Some(c) = PM_MAPPING_STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe {
@@ -114,11 +123,11 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
             let Some(mapping) = conntrack::find_mapping(&pkt) else {
                 return Verdict::pass(stat::PASS_NO_MAPPING);
             };
-            match conntrack::create(&pkt, &key, &mapping, now) {
+            let created = conntrack::choose_backend(&pkt, &mapping)
+                .and_then(|backend| conntrack::create(&pkt, &key, backend, mapping.stats_slot, now));
+            match created {
                 Ok(nat) => (nat, true),
-                Err(reason) => {
-                    return Verdict::drop(reason);
-                }
+                Err(reason) => return Verdict::drop(reason),
             }
         }
     };
@@ -129,7 +138,7 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         return Verdict::drop(stat::DROP_ERROR);
     }
     count_mapping(nat.stats_slot, DIR_FORWARD, pkt.tot_len, new_flow);
-    nat::forward(ctx, &pkt, nat.addr, nat.port)
+    nat::forward(ctx, &pkt, &nat.addr, nat.port)
 }
 
 /// Backend → client, leaving through the client-facing interface: restore the published source.
@@ -161,11 +170,13 @@ fn finish<C: PacketCtx>(ctx: &C, verdict: Verdict) -> u32 {
     ctx.verdict(verdict.action)
 }
 
-/// TC programs need the headers in the linear part of the skb; pull them there if needed.
-/// 138 = Ethernet + 802.1Q + the largest IPv4 and TCP headers.
+/// TC programs need the headers in the linear part of the skb; pull them there if needed: up to
+/// 256 bytes, enough for Ethernet + 802.1Q + the largest IPv4 and TCP headers (138) or IPv6 with
+/// extension headers of up to 118 bytes before a 60-byte TCP header. Headers beyond the linear
+/// part are `pass_malformed_l4`.
 #[inline(always)]
 fn pull_headers(ctx: &TcContext) {
-    const WANT: u32 = 138;
+    const WANT: u32 = 256;
     let want = if ctx.len() < WANT { ctx.len() } else { WANT };
     if ctx.data_end() - ctx.data() < want as usize {
         let _ = ctx.pull_data(want);

@@ -7,7 +7,7 @@ use aya_ebpf::{
     },
     helpers::generated::bpf_fib_lookup,
 };
-use portmap_common::{PROTO_UDP, stat};
+use portmap_common::{Addr, FAMILY_V6, PROTO_UDP, stat};
 
 use crate::{
     Verdict,
@@ -24,30 +24,53 @@ pub enum Side {
     Source,
 }
 
-/// Rewrites one side's address and port, updating the IPv4 header checksum and the L4 checksum
-/// (pseudo-header for the address, segment for the port) by RFC 1624 differences.
+/// Rewrites one side's address and port, updating the IPv4 header checksum and the TCP/UDP
+/// checksum (pseudo-header for the address, segment for the port) by RFC 1624 differences.
+/// IPv6 has no header checksum; SCTP's CRC32c covers no address, and its port never changes
+/// (the daemon only accepts SCTP mappings that keep it).
 #[inline(always)]
 pub fn rewrite<C: PacketCtx>(
     ctx: &mut C,
     pkt: &Packet,
     side: Side,
-    addr: u32,
+    addr: Addr,
     port: u16,
 ) -> Result<(), StoreError> {
+    let v6 = pkt.family == FAMILY_V6;
     let (addr_off, port_off, old_addr, old_port) = match side {
-        Side::Destination => (pkt.l3_off + 16, pkt.l4_off + 2, pkt.daddr, pkt.dport),
-        Side::Source => (pkt.l3_off + 12, pkt.l4_off, pkt.saddr, pkt.sport),
+        Side::Destination => (
+            pkt.l3_off + if v6 { 24 } else { 16 },
+            pkt.l4_off + 2,
+            pkt.daddr,
+            pkt.dport,
+        ),
+        Side::Source => (
+            pkt.l3_off + if v6 { 8 } else { 12 },
+            pkt.l4_off,
+            pkt.saddr,
+            pkt.sport,
+        ),
     };
     let udp = pkt.proto == PROTO_UDP;
     let check_off = pkt.l4_check_off();
-    if old_addr != addr {
-        ctx.l4_csum_replace(check_off, old_addr, addr, 4, L4Csum { pseudo: true, udp })?;
-        ctx.l3_csum_replace(pkt.l3_off + 10, old_addr, addr, 4)?;
-        ctx.store(addr_off, addr)?;
+    let words = if v6 { 4 } else { 1 };
+    for i in 0..4 {
+        if i >= words || old_addr[i] == addr[i] {
+            continue;
+        }
+        if let Some(off) = check_off {
+            ctx.l4_csum_replace(off, old_addr[i], addr[i], 4, L4Csum { pseudo: true, udp })?;
+        }
+        if !v6 {
+            ctx.l3_csum_replace(pkt.l3_off + 10, old_addr[i], addr[i], 4)?;
+        }
+        ctx.store(addr_off + 4 * i, addr[i])?;
     }
-    if old_port != port {
+    if old_port != port
+        && let Some(off) = check_off
+    {
         ctx.l4_csum_replace(
-            check_off,
+            off,
             u32::from(old_port),
             u32::from(port),
             2,
@@ -59,26 +82,39 @@ pub fn rewrite<C: PacketCtx>(
 }
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Sends a packet whose destination was just rewritten to `daddr` on its way: a FIB lookup, then
-/// TTL decrement + MAC rewrite + redirect when the egress device accepts redirects; otherwise it is
-/// handed to the kernel's routing (which forwards it without netfilter rules being involved).
+/// TTL/hop-limit decrement + MAC rewrite + redirect when the egress device accepts redirects;
+/// otherwise it is handed to the kernel's routing (which forwards it without netfilter rules
+/// being involved).
 #[inline(always)]
-pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) -> Verdict {
+pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16) -> Verdict {
     // Tagged frames belong to a VLAN device; an expiring TTL needs the kernel's ICMP Time Exceeded.
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return Verdict::pass(stat::FWD_STACK);
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
     fib.l4_protocol = pkt.proto;
     fib.sport = pkt.sport;
     fib.dport = dport;
-    fib.__bindgen_anon_1.tot_len = ctx.fib_tot_len(pkt.tot_len);
+    let tot_len = if pkt.tot_len > 0xffff {
+        0xffff
+    } else {
+        pkt.tot_len as u16
+    };
+    fib.__bindgen_anon_1.tot_len = ctx.fib_tot_len(tot_len);
     fib.ifindex = ctx.hook_ifindex();
-    fib.__bindgen_anon_3.ipv4_src = pkt.saddr;
-    fib.__bindgen_anon_4.ipv4_dst = daddr;
+    if pkt.family == FAMILY_V6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = pkt.saddr;
+        fib.__bindgen_anon_4.ipv6_dst = *daddr;
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = pkt.saddr[0];
+        fib.__bindgen_anon_4.ipv4_dst = daddr[0];
+    }
     // SAFETY: helper call with a valid context and parameter block.
     let rc = unsafe { bpf_fib_lookup(ctx.raw(), &raw mut fib, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
@@ -103,9 +139,13 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: u32, dport: u16) 
     }
 }
 
-/// ip_decrease_ttl(): the TTL shares a 16-bit checksum word with the protocol byte.
+/// ip_decrease_ttl(): the TTL shares a 16-bit checksum word with the protocol byte. IPv6's
+/// hop limit (byte 7) has no checksum.
 #[inline(always)]
 fn decrement_ttl<C: PacketCtx>(ctx: &mut C, pkt: &Packet) -> Result<(), StoreError> {
+    if pkt.family == FAMILY_V6 {
+        return ctx.store(pkt.l3_off + 7, pkt.ttl - 1);
+    }
     let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
     let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
     ctx.l3_csum_replace(pkt.l3_off + 10, u32::from(old), u32::from(new), 2)?;

@@ -1,11 +1,17 @@
-//! The daemon's TOML configuration, validated as a whole before anything is applied.
+//! The daemon's configuration (TOML, or JSON such as `portmap list --json` prints), validated as
+//! a whole before anything is applied.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use portmap_common::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_MAPPINGS};
+use portmap_common::{
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{self, Binding, Mapping, SpecError};
+use crate::spec::{self, Mapping, PortRange, SpecError};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portmap/portmap.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portmap";
@@ -51,9 +57,14 @@ impl Default for Timeouts {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Published ports (a range of N ports counts N).
     pub max_mappings: u32,
     /// Conntrack entries; each flow takes two.
     pub conntrack_entries: u32,
+    /// Backends of mappings with several backends, all together.
+    pub max_backends: u32,
+    /// Mappings with several backends (each has a Maglev table of 16 KiB).
+    pub max_backend_groups: u32,
 }
 
 impl Default for Limits {
@@ -61,6 +72,38 @@ impl Default for Limits {
         Self {
             max_mappings: DEFAULT_MAX_MAPPINGS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            max_backend_groups: DEFAULT_MAX_BACKEND_GROUPS,
+        }
+    }
+}
+
+/// Docker's default range for dynamically allocated host ports.
+pub const DEFAULT_DYNAMIC_PORTS: PortRange = PortRange {
+    start: 49153,
+    end: 60999,
+};
+
+/// A mapping in the config: a spec string, or the structured form `portmap list --json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MappingEntry {
+    Spec(String),
+    Structured(Mapping),
+}
+
+impl MappingEntry {
+    fn parse(&self) -> Result<Mapping, SpecError> {
+        match self {
+            Self::Spec(text) => spec::parse(text),
+            Self::Structured(m) => spec::check(m, &m.to_string()).map(|()| m.clone()),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Self::Spec(text) => text.clone(),
+            Self::Structured(m) => m.to_string(),
         }
     }
 }
@@ -77,8 +120,10 @@ pub struct Config {
     pub redirect_interfaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
-    /// Mapping specs, as on the command line.
-    pub mappings: Vec<String>,
+    /// Mappings: specs as on the command line, or structured (as `portmap list --json`).
+    pub mappings: Vec<MappingEntry>,
+    /// Where host ports of mappings without one are allocated from.
+    pub dynamic_ports: PortRange,
     pub timeouts: Timeouts,
     pub limits: Limits,
 }
@@ -92,6 +137,7 @@ impl Default for Config {
             pin_dir: DEFAULT_PIN_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
             mappings: Vec::new(),
+            dynamic_ports: DEFAULT_DYNAMIC_PORTS,
             timeouts: Timeouts::default(),
             limits: Limits::default(),
         }
@@ -102,6 +148,8 @@ impl Default for Config {
 pub enum ConfigError {
     #[error(transparent)]
     Toml(#[from] toml::de::Error),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
     /// (`error` is not a `source`: the message already includes it, once.)
     #[error("mappings[{index}] '{spec}': {error}")]
     Spec {
@@ -109,12 +157,12 @@ pub enum ConfigError {
         spec: String,
         error: SpecError,
     },
-    #[error("mappings[{index}] '{spec}' binds {binding}, already bound by '{other}'")]
-    Duplicate {
+    #[error("mappings[{index}] '{spec}': port is already allocated by mappings[{other_index}] '{other}'")]
+    Overlap {
         index: usize,
         spec: String,
-        binding: Binding,
-        other: Mapping,
+        other_index: usize,
+        other: String,
     },
     #[error("no interface to attach to: list them in `interfaces` or pass --iface")]
     NoInterfaces,
@@ -122,20 +170,70 @@ pub enum ConfigError {
     Interface(String),
     #[error("{field} must be at least 1")]
     Zero { field: &'static str },
-    #[error("{count} mappings exceed limits.max_mappings = {max}")]
-    TooManyMappings { count: usize, max: u32 },
+    #[error("{count} published ports exceed limits.max_mappings = {max}")]
+    TooManyMappings { count: u64, max: u32 },
+    #[error("dynamic_ports {0} starts at port 0 or ends before it starts")]
+    DynamicPorts(PortRange),
+}
+
+/// Command-line options of `portmap run` that replace the config file's values (also on a
+/// reload).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub interfaces: Vec<String>,
+    pub attach: Option<AttachMode>,
+    pub redirect_interfaces: Vec<String>,
+    pub pin_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn apply(&self, cfg: &mut Config) {
+        if !self.interfaces.is_empty() {
+            cfg.interfaces.clone_from(&self.interfaces);
+        }
+        if !self.redirect_interfaces.is_empty() {
+            cfg.redirect_interfaces.clone_from(&self.redirect_interfaces);
+        }
+        if let Some(attach) = self.attach {
+            cfg.attach = attach;
+        }
+        if let Some(dir) = &self.pin_dir {
+            cfg.pin_dir.clone_from(dir);
+        }
+        if let Some(socket) = &self.socket {
+            cfg.socket.clone_from(socket);
+        }
+    }
 }
 
 /// A configuration that passed every check; the daemon applies it as one change.
 #[derive(Clone, Debug)]
 pub struct Valid {
     pub config: Config,
+    /// As configured: a mapping without host ports is allocated one when applied.
     pub mappings: Vec<Mapping>,
 }
 
 impl Config {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         Ok(toml::from_str(text)?)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Reads a config file: JSON if its name ends in `.json`, TOML otherwise.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let parsed = if path.extension().is_some_and(|e| e == "json") {
+            Self::from_json(&text)
+        } else {
+            Self::from_toml(&text)
+        };
+        parsed.with_context(|| format!("{}", path.display()))
     }
 
     /// Checks everything and parses the mappings; nothing is half-valid.
@@ -161,15 +259,24 @@ impl Config {
                 "limits.conntrack_entries",
                 u64::from(self.limits.conntrack_entries),
             ),
+            ("limits.max_backends", u64::from(self.limits.max_backends)),
+            (
+                "limits.max_backend_groups",
+                u64::from(self.limits.max_backend_groups),
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });
             }
         }
+        if self.dynamic_ports.start == 0 || self.dynamic_ports.end < self.dynamic_ports.start {
+            return Err(ConfigError::DynamicPorts(self.dynamic_ports));
+        }
         let mappings = parse_mappings(&self.mappings)?;
-        if mappings.len() > self.limits.max_mappings as usize {
+        let ports: u64 = mappings.iter().map(|m| u64::from(m.port_count())).sum();
+        if ports > u64::from(self.limits.max_mappings) {
             return Err(ConfigError::TooManyMappings {
-                count: mappings.len(),
+                count: ports,
                 max: self.limits.max_mappings,
             });
         }
@@ -180,27 +287,28 @@ impl Config {
     }
 }
 
-/// Parses a list of specs and rejects two that share a binding.
-pub fn parse_mappings(specs: &[String]) -> Result<Vec<Mapping>, ConfigError> {
-    let mut seen: BTreeMap<Binding, Mapping> = BTreeMap::new();
-    let mut out = Vec::with_capacity(specs.len());
-    for (index, text) in specs.iter().enumerate() {
-        let mapping = spec::parse(text).map_err(|error| ConfigError::Spec {
-            index,
-            spec: text.clone(),
-            error,
-        })?;
-        if let Some(other) = seen.insert(mapping.binding(), mapping) {
-            return Err(ConfigError::Duplicate {
+/// Parses the configured mappings and rejects two that publish the same port.
+pub fn parse_mappings(entries: &[MappingEntry]) -> Result<Vec<Mapping>, ConfigError> {
+    let mappings = entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            entry.parse().map_err(|error| ConfigError::Spec {
                 index,
-                spec: text.clone(),
-                binding: mapping.binding(),
-                other,
-            });
-        }
-        out.push(mapping);
+                spec: entry.text(),
+                error,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some((a, b)) = spec::first_overlap(&mappings) {
+        return Err(ConfigError::Overlap {
+            index: b,
+            spec: entries[b].text(),
+            other_index: a,
+            other: entries[a].text(),
+        });
     }
-    Ok(out)
+    Ok(mappings)
 }
 
 impl Timeouts {
@@ -232,6 +340,7 @@ udp_seconds = 30
         assert_eq!(valid.config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(valid.mappings.len(), 2);
         assert_eq!(valid.mappings[1].to_string(), "198.18.1.1:5353:198.18.2.2:53/udp");
+        assert_eq!(valid.config.dynamic_ports, DEFAULT_DYNAMIC_PORTS);
     }
 
     #[test]
@@ -260,7 +369,15 @@ udp_seconds = 30
             ),
             (
                 "interfaces = [\"eth0\"]\nmappings = [\"8080:198.18.2.2:80\", \"0.0.0.0:8080:198.18.2.3:81/tcp\"]",
-                "mappings[1] '0.0.0.0:8080:198.18.2.3:81/tcp' binds 0.0.0.0:8080/tcp, already bound by '8080:198.18.2.2:80/tcp'",
+                "mappings[1] '0.0.0.0:8080:198.18.2.3:81/tcp': port is already allocated by mappings[0] '8080:198.18.2.2:80'",
+            ),
+            (
+                "interfaces = [\"eth0\"]\nmappings = [\"8000-8100:198.18.2.2:80\", \"8100-8200:198.18.2.3:80\"]",
+                "mappings[1] '8100-8200:198.18.2.3:80': port is already allocated by mappings[0]",
+            ),
+            (
+                "interfaces = [\"eth0\"]\ndynamic_ports = { start = 100, end = 99 }",
+                "dynamic_ports 100-99",
             ),
             (
                 "interfaces = [\"eth0\"]\n[timeouts]\nudp_seconds = 0",
@@ -269,7 +386,7 @@ udp_seconds = 30
             ("interfaces = [\"a/b\"]", "interface name 'a/b'"),
             (
                 "interfaces = [\"eth0\"]\nmappings = [\"1:198.18.2.2:1\", \"2:198.18.2.2:1\"]\n[limits]\nmax_mappings = 1",
-                "2 mappings exceed limits.max_mappings = 1",
+                "2 published ports exceed limits.max_mappings = 1",
             ),
         ];
         for (text, want) in cases {
@@ -284,10 +401,40 @@ udp_seconds = 30
     #[test]
     fn same_port_on_specific_and_wildcard_address_is_allowed() {
         let specs = vec![
-            "8080:198.18.2.2:80".to_string(),
-            "198.18.1.1:8080:198.18.2.3:80".to_string(),
+            MappingEntry::Spec("8080:198.18.2.2:80".to_string()),
+            MappingEntry::Spec("198.18.1.1:8080:198.18.2.3:80".to_string()),
+            MappingEntry::Spec("8080:[fd00::2]:80".to_string()),
         ];
-        assert_eq!(parse_mappings(&specs).unwrap().len(), 2);
+        assert_eq!(parse_mappings(&specs).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn structured_mappings_round_trip_through_json_and_toml() {
+        let specs = [
+            "8080:198.18.2.2:80,198.18.2.3:80@2/tcp",
+            "[fd00::1]:53:[fd00::2]:5353/udp",
+            "8000-8009:198.18.2.2:9000-9009/tcp",
+            "9999:198.18.2.2:9999/sctp",
+        ];
+        let mappings: Vec<MappingEntry> = specs
+            .iter()
+            .map(|s| MappingEntry::Structured(spec::parse(s).unwrap()))
+            .collect();
+        let json = serde_json::json!({ "interfaces": ["eth0"], "mappings": mappings }).to_string();
+        let from_json = Config::from_json(&json).unwrap().validate().unwrap();
+        let config = Config {
+            interfaces: vec!["eth0".into()],
+            mappings,
+            ..Config::default()
+        };
+        let from_toml = Config::from_toml(&toml::to_string(&config).unwrap())
+            .unwrap()
+            .validate()
+            .unwrap();
+        for valid in [from_json, from_toml] {
+            let got: Vec<String> = valid.mappings.iter().map(ToString::to_string).collect();
+            assert_eq!(got, specs);
+        }
     }
 
     /// Config-shaped documents: known and unknown keys, at top level and in tables, with values
@@ -336,9 +483,9 @@ udp_seconds = 30
         let msg = err.to_string();
         match err {
             ConfigError::Toml(_) => msg.contains("line "),
-            ConfigError::Spec { spec, .. } | ConfigError::Duplicate { spec, .. } => {
-                msg.contains(spec.as_str())
-            }
+            ConfigError::Json(_) => msg.contains("line "),
+            ConfigError::Spec { spec, .. } | ConfigError::Overlap { spec, .. } => msg.contains(spec.as_str()),
+            ConfigError::DynamicPorts(range) => msg.contains(&range.to_string()),
             ConfigError::NoInterfaces => msg.contains("interfaces"),
             ConfigError::Interface(name) => msg.contains(name.as_str()),
             ConfigError::Zero { field } => msg.contains(field),

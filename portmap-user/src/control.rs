@@ -15,8 +15,18 @@ use crate::spec::Mapping;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "lowercase")]
 pub enum Request {
-    Add { spec: String },
-    Del { spec: String },
+    Add {
+        spec: String,
+    },
+    Del {
+        spec: String,
+    },
+    /// Replace the backends of the mapping with the spec's host ports.
+    Update {
+        spec: String,
+    },
+    /// Read the config file again and apply it as one diff.
+    Reload,
     List,
     Stats,
 }
@@ -131,6 +141,8 @@ mod tests {
             Just("\"del\""),
             Just("\"list\""),
             Just("\"stats\""),
+            Just("\"update\""),
+            Just("\"reload\""),
             Just("\"ADD\""),
             Just("7"),
             Just("null")

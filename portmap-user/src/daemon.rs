@@ -1,10 +1,9 @@
 //! `portmap run`: owns the datapath, applies mappings, serves the control socket, expires flows.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
     fs,
     os::unix::fs::PermissionsExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -19,144 +18,85 @@ use tokio::{
 };
 
 use crate::{
-    config::Valid,
+    config::{Config, Overrides, Valid},
     control::{self, MappingStats, Request, Response, StatsReport},
     datapath::{self, Datapath},
-    spec::{self, Binding, Mapping, SpecError},
+    spec,
+    table::{self, Capacity, Table, TableError},
 };
 
-/// Why a control request was refused. Nothing is changed when one of these is returned.
-#[derive(Debug, thiserror::Error)]
-pub enum TableError {
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    #[error("port is already allocated: {binding} already maps to {}:{}", existing.backend_ip, existing.backend_port)]
-    Duplicate { binding: Binding, existing: Mapping },
-    #[error("no mapping {0}")]
-    NotFound(Mapping),
-    #[error("{binding} maps to {}:{}, not {}:{}", existing.backend_ip, existing.backend_port, asked.backend_ip, asked.backend_port)]
-    Mismatch {
-        binding: Binding,
-        existing: Mapping,
-        asked: Mapping,
-    },
-    #[error("mapping table is full ({0} mappings, limits.max_mappings)")]
-    Full(u32),
-    #[error("kernel map update failed: {0:#}")]
-    Datapath(anyhow::Error),
+/// Where `reload` (and SIGHUP) read the configuration again from.
+#[derive(Clone, Debug)]
+pub struct ReloadSource {
+    pub path: PathBuf,
+    /// The command-line options that replace the file's values, applied again on every reload.
+    pub overrides: Overrides,
 }
 
-/// The daemon's mappings and their stats slots. Stats slots are reused oldest-freed first, and
-/// zeroed on reuse, so that a deleted mapping's lingering flows rarely count into a new one.
-pub struct Table {
-    entries: BTreeMap<Binding, (Mapping, u32)>,
-    free_slots: VecDeque<u32>,
-    next_slot: u32,
-    max: u32,
-}
-
-impl Table {
-    #[must_use]
-    pub fn new(max: u32) -> Self {
-        Self {
-            entries: BTreeMap::new(),
-            free_slots: VecDeque::new(),
-            next_slot: 0,
-            max,
-        }
-    }
-
-    /// Checks that `mapping` can be added, without changing anything.
-    pub fn check_add(&self, mapping: &Mapping) -> Result<(), TableError> {
-        if let Some((existing, _)) = self.entries.get(&mapping.binding()) {
-            return Err(TableError::Duplicate {
-                binding: mapping.binding(),
-                existing: *existing,
-            });
-        }
-        if self.entries.len() >= self.max as usize {
-            return Err(TableError::Full(self.max));
-        }
-        Ok(())
-    }
-
-    pub fn add(&mut self, dp: &mut Datapath, mapping: Mapping) -> Result<(), TableError> {
-        self.check_add(&mapping)?;
-        let slot = self.free_slots.pop_front().unwrap_or_else(|| {
-            self.next_slot += 1;
-            self.next_slot - 1
-        });
-        if let Err(e) = dp.insert_mapping(&mapping, slot) {
-            self.free_slots.push_front(slot);
-            return Err(TableError::Datapath(e));
-        }
-        self.entries.insert(mapping.binding(), (mapping, slot));
-        Ok(())
-    }
-
-    pub fn del(&mut self, dp: &mut Datapath, mapping: &Mapping) -> Result<(), TableError> {
-        let binding = mapping.binding();
-        let Some((existing, slot)) = self.entries.get(&binding).copied() else {
-            return Err(TableError::NotFound(*mapping));
-        };
-        if existing != *mapping {
-            return Err(TableError::Mismatch {
-                binding,
-                existing,
-                asked: *mapping,
-            });
-        }
-        dp.remove_mapping(mapping).map_err(TableError::Datapath)?;
-        self.entries.remove(&binding);
-        self.free_slots.push_back(slot);
-        Ok(())
-    }
-
-    /// Adds all or nothing: on a failure the ones already added are removed again.
-    pub fn add_all(&mut self, dp: &mut Datapath, mappings: &[Mapping]) -> Result<(), TableError> {
-        for (i, mapping) in mappings.iter().enumerate() {
-            if let Err(e) = self.add(dp, *mapping) {
-                for done in &mappings[..i] {
-                    let _ = self.del(dp, done);
-                }
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    pub fn mappings(&self) -> impl Iterator<Item = (Mapping, u32)> + '_ {
-        self.entries.values().copied()
-    }
+/// The daemon's running state, shared by the control socket, signals and the GC tick.
+struct State {
+    dp: Datapath,
+    table: Table,
+    config: Config,
+    reload: Option<ReloadSource>,
+    flows: FlowTable,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT; detaches and unpins everything on the way out.
-pub async fn run(valid: Valid) -> anyhow::Result<()> {
-    let cfg = &valid.config;
+pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<()> {
+    let cfg = valid.config.clone();
     refuse_if_running(&cfg.socket)?;
     datapath::ensure_bpffs()?;
     datapath::check_pin_dir(&cfg.pin_dir)?;
     datapath::remove_stale_pins(&cfg.pin_dir)?;
     if fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
-        warn!("net.ipv4.ip_forward is 0: mapped traffic will not be forwarded until it is enabled");
+        warn!("net.ipv4.ip_forward is 0: mapped IPv4 traffic will not be forwarded until it is enabled");
+    }
+    if valid
+        .mappings
+        .iter()
+        .any(|m| m.family() == portmap_common::FAMILY_V6)
+        && fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").is_ok_and(|v| v.trim() == "0")
+    {
+        warn!(
+            "net.ipv6.conf.all.forwarding is 0: mapped IPv6 traffic will not be forwarded until it is enabled"
+        );
     }
 
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.limits)?;
     let logger = dp.take_logger()?;
+    let capacity = Capacity {
+        ports: cfg.limits.max_mappings,
+        groups: cfg.limits.max_backend_groups,
+        backends: cfg.limits.max_backends,
+    };
+    let mut state = State {
+        table: Table::new(capacity, cfg.dynamic_ports),
+        flows: FlowTable {
+            active: 0,
+            capacity: u64::from(cfg.limits.conntrack_entries / 2),
+            high: false,
+        },
+        config: cfg.clone(),
+        reload,
+        dp,
+    };
     let result = async {
-        dp.attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces)?;
-        let mut table = Table::new(cfg.limits.max_mappings);
-        table
-            .add_all(&mut dp, &valid.mappings)
+        state
+            .dp
+            .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces)?;
+        state
+            .table
+            .apply(&mut state.dp, &valid.mappings, &table::local_sockets())
             .context("applying the configured mappings")?;
         info!("{} mapping(s) applied", valid.mappings.len());
         let listener = bind_socket(&cfg.socket)?;
-        let served = serve(&mut dp, &mut table, &valid, listener, logger).await;
+        let served = serve(&mut state, listener, logger).await;
         let _ = fs::remove_file(&cfg.socket);
         served
     }
     .await;
-    dp.shutdown();
+    state.dp.shutdown();
     info!("detached and unpinned; exiting");
     result
 }
@@ -211,30 +151,30 @@ impl FlowTable {
 }
 
 async fn serve(
-    dp: &mut Datapath,
-    table: &mut Table,
-    valid: &Valid,
+    state: &mut State,
     listener: UnixListener,
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 ) -> anyhow::Result<()> {
-    let timeouts = &valid.config.timeouts;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut gc = tokio::time::interval(timeouts.gc_interval());
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut gc = tokio::time::interval(state.config.timeouts.gc_interval());
     // SAFETY: the logger owns its ring buffer fd, and AsyncFd owns the logger until it is dropped.
     let mut logs = unsafe { AsyncFd::register(logger)? };
-    let mut flows = FlowTable {
-        active: 0,
-        capacity: u64::from(valid.config.limits.conntrack_entries / 2),
-        high: false,
-    };
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); return Ok(()) }
             _ = int.recv() => { info!("SIGINT"); return Ok(()) }
+            _ = hup.recv() => {
+                match reload(state) {
+                    Ok(message) => info!("SIGHUP: {message}"),
+                    Err(e) => error!("SIGHUP: {e:#}"),
+                }
+            }
             _ = gc.tick() => {
-                match datapath::monotonic_ns().and_then(|now| dp.expire_flows(now, timeouts)) {
-                    Ok(n) => flows.update(n),
+                let timeouts = &state.config.timeouts;
+                match datapath::monotonic_ns().and_then(|now| state.dp.expire_flows(now, timeouts)) {
+                    Ok(n) => state.flows.update(n),
                     Err(e) => warn!("flow expiry pass failed: {e:#}"),
                 }
             }
@@ -245,7 +185,7 @@ async fn serve(
             }
             conn = listener.accept() => {
                 let (stream, _) = conn?;
-                if let Err(e) = handle(stream, dp, table, &flows).await {
+                if let Err(e) = handle(stream, state).await {
                     warn!("control connection: {e:#}");
                 }
             }
@@ -253,19 +193,14 @@ async fn serve(
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    dp: &mut Datapath,
-    table: &mut Table,
-    flows: &FlowTable,
-) -> anyhow::Result<()> {
+async fn handle(stream: UnixStream, state: &mut State) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(5), BufReader::new(read).read_line(&mut line))
         .await
         .context("client sent no request within 5 s")??;
     let response = match control::parse_request(&line) {
-        Ok(request) => dispatch(request, dp, table, flows),
+        Ok(request) => dispatch(request, state),
         Err(e) => Response::Error {
             message: e.to_string(),
         },
@@ -276,25 +211,40 @@ async fn handle(
     Ok(())
 }
 
-fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, flows: &FlowTable) -> Response {
-    let outcome = match request {
-        Request::Add { spec } => spec::parse(&spec).map_err(TableError::from).and_then(|m| {
-            table.add(dp, m)?;
-            info!("added {m}");
-            Ok(format!("added {}", m.docker_line()))
-        }),
-        Request::Del { spec } => spec::parse(&spec).map_err(TableError::from).and_then(|m| {
-            table.del(dp, &m)?;
-            info!("deleted {m}");
-            Ok(format!("deleted {}", m.docker_line()))
-        }),
+fn dispatch(request: Request, state: &mut State) -> Response {
+    let outcome: anyhow::Result<String> = match request {
+        Request::Add { spec } => spec::parse(&spec)
+            .map_err(TableError::from)
+            .and_then(|m| state.table.add(&mut state.dp, &m, &table::local_sockets()))
+            .map(|m| {
+                info!("added {m}");
+                format!("added {}", m.docker_lines().join("\n      "))
+            })
+            .map_err(Into::into),
+        Request::Del { spec } => spec::parse(&spec)
+            .map_err(TableError::from)
+            .and_then(|m| state.table.remove(&mut state.dp, &m))
+            .map(|m| {
+                info!("deleted {m}");
+                format!("deleted {}", m.docker_lines().join("\n        "))
+            })
+            .map_err(Into::into),
+        Request::Update { spec } => spec::parse(&spec)
+            .map_err(TableError::from)
+            .and_then(|m| state.table.update(&mut state.dp, &m))
+            .map(|m| {
+                info!("updated {m}");
+                format!("updated {}", m.docker_lines().join("\n        "))
+            })
+            .map_err(Into::into),
+        Request::Reload => reload(state),
         Request::List => {
             return Response::Mappings {
-                mappings: table.mappings().map(|(m, _)| m).collect(),
+                mappings: state.table.mappings().cloned().collect(),
             };
         }
         Request::Stats => {
-            return match stats(dp, table, flows) {
+            return match stats(state) {
                 Ok(stats) => Response::Stats { stats },
                 Err(e) => {
                     error!("reading counters: {e:#}");
@@ -308,17 +258,81 @@ fn dispatch(request: Request, dp: &mut Datapath, table: &mut Table, flows: &Flow
     match outcome {
         Ok(message) => Response::Ok { message },
         Err(e) => Response::Error {
-            message: e.to_string(),
+            message: format!("{e:#}"),
         },
     }
 }
 
-fn stats(dp: &Datapath, table: &Table, flows: &FlowTable) -> anyhow::Result<StatsReport> {
+/// Reads the config file again and applies its mappings as one diff (all or nothing) and its
+/// timeouts. Settings that only take effect at start-up are reported, not applied.
+fn reload(state: &mut State) -> anyhow::Result<String> {
+    let source = state
+        .reload
+        .as_ref()
+        .context("the daemon was started without a config file: nothing to reload")?;
+    let mut config = Config::read(&source.path)?;
+    source.overrides.apply(&mut config);
+    let valid = config
+        .validate()
+        .with_context(|| format!("{}", source.path.display()))?;
+    let plan = state
+        .table
+        .apply(&mut state.dp, &valid.mappings, &table::local_sockets())
+        .with_context(|| format!("{}: nothing was changed", source.path.display()))?;
+    let new = valid.config;
+    let old = &state.config;
+    let restart_only = [
+        ("interfaces", old.interfaces != new.interfaces),
+        ("attach", old.attach != new.attach),
+        (
+            "redirect_interfaces",
+            old.redirect_interfaces != new.redirect_interfaces,
+        ),
+        ("pin_dir", old.pin_dir != new.pin_dir),
+        ("socket", old.socket != new.socket),
+        ("limits", old.limits != new.limits),
+    ];
+    let pending: Vec<&str> = restart_only
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(n, _)| *n)
+        .collect();
+    state.table.dynamic = new.dynamic_ports;
+    let message = format!(
+        "reloaded {}: {} added, {} updated, {} removed{}",
+        source.path.display(),
+        plan.add.len(),
+        plan.update.len(),
+        plan.remove.len(),
+        if pending.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; changes to {} take effect at the next start",
+                pending.join(", ")
+            )
+        }
+    );
+    let keep = Config {
+        interfaces: old.interfaces.clone(),
+        attach: old.attach,
+        redirect_interfaces: old.redirect_interfaces.clone(),
+        pin_dir: old.pin_dir.clone(),
+        socket: old.socket.clone(),
+        limits: old.limits.clone(),
+        ..new
+    };
+    state.config = keep;
+    info!("{message}");
+    Ok(message)
+}
+
+fn stats(state: &State) -> anyhow::Result<StatsReport> {
     let mut mappings = Vec::new();
-    for (mapping, slot) in table.mappings() {
-        let c = dp.mapping_counters(slot)?;
+    for entry in state.table.entries() {
+        let c = state.dp.mapping_counters(entry.place.stats_slot)?;
         mappings.push(MappingStats {
-            mapping,
+            mapping: entry.mapping.clone(),
             fwd_packets: c.fwd_packets,
             fwd_bytes: c.fwd_bytes,
             reply_packets: c.reply_packets,
@@ -328,13 +342,13 @@ fn stats(dp: &Datapath, table: &Table, flows: &FlowTable) -> anyhow::Result<Stat
     }
     let counters = stat::NAMES
         .iter()
-        .zip(dp.global_counters()?)
+        .zip(state.dp.global_counters()?)
         .map(|(name, value)| ((*name).to_string(), value))
         .collect();
     Ok(StatsReport {
         mappings,
         counters,
-        active_flows: flows.active,
-        flow_capacity: flows.capacity,
+        active_flows: state.flows.active,
+        flow_capacity: state.flows.capacity,
     })
 }

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -28,14 +28,33 @@ use aya::{
 };
 use log::{info, warn};
 use portmap_common::{
-    DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, MappingCounters, MappingValue, PROTO_UDP,
-    map_names, prog_names, stat,
+    Backend as BackendEntry, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, MAGLEV_SIZE,
+    MaglevTable, MappingCounters, MappingKey, MappingValue, NO_GROUP, PROTO_UDP, addr_words, map_names,
+    prog_names, stat,
 };
 
 use crate::{
     config::{AttachMode, Limits, Timeouts},
+    maglev,
     spec::Mapping,
 };
+
+/// Where the daemon placed a mapping in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// Its `PM_MAPPING_STATS` slot (shared by all its host ports).
+    pub stats_slot: u32,
+    /// For a mapping with several backends: its Maglev table and backend slots.
+    pub group: Option<GroupPlacement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupPlacement {
+    /// Its `PM_MAGLEV` slot.
+    pub group: u32,
+    /// The `PM_BACKENDS` slot of each of its backends, in the mapping's order.
+    pub backend_slots: Vec<u32>,
+}
 
 /// The eBPF object built by build.rs (aya-build) from portmap-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portmap"));
@@ -148,6 +167,8 @@ impl Datapath {
         let ebpf = EbpfLoader::new()
             .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
             .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
+            .map_max_entries(map_names::BACKENDS, limits.max_backends)
+            .map_max_entries(map_names::MAGLEV, limits.max_backend_groups)
             .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -343,24 +364,98 @@ impl Datapath {
         self.ebpf.map(name).with_context(|| format!("map {name} missing"))
     }
 
-    pub fn insert_mapping(&mut self, mapping: &Mapping, stats_slot: u32) -> anyhow::Result<()> {
-        self.reset_slot(stats_slot)?;
-        let value = MappingValue {
-            backend_addr_be: u32::from_ne_bytes(mapping.backend_ip.octets()),
-            backend_port_be: mapping.backend_port.to_be(),
-            _pad: 0,
-            stats_slot,
+    /// Writes a mapping's entries: its backends and Maglev table when it has several, then one
+    /// `PM_MAPPINGS` entry per host port. Entries that exist are replaced (each atomically), so
+    /// this also updates a mapping in place. On an error, what was written stays: the caller
+    /// removes it or writes the previous version back.
+    pub fn insert_mapping(&mut self, mapping: &Mapping, place: &Placement) -> anyhow::Result<()> {
+        let ports = mapping
+            .host_ports
+            .with_context(|| format!("mapping {mapping} has no host port allocated"))?;
+        self.reset_slot(place.stats_slot)?;
+        let group = match (&place.group, mapping.backends.as_slice()) {
+            (None, [_]) => NO_GROUP,
+            (Some(group), backends) if group.backend_slots.len() == backends.len() => {
+                self.write_group(mapping, group)?;
+                group.group
+            }
+            _ => bail!("mapping {mapping}: backend placement does not match its backends"),
         };
-        let mut map: HashMap<_, _, _> = HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
-        map.insert(mapping.map_key(), value, 0)
-            .with_context(|| format!("inserting mapping {mapping}"))
+        let mut map: HashMap<_, MappingKey, MappingValue> =
+            HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
+        for (offset, port) in ports.ports().enumerate() {
+            let offset = offset as u16;
+            let first = &mapping.backends[0];
+            let value = MappingValue {
+                backend_addr: addr_words(first.ip),
+                backend_port_be: first.port_at(offset).to_be(),
+                port_offset: if first.ports.is_single() { 0 } else { offset },
+                group,
+                stats_slot: place.stats_slot,
+                family: mapping.family(),
+                _pad: [0; 3],
+            };
+            map.insert(mapping.map_key(port), value, 0)
+                .with_context(|| format!("inserting port {port} of mapping {mapping}"))?;
+        }
+        Ok(())
     }
 
+    /// Writes a mapping's backends to their `PM_BACKENDS` slots and its Maglev table to its
+    /// `PM_MAGLEV` slot (backends first: the table must only name written backends).
+    fn write_group(&mut self, mapping: &Mapping, group: &GroupPlacement) -> anyhow::Result<()> {
+        let mut backends: Array<_, BackendEntry> = Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+        for (b, &slot) in mapping.backends.iter().zip(&group.backend_slots) {
+            let entry = BackendEntry {
+                addr: addr_words(b.ip),
+                port_be: b.ports.start.to_be(),
+                family: mapping.family(),
+                _pad: 0,
+            };
+            backends
+                .set(slot, entry, 0)
+                .with_context(|| format!("writing backend {b} to slot {slot}"))?;
+        }
+        let members: Vec<maglev::Member> = mapping
+            .backends
+            .iter()
+            .map(|b| maglev::Member {
+                ip: b.ip,
+                port: b.ports.start,
+                weight: b.weight,
+            })
+            .collect();
+        let slots =
+            maglev::table(&members).with_context(|| format!("mapping {mapping}: every weight is 0"))?;
+        let mut table = MaglevTable {
+            backends: [0; MAGLEV_SIZE + 1],
+        };
+        for (dst, member) in table.backends.iter_mut().zip(slots) {
+            *dst = group.backend_slots[member as usize];
+        }
+        table.backends[MAGLEV_SIZE] = table.backends[0];
+        let mut tables: Array<_, MaglevTable> = Array::try_from(self.map_mut(map_names::MAGLEV)?)?;
+        tables
+            .set(group.group, table, 0)
+            .with_context(|| format!("writing the Maglev table of {mapping}"))
+    }
+
+    /// Removes every host port of a mapping; keeps going past a failure and reports the first.
     pub fn remove_mapping(&mut self, mapping: &Mapping) -> anyhow::Result<()> {
-        let mut map: HashMap<_, portmap_common::MappingKey, MappingValue> =
+        let Some(ports) = mapping.host_ports else {
+            return Ok(());
+        };
+        let mut map: HashMap<_, MappingKey, MappingValue> =
             HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
-        map.remove(&mapping.map_key())
-            .with_context(|| format!("removing mapping {mapping}"))
+        let mut first_error = None;
+        for port in ports.ports() {
+            if let Err(e) = map.remove(&mapping.map_key(port))
+                && first_error.is_none()
+            {
+                first_error = Some(anyhow!("removing port {port} of mapping {mapping}: {e}"));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn reset_slot(&mut self, slot: u32) -> anyhow::Result<()> {
@@ -554,12 +649,13 @@ pub struct ExpiryPlan {
 #[must_use]
 pub fn reply_key(forward: &FlowKey, value: &FlowValue) -> FlowKey {
     FlowKey {
-        src_addr_be: value.nat_addr_be,
-        dst_addr_be: forward.src_addr_be,
+        src: value.nat_addr,
+        dst: forward.src,
         src_port_be: value.nat_port_be,
         dst_port_be: forward.src_port_be,
         proto: forward.proto,
-        _pad: [0; 3],
+        family: forward.family,
+        _pad: [0; 2],
     }
 }
 
@@ -665,26 +761,26 @@ mod tests {
         flags: u8,
     ) -> [(FlowKey, FlowValue); 2] {
         let fkey = FlowKey {
-            src_addr_be: 1,
-            dst_addr_be: 2,
+            src: [1, 0, 0, 0],
+            dst: [2, 0, 0, 0],
             src_port_be: client_port,
             dst_port_be: 8080,
             proto,
-            _pad: [0; 3],
+            family: portmap_common::FAMILY_V4,
+            _pad: [0; 2],
         };
         let fval = FlowValue {
             last_seen_ns: fwd_seen,
-            nat_addr_be: 3,
+            nat_addr: [3, 0, 0, 0],
             nat_port_be: 80,
             direction: DIR_FORWARD,
             flags,
             stats_slot: 0,
-            _pad: 0,
         };
         let rkey = reply_key(&fkey, &fval);
         let rval = FlowValue {
             last_seen_ns: reply_seen,
-            nat_addr_be: 2,
+            nat_addr: [2, 0, 0, 0],
             nat_port_be: 8080,
             direction: DIR_REPLY,
             flags: 0,
@@ -728,7 +824,7 @@ mod tests {
             orphan_reply.0,
         ];
         let mut got = plan.delete.clone();
-        let order = |k: &FlowKey| (k.src_addr_be, k.src_port_be, k.dst_port_be, k.proto);
+        let order = |k: &FlowKey| (k.src, k.src_port_be, k.dst_port_be, k.proto);
         want.sort_by_key(order);
         got.sort_by_key(order);
         assert_eq!(got, want);

@@ -4,4 +4,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod maglev;
 pub mod spec;
+pub mod table;

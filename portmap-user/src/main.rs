@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use portmap::{
     config::{self, AttachMode, Config},
     control::{self, Request, Response, StatsReport},
-    daemon,
+    daemon, spec,
 };
 
 #[derive(Parser)]
@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (until SIGTERM/SIGINT).
     Run {
-        /// Configuration file (TOML). Default: /etc/portmap/portmap.toml if it exists.
+        /// Configuration file (TOML, or JSON if it ends in .json). Default:
+        /// /etc/portmap/portmap.toml if it exists.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Client-facing interface (repeatable); replaces the config's `interfaces`.
@@ -44,15 +45,34 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
-    /// Publish a port: [HOST_IP:]HOST_PORT:BACKEND_IP:BACKEND_PORT[/tcp|udp].
-    Add { spec: String },
-    /// Remove a published port (same spec as it was added with).
+    /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
+    /// Without a host port one is allocated from the dynamic range and printed.
+    Add {
+        spec: String,
+        /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable); flows are balanced with Maglev.
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Replace the backends of a published port (same host address and ports); its established
+    /// flows keep their backend until they end.
+    Update {
+        spec: String,
+        /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Remove published ports (the spec as added, or as `list` shows it).
     Del { spec: String },
-    /// List mappings, one per line in `docker port` style.
+    /// List published ports, one line per port in `docker port` style.
     List {
+        /// JSON: `{"mappings": [...]}`, which is also a valid config file (`--config x.json`).
         #[arg(long)]
         json: bool,
     },
+    /// Which host ports lead to a backend: BACKEND_IP[:PORT][/PROTO] (like `docker port`).
+    Port { backend: String },
+    /// Read the config file again and apply its mappings as one change (also on SIGHUP).
+    Reload,
     /// Show per-mapping and global counters.
     Stats {
         #[arg(long)]
@@ -89,40 +109,56 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             redirect_ifaces,
             pin_dir,
         } => {
-            let mut cfg = load_config(config)?;
-            if !ifaces.is_empty() {
-                cfg.interfaces = ifaces;
-            }
-            if !redirect_ifaces.is_empty() {
-                cfg.redirect_interfaces = redirect_ifaces;
-            }
-            if let Some(attach) = attach {
-                cfg.attach = attach;
-            }
-            if let Some(dir) = pin_dir {
-                cfg.pin_dir = dir;
-            }
-            if let Some(socket) = socket {
-                cfg.socket = socket;
-            }
+            let overrides = config::Overrides {
+                interfaces: ifaces,
+                attach,
+                redirect_interfaces: redirect_ifaces,
+                pin_dir,
+                socket,
+            };
+            let (mut cfg, path) = load_config(config)?;
+            overrides.apply(&mut cfg);
             let valid = cfg.validate()?;
+            let reload = path.map(|path| daemon::ReloadSource { path, overrides });
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::run(valid))
+                .block_on(daemon::run(valid, reload))
         }
-        Command::Add { spec } => simple(&client_socket(), &Request::Add { spec }),
+        Command::Add { spec, backends } => simple(
+            &client_socket(),
+            &Request::Add {
+                spec: with_backends(&spec, &backends)?,
+            },
+        ),
+        Command::Update { spec, backends } => simple(
+            &client_socket(),
+            &Request::Update {
+                spec: with_backends(&spec, &backends)?,
+            },
+        ),
         Command::Del { spec } => simple(&client_socket(), &Request::Del { spec }),
-        Command::List { json } => match control::call(&client_socket(), &Request::List)? {
-            Response::Mappings { mappings } if json => print_json(&mappings),
-            Response::Mappings { mappings } => {
-                for m in mappings {
-                    println!("{}", m.docker_line());
-                }
-                Ok(())
+        Command::Reload => simple(&client_socket(), &Request::Reload),
+        Command::List { json } => {
+            let mappings = list(&client_socket())?;
+            if json {
+                return print_json(&serde_json::json!({ "mappings": mappings }));
             }
-            other => unexpected(other),
-        },
+            for m in mappings {
+                for line in m.docker_lines() {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+        Command::Port { backend } => {
+            let lines = spec::port_lines(&list(&client_socket())?, &backend)?;
+            anyhow::ensure!(!lines.is_empty(), "no published port leads to {backend}");
+            for line in lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
         Command::Stats { json } => match control::call(&client_socket(), &Request::Stats)? {
             Response::Stats { stats } if json => print_json(&stats),
             Response::Stats { stats } => {
@@ -134,16 +170,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn load_config(path: Option<PathBuf>) -> anyhow::Result<Config> {
+/// The spec with `--backend` arguments added to its backends, in canonical form.
+fn with_backends(spec: &str, backends: &[String]) -> anyhow::Result<String> {
+    if backends.is_empty() {
+        return Ok(spec.to_string());
+    }
+    let mut mapping = spec::parse(spec)?;
+    for b in backends {
+        mapping
+            .backends
+            .push(spec::parse_backend_arg(b).with_context(|| format!("--backend {b}"))?);
+    }
+    spec::check(&mapping, &mapping.to_string())?;
+    Ok(mapping.to_string())
+}
+
+fn list(socket: &std::path::Path) -> anyhow::Result<Vec<spec::Mapping>> {
+    match control::call(socket, &Request::List)? {
+        Response::Mappings { mappings } => Ok(mappings),
+        other => unexpected(other).map(|()| Vec::new()),
+    }
+}
+
+/// The config, and the file it came from (what `reload` reads again), if any.
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<(Config, Option<PathBuf>)> {
     let (path, required) = match path {
         Some(p) => (p, true),
         None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Config::from_toml(&text).with_context(|| format!("{}", path.display())),
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    if !required && !path.exists() {
+        return Ok((Config::default(), None));
     }
+    Ok((Config::read(&path)?, Some(path)))
 }
 
 fn simple(socket: &std::path::Path, request: &Request) -> anyhow::Result<()> {
@@ -171,12 +229,12 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 fn print_stats(stats: &StatsReport) {
     println!(
         "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",
-        "MAPPING", "FWD_PKTS", "FWD_BYTES", "REPLY_PKTS", "REPLY_BYTES", "FLOWS"
+        "MAPPING (spec)", "FWD_PKTS", "FWD_BYTES", "REPLY_PKTS", "REPLY_BYTES", "FLOWS"
     );
     for m in &stats.mappings {
         println!(
             "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",
-            m.mapping.docker_line(),
+            m.mapping.to_string(),
             m.fwd_packets,
             m.fwd_bytes,
             m.reply_packets,

@@ -9,7 +9,7 @@
 use std::{
     fs::{self, File},
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -227,6 +227,29 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Adds IPv6 to the topology: client fd00::2, host fd00::1 and fd00:1::1, backend
+    /// fd00:1::2 (no duplicate address detection), default routes, and forwarding on the host.
+    pub fn enable_ipv6(&self) -> anyhow::Result<()> {
+        let backend_side = if self.link == BackendLink::Bridge {
+            BRIDGE
+        } else {
+            HOST_BACKEND_IFACE
+        };
+        self.client
+            .ip(&["addr", "add", "fd00::2/64", "dev", "c0", "nodad"])?;
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", "fd00::1"])?;
+        self.host
+            .ip(&["addr", "add", "fd00::1/64", "dev", HOST_CLIENT_IFACE, "nodad"])?;
+        self.host
+            .ip(&["addr", "add", "fd00:1::1/64", "dev", backend_side, "nodad"])?;
+        self.backend
+            .ip(&["addr", "add", "fd00:1::2/64", "dev", "b0", "nodad"])?;
+        self.backend
+            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+        self.host.sysctl("net/ipv6/conf/all/forwarding", "1")
+    }
+
     /// Sets the MTU of every link of the topology (veth ends and the bridge).
     pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
         let mtu = mtu.to_string();
@@ -436,11 +459,17 @@ pub fn payload(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// What the TCP server saw.
+/// What the TCP server saw of one connection (IPv4 peers as IPv4, not IPv4-mapped IPv6).
 #[derive(Debug)]
 pub struct TcpServed {
     pub peer: SocketAddr,
+    /// The address the client reached (which backend address, when the namespace has several).
+    pub local: SocketAddr,
     pub received: Vec<u8>,
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 fn accept_with_deadline(listener: &TcpListener) -> anyhow::Result<(TcpStream, SocketAddr)> {
@@ -460,24 +489,47 @@ fn accept_with_deadline(listener: &TcpListener) -> anyhow::Result<(TcpStream, So
     }
 }
 
-/// A TCP server in `ns` on `port` that serves one connection: reads until the client shuts down
-/// its side, then answers with `reply` and closes. Listening when this returns.
+/// A TCP server in `ns` on `port` (IPv4 and IPv6) that serves one connection: reads until the
+/// client shuts down its side, then answers with `reply` and closes. Listening when this returns.
 pub fn tcp_server(
     ns: &Netns,
     port: u16,
     reply: Vec<u8>,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<TcpServed>>> {
+    let served = tcp_server_n(ns, port, 1, reply)?;
+    Ok(thread::spawn(move || {
+        let mut all = served.join().map_err(|_| anyhow!("tcp server panicked"))??;
+        all.pop().context("no connection served")
+    }))
+}
+
+/// `tcp_server` for `count` connections, one after the other.
+pub fn tcp_server_n(
+    ns: &Netns,
+    port: u16,
+    count: usize,
+    reply: Vec<u8>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<Vec<TcpServed>>>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = ns.spawn(move || {
-        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+        let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port));
         let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
-        let (mut stream, peer) = accept_with_deadline(&listener?)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let mut received = Vec::new();
-        stream.read_to_end(&mut received)?;
-        stream.write_all(&reply)?;
-        Ok(TcpServed { peer, received })
+        let listener = listener?;
+        let mut served = Vec::new();
+        for _ in 0..count {
+            let (mut stream, peer) = accept_with_deadline(&listener)?;
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            stream.set_write_timeout(Some(IO_TIMEOUT))?;
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received)?;
+            stream.write_all(&reply)?;
+            served.push(TcpServed {
+                peer: canonical(peer),
+                local: canonical(stream.local_addr()?),
+                received,
+            });
+        }
+        Ok(served)
     })?;
     ready_rx
         .recv()?
@@ -486,10 +538,10 @@ pub fn tcp_server(
 }
 
 /// Connects from `ns` to `dst`, sends `data`, half-closes, and returns everything received.
-pub fn tcp_exchange(ns: &Netns, dst: SocketAddrV4, data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+pub fn tcp_exchange(ns: &Netns, dst: impl Into<SocketAddr>, data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let dst = dst.into();
     ns.run(move || {
-        let mut s =
-            TcpStream::connect_timeout(&dst.into(), IO_TIMEOUT).with_context(|| format!("connect {dst}"))?;
+        let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT).with_context(|| format!("connect {dst}"))?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         s.set_write_timeout(Some(IO_TIMEOUT))?;
         s.write_all(&data)?;
@@ -501,16 +553,59 @@ pub fn tcp_exchange(ns: &Netns, dst: SocketAddrV4, data: Vec<u8>) -> anyhow::Res
 }
 
 /// Tries a TCP connection from `ns`; returns the error kind if it fails (e.g. ConnectionRefused).
-pub fn tcp_connect_result(ns: &Netns, dst: SocketAddrV4) -> anyhow::Result<Result<(), std::io::ErrorKind>> {
+pub fn tcp_connect_result(
+    ns: &Netns,
+    dst: impl Into<SocketAddr>,
+) -> anyhow::Result<Result<(), std::io::ErrorKind>> {
+    let dst = dst.into();
     ns.run(move || {
-        Ok(TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3))
+        Ok(TcpStream::connect_timeout(&dst, Duration::from_secs(3))
             .map(drop)
             .map_err(|e| e.kind()))
     })
 }
 
-/// A UDP server in `ns` that answers `count` datagrams with their bytes reversed and returns the
-/// peers it saw. Bound when this returns.
+/// A socket bound in a namespace for as long as this guard lives (a "local listener" of a host).
+pub struct Bound {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Bound {
+    /// A TCP listener (`tcp`) or a UDP socket bound to `addr` in `ns`.
+    pub fn new(ns: &Netns, addr: SocketAddr, tcp: bool) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = ns.spawn(move || {
+            let bound = if tcp {
+                TcpListener::bind(addr).map(|l| Box::new(l) as Box<dyn Send>)
+            } else {
+                UdpSocket::bind(addr).map(|s| Box::new(s) as Box<dyn Send>)
+            };
+            let _ = ready_tx.send(bound.as_ref().map(drop).map_err(|e| e.to_string()));
+            let _socket = bound?;
+            let _ = stop_rx.recv();
+            Ok(())
+        })?;
+        ready_rx.recv()?.map_err(|e| anyhow!("binding {addr}: {e}"))?;
+        Ok(Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP server in `ns` (IPv4 and IPv6) that answers `count` datagrams with their bytes reversed
+/// and returns the peers it saw. Bound when this returns.
 pub fn udp_server(
     ns: &Netns,
     port: u16,
@@ -518,7 +613,7 @@ pub fn udp_server(
 ) -> anyhow::Result<JoinHandle<anyhow::Result<Vec<SocketAddr>>>> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = ns.spawn(move || {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port));
+        let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port));
         let _ = ready_tx.send(sock.as_ref().map(drop).map_err(|e| e.to_string()));
         let sock = sock?;
         sock.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -529,7 +624,7 @@ pub fn udp_server(
             let mut answer = buf[..n].to_vec();
             answer.reverse();
             sock.send_to(&answer, peer)?;
-            peers.push(peer);
+            peers.push(canonical(peer));
         }
         Ok(peers)
     })?;
@@ -541,9 +636,20 @@ pub fn udp_server(
 
 /// Sends `count` datagrams of `size` bytes from one socket in `ns` to `dst`, one at a time, and
 /// checks each answer; returns the address the answers came from.
-pub fn udp_exchange(ns: &Netns, dst: SocketAddrV4, count: usize, size: usize) -> anyhow::Result<SocketAddr> {
+pub fn udp_exchange(
+    ns: &Netns,
+    dst: impl Into<SocketAddr>,
+    count: usize,
+    size: usize,
+) -> anyhow::Result<SocketAddr> {
+    let dst = dst.into();
     ns.run(move || {
-        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let any: SocketAddr = if dst.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = UdpSocket::bind(any)?;
         sock.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut from = None;
         let mut buf = vec![0u8; 65_536];

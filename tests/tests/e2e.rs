@@ -53,7 +53,10 @@ fn counter(stats: &Value, name: &str) -> u64 {
 fn mapping(stats: &Value, host_port: u16) -> &Value {
     stats["mappings"]
         .as_array()
-        .and_then(|all| all.iter().find(|m| m["mapping"]["host_port"] == host_port))
+        .and_then(|all| {
+            all.iter()
+                .find(|m| m["mapping"]["host_ports"]["start"] == host_port)
+        })
         .unwrap_or_else(|| panic!("no mapping for port {host_port} in {stats}"))
 }
 
@@ -265,21 +268,21 @@ fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
         ),
         (
             vec!["add", "8080:198.18.1:80"],
-            "backend address '198.18.1' is not an IPv4 address",
+            "backend address '198.18.1' is not an IP address",
         ),
         (vec!["add", "8081:198.18.1.2:80/icmp"], "unknown protocol 'icmp'"),
         (vec!["add", "garbage"], "'garbage' does not match"),
         (
             vec!["add", "8080:198.18.1.3:81"],
-            "port is already allocated: 0.0.0.0:8080/tcp already maps to 198.18.1.2:80",
+            "port is already allocated: '8080:198.18.1.3:81/tcp' overlaps '8080:198.18.1.2:80/tcp'",
         ),
         (
             vec!["del", "9999:198.18.1.2:80"],
-            "no mapping 9999:198.18.1.2:80/tcp",
+            "no mapping '9999:198.18.1.2:80/tcp'",
         ),
         (
             vec!["del", "8080:198.18.1.9:80"],
-            "0.0.0.0:8080/tcp maps to 198.18.1.2:80, not 198.18.1.9:80",
+            "no mapping '8080:198.18.1.9:80/tcp'; its host port is published as '8080:198.18.1.2:80/tcp'",
         ),
     ];
     for (args, want) in cases {
@@ -293,7 +296,7 @@ fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     }
     assert_eq!(daemon.cli_ok(&["list"])?, "198.18.1.2:80/tcp -> 0.0.0.0:8080\n");
     let json: Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
-    assert_eq!(json[0]["backend_ip"], "198.18.1.2");
+    assert_eq!(json["mappings"][0]["backends"][0]["ip"], "198.18.1.2");
     Ok(())
 }
 
@@ -324,11 +327,13 @@ fn bad_config_is_rejected_whole() -> anyhow::Result<()> {
     .context("daemon started")?;
     let err = format!("{err:#}");
     assert!(
-        err.contains("mappings[1] '8080:198.18.1.3:80' binds 0.0.0.0:8080/tcp"),
+        err.contains(
+            "mappings[1] '8080:198.18.1.3:80': port is already allocated by mappings[0] '8080:198.18.1.2:80'"
+        ),
         "{err}"
     );
     assert_eq!(
-        err.matches("already bound by").count(),
+        err.matches("already allocated").count(),
         1,
         "cause printed once: {err}"
     );

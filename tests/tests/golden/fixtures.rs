@@ -3,16 +3,16 @@
 //! `expected_action`), the exact output frame, and the conntrack table it leaves.
 //! Adding a case is adding a row to `rows()`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
-use portmap::datapath::Hook;
-use portmap_common::stat;
+use portmap::{datapath::Hook, maglev};
+use portmap_common::{addr_words, flow_hash, maglev_slot, stat};
 
 use crate::{
-    BACKEND, CLIENT, FlowEntry, Golden, HOST, diff, expected_action, outcome,
+    BACKEND, BACKEND6, CLIENT, CLIENT6, FlowEntry, Golden, HOST, HOST6, diff, expected_action, outcome,
     packets::{
-        ACK, FIN, Fragment, Frame, PSH, RST, SYN, arp_request, checksums, ipv6_tcp_syn, mutate, qinq_udp,
+        ACK, FIN, Fragment, Frame, PSH, RST, SYN, arp_request, checksums, icmpv6_echo, mutate, qinq_udp,
     },
 };
 
@@ -88,21 +88,39 @@ impl Row {
 /// One flow's two conntrack entries, as `conntrack::create` records them.
 struct Flow {
     proto: u8,
-    client: (Ipv4Addr, u16),
-    host: (Ipv4Addr, u16),
-    backend: (Ipv4Addr, u16),
+    client: (IpAddr, u16),
+    host: (IpAddr, u16),
+    backend: (IpAddr, u16),
     slot: u32,
     closing_forward: bool,
     closing_reply: bool,
 }
 
 impl Flow {
+    fn new(
+        proto: u8,
+        client: (impl Into<IpAddr>, u16),
+        host: (impl Into<IpAddr>, u16),
+        backend: (impl Into<IpAddr>, u16),
+        slot: u32,
+    ) -> Self {
+        Self {
+            proto,
+            client: (client.0.into(), client.1),
+            host: (host.0.into(), host.1),
+            backend: (backend.0.into(), backend.1),
+            slot,
+            closing_forward: false,
+            closing_reply: false,
+        }
+    }
+
     fn tcp(host_port: u16, backend: (Ipv4Addr, u16), slot: u32) -> Self {
         Self {
             proto: 6,
-            client: (CLIENT, CLIENT_PORT),
-            host: (HOST, host_port),
-            backend,
+            client: (CLIENT.into(), CLIENT_PORT),
+            host: (HOST.into(), host_port),
+            backend: (backend.0.into(), backend.1),
             slot,
             closing_forward: false,
             closing_reply: false,
@@ -302,7 +320,7 @@ pub fn rows() -> Vec<Row> {
         )
         .new_flow(
             Flow {
-                host: (Ipv4Addr::new(198, 18, 0, 77), UDP_PORT),
+                host: (Ipv4Addr::new(198, 18, 0, 77).into(), UDP_PORT),
                 ..Flow::dns()
             }
             .entries(),
@@ -347,12 +365,6 @@ pub fn rows() -> Vec<Row> {
             "ARP request for the host address: not ours, untouched",
             INGRESS,
             arp_request(CLIENT, HOST),
-            stat::PASS_NOT_OURS,
-        ),
-        Row::untouched(
-            "IPv6 TCP SYN to the published port number: not ours, untouched",
-            INGRESS,
-            ipv6_tcp_syn(TCP_PORT),
             stat::PASS_NOT_OURS,
         ),
         Row::untouched(
@@ -532,6 +544,8 @@ pub fn rows() -> Vec<Row> {
         )
         .new_flow(Flow::tcp(8085, (Ipv4Addr::new(198, 18, 2, 2), 80), 5).entries()),
     ];
+    rows.extend(ipv6_rows());
+    rows.extend(sctp_range_and_maglev_rows());
     for ihl in 6..=15 {
         rows.push(
             Row::rewritten(
@@ -545,6 +559,183 @@ pub fn rows() -> Vec<Row> {
         );
     }
     rows
+}
+
+fn ipv6_rows() -> Vec<Row> {
+    let client6 = (CLIENT6, CLIENT_PORT);
+    let web6 = |flags| Frame::tcp(client6, (HOST6, TCP_PORT), flags);
+    let web6_flow = || Flow::new(6, client6, (HOST6, TCP_PORT), (BACKEND6, 80), 6);
+    let dns6 = || Frame::udp(client6, (HOST6, UDP_PORT)).payload(40);
+    let dns6_flow = || Flow::new(17, client6, (HOST6, UDP_PORT), (BACKEND6, 81), 7);
+    vec![
+        Row::rewritten(
+            "IPv6 tcp SYN to a published address: destination rewritten (no IP checksum; pseudo-header in TCP's), hop limit - 1, redirected",
+            INGRESS,
+            web6(SYN).build(),
+            stat::FWD_REDIRECT,
+            web6(SYN).dnat(BACKEND6, 80).routed_to_backend().build(),
+        )
+        .new_flow(web6_flow().entries()),
+        Row::rewritten(
+            "IPv6 tcp SYN-ACK from the backend: source restored",
+            EGRESS,
+            Frame::tcp((BACKEND6, 80), client6, SYN | ACK).sent_by_backend().build(),
+            stat::REPLY_NAT,
+            Frame::tcp((BACKEND6, 80), client6, SYN | ACK)
+                .sent_by_backend()
+                .snat(HOST6, TCP_PORT)
+                .build(),
+        )
+        .after(vec![web6(SYN).build()])
+        .leaves(web6_flow().entries()),
+        Row::rewritten(
+            "IPv6 udp to a port bound on every address ([::]): rewritten and redirected",
+            INGRESS,
+            dns6().build(),
+            stat::FWD_REDIRECT,
+            dns6().dnat(BACKEND6, 81).routed_to_backend().build(),
+        )
+        .new_flow(dns6_flow().entries()),
+        Row::rewritten(
+            "IPv6 udp reply: source restored",
+            EGRESS,
+            Frame::udp((BACKEND6, 81), client6).payload(9).sent_by_backend().build(),
+            stat::REPLY_NAT,
+            Frame::udp((BACKEND6, 81), client6)
+                .payload(9)
+                .sent_by_backend()
+                .snat(HOST6, UDP_PORT)
+                .build(),
+        )
+        .after(vec![dns6().build()])
+        .leaves(dns6_flow().entries()),
+        Row::rewritten(
+            "IPv6 with a hop-by-hop options header: skipped, rewritten, header kept",
+            INGRESS,
+            web6(SYN).hop_by_hop(16).build(),
+            stat::FWD_REDIRECT,
+            web6(SYN).hop_by_hop(16).dnat(BACKEND6, 80).routed_to_backend().build(),
+        )
+        .new_flow(web6_flow().entries()),
+        Row::rewritten(
+            "IPv6 hop limit 1: rewritten, handed to the kernel (Time Exceeded)",
+            INGRESS,
+            web6(SYN).ttl(1).build(),
+            stat::FWD_STACK,
+            web6(SYN).ttl(1).dnat(BACKEND6, 80).build(),
+        )
+        .new_flow(web6_flow().entries()),
+        Row::untouched(
+            "IPv6 fragment header (first fragment): left to the kernel, untouched",
+            INGRESS,
+            web6(SYN).fragment(Fragment::First).build(),
+            stat::PASS_FRAGMENT,
+        ),
+        Row::untouched(
+            "IPv6 routing header: not ours (the destination is not final), untouched",
+            INGRESS,
+            web6(SYN).routing_header().build(),
+            stat::PASS_NOT_OURS,
+        ),
+        Row::untouched(
+            "IPv6 payload length beyond the frame: dropped",
+            INGRESS,
+            mutate::ipv6_payload_length(web6(SYN).build(), 21),
+            stat::DROP_MALFORMED,
+        ),
+        Row::untouched(
+            "IPv6 tcp to an unmapped port: untouched",
+            INGRESS,
+            Frame::tcp(client6, (HOST6, 9999), SYN).build(),
+            stat::PASS_NO_MAPPING,
+        ),
+        Row::untouched(
+            "IPv6 tcp to the published port on another address (mapping bound to fd00::1): untouched",
+            INGRESS,
+            Frame::tcp(client6, ("fd00::77".parse::<Ipv6Addr>().expect("address"), TCP_PORT), SYN).build(),
+            stat::PASS_NO_MAPPING,
+        ),
+        Row::untouched(
+            "ICMPv6 echo request to the host address: untouched",
+            INGRESS,
+            icmpv6_echo(CLIENT6, HOST6),
+            stat::PASS_NOT_OURS,
+        ),
+    ]
+}
+
+/// The backend mapping 9's Maglev table gives a client, computed from the table the daemon
+/// writes and the datapath's flow hash.
+fn maglev_backend(client: (Ipv4Addr, u16)) -> (Ipv4Addr, u16) {
+    let members: Vec<maglev::Member> = [Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 1, 4)]
+        .into_iter()
+        .map(|ip| maglev::Member {
+            ip: ip.into(),
+            port: 80,
+            weight: 1,
+        })
+        .collect();
+    let table = maglev::table(&members).expect("weights");
+    let hash = flow_hash(&addr_words(client.0.into()), client.1.to_be(), 6);
+    let chosen = members[table[maglev_slot(hash)] as usize];
+    let IpAddr::V4(ip) = chosen.ip else {
+        unreachable!("IPv4 members")
+    };
+    (ip, chosen.port)
+}
+
+fn sctp_range_and_maglev_rows() -> Vec<Row> {
+    let init = || Frame::sctp(client(), to_host(9999)).payload(8);
+    let sctp_flow = || Flow::new(132, client(), to_host(9999), (BACKEND, 9999), 8);
+    let range = || Frame::udp(client(), to_host(9005)).payload(12);
+    let balanced = maglev_backend(client());
+    vec![
+        Row::rewritten(
+            "SCTP INIT to a published port: only the address (and IPv4 checksum) changes, CRC32c stays valid",
+            INGRESS,
+            init().build(),
+            stat::FWD_REDIRECT,
+            init().dnat(BACKEND, 9999).routed_to_backend().build(),
+        )
+        .new_flow(sctp_flow().entries()),
+        Row::rewritten(
+            "SCTP from the backend: source address restored",
+            EGRESS,
+            Frame::sctp((BACKEND, 9999), client()).sent_by_backend().build(),
+            stat::REPLY_NAT,
+            Frame::sctp((BACKEND, 9999), client())
+                .sent_by_backend()
+                .snat(HOST, 9999)
+                .build(),
+        )
+        .after(vec![init().build()])
+        .leaves(sctp_flow().entries()),
+        Row::untouched(
+            "SCTP to an unmapped port: untouched",
+            INGRESS,
+            Frame::sctp(client(), to_host(9998)).build(),
+            stat::PASS_NO_MAPPING,
+        ),
+        Row::rewritten(
+            "udp to port 9005 of the range 9000-9009: to backend port 7005",
+            INGRESS,
+            range().build(),
+            stat::FWD_REDIRECT,
+            range().dnat(BACKEND, 7005).routed_to_backend().build(),
+        )
+        .new_flow(Flow::new(17, client(), to_host(9005), (BACKEND, 7005), 10).entries()),
+        Row::rewritten(
+            "tcp SYN to a port with two backends: to the one its Maglev slot names",
+            INGRESS,
+            Frame::tcp(client(), to_host(8090), SYN).build(),
+            stat::FWD_REDIRECT,
+            Frame::tcp(client(), to_host(8090), SYN)
+                .dnat(balanced.0, balanced.1)
+                .routed_to_backend()
+                .build(),
+        )
+        .new_flow(Flow::new(6, client(), to_host(8090), balanced, 9).entries()),
+    ]
 }
 
 /// Runs one row on one hook from an empty conntrack table; an error names what differed.

@@ -15,7 +15,10 @@
 //! and `PORTMAP_FUZZ_SEED` (default: random, printed, and named in any failure) from the
 //! environment. An input that breaks an invariant is printed in hex; it becomes a fixture row.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context as _, bail, ensure};
 use portmap::{datapath::Hook, spec};
@@ -23,7 +26,8 @@ use portmap_common::stat;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::{
-    BACKEND, CLIENT, Golden, HOST, MAPPINGS, Run, expected_action, fixtures, hex, outcome,
+    BACKEND, BACKEND6, CLIENT, CLIENT6, Golden, HOST, HOST6, MAPPINGS, Run, expected_action, fixtures, hex,
+    outcome,
     packets::{ETH_LEN, Fragment, Frame, backend_macs, checksums, fix_checksums, layout},
 };
 
@@ -32,7 +36,7 @@ const HOOKS: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
 /// What the configured mappings allow a rewrite to produce.
 struct Targets {
     /// (addr, port) a forward rewrite may set as destination.
-    backends: BTreeSet<(Ipv4Addr, u16)>,
+    backends: BTreeSet<(IpAddr, u16)>,
     /// Ports a reply rewrite may set as source.
     host_ports: BTreeSet<u16>,
 }
@@ -43,19 +47,34 @@ impl Targets {
             .iter()
             .map(|s| spec::parse(s))
             .collect::<Result<_, _>>()?;
-        Ok(Self {
-            backends: mappings.iter().map(|m| (m.backend_ip, m.backend_port)).collect(),
-            host_ports: mappings.iter().map(|m| m.host_port).collect(),
-        })
+        let mut targets = Self {
+            backends: BTreeSet::new(),
+            host_ports: BTreeSet::new(),
+        };
+        for m in &mappings {
+            let ports = m.host_ports.context("golden mappings have host ports")?;
+            for (offset, port) in ports.ports().enumerate() {
+                targets.host_ports.insert(port);
+                for b in &m.backends {
+                    targets.backends.insert((b.ip, b.port_at(offset as u16)));
+                }
+            }
+        }
+        Ok(targets)
     }
-}
-
-fn addr_at(frame: &[u8], off: usize) -> Ipv4Addr {
-    Ipv4Addr::new(frame[off], frame[off + 1], frame[off + 2], frame[off + 3])
 }
 
 fn port_at(frame: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([frame[off], frame[off + 1]])
+}
+
+fn addr_at(frame: &[u8], off: usize, len: usize) -> IpAddr {
+    if len == 16 {
+        let octets: [u8; 16] = frame[off..off + 16].try_into().expect("16 bytes");
+        IpAddr::from(octets)
+    } else {
+        IpAddr::from([frame[off], frame[off + 1], frame[off + 2], frame[off + 3]])
+    }
 }
 
 /// Checks invariants 1–5 (module docs) for one run; returns the counter it was recorded under.
@@ -93,27 +112,24 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
         return Ok(code);
     }
 
-    let l = layout(input).context("rewrote a frame that is not well-formed IPv4")?;
-    let l4 =
-        l.l4.context("rewrote a packet without a complete TCP/UDP header")?;
-    let check = l4 + if l.proto == 6 { 16 } else { 6 };
+    let l = layout(input).context("rewrote a frame that is not well-formed IP")?;
+    let l4 = l.l4.context("rewrote a packet without a complete L4 header")?;
     let redirected = code == stat::FWD_REDIRECT;
-    let (addr_off, port_off) = if egress {
-        (l.l3 + 12, l4)
-    } else {
-        (l.l3 + 16, l4 + 2)
-    };
+    let (src, dst, addr_len) = l.addrs();
+    let (addr_off, port_off) = if egress { (src, l4) } else { (dst, l4 + 2) };
+    let check = l.l4_check();
     let allowed = |i: usize| {
-        (addr_off..addr_off + 4).contains(&i)
-            || (port_off..port_off + 2).contains(&i)
-            || (l.l3 + 10..l.l3 + 12).contains(&i)
-            || (check..check + 2).contains(&i)
-            || (redirected && (i < 12 || i == l.l3 + 8))
+        (addr_off..addr_off + addr_len).contains(&i)
+            // SCTP keeps its ports (its CRC32c covers them).
+            || (check.is_some() && (port_off..port_off + 2).contains(&i))
+            || (!l.v6 && (l.l3 + 10..l.l3 + 12).contains(&i))
+            || check.is_some_and(|c| (c..c + 2).contains(&i))
+            || (redirected && (i < 12 || i == l.ttl()))
     };
     if let Some(i) = (0..out.len()).find(|&i| out[i] != input[i] && !allowed(i)) {
         bail!("{name}: byte {i} changed, which a rewrite must not touch");
     }
-    let target = (addr_at(out, addr_off), port_at(out, port_off));
+    let target = (addr_at(out, addr_off, addr_len), port_at(out, port_off));
     if egress {
         ensure!(
             targets.host_ports.contains(&target.1),
@@ -133,7 +149,7 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
             "redirected with MACs {}",
             hex(&out[..12])
         );
-        ensure!(out[l.l3 + 8] + 1 == input[l.l3 + 8], "TTL not decremented by one");
+        ensure!(out[l.ttl()] + 1 == input[l.ttl()], "TTL not decremented by one");
     }
     let (before, after) = (checksums(input), checksums(out));
     ensure!(
@@ -246,6 +262,7 @@ pub fn every_prefix(g: &mut Golden) -> anyhow::Result<String> {
 /// and flows use, so that many packets hit mappings and flows; checksums valid.
 fn generated(rng: &mut StdRng) -> Vec<u8> {
     let reply = rng.random_bool(0.3);
+    let v6 = rng.random_bool(0.3);
     let pick = |rng: &mut StdRng, known: &[u16]| {
         if rng.random_bool(0.8) {
             known[rng.random_range(0..known.len())]
@@ -254,41 +271,52 @@ fn generated(rng: &mut StdRng) -> Vec<u8> {
         }
     };
     let client_port = pick(rng, &[40_000, 40_001, 40_002]);
-    let (src, dst) = if reply {
-        let backend = [
-            BACKEND,
-            BACKEND,
-            Ipv4Addr::new(198, 18, 1, 3),
-            Ipv4Addr::new(198, 18, 2, 2),
-        ][rng.random_range(0..4)];
-        ((backend, pick(rng, &[80, 81, 8082])), (CLIENT, client_port))
-    } else {
-        let to = if rng.random_bool(0.8) {
-            HOST
+    let client: IpAddr = if v6 { CLIENT6.into() } else { CLIENT.into() };
+    let (src, dst): ((IpAddr, u16), (IpAddr, u16)) = if reply {
+        let backends: [IpAddr; 4] = if v6 {
+            [BACKEND6.into(); 4]
         } else {
-            Ipv4Addr::from(rng.random::<u32>())
+            [
+                BACKEND.into(),
+                Ipv4Addr::new(198, 18, 1, 4).into(),
+                Ipv4Addr::new(198, 18, 1, 3).into(),
+                Ipv4Addr::new(198, 18, 2, 2).into(),
+            ]
         };
+        let backend = backends[rng.random_range(0..4)];
         (
-            (CLIENT, client_port),
-            (to, pick(rng, &[8080, 8081, 8082, 8083, 8084, 8085])),
+            (backend, pick(rng, &[80, 81, 8082, 9999, 7005])),
+            (client, client_port),
         )
-    };
-    let mut frame = if rng.random_bool(0.5) {
-        Frame::tcp(src, dst, rng.random::<u8>() & 0x3f)
     } else {
-        Frame::udp(src, dst)
+        let to: IpAddr = match (v6, rng.random_bool(0.8)) {
+            (false, true) => HOST.into(),
+            (false, false) => Ipv4Addr::from(rng.random::<u32>()).into(),
+            (true, true) => HOST6.into(),
+            (true, false) => Ipv6Addr::from(rng.random::<u128>()).into(),
+        };
+        let ports = [8080, 8081, 8082, 8083, 8084, 8085, 8090, 9005, 9999];
+        ((client, client_port), (to, pick(rng, &ports)))
+    };
+    let mut frame = match rng.random_range(0..10) {
+        0..=4 => Frame::tcp(src, dst, rng.random::<u8>() & 0x3f),
+        5..=8 => Frame::udp(src, dst),
+        _ => Frame::sctp(src, dst),
     };
     if reply {
         frame = frame.sent_by_backend();
     }
-    frame = frame
-        .ttl(rng.random())
-        .ihl(if rng.random_bool(0.8) {
-            5
-        } else {
-            rng.random_range(5..=15)
-        })
-        .payload(rng.random_range(0..64));
+    frame = frame.ttl(rng.random()).payload(rng.random_range(0..64));
+    if v6 {
+        if rng.random_bool(0.1) {
+            frame = frame.hop_by_hop(8 * rng.random_range(1..4));
+        }
+        if rng.random_bool(0.03) {
+            frame = frame.routing_header();
+        }
+    } else if rng.random_bool(0.2) {
+        frame = frame.ihl(rng.random_range(5..=15));
+    }
     if rng.random_bool(0.1) {
         frame = frame.vlan(rng.random_range(1..4095));
     }

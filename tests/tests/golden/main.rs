@@ -8,8 +8,10 @@
 //! ```text
 //! (c0) ── h0 198.18.0.1/24 02:00:00:00:00:01   [client side: every program runs "on" h0]
 //! (b0) ── h1 198.18.1.1/24 02:00:00:00:01:01   MTU 9000, neighbour 198.18.1.2 = 02:00:00:00:01:02
+//!            fd00:1::1/64                       neighbours 198.18.1.4 and fd00:1::2 = the same MAC
 //! (d0) ── h2 198.18.2.1/24 02:00:00:00:02:01   MTU 1500, neighbour 198.18.2.2 = 02:00:00:00:02:02
-//!         blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;  ip_forward = 1
+//!         h0 also has fd00::1/64;  blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;
+//!         IPv4 and IPv6 forwarding on
 //! ```
 //!
 //! - `fixtures`: the table of rows (input, expected verdict, counter, output bytes, conntrack).
@@ -19,19 +21,23 @@ mod fixtures;
 mod hostile;
 mod packets;
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context as _, ensure};
 use portmap::{
-    config::Limits,
+    config::{DEFAULT_DYNAMIC_PORTS, Limits},
     datapath::{Datapath, Hook, TestRunOutput},
     spec,
+    table::{Capacity, Table},
 };
-use portmap_common::{DIR_FORWARD, FlowValue, stat};
+use portmap_common::{DIR_FORWARD, FlowValue, stat, words_addr};
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
-pub const MAPPINGS: [&str; 6] = [
+pub const MAPPINGS: [&str; 11] = [
     // 0: bound to one host address.
     "198.18.0.1:8080:198.18.1.2:80/tcp",
     // 1: bound to every address (0.0.0.0).
@@ -44,11 +50,24 @@ pub const MAPPINGS: [&str; 6] = [
     "198.18.0.1:8084:198.18.1.2:80/tcp",
     // 5: a backend behind a 1500-byte MTU link (the others have 9000).
     "198.18.0.1:8085:198.18.2.2:80/tcp",
+    // 6: IPv6, bound to one address.
+    "[fd00::1]:8080:[fd00:1::2]:80/tcp",
+    // 7: IPv6, bound to every address ([::]).
+    "8081:[fd00:1::2]:81/udp",
+    // 8: SCTP (the port is kept).
+    "9999:198.18.1.2:9999/sctp",
+    // 9: two backends, balanced by Maglev.
+    "198.18.0.1:8090:198.18.1.2:80,198.18.1.4:80",
+    // 10: a port range onto a port range.
+    "9000-9009:198.18.1.2:7000-7009/udp",
 ];
 
 pub const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+pub const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2);
 
 /// Conntrack capacity of the golden datapath (the fuzzer creates many flows; the LRU recycles).
 const CONNTRACK_ENTRIES: u32 = 16_384;
@@ -79,13 +98,20 @@ pub fn with_golden<T: Send + 'static>(
         &["addr", "add", "198.18.0.1/24", "dev", "h0"],
         &["addr", "add", "198.18.1.1/24", "dev", "h1"],
         &["addr", "add", "198.18.2.1/24", "dev", "h2"],
+        &["addr", "add", "fd00::1/64", "dev", "h0", "nodad"],
+        &["addr", "add", "fd00:1::1/64", "dev", "h1", "nodad"],
     ] {
         ns.ip(args)?;
     }
     for dev in ["c0", "b0", "d0", "h0", "h1", "h2"] {
         ns.ip(&["link", "set", dev, "up"])?;
     }
-    for (addr, lladdr, dev) in [("198.18.1.2", &backend, "h1"), ("198.18.2.2", &backend2, "h2")] {
+    for (addr, lladdr, dev) in [
+        ("198.18.1.2", &backend, "h1"),
+        ("198.18.1.4", &backend, "h1"),
+        ("fd00:1::2", &backend, "h1"),
+        ("198.18.2.2", &backend2, "h2"),
+    ] {
         ns.ip(&[
             "neigh",
             "replace",
@@ -100,6 +126,7 @@ pub fn with_golden<T: Send + 'static>(
     }
     ns.ip(&["route", "add", "blackhole", "198.18.9.0/24"])?;
     ns.sysctl("net/ipv4/ip_forward", "1")?;
+    ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
     let result = ns.run(move || {
         let mut golden = Golden::load()?;
         f(&mut golden)
@@ -110,6 +137,8 @@ pub fn with_golden<T: Send + 'static>(
 
 pub struct Golden {
     pub dp: Datapath,
+    /// The daemon's table that placed `MAPPINGS` (for updates).
+    pub table: Table,
     /// The client-facing device every program runs on.
     pub client_ifindex: u32,
 }
@@ -126,18 +155,29 @@ impl Golden {
         let limits = Limits {
             max_mappings: 64,
             conntrack_entries: CONNTRACK_ENTRIES,
+            max_backends: 64,
+            max_backend_groups: 8,
         };
         let mut dp = Datapath::load_unpinned(&limits)?;
-        for (slot, spec) in MAPPINGS.iter().enumerate() {
-            let mapping = spec::parse(spec)?;
-            dp.insert_mapping(&mapping, u32::try_from(slot)?)?;
-        }
+        // The daemon's own table places the mappings (stats slot = index in MAPPINGS).
+        let mappings = MAPPINGS
+            .iter()
+            .map(|s| spec::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let capacity = Capacity {
+            ports: limits.max_mappings,
+            groups: limits.max_backend_groups,
+            backends: limits.max_backends,
+        };
+        let mut table = Table::new(capacity, DEFAULT_DYNAMIC_PORTS);
+        table.apply(&mut dp, &mappings, &[])?;
         let index =
             |name: &str| nix::net::if_::if_nametoindex(name).with_context(|| format!("ifindex of {name}"));
         dp.allow_xdp_redirect(index("h1")?)?;
         dp.allow_xdp_redirect(index("h2")?)?;
         Ok(Self {
             dp,
+            table,
             client_ifindex: index("h0")?,
         })
     }
@@ -160,19 +200,10 @@ impl Golden {
             .flows()?
             .into_iter()
             .map(|(k, v)| FlowEntry {
-                src: (
-                    Ipv4Addr::from(k.src_addr_be.to_ne_bytes()),
-                    u16::from_be(k.src_port_be),
-                ),
-                dst: (
-                    Ipv4Addr::from(k.dst_addr_be.to_ne_bytes()),
-                    u16::from_be(k.dst_port_be),
-                ),
+                src: (words_addr(k.family, k.src), u16::from_be(k.src_port_be)),
+                dst: (words_addr(k.family, k.dst), u16::from_be(k.dst_port_be)),
                 proto: k.proto,
-                nat: (
-                    Ipv4Addr::from(v.nat_addr_be.to_ne_bytes()),
-                    u16::from_be(v.nat_port_be),
-                ),
+                nat: (words_addr(k.family, v.nat_addr), u16::from_be(v.nat_port_be)),
                 forward: v.direction == DIR_FORWARD,
                 flags: v.flags,
                 stats_slot: v.stats_slot,
@@ -186,16 +217,16 @@ impl Golden {
 /// A conntrack entry without its timestamp, in host order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FlowEntry {
-    pub src: (Ipv4Addr, u16),
-    pub dst: (Ipv4Addr, u16),
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
     pub proto: u8,
-    pub nat: (Ipv4Addr, u16),
+    pub nat: (IpAddr, u16),
     pub forward: bool,
     pub flags: u8,
     pub stats_slot: u32,
 }
 
-const _: () = assert!(size_of::<FlowValue>() == 24, "FlowEntry mirrors FlowValue");
+const _: () = assert!(size_of::<FlowValue>() == 32, "FlowEntry mirrors FlowValue");
 
 /// The hook's return code for a packet counted under `code`: one table for fixtures and fuzzer.
 pub fn expected_action(hook: Hook, code: u32) -> u32 {
@@ -209,8 +240,8 @@ pub fn expected_action(hook: Hook, code: u32) -> u32 {
     match code {
         stat::FWD_REDIRECT if xdp => XDP_REDIRECT,
         stat::FWD_REDIRECT => TC_ACT_REDIRECT,
-        stat::DROP_MALFORMED..=stat::DROP_ERROR if xdp => XDP_DROP,
-        stat::DROP_MALFORMED..=stat::DROP_ERROR => TC_ACT_SHOT,
+        _ if stat::is_drop(code) && xdp => XDP_DROP,
+        _ if stat::is_drop(code) => TC_ACT_SHOT,
         _ if xdp => XDP_PASS,
         _ => TC_ACT_OK,
     }
@@ -272,6 +303,63 @@ fn golden_fixtures() -> anyhow::Result<()> {
     let report = with_golden(fixtures::run_all)?;
     println!("{report}");
     Ok(())
+}
+
+/// Mapping 9 (two backends): new flows split about evenly; after `update` removes a backend,
+/// its established flows keep going to it while new flows all take the other; after adding a
+/// third, flows already established stay where they are.
+#[test]
+fn maglev_spreads_new_flows_and_established_ones_stay() -> anyhow::Result<()> {
+    with_golden(|g| {
+        let syn = |port: u16| packets::Frame::tcp((CLIENT, port), (HOST, 8090), packets::SYN).build();
+        let ack = |port: u16| packets::Frame::tcp((CLIENT, port), (HOST, 8090), packets::ACK).build();
+        let backend_of = |g: &Golden, frame: &[u8]| -> anyhow::Result<Ipv4Addr> {
+            let run = g.run(Hook::TcIngress, frame)?;
+            let (code, _) = outcome(&run.counted)?;
+            ensure!(
+                code == stat::FWD_REDIRECT,
+                "counted {}",
+                stat::NAMES[code as usize]
+            );
+            let dst = &run.output.packet[30..34];
+            Ok(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
+        };
+        let (b2, b4) = (Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(198, 18, 1, 4));
+        let first: Vec<(u16, Ipv4Addr)> = (30_000..30_400)
+            .map(|port| Ok((port, backend_of(g, &syn(port))?)))
+            .collect::<anyhow::Result<_>>()?;
+        let to_b4 = first.iter().filter(|(_, b)| *b == b4).count();
+        ensure!((140..=260).contains(&to_b4), "{to_b4} of 400 new flows to {b4}");
+
+        g.table
+            .update(&mut g.dp, &spec::parse("198.18.0.1:8090:198.18.1.2:80")?)?;
+        for (port, backend) in &first {
+            let now = backend_of(g, &ack(*port))?;
+            ensure!(
+                now == *backend,
+                "established flow from port {port} moved {backend} -> {now}"
+            );
+        }
+        for port in 31_000..31_100 {
+            ensure!(
+                backend_of(g, &syn(port))? == b2,
+                "a new flow went to the removed backend"
+            );
+        }
+
+        g.table.update(
+            &mut g.dp,
+            &spec::parse("198.18.0.1:8090:198.18.1.2:80,198.18.1.4:80,198.18.1.5:80")?,
+        )?;
+        for (port, backend) in &first {
+            ensure!(
+                backend_of(g, &ack(*port))? == *backend,
+                "established flow moved on growth"
+            );
+        }
+        Ok(format!("{to_b4} of 400 flows to the second backend"))
+    })
+    .map(|report| println!("{report}"))
 }
 
 #[test]

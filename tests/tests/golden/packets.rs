@@ -2,11 +2,12 @@
 //! (which computes every length and checksum from scratch), plus named mutations for the
 //! malformed cases a builder refuses to produce, and an independent checksum checker.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions,
-    Ipv4Header, Ipv4Options, PacketBuilder, VlanId,
+    Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader,
+    Ipv6RoutingExtensions, PacketBuilder, VlanId,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x00, 0x02];
@@ -18,10 +19,10 @@ pub const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
 
 /// (destination, source) MACs of a frame the host redirects to a backend it has a neighbour
 /// entry for.
-pub fn backend_macs(backend: Ipv4Addr) -> Option<([u8; 6], [u8; 6])> {
-    match backend.octets() {
-        [198, 18, 1, 2] => Some((BACKEND_MAC, HOST_BACKEND_SIDE_MAC)),
-        [198, 18, 2, 2] => Some((BACKEND2_MAC, HOST_BACKEND2_SIDE_MAC)),
+pub fn backend_macs(backend: IpAddr) -> Option<([u8; 6], [u8; 6])> {
+    match backend.to_string().as_str() {
+        "198.18.1.2" | "198.18.1.4" | "fd00:1::2" => Some((BACKEND_MAC, HOST_BACKEND_SIDE_MAC)),
+        "198.18.2.2" => Some((BACKEND2_MAC, HOST_BACKEND2_SIDE_MAC)),
         _ => None,
     }
 }
@@ -38,8 +39,20 @@ pub const ACK: u8 = 0x10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// An SCTP packet with one INIT chunk, CRC32c computed.
+    Sctp {
+        sport: u16,
+        dport: u16,
+    },
     IcmpEcho,
 }
 
@@ -52,24 +65,29 @@ pub enum Fragment {
     Later,
 }
 
-/// An Ethernet / IPv4 / L4 frame as a fixture row describes it.
+/// An Ethernet / IPv4 or IPv6 / L4 frame as a fixture row describes it.
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
     pub vlan: Option<u16>,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TTL or hop limit.
     pub ttl: u8,
-    /// IPv4 options (a multiple of 4 bytes, at most 40).
+    /// IPv4 options (a multiple of 4 bytes, at most 40); for IPv6, the payload of a hop-by-hop
+    /// options header (6 + 8n bytes) if not empty.
     pub options: Vec<u8>,
+    /// IPv4 flags and offset, or an IPv6 fragment header.
     pub fragment: Fragment,
+    /// IPv6: a (type 0, segments left 0) routing header.
+    pub routing: bool,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
 
 impl Frame {
-    fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
+    fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Self {
         Self {
             src_mac: CLIENT_MAC,
             dst_mac: HOST_CLIENT_SIDE_MAC,
@@ -79,24 +97,30 @@ impl Frame {
             ttl: 64,
             options: Vec::new(),
             fragment: Fragment::Whole,
+            routing: false,
             l4,
             payload: Vec::new(),
         }
     }
 
-    pub fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Self {
+    pub fn routing_header(mut self) -> Self {
+        self.routing = true;
+        self
+    }
+
+    pub fn tcp(src: (impl Into<IpAddr>, u16), dst: (impl Into<IpAddr>, u16), flags: u8) -> Self {
         let l4 = L4::Tcp {
             sport: src.1,
             dport: dst.1,
             flags,
         };
-        Self::new(src.0, dst.0, l4)
+        Self::new(src.0.into(), dst.0.into(), l4)
     }
 
-    pub fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Self {
+    pub fn udp(src: (impl Into<IpAddr>, u16), dst: (impl Into<IpAddr>, u16)) -> Self {
         Self::new(
-            src.0,
-            dst.0,
+            src.0.into(),
+            dst.0.into(),
             L4::Udp {
                 sport: src.1,
                 dport: dst.1,
@@ -104,8 +128,29 @@ impl Frame {
         )
     }
 
+    pub fn sctp(src: (impl Into<IpAddr>, u16), dst: (impl Into<IpAddr>, u16)) -> Self {
+        Self::new(
+            src.0.into(),
+            dst.0.into(),
+            L4::Sctp {
+                sport: src.1,
+                dport: dst.1,
+            },
+        )
+    }
+
     pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Self {
-        Self::new(src, dst, L4::IcmpEcho)
+        Self::new(src.into(), dst.into(), L4::IcmpEcho)
+    }
+
+    /// An IPv6 hop-by-hop options header of `len` bytes (8n) before the L4 header.
+    pub fn hop_by_hop(mut self, len: usize) -> Self {
+        // PadN option filling the header: type 1, length, zeros.
+        let mut payload = vec![0u8; len - 2];
+        payload[0] = 1;
+        payload[1] = (len - 4) as u8;
+        self.options = payload;
+        self
     }
 
     /// A backend's packet on its way out of the client-facing interface (MACs as routed).
@@ -146,20 +191,20 @@ impl Frame {
     }
 
     /// The same frame with its destination rewritten (the forward DNAT).
-    pub fn dnat(mut self, addr: Ipv4Addr, port: u16) -> Self {
-        self.dst = addr;
+    pub fn dnat(mut self, addr: impl Into<IpAddr>, port: u16) -> Self {
+        self.dst = addr.into();
         match &mut self.l4 {
-            L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
+            L4::Tcp { dport, .. } | L4::Udp { dport, .. } | L4::Sctp { dport, .. } => *dport = port,
             L4::IcmpEcho => {}
         }
         self
     }
 
     /// The same frame with its source rewritten (the reply's reverse NAT).
-    pub fn snat(mut self, addr: Ipv4Addr, port: u16) -> Self {
-        self.src = addr;
+    pub fn snat(mut self, addr: impl Into<IpAddr>, port: u16) -> Self {
+        self.src = addr.into();
         match &mut self.l4 {
-            L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
+            L4::Tcp { sport, .. } | L4::Udp { sport, .. } | L4::Sctp { sport, .. } => *sport = port,
             L4::IcmpEcho => {}
         }
         self
@@ -173,24 +218,64 @@ impl Frame {
         self
     }
 
-    pub fn build(&self) -> Vec<u8> {
-        let mut ip = Ipv4Header::new(0, self.ttl, IpNumber::TCP, self.src.octets(), self.dst.octets())
-            .expect("empty payload fits");
-        ip.identification = 0x1234;
-        ip.options = Ipv4Options::try_from(self.options.as_slice()).expect("options: multiple of 4, <= 40");
-        match self.fragment {
-            Fragment::Whole => {}
-            Fragment::First => {
-                ip.dont_fragment = false;
-                ip.more_fragments = true;
+    fn ip_headers(&self) -> IpHeaders {
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let mut ip = Ipv4Header::new(0, self.ttl, IpNumber::TCP, src.octets(), dst.octets())
+                    .expect("empty payload fits");
+                ip.identification = 0x1234;
+                ip.options =
+                    Ipv4Options::try_from(self.options.as_slice()).expect("options: multiple of 4, <= 40");
+                match self.fragment {
+                    Fragment::Whole => {}
+                    Fragment::First => {
+                        ip.dont_fragment = false;
+                        ip.more_fragments = true;
+                    }
+                    Fragment::Later => {
+                        ip.dont_fragment = false;
+                        ip.fragment_offset = IpFragOffset::try_new(185).expect("13 bits");
+                    }
+                }
+                IpHeaders::Ipv4(ip, Ipv4Extensions::default())
             }
-            Fragment::Later => {
-                ip.dont_fragment = false;
-                ip.fragment_offset = IpFragOffset::try_new(185).expect("13 bits");
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let ip = Ipv6Header {
+                    traffic_class: 0,
+                    flow_label: Ipv6FlowLabel::try_new(0x12345).expect("20 bits"),
+                    payload_length: 0,
+                    next_header: IpNumber::TCP,
+                    hop_limit: self.ttl,
+                    source: src.octets(),
+                    destination: dst.octets(),
+                };
+                // Next-header fields are filled in by the builder.
+                let mut exts = Ipv6Extensions::default();
+                if !self.options.is_empty() {
+                    exts.hop_by_hop_options =
+                        Some(Ipv6RawExtHeader::new_raw(IpNumber::TCP, &self.options).expect("6 + 8n bytes"));
+                }
+                if self.routing {
+                    exts.routing = Some(Ipv6RoutingExtensions {
+                        routing: Ipv6RawExtHeader::new_raw(IpNumber::TCP, &[0; 6]).expect("6 bytes"),
+                        final_destination_options: None,
+                    });
+                }
+                let offset = |o: u16| IpFragOffset::try_new(o).expect("13 bits");
+                exts.fragment = match self.fragment {
+                    Fragment::Whole => None,
+                    Fragment::First => Some(Ipv6FragmentHeader::new(IpNumber::TCP, offset(0), true, 7)),
+                    Fragment::Later => Some(Ipv6FragmentHeader::new(IpNumber::TCP, offset(185), false, 7)),
+                };
+                IpHeaders::Ipv6(ip, exts)
             }
+            _ => panic!("a frame stays within one address family"),
         }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
         let eth = PacketBuilder::ethernet2(self.src_mac, self.dst_mac);
-        let headers = IpHeaders::Ipv4(ip, Ipv4Extensions::default());
+        let headers = self.ip_headers();
         let mut out = Vec::new();
         macro_rules! finish {
             ($step:expr) => {{
@@ -220,6 +305,11 @@ impl Frame {
                         tcp.write(&mut out, &self.payload)
                     }
                     L4::Udp { sport, dport } => step.udp(sport, dport).write(&mut out, &self.payload),
+                    L4::Sctp { sport, dport } => step.write(
+                        &mut out,
+                        IpNumber::SCTP,
+                        &sctp_init(sport, dport, &self.payload),
+                    ),
                     L4::IcmpEcho => step
                         .icmpv4_echo_request(7, 1)
                         .write(&mut out, &self.payload),
@@ -233,6 +323,34 @@ impl Frame {
         .expect("fixture frames are buildable");
         out
     }
+}
+
+/// CRC32c (Castagnoli), as SCTP uses it.
+const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// An SCTP packet: the common header and one INIT chunk whose parameters carry `extra`
+/// (padded to 4 bytes), with its CRC32c, stored as the kernel's `sctp_compute_cksum` does
+/// (little-endian).
+pub fn sctp_init(sport: u16, dport: u16, extra: &[u8]) -> Vec<u8> {
+    let mut chunk = vec![1u8, 0]; // INIT, no flags
+    let params_len = extra.len().div_ceil(4) * 4;
+    chunk.extend_from_slice(&((20 + params_len) as u16).to_be_bytes());
+    chunk.extend_from_slice(&0x1111_2222u32.to_be_bytes()); // initiate tag
+    chunk.extend_from_slice(&65_535u32.to_be_bytes()); // a_rwnd
+    chunk.extend_from_slice(&10u16.to_be_bytes()); // outbound streams
+    chunk.extend_from_slice(&10u16.to_be_bytes()); // inbound streams
+    chunk.extend_from_slice(&1u32.to_be_bytes()); // initial TSN
+    chunk.extend_from_slice(extra);
+    chunk.resize(20 + params_len, 0);
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&sport.to_be_bytes());
+    packet.extend_from_slice(&dport.to_be_bytes());
+    packet.extend_from_slice(&0u32.to_be_bytes()); // verification tag 0 in an INIT
+    packet.extend_from_slice(&[0; 4]);
+    packet.extend_from_slice(&chunk);
+    let crc = CRC32C.checksum(&packet);
+    packet[8..12].copy_from_slice(&crc.to_le_bytes());
+    packet
 }
 
 /// An ARP who-has from the client for `target`.
@@ -255,16 +373,13 @@ pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     out
 }
 
-/// A TCP SYN over IPv6 (fd00::/8) to `dport`.
-pub fn ipv6_tcp_syn(dport: u16) -> Vec<u8> {
-    let src = "fd00::2".parse::<std::net::Ipv6Addr>().expect("address").octets();
-    let dst = "fd00::1".parse::<std::net::Ipv6Addr>().expect("address").octets();
+/// An ICMPv6 echo request from `src` to `dst`.
+pub fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, HOST_CLIENT_SIDE_MAC)
-        .ipv6(src, dst, 64)
-        .tcp(40000, dport, 1, 64240)
-        .syn()
-        .write(&mut out, &[])
+        .ipv6(src.octets(), dst.octets(), 64)
+        .icmpv6_echo_request(7, 1)
+        .write(&mut out, &[1, 2, 3, 4])
         .expect("buildable");
     out
 }
@@ -284,12 +399,17 @@ pub fn qinq_udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     out
 }
 
-/// Offset of the IPv4 header in a frame with at most one 802.1Q tag (`None`: not IPv4).
-pub fn l3_offset(frame: &[u8]) -> Option<usize> {
+/// Offset of the IP header in a frame with at most one 802.1Q tag, and whether it is IPv6
+/// (`None`: neither IPv4 nor IPv6).
+pub fn l3_offset(frame: &[u8]) -> Option<(usize, bool)> {
     let ether_type = |off: usize| frame.get(off..off + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-    match ether_type(12)? {
-        0x0800 => Some(ETH_LEN),
-        0x8100 if ether_type(16)? == 0x0800 => Some(ETH_LEN + VLAN_LEN),
+    let (off, et) = match ether_type(12)? {
+        0x8100 => (ETH_LEN + VLAN_LEN, ether_type(16)?),
+        et => (ETH_LEN, et),
+    };
+    match et {
+        0x0800 => Some((off, false)),
+        0x86dd => Some((off, true)),
         _ => None,
     }
 }
@@ -300,7 +420,10 @@ pub mod mutate {
     use super::{l3_offset, set_ipv4_checksum};
 
     fn l3(frame: &[u8]) -> usize {
-        l3_offset(frame).expect("an IPv4 frame")
+        match l3_offset(frame) {
+            Some((off, false)) => off,
+            _ => panic!("an IPv4 frame"),
+        }
     }
 
     pub fn ihl(mut frame: Vec<u8>, ihl: u8) -> Vec<u8> {
@@ -331,6 +454,15 @@ pub mod mutate {
         let l4 = off + usize::from(frame[off] & 0x0f) * 4;
         frame[l4 + 12] = (words << 4) | (frame[l4 + 12] & 0x0f);
         super::fix_checksums(&mut frame);
+        frame
+    }
+
+    /// An IPv6 payload length (the frame itself unchanged).
+    pub fn ipv6_payload_length(mut frame: Vec<u8>, len: u16) -> Vec<u8> {
+        let Some((off, true)) = l3_offset(&frame) else {
+            panic!("an IPv6 frame")
+        };
+        frame[off + 4..off + 6].copy_from_slice(&len.to_be_bytes());
         frame
     }
 
@@ -372,35 +504,89 @@ fn set_ipv4_checksum(frame: &mut [u8], l3: usize) {
     frame[l3 + 10..l3 + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
-/// Where a frame's IPv4 and TCP/UDP headers are, as far as they are well-formed.
+/// Where a frame's IP and TCP/UDP/SCTP headers are, as far as they are well-formed.
 #[derive(Clone, Copy, Debug)]
 pub struct Layout {
     pub l3: usize,
+    pub v6: bool,
+    /// IP header length (IPv6: with the skipped extension headers).
     pub ihl: usize,
+    /// IP packet length (IPv4 total length; IPv6 40 + payload length).
     pub tot_len: usize,
     pub proto: u8,
-    /// Offset of a complete TCP/UDP header inside the IPv4 total length, for a non-fragment.
+    /// Offset of a complete L4 header inside the IP packet, for a non-fragment.
     pub l4: Option<usize>,
 }
 
-pub fn layout(frame: &[u8]) -> Option<Layout> {
-    let l3 = l3_offset(frame)?;
-    let ip = frame.get(l3..l3 + 20)?;
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if ip[0] >> 4 != 4 || ihl < 20 || tot_len < ihl || l3 + tot_len > frame.len() {
-        return None;
+impl Layout {
+    /// Offsets of the source and destination addresses, and their length.
+    #[must_use]
+    pub fn addrs(&self) -> (usize, usize, usize) {
+        if self.v6 {
+            (self.l3 + 8, self.l3 + 24, 16)
+        } else {
+            (self.l3 + 12, self.l3 + 16, 4)
+        }
     }
-    let proto = ip[9];
-    let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+
+    /// Offset of the TTL / hop limit.
+    #[must_use]
+    pub fn ttl(&self) -> usize {
+        self.l3 + if self.v6 { 7 } else { 8 }
+    }
+
+    /// Offset of the TCP/UDP checksum (SCTP's CRC32c covers no address).
+    #[must_use]
+    pub fn l4_check(&self) -> Option<usize> {
+        let l4 = self.l4?;
+        match self.proto {
+            6 => Some(l4 + 16),
+            17 => Some(l4 + 6),
+            _ => None,
+        }
+    }
+}
+
+/// The layout as the datapath reads it (IPv6: up to two hop-by-hop/destination-options headers
+/// skipped; other extension headers end the parse).
+pub fn layout(frame: &[u8]) -> Option<Layout> {
+    let (l3, v6) = l3_offset(frame)?;
+    let (ihl, tot_len, proto, fragment) = if v6 {
+        let ip = frame.get(l3..l3 + 40)?;
+        let tot_len = 40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        if ip[0] >> 4 != 6 || l3 + tot_len > frame.len() {
+            return None;
+        }
+        let (mut next, mut off) = (ip[6], 40);
+        for _ in 0..2 {
+            if next != 0 && next != 60 {
+                break;
+            }
+            let ext = frame.get(l3 + off..l3 + off + 2)?;
+            next = ext[0];
+            off += (usize::from(ext[1]) + 1) * 8;
+        }
+        (off, tot_len, next, next == 44)
+    } else {
+        let ip = frame.get(l3..l3 + 20)?;
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let tot_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        if ip[0] >> 4 != 4 || ihl < 20 || tot_len < ihl || l3 + tot_len > frame.len() {
+            return None;
+        }
+        let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+        (ihl, tot_len, ip[9], fragment)
+    };
     let l4_len = match proto {
         6 => 20,
         17 => 8,
+        132 => 12,
         _ => usize::MAX,
     };
     let l4 = (!fragment && tot_len >= ihl.saturating_add(l4_len)).then_some(l3 + ihl);
     Some(Layout {
         l3,
+        v6,
         ihl,
         tot_len,
         proto,
@@ -409,28 +595,40 @@ pub fn layout(frame: &[u8]) -> Option<Layout> {
 }
 
 /// Whether the IPv4 header checksum and the TCP/UDP checksum (over the pseudo-header and the
-/// segment up to the IPv4 total length) verify; `None` where there is no such header.
+/// segment up to the IP packet's end) or SCTP CRC32c verify; `None` where there is no such
+/// field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Checksums {
     pub ipv4: Option<bool>,
     pub l4: Option<bool>,
 }
 
+/// The TCP/UDP pseudo-header sum of a layout (addresses, protocol, segment length).
+fn pseudo_sum(frame: &[u8], l: &Layout, segment_len: usize) -> u32 {
+    let (src, _, len) = l.addrs();
+    let addrs = &frame[src..src + 2 * len];
+    let mut tail = [0u8; 8];
+    tail[3] = l.proto;
+    tail[4..].copy_from_slice(&(segment_len as u32).to_be_bytes());
+    ones_sum(ones_sum(0, addrs), &tail)
+}
+
 pub fn checksums(frame: &[u8]) -> Checksums {
     let Some(l) = layout(frame) else {
         return Checksums { ipv4: None, l4: None };
     };
-    let ipv4 = Some(ones_sum(0, &frame[l.l3..l.l3 + l.ihl]) == 0xffff);
+    let ipv4 = (!l.v6).then(|| ones_sum(0, &frame[l.l3..l.l3 + l.ihl]) == 0xffff);
     let l4 = l.l4.map(|l4| {
         let segment = &frame[l4..l.l3 + l.tot_len];
-        if l.proto == 17 && segment[6..8] == [0, 0] {
-            return true; // UDP over IPv4 without a checksum
+        match l.proto {
+            132 => {
+                let mut copy = segment.to_vec();
+                copy[8..12].fill(0);
+                CRC32C.checksum(&copy).to_le_bytes() == segment[8..12]
+            }
+            17 if segment[6..8] == [0, 0] => true, // UDP without a checksum
+            _ => ones_sum(pseudo_sum(frame, &l, segment.len()), segment) == 0xffff,
         }
-        let mut pseudo = [0u8; 12];
-        pseudo[..8].copy_from_slice(&frame[l.l3 + 12..l.l3 + 20]);
-        pseudo[9] = l.proto;
-        pseudo[10..].copy_from_slice(&(segment.len() as u16).to_be_bytes());
-        ones_sum(ones_sum(0, &pseudo), segment) == 0xffff
     });
     Checksums { ipv4, l4 }
 }
@@ -438,16 +636,20 @@ pub fn checksums(frame: &[u8]) -> Checksums {
 /// Makes every checksum of a frame valid (used by the fuzzer to produce well-formed inputs).
 pub fn fix_checksums(frame: &mut [u8]) {
     let Some(l) = layout(frame) else { return };
-    set_ipv4_checksum(frame, l.l3);
+    if !l.v6 {
+        set_ipv4_checksum(frame, l.l3);
+    }
     let Some(l4) = l.l4 else { return };
-    let check = l4 + if l.proto == 6 { 16 } else { 6 };
+    let end = l.l3 + l.tot_len;
+    if l.proto == 132 {
+        frame[l4 + 8..l4 + 12].fill(0);
+        let crc = CRC32C.checksum(&frame[l4..end]);
+        frame[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
+        return;
+    }
+    let check = l.l4_check().expect("TCP or UDP");
     frame[check..check + 2].fill(0);
-    let segment_len = l.l3 + l.tot_len - l4;
-    let mut pseudo = [0u8; 12];
-    pseudo[..8].copy_from_slice(&frame[l.l3 + 12..l.l3 + 20]);
-    pseudo[9] = l.proto;
-    pseudo[10..].copy_from_slice(&(segment_len as u16).to_be_bytes());
-    let sum = ones_sum(ones_sum(0, &pseudo), &frame[l4..l4 + segment_len]);
+    let sum = ones_sum(pseudo_sum(frame, &l, end - l4), &frame[l4..end]);
     let mut csum = !(sum as u16);
     if l.proto == 17 && csum == 0 {
         csum = 0xffff;
@@ -467,14 +669,21 @@ mod tests {
             Frame::tcp(c, h, SYN).build(),
             Frame::udp(c, h).payload(33).vlan(5).build(),
             Frame::tcp(c, h, ACK).ihl(15).payload(10).build(),
+            Frame::udp((Ipv6Addr::LOCALHOST, 1), (Ipv6Addr::LOCALHOST, 2))
+                .payload(7)
+                .build(),
+            Frame::tcp((Ipv6Addr::LOCALHOST, 1), (Ipv6Addr::LOCALHOST, 2), SYN)
+                .hop_by_hop(16)
+                .build(),
+            Frame::sctp(c, h).payload(5).build(),
         ] {
             let valid = Checksums {
-                ipv4: Some(true),
+                ipv4: l3_offset(&frame).is_some_and(|(_, v6)| !v6).then_some(true),
                 l4: Some(true),
             };
             assert_eq!(checksums(&frame), valid);
             let mut broken = frame.clone();
-            let last = broken.len() - 1;
+            let last = broken.len() - 2;
             broken[last] ^= 0x40;
             assert_eq!(checksums(&broken).l4, Some(false));
             fix_checksums(&mut broken);

@@ -409,6 +409,14 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Sends a signal to the running daemon (e.g. SIGHUP: reload).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the daemon is not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, signal)?;
+        Ok(())
+    }
+
     /// `portmap stats --json`, parsed.
     pub fn stats(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.cli_ok(&["stats", "--json"])?)?)
@@ -666,4 +674,209 @@ pub fn udp_exchange(
         }
         from.context("no datagram sent")
     })
+}
+
+/// How the daemon attaches its ingress program.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Tc,
+    Xdp,
+}
+
+/// `portmap run` on the host's client-facing interface of `topo`, in `mode` (XDP mode also
+/// prepares the veths and lists the backend veth as a redirect target), plus `extra` options.
+pub fn start_daemon(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
+    let mut args = vec!["--iface", HOST_CLIENT_IFACE];
+    match mode {
+        Mode::Tc => args.extend(["--attach", "tc"]),
+        Mode::Xdp => {
+            topo.prepare_for_xdp()?;
+            args.extend(["--attach", "xdp"]);
+            if topo.link == BackendLink::Veth {
+                args.extend(["--redirect-iface", HOST_BACKEND_IFACE]);
+            }
+        }
+    }
+    args.extend_from_slice(extra);
+    Daemon::start(&topo.host, &args)
+}
+
+/// A global counter from `portmap stats --json`.
+#[must_use]
+pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["counters"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c[0] == name))
+        .and_then(|c| c[1].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
+}
+
+/// The stats of the mapping whose host ports start at `host_port`.
+#[must_use]
+pub fn mapping_stats(stats: &serde_json::Value, host_port: u16) -> &serde_json::Value {
+    stats["mappings"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|m| m["mapping"]["host_ports"]["start"] == host_port)
+        })
+        .unwrap_or_else(|| panic!("no mapping for port {host_port} in {stats}"))
+}
+
+/// A numeric field of a JSON object.
+#[must_use]
+pub fn num(v: &serde_json::Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+/// A TCP echo server in `ns` on `port` (IPv4 and IPv6) serving any number of concurrent
+/// connections until dropped; records the local address each connection reached.
+pub struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+    reached: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+}
+
+impl EchoServer {
+    pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Self> {
+        use std::sync::{Arc, Mutex, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let reached = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop2, reached2) = (stop.clone(), reached.clone());
+        let thread = ns.spawn(move || {
+            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port));
+            let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
+            let listener = listener?;
+            listener.set_nonblocking(true)?;
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false)?;
+                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                        reached2
+                            .lock()
+                            .map_err(|_| anyhow!("poisoned"))?
+                            .push(canonical(stream.local_addr()?));
+                        thread::spawn(move || {
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = stream.read(&mut buf) {
+                                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })?;
+        ready_rx
+            .recv()?
+            .map_err(|e| anyhow!("binding port {port}: {e}"))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            reached,
+        })
+    }
+
+    /// The local address each accepted connection reached, in order.
+    #[must_use]
+    pub fn reached(&self) -> Vec<SocketAddr> {
+        self.reached.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// CRC32c (Castagnoli), as SCTP uses it.
+const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// An SCTP packet (common header and one INIT chunk carrying `extra`, padded) with its CRC32c,
+/// stored as the kernel's `sctp_compute_cksum` does (little-endian).
+#[must_use]
+pub fn sctp_packet(sport: u16, dport: u16, extra: &[u8]) -> Vec<u8> {
+    let params_len = extra.len().div_ceil(4) * 4;
+    let mut packet = Vec::with_capacity(32 + params_len);
+    packet.extend_from_slice(&sport.to_be_bytes());
+    packet.extend_from_slice(&dport.to_be_bytes());
+    packet.extend_from_slice(&0u32.to_be_bytes()); // verification tag: 0 in an INIT
+    packet.extend_from_slice(&[0; 4]); // checksum, below
+    packet.extend_from_slice(&[1, 0]); // INIT, no flags
+    packet.extend_from_slice(&u16::try_from(20 + params_len).unwrap_or(u16::MAX).to_be_bytes());
+    packet.extend_from_slice(&0x1111_2222u32.to_be_bytes()); // initiate tag
+    packet.extend_from_slice(&65_535u32.to_be_bytes()); // a_rwnd
+    packet.extend_from_slice(&10u16.to_be_bytes()); // outbound streams
+    packet.extend_from_slice(&10u16.to_be_bytes()); // inbound streams
+    packet.extend_from_slice(&1u32.to_be_bytes()); // initial TSN
+    packet.extend_from_slice(extra);
+    packet.resize(32 + params_len, 0);
+    let crc = sctp_checksum(&packet);
+    packet[8..12].copy_from_slice(&crc);
+    packet
+}
+
+/// The checksum field an SCTP packet (12 bytes or more) must carry: its CRC32c computed with
+/// the field zeroed, little-endian.
+#[must_use]
+pub fn sctp_checksum(packet: &[u8]) -> [u8; 4] {
+    let mut digest = CRC32C.digest();
+    digest.update(&packet[..8]);
+    digest.update(&[0; 4]);
+    digest.update(&packet[12..]);
+    digest.finalize().to_le_bytes()
+}
+
+/// Whether an SCTP packet's CRC32c verifies.
+#[must_use]
+pub fn sctp_crc_ok(packet: &[u8]) -> bool {
+    packet.len() >= 12 && sctp_checksum(packet) == packet[8..12]
+}
+
+/// A raw IPv4 SCTP socket in the calling thread's namespace (works without the kernel's SCTP
+/// module: raw sockets take any protocol). Received packets start with the IPv4 header.
+pub fn raw_sctp_socket() -> anyhow::Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, setsockopt, socket, sockopt};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::Sctp,
+    )
+    .context("raw SCTP socket")?;
+    setsockopt(&fd, sockopt::ReceiveTimeout, &nix::sys::time::TimeVal::new(5, 0))?;
+    Ok(fd)
+}
+
+/// Sends an SCTP packet (the kernel adds the IPv4 header) to `dst`.
+pub fn raw_send(fd: &std::os::fd::OwnedFd, dst: Ipv4Addr, packet: &[u8]) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+    nix::sys::socket::sendto(fd.as_raw_fd(), packet, &addr, nix::sys::socket::MsgFlags::empty())
+        .with_context(|| format!("sending SCTP to {dst}"))?;
+    Ok(())
+}
+
+/// Receives the next SCTP packet: (source, destination, SCTP bytes).
+pub fn raw_recv(fd: &std::os::fd::OwnedFd) -> anyhow::Result<(Ipv4Addr, Ipv4Addr, Vec<u8>)> {
+    use std::os::fd::AsRawFd as _;
+    let mut buf = vec![0u8; 65_536];
+    let n = nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
+        .context("no SCTP packet within 5 s")?;
+    ensure!(n >= 20, "short packet");
+    let ihl = usize::from(buf[0] & 0x0f) * 4;
+    let addr = |o: usize| Ipv4Addr::new(buf[o], buf[o + 1], buf[o + 2], buf[o + 3]);
+    Ok((addr(12), addr(16), buf[ihl..n].to_vec()))
 }

@@ -11,57 +11,22 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use portmap_tests::{
-    BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Netns, TempDir, Topology, payload,
-    tcp_connect_result, tcp_exchange, tcp_server, udp_exchange, udp_server,
+    BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology, counter,
+    mapping_stats, num, payload, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, udp_exchange,
+    udp_server,
 };
 use serde_json::Value;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Tc,
-    Xdp,
-}
-
 fn start(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
-    let mut args = vec!["--iface", HOST_CLIENT_IFACE];
-    match mode {
-        Mode::Tc => args.extend(["--attach", "tc"]),
-        Mode::Xdp => {
-            topo.prepare_for_xdp()?;
-            args.extend(["--attach", "xdp"]);
-            if topo.link == BackendLink::Veth {
-                args.extend(["--redirect-iface", portmap_tests::HOST_BACKEND_IFACE]);
-            }
-        }
-    }
-    args.extend_from_slice(extra);
-    Daemon::start(&topo.host, &args)
+    start_daemon(topo, mode, extra)
 }
 
 fn host(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(HOST_IP, port)
 }
 
-fn counter(stats: &Value, name: &str) -> u64 {
-    stats["counters"]
-        .as_array()
-        .and_then(|all| all.iter().find(|c| c[0] == name))
-        .and_then(|c| c[1].as_u64())
-        .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
-}
-
 fn mapping(stats: &Value, host_port: u16) -> &Value {
-    stats["mappings"]
-        .as_array()
-        .and_then(|all| {
-            all.iter()
-                .find(|m| m["mapping"]["host_ports"]["start"] == host_port)
-        })
-        .unwrap_or_else(|| panic!("no mapping for port {host_port} in {stats}"))
-}
-
-fn num(v: &Value, field: &str) -> u64 {
-    v[field].as_u64().unwrap_or_else(|| panic!("no {field} in {v}"))
+    mapping_stats(stats, host_port)
 }
 
 /// Programs left on an interface of `ns`: tcx (ingress, egress) and whether XDP is attached.

@@ -4,6 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use portmap_tests::{sctp_checksum, sctp_crc_ok, sctp_packet};
+
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions,
     Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader,
@@ -308,7 +310,7 @@ impl Frame {
                     L4::Sctp { sport, dport } => step.write(
                         &mut out,
                         IpNumber::SCTP,
-                        &sctp_init(sport, dport, &self.payload),
+                        &sctp_packet(sport, dport, &self.payload),
                     ),
                     L4::IcmpEcho => step
                         .icmpv4_echo_request(7, 1)
@@ -323,34 +325,6 @@ impl Frame {
         .expect("fixture frames are buildable");
         out
     }
-}
-
-/// CRC32c (Castagnoli), as SCTP uses it.
-const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
-
-/// An SCTP packet: the common header and one INIT chunk whose parameters carry `extra`
-/// (padded to 4 bytes), with its CRC32c, stored as the kernel's `sctp_compute_cksum` does
-/// (little-endian).
-pub fn sctp_init(sport: u16, dport: u16, extra: &[u8]) -> Vec<u8> {
-    let mut chunk = vec![1u8, 0]; // INIT, no flags
-    let params_len = extra.len().div_ceil(4) * 4;
-    chunk.extend_from_slice(&((20 + params_len) as u16).to_be_bytes());
-    chunk.extend_from_slice(&0x1111_2222u32.to_be_bytes()); // initiate tag
-    chunk.extend_from_slice(&65_535u32.to_be_bytes()); // a_rwnd
-    chunk.extend_from_slice(&10u16.to_be_bytes()); // outbound streams
-    chunk.extend_from_slice(&10u16.to_be_bytes()); // inbound streams
-    chunk.extend_from_slice(&1u32.to_be_bytes()); // initial TSN
-    chunk.extend_from_slice(extra);
-    chunk.resize(20 + params_len, 0);
-    let mut packet = Vec::new();
-    packet.extend_from_slice(&sport.to_be_bytes());
-    packet.extend_from_slice(&dport.to_be_bytes());
-    packet.extend_from_slice(&0u32.to_be_bytes()); // verification tag 0 in an INIT
-    packet.extend_from_slice(&[0; 4]);
-    packet.extend_from_slice(&chunk);
-    let crc = CRC32C.checksum(&packet);
-    packet[8..12].copy_from_slice(&crc.to_le_bytes());
-    packet
 }
 
 /// An ARP who-has from the client for `target`.
@@ -621,11 +595,7 @@ pub fn checksums(frame: &[u8]) -> Checksums {
     let l4 = l.l4.map(|l4| {
         let segment = &frame[l4..l.l3 + l.tot_len];
         match l.proto {
-            132 => {
-                let mut copy = segment.to_vec();
-                copy[8..12].fill(0);
-                CRC32C.checksum(&copy).to_le_bytes() == segment[8..12]
-            }
+            132 => sctp_crc_ok(segment),
             17 if segment[6..8] == [0, 0] => true, // UDP without a checksum
             _ => ones_sum(pseudo_sum(frame, &l, segment.len()), segment) == 0xffff,
         }
@@ -642,9 +612,8 @@ pub fn fix_checksums(frame: &mut [u8]) {
     let Some(l4) = l.l4 else { return };
     let end = l.l3 + l.tot_len;
     if l.proto == 132 {
-        frame[l4 + 8..l4 + 12].fill(0);
-        let crc = CRC32C.checksum(&frame[l4..end]);
-        frame[l4 + 8..l4 + 12].copy_from_slice(&crc.to_le_bytes());
+        let crc = sctp_checksum(&frame[l4..end]);
+        frame[l4 + 8..l4 + 12].copy_from_slice(&crc);
         return;
     }
     let check = l.l4_check().expect("TCP or UDP");

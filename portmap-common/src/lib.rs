@@ -83,6 +83,10 @@ pub mod prog_names {
     pub const TC_INGRESS: &str = "portmap_tc_ingress";
     /// TC (tcx) egress, client-facing: reverse NAT of backend replies.
     pub const TC_EGRESS: &str = "portmap_tc_egress";
+    /// Benchmark references (`cargo xtask bench`), never attached by the daemon: a no-op XDP
+    /// program, and parse + forward without conntrack or rewrite.
+    pub const BENCH_XDP_NOOP: &str = "bench_xdp_noop";
+    pub const BENCH_XDP_FORWARD: &str = "bench_xdp_forward";
 }
 
 /// Default capacities; the daemon may override them at load time (`EbpfLoader::set_max_entries`).

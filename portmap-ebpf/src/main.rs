@@ -203,6 +203,25 @@ pub fn portmap_tc_egress(mut ctx: TcContext) -> i32 {
     finish(&ctx, verdict) as i32
 }
 
+/// Benchmark reference, never attached by the daemon: the cheapest XDP program (`cargo xtask
+/// bench` runs it beside the datapath to show the fixed cost of a program run).
+#[xdp]
+pub fn bench_xdp_noop(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// Benchmark reference, never attached by the daemon: the same parse and forwarding (FIB lookup,
+/// TTL, MACs, redirect) as the datapath, without conntrack or any rewrite: the floor of an XDP
+/// forwarder on the same path.
+#[xdp]
+pub fn bench_xdp_forward(mut ctx: XdpContext) -> u32 {
+    let verdict = match parse::parse(&ctx) {
+        Ok(pkt) => nat::forward(&mut ctx, &pkt, &pkt.daddr, pkt.dport),
+        Err(verdict) => verdict,
+    };
+    ctx.verdict(verdict.action)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

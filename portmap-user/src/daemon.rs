@@ -4,7 +4,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -85,11 +85,16 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         state
             .dp
             .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces)?;
+        let started = Instant::now();
         state
             .table
             .apply(&mut state.dp, &valid.mappings, &table::local_sockets())
             .context("applying the configured mappings")?;
-        info!("{} mapping(s) applied", valid.mappings.len());
+        info!(
+            "{} mapping(s) applied in {:.3} ms",
+            valid.mappings.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         let listener = bind_socket(&cfg.socket)?;
         let served = serve(&mut state, listener, logger).await;
         let _ = fs::remove_file(&cfg.socket);
@@ -212,12 +217,14 @@ async fn handle(stream: UnixStream, state: &mut State) -> anyhow::Result<()> {
 }
 
 fn dispatch(request: Request, state: &mut State) -> Response {
+    let started = Instant::now();
+    let took = || format!("{:.1} µs", started.elapsed().as_secs_f64() * 1e6);
     let outcome: anyhow::Result<String> = match request {
         Request::Add { spec } => spec::parse(&spec)
             .map_err(TableError::from)
             .and_then(|m| state.table.add(&mut state.dp, &m, &table::local_sockets()))
             .map(|m| {
-                info!("added {m}");
+                info!("added {m} in {}", took());
                 format!("added {}", m.docker_lines().join("\n      "))
             })
             .map_err(Into::into),
@@ -225,7 +232,7 @@ fn dispatch(request: Request, state: &mut State) -> Response {
             .map_err(TableError::from)
             .and_then(|m| state.table.remove(&mut state.dp, &m))
             .map(|m| {
-                info!("deleted {m}");
+                info!("deleted {m} in {}", took());
                 format!("deleted {}", m.docker_lines().join("\n        "))
             })
             .map_err(Into::into),
@@ -233,14 +240,14 @@ fn dispatch(request: Request, state: &mut State) -> Response {
             .map_err(TableError::from)
             .and_then(|m| state.table.update(&mut state.dp, &m))
             .map(|m| {
-                info!("updated {m}");
+                info!("updated {m} in {}", took());
                 format!("updated {}", m.docker_lines().join("\n        "))
             })
             .map_err(Into::into),
         Request::Reload => reload(state),
         Request::List => {
             return Response::Mappings {
-                mappings: state.table.mappings().cloned().collect(),
+                mappings: state.table.mappings(),
             };
         }
         Request::Stats => {
@@ -275,6 +282,7 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
     let valid = config
         .validate()
         .with_context(|| format!("{}", source.path.display()))?;
+    let started = Instant::now();
     let plan = state
         .table
         .apply(&mut state.dp, &valid.mappings, &table::local_sockets())
@@ -299,11 +307,12 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
         .collect();
     state.table.dynamic = new.dynamic_ports;
     let message = format!(
-        "reloaded {}: {} added, {} updated, {} removed{}",
+        "reloaded {}: {} added, {} updated, {} removed in {:.3} ms{}",
         source.path.display(),
         plan.add.len(),
         plan.update.len(),
         plan.remove.len(),
+        started.elapsed().as_secs_f64() * 1e3,
         if pending.is_empty() {
             String::new()
         } else {

@@ -538,14 +538,30 @@ impl Datapath {
         ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunOutput, ProgramError> {
-        let name = hook.program_name();
+        self.run_program(
+            hook.program_name(),
+            hook == Hook::XdpIngress,
+            packet,
+            ifindex,
+            repeat,
+        )
+    }
+
+    fn run_program(
+        &self,
+        name: &str,
+        xdp: bool,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, ProgramError> {
         let program = self.ebpf.program(name).ok_or_else(|| ProgramError::InvalidName {
             name: name.to_string(),
         })?;
         // Room for programs that grow the packet (none do today).
         let mut out = vec![0u8; packet.len() + 256];
         let len = u32::try_from(packet.len()).unwrap_or(u32::MAX);
-        let result = if hook == Hook::XdpIngress {
+        let result = if xdp {
             // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
             let ctx = words_to_bytes(&[0, len, 0, ifindex, 0, 0]);
             let prog: &Xdp = program.try_into()?;
@@ -566,6 +582,62 @@ impl Datapath {
             packet: out,
             duration: result.duration,
         })
+    }
+
+    /// Loads a benchmark reference XDP program (`prog_names::BENCH_*`) and, with `iface`,
+    /// attaches it there (in the calling thread's network namespace; detached when the datapath
+    /// is dropped). Never used by the daemon.
+    pub fn load_bench_xdp(&mut self, name: &str, iface: Option<&str>) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.program_mut(name)?.try_into()?;
+        if prog.info().is_err() {
+            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        if let Some(iface) = iface {
+            prog.attach(iface, XdpMode::Driver)
+                .with_context(|| format!("{iface}: attaching {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a loaded benchmark reference XDP program like `test_run`.
+    pub fn test_run_bench_xdp(
+        &self,
+        name: &str,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, ProgramError> {
+        self.run_program(name, true, packet, ifindex, repeat)
+    }
+
+    /// Kernel memory of each map (its `memlock` in fdinfo) and its capacity.
+    pub fn map_memory(&self) -> anyhow::Result<Vec<MapMemory>> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        map_names::ALL
+            .iter()
+            .map(|&name| {
+                let data = match self.map(name)? {
+                    aya::maps::Map::HashMap(d)
+                    | aya::maps::Map::LruHashMap(d)
+                    | aya::maps::Map::Array(d)
+                    | aya::maps::Map::PerCpuArray(d)
+                    | aya::maps::Map::DevMapHash(d) => d,
+                    _ => bail!("{name}: unexpected map type"),
+                };
+                let fd = data.fd().as_fd().as_raw_fd();
+                let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+                let bytes = fdinfo
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .with_context(|| format!("{name}: no memlock in fdinfo"))?;
+                Ok(MapMemory {
+                    name,
+                    max_entries: data.info()?.max_entries(),
+                    bytes,
+                })
+            })
+            .collect()
     }
 
     /// Instruction counts of every loaded program, as the kernel reports them.
@@ -619,6 +691,15 @@ pub struct TestRunOutput {
     pub packet: Vec<u8>,
     /// Mean run time per repetition, as measured by the kernel.
     pub duration: std::time::Duration,
+}
+
+/// A map's kernel memory.
+#[derive(Clone, Debug)]
+pub struct MapMemory {
+    pub name: &'static str,
+    pub max_entries: u32,
+    /// `memlock` of the map (preallocated maps: their whole capacity).
+    pub bytes: u64,
 }
 
 /// A loaded program's size: what it translates to and how much work the verifier did.

@@ -387,6 +387,12 @@ fn parse_ports(what: &'static str, s: &str) -> Result<PortRange, SpecError> {
     let Some((start, end)) = s.split_once('-') else {
         return parse_port(what, s).map(PortRange::single);
     };
+    if start.is_empty() || end.is_empty() {
+        return Err(SpecError::Port {
+            what,
+            value: s.to_string(),
+        });
+    }
     let range = PortRange {
         start: parse_port(what, start)?,
         end: parse_port(what, end)?,

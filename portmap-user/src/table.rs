@@ -6,7 +6,7 @@
 //! The decisions (diff, port allocation, local-socket conflicts) are pure functions.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -278,6 +278,8 @@ pub struct Entry {
     /// As applied, host ports allocated.
     pub mapping: Mapping,
     pub place: Placement,
+    /// Order of addition (`list` shows mappings in this order).
+    seq: u64,
 }
 
 /// Capacities of the maps, from the config's `[limits]`.
@@ -288,8 +290,22 @@ pub struct Capacity {
     pub backends: u32,
 }
 
+/// Where an applied mapping sits in the index: its protocol, host address and first host port.
+/// Applied mappings never overlap, so within one (protocol, address) their ranges are ordered.
+type Key = (Protocol, IpAddr, u16);
+
+fn key_of(mapping: &Mapping) -> Option<Key> {
+    Some((mapping.protocol, mapping.host_ip, mapping.host_ports?.start))
+}
+
+/// The applied mappings, indexed so that every operation costs O(log n) in the number of
+/// mappings (plus the mapping's own ports): 50,000 mappings are applied in one pass.
 pub struct Table {
-    entries: Vec<Entry>,
+    entries: BTreeMap<Key, Entry>,
+    /// How many mappings publish each (protocol, port) on any address: dynamic allocation skips
+    /// ports in use anywhere.
+    port_users: HashMap<(Protocol, u16), u32>,
+    next_seq: u64,
     slots: Pool,
     groups: Pool,
     backends: Pool,
@@ -303,7 +319,9 @@ impl Table {
     #[must_use]
     pub fn new(capacity: Capacity, dynamic: PortRange) -> Self {
         Self {
-            entries: Vec::new(),
+            entries: BTreeMap::new(),
+            port_users: HashMap::new(),
+            next_seq: 0,
             slots: Pool::new(capacity.ports),
             groups: Pool::new(capacity.groups),
             backends: Pool::new(capacity.backends),
@@ -314,23 +332,34 @@ impl Table {
         }
     }
 
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
+    /// The applied mappings, in the order they were added.
+    #[must_use]
+    pub fn entries(&self) -> Vec<&Entry> {
+        let mut all: Vec<&Entry> = self.entries.values().collect();
+        all.sort_unstable_by_key(|e| e.seq);
+        all
     }
 
     /// The applied mappings, in the order they were added.
-    pub fn mappings(&self) -> impl Iterator<Item = &Mapping> {
-        self.entries.iter().map(|e| &e.mapping)
+    #[must_use]
+    pub fn mappings(&self) -> Vec<Mapping> {
+        self.entries().into_iter().map(|e| e.mapping.clone()).collect()
     }
 
     /// The requested mappings, in the order they were added (what a config diff starts from).
     #[must_use]
     pub fn requested(&self) -> Vec<Mapping> {
-        self.entries.iter().map(|e| e.requested.clone()).collect()
+        self.entries().into_iter().map(|e| e.requested.clone()).collect()
     }
 
+    /// The applied mapping that shares a published port with `mapping`, if any.
     fn overlapping(&self, mapping: &Mapping) -> Option<&Entry> {
-        self.entries.iter().find(|e| e.mapping.overlaps(mapping))
+        let ports = mapping.host_ports?;
+        let (_, entry) = self
+            .entries
+            .range(..=(mapping.protocol, mapping.host_ip, ports.end))
+            .next_back()?;
+        entry.mapping.overlaps(mapping).then_some(entry)
     }
 
     /// Chooses the host ports of `requested` (its own, or free dynamic ones) and checks them
@@ -342,11 +371,8 @@ impl Table {
                 let count = requested.port_count();
                 let taken = |port: u16| {
                     let probe = requested.with_host_ports(PortRange::single(port));
-                    let mapped = self.entries.iter().any(|e| {
-                        e.mapping.protocol == probe.protocol
-                            && e.mapping.host_ports.is_some_and(|r| r.contains(port))
-                    });
-                    mapped || probe.bindings().any(|b| socket_conflict(&b, sockets).is_some())
+                    self.port_users.contains_key(&(probe.protocol, port))
+                        || probe.bindings().any(|b| socket_conflict(&b, sockets).is_some())
                 };
                 let range = find_free_run(self.dynamic, count, self.next_dynamic, |p| !taken(p)).ok_or(
                     TableError::PoolExhausted {
@@ -375,7 +401,7 @@ impl Table {
     }
 
     /// Takes stats slot, Maglev table and backend slots for `mapping` (reusing `reuse`'s where
-    /// an update keeps them); `None` if a pool is empty (nothing taken then).
+    /// an update keeps them). Nothing is taken when this fails.
     fn place(&mut self, mapping: &Mapping, reuse: Option<&Entry>) -> Result<Placement, TableError> {
         let stats_slot = match reuse {
             Some(e) => e.place.stats_slot,
@@ -438,6 +464,27 @@ impl Table {
         }
     }
 
+    fn count_ports(&mut self, mapping: &Mapping, add: bool) {
+        let Some(ports) = mapping.host_ports else { return };
+        for port in ports.ports() {
+            let key = (mapping.protocol, port);
+            if add {
+                *self.port_users.entry(key).or_default() += 1;
+            } else if let Some(n) = self.port_users.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.port_users.remove(&key);
+                }
+            }
+        }
+        let n = u64::from(ports.count());
+        if add {
+            self.ports_used += n;
+        } else {
+            self.ports_used -= n;
+        }
+    }
+
     /// Publishes `requested`; returns the mapping as applied (with its allocated host ports).
     pub fn add(
         &mut self,
@@ -445,8 +492,7 @@ impl Table {
         requested: &Mapping,
         sockets: &[LocalSocket],
     ) -> Result<Mapping, TableError> {
-        let count = u64::from(requested.port_count());
-        if self.ports_used + count > u64::from(self.max_ports) {
+        if self.ports_used + u64::from(requested.port_count()) > u64::from(self.max_ports) {
             return Err(TableError::Full {
                 what: "the mapping table",
                 max: self.max_ports,
@@ -460,39 +506,50 @@ impl Table {
             self.release(&place, None);
             return Err(TableError::Datapath(e));
         }
-        self.ports_used += count;
-        self.entries.push(Entry {
-            requested: requested.clone(),
-            mapping: mapping.clone(),
-            place,
-        });
+        self.count_ports(&mapping, true);
+        let key = key_of(&mapping).expect("resolved mappings have host ports");
+        self.next_seq += 1;
+        self.entries.insert(
+            key,
+            Entry {
+                requested: requested.clone(),
+                mapping: mapping.clone(),
+                place,
+                seq: self.next_seq,
+            },
+        );
         Ok(mapping)
     }
 
     /// Finds the entry `spec` names: by its applied form, or by its requested form if that is
     /// unambiguous.
-    fn find(&self, spec: &Mapping) -> Result<usize, TableError> {
-        if let Some(i) = self.entries.iter().position(|e| e.mapping == *spec) {
-            return Ok(i);
+    fn find(&self, spec: &Mapping) -> Result<Key, TableError> {
+        let exact = key_of(spec).and_then(|k| self.entries.get(&k).map(|e| (k, e)));
+        if let Some((key, entry)) = exact {
+            if entry.mapping == *spec || entry.requested == *spec {
+                return Ok(key);
+            }
+            if same_ports(&entry.mapping, spec) {
+                return Err(TableError::Mismatch {
+                    spec: spec.to_string(),
+                    existing: entry.mapping.to_string(),
+                });
+            }
         }
-        let matches: Vec<usize> = (0..self.entries.len())
-            .filter(|&i| self.entries[i].requested == *spec)
+        let matches: Vec<(&Key, &Entry)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.requested == *spec)
             .collect();
         match matches.as_slice() {
-            [] => Err(match self.entries.iter().find(|e| same_ports(&e.mapping, spec)) {
-                Some(e) => TableError::Mismatch {
-                    spec: spec.to_string(),
-                    existing: e.mapping.to_string(),
-                },
-                None => TableError::NotFound(spec.to_string()),
-            }),
-            [i] => Ok(*i),
+            [] => Err(TableError::NotFound(spec.to_string())),
+            [(key, _)] => Ok(**key),
             many => Err(TableError::Ambiguous {
                 spec: spec.to_string(),
                 count: many.len(),
                 candidates: many
                     .iter()
-                    .map(|&i| format!("'{}'", self.entries[i].mapping))
+                    .map(|(_, e)| format!("'{}'", e.mapping))
                     .collect::<Vec<_>>()
                     .join(", "),
             }),
@@ -502,11 +559,11 @@ impl Table {
     /// Unpublishes the mapping `spec` names; returns it as it was applied. Its flows expire by
     /// themselves (new packets of them are no longer NATed once they do).
     pub fn remove(&mut self, dp: &mut Datapath, spec: &Mapping) -> Result<Mapping, TableError> {
-        let i = self.find(spec)?;
-        dp.remove_mapping(&self.entries[i].mapping)
+        let key = self.find(spec)?;
+        dp.remove_mapping(&self.entries[&key].mapping)
             .map_err(TableError::Datapath)?;
-        let entry = self.entries.remove(i);
-        self.ports_used -= u64::from(entry.mapping.port_count());
+        let entry = self.entries.remove(&key).expect("found");
+        self.count_ports(&entry.mapping, false);
         self.release(&entry.place, None);
         Ok(entry.mapping)
     }
@@ -515,15 +572,13 @@ impl Table {
     /// flows keep their backend (also a removed one) until they end; new flows follow the new
     /// Maglev table, of which only about the changed backends' share differs.
     pub fn update(&mut self, dp: &mut Datapath, spec: &Mapping) -> Result<Mapping, TableError> {
-        if spec.host_ports.is_none() {
-            return Err(TableError::UpdateNeedsPorts(spec.to_string()));
-        }
-        let i = self
+        let key = key_of(spec).ok_or_else(|| TableError::UpdateNeedsPorts(spec.to_string()))?;
+        let old = self
             .entries
-            .iter()
-            .position(|e| same_ports(&e.mapping, spec))
+            .get(&key)
+            .filter(|e| same_ports(&e.mapping, spec))
+            .cloned()
             .ok_or_else(|| TableError::NoSuchBinding(spec.to_string()))?;
-        let old = self.entries[i].clone();
         let place = self.place(spec, Some(&old))?;
         if let Err(e) = dp.insert_mapping(spec, &place) {
             // Put the old version back in full (its group and backends were never released).
@@ -532,11 +587,15 @@ impl Table {
             return Err(TableError::Datapath(e));
         }
         self.release(&old.place, Some(&place));
-        self.entries[i] = Entry {
-            requested: spec.clone(),
-            mapping: spec.clone(),
-            place,
-        };
+        self.entries.insert(
+            key,
+            Entry {
+                requested: spec.clone(),
+                mapping: spec.clone(),
+                place,
+                seq: old.seq,
+            },
+        );
         Ok(spec.clone())
     }
 
@@ -554,14 +613,14 @@ impl Table {
         let mut added: Vec<Mapping> = Vec::new();
         let result = (|| {
             for m in &plan.remove {
-                let i = self.find(m)?;
-                let entry = self.entries[i].clone();
+                let key = self.find(m)?;
+                let entry = self.entries[&key].clone();
                 self.remove(dp, &entry.mapping)?;
                 removed.push(entry);
             }
             for (old, new) in &plan.update {
-                let i = self.find(old)?;
-                let entry = self.entries[i].clone();
+                let key = self.find(old)?;
+                let entry = self.entries[&key].clone();
                 self.update(dp, new)?;
                 updated.push(entry);
             }
@@ -574,22 +633,27 @@ impl Table {
             for m in added.iter().rev() {
                 let _ = self.remove(dp, m);
             }
-            for entry in updated.iter().rev() {
-                let _ = self.update(dp, &entry.mapping);
-                if let Some(e) = self.entries.iter_mut().find(|e| e.mapping == entry.mapping) {
-                    e.requested = entry.requested.clone();
-                }
+            for old in updated.iter().rev() {
+                let _ = self.update(dp, &old.mapping);
+                self.restore_requested(old);
             }
-            for entry in removed.iter().rev() {
-                if self.add(dp, &entry.mapping, &[]).is_ok()
-                    && let Some(e) = self.entries.last_mut()
-                {
-                    e.requested = entry.requested.clone();
+            for old in removed.iter().rev() {
+                if self.add(dp, &old.mapping, &[]).is_ok() {
+                    self.restore_requested(old);
                 }
             }
             return Err(e);
         }
         Ok(plan)
+    }
+
+    /// After a rollback re-applied `old.mapping`: give it back its requested form and place in
+    /// the order.
+    fn restore_requested(&mut self, old: &Entry) {
+        if let Some(e) = key_of(&old.mapping).and_then(|k| self.entries.get_mut(&k)) {
+            e.requested = old.requested.clone();
+            e.seq = old.seq;
+        }
     }
 }
 

@@ -44,6 +44,8 @@ use crate::{
 pub struct Placement {
     /// Its `PM_MAPPING_STATS` slot (shared by all its host ports).
     pub stats_slot: u32,
+    /// The slot belonged to an earlier mapping: zero its counters first (fresh slots are zero).
+    pub reset_stats: bool,
     /// For a mapping with several backends: its Maglev table and backend slots.
     pub group: Option<GroupPlacement>,
 }
@@ -372,7 +374,9 @@ impl Datapath {
         let ports = mapping
             .host_ports
             .with_context(|| format!("mapping {mapping} has no host port allocated"))?;
-        self.reset_slot(place.stats_slot)?;
+        if place.reset_stats {
+            self.reset_slot(place.stats_slot)?;
+        }
         let group = match (&place.group, mapping.backends.as_slice()) {
             (None, [_]) => NO_GROUP,
             (Some(group), backends) if group.backend_slots.len() == backends.len() => {

@@ -123,18 +123,89 @@ pub fn parse_sctp_eps(text: &str) -> Vec<LocalSocket> {
         .collect()
 }
 
-/// The sockets bound on this host now (in the daemon's network namespace).
+/// TCP sockets listening in this network namespace, from the kernel's sock_diag interface
+/// (which walks only the listening hash, unlike /proc/net/tcp, which walks every connection).
+fn tcp_listeners() -> std::io::Result<Vec<LocalSocket>> {
+    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_sock_diag::{
+        SockDiagMessage,
+        constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    };
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+    let mut out = Vec::new();
+    for (family, id) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id: id,
+        });
+        let mut packet = NetlinkMessage::new(header, request.into());
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        let mut reply = vec![0u8; 64 * 1024];
+        'recv: loop {
+            let size = socket.recv(&mut &mut reply[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let message = <NetlinkMessage<SockDiagMessage>>::deserialize(&reply[offset..size])
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        let addr = match r.header.socket_id.source_address {
+                            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                            v4 => v4,
+                        };
+                        out.push(LocalSocket {
+                            protocol: Protocol::Tcp,
+                            addr,
+                            port: r.header.socket_id.source_port,
+                        });
+                    }
+                    NetlinkPayload::Done(_) => break 'recv,
+                    NetlinkPayload::Error(e) => {
+                        return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
+                    }
+                    _ => {}
+                }
+                if message.header.length == 0 {
+                    break;
+                }
+                offset += message.header.length as usize;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The sockets bound on this host now (in the daemon's network namespace): TCP listeners
+/// through sock_diag, UDP sockets from /proc/net/udp{,6}, SCTP endpoints from
+/// /proc/net/sctp/eps. One snapshot serves a whole request (an add, or a config applied).
 #[must_use]
 pub fn local_sockets() -> Vec<LocalSocket> {
-    let mut out = Vec::new();
-    for (file, protocol, v6) in [
-        ("/proc/net/tcp", Protocol::Tcp, false),
-        ("/proc/net/tcp6", Protocol::Tcp, true),
-        ("/proc/net/udp", Protocol::Udp, false),
-        ("/proc/net/udp6", Protocol::Udp, true),
-    ] {
+    let mut out = tcp_listeners().unwrap_or_else(|e| {
+        log::warn!("listing TCP listeners: {e}; reading /proc/net/tcp instead");
+        let mut all = Vec::new();
+        for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+            if let Ok(text) = std::fs::read_to_string(file) {
+                all.extend(parse_proc_net(&text, Protocol::Tcp, v6));
+            }
+        }
+        all
+    });
+    for (file, v6) in [("/proc/net/udp", false), ("/proc/net/udp6", true)] {
         if let Ok(text) = std::fs::read_to_string(file) {
-            out.extend(parse_proc_net(&text, protocol, v6));
+            out.extend(parse_proc_net(&text, Protocol::Udp, v6));
         }
     }
     if let Ok(text) = std::fs::read_to_string("/proc/net/sctp/eps") {
@@ -155,6 +226,28 @@ pub fn socket_conflict(binding: &Binding, sockets: &[LocalSocket]) -> Option<Loc
             && (same_family || dual_stack)
             && (s.addr.is_unspecified() || binding.host_ip.is_unspecified() || s.addr == binding.host_ip)
     })
+}
+
+/// Which local socket, if any, a binding would take traffic from.
+pub trait Sockets {
+    fn conflict(&self, binding: &Binding) -> Option<LocalSocket>;
+}
+
+/// A fixed list of sockets (tests).
+impl Sockets for Vec<LocalSocket> {
+    fn conflict(&self, binding: &Binding) -> Option<LocalSocket> {
+        socket_conflict(binding, self)
+    }
+}
+
+/// No local sockets: for re-applying what was applied before (a rollback), and for datapaths
+/// that are not the host's (tests, benchmarks).
+pub struct NoSockets;
+
+impl Sockets for NoSockets {
+    fn conflict(&self, _: &Binding) -> Option<LocalSocket> {
+        None
+    }
 }
 
 /// The first run of `count` ports in `pool`, starting the search at `from` and wrapping around,
@@ -255,14 +348,19 @@ impl Pool {
         self.max - self.next + self.free.len() as u32
     }
 
-    fn take(&mut self) -> Option<u32> {
+    /// An id, and whether it was used before.
+    fn take_reused(&mut self) -> Option<(u32, bool)> {
         if let Some(id) = self.free.pop_front() {
-            return Some(id);
+            return Some((id, true));
         }
         (self.next < self.max).then(|| {
             self.next += 1;
-            self.next - 1
+            (self.next - 1, false)
         })
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        self.take_reused().map(|(id, _)| id)
     }
 
     fn give(&mut self, id: u32) {
@@ -364,7 +462,7 @@ impl Table {
 
     /// Chooses the host ports of `requested` (its own, or free dynamic ones) and checks them
     /// against the applied mappings and the host's sockets.
-    fn resolve(&mut self, requested: &Mapping, sockets: &[LocalSocket]) -> Result<Mapping, TableError> {
+    fn resolve(&mut self, requested: &Mapping, sockets: &dyn Sockets) -> Result<Mapping, TableError> {
         let mapping = match requested.host_ports {
             Some(_) => requested.clone(),
             None => {
@@ -372,7 +470,7 @@ impl Table {
                 let taken = |port: u16| {
                     let probe = requested.with_host_ports(PortRange::single(port));
                     self.port_users.contains_key(&(probe.protocol, port))
-                        || probe.bindings().any(|b| socket_conflict(&b, sockets).is_some())
+                        || probe.bindings().any(|b| sockets.conflict(&b).is_some())
                 };
                 let range = find_free_run(self.dynamic, count, self.next_dynamic, |p| !taken(p)).ok_or(
                     TableError::PoolExhausted {
@@ -392,7 +490,7 @@ impl Table {
         }
         if requested.host_ports.is_some() {
             for binding in mapping.bindings() {
-                if let Some(socket) = socket_conflict(&binding, sockets) {
+                if let Some(socket) = sockets.conflict(&binding) {
                     return Err(TableError::InUse { binding, socket });
                 }
             }
@@ -403,9 +501,9 @@ impl Table {
     /// Takes stats slot, Maglev table and backend slots for `mapping` (reusing `reuse`'s where
     /// an update keeps them). Nothing is taken when this fails.
     fn place(&mut self, mapping: &Mapping, reuse: Option<&Entry>) -> Result<Placement, TableError> {
-        let stats_slot = match reuse {
-            Some(e) => e.place.stats_slot,
-            None => self.slots.take().ok_or(TableError::Full {
+        let (stats_slot, reset_stats) = match reuse {
+            Some(e) => (e.place.stats_slot, false),
+            None => self.slots.take_reused().ok_or(TableError::Full {
                 what: "the mapping table",
                 max: self.max_ports,
                 limit: "max_mappings",
@@ -414,6 +512,7 @@ impl Table {
         if mapping.backends.len() == 1 {
             return Ok(Placement {
                 stats_slot,
+                reset_stats,
                 group: None,
             });
         }
@@ -442,6 +541,7 @@ impl Table {
             .collect();
         Ok(Placement {
             stats_slot,
+            reset_stats,
             group: Some(GroupPlacement { group, backend_slots }),
         })
     }
@@ -490,7 +590,7 @@ impl Table {
         &mut self,
         dp: &mut Datapath,
         requested: &Mapping,
-        sockets: &[LocalSocket],
+        sockets: &dyn Sockets,
     ) -> Result<Mapping, TableError> {
         if self.ports_used + u64::from(requested.port_count()) > u64::from(self.max_ports) {
             return Err(TableError::Full {
@@ -605,7 +705,7 @@ impl Table {
         &mut self,
         dp: &mut Datapath,
         desired: &[Mapping],
-        sockets: &[LocalSocket],
+        sockets: &dyn Sockets,
     ) -> Result<Plan, TableError> {
         let plan = plan(&self.requested(), desired);
         let mut removed: Vec<Entry> = Vec::new();
@@ -638,7 +738,7 @@ impl Table {
                 self.restore_requested(old);
             }
             for old in removed.iter().rev() {
-                if self.add(dp, &old.mapping, &[]).is_ok() {
+                if self.add(dp, &old.mapping, &NoSockets).is_ok() {
                     self.restore_requested(old);
                 }
             }

@@ -16,11 +16,22 @@ use portmap_tests::{BackendLink, Daemon, HOST_CLIENT_IFACE, HOST_IP, Topology, p
 /// bpf-linker release built by `setup` (against the nightly toolchain's own libLLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Tools the tests and the demo run, and the Debian package of each.
-const APT_TOOLS: [(&str, &str); 3] = [
+/// What the tests, the demo and the benchmark need from Debian: a command or file that shows the
+/// package is there, and the package.
+const APT_PACKAGES: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("systemd-analyze", "systemd"),
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
+    ("iperf3", "iperf3"),
+    ("pkg-config", "pkg-config"),
+    // plotters (benchmark plots) renders text through fontconfig.
+    ("/usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 #[derive(Parser)]
@@ -54,6 +65,16 @@ enum Task {
     },
     /// rustfmt and clippy on every crate, the eBPF crate for its BPF target included.
     Lint,
+    /// Benchmark against iptables-nft, nftables, plain routing and an XDP floor (needs root);
+    /// see docs/BENCHMARKS.md.
+    Bench {
+        /// A few minutes, fewer sizes: the CI smoke test.
+        #[arg(long)]
+        quick: bool,
+        /// Copy the report and plots to docs/BENCHMARKS.md and docs/bench/.
+        #[arg(long)]
+        update_docs: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +87,7 @@ fn main() -> anyhow::Result<()> {
             args,
         } => test(fuzz_packets, fuzz_seed, &args),
         Task::Lint => lint(),
+        Task::Bench { quick, update_docs } => bench(quick, update_docs),
     }
 }
 
@@ -201,9 +223,16 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn ensure_apt_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_TOOLS
+    let present = |what: &str| {
+        if what.starts_with('/') {
+            Path::new(what).exists()
+        } else {
+            which::which(what).is_ok()
+        }
+    };
+    let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(tool, _)| which::which(tool).is_err())
+        .filter(|(what, _)| !present(what))
         .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
@@ -287,6 +316,38 @@ fn count_before(result: &str, label: &str) -> u64 {
         })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn bench(quick: bool, update_docs: bool) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "cargo xtask bench needs root: it builds network namespaces, netfilter rules and BPF programs"
+    );
+    setup()?;
+    run(cargo().args(["build", "--release", "-p", "portmap-user"]))?;
+    let out = target_dir().join("bench");
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "portmap-tests", "--bench", "portmap", "--"])
+        .arg("--out")
+        .arg(&out)
+        .env("PORTMAP_BIN", target_dir().join("release/portmap"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)?;
+    if update_docs {
+        let docs = workspace_root().join("docs");
+        std::fs::create_dir_all(docs.join("bench"))?;
+        let report = std::fs::read_to_string(out.join("report.md"))?;
+        let plots = "\n## Plots\n\n![new flows](bench/new_flows.png)\n\n![eBPF cost](bench/ebpf_cost.png)\n\n\
+                     ![control plane](bench/control_plane.png)\n";
+        std::fs::write(docs.join("BENCHMARKS.md"), format!("{report}{plots}"))?;
+        for png in ["new_flows.png", "ebpf_cost.png", "control_plane.png"] {
+            std::fs::copy(out.join(png), docs.join("bench").join(png))?;
+        }
+        say("docs/BENCHMARKS.md and docs/bench/*.png updated");
+    }
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {

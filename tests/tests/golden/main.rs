@@ -31,7 +31,7 @@ use portmap::{
     config::{DEFAULT_DYNAMIC_PORTS, Limits},
     datapath::{Datapath, Hook, TestRunOutput},
     spec,
-    table::{Capacity, Table},
+    table::{Capacity, NoSockets, Table},
 };
 use portmap_common::{DIR_FORWARD, FlowValue, stat, words_addr};
 use portmap_tests::Netns;
@@ -170,7 +170,7 @@ impl Golden {
             backends: limits.max_backends,
         };
         let mut table = Table::new(capacity, DEFAULT_DYNAMIC_PORTS);
-        table.apply(&mut dp, &mappings, &[])?;
+        table.apply(&mut dp, &mappings, &NoSockets)?;
         let index =
             |name: &str| nix::net::if_::if_nametoindex(name).with_context(|| format!("ifindex of {name}"));
         dp.allow_xdp_redirect(index("h1")?)?;

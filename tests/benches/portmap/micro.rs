@@ -1,0 +1,287 @@
+//! Measurements that need no traffic: the programs' cost per packet through
+//! `BPF_PROG_TEST_RUN` (established and new flows, 1 to 1M mappings, beside a no-op program),
+//! the control plane (install N mappings, one change with N installed), and map memory.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::Context as _;
+use portmap::{
+    config::{DEFAULT_DYNAMIC_PORTS, Limits},
+    datapath::{Datapath, Hook},
+    spec,
+    table::{Capacity, NoSockets, Table},
+};
+use portmap_common::prog_names;
+use portmap_tests::{Daemon, HOST_CLIENT_IFACE, TempDir, Topology};
+
+use crate::setup::{self, BASE_PORT, ROUTER, SINK, Variant};
+
+/// ns per run of one program on one packet, as the kernel times `repeat` runs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProgramCost {
+    pub mappings: u32,
+    pub noop_ns: f64,
+    pub forward_floor_ns: f64,
+    pub established_xdp_ns: f64,
+    pub established_tc_ns: f64,
+    /// A new flow each run (mapping lookup, conntrack insert of both entries).
+    pub new_flow_xdp_ns: f64,
+}
+
+fn tcp_frame(src_port: u16, dst: (Ipv4Addr, u16), flags_syn: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let step = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4([198, 18, 0, 2], dst.0.octets(), 64)
+        .tcp(src_port, dst.1, 1, 64240);
+    let step = if flags_syn { step.syn() } else { step.ack(1) };
+    step.write(&mut out, &[0u8; 16]).expect("buildable");
+    out
+}
+
+/// Loads the datapath with `mappings` host ports (in runs of up to 50,000 over several host
+/// addresses, as the daemon's table places them) inside the router namespace of `topo`, and
+/// times the programs on an established-flow packet to the last mapping.
+pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Result<ProgramCost> {
+    topo.host.run(move || {
+        let limits = Limits {
+            max_mappings: mappings.max(1024),
+            conntrack_entries: 1 << 20,
+            ..Limits::default()
+        };
+        let mut dp = Datapath::load_unpinned(&limits)?;
+        dp.load_bench_xdp(prog_names::BENCH_XDP_NOOP, None)?;
+        dp.load_bench_xdp(prog_names::BENCH_XDP_FORWARD, None)?;
+        let mut table = Table::new(
+            Capacity {
+                ports: limits.max_mappings,
+                groups: 1,
+                backends: 1,
+            },
+            DEFAULT_DYNAMIC_PORTS,
+        );
+        const RUN: u32 = 50_000;
+        let mut last = (ROUTER, BASE_PORT);
+        let mut left = mappings;
+        let mut address = 0u8;
+        while left > 0 {
+            let n = left.min(RUN);
+            address += 1;
+            let host = Ipv4Addr::new(198, 18, 0, address);
+            let spec = format!("{host}:{BASE_PORT}-{}:{SINK}:80", u32::from(BASE_PORT) + n - 1);
+            table.add(&mut dp, &spec::parse(&spec)?, &NoSockets)?;
+            last = (host, BASE_PORT + (n - 1) as u16);
+            left -= n;
+        }
+        let ifindex = nix::net::if_::if_nametoindex(HOST_CLIENT_IFACE)?;
+        dp.allow_xdp_redirect(nix::net::if_::if_nametoindex(portmap_tests::HOST_BACKEND_IFACE)?)?;
+        let syn = tcp_frame(40_000, last, true);
+        let ack = tcp_frame(40_000, last, false);
+        dp.test_run(Hook::TcIngress, &syn, ifindex, 1)?;
+        let time = |f: &dyn Fn() -> anyhow::Result<std::time::Duration>| -> anyhow::Result<f64> {
+            Ok(f()?.as_secs_f64() * 1e9)
+        };
+        let noop = time(&|| {
+            Ok(dp
+                .test_run_bench_xdp(prog_names::BENCH_XDP_NOOP, &ack, ifindex, repeat)?
+                .duration)
+        })?;
+        let floor = time(&|| {
+            Ok(dp
+                .test_run_bench_xdp(prog_names::BENCH_XDP_FORWARD, &ack, ifindex, repeat)?
+                .duration)
+        })?;
+        let xdp = time(&|| Ok(dp.test_run(Hook::XdpIngress, &ack, ifindex, repeat)?.duration))?;
+        let tc = time(&|| Ok(dp.test_run(Hook::TcIngress, &ack, ifindex, repeat)?.duration))?;
+        // New flows: one run per client port (the kernel times each run alone).
+        let mut new_total = 0.0;
+        let new_runs = 2_000u16;
+        for port in 0..new_runs {
+            let frame = tcp_frame(1_000 + port, last, true);
+            new_total += dp
+                .test_run(Hook::XdpIngress, &frame, ifindex, 1)?
+                .duration
+                .as_secs_f64()
+                * 1e9;
+        }
+        Ok(ProgramCost {
+            mappings,
+            noop_ns: noop,
+            forward_floor_ns: floor,
+            established_xdp_ns: xdp,
+            established_tc_ns: tc,
+            new_flow_xdp_ns: new_total / f64::from(new_runs),
+        })
+    })
+}
+
+/// Control-plane timings for one N (milliseconds).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ControlPlane {
+    pub mappings: u32,
+    pub portmap_install_in_daemon_ms: f64,
+    pub portmap_install_round_trip_ms: f64,
+    pub portmap_add_in_daemon_ms: f64,
+    pub portmap_del_in_daemon_ms: f64,
+    pub portmap_add_round_trip_ms: f64,
+    pub iptables_restore_ms: f64,
+    /// `iptables -A` one rule at a time (only measured up to 1,000 rules).
+    pub iptables_one_by_one_ms: Option<f64>,
+    pub iptables_append_one_ms: f64,
+    pub iptables_delete_one_ms: f64,
+    pub nft_file_ms: f64,
+    pub nft_add_element_ms: f64,
+}
+
+/// The last "... in X ms|µs" the daemon logged for `what`, in ms.
+fn logged_ms(daemon: &Daemon, what: &str) -> anyhow::Result<f64> {
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(what))
+        .with_context(|| format!("no '{what}' in the daemon log"))?;
+    let (_, timing) = line.rsplit_once(" in ").context("no timing")?;
+    let mut parts = timing.split_whitespace();
+    let value: f64 = parts.next().context("no value")?.parse()?;
+    Ok(match parts.next() {
+        Some(u) if u.starts_with("µs") => value / 1e3,
+        _ => value,
+    })
+}
+
+pub fn control_plane(n: u32) -> anyhow::Result<ControlPlane> {
+    let mut r = ControlPlane {
+        mappings: n,
+        ..ControlPlane::default()
+    };
+    let dir = TempDir::new("cp")?;
+    let next_port = BASE_PORT + n as u16;
+
+    // portmap: a daemon started empty, then its config rewritten with N mappings and reloaded.
+    {
+        let bed = setup::bed(Variant::Routing, 0)?;
+        let config = dir.path().join("portmap.toml");
+        std::fs::write(&config, setup::portmap_config(0, "tc", false))?;
+        let config_arg = config.to_str().context("utf-8")?.to_string();
+        let daemon = Daemon::start(&bed.topo.host, &["--config", &config_arg])?;
+        std::fs::write(&config, setup::portmap_config(n, "tc", false))?;
+        let started = Instant::now();
+        daemon.cli_ok(&["reload"])?;
+        r.portmap_install_round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
+        r.portmap_install_in_daemon_ms = logged_ms(&daemon, "reloaded")?;
+        let spec = format!("{next_port}:{SINK}:80");
+        let started = Instant::now();
+        daemon.cli_ok(&["add", &spec])?;
+        r.portmap_add_round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
+        r.portmap_add_in_daemon_ms = logged_ms(&daemon, "added")?;
+        daemon.cli_ok(&["del", &spec])?;
+        r.portmap_del_in_daemon_ms = logged_ms(&daemon, "deleted")?;
+    }
+
+    // iptables-nft.
+    {
+        let bed = setup::bed(Variant::Routing, 0)?;
+        let rules = dir.path().join("rules");
+        std::fs::write(&rules, setup::iptables_rules(n, false))?;
+        r.iptables_restore_ms = setup::timed_in(&bed.topo, "iptables-restore", &[], Some(&rules))? * 1e3;
+        let rule = |op: &str| {
+            vec![
+                "-t".to_string(),
+                "nat".into(),
+                op.into(),
+                "PORTMAP".into(),
+                "-d".into(),
+                format!("{ROUTER}/32"),
+                "-p".into(),
+                "tcp".into(),
+                "-m".into(),
+                "tcp".into(),
+                "--dport".into(),
+                next_port.to_string(),
+                "-j".into(),
+                "DNAT".into(),
+                "--to-destination".into(),
+                format!("{SINK}:80"),
+            ]
+        };
+        let args = rule("-A");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        r.iptables_append_one_ms = setup::timed_in(&bed.topo, "iptables", &args, None)? * 1e3;
+        let del = rule("-D");
+        let del: Vec<&str> = del.iter().map(String::as_str).collect();
+        r.iptables_delete_one_ms = setup::timed_in(&bed.topo, "iptables", &del, None)? * 1e3;
+    }
+    if n <= 1_000 {
+        let bed = setup::bed(Variant::Routing, 0)?;
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, setup::iptables_rules(0, false))?;
+        setup::timed_in(&bed.topo, "iptables-restore", &[], Some(&empty))?;
+        let started = Instant::now();
+        for i in 0..n {
+            let port = (BASE_PORT + i as u16).to_string();
+            let dst = format!("{SINK}:80");
+            let args = [
+                "-t",
+                "nat",
+                "-A",
+                "PORTMAP",
+                "-p",
+                "tcp",
+                "--dport",
+                &port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &dst,
+            ];
+            setup::timed_in(&bed.topo, "iptables", &args, None)?;
+        }
+        r.iptables_one_by_one_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // nftables.
+    {
+        let bed = setup::bed(Variant::Routing, 0)?;
+        let file = dir.path().join("rules.nft");
+        std::fs::write(&file, setup::nft_ruleset(n, false))?;
+        r.nft_file_ms =
+            setup::timed_in(&bed.topo, "nft", &["-f", file.to_str().context("utf-8")?], None)? * 1e3;
+        let element = format!("{{ {next_port} : {SINK} . 80 }}");
+        r.nft_add_element_ms = setup::timed_in(
+            &bed.topo,
+            "nft",
+            &["add", "element", "ip", "pm", "tports", &element],
+            None,
+        )? * 1e3;
+    }
+    Ok(r)
+}
+
+/// Kernel memory per mapping and per flow, from the maps' memlock at default capacities.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Memory {
+    pub maps: Vec<(String, u32, u64)>,
+    pub bytes_per_mapping: f64,
+    pub bytes_per_flow: f64,
+}
+
+pub fn memory() -> anyhow::Result<Memory> {
+    let dp = Datapath::load_unpinned(&Limits::default())?;
+    let maps = dp.map_memory()?;
+    let per = |name: &str, divisor: f64| {
+        maps.iter()
+            .find(|m| m.name == name)
+            .map_or(0.0, |m| m.bytes as f64 / (f64::from(m.max_entries) / divisor))
+    };
+    let mapping =
+        per(portmap_common::map_names::MAPPINGS, 1.0) + per(portmap_common::map_names::MAPPING_STATS, 1.0);
+    let flow = per(portmap_common::map_names::CONNTRACK, 2.0);
+    Ok(Memory {
+        maps: maps
+            .iter()
+            .map(|m| (m.name.to_string(), m.max_entries, m.bytes))
+            .collect(),
+        bytes_per_mapping: mapping,
+        bytes_per_flow: flow,
+    })
+}

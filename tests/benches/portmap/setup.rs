@@ -1,0 +1,246 @@
+//! The variants under test, set up on the host (router) namespace of a fresh topology:
+//! generator (client ns, 198.18.0.2) → router (host ns) → sink (backend ns, 198.18.1.2).
+
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path, time::Instant};
+
+use anyhow::{Context as _, ensure};
+use portmap::{config::Limits, datapath::Datapath};
+use portmap_common::prog_names;
+use portmap_tests::{
+    BackendLink, Daemon, HOST_BACKEND_IFACE, HOST_CLIENT_IFACE, Mode, TempDir, Topology, start_daemon,
+};
+
+/// First host port of the N benchmark mappings (host port `BASE_PORT + i` → sink:80 / sink:9).
+pub const BASE_PORT: u16 = 10_000;
+pub const SINK: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Variant {
+    /// No NAT: the generator addresses the sink, the router only routes.
+    Routing,
+    /// iptables-nft: one DNAT rule per mapping in a nat chain, as Docker installs them.
+    Iptables,
+    /// nftables: one DNAT rule looking the port up in a map (the kube-proxy nftables way).
+    Nftables,
+    PortmapTc,
+    PortmapXdp,
+    /// XDP parse + FIB lookup + redirect, no conntrack, no rewrite (`bench_xdp_forward`).
+    XdpFloor,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Routing => "routing (no NAT)",
+            Self::Iptables => "iptables-nft DNAT",
+            Self::Nftables => "nftables DNAT map",
+            Self::PortmapTc => "portmap TC",
+            Self::PortmapXdp => "portmap XDP",
+            Self::XdpFloor => "XDP redirect, no rewrite",
+        }
+    }
+
+    /// Whether the variant publishes ports (traffic goes to the router's address).
+    pub fn nat(self) -> bool {
+        !matches!(self, Self::Routing | Self::XdpFloor)
+    }
+}
+
+/// The destination a client of `variant` uses to reach mapping number `index` (0-based) of
+/// protocol `udp` (the sink itself when there is no NAT).
+pub fn target(variant: Variant, index: u32, udp: bool) -> (Ipv4Addr, u16) {
+    if variant.nat() {
+        (ROUTER, BASE_PORT + index as u16)
+    } else {
+        (SINK, if udp { 9 } else { 80 })
+    }
+}
+
+/// A topology with one variant installed; everything is removed on drop.
+pub struct Bed {
+    pub topo: Topology,
+    pub daemon: Option<Daemon>,
+    /// The in-process datapath holding the XDP floor program (attached in the router ns).
+    floor: Option<std::thread::JoinHandle<()>>,
+    floor_stop: Option<std::sync::mpsc::Sender<()>>,
+    _dir: TempDir,
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        drop(self.floor_stop.take());
+        if let Some(t) = self.floor.take() {
+            let _ = t.join();
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.stop();
+        }
+    }
+}
+
+/// iptables-restore input: a DOCKER-style chain with `n` DNAT rules, TCP, and UDP as well when
+/// `udp`.
+pub fn iptables_rules(n: u32, udp: bool) -> String {
+    let mut s = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:PORTMAP - [0:0]\n-A PREROUTING -j PORTMAP\n");
+    for i in 0..n {
+        let port = BASE_PORT + i as u16;
+        for (proto, dst) in [("tcp", 80), ("udp", 9)]
+            .into_iter()
+            .take(if udp { 2 } else { 1 })
+        {
+            let _ = writeln!(
+                s,
+                "-A PORTMAP -d {ROUTER}/32 -p {proto} -m {proto} --dport {port} -j DNAT --to-destination {SINK}:{dst}"
+            );
+        }
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// nft -f input: one map per protocol, one DNAT rule each; `n` TCP elements, and as many UDP
+/// ones when `udp`.
+pub fn nft_ruleset(n: u32, udp: bool) -> String {
+    let elements = |dst: u16| {
+        (0..n)
+            .map(|i| format!("{} : {SINK} . {dst}", BASE_PORT + i as u16))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let set = |name: &str, dst: u16| {
+        let body = if n == 0 || (name == "uports" && !udp) {
+            String::new()
+        } else {
+            format!("elements = {{ {} }}", elements(dst))
+        };
+        format!("  map {name} {{ type inet_service : ipv4_addr . inet_service; {body} }}\n")
+    };
+    format!(
+        "table ip pm {{\n{}{}  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n    ip daddr {ROUTER} meta l4proto tcp dnat ip to tcp dport map @tports\n    ip daddr {ROUTER} meta l4proto udp dnat ip to udp dport map @uports\n  }}\n}}\n",
+        set("tports", 80),
+        set("uports", 9)
+    )
+}
+
+/// portmap config with `n` mappings: TCP, and UDP as well when `udp`.
+pub fn portmap_config(n: u32, attach: &str, udp: bool) -> String {
+    let mut s = format!("interfaces = [\"{HOST_CLIENT_IFACE}\"]\nattach = \"{attach}\"\nmappings = [\n");
+    for i in 0..n {
+        let port = BASE_PORT + i as u16;
+        let _ = write!(s, "  \"{port}:{SINK}:80\",");
+        if udp {
+            let _ = write!(s, " \"{port}:{SINK}:9/udp\",");
+        }
+        s.push('\n');
+    }
+    s.push_str("]\n[limits]\nmax_mappings = 131072\nconntrack_entries = 1048576\n");
+    s
+}
+
+/// Runs a command in the router namespace and returns how long it took (failing if it fails).
+pub fn timed_in(topo: &Topology, program: &str, args: &[&str], stdin: Option<&Path>) -> anyhow::Result<f64> {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &topo.host.name, program]).args(args);
+    if let Some(path) = stdin {
+        cmd.stdin(std::fs::File::open(path)?);
+    }
+    let started = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {program}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    ensure!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(secs)
+}
+
+/// A fresh topology with `variant` installed for `n` mappings.
+pub fn bed(variant: Variant, n: u32) -> anyhow::Result<Bed> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    // Many short connections: a wide ephemeral range and no TIME_WAIT reuse limit on the client.
+    topo.client.sysctl("net/ipv4/ip_local_port_range", "1024 65000")?;
+    // Permanent neighbours: no ARP in the measured path.
+    let mac = |ns: &portmap_tests::Netns, dev: &str| -> anyhow::Result<String> {
+        Ok(ns
+            .exec("cat", &[&format!("/sys/class/net/{dev}/address")])?
+            .trim()
+            .to_string())
+    };
+    let sink_mac = mac(&topo.backend, "b0")?;
+    topo.host.ip(&[
+        "neigh",
+        "replace",
+        "198.18.1.2",
+        "lladdr",
+        &sink_mac,
+        "nud",
+        "permanent",
+        "dev",
+        HOST_BACKEND_IFACE,
+    ])?;
+    let dir = TempDir::new("bench")?;
+    let mut bed = Bed {
+        topo,
+        daemon: None,
+        floor: None,
+        floor_stop: None,
+        _dir: dir,
+    };
+    let topo = &bed.topo;
+    match variant {
+        Variant::Routing => {}
+        Variant::Iptables => {
+            let file = bed._dir.path().join("rules");
+            std::fs::write(&file, iptables_rules(n, true))?;
+            timed_in(topo, "iptables-restore", &[], Some(&file))?;
+        }
+        Variant::Nftables => {
+            let file = bed._dir.path().join("rules.nft");
+            std::fs::write(&file, nft_ruleset(n, true))?;
+            timed_in(topo, "nft", &["-f", file.to_str().context("utf-8")?], None)?;
+        }
+        Variant::PortmapTc | Variant::PortmapXdp => {
+            let (mode, attach) = if variant == Variant::PortmapTc {
+                (Mode::Tc, "tc")
+            } else {
+                (Mode::Xdp, "xdp")
+            };
+            let file = bed._dir.path().join("portmap.toml");
+            std::fs::write(&file, portmap_config(n, attach, true))?;
+            let config = file.to_str().context("utf-8")?.to_string();
+            bed.daemon = Some(start_daemon(topo, mode, &["--config", &config])?);
+        }
+        Variant::XdpFloor => {
+            topo.prepare_for_xdp()?;
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let netns = std::fs::File::open(topo.host.path())?;
+            let handle = std::thread::spawn(move || {
+                let attached = (|| {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    let mut dp = Datapath::load_unpinned(&Limits::default())?;
+                    dp.load_bench_xdp(prog_names::BENCH_XDP_FORWARD, Some(HOST_CLIENT_IFACE))?;
+                    dp.allow_xdp_redirect(nix::net::if_::if_nametoindex(HOST_BACKEND_IFACE)?)?;
+                    Ok::<_, anyhow::Error>(dp)
+                })();
+                match attached {
+                    Ok(dp) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let _ = stop_rx.recv();
+                        drop(dp);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("{e:#}")));
+                    }
+                }
+            });
+            ready_rx.recv()?.map_err(|e| anyhow::anyhow!("XDP floor: {e}"))?;
+            bed.floor = Some(handle);
+            bed.floor_stop = Some(stop_tx);
+        }
+    }
+    Ok(bed)
+}

@@ -1,0 +1,368 @@
+//! Load generators, each bounded in time: TCP connect/close, request/response latency, iperf3
+//! bulk throughput, and an AF_PACKET UDP packet generator with CPU accounting.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use portmap_tests::{EchoServer, Netns, Topology};
+
+/// A sink-side TCP server that accepts and closes at once, until dropped.
+pub struct AcceptCloser {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl AcceptCloser {
+    pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+            let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
+            let listener = listener?;
+            listener.set_nonblocking(true)?;
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => drop(s),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_micros(50))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })?;
+        ready_rx
+            .recv()?
+            .map_err(|e| anyhow::anyhow!("bind {port}: {e}"))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AcceptCloser {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Single-threaded TCP connect + close (RST, so no TIME_WAIT piles up) for `secs` seconds:
+/// new connections per second.
+pub fn new_flows_per_second(topo: &Topology, dst: SocketAddrV4, secs: f64) -> anyhow::Result<f64> {
+    let _server = AcceptCloser::start(&topo.backend, 80)?;
+    topo.client.run(move || {
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let started = Instant::now();
+        let mut done = 0u64;
+        while Instant::now() < deadline {
+            let s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(2))
+                .with_context(|| format!("connect {dst} after {done} connections"))?;
+            nix::sys::socket::setsockopt(
+                &s,
+                nix::sys::socket::sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            )?;
+            drop(s);
+            done += 1;
+        }
+        Ok(done as f64 / started.elapsed().as_secs_f64())
+    })
+}
+
+/// One TCP connection, `count` 1-byte request/response round trips: microseconds per round
+/// trip, sorted.
+pub fn round_trips(topo: &Topology, dst: SocketAddrV4, count: usize) -> anyhow::Result<Vec<f64>> {
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    topo.client.run(move || {
+        let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut byte = [0u8; 1];
+        let mut samples = Vec::with_capacity(count);
+        for i in 0..count + 100 {
+            let started = Instant::now();
+            s.write_all(&[i as u8])?;
+            s.read_exact(&mut byte)?;
+            if i >= 100 {
+                samples.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples)
+    })
+}
+
+/// The `p`-quantile of sorted samples.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// iperf3 for `secs` seconds, one stream: Gbit/s received.
+pub fn iperf3_gbps(topo: &Topology, dst: SocketAddrV4, secs: u32) -> anyhow::Result<f64> {
+    let port = dst.port().to_string();
+    let mut server = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.backend.name,
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            "80",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("iperf3 (cargo xtask setup installs it)")?;
+    thread::sleep(Duration::from_millis(300));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.client.name, "iperf3", "-J", "-c"])
+        .arg(dst.ip().to_string())
+        .args(["-p", &port, "-t", &secs.to_string()])
+        .output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    ensure!(
+        out.status.success(),
+        "iperf3: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 reported no throughput")
+}
+
+/// Busy CPU time (not idle/iowait) of one CPU, or of all (`None`), in seconds, from /proc/stat.
+fn busy_seconds(cpu: Option<usize>) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let label = cpu.map_or("cpu".to_string(), |c| format!("cpu{c}"));
+    let fields: Vec<u64> = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(label.as_str()))
+        .with_context(|| format!("no {label} in /proc/stat"))?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields[3] + fields[4];
+    Ok((total - idle) as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+fn rx_packets(ns: &Netns, dev: &str) -> anyhow::Result<u64> {
+    let json: serde_json::Value = serde_json::from_str(&ns.ip(&["-s", "-j", "link", "show", dev])?)?;
+    json[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("no rx packet counter")
+}
+
+/// What one packet-generator run measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PacketRun {
+    pub offered_pps: Option<f64>,
+    pub sent_pps: f64,
+    pub forwarded_pps: f64,
+    /// Busy time of CPU 1, where the router (and the sink) run, per forwarded packet (ns).
+    pub cpu_ns_per_packet: Option<f64>,
+    /// The machine's busy CPU time per forwarded packet, generator included (ns).
+    pub total_cpu_ns_per_packet: f64,
+}
+
+/// 60-byte UDP frames (64 on the wire with the FCS) from the generator to `dst`, over `flows`
+/// source ports.
+fn frames(dst: (Ipv4Addr, u16), flows: u16, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<Vec<u8>> {
+    (0..flows)
+        .map(|i| {
+            let mut out = Vec::new();
+            etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+                .ipv4([198, 18, 0, 2], dst.0.octets(), 64)
+                .udp(20_000 + i, dst.1)
+                .write(&mut out, &[0u8; 18])
+                .expect("buildable");
+            out
+        })
+        .collect()
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let text = ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("bad MAC {text}"))
+}
+
+/// An AF_PACKET socket on `dev` of the calling thread's namespace that bypasses the qdisc.
+fn packet_socket(dev: &str) -> anyhow::Result<OwnedFd> {
+    // SAFETY: plain syscalls on a socket we own; every pointer passed is valid for its length.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = nix::net::if_::if_nametoindex(dev)? as i32;
+        let rc = libc::bind(
+            fd.as_raw_fd(),
+            (&raw const sll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        );
+        ensure!(rc == 0, "bind to {dev}: {}", std::io::Error::last_os_error());
+        Ok(fd)
+    }
+}
+
+/// Sends `frames` round-robin in batches with sendmmsg until `deadline`, at `rate` packets per
+/// second if given (else as fast as it can). Returns packets sent.
+fn blast(fd: &OwnedFd, frames: &[Vec<u8>], rate: Option<f64>, deadline: Instant) -> u64 {
+    const BATCH: usize = 64;
+    let mut iovecs: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
+        })
+        .collect();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut next = 0usize;
+    while Instant::now() < deadline {
+        if let Some(rate) = rate {
+            let due = (started.elapsed().as_secs_f64() * rate) as u64;
+            if sent >= due {
+                thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+        }
+        // SAFETY: mmsghdr is plain data; each points at one iovec that outlives the call.
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+            .map(|k| {
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = &raw mut iovecs[(next + k) % frames.len()];
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: valid socket and message array.
+        let n = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        if n > 0 {
+            sent += n as u64;
+            next = (next + n as usize) % frames.len();
+        }
+    }
+    sent
+}
+
+/// Moves the router's receive work for h0 to CPU 1: RPS for the kernel's receive path, and for
+/// XDP on a veth (which runs in NAPI, by default on the sender's CPU) threaded NAPI with its
+/// kernel threads pinned to CPU 1.
+fn steer_router_to_cpu1(topo: &Topology) -> anyhow::Result<()> {
+    topo.host.exec(
+        "sh",
+        &[
+            "-c",
+            "echo 2 > /sys/class/net/h0/queues/rx-0/rps_cpus; echo 1 > /sys/class/net/h0/threaded || true",
+        ],
+    )?;
+    for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("napi/h0-") {
+            continue;
+        }
+        if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+            let mut cpus = nix::sched::CpuSet::new();
+            cpus.set(1)?;
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(pid), &cpus);
+        }
+    }
+    Ok(())
+}
+
+/// UDP packets from the generator (pinned to CPU 0) for `secs` seconds, at `rate` pps or flat
+/// out, counted where they arrive at the sink; the router's work is steered to CPU 1.
+pub fn packet_run(
+    topo: &Topology,
+    dst: (Ipv4Addr, u16),
+    flows: u16,
+    rate: Option<f64>,
+    secs: f64,
+) -> anyhow::Result<PacketRun> {
+    let frames = frames(dst, flows, mac_of(&topo.client, "c0")?, mac_of(&topo.host, "h0")?);
+    steer_router_to_cpu1(topo)?;
+    let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    let before_rx = rx_packets(&topo.backend, "b0")?;
+    let (before_all, before_cpu1) = (busy_seconds(None)?, busy_seconds(Some(1)).ok());
+    let sent = topo.client.run(move || {
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+        let fd = packet_socket("c0")?;
+        Ok(blast(
+            &fd,
+            &frames,
+            rate,
+            Instant::now() + Duration::from_secs_f64(secs),
+        ))
+    })?;
+    // Let the last packets drain through the router.
+    thread::sleep(Duration::from_millis(200));
+    let busy_all = busy_seconds(None)? - before_all;
+    let busy_cpu1 = before_cpu1.and_then(|b| Some(busy_seconds(Some(1)).ok()? - b));
+    let forwarded = rx_packets(&topo.backend, "b0")? - before_rx;
+    if forwarded == 0 {
+        bail!("no packet reached the sink");
+    }
+    Ok(PacketRun {
+        offered_pps: rate,
+        sent_pps: sent as f64 / secs,
+        forwarded_pps: forwarded as f64 / secs,
+        cpu_ns_per_packet: busy_cpu1
+            .filter(|_| two_cpus && rate.is_some())
+            .map(|b| b * 1e9 / forwarded as f64),
+        total_cpu_ns_per_packet: busy_all * 1e9 / forwarded as f64,
+    })
+}
+
+pub fn socket(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}

@@ -738,7 +738,26 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
+    /// Echoes every connection on its own thread until the client closes.
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Self> {
+        Self::serve(ns, port, |mut stream| {
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        })
+    }
+
+    /// Closes every connection as soon as it is accepted (a connection-rate sink).
+    pub fn accept_and_close(ns: &Netns, port: u16) -> anyhow::Result<Self> {
+        Self::serve(ns, port, drop)
+    }
+
+    fn serve(ns: &Netns, port: u16, handle: fn(TcpStream)) -> anyhow::Result<Self> {
         use std::sync::{Arc, Mutex, atomic::AtomicBool};
         let stop = Arc::new(AtomicBool::new(false));
         let reached = Arc::new(Mutex::new(Vec::new()));
@@ -751,24 +770,17 @@ impl EchoServer {
             listener.set_nonblocking(true)?;
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut stream, _)) => {
+                    Ok((stream, _)) => {
                         stream.set_nonblocking(false)?;
                         stream.set_read_timeout(Some(IO_TIMEOUT))?;
                         reached2
                             .lock()
                             .map_err(|_| anyhow!("poisoned"))?
                             .push(canonical(stream.local_addr()?));
-                        thread::spawn(move || {
-                            let mut buf = [0u8; 4096];
-                            while let Ok(n) = stream.read(&mut buf) {
-                                if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                                    break;
-                                }
-                            }
-                        });
+                        handle(stream);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(2));
+                        thread::sleep(Duration::from_micros(100));
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -341,7 +341,9 @@ fn bench(quick: bool, update_docs: bool) -> anyhow::Result<()> {
         let report = std::fs::read_to_string(out.join("report.md"))?;
         let plots = "\n## Plots\n\n![new flows](bench/new_flows.png)\n\n![eBPF cost](bench/ebpf_cost.png)\n\n\
                      ![control plane](bench/control_plane.png)\n";
-        std::fs::write(docs.join("BENCHMARKS.md"), format!("{report}{plots}"))?;
+        // The hand-written reading of the results (why a target is missed, what would close it).
+        let notes = std::fs::read_to_string(docs.join("bench/notes.md")).unwrap_or_default();
+        std::fs::write(docs.join("BENCHMARKS.md"), format!("{report}{plots}\n{notes}"))?;
         for png in ["new_flows.png", "ebpf_cost.png", "control_plane.png"] {
             std::fs::copy(out.join(png), docs.join("bench").join(png))?;
         }

@@ -3,12 +3,8 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -16,56 +12,10 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use portmap_tests::{EchoServer, Netns, Topology};
 
-/// A sink-side TCP server that accepts and closes at once, until dropped.
-pub struct AcceptCloser {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl AcceptCloser {
-    pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = ns.spawn(move || {
-            let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
-            let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
-            let listener = listener?;
-            listener.set_nonblocking(true)?;
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => drop(s),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_micros(50))
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
-        })?;
-        ready_rx
-            .recv()?
-            .map_err(|e| anyhow::anyhow!("bind {port}: {e}"))?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for AcceptCloser {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Single-threaded TCP connect + close (RST, so no TIME_WAIT piles up) for `secs` seconds:
 /// new connections per second.
 pub fn new_flows_per_second(topo: &Topology, dst: SocketAddrV4, secs: f64) -> anyhow::Result<f64> {
-    let _server = AcceptCloser::start(&topo.backend, 80)?;
+    let _server = EchoServer::accept_and_close(&topo.backend, 80)?;
     topo.client.run(move || {
         let deadline = Instant::now() + Duration::from_secs_f64(secs);
         let started = Instant::now();

@@ -21,7 +21,7 @@ use crate::{
     config::{Config, Overrides, Valid},
     control::{self, MappingStats, Request, Response, StatsReport},
     datapath::{self, Datapath},
-    spec,
+    spec::{self, Mapping},
     table::{self, Capacity, Table, TableError},
 };
 
@@ -218,32 +218,23 @@ async fn handle(stream: UnixStream, state: &mut State) -> anyhow::Result<()> {
 
 fn dispatch(request: Request, state: &mut State) -> Response {
     let started = Instant::now();
-    let took = || format!("{:.1} µs", started.elapsed().as_secs_f64() * 1e6);
+    let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
     let outcome: anyhow::Result<String> = match request {
-        Request::Add { spec } => spec::parse(&spec)
-            .map_err(TableError::from)
-            .and_then(|m| state.table.add(&mut state.dp, &m, &table::local_sockets()))
-            .map(|m| {
-                info!("added {m} in {}", took());
-                format!("added {}", m.docker_lines().join("\n      "))
-            })
-            .map_err(Into::into),
-        Request::Del { spec } => spec::parse(&spec)
-            .map_err(TableError::from)
-            .and_then(|m| state.table.remove(&mut state.dp, &m))
-            .map(|m| {
-                info!("deleted {m} in {}", took());
-                format!("deleted {}", m.docker_lines().join("\n        "))
-            })
-            .map_err(Into::into),
-        Request::Update { spec } => spec::parse(&spec)
-            .map_err(TableError::from)
-            .and_then(|m| state.table.update(&mut state.dp, &m))
-            .map(|m| {
-                info!("updated {m} in {}", took());
-                format!("updated {}", m.docker_lines().join("\n        "))
-            })
-            .map_err(Into::into),
+        Request::Add { spec } => changed(
+            "added",
+            parsed(&spec).and_then(|m| state.table.add(&mut state.dp, &m, &table::local_sockets())),
+            started,
+        ),
+        Request::Del { spec } => changed(
+            "deleted",
+            parsed(&spec).and_then(|m| state.table.remove(&mut state.dp, &m)),
+            started,
+        ),
+        Request::Update { spec } => changed(
+            "updated",
+            parsed(&spec).and_then(|m| state.table.update(&mut state.dp, &m)),
+            started,
+        ),
         Request::Reload => reload(state),
         Request::List => {
             return Response::Mappings {
@@ -268,6 +259,14 @@ fn dispatch(request: Request, state: &mut State) -> Response {
             message: format!("{e:#}"),
         },
     }
+}
+
+/// Logs a change with its duration and answers with its `docker port` lines.
+fn changed(verb: &str, result: Result<Mapping, TableError>, started: Instant) -> anyhow::Result<String> {
+    let m = result?;
+    info!("{verb} {m} in {:.1} µs", started.elapsed().as_secs_f64() * 1e6);
+    let indent = format!("\n{}", " ".repeat(verb.len() + 1));
+    Ok(format!("{verb} {}", m.docker_lines().join(&indent)))
 }
 
 /// Reads the config file again and applies its mappings as one diff (all or nothing) and its

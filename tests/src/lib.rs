@@ -740,7 +740,7 @@ pub struct EchoServer {
 impl EchoServer {
     /// Echoes every connection on its own thread until the client closes.
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Self> {
-        Self::serve(ns, port, |mut stream| {
+        Self::serve(ns, port, false, |mut stream| {
             thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = stream.read(&mut buf) {
@@ -752,18 +752,22 @@ impl EchoServer {
         })
     }
 
-    /// Closes every connection as soon as it is accepted (a connection-rate sink).
+    /// Closes every connection as soon as it is accepted (a connection-rate sink). Its thread
+    /// runs on the machine's last CPU, so that a client pinned to CPU 0 does not share one.
     pub fn accept_and_close(ns: &Netns, port: u16) -> anyhow::Result<Self> {
-        Self::serve(ns, port, drop)
+        Self::serve(ns, port, true, drop)
     }
 
-    fn serve(ns: &Netns, port: u16, handle: fn(TcpStream)) -> anyhow::Result<Self> {
+    fn serve(ns: &Netns, port: u16, pin_last_cpu: bool, handle: fn(TcpStream)) -> anyhow::Result<Self> {
         use std::sync::{Arc, Mutex, atomic::AtomicBool};
         let stop = Arc::new(AtomicBool::new(false));
         let reached = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop2, reached2) = (stop.clone(), reached.clone());
         let thread = ns.spawn(move || {
+            if pin_last_cpu {
+                pin_to_cpu(thread::available_parallelism().map_or(0, |n| n.get() - 1))?;
+            }
             let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port));
             let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
             let listener = listener?;
@@ -811,6 +815,14 @@ impl Drop for EchoServer {
             let _ = t.join();
         }
     }
+}
+
+/// Runs the calling thread on CPU `cpu` only.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+    Ok(())
 }
 
 /// CRC32c (Castagnoli), as SCTP uses it.

@@ -123,6 +123,8 @@ pub struct ControlPlane {
     pub portmap_add_in_daemon_ms: f64,
     pub portmap_del_in_daemon_ms: f64,
     pub portmap_add_round_trip_ms: f64,
+    /// One `portmap add` of a 10,000-port range, with N installed (in the daemon).
+    pub portmap_add_range_10k_ms: f64,
     pub iptables_restore_ms: f64,
     /// `iptables -A` one rule at a time (only measured up to 1,000 rules).
     pub iptables_one_by_one_ms: Option<f64>,
@@ -176,6 +178,8 @@ pub fn control_plane(n: u32) -> anyhow::Result<ControlPlane> {
         r.portmap_add_in_daemon_ms = logged_ms(&daemon, "added")?;
         daemon.cli_ok(&["del", &spec])?;
         r.portmap_del_in_daemon_ms = logged_ms(&daemon, "deleted")?;
+        daemon.cli_ok(&["add", &format!("198.18.0.99:20000-29999:{SINK}:20000-29999")])?;
+        r.portmap_add_range_10k_ms = logged_ms(&daemon, "added")?;
     }
 
     // iptables-nft.

@@ -10,13 +10,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use portmap_tests::{EchoServer, Netns, Topology};
+use portmap_tests::{EchoServer, Netns, Topology, pin_to_cpu};
 
 /// Single-threaded TCP connect + close (RST, so no TIME_WAIT piles up) for `secs` seconds:
 /// new connections per second.
 pub fn new_flows_per_second(topo: &Topology, dst: SocketAddrV4, secs: f64) -> anyhow::Result<f64> {
     let _server = EchoServer::accept_and_close(&topo.backend, 80)?;
     topo.client.run(move || {
+        pin_to_cpu(0)?;
         let deadline = Instant::now() + Duration::from_secs_f64(secs);
         let started = Instant::now();
         let mut done = 0u64;
@@ -283,9 +284,7 @@ pub fn packet_run(
     let before_rx = rx_packets(&topo.backend, "b0")?;
     let (before_all, before_cpu1) = (busy_seconds(None)?, busy_seconds(Some(1)).ok());
     let sent = topo.client.run(move || {
-        let mut cpus = nix::sched::CpuSet::new();
-        cpus.set(0)?;
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)?;
+        pin_to_cpu(0)?;
         let fd = packet_socket("c0")?;
         Ok(blast(
             &fd,

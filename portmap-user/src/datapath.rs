@@ -106,6 +106,10 @@ pub struct Datapath {
     shut_down: bool,
     /// Capacity of `PM_CONNTRACK`, which bounds one expiry pass.
     conntrack_entries: u32,
+    /// `PM_MAPPINGS` entries waiting for `flush_mapping_writes`.
+    pending: Vec<(MappingKey, MappingValue)>,
+    /// `insert_mapping` only collects (see `defer_mapping_writes`).
+    deferring: bool,
 }
 
 fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
@@ -180,6 +184,8 @@ impl Datapath {
             attachments: Vec::new(),
             shut_down: false,
             conntrack_entries: limits.conntrack_entries,
+            pending: Vec::new(),
+            deferring: false,
         };
         let xdp: &mut Xdp = dp.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
         xdp.load()
@@ -385,11 +391,9 @@ impl Datapath {
             }
             _ => bail!("mapping {mapping}: backend placement does not match its backends"),
         };
-        let mut map: HashMap<_, MappingKey, MappingValue> =
-            HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
+        let first = &mapping.backends[0];
         for (offset, port) in ports.ports().enumerate() {
             let offset = offset as u16;
-            let first = &mapping.backends[0];
             let value = MappingValue {
                 backend_addr: addr_words(first.ip),
                 backend_port_be: first.port_at(offset).to_be(),
@@ -399,10 +403,42 @@ impl Datapath {
                 family: mapping.family(),
                 _pad: [0; 3],
             };
-            map.insert(mapping.map_key(port), value, 0)
-                .with_context(|| format!("inserting port {port} of mapping {mapping}"))?;
+            self.pending.push((mapping.map_key(port), value));
         }
-        Ok(())
+        if self.deferring {
+            return Ok(());
+        }
+        self.flush_mapping_writes()
+            .with_context(|| format!("inserting mapping {mapping}"))
+    }
+
+    /// Collects the `PM_MAPPINGS` entries of the next `insert_mapping` calls instead of writing
+    /// each; `flush_mapping_writes` writes them all at once (one batched update per few thousand
+    /// entries), so that a config of many mappings is applied with few system calls and becomes
+    /// visible to the datapath together.
+    pub fn defer_mapping_writes(&mut self) {
+        self.deferring = true;
+    }
+
+    /// Writes the entries collected since `defer_mapping_writes` (and stops deferring). On an
+    /// error some of them may be written: the caller removes the mappings again.
+    pub fn flush_mapping_writes(&mut self) -> anyhow::Result<()> {
+        self.deferring = false;
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let fd = self.map_fd(map_names::MAPPINGS)?;
+        let (keys, values): (Vec<MappingKey>, Vec<MappingValue>) = pending.into_iter().unzip();
+        update_batch(fd, &keys, &values).context("writing mapping entries (BPF_MAP_UPDATE_BATCH)")
+    }
+
+    fn map_fd(&self, name: &str) -> anyhow::Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        match self.map(name)? {
+            aya::maps::Map::HashMap(d) => Ok(d.fd().as_fd().as_raw_fd()),
+            _ => bail!("{name} is not a hash map"),
+        }
     }
 
     /// Writes a mapping's backends to their `PM_BACKENDS` slots and its Maglev table to its
@@ -444,7 +480,8 @@ impl Datapath {
             .with_context(|| format!("writing the Maglev table of {mapping}"))
     }
 
-    /// Removes every host port of a mapping; keeps going past a failure and reports the first.
+    /// Removes every host port of a mapping (one not there is fine); keeps going past a failure
+    /// and reports the first.
     pub fn remove_mapping(&mut self, mapping: &Mapping) -> anyhow::Result<()> {
         let Some(ports) = mapping.host_ports else {
             return Ok(());
@@ -453,10 +490,14 @@ impl Datapath {
             HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
         let mut first_error = None;
         for port in ports.ports() {
-            if let Err(e) = map.remove(&mapping.map_key(port))
-                && first_error.is_none()
-            {
-                first_error = Some(anyhow!("removing port {port} of mapping {mapping}: {e}"));
+            match map.remove(&mapping.map_key(port)) {
+                // Never written (a rollback of a batch that failed) is as good as removed.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if first_error.is_none() => {
+                    first_error = Some(anyhow!("removing port {port} of mapping {mapping}: {e}"));
+                }
+                _ => {}
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -665,6 +706,59 @@ impl Datapath {
             })
             .collect()
     }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls
+/// as the kernel allows (aya 0.14 has no batch API).
+fn update_batch<K: Copy, V: Copy>(
+    map_fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: &[V],
+) -> std::io::Result<()> {
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at `count` keys and values that live for the call; the kernel
+        // reads them and writes back only `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("the kernel wrote no entry"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
 }
 
 fn test_run_options<'a>(

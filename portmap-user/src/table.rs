@@ -724,10 +724,14 @@ impl Table {
                 self.update(dp, new)?;
                 updated.push(entry);
             }
-            for m in &plan.add {
+            // The new mappings' entries are written together, in few system calls.
+            dp.defer_mapping_writes();
+            let adding = plan.add.iter().try_for_each(|m| {
                 added.push(self.add(dp, m, sockets)?);
-            }
-            Ok::<(), TableError>(())
+                Ok::<(), TableError>(())
+            });
+            let flushed = dp.flush_mapping_writes().map_err(TableError::Datapath);
+            adding.and(flushed)
         })();
         if let Err(e) = result {
             for m in added.iter().rev() {

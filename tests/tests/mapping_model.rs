@@ -443,7 +443,10 @@ fn config_reloads_as_one_diff_and_list_json_round_trips() -> anyhow::Result<()> 
     let _busy = Bound::new(&topo.host, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 7777)), true)?;
     write(r#""8080:198.18.1.2:80", "8085:198.18.1.2:85", "7777:198.18.1.2:77", ":198.18.1.2:90""#)?;
     let err = refused(&daemon, &["reload"])?;
-    assert!(err.contains("in use by a local socket (0.0.0.0:7777/tcp)"), "{err}");
+    assert!(
+        err.contains("in use by a local socket (0.0.0.0:7777/tcp)"),
+        "{err}"
+    );
     assert_eq!(daemon.cli_ok(&["list"])?, listed, "a failed diff is rolled back");
 
     write(r#""8080:198.18.1.2:80", "8084:198.18.1.2:84""#)?;

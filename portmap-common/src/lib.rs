@@ -1,15 +1,33 @@
 //! Types shared by the eBPF programs and the `portmap` binary.
 //!
-//! Every type that crosses the kernel/user boundary is `#[repr(C)]`, has no implicit padding
-//! (explicit `_pad` fields), no `bool`/enum/`Option`, and has its size pinned by a `const`
-//! assertion. Fields that hold network-byte-order values end in `_be`: they are stored exactly as
+//! Every type that crosses the kernel/user boundary is `#[repr(C)]` and derives zerocopy's
+//! `IntoBytes` (which fails to compile if the layout has any implicit padding: deleting a `_pad`
+//! field is a compile error) and `FromBytes` (no `bool`/enum/`Option`: every bit pattern is a
+//! value); its size is pinned by a `const` assertion. Fields that hold network-byte-order values end in `_be`: they are stored exactly as
 //! the bytes appear on the wire (`u32::from_ne_bytes(addr.octets())`), so the datapath can compare
 //! and copy them without swapping.
 #![no_std]
 
+mod addr;
 pub mod csum;
+pub mod stat;
 
-use core::mem::size_of;
+use core::{mem::size_of, ops::AddAssign};
+
+pub use addr::{Addr, addr_words, words_addr};
+pub use stat::Stat;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// The derives every map key and value carries (see the crate docs).
+macro_rules! map_layout {
+    ($($item:item)*) => {
+        $(
+            #[repr(C)]
+            #[derive(Clone, Copy, Debug, PartialEq, Eq, IntoBytes, FromBytes, Immutable, KnownLayout)]
+            $item
+        )*
+    };
+}
 
 /// IP protocol numbers portmap handles.
 pub const PROTO_TCP: u8 = 6;
@@ -21,38 +39,6 @@ pub const PROTO_SCTP: u8 = 132;
 /// Address family codes of the `family` fields (the IP version).
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
-
-/// An IPv4 or IPv6 address as maps store it: four words holding the address bytes in wire order
-/// (`u32::from_ne_bytes` of each 4-byte group). IPv4 fills word 0 and leaves the rest zero, as
-/// Katran's address unions do, so one key layout serves both families (with a `family` field).
-pub type Addr = [u32; 4];
-
-/// `addr` of `family` as the words of an [`Addr`].
-#[must_use]
-pub fn addr_words(addr: core::net::IpAddr) -> Addr {
-    match addr {
-        core::net::IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        core::net::IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-/// The address an [`Addr`] of `family` holds.
-#[must_use]
-pub fn words_addr(family: u8, words: Addr) -> core::net::IpAddr {
-    if family == FAMILY_V6 {
-        let mut o = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        core::net::IpAddr::from(o)
-    } else {
-        core::net::IpAddr::from(words[0].to_ne_bytes())
-    }
-}
 
 /// Map names, exactly as declared in `portmap-ebpf` (and as pinned under the pin directory).
 pub mod map_names {
@@ -101,10 +87,10 @@ pub const DEFAULT_MAX_BACKEND_GROUPS: u32 = 256;
 /// Interfaces the XDP program may `XDP_REDIRECT` to.
 pub const MAX_REDIRECT_DEVS: u32 = 256;
 
+map_layout! {
 /// Key of `PM_MAPPINGS`: what a client addresses. An all-zero `addr` is the wildcard (0.0.0.0 or
 /// ::, by `family`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Hash)]
 pub struct MappingKey {
     pub addr: Addr,
     pub port_be: u16,
@@ -113,15 +99,15 @@ pub struct MappingKey {
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
 }
+}
 const _: () = assert!(size_of::<MappingKey>() == 20);
 
 /// `MappingValue::group` of a mapping with a single backend.
 pub const NO_GROUP: u32 = u32::MAX;
 
+map_layout! {
 /// Value of `PM_MAPPINGS`: where the traffic goes. A single backend is stored inline; several
 /// are a Maglev table (`group`, an index into `PM_MAGLEV`) of `PM_BACKENDS` indices.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MappingValue {
     /// The backend when `group == NO_GROUP`.
     pub backend_addr: Addr,
@@ -136,32 +122,43 @@ pub struct MappingValue {
     pub family: u8,
     pub _pad: [u8; 3],
 }
+}
 const _: () = assert!(size_of::<MappingValue>() == 32);
 
-/// Value of `PM_BACKENDS` (an array indexed by what Maglev tables hold).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
+map_layout! {
+/// Value of `PM_BACKENDS` (an array indexed by what Maglev tables hold). A slot no mapping
+/// uses is all zero.
+#[derive(Default)]
+pub struct BackendValue {
     pub addr: Addr,
     /// The backend's (first) port.
     pub port_be: u16,
     pub family: u8,
     pub _pad: u8,
 }
-const _: () = assert!(size_of::<Backend>() == 20);
+}
+const _: () = assert!(size_of::<BackendValue>() == 20);
 
 /// Maglev table size: a prime, so every backend's permutation visits every slot, and about
 /// 100 × the backends a mapping is expected to have, for an even split (Maglev paper, §3.4).
 pub const MAGLEV_SIZE: usize = 4_099;
 
+map_layout! {
 /// Value of `PM_MAGLEV`: slot → index into `PM_BACKENDS`. A flow takes slot
 /// `maglev_slot(flow_hash(..))`, which is below `MAGLEV_SIZE`. The one spare entry at the end
 /// (a copy of slot 0) exists for the verifier: it bounds the slot's byte offset by the shift
 /// alone (`(h * 4099) >> 30`, up to 16395), not knowing that it is a multiple of 4 below 16396.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A table no mapping uses is all zero.
 pub struct MaglevTable {
     pub backends: [u32; MAGLEV_SIZE + 1],
+}
+}
+
+impl MaglevTable {
+    /// The all-zero table of an unused slot.
+    pub const ZERO: Self = Self {
+        backends: [0; MAGLEV_SIZE + 1],
+    };
 }
 const _: () = assert!(size_of::<MaglevTable>() == 4 * (MAGLEV_SIZE + 1));
 
@@ -190,9 +187,9 @@ pub fn maglev_slot(hash: u32) -> usize {
     ((u64::from(hash) * MAGLEV_SIZE as u64) >> 32) as usize
 }
 
+map_layout! {
 /// Key of `PM_CONNTRACK`: a packet's 5-tuple as it travels (source first).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Hash)]
 pub struct FlowKey {
     pub src: Addr,
     pub dst: Addr,
@@ -202,7 +199,28 @@ pub struct FlowKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
+}
 const _: () = assert!(size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The key of the replies to the flow whose forward packets carry `self` (client →
+    /// published address) and are rewritten to `nat_addr`:`nat_port_be` (the backend): backend →
+    /// client. The datapath inserts the reply entry under this key and the daemon's expiry pairs
+    /// the two entries of a flow with it, so the two can never disagree.
+    #[inline(always)]
+    #[must_use]
+    pub fn reply(&self, nat_addr: Addr, nat_port_be: u16) -> Self {
+        Self {
+            src: nat_addr,
+            dst: self.src,
+            src_port_be: nat_port_be,
+            dst_port_be: self.src_port_be,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
+}
 
 /// `FlowValue::direction` codes.
 pub const DIR_FORWARD: u8 = 0;
@@ -212,11 +230,10 @@ pub const DIR_REPLY: u8 = 1;
 /// A FIN or RST was seen in this entry's direction: the flow ends after the close grace.
 pub const FLOW_F_CLOSING: u8 = 1;
 
+map_layout! {
 /// Value of `PM_CONNTRACK`. A flow is two entries inserted together: the forward entry (key =
 /// client → host address) rewrites the destination to `nat_*` (the backend); the reply entry
 /// (key = backend → client) rewrites the source to `nat_*` (the published host address).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed at most every
     /// `LAST_SEEN_GRANULARITY_NS` to keep the hot path free of needless writes.
@@ -229,14 +246,17 @@ pub struct FlowValue {
     pub flags: u8,
     pub stats_slot: u32,
 }
+}
 const _: () = assert!(size_of::<FlowValue>() == 32);
 
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes it (~1 s).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1 << 30;
 
-/// Value of `PM_MAPPING_STATS` (per-CPU array indexed by `MappingValue::stats_slot`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+map_layout! {
+/// Value of `PM_MAPPING_STATS` (per-CPU array indexed by `MappingValue::stats_slot`); also the
+/// per-mapping part of `portmap stats` (serialised with these field names).
+#[derive(Default)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct MappingCounters {
     /// Client → backend packets and L3 bytes (IP header included).
     pub fwd_packets: u64,
@@ -247,77 +267,85 @@ pub struct MappingCounters {
     /// Flows created through this mapping.
     pub flows: u64,
 }
+}
 const _: () = assert!(size_of::<MappingCounters>() == 40);
 
-/// Global counters (`PM_GLOBAL_STATS`, per-CPU array of u64 indexed by these codes).
-/// Each packet the programs see is counted exactly once, under the reason it left with.
-pub mod stat {
-    /// Client → backend, rewritten and redirected (XDP_REDIRECT / bpf_redirect).
-    pub const FWD_REDIRECT: u32 = 0;
-    /// Client → backend, rewritten and handed to the kernel's routing (bridge egress, neighbour
-    /// not yet resolved, TTL expiring, MTU exceeded, VLAN-tagged ingress, non-redirect device).
-    pub const FWD_STACK: u32 = 1;
-    /// Backend → client, source rewritten to the published address (TC egress).
-    pub const REPLY_NAT: u32 = 2;
-    /// Not for portmap: not IPv4/IPv6, not TCP/UDP/SCTP, or an IPv6 routing header.
-    pub const PASS_NOT_OURS: u32 = 3;
-    /// TCP/UDP with no mapping and no flow.
-    pub const PASS_NO_MAPPING: u32 = 4;
-    /// IPv4 fragment or IPv6 fragment header: left to the kernel.
-    pub const PASS_FRAGMENT: u32 = 5;
-    /// Truncated TCP/UDP header: left to the kernel (which drops it).
-    pub const PASS_MALFORMED_L4: u32 = 6;
-    /// IP header invalid (IPv4: IHL < 5, total length beyond the frame or below the header;
-    /// IPv6: payload length beyond the frame).
-    pub const DROP_MALFORMED: u32 = 7;
-    /// The route to the backend is unreachable / blackhole / prohibit.
-    pub const DROP_NO_ROUTE: u32 = 8;
-    /// A flow could not be recorded (conntrack full or insert failure).
-    pub const DROP_CT_FULL: u32 = 9;
-    /// The reply 5-tuple of a new flow is already used by another flow (same client port to two
-    /// host ports that lead to the same backend port).
-    pub const DROP_NAT_CLASH: u32 = 10;
-    /// A helper or packet store failed (should not happen; kept visible).
-    pub const DROP_ERROR: u32 = 11;
-    /// A mapping's Maglev table or backend entry is missing (being replaced by the daemon).
-    pub const DROP_NO_BACKEND: u32 = 12;
-    /// New flows recorded in conntrack (counted in addition to the packet's outcome).
-    pub const FLOW_NEW: u32 = 13;
-    pub const COUNT: u32 = 14;
+/// Sums counters (of several CPUs): the one place that lists the fields for it.
+impl AddAssign for MappingCounters {
+    fn add_assign(&mut self, other: Self) {
+        self.fwd_packets += other.fwd_packets;
+        self.fwd_bytes += other.fwd_bytes;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+        self.flows += other.flows;
+    }
+}
 
-    /// Names for `portmap stats`, indexed by code.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "fwd_redirect",
-        "fwd_stack",
-        "reply_nat",
-        "pass_not_ours",
-        "pass_no_mapping",
-        "pass_fragment",
-        "pass_malformed_l4",
-        "drop_malformed",
-        "drop_no_route",
-        "drop_ct_full",
-        "drop_nat_clash",
-        "drop_error",
-        "drop_no_backend",
-        "flow_new",
-    ];
-
-    /// The outcome drops the packet (the `drop_*` codes).
-    #[must_use]
-    pub const fn is_drop(code: u32) -> bool {
-        matches!(code, DROP_MALFORMED..=DROP_NO_BACKEND)
+impl core::iter::Sum for MappingCounters {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |mut total, c| {
+            total += c;
+            total
+        })
     }
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), Copy, and have no padding (sizes asserted above).
-    unsafe impl aya::Pod for super::MappingKey {}
-    unsafe impl aya::Pod for super::MappingValue {}
-    unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowValue {}
-    unsafe impl aya::Pod for super::MappingCounters {}
-    unsafe impl aya::Pod for super::Backend {}
-    unsafe impl aya::Pod for super::MaglevTable {}
+    /// aya's `Pod` for types that zerocopy proved to be plain bytes: the bound fails to compile
+    /// for a type without the derives.
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            const _: () = {
+                const fn plain_bytes<T: zerocopy::IntoBytes + zerocopy::FromBytes + Copy>() {}
+                plain_bytes::<$t>();
+            };
+            // SAFETY: `$t` is Copy, IntoBytes (no padding, checked by the derive) and FromBytes
+            // (every bit pattern is valid): exactly what aya::Pod promises.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        super::MappingKey,
+        super::MappingValue,
+        super::FlowKey,
+        super::FlowValue,
+        super::MappingCounters,
+        super::BackendValue,
+        super::MaglevTable
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_key_swaps_the_translated_tuple() {
+        let forward = FlowKey {
+            src: [1, 0, 0, 0],
+            dst: [2, 0, 0, 0],
+            src_port_be: 1000,
+            dst_port_be: 8080,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let reply = forward.reply([3, 0, 0, 0], 80);
+        assert_eq!((reply.src, reply.src_port_be), ([3, 0, 0, 0], 80));
+        assert_eq!((reply.dst, reply.dst_port_be), ([1, 0, 0, 0], 1000));
+        assert_eq!((reply.proto, reply.family), (PROTO_TCP, FAMILY_V4));
+    }
+
+    #[test]
+    fn counters_sum_field_by_field() {
+        let c = |n: u64| MappingCounters {
+            fwd_packets: n,
+            fwd_bytes: 2 * n,
+            reply_packets: 3 * n,
+            reply_bytes: 4 * n,
+            flows: 5 * n,
+        };
+        assert_eq!([c(1), c(2), c(4)].into_iter().sum::<MappingCounters>(), c(7));
+    }
 }

@@ -10,12 +10,11 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
 };
 use portmap_common::{
-    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, LAST_SEEN_GRANULARITY_NS, MappingKey,
-    MappingValue, NO_GROUP, flow_hash, maglev_slot, stat,
+    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, LAST_SEEN_GRANULARITY_NS, Stat,
 };
 
 use crate::{
-    PM_BACKENDS, PM_CONNTRACK, PM_MAGLEV, PM_MAPPINGS,
+    maps::PM_CONNTRACK,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -29,7 +28,7 @@ pub struct Nat {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: plain helper call.
+    // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
@@ -66,7 +65,7 @@ fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64) {
 #[inline(always)]
 pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
     let entry = PM_CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: pointer from a successful lookup.
+    // SAFETY: a pointer from a successful lookup stays valid for the program's run (RCU).
     let v = unsafe { *entry };
     if v.direction != dir {
         return None;
@@ -82,42 +81,6 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
     })
 }
 
-/// The mapping for a packet's destination: the exact host address first, then the wildcard.
-#[inline(always)]
-pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
-    let mut key = MappingKey {
-        addr: pkt.daddr,
-        port_be: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-    };
-    // SAFETY: values are plain data copied out of the map.
-    if let Some(v) = unsafe { PM_MAPPINGS.get(key) } {
-        return Some(*v);
-    }
-    key.addr = [0; 4];
-    unsafe { PM_MAPPINGS.get(key) }.copied()
-}
-
-/// The backend a new flow through `mapping` goes to: the inline one, or for several backends the
-/// one the mapping's Maglev table gives the client's hash. `Err(drop_no_backend)` if the table or
-/// the backend is missing (the daemon is replacing them).
-#[inline(always)]
-pub fn choose_backend(pkt: &Packet, mapping: &MappingValue) -> Result<(Addr, u16), u32> {
-    if mapping.group == NO_GROUP {
-        return Ok((mapping.backend_addr, mapping.backend_port_be));
-    }
-    let table = PM_MAGLEV.get(mapping.group).ok_or(stat::DROP_NO_BACKEND)?;
-    let slot = maglev_slot(flow_hash(&pkt.saddr, pkt.sport, pkt.proto));
-    let index = *table.backends.get(slot).ok_or(stat::DROP_NO_BACKEND)?;
-    let backend = PM_BACKENDS.get(index).ok_or(stat::DROP_NO_BACKEND)?;
-    if backend.family != pkt.family {
-        return Err(stat::DROP_NO_BACKEND);
-    }
-    let port = u16::from_be(backend.port_be).wrapping_add(mapping.port_offset);
-    Ok((backend.addr, port.to_be()))
-}
-
 /// Records a new flow to `backend` through `mapping`: the reply entry first (it may clash with
 /// another flow), then the forward entry; if the forward insert fails the reply entry is removed
 /// again, so the two are only ever present together.
@@ -128,17 +91,9 @@ pub fn create(
     backend: (Addr, u16),
     stats_slot: u32,
     now: u64,
-) -> Result<Nat, u32> {
+) -> Result<Nat, Stat> {
     let (backend_addr, backend_port) = backend;
-    let reply_key = FlowKey {
-        src: backend_addr,
-        dst: pkt.saddr,
-        src_port_be: backend_port,
-        dst_port_be: pkt.sport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: [0; 2],
-    };
+    let reply_key = key.reply(backend_addr, backend_port);
     let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_F_CLOSING
     } else {
@@ -158,13 +113,14 @@ pub fn create(
     {
         // Taken: by an earlier incarnation of this very flow (same client port, same published
         // address) it is ours to overwrite; by any other flow it is a clash.
+        // SAFETY: a value from a successful lookup, copied before any other map operation.
         if let Some(old) = unsafe { PM_CONNTRACK.get(reply_key) }
             && (old.direction != DIR_REPLY || old.nat_addr != pkt.daddr || old.nat_port_be != pkt.dport)
         {
-            return Err(stat::DROP_NAT_CLASH);
+            return Err(Stat::DropNatClash);
         }
         if PM_CONNTRACK.insert(reply_key, reply, u64::from(BPF_ANY)).is_err() {
-            return Err(stat::DROP_CT_FULL);
+            return Err(Stat::DropCtFull);
         }
     }
     let forward = FlowValue {
@@ -177,7 +133,7 @@ pub fn create(
     };
     if PM_CONNTRACK.insert(key, forward, u64::from(BPF_ANY)).is_err() {
         let _ = PM_CONNTRACK.remove(reply_key);
-        return Err(stat::DROP_CT_FULL);
+        return Err(Stat::DropCtFull);
     }
     Ok(Nat {
         addr: backend_addr,

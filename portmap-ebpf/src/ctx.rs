@@ -12,9 +12,9 @@ use aya_ebpf::{
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
-use portmap_common::csum;
+use portmap_common::{Stat, csum};
 
-use crate::PM_REDIRECT_DEVS;
+use crate::maps::PM_REDIRECT_DEVS;
 
 /// A primitive failed (a bounds check or a helper): the packet is dropped and counted.
 #[derive(Clone, Copy)]
@@ -27,6 +27,31 @@ pub enum Action {
     Drop,
     /// `PacketCtx::redirect` accepted the packet; carries the hook's return code.
     Redirected(u32),
+}
+
+/// A packet's outcome: the counter it is recorded under and what happens to it.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    pub stat: Stat,
+    pub action: Action,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub fn pass(stat: Stat) -> Self {
+        Self {
+            stat,
+            action: Action::Pass,
+        }
+    }
+
+    #[inline(always)]
+    pub fn drop(stat: Stat) -> Self {
+        Self {
+            stat,
+            action: Action::Drop,
+        }
+    }
 }
 
 /// How an L4 checksum update is applied.
@@ -75,7 +100,7 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
 }
 
 /// Returns a pointer to a `T` at `off` if it lies entirely inside the packet's linear data.
-/// The one bounds helper of the datapath.
+/// The one bounds check of the datapath: [`load`] reads through it, `PacketCtx::store` writes.
 #[inline(always)]
 pub fn ptr_at<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*mut T> {
     let start = ctx.data();
@@ -83,6 +108,36 @@ pub fn ptr_at<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + off) as *mut T)
+}
+
+/// Copies the `T` at `off` out of the packet, if it lies entirely inside the linear data (for
+/// small values: a few header bytes).
+#[inline(always)]
+pub fn load<C: PacketCtx, T: Copy>(ctx: &C, off: usize) -> Option<T> {
+    Header::<T>::at(ctx, off).map(|h| h.read(|t| t))
+}
+
+/// A header of type `T` checked to lie inside the packet's linear data, read one field at a
+/// time: no copy of the whole header onto the 512-byte BPF stack. Header types of
+/// `network_types` have alignment 1, so any offset is aligned for them.
+#[derive(Clone, Copy)]
+pub struct Header<T> {
+    ptr: *const T,
+}
+
+impl<T> Header<T> {
+    #[inline(always)]
+    pub fn at<C: PacketCtx>(ctx: &C, off: usize) -> Option<Self> {
+        ptr_at::<C, T>(ctx, off).map(|p| Self { ptr: p.cast_const() })
+    }
+
+    /// One field (or the whole header, for small ones) of the header.
+    #[inline(always)]
+    pub fn read<F: Copy>(&self, field: impl FnOnce(&T) -> &F) -> F {
+        // SAFETY: `at` checked that the whole T lies within the packet, which stays valid and in
+        // place for the program's run; read_unaligned as packet headers promise no alignment.
+        unsafe { core::ptr::from_ref(field(&*self.ptr)).read_unaligned() }
+    }
 }
 
 impl PacketCtx for XdpContext {
@@ -125,7 +180,7 @@ impl PacketCtx for XdpContext {
     #[inline(always)]
     fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError> {
         let p = ptr_at::<_, T>(self, off).ok_or(StoreError)?;
-        // SAFETY: bounds checked by ptr_at; packet memory is writable in XDP.
+        // SAFETY: bounds checked by ptr_at; XDP packet memory is writable.
         unsafe { p.write_unaligned(v) };
         Ok(())
     }
@@ -133,7 +188,7 @@ impl PacketCtx for XdpContext {
     #[inline(always)]
     fn l3_csum_replace(&mut self, check_off: usize, from: u32, to: u32, size: u8) -> Result<(), StoreError> {
         let p = ptr_at::<_, u16>(self, check_off).ok_or(StoreError)?;
-        // SAFETY: bounds checked by ptr_at.
+        // SAFETY: bounds checked by ptr_at; XDP packet memory is writable.
         unsafe {
             let check = p.read_unaligned();
             let new = if size == 2 {
@@ -163,7 +218,7 @@ impl PacketCtx for XdpContext {
                 csum::replace4(check, from, to)
             }
         };
-        // SAFETY: bounds checked by ptr_at.
+        // SAFETY: bounds checked by ptr_at; XDP packet memory is writable.
         unsafe {
             let check = p.read_unaligned();
             let new = if how.udp {
@@ -209,12 +264,12 @@ impl PacketCtx for TcContext {
     }
     #[inline(always)]
     fn hook_ifindex(&self) -> u32 {
-        // SAFETY: the context pointer is valid for the program's lifetime.
+        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
         unsafe { (*self.skb.skb).ifindex }
     }
     #[inline(always)]
     fn vlan_offloaded(&self) -> bool {
-        // SAFETY: as above.
+        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
         unsafe { (*self.skb.skb).vlan_present != 0 }
     }
     #[inline(always)]
@@ -262,7 +317,8 @@ impl PacketCtx for TcContext {
     #[inline(always)]
     fn redirect(&mut self, ifindex: u32) -> Option<u32> {
         // bpf_redirect() of an skb works into any device, bridges included (br_dev_xmit).
-        // SAFETY: plain helper call; TC_ACT_REDIRECT on success, TC_ACT_SHOT on bad flags.
+        // SAFETY: a helper without pointer arguments; TC_ACT_REDIRECT on success, TC_ACT_SHOT on
+        // bad flags.
         let code = unsafe { bpf_redirect(ifindex, 0) } as u32;
         (code == TC_ACT_REDIRECT as u32).then_some(code)
     }

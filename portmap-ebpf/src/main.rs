@@ -1,112 +1,35 @@
-//! portmap datapath: maps and thin entry points. The logic lives in the modules and is shared by
-//! the XDP and TC hooks through `ctx::PacketCtx`.
+//! portmap datapath: the entry points. Each is a pipeline of small named steps shared by the
+//! XDP and TC hooks through `ctx::PacketCtx`: parse → conntrack lookup → (mapping lookup →
+//! backend choice → flow creation) → rewrite → forward, and count the outcome.
+//!
+//! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`,
+//! `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
+//! + redirect), `stats` (counters).
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod ctx;
+mod forward;
+mod lb;
+mod maps;
 mod nat;
 mod parse;
+mod stats;
 
 use aya_ebpf::{
-    macros::{classifier, map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
-use portmap_common::{
-    Backend, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_MAPPINGS, DIR_FORWARD, DIR_REPLY, FlowKey, FlowValue, MAX_REDIRECT_DEVS, MaglevTable,
-    MappingCounters, MappingKey, MappingValue, stat,
-};
+use portmap_common::{DIR_FORWARD, DIR_REPLY, Stat};
 
 use crate::{
     conntrack::Nat,
-    ctx::{Action, PacketCtx},
+    ctx::{PacketCtx, Verdict},
     nat::Side,
+    stats::{count, count_mapping},
 };
-
-/// (proto, host address, host port) → backend. Written by the daemon only.
-#[map]
-static PM_MAPPINGS: HashMap<MappingKey, MappingValue> = HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
-
-/// Backends of mappings with several backends, indexed by what `PM_MAGLEV` tables hold.
-#[map]
-static PM_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
-
-/// One Maglev table per mapping with several backends (`MappingValue::group`).
-#[map]
-static PM_MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_BACKEND_GROUPS, 0);
-
-/// Flows: two entries each (forward and reply), see `conntrack`.
-#[map]
-static PM_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
-
-/// Per-mapping packet/byte counters, indexed by `MappingValue::stats_slot`.
-#[map]
-static PM_MAPPING_STATS: PerCpuArray<MappingCounters> =
-    PerCpuArray::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
-
-/// Global outcome counters, indexed by `portmap_common::stat` codes.
-#[map]
-static PM_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
-
-/// Devices the XDP program may redirect into (keyed by ifindex).
-#[map]
-static PM_REDIRECT_DEVS: DevMapHash = DevMapHash::with_max_entries(MAX_REDIRECT_DEVS, 0);
-
-/// A packet's outcome: the counter it is recorded under and what happens to it.
-#[derive(Clone, Copy)]
-pub struct Verdict {
-    pub stat: u32,
-    pub action: Action,
-}
-
-impl Verdict {
-    #[inline(always)]
-    pub fn pass(stat: u32) -> Self {
-        Self {
-            stat,
-            action: Action::Pass,
-        }
-    }
-
-    #[inline(always)]
-    pub fn drop(stat: u32) -> Self {
-        Self {
-            stat,
-            action: Action::Drop,
-        }
-    }
-}
-
-#[inline(always)]
-fn count(code: u32) {
-    if let Some(c) = PM_GLOBAL_STATS.get_ptr_mut(code) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
-fn count_mapping(slot: u32, dir: u8, bytes: u32, new_flow: bool) {
-    if let Some(c) = PM_MAPPING_STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, no concurrent writer.
-        unsafe {
-            if dir == DIR_FORWARD {
-                (*c).fwd_packets += 1;
-                (*c).fwd_bytes += u64::from(bytes);
-            } else {
-                (*c).reply_packets += 1;
-                (*c).reply_bytes += u64::from(bytes);
-            }
-            if new_flow {
-                (*c).flows += 1;
-            }
-        }
-    }
-}
 
 /// Client → published address: find or create the flow, rewrite the destination, forward.
 #[inline(always)]
@@ -120,10 +43,10 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     let (nat, new_flow): (Nat, bool) = match conntrack::lookup(&key, DIR_FORWARD, pkt.tcp_flags, now) {
         Some(nat) => (nat, false),
         None => {
-            let Some(mapping) = conntrack::find_mapping(&pkt) else {
-                return Verdict::pass(stat::PASS_NO_MAPPING);
+            let Some(mapping) = lb::find_mapping(&pkt) else {
+                return Verdict::pass(Stat::PassNoMapping);
             };
-            let created = conntrack::choose_backend(&pkt, &mapping)
+            let created = lb::choose_backend(&pkt, &mapping)
                 .and_then(|backend| conntrack::create(&pkt, &key, backend, mapping.stats_slot, now));
             match created {
                 Ok(nat) => (nat, true),
@@ -132,13 +55,13 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         }
     };
     if new_flow {
-        count(stat::FLOW_NEW);
+        count(Stat::FlowNew);
     }
     if nat::rewrite(ctx, &pkt, Side::Destination, nat.addr, nat.port).is_err() {
-        return Verdict::drop(stat::DROP_ERROR);
+        return Verdict::drop(Stat::DropError);
     }
     count_mapping(nat.stats_slot, DIR_FORWARD, pkt.tot_len, new_flow);
-    nat::forward(ctx, &pkt, &nat.addr, nat.port)
+    forward::forward(ctx, &pkt, &nat.addr, nat.port)
 }
 
 /// Backend → client, leaving through the client-facing interface: restore the published source.
@@ -150,13 +73,13 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     };
     let key = conntrack::flow_key(&pkt);
     let Some(nat) = conntrack::lookup(&key, DIR_REPLY, pkt.tcp_flags, conntrack::now_ns()) else {
-        return Verdict::pass(stat::PASS_NO_MAPPING);
+        return Verdict::pass(Stat::PassNoMapping);
     };
     if nat::rewrite(ctx, &pkt, Side::Source, nat.addr, nat.port).is_err() {
-        return Verdict::drop(stat::DROP_ERROR);
+        return Verdict::drop(Stat::DropError);
     }
     count_mapping(nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
-    Verdict::pass(stat::REPLY_NAT)
+    Verdict::pass(Stat::ReplyNat)
 }
 
 /// Records the outcome and turns it into the hook's return code. Helper failures (which point at
@@ -164,7 +87,7 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
 #[inline(always)]
 fn finish<C: PacketCtx>(ctx: &C, verdict: Verdict) -> u32 {
     count(verdict.stat);
-    if verdict.stat == stat::DROP_ERROR {
+    if verdict.stat == Stat::DropError {
         error!(ctx, "portmap: packet store or checksum helper failed");
     }
     ctx.verdict(verdict.action)
@@ -216,7 +139,7 @@ pub fn bench_xdp_noop(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_xdp_forward(mut ctx: XdpContext) -> u32 {
     let verdict = match parse::parse(&ctx) {
-        Ok(pkt) => nat::forward(&mut ctx, &pkt, &pkt.daddr, pkt.dport),
+        Ok(pkt) => forward::forward(&mut ctx, &pkt, &pkt.daddr, pkt.dport),
         Err(verdict) => verdict,
     };
     ctx.verdict(verdict.action)

@@ -10,13 +10,19 @@
 //! - truncated L4 header or TCP data offset < 5: pass untouched (`pass_malformed_l4`) and let
 //!   the kernel decide.
 
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr, vlan::VlanHdr};
-use portmap_common::{Addr, FAMILY_V4, FAMILY_V6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, stat};
+use core::mem::offset_of;
 
-use crate::{
-    Verdict,
-    ctx::{PacketCtx, ptr_at},
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    sctp::SctpHdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
 };
+use portmap_common::{Addr, FAMILY_V4, FAMILY_V6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stat};
+
+use crate::ctx::{Header, PacketCtx, Verdict, load};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -29,6 +35,20 @@ const NEXTHDR_DEST: u8 = 60;
 const NEXTHDR_FRAGMENT: u8 = 44;
 /// Skippable extension headers followed before giving up (`pass_not_ours`).
 const MAX_EXT_HEADERS: usize = 2;
+/// IPv6 traffic class and flow label: the first header word without the version.
+const IPV6_FLOWINFO_MASK: u32 = u32::from_be(0x0fff_ffff);
+
+/// The source and destination ports open the TCP, UDP and SCTP headers alike.
+pub const L4_SRC_PORT_OFF: usize = offset_of!(UdpHdr, src);
+pub const L4_DST_PORT_OFF: usize = offset_of!(UdpHdr, dst);
+const _: () = assert!(
+    offset_of!(TcpHdr, source) == L4_SRC_PORT_OFF
+        && offset_of!(SctpHdr, src) == L4_SRC_PORT_OFF
+        && offset_of!(TcpHdr, dest) == L4_DST_PORT_OFF
+        && offset_of!(SctpHdr, dst) == L4_DST_PORT_OFF
+);
+/// TCP's data offset (high nibble) and flags byte.
+const TCP_DOFF_FLAGS_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
 
 /// TCP flag bits (byte 13 of the header).
 pub const TCP_FIN: u8 = 0x01;
@@ -50,6 +70,10 @@ pub struct Packet {
     pub proto: u8,
     /// TTL or hop limit.
     pub ttl: u8,
+    /// IPv4 TOS byte (0 for IPv6), for the FIB lookup (policy routing by TOS).
+    pub tos: u8,
+    /// IPv6 traffic class and flow label in wire order (0 for IPv4), for the FIB lookup.
+    pub flowinfo: u32,
     /// TCP flags, 0 for UDP and SCTP.
     pub tcp_flags: u8,
     /// Carried an 802.1Q tag in the frame.
@@ -64,8 +88,8 @@ impl Packet {
     #[inline(always)]
     pub fn l4_check_off(&self) -> Option<usize> {
         match self.proto {
-            PROTO_TCP => Some(self.l4_off + 16),
-            PROTO_UDP => Some(self.l4_off + 6),
+            PROTO_TCP => Some(self.l4_off + offset_of!(TcpHdr, check)),
+            PROTO_UDP => Some(self.l4_off + offset_of!(UdpHdr, check)),
             _ => None,
         }
     }
@@ -79,57 +103,47 @@ struct L3 {
     end: usize,
     proto: u8,
     ttl: u8,
+    tos: u8,
+    flowinfo: u32,
     saddr: Addr,
     daddr: Addr,
 }
 
 #[inline(always)]
 pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(stat::PASS_NOT_OURS))?;
-    // SAFETY: bounds checked by ptr_at (as every dereference below).
-    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let not_ours = Verdict::pass(Stat::PassNotOurs);
+    let mut ether_type: [u8; 2] = load(ctx, offset_of!(EthHdr, ether_type)).ok_or(not_ours)?;
     let mut l3_off = EthHdr::LEN;
     let mut vlan = false;
-    if ether_type == ETH_P_8021Q {
-        let tag: *const VlanHdr = ptr_at(ctx, l3_off).ok_or(Verdict::pass(stat::PASS_NOT_OURS))?;
-        ether_type = u16::from_be(unsafe { (*tag).ether_type });
+    if u16::from_be_bytes(ether_type) == ETH_P_8021Q {
+        ether_type = load(ctx, l3_off + offset_of!(VlanHdr, ether_type)).ok_or(not_ours)?;
         l3_off += VlanHdr::LEN;
         vlan = true;
     }
-    let l3 = match ether_type {
+    let l3 = match u16::from_be_bytes(ether_type) {
         ETH_P_IP => parse_ipv4(ctx, l3_off)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3_off)?,
-        _ => return Err(Verdict::pass(stat::PASS_NOT_OURS)),
+        _ => return Err(not_ours),
     };
     let l4_len = match l3.proto {
-        PROTO_TCP => 20,
-        PROTO_UDP => 8,
-        PROTO_SCTP => 12,
-        _ => return Err(Verdict::pass(stat::PASS_NOT_OURS)),
+        PROTO_TCP => TcpHdr::LEN,
+        PROTO_UDP => UdpHdr::LEN,
+        PROTO_SCTP => SctpHdr::LEN,
+        _ => return Err(not_ours),
     };
+    let malformed = Verdict::pass(Stat::PassMalformedL4);
     if l3.l4_off + l4_len > l3.end {
-        return Err(Verdict::pass(stat::PASS_MALFORMED_L4));
+        return Err(malformed);
     }
-    // Ports are the first four bytes of all three headers; TCP's data offset and flags follow.
-    let (sport, dport, tcp_flags) = if l3.proto == PROTO_TCP {
-        let tcp: *const [u8; 14] = ptr_at(ctx, l3.l4_off).ok_or(Verdict::pass(stat::PASS_MALFORMED_L4))?;
-        let b = unsafe { *tcp };
-        if b[12] >> 4 < 5 {
-            return Err(Verdict::pass(stat::PASS_MALFORMED_L4));
+    let ports: [u8; 4] = load(ctx, l3.l4_off + L4_SRC_PORT_OFF).ok_or(malformed)?;
+    let tcp_flags = if l3.proto == PROTO_TCP {
+        let [doff, flags]: [u8; 2] = load(ctx, l3.l4_off + TCP_DOFF_FLAGS_OFF).ok_or(malformed)?;
+        if usize::from(doff >> 4) * 4 < TcpHdr::LEN {
+            return Err(malformed);
         }
-        (
-            u16::from_ne_bytes([b[0], b[1]]),
-            u16::from_ne_bytes([b[2], b[3]]),
-            b[13],
-        )
+        flags
     } else {
-        let ports: *const [u8; 4] = ptr_at(ctx, l3.l4_off).ok_or(Verdict::pass(stat::PASS_MALFORMED_L4))?;
-        let b = unsafe { *ports };
-        (
-            u16::from_ne_bytes([b[0], b[1]]),
-            u16::from_ne_bytes([b[2], b[3]]),
-            0,
-        )
+        0
     };
     Ok(Packet {
         family: l3.family,
@@ -137,10 +151,12 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         l4_off: l3.l4_off,
         saddr: l3.saddr,
         daddr: l3.daddr,
-        sport,
-        dport,
+        sport: u16::from_ne_bytes([ports[0], ports[1]]),
+        dport: u16::from_ne_bytes([ports[2], ports[3]]),
         proto: l3.proto,
         ttl: l3.ttl,
+        tos: l3.tos,
+        flowinfo: l3.flowinfo,
         tcp_flags,
         vlan,
         tot_len: (l3.end - l3_off) as u32,
@@ -149,30 +165,31 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
 
 #[inline(always)]
 fn parse_ipv4<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::drop(stat::DROP_MALFORMED))?;
-    // SAFETY: bounds checked by ptr_at.
-    let (vihl, proto, ttl) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).ttl) };
-    let tot_len = usize::from(u16::from_be_bytes(unsafe { (*ip).tot_len }));
-    let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+    let malformed = Verdict::drop(Stat::DropMalformed);
+    let ip = Header::<Ipv4Hdr>::at(ctx, l3_off).ok_or(malformed)?;
+    let vihl = ip.read(|h| &h.vihl);
+    let tot_len = usize::from(u16::from_be_bytes(ip.read(|h| &h.tot_len)));
     // Masked to 4 bits so the verifier sees a bounded offset (20..=60).
     let ihl_bytes = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl_bytes < Ipv4Hdr::LEN {
-        return Err(Verdict::drop(stat::DROP_MALFORMED));
+        return Err(malformed);
     }
     if tot_len < ihl_bytes || tot_len > ctx.packet_len() - l3_off {
-        return Err(Verdict::drop(stat::DROP_MALFORMED));
+        return Err(malformed);
     }
-    if frags & IP_MF_OFFSET_MASK != 0 {
-        return Err(Verdict::pass(stat::PASS_FRAGMENT));
+    if u16::from_be_bytes(ip.read(|h| &h.frags)) & IP_MF_OFFSET_MASK != 0 {
+        return Err(Verdict::pass(Stat::PassFragment));
     }
     Ok(L3 {
         family: FAMILY_V4,
         l4_off: l3_off + ihl_bytes,
         end: l3_off + tot_len,
-        proto,
-        ttl,
-        saddr: [u32::from_ne_bytes(unsafe { (*ip).src_addr }), 0, 0, 0],
-        daddr: [u32::from_ne_bytes(unsafe { (*ip).dst_addr }), 0, 0, 0],
+        proto: ip.read(|h| &h.proto),
+        ttl: ip.read(|h| &h.ttl),
+        tos: ip.read(|h| &h.tos),
+        flowinfo: 0,
+        saddr: [u32::from_ne_bytes(ip.read(|h| &h.src_addr)), 0, 0, 0],
+        daddr: [u32::from_ne_bytes(ip.read(|h| &h.dst_addr)), 0, 0, 0],
     })
 }
 
@@ -188,34 +205,36 @@ fn words(b: [u8; 16]) -> Addr {
 
 #[inline(always)]
 fn parse_ipv6<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
-    let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::drop(stat::DROP_MALFORMED))?;
-    // SAFETY: bounds checked by ptr_at.
-    let (vcf, payload_len, mut next, hop) =
-        unsafe { ((*ip).vcf[0], (*ip).payload_len, (*ip).next_hdr, (*ip).hop_limit) };
-    let tot_len = Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(payload_len));
-    if vcf >> 4 != 6 || tot_len > ctx.packet_len() - l3_off {
-        return Err(Verdict::drop(stat::DROP_MALFORMED));
+    let ip = Header::<Ipv6Hdr>::at(ctx, l3_off).ok_or(Verdict::drop(Stat::DropMalformed))?;
+    let vcf = ip.read(|h| &h.vcf);
+    let tot_len = Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.read(|h| &h.payload_len)));
+    if vcf[0] >> 4 != 6 || tot_len > ctx.packet_len() - l3_off {
+        return Err(Verdict::drop(Stat::DropMalformed));
     }
+    let mut next = ip.read(|h| &h.next_hdr);
     let mut off = l3_off + Ipv6Hdr::LEN;
     for _ in 0..MAX_EXT_HEADERS {
         if next != NEXTHDR_HOP && next != NEXTHDR_DEST {
             break;
         }
-        let ext: *const [u8; 2] = ptr_at(ctx, off).ok_or(Verdict::pass(stat::PASS_MALFORMED_L4))?;
-        let [nh, len] = unsafe { *ext };
+        // Every extension header starts with its next header and its length in 8-byte units
+        // beyond the first 8.
+        let [nh, len]: [u8; 2] = load(ctx, off).ok_or(Verdict::pass(Stat::PassMalformedL4))?;
         next = nh;
         off += (usize::from(len) + 1) * 8;
     }
     if next == NEXTHDR_FRAGMENT {
-        return Err(Verdict::pass(stat::PASS_FRAGMENT));
+        return Err(Verdict::pass(Stat::PassFragment));
     }
     Ok(L3 {
         family: FAMILY_V6,
         l4_off: off,
         end: l3_off + tot_len,
         proto: next,
-        ttl: hop,
-        saddr: words(unsafe { (*ip).src_addr }),
-        daddr: words(unsafe { (*ip).dst_addr }),
+        ttl: ip.read(|h| &h.hop_limit),
+        tos: 0,
+        flowinfo: u32::from_ne_bytes(vcf) & IPV6_FLOWINFO_MASK,
+        saddr: words(ip.read(|h| &h.src_addr)),
+        daddr: words(ip.read(|h| &h.dst_addr)),
     })
 }

@@ -11,7 +11,10 @@ use portmap_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{self, Mapping, PortRange, SpecError};
+use crate::{
+    mapping::{Mapping, PortRange},
+    spec::{self, SpecError},
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portmap/portmap.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portmap";

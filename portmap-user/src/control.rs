@@ -10,7 +10,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::Mapping;
+use portmap_common::MappingCounters;
+
+use crate::mapping::Mapping;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "lowercase")]
@@ -31,15 +33,12 @@ pub enum Request {
     Stats,
 }
 
-/// Counters of one mapping, summed over CPUs.
+/// Counters of one mapping, summed over CPUs (their fields inline in the JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingStats {
     pub mapping: Mapping,
-    pub fwd_packets: u64,
-    pub fwd_bytes: u64,
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-    pub flows: u64,
+    #[serde(flatten)]
+    pub counters: MappingCounters,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +50,22 @@ pub struct StatsReport {
     pub active_flows: u64,
     /// Flows the conntrack table holds (`limits.conntrack_entries` / 2).
     pub flow_capacity: u64,
+}
+
+impl StatsReport {
+    /// A global counter by name (`portmap_common::Stat::name`).
+    #[must_use]
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        self.counters.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// The counters of the mapping that publishes `host_port` (on any address).
+    #[must_use]
+    pub fn mapping_on_port(&self, host_port: u16) -> Option<&MappingStats> {
+        self.mappings
+            .iter()
+            .find(|m| m.mapping.host_ports.is_some_and(|r| r.contains(host_port)))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

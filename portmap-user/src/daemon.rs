@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use log::{error, info, warn};
-use portmap_common::stat;
+use portmap_common::Stat;
 use tokio::{
     io::unix::AsyncFd,
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -21,8 +21,9 @@ use crate::{
     config::{Config, Overrides, Valid},
     control::{self, MappingStats, Request, Response, StatsReport},
     datapath::{self, Datapath},
-    spec::{self, Mapping},
-    table::{self, Capacity, Table, TableError},
+    mapping::Mapping,
+    sockets, spec,
+    table::{Capacity, Table, TableError},
 };
 
 /// Where `reload` (and SIGHUP) read the configuration again from.
@@ -88,7 +89,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         let started = Instant::now();
         state
             .table
-            .apply(&mut state.dp, &valid.mappings, &table::local_sockets())
+            .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
             .context("applying the configured mappings")?;
         info!(
             "{} mapping(s) applied in {:.3} ms",
@@ -222,7 +223,7 @@ fn dispatch(request: Request, state: &mut State) -> Response {
     let outcome: anyhow::Result<String> = match request {
         Request::Add { spec } => changed(
             "added",
-            parsed(&spec).and_then(|m| state.table.add(&mut state.dp, &m, &table::local_sockets())),
+            parsed(&spec).and_then(|m| state.table.add(&mut state.dp, &m, &sockets::local_sockets())),
             started,
         ),
         Request::Del { spec } => changed(
@@ -284,7 +285,7 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
     let started = Instant::now();
     let plan = state
         .table
-        .apply(&mut state.dp, &valid.mappings, &table::local_sockets())
+        .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
         .with_context(|| format!("{}: nothing was changed", source.path.display()))?;
     let new = valid.config;
     let old = &state.config;
@@ -338,20 +339,15 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
 fn stats(state: &State) -> anyhow::Result<StatsReport> {
     let mut mappings = Vec::new();
     for entry in state.table.entries() {
-        let c = state.dp.mapping_counters(entry.place.stats_slot)?;
         mappings.push(MappingStats {
             mapping: entry.mapping.clone(),
-            fwd_packets: c.fwd_packets,
-            fwd_bytes: c.fwd_bytes,
-            reply_packets: c.reply_packets,
-            reply_bytes: c.reply_bytes,
-            flows: c.flows,
+            counters: state.dp.mapping_counters(entry.place.stats_slot)?,
         });
     }
-    let counters = stat::NAMES
+    let counters = Stat::ALL
         .iter()
         .zip(state.dp.global_counters()?)
-        .map(|(name, value)| ((*name).to_string(), value))
+        .map(|(stat, value)| (stat.name().to_string(), value))
         .collect();
     Ok(StatsReport {
         mappings,

@@ -5,5 +5,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod maglev;
+pub mod mapping;
+pub mod sockets;
 pub mod spec;
 pub mod table;

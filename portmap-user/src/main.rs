@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use portmap::{
     config::{self, AttachMode, Config},
     control::{self, Request, Response, StatsReport},
-    daemon, spec,
+    daemon,
+    mapping::Mapping,
+    spec,
 };
 
 #[derive(Parser)]
@@ -185,7 +187,7 @@ fn with_backends(spec: &str, backends: &[String]) -> anyhow::Result<String> {
     Ok(mapping.to_string())
 }
 
-fn list(socket: &std::path::Path) -> anyhow::Result<Vec<spec::Mapping>> {
+fn list(socket: &std::path::Path) -> anyhow::Result<Vec<Mapping>> {
     match control::call(socket, &Request::List)? {
         Response::Mappings { mappings } => Ok(mappings),
         other => unexpected(other).map(|()| Vec::new()),
@@ -235,11 +237,11 @@ fn print_stats(stats: &StatsReport) {
         println!(
             "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",
             m.mapping.to_string(),
-            m.fwd_packets,
-            m.fwd_bytes,
-            m.reply_packets,
-            m.reply_bytes,
-            m.flows
+            m.counters.fwd_packets,
+            m.counters.fwd_bytes,
+            m.counters.reply_packets,
+            m.counters.reply_bytes,
+            m.counters.flows
         );
     }
     println!();

@@ -10,12 +10,13 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
+use portmap::control::StatsReport;
+use portmap_common::{MappingCounters, Stat};
 use portmap_tests::{
     BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology, counter,
-    mapping_stats, num, payload, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, udp_exchange,
+    mapping_stats, payload, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, udp_exchange,
     udp_server,
 };
-use serde_json::Value;
 
 fn start(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
     start_daemon(topo, mode, extra)
@@ -25,7 +26,7 @@ fn host(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(HOST_IP, port)
 }
 
-fn mapping(stats: &Value, host_port: u16) -> &Value {
+fn mapping(stats: &StatsReport, host_port: u16) -> MappingCounters {
     mapping_stats(stats, host_port)
 }
 
@@ -84,7 +85,7 @@ fn lifecycle(mode: Mode, link: BackendLink) -> anyhow::Result<()> {
     );
 
     // A port without a mapping reaches the host itself, untouched.
-    let before = counter(&daemon.stats()?, "pass_no_mapping");
+    let before = counter(&daemon.stats()?, Stat::PassNoMapping);
     let server = tcp_server(&topo.host, 9090, b"host itself".to_vec())?;
     assert_eq!(
         tcp_exchange(&topo.client, host(9090), b"hi".to_vec())?,
@@ -93,26 +94,29 @@ fn lifecycle(mode: Mode, link: BackendLink) -> anyhow::Result<()> {
     assert_eq!(server.join().unwrap()?.peer.ip(), std::net::IpAddr::V4(CLIENT_IP));
 
     let stats = daemon.stats()?;
-    assert!(counter(&stats, "pass_no_mapping") > before);
+    assert!(counter(&stats, Stat::PassNoMapping) > before);
     let tcp = mapping(&stats, 8080);
-    assert_eq!(num(tcp, "flows"), 1);
-    assert!(num(tcp, "fwd_bytes") >= up.len() as u64, "{tcp}");
-    assert!(num(tcp, "reply_bytes") >= down.len() as u64, "{tcp}");
+    assert_eq!(tcp.flows, 1);
+    assert!(tcp.fwd_bytes >= up.len() as u64, "{tcp:?}");
+    assert!(tcp.reply_bytes >= down.len() as u64, "{tcp:?}");
     let udp = mapping(&stats, 5353);
-    assert_eq!(num(udp, "flows"), 1, "{udp}");
-    assert_eq!(num(udp, "fwd_packets"), 5, "{udp}");
-    assert_eq!(num(udp, "reply_packets"), 5, "{udp}");
-    assert_eq!(num(udp, "fwd_bytes"), 5 * (20 + 8 + 100), "{udp}");
-    assert_eq!(num(udp, "reply_bytes"), 5 * (20 + 8 + 100), "{udp}");
-    assert_eq!(counter(&stats, "drop_error"), 0);
-    assert_eq!(counter(&stats, "flow_new"), 2);
-    let (redirected, via_stack) = (counter(&stats, "fwd_redirect"), counter(&stats, "fwd_stack"));
+    assert_eq!(udp.flows, 1, "{udp:?}");
+    assert_eq!(udp.fwd_packets, 5, "{udp:?}");
+    assert_eq!(udp.reply_packets, 5, "{udp:?}");
+    assert_eq!(udp.fwd_bytes, 5 * (20 + 8 + 100), "{udp:?}");
+    assert_eq!(udp.reply_bytes, 5 * (20 + 8 + 100), "{udp:?}");
+    assert_eq!(counter(&stats, Stat::DropError), 0);
+    assert_eq!(counter(&stats, Stat::FlowNew), 2);
+    let (redirected, via_stack) = (
+        counter(&stats, Stat::FwdRedirect),
+        counter(&stats, Stat::FwdStack),
+    );
     match (mode, link) {
         // XDP cannot redirect into a bridge: rewritten, then routed by the kernel.
-        (Mode::Xdp, BackendLink::Bridge) => assert!(redirected == 0 && via_stack > 0, "{stats}"),
+        (Mode::Xdp, BackendLink::Bridge) => assert!(redirected == 0 && via_stack > 0, "{stats:?}"),
         // Only the first packet waits for ARP in the kernel; the rest (GRO super-packets in
         // TC mode included) is redirected.
-        _ => assert!(redirected > 0 && via_stack <= 2, "{stats}"),
+        _ => assert!(redirected > 0 && via_stack <= 2, "{stats:?}"),
     }
 
     // No netfilter involvement: the host's conntrack table (if the kernel has one) stayed empty.
@@ -190,16 +194,14 @@ fn flows_expire_and_are_recreated() -> anyhow::Result<()> {
     let server = udp_server(&topo.backend, 53, 2)?;
     udp_exchange(&topo.client, host(5353), 1, 10)?;
     wait_for("both flows to be counted", || {
-        Ok(daemon.stats()?["active_flows"].as_u64() == Some(2))
+        Ok(daemon.stats()?.active_flows == 2)
     })?;
-    wait_for("both flows to expire", || {
-        Ok(daemon.stats()?["active_flows"].as_u64() == Some(0))
-    })?;
+    wait_for("both flows to expire", || Ok(daemon.stats()?.active_flows == 0))?;
     // The UDP flow is recreated from the mapping.
     udp_exchange(&topo.client, host(5353), 1, 10)?;
     server.join().unwrap()?;
     let stats = daemon.stats()?;
-    assert_eq!(num(mapping(&stats, 5353), "flows"), 2, "{stats}");
+    assert_eq!(mapping(&stats, 5353).flows, 2, "{stats:?}");
     Ok(())
 }
 
@@ -260,7 +262,7 @@ fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
         );
     }
     assert_eq!(daemon.cli_ok(&["list"])?, "198.18.1.2:80/tcp -> 0.0.0.0:8080\n");
-    let json: Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
+    let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
     assert_eq!(json["mappings"][0]["backends"][0]["ip"], "198.18.1.2");
     Ok(())
 }
@@ -439,12 +441,12 @@ fn jumbo_frames_are_forwarded_in_tc_mode() -> anyhow::Result<()> {
 
     let stats = daemon.stats()?;
     let udp = mapping(&stats, 5353);
-    assert_eq!(num(udp, "fwd_packets"), 3, "{udp}");
-    assert_eq!(num(udp, "fwd_bytes"), 3 * MTU as u64, "{udp}");
-    assert_eq!(num(udp, "reply_bytes"), 3 * MTU as u64, "{udp}");
+    assert_eq!(udp.fwd_packets, 3, "{udp:?}");
+    assert_eq!(udp.fwd_bytes, 3 * MTU as u64, "{udp:?}");
+    assert_eq!(udp.reply_bytes, 3 * MTU as u64, "{udp:?}");
     assert!(
-        counter(&stats, "fwd_stack") <= 2,
-        "jumbo frames went through the stack: {stats}"
+        counter(&stats, Stat::FwdStack) <= 2,
+        "jumbo frames went through the stack: {stats:?}"
     );
     daemon.stop()
 }

@@ -10,9 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
+use portmap_common::Stat;
 use portmap_tests::{
     BackendLink, Bound, CLIENT_IP, Daemon, EchoServer, HOST_CLIENT_IFACE, HOST_IP, Mode, TempDir, Topology,
-    counter, mapping_stats, num, payload, raw_recv, raw_sctp_socket, raw_send, sctp_crc_ok, sctp_packet,
+    counter, mapping_stats, payload, raw_recv, raw_sctp_socket, raw_send, sctp_crc_ok, sctp_packet,
     start_daemon, tcp_exchange, tcp_server, tcp_server_n, udp_exchange, udp_server,
 };
 use serde_json::Value;
@@ -81,10 +82,10 @@ fn ipv6_end_to_end(mode: Mode) -> anyhow::Result<()> {
 
     let stats = daemon.stats()?;
     let udp = mapping_stats(&stats, 5353);
-    assert_eq!(num(udp, "fwd_packets"), 4, "{udp}");
-    assert_eq!(num(udp, "fwd_bytes"), 4 * (40 + 8 + 200), "{udp}");
-    assert_eq!(num(udp, "reply_packets"), 4, "{udp}");
-    assert_eq!(counter(&stats, "drop_malformed"), 0);
+    assert_eq!(udp.fwd_packets, 4, "{udp:?}");
+    assert_eq!(udp.fwd_bytes, 4 * (40 + 8 + 200), "{udp:?}");
+    assert_eq!(udp.reply_packets, 4, "{udp:?}");
+    assert_eq!(counter(&stats, Stat::DropMalformed), 0);
     Ok(())
 }
 
@@ -154,7 +155,7 @@ fn port_ranges_map_port_by_port() -> anyhow::Result<()> {
     );
     tcp.join().expect("thread")?;
     let stats = daemon.stats()?;
-    assert_eq!(num(mapping_stats(&stats, 9000), "fwd_packets"), 2);
+    assert_eq!(mapping_stats(&stats, 9000).fwd_packets, 2);
 
     let added = daemon.cli_ok(&["add", "20000-29999:198.18.1.2:20000-29999"])?;
     assert!(
@@ -260,7 +261,7 @@ fn several_backends_share_flows_and_removal_lets_flows_finish() -> anyhow::Resul
         assert!(n >= 8, "{backend} got {n} of 60 flows");
         assert!(served.iter().all(|s| s.peer.ip() == IpAddr::V4(CLIENT_IP)));
     }
-    assert_eq!(num(mapping_stats(&daemon.stats()?, 8080), "flows"), 60);
+    assert_eq!(mapping_stats(&daemon.stats()?, 8080).flows, 60);
 
     // A long-lived connection, then the backend it reached is removed mid-flow.
     let echo = EchoServer::start(&topo.backend, 80)?;
@@ -351,7 +352,7 @@ fn sctp_keeps_its_port_and_checksum() -> anyhow::Result<()> {
     assert!(sctp_crc_ok(&reply));
     let stats = daemon.stats()?;
     let m = mapping_stats(&stats, 9999);
-    assert_eq!((num(m, "fwd_packets"), num(m, "reply_packets")), (1, 1), "{m}");
+    assert_eq!((m.fwd_packets, m.reply_packets), (1, 1), "{m:?}");
     Ok(())
 }
 

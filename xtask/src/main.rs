@@ -3,15 +3,13 @@
 use std::{
     env,
     io::{BufRead as _, BufReader},
-    net::SocketAddrV4,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
-use portmap_tests::{BackendLink, Daemon, HOST_CLIENT_IFACE, HOST_IP, Topology, payload};
 
 /// bpf-linker release built by `setup` (against the nightly toolchain's own libLLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -370,55 +368,23 @@ fn lint() -> anyhow::Result<()> {
     ]))
 }
 
+/// Runs `tests/examples/demo.rs` (the harness lives in the tests crate, which needs the eBPF
+/// toolchain that `setup` installs first).
 fn demo(attach: &str) -> anyhow::Result<()> {
     ensure!(
         is_root(),
         "cargo xtask demo needs root (network namespaces, BPF): run it with sudo"
     );
+    ensure!(
+        matches!(attach, "tc" | "xdp"),
+        "--attach {attach}: expected tc or xdp"
+    );
     setup()?;
     let bin = build_portmap()?;
-    // SAFETY: single-threaded at this point; the harness reads it to find the binary.
-    unsafe { env::set_var("PORTMAP_BIN", &bin) };
-
-    say("building namespaces: client 198.18.0.2 -> host 198.18.0.1 (portmap) -> backend 198.18.1.2");
-    let topo = Topology::new(BackendLink::Veth)?;
-    let mut args = vec!["--iface", HOST_CLIENT_IFACE, "--attach", attach];
-    if attach == "xdp" {
-        topo.prepare_for_xdp()?;
-        args.extend(["--redirect-iface", portmap_tests::HOST_BACKEND_IFACE]);
-    }
-    let mut daemon = Daemon::start(&topo.host, &args)?;
-    println!("$ portmap add 8080:198.18.1.2:80");
-    print!("{}", daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?);
-    println!("$ portmap list");
-    print!("{}", daemon.cli_ok(&["list"])?);
-
-    let (up, down) = (payload(1 << 20, 1), payload(1 << 20, 2));
-    let started = Instant::now();
-    let server = portmap_tests::tcp_server(&topo.backend, 80, down.clone())?;
-    let got = portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), up.clone())?;
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-    ensure!(
-        served.received == up && got == down,
-        "payload corrupted in transit"
-    );
-    println!(
-        "\nTCP 198.18.0.2 -> 198.18.0.1:8080: sent 1 MiB, received 1 MiB back, both intact ({:.0} ms); \
-         the backend saw the connection come from {}",
-        started.elapsed().as_secs_f64() * 1000.0,
-        served.peer
-    );
-    println!("\n$ portmap stats");
-    print!("{}", daemon.cli_ok(&["stats"])?);
-    daemon.stop()?;
-    if !daemon.pin_dir.exists() {
-        say("daemon stopped (SIGTERM): programs detached, pins removed; namespaces are removed on exit");
-    } else {
-        bail!("pins left in {}", daemon.pin_dir.display());
-    }
-    Ok(())
+    run(cargo()
+        .args(["run", "--quiet", "-p", "portmap-tests", "--example", "demo", "--"])
+        .args(["--attach", attach])
+        .env("PORTMAP_BIN", &bin))
 }
 
 #[cfg(test)]

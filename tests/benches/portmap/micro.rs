@@ -8,8 +8,9 @@ use anyhow::Context as _;
 use portmap::{
     config::{DEFAULT_DYNAMIC_PORTS, Limits},
     datapath::{Datapath, Hook},
+    sockets::NoSockets,
     spec,
-    table::{Capacity, NoSockets, Table},
+    table::{Capacity, Table},
 };
 use portmap_common::prog_names;
 use portmap_tests::{Daemon, HOST_CLIENT_IFACE, TempDir, Topology};

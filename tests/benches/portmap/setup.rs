@@ -30,6 +30,25 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// Every variant, in report order.
+    pub const ALL: [Self; 6] = [
+        Self::Routing,
+        Self::Iptables,
+        Self::Nftables,
+        Self::PortmapTc,
+        Self::PortmapXdp,
+        Self::XdpFloor,
+    ];
+    /// The variants measured with real connections (new flows, throughput, latency); the XDP
+    /// floor is a packet-rate reference only.
+    pub const STACK: [Self; 5] = [
+        Self::Routing,
+        Self::Iptables,
+        Self::Nftables,
+        Self::PortmapTc,
+        Self::PortmapXdp,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Routing => "routing (no NAT)",

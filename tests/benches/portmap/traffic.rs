@@ -225,9 +225,10 @@ fn blast(fd: &OwnedFd, frames: &[Vec<u8>], rate: Option<f64>, deadline: Instant)
                 continue;
             }
         }
-        // SAFETY: mmsghdr is plain data; each points at one iovec that outlives the call.
+        // Each message points at one iovec that outlives the sendmmsg call.
         let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
             .map(|k| {
+                // SAFETY: mmsghdr is plain data (integers and null pointers when zeroed).
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 m.msg_hdr.msg_iov = &raw mut iovecs[(next + k) % frames.len()];
                 m.msg_hdr.msg_iovlen = 1;

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use portmap::{datapath::Hook, maglev};
-use portmap_common::{addr_words, flow_hash, maglev_slot, stat};
+use portmap_common::{Stat, addr_words, flow_hash, maglev_slot};
 
 use crate::{
     BACKEND, BACKEND6, CLIENT, CLIENT6, FlowEntry, Golden, HOST, HOST6, diff, expected_action, outcome,
@@ -37,7 +37,7 @@ pub struct Row {
     /// Run through TC ingress first (they must be forwarded), e.g. to establish a flow.
     pub setup: Vec<Vec<u8>>,
     pub input: Vec<u8>,
-    pub stat: u32,
+    pub stat: Stat,
     pub new_flow: bool,
     pub output: Vec<u8>,
     pub flows: Vec<FlowEntry>,
@@ -45,7 +45,7 @@ pub struct Row {
 
 impl Row {
     /// A row whose input must leave untouched, creating no flow.
-    fn untouched(name: &str, hooks: &'static [Hook], input: Vec<u8>, stat: u32) -> Self {
+    fn untouched(name: &str, hooks: &'static [Hook], input: Vec<u8>, stat: Stat) -> Self {
         Self {
             name: name.to_string(),
             hooks,
@@ -59,7 +59,7 @@ impl Row {
     }
 
     /// A row whose input is rewritten to `output`.
-    fn rewritten(name: &str, hooks: &'static [Hook], input: Vec<u8>, stat: u32, output: Vec<u8>) -> Self {
+    fn rewritten(name: &str, hooks: &'static [Hook], input: Vec<u8>, stat: Stat, output: Vec<u8>) -> Self {
         Self {
             output,
             ..Self::untouched(name, hooks, input, stat)
@@ -212,7 +212,7 @@ pub fn rows() -> Vec<Row> {
             "tcp SYN to a published port: destination rewritten to the backend, routed (TTL, MACs) and redirected",
             INGRESS,
             syn.clone(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(SYN)),
         )
         .new_flow(Flow::web().entries()),
@@ -220,7 +220,7 @@ pub fn rows() -> Vec<Row> {
             "tcp ACK with data on an established flow: same rewrite, no new flow",
             INGRESS,
             web(ACK | PSH).payload(100).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(ACK | PSH).payload(100)),
         )
         .after(vec![syn.clone()])
@@ -229,7 +229,7 @@ pub fn rows() -> Vec<Row> {
             "tcp FIN on an established flow: rewritten, flow marked closing",
             INGRESS,
             fin.clone(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(FIN | ACK)),
         )
         .after(vec![syn.clone()])
@@ -238,7 +238,7 @@ pub fn rows() -> Vec<Row> {
             "tcp RST on an established flow: rewritten, flow marked closing",
             INGRESS,
             web(RST).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(RST)),
         )
         .after(vec![syn.clone()])
@@ -247,7 +247,7 @@ pub fn rows() -> Vec<Row> {
             "tcp SYN reusing the 5-tuple of a closing flow: a fresh flow",
             INGRESS,
             syn.clone(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(SYN)),
         )
         .after(vec![syn.clone(), fin.clone()])
@@ -256,7 +256,7 @@ pub fn rows() -> Vec<Row> {
             "tcp SYN that is the first packet of a flow closing at once (SYN|FIN): flow created closing",
             INGRESS,
             web(SYN | FIN).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(SYN | FIN)),
         )
         .new_flow(Flow::web().closing_forward().entries()),
@@ -265,7 +265,7 @@ pub fn rows() -> Vec<Row> {
             "tcp SYN-ACK from the backend: source restored to the published address and port",
             EGRESS,
             Frame::tcp(from_backend(80), client(), SYN | ACK).sent_by_backend().build(),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             Frame::tcp(from_backend(80), client(), SYN | ACK)
                 .sent_by_backend()
                 .snat(HOST, TCP_PORT)
@@ -277,7 +277,7 @@ pub fn rows() -> Vec<Row> {
             "tcp RST from the backend: restored, reply entry marked closing",
             EGRESS,
             Frame::tcp(from_backend(80), client(), RST | ACK).sent_by_backend().build(),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             Frame::tcp(from_backend(80), client(), RST | ACK)
                 .sent_by_backend()
                 .snat(HOST, TCP_PORT)
@@ -289,13 +289,13 @@ pub fn rows() -> Vec<Row> {
             "tcp from a backend address with no flow: untouched",
             EGRESS,
             Frame::tcp(from_backend(80), client(), SYN | ACK).sent_by_backend().build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::untouched(
             "a backend's reply arriving on ingress: not a forward entry, untouched",
             INGRESS,
             Frame::tcp(from_backend(80), client(), ACK).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         )
         .after(vec![syn.clone()])
         .leaves(Flow::web().entries()),
@@ -304,7 +304,7 @@ pub fn rows() -> Vec<Row> {
             "udp with a checksum to a port bound on every address: rewritten and redirected",
             INGRESS,
             dns().build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             dns().dnat(BACKEND, 81).routed_to_backend().build(),
         )
         .new_flow(Flow::dns().entries()),
@@ -312,7 +312,7 @@ pub fn rows() -> Vec<Row> {
             "udp with a checksum to another address of the host, same wildcard port: mapped",
             INGRESS,
             Frame::udp(client(), (Ipv4Addr::new(198, 18, 0, 77), UDP_PORT)).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             Frame::udp(client(), (Ipv4Addr::new(198, 18, 0, 77), UDP_PORT))
                 .dnat(BACKEND, 81)
                 .routed_to_backend()
@@ -329,7 +329,7 @@ pub fn rows() -> Vec<Row> {
             "udp with checksum 0 (none): rewritten, checksum stays 0",
             INGRESS,
             mutate::no_udp_checksum(dns().build()),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             mutate::no_udp_checksum(dns().dnat(BACKEND, 81).routed_to_backend().build()),
         )
         .new_flow(Flow::dns().entries()),
@@ -337,7 +337,7 @@ pub fn rows() -> Vec<Row> {
             "udp reply with a checksum: source restored",
             EGRESS,
             Frame::udp(from_backend(81), client()).payload(20).sent_by_backend().build(),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             Frame::udp(from_backend(81), client())
                 .payload(20)
                 .sent_by_backend()
@@ -350,7 +350,7 @@ pub fn rows() -> Vec<Row> {
             "udp reply with checksum 0: source restored, checksum stays 0",
             EGRESS,
             mutate::no_udp_checksum(Frame::udp(from_backend(81), client()).sent_by_backend().build()),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             mutate::no_udp_checksum(
                 Frame::udp(from_backend(81), client())
                     .sent_by_backend()
@@ -365,56 +365,56 @@ pub fn rows() -> Vec<Row> {
             "ARP request for the host address: not ours, untouched",
             INGRESS,
             arp_request(CLIENT, HOST),
-            stat::PASS_NOT_OURS,
+            Stat::PassNotOurs,
         ),
         Row::untouched(
             "QinQ (two 802.1Q tags): not ours, untouched",
             INGRESS,
             qinq_udp(client(), to_host(UDP_PORT)),
-            stat::PASS_NOT_OURS,
+            Stat::PassNotOurs,
         ),
         Row::untouched(
             "ICMP echo request to the host address: untouched",
             INGRESS,
             Frame::icmp_echo(CLIENT, HOST).payload(56).build(),
-            stat::PASS_NOT_OURS,
+            Stat::PassNotOurs,
         ),
         Row::untouched(
             "tcp to an unmapped port: untouched",
             INGRESS,
             Frame::tcp(client(), to_host(9999), SYN).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::untouched(
             "tcp to the published port on another address (mapping bound to 198.18.0.1): untouched",
             INGRESS,
             Frame::tcp(client(), (Ipv4Addr::new(198, 18, 0, 77), TCP_PORT), SYN).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::untouched(
             "udp to the published tcp port: untouched",
             INGRESS,
             Frame::udp(client(), to_host(TCP_PORT)).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::untouched(
             "first fragment (MF set, offset 0): left to the kernel to reassemble, untouched",
             INGRESS,
             dns().fragment(Fragment::First).build(),
-            stat::PASS_FRAGMENT,
+            Stat::PassFragment,
         ),
         Row::untouched(
             "later fragment (offset > 0): left to the kernel, untouched",
             INGRESS,
             dns().fragment(Fragment::Later).build(),
-            stat::PASS_FRAGMENT,
+            Stat::PassFragment,
         ),
         // --- forwarding decisions
         Row::rewritten(
             "802.1Q-tagged SYN: rewritten, handed to the kernel (the VLAN device forwards it)",
             INGRESS,
             web(SYN).vlan(100).build(),
-            stat::FWD_STACK,
+            Stat::FwdStack,
             web(SYN).vlan(100).dnat(BACKEND, 80).build(),
         )
         .new_flow(Flow::web().entries()),
@@ -422,7 +422,7 @@ pub fn rows() -> Vec<Row> {
             "TTL 1: rewritten, handed to the kernel, which answers Time Exceeded as for any DNAT",
             INGRESS,
             web(SYN).ttl(1).build(),
-            stat::FWD_STACK,
+            Stat::FwdStack,
             web(SYN).ttl(1).dnat(BACKEND, 80).build(),
         )
         .new_flow(Flow::web().entries()),
@@ -430,7 +430,7 @@ pub fn rows() -> Vec<Row> {
             "TTL 0: rewritten, handed to the kernel (never decremented below 0)",
             INGRESS,
             web(SYN).ttl(0).build(),
-            stat::FWD_STACK,
+            Stat::FwdStack,
             web(SYN).ttl(0).dnat(BACKEND, 80).build(),
         )
         .new_flow(Flow::web().entries()),
@@ -438,7 +438,7 @@ pub fn rows() -> Vec<Row> {
             "backend neighbour not resolved yet: rewritten, handed to the kernel to resolve it",
             INGRESS,
             Frame::tcp(client(), to_host(8082), SYN).build(),
-            stat::FWD_STACK,
+            Stat::FwdStack,
             Frame::tcp(client(), to_host(8082), SYN)
                 .dnat(Ipv4Addr::new(198, 18, 1, 3), 8082)
                 .build(),
@@ -448,7 +448,7 @@ pub fn rows() -> Vec<Row> {
             "backend behind a blackhole route: dropped and counted (the flow stays until it expires)",
             INGRESS,
             Frame::tcp(client(), to_host(8083), SYN).build(),
-            stat::DROP_NO_ROUTE,
+            Stat::DropNoRoute,
             Frame::tcp(client(), to_host(8083), SYN)
                 .dnat(Ipv4Addr::new(198, 18, 9, 9), 80)
                 .build(),
@@ -458,7 +458,7 @@ pub fn rows() -> Vec<Row> {
             "same client port to a second published port of the same backend port: NAT clash, dropped",
             INGRESS,
             Frame::tcp(client(), to_host(8084), SYN).build(),
-            stat::DROP_NAT_CLASH,
+            Stat::DropNatClash,
         )
         .after(vec![syn.clone()])
         .leaves(Flow::web().entries()),
@@ -467,31 +467,31 @@ pub fn rows() -> Vec<Row> {
             "IHL 4: dropped, as the kernel's ip_rcv would",
             INGRESS,
             mutate::ihl(syn.clone(), 4),
-            stat::DROP_MALFORMED,
+            Stat::DropMalformed,
         ),
         Row::untouched(
             "IHL 0: dropped",
             INGRESS,
             mutate::ihl(syn.clone(), 0),
-            stat::DROP_MALFORMED,
+            Stat::DropMalformed,
         ),
         Row::untouched(
             "total length beyond the frame: dropped",
             INGRESS,
             mutate::total_length(syn.clone(), 41),
-            stat::DROP_MALFORMED,
+            Stat::DropMalformed,
         ),
         Row::untouched(
             "total length below the IPv4 header: dropped",
             INGRESS,
             mutate::total_length(syn.clone(), 19),
-            stat::DROP_MALFORMED,
+            Stat::DropMalformed,
         ),
         Row::rewritten(
             "total length below the frame (Ethernet padding): rewritten, padding untouched",
             INGRESS,
             mutate::pad(syn.clone(), 6),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             mutate::pad(web_at_backend(web(SYN)), 6),
         )
         .new_flow(Flow::web().entries()),
@@ -499,26 +499,26 @@ pub fn rows() -> Vec<Row> {
             "tcp header cut short (10 of 20 bytes): left to the kernel, untouched",
             INGRESS,
             mutate::truncate_l4(syn.clone(), 10),
-            stat::PASS_MALFORMED_L4,
+            Stat::PassMalformedL4,
         ),
         Row::untouched(
             "udp header cut short (4 of 8 bytes): left to the kernel, untouched",
             INGRESS,
             mutate::truncate_l4(dns().build(), 4),
-            stat::PASS_MALFORMED_L4,
+            Stat::PassMalformedL4,
         ),
         Row::untouched(
             "tcp data offset 4 (< 5 words): left to the kernel, untouched",
             INGRESS,
             mutate::tcp_data_offset(syn.clone(), 4),
-            stat::PASS_MALFORMED_L4,
+            Stat::PassMalformedL4,
         ),
         // --- size
         Row::rewritten(
             "largest frame a single-buffer XDP program sees (3520 bytes, MTU 3506): rewritten and redirected",
             &[Hook::XdpIngress],
             web(ACK).payload(XDP_MAX_FRAME - 54).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(ACK).payload(XDP_MAX_FRAME - 54)),
         )
         .after(vec![syn.clone()])
@@ -527,7 +527,7 @@ pub fn rows() -> Vec<Row> {
             "largest linear frame BPF_PROG_TEST_RUN builds for TC (3712 bytes): rewritten and redirected",
             &[Hook::TcIngress],
             web(ACK).payload(TC_MAX_FRAME - 54).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web_at_backend(web(ACK).payload(TC_MAX_FRAME - 54)),
         )
         .after(vec![syn.clone()])
@@ -536,7 +536,7 @@ pub fn rows() -> Vec<Row> {
             "frame beyond the backend link's MTU (1600 bytes, MTU 1500): handed to the kernel (fragments or Frag Needed)",
             INGRESS,
             Frame::tcp(client(), to_host(8085), ACK).payload(1546).build(),
-            stat::FWD_STACK,
+            Stat::FwdStack,
             Frame::tcp(client(), to_host(8085), ACK)
                 .payload(1546)
                 .dnat(Ipv4Addr::new(198, 18, 2, 2), 80)
@@ -552,7 +552,7 @@ pub fn rows() -> Vec<Row> {
                 &format!("tcp SYN with IPv4 options (IHL {ihl}): rewritten, options kept"),
                 INGRESS,
                 web(SYN).ihl(ihl).build(),
-                stat::FWD_REDIRECT,
+                Stat::FwdRedirect,
                 web_at_backend(web(SYN).ihl(ihl)),
             )
             .new_flow(Flow::web().entries()),
@@ -572,7 +572,7 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 tcp SYN to a published address: destination rewritten (no IP checksum; pseudo-header in TCP's), hop limit - 1, redirected",
             INGRESS,
             web6(SYN).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web6(SYN).dnat(BACKEND6, 80).routed_to_backend().build(),
         )
         .new_flow(web6_flow().entries()),
@@ -580,7 +580,7 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 tcp SYN-ACK from the backend: source restored",
             EGRESS,
             Frame::tcp((BACKEND6, 80), client6, SYN | ACK).sent_by_backend().build(),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             Frame::tcp((BACKEND6, 80), client6, SYN | ACK)
                 .sent_by_backend()
                 .snat(HOST6, TCP_PORT)
@@ -592,7 +592,7 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 udp to a port bound on every address ([::]): rewritten and redirected",
             INGRESS,
             dns6().build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             dns6().dnat(BACKEND6, 81).routed_to_backend().build(),
         )
         .new_flow(dns6_flow().entries()),
@@ -600,7 +600,7 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 udp reply: source restored",
             EGRESS,
             Frame::udp((BACKEND6, 81), client6).payload(9).sent_by_backend().build(),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             Frame::udp((BACKEND6, 81), client6)
                 .payload(9)
                 .sent_by_backend()
@@ -613,7 +613,7 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 with a hop-by-hop options header: skipped, rewritten, header kept",
             INGRESS,
             web6(SYN).hop_by_hop(16).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             web6(SYN).hop_by_hop(16).dnat(BACKEND6, 80).routed_to_backend().build(),
         )
         .new_flow(web6_flow().entries()),
@@ -621,7 +621,7 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 hop limit 1: rewritten, handed to the kernel (Time Exceeded)",
             INGRESS,
             web6(SYN).ttl(1).build(),
-            stat::FWD_STACK,
+            Stat::FwdStack,
             web6(SYN).ttl(1).dnat(BACKEND6, 80).build(),
         )
         .new_flow(web6_flow().entries()),
@@ -629,37 +629,37 @@ fn ipv6_rows() -> Vec<Row> {
             "IPv6 fragment header (first fragment): left to the kernel, untouched",
             INGRESS,
             web6(SYN).fragment(Fragment::First).build(),
-            stat::PASS_FRAGMENT,
+            Stat::PassFragment,
         ),
         Row::untouched(
             "IPv6 routing header: not ours (the destination is not final), untouched",
             INGRESS,
             web6(SYN).routing_header().build(),
-            stat::PASS_NOT_OURS,
+            Stat::PassNotOurs,
         ),
         Row::untouched(
             "IPv6 payload length beyond the frame: dropped",
             INGRESS,
             mutate::ipv6_payload_length(web6(SYN).build(), 21),
-            stat::DROP_MALFORMED,
+            Stat::DropMalformed,
         ),
         Row::untouched(
             "IPv6 tcp to an unmapped port: untouched",
             INGRESS,
             Frame::tcp(client6, (HOST6, 9999), SYN).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::untouched(
             "IPv6 tcp to the published port on another address (mapping bound to fd00::1): untouched",
             INGRESS,
             Frame::tcp(client6, ("fd00::77".parse::<Ipv6Addr>().expect("address"), TCP_PORT), SYN).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::untouched(
             "ICMPv6 echo request to the host address: untouched",
             INGRESS,
             icmpv6_echo(CLIENT6, HOST6),
-            stat::PASS_NOT_OURS,
+            Stat::PassNotOurs,
         ),
     ]
 }
@@ -694,7 +694,7 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
             "SCTP INIT to a published port: only the address (and IPv4 checksum) changes, CRC32c stays valid",
             INGRESS,
             init().build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             init().dnat(BACKEND, 9999).routed_to_backend().build(),
         )
         .new_flow(sctp_flow().entries()),
@@ -702,7 +702,7 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
             "SCTP from the backend: source address restored",
             EGRESS,
             Frame::sctp((BACKEND, 9999), client()).sent_by_backend().build(),
-            stat::REPLY_NAT,
+            Stat::ReplyNat,
             Frame::sctp((BACKEND, 9999), client())
                 .sent_by_backend()
                 .snat(HOST, 9999)
@@ -714,13 +714,13 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
             "SCTP to an unmapped port: untouched",
             INGRESS,
             Frame::sctp(client(), to_host(9998)).build(),
-            stat::PASS_NO_MAPPING,
+            Stat::PassNoMapping,
         ),
         Row::rewritten(
             "udp to port 9005 of the range 9000-9009: to backend port 7005",
             INGRESS,
             range().build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             range().dnat(BACKEND, 7005).routed_to_backend().build(),
         )
         .new_flow(Flow::new(17, client(), to_host(9005), (BACKEND, 7005), 10).entries()),
@@ -728,7 +728,7 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
             "tcp SYN to a port with two backends: to the one its Maglev slot names",
             INGRESS,
             Frame::tcp(client(), to_host(8090), SYN).build(),
-            stat::FWD_REDIRECT,
+            Stat::FwdRedirect,
             Frame::tcp(client(), to_host(8090), SYN)
                 .dnat(balanced.0, balanced.1)
                 .routed_to_backend()
@@ -745,9 +745,9 @@ fn check(g: &mut Golden, row: &Row, hook: Hook) -> anyhow::Result<()> {
         let run = g.run(Hook::TcIngress, packet)?;
         let (code, _) = outcome(&run.counted)?;
         anyhow::ensure!(
-            code == stat::FWD_REDIRECT,
+            code == Stat::FwdRedirect,
             "setup packet counted as {}",
-            stat::NAMES[code as usize]
+            code.name()
         );
     }
     let run = g.run(hook, &row.input)?;
@@ -755,8 +755,8 @@ fn check(g: &mut Golden, row: &Row, hook: Hook) -> anyhow::Result<()> {
     anyhow::ensure!(
         code == row.stat && new_flow == row.new_flow,
         "counted {} (new flow: {new_flow}), expected {} (new flow: {})",
-        stat::NAMES[code as usize],
-        stat::NAMES[row.stat as usize],
+        code.name(),
+        row.stat.name(),
         row.new_flow
     );
     let want = expected_action(hook, row.stat);
@@ -785,8 +785,26 @@ fn check(g: &mut Golden, row: &Row, hook: Hook) -> anyhow::Result<()> {
 }
 
 /// Runs every row on each of its hooks; fails naming every failing row.
+/// The rows to run: all of them, or with `PORTMAP_FIXTURE=TEXT` those whose name contains TEXT
+/// (`PORTMAP_FIXTURE='TCP SYN' cargo xtask test golden_fixtures` reruns one row). A filter that
+/// matches nothing is an error that lists the names.
+pub fn selected_rows() -> anyhow::Result<Vec<Row>> {
+    let all = rows();
+    let Ok(filter) = std::env::var("PORTMAP_FIXTURE") else {
+        return Ok(all);
+    };
+    let names: Vec<String> = all.iter().map(|r| r.name.clone()).collect();
+    let chosen: Vec<Row> = all.into_iter().filter(|r| r.name.contains(&filter)).collect();
+    anyhow::ensure!(
+        !chosen.is_empty(),
+        "PORTMAP_FIXTURE='{filter}' matches no fixture row; rows:\n  {}",
+        names.join("\n  ")
+    );
+    Ok(chosen)
+}
+
 pub fn run_all(g: &mut Golden) -> anyhow::Result<String> {
-    let rows = rows();
+    let rows = selected_rows()?;
     let mut failures = Vec::new();
     let mut runs = 0;
     for row in &rows {

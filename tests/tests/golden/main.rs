@@ -10,8 +10,10 @@
 //! (b0) ── h1 198.18.1.1/24 02:00:00:00:01:01   MTU 9000, neighbour 198.18.1.2 = 02:00:00:00:01:02
 //!            fd00:1::1/64                       neighbours 198.18.1.4 and fd00:1::2 = the same MAC
 //! (d0) ── h2 198.18.2.1/24 02:00:00:00:02:01   MTU 1500, neighbour 198.18.2.2 = 02:00:00:00:02:02
+//!            fd00:2::1/64                       neighbour fd00:2::2 = the same MAC
 //!         h0 also has fd00::1/64;  blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;
-//!         IPv4 and IPv6 forwarding on
+//!         IPv4 and IPv6 forwarding on; policy routing: TOS / traffic class 0x10 looks up table 100,
+//!         which reaches 198.18.1.2 and fd00:1::2 through h2 (the backends' second path)
 //! ```
 //!
 //! - `fixtures`: the table of rows (input, expected verdict, counter, output bytes, conntrack).
@@ -30,10 +32,11 @@ use anyhow::{Context as _, ensure};
 use portmap::{
     config::{DEFAULT_DYNAMIC_PORTS, Limits},
     datapath::{Datapath, Hook, TestRunOutput},
+    sockets::NoSockets,
     spec,
-    table::{Capacity, NoSockets, Table},
+    table::{Capacity, Table},
 };
-use portmap_common::{DIR_FORWARD, FlowValue, stat, words_addr};
+use portmap_common::{DIR_FORWARD, FlowValue, Stat, words_addr};
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
@@ -100,6 +103,7 @@ pub fn with_golden<T: Send + 'static>(
         &["addr", "add", "198.18.2.1/24", "dev", "h2"],
         &["addr", "add", "fd00::1/64", "dev", "h0", "nodad"],
         &["addr", "add", "fd00:1::1/64", "dev", "h1", "nodad"],
+        &["addr", "add", "fd00:2::1/64", "dev", "h2", "nodad"],
     ] {
         ns.ip(args)?;
     }
@@ -111,6 +115,7 @@ pub fn with_golden<T: Send + 'static>(
         ("198.18.1.4", &backend, "h1"),
         ("fd00:1::2", &backend, "h1"),
         ("198.18.2.2", &backend2, "h2"),
+        ("fd00:2::2", &backend2, "h2"),
     ] {
         ns.ip(&[
             "neigh",
@@ -125,6 +130,35 @@ pub fn with_golden<T: Send + 'static>(
         ])?;
     }
     ns.ip(&["route", "add", "blackhole", "198.18.9.0/24"])?;
+    for args in [
+        &["rule", "add", "tos", "0x10", "lookup", "100"][..],
+        &[
+            "route",
+            "add",
+            "198.18.1.2/32",
+            "via",
+            "198.18.2.2",
+            "dev",
+            "h2",
+            "table",
+            "100",
+        ],
+        &["-6", "rule", "add", "tos", "0x10", "lookup", "100"],
+        &[
+            "-6",
+            "route",
+            "add",
+            "fd00:1::2/128",
+            "via",
+            "fd00:2::2",
+            "dev",
+            "h2",
+            "table",
+            "100",
+        ],
+    ] {
+        ns.ip(args)?;
+    }
     ns.sysctl("net/ipv4/ip_forward", "1")?;
     ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
     let result = ns.run(move || {
@@ -229,7 +263,7 @@ pub struct FlowEntry {
 const _: () = assert!(size_of::<FlowValue>() == 32, "FlowEntry mirrors FlowValue");
 
 /// The hook's return code for a packet counted under `code`: one table for fixtures and fuzzer.
-pub fn expected_action(hook: Hook, code: u32) -> u32 {
+pub fn expected_action(hook: Hook, code: Stat) -> u32 {
     const XDP_DROP: u32 = 1;
     const XDP_PASS: u32 = 2;
     const XDP_REDIRECT: u32 = 4;
@@ -238,10 +272,10 @@ pub fn expected_action(hook: Hook, code: u32) -> u32 {
     const TC_ACT_REDIRECT: u32 = 7;
     let xdp = hook == Hook::XdpIngress;
     match code {
-        stat::FWD_REDIRECT if xdp => XDP_REDIRECT,
-        stat::FWD_REDIRECT => TC_ACT_REDIRECT,
-        _ if stat::is_drop(code) && xdp => XDP_DROP,
-        _ if stat::is_drop(code) => TC_ACT_SHOT,
+        Stat::FwdRedirect if xdp => XDP_REDIRECT,
+        Stat::FwdRedirect => TC_ACT_REDIRECT,
+        _ if code.is_drop() && xdp => XDP_DROP,
+        _ if code.is_drop() => TC_ACT_SHOT,
         _ if xdp => XDP_PASS,
         _ => TC_ACT_OK,
     }
@@ -249,16 +283,17 @@ pub fn expected_action(hook: Hook, code: u32) -> u32 {
 
 /// The single outcome counter a run moved (every packet is counted exactly once), and whether it
 /// also counted a new flow.
-pub fn outcome(counted: &[u64]) -> anyhow::Result<(u32, bool)> {
-    let moved: Vec<u32> = (0..stat::FLOW_NEW)
-        .filter(|&c| counted[c as usize] != 0)
+pub fn outcome(counted: &[u64]) -> anyhow::Result<(Stat, bool)> {
+    let moved: Vec<Stat> = Stat::ALL
+        .into_iter()
+        .filter(|s| s.is_outcome() && counted[s.code() as usize] != 0)
         .collect();
     ensure!(
-        moved.len() == 1 && counted[moved[0] as usize] == 1,
+        moved.len() == 1 && counted[moved[0].code() as usize] == 1,
         "expected exactly one outcome counter +1, got {}",
         describe_counts(counted)
     );
-    let new_flow = counted[stat::FLOW_NEW as usize];
+    let new_flow = counted[Stat::FlowNew.code() as usize];
     ensure!(new_flow <= 1, "flow_new moved by {new_flow}");
     Ok((moved[0], new_flow == 1))
 }
@@ -268,7 +303,7 @@ pub fn describe_counts(counted: &[u64]) -> String {
         .iter()
         .enumerate()
         .filter(|(_, n)| **n != 0)
-        .map(|(code, n)| format!("{}+{n}", stat::NAMES[code]))
+        .map(|(code, n)| format!("{}+{n}", Stat::ALL[code].name()))
         .collect();
     if moved.is_empty() {
         "nothing".into()
@@ -316,11 +351,7 @@ fn maglev_spreads_new_flows_and_established_ones_stay() -> anyhow::Result<()> {
         let backend_of = |g: &Golden, frame: &[u8]| -> anyhow::Result<Ipv4Addr> {
             let run = g.run(Hook::TcIngress, frame)?;
             let (code, _) = outcome(&run.counted)?;
-            ensure!(
-                code == stat::FWD_REDIRECT,
-                "counted {}",
-                stat::NAMES[code as usize]
-            );
+            ensure!(code == Stat::FwdRedirect, "counted {}", code.name());
             let dst = &run.output.packet[30..34];
             Ok(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
         };
@@ -360,6 +391,42 @@ fn maglev_spreads_new_flows_and_established_ones_stay() -> anyhow::Result<()> {
         Ok(format!("{to_b4} of 400 flows to the second backend"))
     })
     .map(|report| println!("{report}"))
+}
+
+/// The FIB lookup carries the IPv4 TOS and the IPv6 traffic class (and flow label), so policy
+/// routing by them applies: TOS 0x10 reaches the backend through h2 (table 100), TOS 0 through h1.
+#[test]
+fn forwarding_follows_policy_routing_by_tos() -> anyhow::Result<()> {
+    with_golden(|g| {
+        let cases = [
+            (IpAddr::from(CLIENT), IpAddr::from(HOST), IpAddr::from(BACKEND)),
+            (CLIENT6.into(), HOST6.into(), BACKEND6.into()),
+        ];
+        for (client, host, backend) in cases {
+            for (tos, via_h2) in [(0x00, false), (0x10, true), (0x11, true)] {
+                let input =
+                    packets::Frame::tcp((client, 40_000 + u16::from(tos)), (host, 8080), packets::SYN)
+                        .tos(tos);
+                let mut want = input.clone().dnat(backend, 80).routed_to_backend();
+                if via_h2 {
+                    (want.dst_mac, want.src_mac) = (packets::BACKEND2_MAC, packets::HOST_BACKEND2_SIDE_MAC);
+                }
+                let want = want.build();
+                for hook in [Hook::XdpIngress, Hook::TcIngress] {
+                    let run = g.run(hook, &input.build())?;
+                    let (code, _) = outcome(&run.counted)?;
+                    ensure!(
+                        code == Stat::FwdRedirect && run.output.packet == want,
+                        "[{}] {client} tos {tos:#x}: counted {}\n{}",
+                        hook.as_str(),
+                        code.name(),
+                        diff(&want, &run.output.packet)
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 #[test]
@@ -426,6 +493,10 @@ fn program_sizes_are_recorded() -> anyhow::Result<()> {
              # Baseline for the program_sizes_are_recorded test; rewrite it with\n\
              # PORTMAP_UPDATE_PROGRAM_SIZES=1 cargo xtask test program_sizes\n",
         );
+        // Notes on why sizes moved ("# why: ...") survive a rewrite; add one with each change.
+        for note in baseline.lines().filter(|l| l.starts_with("# why:")) {
+            let _ = writeln!(new, "{note}");
+        }
         for s in &sizes {
             let _ = writeln!(
                 new,

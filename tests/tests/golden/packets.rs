@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use portmap_tests::{sctp_checksum, sctp_crc_ok, sctp_packet};
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions,
-    Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader,
-    Ipv6RoutingExtensions, PacketBuilder, VlanId,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpDscp, IpEcn, IpFragOffset, IpHeaders, IpNumber,
+    Ipv4Extensions, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FlowLabel, Ipv6FragmentHeader, Ipv6Header,
+    Ipv6RawExtHeader, Ipv6RoutingExtensions, PacketBuilder, VlanId,
 };
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x00, 0x02];
@@ -77,6 +77,8 @@ pub struct Frame {
     pub dst: IpAddr,
     /// TTL or hop limit.
     pub ttl: u8,
+    /// IPv4 TOS byte or IPv6 traffic class (DSCP and ECN).
+    pub tos: u8,
     /// IPv4 options (a multiple of 4 bytes, at most 40); for IPv6, the payload of a hop-by-hop
     /// options header (6 + 8n bytes) if not empty.
     pub options: Vec<u8>,
@@ -97,6 +99,7 @@ impl Frame {
             src,
             dst,
             ttl: 64,
+            tos: 0,
             options: Vec::new(),
             fragment: Fragment::Whole,
             routing: false,
@@ -167,6 +170,11 @@ impl Frame {
         self
     }
 
+    pub fn tos(mut self, tos: u8) -> Self {
+        self.tos = tos;
+        self
+    }
+
     pub fn ttl(mut self, ttl: u8) -> Self {
         self.ttl = ttl;
         self
@@ -226,6 +234,8 @@ impl Frame {
                 let mut ip = Ipv4Header::new(0, self.ttl, IpNumber::TCP, src.octets(), dst.octets())
                     .expect("empty payload fits");
                 ip.identification = 0x1234;
+                ip.dscp = IpDscp::try_new(self.tos >> 2).expect("6 bits");
+                ip.ecn = IpEcn::try_new(self.tos & 3).expect("2 bits");
                 ip.options =
                     Ipv4Options::try_from(self.options.as_slice()).expect("options: multiple of 4, <= 40");
                 match self.fragment {
@@ -243,7 +253,7 @@ impl Frame {
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 let ip = Ipv6Header {
-                    traffic_class: 0,
+                    traffic_class: self.tos,
                     flow_label: Ipv6FlowLabel::try_new(0x12345).expect("20 bits"),
                     payload_length: 0,
                     next_header: IpNumber::TCP,

@@ -1,0 +1,104 @@
+//! Forwarding after the rewrite: a FIB lookup, then TTL/hop-limit decrement, MAC rewrite and
+//! redirect when the egress device takes redirects; otherwise the kernel's routing.
+
+use core::mem::offset_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams,
+    },
+    helpers::generated::bpf_fib_lookup,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+use portmap_common::{Addr, FAMILY_V6, Stat};
+
+use crate::{
+    ctx::{Action, PacketCtx, StoreError, Verdict},
+    nat::IPV4_CHECK_OFF,
+    parse::Packet,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Sends a packet whose destination was just rewritten to `daddr` on its way: a FIB lookup, then
+/// TTL/hop-limit decrement + MAC rewrite + redirect when the egress device accepts redirects;
+/// otherwise it is handed to the kernel's routing (which forwards it without netfilter rules
+/// being involved).
+#[inline(always)]
+pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16) -> Verdict {
+    // Tagged frames belong to a VLAN device; an expiring TTL needs the kernel's ICMP Time Exceeded.
+    if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
+        return Verdict::pass(Stat::FwdStack);
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = pkt.proto;
+    fib.sport = pkt.sport;
+    fib.dport = dport;
+    let tot_len = if pkt.tot_len > 0xffff {
+        0xffff
+    } else {
+        pkt.tot_len as u16
+    };
+    fib.__bindgen_anon_1.tot_len = ctx.fib_tot_len(tot_len);
+    fib.ifindex = ctx.hook_ifindex();
+    // TOS / flow info as xdp-forward passes them, so that policy routing by them applies.
+    if pkt.family == FAMILY_V6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_2.flowinfo = pkt.flowinfo;
+        fib.__bindgen_anon_3.ipv6_src = pkt.saddr;
+        fib.__bindgen_anon_4.ipv6_dst = *daddr;
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_2.tos = pkt.tos;
+        fib.__bindgen_anon_3.ipv4_src = pkt.saddr[0];
+        fib.__bindgen_anon_4.ipv4_dst = daddr[0];
+    }
+    // SAFETY: the context is the program's own and `fib` a parameter block of the size passed.
+    let rc = unsafe { bpf_fib_lookup(ctx.raw(), &raw mut fib, size_of::<FibParams>() as i32, 0) };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            return Verdict::drop(Stat::DropNoRoute);
+        }
+        // No neighbour entry yet, MTU exceeded, forwarding disabled, local destination, ...: the
+        // kernel resolves, fragments or refuses it exactly as it would any routed packet.
+        _ => return Verdict::pass(Stat::FwdStack),
+    }
+    // Redirect first: a device that refuses it leaves the packet as the kernel expects it.
+    let Some(code) = ctx.redirect(fib.ifindex) else {
+        return Verdict::pass(Stat::FwdStack);
+    };
+    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, &fib).is_err() {
+        return Verdict::drop(Stat::DropError);
+    }
+    Verdict {
+        stat: Stat::FwdRedirect,
+        action: Action::Redirected(code),
+    }
+}
+
+/// ip_decrease_ttl(): the TTL shares a 16-bit checksum word with the protocol byte. IPv6's
+/// hop limit (byte 7) has no checksum.
+#[inline(always)]
+fn decrement_ttl<C: PacketCtx>(ctx: &mut C, pkt: &Packet) -> Result<(), StoreError> {
+    if pkt.family == FAMILY_V6 {
+        return ctx.store(pkt.l3_off + offset_of!(Ipv6Hdr, hop_limit), pkt.ttl - 1);
+    }
+    const _: () = assert!(offset_of!(Ipv4Hdr, proto) == offset_of!(Ipv4Hdr, ttl) + 1);
+    let old = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
+    let new = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
+    ctx.l3_csum_replace(pkt.l3_off + IPV4_CHECK_OFF, u32::from(old), u32::from(new), 2)?;
+    ctx.store(pkt.l3_off + offset_of!(Ipv4Hdr, ttl), new)
+}
+
+#[inline(always)]
+fn set_macs<C: PacketCtx>(ctx: &mut C, fib: &FibParams) -> Result<(), StoreError> {
+    ctx.store(offset_of!(EthHdr, dst_addr), fib.dmac)?;
+    ctx.store(offset_of!(EthHdr, src_addr), fib.smac)
+}

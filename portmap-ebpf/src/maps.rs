@@ -1,0 +1,43 @@
+//! Every map of the datapath (Katran's balancer_maps.h). Layouts, names and default capacities
+//! live in `portmap_common`; the daemon overrides the capacities at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use portmap_common::{
+    BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_MAPPINGS, FlowKey, FlowValue, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey,
+    MappingValue, Stat,
+};
+
+/// (proto, host address, host port) → backend. Written by the daemon only.
+#[map]
+pub static PM_MAPPINGS: HashMap<MappingKey, MappingValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
+
+/// Backends of mappings with several backends, indexed by what `PM_MAGLEV` tables hold.
+#[map]
+pub static PM_BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// One Maglev table per mapping with several backends (`MappingValue::group`).
+#[map]
+pub static PM_MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_BACKEND_GROUPS, 0);
+
+/// Flows: two entries each (forward and reply), see `conntrack`.
+#[map]
+pub static PM_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Per-mapping packet/byte counters, indexed by `MappingValue::stats_slot`.
+#[map]
+pub static PM_MAPPING_STATS: PerCpuArray<MappingCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
+
+/// Global outcome counters, indexed by `Stat` codes.
+#[map]
+pub static PM_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT as u32, 0);
+
+/// Devices the XDP program may redirect into (keyed by ifindex).
+#[map]
+pub static PM_REDIRECT_DEVS: DevMapHash = DevMapHash::with_max_entries(MAX_REDIRECT_DEVS, 0);

@@ -1,0 +1,187 @@
+//! Attaching the programs: ingress (XDP or TC) and TC egress per client-facing interface, each
+//! as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6).
+
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    maps::DevMapHash,
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use log::{info, warn};
+use portmap_common::{map_names, prog_names};
+
+use super::{Datapath, pins};
+use crate::config::AttachMode;
+
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    XdpIngress,
+    TcIngress,
+    TcEgress,
+}
+
+impl Hook {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::XdpIngress => "xdp_ingress",
+            Self::TcIngress => "tc_ingress",
+            Self::TcEgress => "tc_egress",
+        }
+    }
+
+    /// The program that runs at this hook.
+    #[must_use]
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Self::XdpIngress => prog_names::XDP_INGRESS,
+            Self::TcIngress => prog_names::TC_INGRESS,
+            Self::TcEgress => prog_names::TC_EGRESS,
+        }
+    }
+}
+
+pub(super) struct Attachment {
+    iface: String,
+    hook: Hook,
+    link: PinnedLink,
+}
+
+/// Physical NICs have a `device` link in sysfs; veth, bridges, tunnels and loopback do not.
+fn is_physical(iface: &str) -> bool {
+    Path::new("/sys/class/net").join(iface).join("device").exists()
+}
+
+fn ifindex(iface: &str) -> anyhow::Result<u32> {
+    nix::net::if_::if_nametoindex(iface).map_err(|e| anyhow!("interface '{iface}' not found: {e}"))
+}
+
+impl Datapath {
+    /// Attaches ingress (XDP or TC) and TC egress to every interface. On any failure everything
+    /// attached so far is detached again and the error names the interface.
+    pub fn attach(
+        &mut self,
+        ifaces: &[String],
+        mode: AttachMode,
+        redirect_ifaces: &[String],
+    ) -> anyhow::Result<()> {
+        let result = self.attach_all(ifaces, mode, redirect_ifaces);
+        if result.is_err() {
+            self.detach_all();
+        }
+        result
+    }
+
+    fn attach_all(
+        &mut self,
+        ifaces: &[String],
+        mode: AttachMode,
+        redirect_ifaces: &[String],
+    ) -> anyhow::Result<()> {
+        let mut xdp_ifaces = Vec::new();
+        for iface in ifaces {
+            ifindex(iface)?;
+            let use_xdp = match mode {
+                AttachMode::Xdp => true,
+                AttachMode::Tc => false,
+                AttachMode::Auto => is_physical(iface),
+            };
+            let ingress = if use_xdp {
+                match self.attach_xdp(iface) {
+                    Ok(()) => Some(Hook::XdpIngress),
+                    Err(e) if mode == AttachMode::Auto => {
+                        info!("{iface}: no native XDP ({e:#}); using TC");
+                        None
+                    }
+                    Err(e) => return Err(e.context(format!("{iface}: XDP attach failed; try --attach tc"))),
+                }
+            } else {
+                None
+            };
+            if ingress.is_some() {
+                xdp_ifaces.push(iface.clone());
+            } else {
+                self.attach_tc(iface, Hook::TcIngress)?;
+            }
+            self.attach_tc(iface, Hook::TcEgress)?;
+            info!(
+                "{iface}: attached {} ingress and tc egress",
+                if ingress.is_some() { "xdp" } else { "tc" }
+            );
+        }
+        if !xdp_ifaces.is_empty() {
+            for iface in xdp_ifaces.iter().chain(redirect_ifaces) {
+                self.allow_xdp_redirect(ifindex(iface)?)
+                    .with_context(|| format!("adding {iface} to the XDP redirect devices"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the XDP program redirect into the device `ifindex` (`PM_REDIRECT_DEVS`).
+    pub fn allow_xdp_redirect(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        let mut devs: DevMapHash<_> = DevMapHash::try_from(self.map_mut(map_names::REDIRECT_DEVS)?)?;
+        devs.insert(ifindex, ifindex, None, 0)?;
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<()> {
+        let prog: &mut Xdp = self.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
+        let id = prog.attach(iface, XdpMode::Driver)?;
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e| anyhow!("XDP link is not a bpf_link: {e}"))?;
+        self.pin_link(iface, Hook::XdpIngress, fd)
+    }
+
+    fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
+        let name = hook.program_name();
+        let kind = if hook == Hook::TcIngress {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
+        let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
+        // Kernel >= 6.6: a tcx bpf_link (no clsact qdisc, coexists with other tcx programs).
+        let id = prog
+            .attach(iface, kind)
+            .with_context(|| format!("{iface}: attaching {name}"))?;
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e| anyhow!("{iface}: TC link is not a bpf_link (kernel < 6.6?): {e}"))?;
+        self.pin_link(iface, hook, fd)
+    }
+
+    fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
+        let pin_dir = self
+            .pin_dir
+            .as_deref()
+            .context("a datapath loaded without a pin directory cannot be attached")?;
+        let path = pins::link_pin(pin_dir, iface, hook);
+        let link = fd
+            .pin(&path)
+            .with_context(|| format!("pinning link {}", path.display()))?;
+        self.attachments.push(Attachment {
+            iface: iface.to_string(),
+            hook,
+            link,
+        });
+        Ok(())
+    }
+
+    pub(super) fn detach_all(&mut self) {
+        for a in self.attachments.drain(..) {
+            // Unpinning removes the bpffs entry; dropping the last fd detaches the link.
+            if let Err(e) = a.link.unpin() {
+                warn!("{}: unpinning {} failed: {e}", a.iface, a.hook.as_str());
+            }
+        }
+    }
+}

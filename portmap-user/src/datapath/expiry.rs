@@ -1,0 +1,176 @@
+//! Flow expiry: the daemon walks `PM_CONNTRACK` every `gc_interval_seconds`, pairs the two
+//! entries of each flow (`FlowKey::reply`, the same function the datapath inserts with) and
+//! deletes both once the flow is idle past its timeout.
+
+use std::collections::HashMap as StdHashMap;
+
+use aya::maps::{HashMap, MapData};
+use portmap_common::{DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, PROTO_UDP, map_names};
+
+use super::Datapath;
+use crate::config::Timeouts;
+
+impl Datapath {
+    /// Deletes expired flows (both entries); returns how many flows remain.
+    pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<u64> {
+        let capacity = self.conntrack_entries as usize;
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
+        // Iterating while the datapath inserts and deletes can revisit keys (the next key of a
+        // deleted one is the first one): a pass reads at most the table's capacity.
+        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).take(capacity).collect();
+        let plan = plan_expiry(&entries, now_ns, timeouts);
+        for key in &plan.delete {
+            // Already gone (LRU eviction or a concurrent re-creation) is fine.
+            let _ = ct.remove(key);
+        }
+        Ok(plan.live_flows)
+    }
+}
+
+/// What an expiry pass deletes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExpiryPlan {
+    pub delete: Vec<FlowKey>,
+    pub live_flows: u64,
+}
+
+/// Pure expiry decision. A flow's age is that of its most recent entry; its limit is the UDP or
+/// TCP idle timeout, or the close grace once either direction saw FIN/RST. A lone entry (its
+/// partner was evicted, or is being created this instant) goes after the close grace.
+#[must_use]
+pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) -> ExpiryPlan {
+    const NS: u64 = 1_000_000_000;
+    let by_key: StdHashMap<FlowKey, FlowValue> = entries.iter().copied().collect();
+    let mut plan = ExpiryPlan::default();
+    let mut paired_replies = std::collections::HashSet::new();
+    let idle = |v: &FlowValue| now_ns.saturating_sub(v.last_seen_ns);
+    let close_grace = t.tcp_close_seconds.saturating_mul(NS);
+    for (key, value) in entries.iter().filter(|(_, v)| v.direction == DIR_FORWARD) {
+        let rkey = key.reply(value.nat_addr, value.nat_port_be);
+        let reply = by_key.get(&rkey).filter(|r| r.direction == DIR_REPLY);
+        let Some(reply) = reply else {
+            if idle(value) > close_grace {
+                plan.delete.push(*key);
+            }
+            continue;
+        };
+        paired_replies.insert(rkey);
+        let age = idle(value).min(idle(reply));
+        let limit = if key.proto == PROTO_UDP {
+            t.udp_seconds.saturating_mul(NS)
+        } else if (value.flags | reply.flags) & FLOW_F_CLOSING != 0 {
+            close_grace
+        } else {
+            t.tcp_seconds.saturating_mul(NS)
+        };
+        if age > limit {
+            plan.delete.push(*key);
+            plan.delete.push(rkey);
+        } else {
+            plan.live_flows += 1;
+        }
+    }
+    for (key, value) in entries
+        .iter()
+        .filter(|(k, v)| v.direction == DIR_REPLY && !paired_replies.contains(k))
+    {
+        if idle(value) > close_grace {
+            plan.delete.push(*key);
+        }
+    }
+    plan
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> anyhow::Result<u64> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(u64::try_from(ts.tv_sec())? * 1_000_000_000 + u64::try_from(ts.tv_nsec())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use portmap_common::PROTO_TCP;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn flow(
+        proto: u8,
+        client_port: u16,
+        fwd_seen: u64,
+        reply_seen: u64,
+        flags: u8,
+    ) -> [(FlowKey, FlowValue); 2] {
+        let fkey = FlowKey {
+            src: [1, 0, 0, 0],
+            dst: [2, 0, 0, 0],
+            src_port_be: client_port,
+            dst_port_be: 8080,
+            proto,
+            family: portmap_common::FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let fval = FlowValue {
+            last_seen_ns: fwd_seen,
+            nat_addr: [3, 0, 0, 0],
+            nat_port_be: 80,
+            direction: DIR_FORWARD,
+            flags,
+            stats_slot: 0,
+        };
+        let rkey = fkey.reply(fval.nat_addr, fval.nat_port_be);
+        let rval = FlowValue {
+            last_seen_ns: reply_seen,
+            nat_addr: [2, 0, 0, 0],
+            nat_port_be: 8080,
+            direction: DIR_REPLY,
+            flags: 0,
+            ..fval
+        };
+        [(fkey, fval), (rkey, rval)]
+    }
+
+    #[test]
+    fn expiry_uses_the_fresher_direction_and_protocol_timeouts() {
+        let t = Timeouts {
+            tcp_seconds: 100,
+            tcp_close_seconds: 10,
+            udp_seconds: 30,
+            gc_interval_seconds: 1,
+        };
+        let now = 1000 * S;
+        let mut entries = Vec::new();
+        let live_tcp = flow(PROTO_TCP, 1, now - 500 * S, now - 50 * S, 0); // reply fresh: live
+        let idle_tcp = flow(PROTO_TCP, 2, now - 101 * S, now - 150 * S, 0); // both idle > 100 s
+        let closing = flow(PROTO_TCP, 3, now - 11 * S, now - 11 * S, FLOW_F_CLOSING); // past grace
+        let closing_young = flow(PROTO_TCP, 4, now - 5 * S, now - 5 * S, FLOW_F_CLOSING);
+        let udp_idle = flow(PROTO_UDP, 5, now - 31 * S, now - 40 * S, 0);
+        let udp_live = flow(PROTO_UDP, 6, now - 29 * S, now - 40 * S, 0);
+        for f in [live_tcp, idle_tcp, closing, closing_young, udp_idle, udp_live] {
+            entries.extend(f);
+        }
+        let orphan_reply = flow(PROTO_TCP, 7, 0, now - 11 * S, 0)[1];
+        let young_orphan = flow(PROTO_TCP, 8, 0, now - S, 0)[1];
+        entries.push(orphan_reply);
+        entries.push(young_orphan);
+
+        let plan = plan_expiry(&entries, now, &t);
+        let mut want = vec![
+            idle_tcp[0].0,
+            idle_tcp[1].0,
+            closing[0].0,
+            closing[1].0,
+            udp_idle[0].0,
+            udp_idle[1].0,
+            orphan_reply.0,
+        ];
+        let mut got = plan.delete.clone();
+        let order = |k: &FlowKey| (k.src, k.src_port_be, k.dst_port_be, k.proto);
+        want.sort_by_key(order);
+        got.sort_by_key(order);
+        assert_eq!(got, want);
+        assert_eq!(plan.live_flows, 3);
+    }
+}

@@ -1,0 +1,148 @@
+//! The maps as the daemon writes and reads them: the mapping table's writes ([`Maps`]) and the
+//! counters.
+
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    maps::{Array, HashMap, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use portmap_common::{BackendValue, MaglevTable, MappingCounters, MappingKey, MappingValue, Stat, map_names};
+
+use super::Datapath;
+use crate::table::Maps;
+
+impl Maps for Datapath {
+    fn set_mappings(&mut self, entries: &[(MappingKey, MappingValue)]) -> anyhow::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let fd = self.hash_map_fd(map_names::MAPPINGS)?;
+        let (keys, values): (Vec<MappingKey>, Vec<MappingValue>) = entries.iter().copied().unzip();
+        update_batch(fd, &keys, &values).context("writing mapping entries (BPF_MAP_UPDATE_BATCH)")
+    }
+
+    /// Keeps going past a failure and reports the first.
+    fn remove_mappings(&mut self, keys: &[MappingKey]) -> anyhow::Result<()> {
+        let mut map: HashMap<_, MappingKey, MappingValue> =
+            HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
+        let mut first_error = None;
+        for key in keys {
+            match map.remove(key) {
+                // Never written (the rollback of a batch that failed) is as good as removed.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if first_error.is_none() => {
+                    let port = u16::from_be(key.port_be);
+                    first_error = Some(anyhow!("removing the entry of host port {port}: {e}"));
+                }
+                _ => {}
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn set_backends(&mut self, slots: &[(u32, BackendValue)]) -> anyhow::Result<()> {
+        let mut backends: Array<_, BackendValue> = Array::try_from(self.map_mut(map_names::BACKENDS)?)?;
+        for (slot, value) in slots {
+            backends
+                .set(*slot, value, 0)
+                .with_context(|| format!("writing backend slot {slot}"))?;
+        }
+        Ok(())
+    }
+
+    fn set_maglev(&mut self, group: u32, table: &MaglevTable) -> anyhow::Result<()> {
+        let mut tables: Array<_, MaglevTable> = Array::try_from(self.map_mut(map_names::MAGLEV)?)?;
+        tables
+            .set(group, table, 0)
+            .with_context(|| format!("writing Maglev table {group}"))
+    }
+
+    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+        let mut stats: PerCpuArray<_, MappingCounters> =
+            PerCpuArray::try_from(self.map_mut(map_names::MAPPING_STATS)?)?;
+        let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
+        stats.set(
+            slot,
+            PerCpuValues::try_from(vec![MappingCounters::default(); cpus])?,
+            0,
+        )?;
+        Ok(())
+    }
+}
+
+impl Datapath {
+    fn hash_map_fd(&self, name: &str) -> anyhow::Result<RawFd> {
+        match self.map(name)? {
+            aya::maps::Map::HashMap(d) => Ok(d.fd().as_fd().as_raw_fd()),
+            _ => bail!("{name} is not a hash map"),
+        }
+    }
+
+    /// A mapping's counters summed over CPUs.
+    pub fn mapping_counters(&self, slot: u32) -> anyhow::Result<MappingCounters> {
+        let stats: PerCpuArray<_, MappingCounters> =
+            PerCpuArray::try_from(self.map(map_names::MAPPING_STATS)?)?;
+        Ok(stats.get(&slot, 0)?.iter().copied().sum())
+    }
+
+    /// Global counters summed over CPUs, in `Stat` code order.
+    pub fn global_counters(&self) -> anyhow::Result<Vec<u64>> {
+        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(map_names::GLOBAL_STATS)?)?;
+        Stat::ALL
+            .iter()
+            .map(|s| Ok(stats.get(&s.code(), 0)?.iter().sum()))
+            .collect()
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls
+/// as the kernel allows (aya 0.14 has no batch API).
+fn update_batch<K: Copy, V: Copy>(map_fd: RawFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
+    /// The `batch` member of `union bpf_attr`.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at `count` keys and values that live for the call; the kernel
+        // reads them and writes back only `count`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("the kernel wrote no entry"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}

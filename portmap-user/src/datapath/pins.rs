@@ -1,0 +1,70 @@
+//! The pin directory: bpffs mounted, one directory for maps and one for links, stale pins of a
+//! crashed daemon removed.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use log::{info, warn};
+
+use super::Hook;
+
+pub(super) fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join("maps").join(name)
+}
+
+/// bpffs refuses names containing '.', which interface names may have (eth0.100): those are
+/// percent-encoded, as is '%' itself.
+pub(super) fn link_pin(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
+    let iface = iface.replace('%', "%25").replace('.', "%2E");
+    pin_dir.join("links").join(format!("{iface}_{}", hook.as_str()))
+}
+
+/// Removes pins a previous run left behind (a crash, or SIGKILL): unpinning detaches its links.
+pub fn remove_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry?.path();
+            warn!("removing stale pin {} left by an earlier run", path.display());
+            fs::remove_file(&path).with_context(|| format!("removing stale pin {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted there yet.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")?;
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// Fails when `pin_dir` is not on bpffs (pinning would fail later with a less clear error).
+pub fn check_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
+    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        bail!("pin directory {} is not on a bpffs mount", pin_dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! The daemon's mapping state: which mappings are applied, where they live in the maps, which
+//! host ports were allocated, and how a new configuration is applied as one diff.
+//!
+//! All or nothing: every operation checks everything before it touches a map, and when a map
+//! write fails it writes the previous contents back and restores its own state, so a refused
+//! request or a bad config leaves the table and the maps exactly as they were (unit tests in
+//! `tests.rs` fail each write of each operation against a fake). The maps are reached only
+//! through the [`Maps`] trait; the decisions (diff, port allocation, conflicts) are pure.
+
+mod error;
+mod plan;
+mod pool;
+#[cfg(test)]
+mod tests;
+pub mod writes;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use log::warn;
+
+pub use self::{
+    error::TableError,
+    plan::{Plan, find_free_run, plan},
+    writes::{Batch, GroupPlacement, MapContents, Maps, Placement},
+};
+use self::{
+    plan::same_ports,
+    pool::Pool,
+    writes::{clear_backends, clear_group, group_contents, mapping_entries, mapping_keys},
+};
+use crate::{
+    mapping::{Mapping, PortRange, Protocol},
+    sockets::Sockets,
+};
+
+/// One applied mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// As requested by `add` or the config (a dynamic one without host ports).
+    pub requested: Mapping,
+    /// As applied, host ports allocated.
+    pub mapping: Mapping,
+    pub place: Placement,
+    /// Order of addition (`list` shows mappings in this order).
+    seq: u64,
+}
+
+/// Capacities of the maps, from the config's `[limits]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub ports: u32,
+    pub groups: u32,
+    pub backends: u32,
+}
+
+/// Where an applied mapping sits in the index: its protocol, host address and first host port.
+/// Applied mappings never overlap, so within one (protocol, address) their ranges are ordered.
+type Key = (Protocol, IpAddr, u16);
+
+fn key_of(mapping: &Mapping) -> Option<Key> {
+    Some((mapping.protocol, mapping.host_ip, mapping.host_ports?.start))
+}
+
+/// The applied mappings, indexed so that every operation costs O(log n) in the number of
+/// mappings (plus the mapping's own ports): 50,000 mappings are applied in one pass. It derives
+/// `Clone` and `PartialEq` so that a config diff can be rolled back to a snapshot, and tests can
+/// check that a failed change left it exactly as it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    entries: BTreeMap<Key, Entry>,
+    /// How many mappings publish each (protocol, port) on any address: dynamic allocation skips
+    /// ports in use anywhere.
+    port_users: HashMap<(Protocol, u16), u32>,
+    next_seq: u64,
+    slots: Pool,
+    groups: Pool,
+    backends: Pool,
+    ports_used: u64,
+    max_ports: u32,
+    pub dynamic: PortRange,
+    next_dynamic: u16,
+}
+
+/// What `place` took from the pools (id, and whether it was used before), so that a failure
+/// gives exactly that back.
+#[derive(Default)]
+struct Taken {
+    stats: Option<(u32, bool)>,
+    group: Option<(u32, bool)>,
+    backends: Vec<(u32, bool)>,
+}
+
+impl Taken {
+    /// The stats slot is a reused one: its counters must be zeroed before use.
+    fn reset_stats(&self) -> bool {
+        self.stats.is_some_and(|(_, reused)| reused)
+    }
+}
+
+/// Writes a placed mapping's map contents: counters zeroed (`reset_stats`), backends and Maglev
+/// table, then the `PM_MAPPINGS` entries that make it reachable.
+fn write_mapping<M: Maps + ?Sized>(
+    maps: &mut M,
+    mapping: &Mapping,
+    place: &Placement,
+    reset_stats: bool,
+) -> anyhow::Result<()> {
+    if reset_stats {
+        maps.reset_counters(place.stats_slot)?;
+    }
+    if let Some(group) = &place.group {
+        let (backends, table) = group_contents(mapping, group)
+            .ok_or_else(|| anyhow::anyhow!("mapping {mapping}: every weight is 0"))?;
+        maps.set_backends(&backends)?;
+        maps.set_maglev(group.group, &table)?;
+    }
+    maps.set_mappings(&mapping_entries(mapping, place))
+}
+
+/// Best effort, after a failed write: a warning for what could not be undone either.
+fn undo(what: &str, result: anyhow::Result<()>) {
+    if let Err(e) = result {
+        warn!("rolling back {what}: {e:#}");
+    }
+}
+
+impl Table {
+    #[must_use]
+    pub fn new(capacity: Capacity, dynamic: PortRange) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            port_users: HashMap::new(),
+            next_seq: 0,
+            slots: Pool::new(capacity.ports),
+            groups: Pool::new(capacity.groups),
+            backends: Pool::new(capacity.backends),
+            ports_used: 0,
+            max_ports: capacity.ports,
+            dynamic,
+            next_dynamic: dynamic.start,
+        }
+    }
+
+    /// The applied mappings, in the order they were added.
+    #[must_use]
+    pub fn entries(&self) -> Vec<&Entry> {
+        let mut all: Vec<&Entry> = self.entries.values().collect();
+        all.sort_unstable_by_key(|e| e.seq);
+        all
+    }
+
+    /// The applied mappings, in the order they were added.
+    #[must_use]
+    pub fn mappings(&self) -> Vec<Mapping> {
+        self.entries().into_iter().map(|e| e.mapping.clone()).collect()
+    }
+
+    /// The requested mappings, in the order they were added (what a config diff starts from).
+    #[must_use]
+    pub fn requested(&self) -> Vec<Mapping> {
+        self.entries().into_iter().map(|e| e.requested.clone()).collect()
+    }
+
+    /// The applied mapping that shares a published port with `mapping`, if any.
+    fn overlapping(&self, mapping: &Mapping) -> Option<&Entry> {
+        let ports = mapping.host_ports?;
+        let (_, entry) = self
+            .entries
+            .range(..=(mapping.protocol, mapping.host_ip, ports.end))
+            .next_back()?;
+        entry.mapping.overlaps(mapping).then_some(entry)
+    }
+
+    /// Chooses the host ports of `requested` (its own, or free dynamic ones) and checks them
+    /// against the applied mappings and the host's sockets. Returns the mapping and, for a
+    /// dynamic one, where the next dynamic search starts.
+    fn resolve(
+        &self,
+        requested: &Mapping,
+        sockets: &dyn Sockets,
+    ) -> Result<(Mapping, Option<u16>), TableError> {
+        let (mapping, next_dynamic) = match requested.host_ports {
+            Some(_) => (requested.clone(), None),
+            None => {
+                let count = requested.port_count();
+                let taken = |port: u16| {
+                    let probe = requested.with_host_ports(PortRange::single(port));
+                    self.port_users.contains_key(&(probe.protocol, port))
+                        || probe.bindings().any(|b| sockets.conflict(&b).is_some())
+                };
+                let range = find_free_run(self.dynamic, count, self.next_dynamic, |p| !taken(p)).ok_or(
+                    TableError::PoolExhausted {
+                        count,
+                        pool: self.dynamic,
+                    },
+                )?;
+                let next = range.end.checked_add(1).unwrap_or(self.dynamic.start);
+                (requested.with_host_ports(range), Some(next))
+            }
+        };
+        if let Some(existing) = self.overlapping(&mapping) {
+            return Err(TableError::Allocated {
+                spec: mapping.to_string(),
+                existing: existing.mapping.to_string(),
+            });
+        }
+        if requested.host_ports.is_some() {
+            for binding in mapping.bindings() {
+                if let Some(socket) = sockets.conflict(&binding) {
+                    return Err(TableError::InUse { binding, socket });
+                }
+            }
+        }
+        Ok((mapping, next_dynamic))
+    }
+
+    /// Takes stats slot, Maglev table and backend slots for `mapping` (reusing `reuse`'s stats
+    /// slot and table where an update keeps them). Nothing is taken when this fails.
+    fn place(&mut self, mapping: &Mapping, reuse: Option<&Entry>) -> Result<(Placement, Taken), TableError> {
+        let mut taken = Taken::default();
+        let stats_slot = match reuse {
+            Some(e) => e.place.stats_slot,
+            None => {
+                let (slot, reused) = self.slots.take_reused().ok_or(TableError::Full {
+                    what: "the mapping table",
+                    max: self.max_ports,
+                    limit: "max_mappings",
+                })?;
+                taken.stats = Some((slot, reused));
+                slot
+            }
+        };
+        if mapping.backends.len() == 1 {
+            let place = Placement {
+                stats_slot,
+                group: None,
+            };
+            return Ok((place, taken));
+        }
+        let old_group = reuse.and_then(|e| e.place.group.as_ref());
+        let needed_backends = mapping.backends.len() as u32;
+        let group_needed = u32::from(old_group.is_none());
+        if self.groups.available() < group_needed || self.backends.available() < needed_backends {
+            let (what, max, limit) = if self.groups.available() < group_needed {
+                ("the Maglev table map", self.groups.max, "max_backend_groups")
+            } else {
+                ("the backend map", self.backends.max, "max_backends")
+            };
+            self.untake(taken);
+            return Err(TableError::Full { what, max, limit });
+        }
+        let group = match old_group {
+            Some(g) => g.group,
+            None => {
+                let (id, reused) = self.groups.take_reused().expect("checked available");
+                taken.group = Some((id, reused));
+                id
+            }
+        };
+        // Fresh backend slots: the old ones stay valid for readers of the old table until the new
+        // table is written, and are freed afterwards.
+        for _ in 0..needed_backends {
+            let (id, reused) = self.backends.take_reused().expect("checked available");
+            taken.backends.push((id, reused));
+        }
+        let backend_slots = taken.backends.iter().map(|(id, _)| *id).collect();
+        let place = Placement {
+            stats_slot,
+            group: Some(GroupPlacement { group, backend_slots }),
+        };
+        Ok((place, taken))
+    }
+
+    /// Gives back exactly what `place` took (in reverse order).
+    fn untake(&mut self, taken: Taken) {
+        for (id, reused) in taken.backends.into_iter().rev() {
+            self.backends.untake(id, reused);
+        }
+        if let Some((id, reused)) = taken.group {
+            self.groups.untake(id, reused);
+        }
+        if let Some((id, reused)) = taken.stats {
+            self.slots.untake(id, reused);
+        }
+    }
+
+    /// Frees what `place` used, except what `keep` still uses: zeroes those map slots (the maps
+    /// keep only what applied mappings use) and returns their ids to the pools.
+    fn free<M: Maps + ?Sized>(&mut self, maps: &mut M, place: &Placement, keep: Option<&Placement>) {
+        if keep.is_none_or(|k| k.stats_slot != place.stats_slot) {
+            self.slots.give(place.stats_slot);
+        }
+        let Some(g) = &place.group else { return };
+        let kept = keep.and_then(|k| k.group.as_ref());
+        let slots: Vec<u32> = g
+            .backend_slots
+            .iter()
+            .copied()
+            .filter(|b| kept.is_none_or(|k| !k.backend_slots.contains(b)))
+            .collect();
+        if kept.is_none_or(|k| k.group != g.group) {
+            undo("a freed Maglev table", clear_group(maps, g));
+            self.groups.give(g.group);
+        } else {
+            undo("freed backend slots", clear_backends(maps, &slots));
+        }
+        for b in slots {
+            self.backends.give(b);
+        }
+    }
+
+    fn count_ports(&mut self, mapping: &Mapping, add: bool) {
+        let Some(ports) = mapping.host_ports else { return };
+        for port in ports.ports() {
+            let key = (mapping.protocol, port);
+            if add {
+                *self.port_users.entry(key).or_default() += 1;
+            } else if let Some(n) = self.port_users.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.port_users.remove(&key);
+                }
+            }
+        }
+        let n = u64::from(ports.count());
+        if add {
+            self.ports_used += n;
+        } else {
+            self.ports_used -= n;
+        }
+    }
+
+    /// Publishes `requested`; returns the mapping as applied (with its allocated host ports).
+    pub fn add<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        requested: &Mapping,
+        sockets: &dyn Sockets,
+    ) -> Result<Mapping, TableError> {
+        if self.ports_used + u64::from(requested.port_count()) > u64::from(self.max_ports) {
+            return Err(TableError::Full {
+                what: "the mapping table",
+                max: self.max_ports,
+                limit: "max_mappings",
+            });
+        }
+        let (mapping, next_dynamic) = self.resolve(requested, sockets)?;
+        let (place, taken) = self.place(&mapping, None)?;
+        if let Err(e) = write_mapping(maps, &mapping, &place, taken.reset_stats()) {
+            undo("an add", maps.remove_mappings(&mapping_keys(&mapping)));
+            if let Some(group) = &place.group {
+                undo("an add", clear_group(maps, group));
+            }
+            self.untake(taken);
+            return Err(TableError::Datapath(e));
+        }
+        if let Some(next) = next_dynamic {
+            self.next_dynamic = next;
+        }
+        self.count_ports(&mapping, true);
+        let key = key_of(&mapping).expect("resolved mappings have host ports");
+        self.next_seq += 1;
+        self.entries.insert(
+            key,
+            Entry {
+                requested: requested.clone(),
+                mapping: mapping.clone(),
+                place,
+                seq: self.next_seq,
+            },
+        );
+        Ok(mapping)
+    }
+
+    /// Finds the entry `spec` names: by its applied form, or by its requested form if that is
+    /// unambiguous.
+    fn find(&self, spec: &Mapping) -> Result<Key, TableError> {
+        let exact = key_of(spec).and_then(|k| self.entries.get(&k).map(|e| (k, e)));
+        if let Some((key, entry)) = exact {
+            if entry.mapping == *spec || entry.requested == *spec {
+                return Ok(key);
+            }
+            if same_ports(&entry.mapping, spec) {
+                return Err(TableError::Mismatch {
+                    spec: spec.to_string(),
+                    existing: entry.mapping.to_string(),
+                });
+            }
+        }
+        let matches: Vec<(&Key, &Entry)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.requested == *spec)
+            .collect();
+        match matches.as_slice() {
+            [] => Err(TableError::NotFound(spec.to_string())),
+            [(key, _)] => Ok(**key),
+            many => Err(TableError::Ambiguous {
+                spec: spec.to_string(),
+                count: many.len(),
+                candidates: many
+                    .iter()
+                    .map(|(_, e)| format!("'{}'", e.mapping))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Unpublishes the mapping `spec` names; returns it as it was applied. Its flows expire by
+    /// themselves (new packets of them are no longer NATed once they do).
+    pub fn remove<M: Maps + ?Sized>(&mut self, maps: &mut M, spec: &Mapping) -> Result<Mapping, TableError> {
+        let key = self.find(spec)?;
+        let entry = &self.entries[&key];
+        if let Err(e) = maps.remove_mappings(&mapping_keys(&entry.mapping)) {
+            undo(
+                "a removal",
+                maps.set_mappings(&mapping_entries(&entry.mapping, &entry.place)),
+            );
+            return Err(TableError::Datapath(e));
+        }
+        let entry = self.entries.remove(&key).expect("found");
+        self.count_ports(&entry.mapping, false);
+        self.free(maps, &entry.place, None);
+        Ok(entry.mapping)
+    }
+
+    /// Replaces the backends of the mapping that publishes `spec`'s host ports. Established
+    /// flows keep their backend (also a removed one) until they end; new flows follow the new
+    /// Maglev table, of which only about the changed backends' share differs.
+    pub fn update<M: Maps + ?Sized>(&mut self, maps: &mut M, spec: &Mapping) -> Result<Mapping, TableError> {
+        let key = key_of(spec).ok_or_else(|| TableError::UpdateNeedsPorts(spec.to_string()))?;
+        let old = self
+            .entries
+            .get(&key)
+            .filter(|e| same_ports(&e.mapping, spec))
+            .cloned()
+            .ok_or_else(|| TableError::NoSuchBinding(spec.to_string()))?;
+        let (place, taken) = self.place(spec, Some(&old))?;
+        if let Err(e) = write_mapping(maps, spec, &place, false) {
+            // The old version in full (its table and backends were never freed), then clear
+            // what only the new one used.
+            undo("an update", write_mapping(maps, &old.mapping, &old.place, false));
+            let fresh: Vec<u32> = taken.backends.iter().map(|(id, _)| *id).collect();
+            undo("an update", clear_backends(maps, &fresh));
+            if let Some((group, _)) = taken.group {
+                undo(
+                    "an update",
+                    maps.set_maglev(group, &portmap_common::MaglevTable::ZERO),
+                );
+            }
+            self.untake(taken);
+            return Err(TableError::Datapath(e));
+        }
+        self.free(maps, &old.place, Some(&place));
+        self.entries.insert(
+            key,
+            Entry {
+                requested: spec.clone(),
+                mapping: spec.clone(),
+                place,
+                seq: old.seq,
+            },
+        );
+        Ok(spec.clone())
+    }
+
+    /// Makes the applied mappings equal `desired`, all or nothing: on any failure the table is
+    /// restored to a snapshot and the maps to its contents. The new mappings' entries are
+    /// written together (one [`Batch`]). Returns the plan that was applied.
+    ///
+    /// Counters of a removed mapping whose stats slot a failed diff gave to a new mapping are
+    /// zeroed even though the rollback restores the mapping (slots are reused oldest-freed
+    /// first, so only when few slots are free).
+    pub fn apply<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        desired: &[Mapping],
+        sockets: &dyn Sockets,
+    ) -> Result<Plan, TableError> {
+        let plan = plan(&self.requested(), desired);
+        let before = self.clone();
+        let mut touched: Vec<Key> = Vec::new();
+        let result = (|| {
+            for m in &plan.remove {
+                let key = self.find(m)?;
+                touched.push(key);
+                let applied = self.entries[&key].mapping.clone();
+                self.remove(maps, &applied)?;
+            }
+            for (old, new) in &plan.update {
+                touched.push(self.find(old)?);
+                self.update(maps, new)?;
+            }
+            let mut batch = Batch::new(maps);
+            for m in &plan.add {
+                let applied = self.add(&mut batch, m, sockets)?;
+                touched.extend(key_of(&applied));
+            }
+            batch.commit().map_err(TableError::Datapath)
+        })();
+        if let Err(e) = result {
+            self.restore(maps, before, &touched);
+            return Err(e);
+        }
+        Ok(plan)
+    }
+
+    /// Rolls back a failed `apply`: the table becomes `before` again, and the maps get back what
+    /// `before` had for the mappings the diff touched (what only the failed state used is
+    /// removed or zeroed, what `before` used is written again).
+    fn restore<M: Maps + ?Sized>(&mut self, maps: &mut M, before: Table, touched: &[Key]) {
+        let now = std::mem::replace(self, before);
+        let keys: HashSet<&Key> = touched.iter().collect();
+        let now_entries: Vec<&Entry> = keys.iter().filter_map(|k| now.entries.get(*k)).collect();
+        let old_entries: Vec<&Entry> = keys.iter().filter_map(|k| self.entries.get(*k)).collect();
+        let old_keys: HashSet<_> = old_entries
+            .iter()
+            .flat_map(|e| mapping_keys(&e.mapping))
+            .collect();
+        let gone: Vec<_> = now_entries
+            .iter()
+            .flat_map(|e| mapping_keys(&e.mapping))
+            .filter(|k| !old_keys.contains(k))
+            .collect();
+        undo("a config diff", maps.remove_mappings(&gone));
+        let old_groups: Vec<&GroupPlacement> = old_entries
+            .iter()
+            .filter_map(|e| e.place.group.as_ref())
+            .collect();
+        let old_tables: HashSet<u32> = old_groups.iter().map(|g| g.group).collect();
+        let old_slots: HashSet<u32> = old_groups
+            .iter()
+            .flat_map(|g| g.backend_slots.iter().copied())
+            .collect();
+        for group in now_entries.iter().filter_map(|e| e.place.group.as_ref()) {
+            let slots: Vec<u32> = group
+                .backend_slots
+                .iter()
+                .copied()
+                .filter(|s| !old_slots.contains(s))
+                .collect();
+            undo("a config diff", clear_backends(maps, &slots));
+            if !old_tables.contains(&group.group) {
+                undo(
+                    "a config diff",
+                    maps.set_maglev(group.group, &portmap_common::MaglevTable::ZERO),
+                );
+            }
+        }
+        let mut entries = Vec::new();
+        for e in &old_entries {
+            if let Some(group) = &e.place.group
+                && let Some((backends, table)) = group_contents(&e.mapping, group)
+            {
+                undo("a config diff", maps.set_backends(&backends));
+                undo("a config diff", maps.set_maglev(group.group, &table));
+            }
+            entries.extend(mapping_entries(&e.mapping, &e.place));
+        }
+        undo("a config diff", maps.set_mappings(&entries));
+    }
+}

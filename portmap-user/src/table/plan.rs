@@ -1,0 +1,135 @@
+//! Pure decisions of the table: the diff from the applied mappings to a new configuration, and
+//! where a free run of dynamic host ports is.
+
+use crate::mapping::{Mapping, PortRange};
+
+/// The first run of `count` ports in `pool`, starting the search at `from` and wrapping around,
+/// for which `free` holds on every port (Docker also hands out ports round-robin).
+#[must_use]
+pub fn find_free_run(
+    pool: PortRange,
+    count: u32,
+    from: u16,
+    free: impl Fn(u16) -> bool,
+) -> Option<PortRange> {
+    if count == 0 || count > pool.count() {
+        return None;
+    }
+    let last_start = u32::from(pool.end) + 1 - count;
+    let first = u32::from(from.clamp(pool.start, pool.end));
+    let starts = (first..=last_start).chain(u32::from(pool.start)..first.min(last_start + 1));
+    for start in starts {
+        let range = PortRange {
+            start: start as u16,
+            end: (start + count - 1) as u16,
+        };
+        if range.ports().all(&free) {
+            return Some(range);
+        }
+    }
+    None
+}
+
+/// What applying a new list of mappings changes: an exact match stays; a mapping with the same
+/// published ports but other backends is updated in place (its flows keep going); the rest is
+/// removed or added.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub remove: Vec<Mapping>,
+    /// (current, desired)
+    pub update: Vec<(Mapping, Mapping)>,
+    pub add: Vec<Mapping>,
+}
+
+impl Plan {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.update.is_empty() && self.add.is_empty()
+    }
+}
+
+pub(super) fn same_ports(a: &Mapping, b: &Mapping) -> bool {
+    a.host_ports.is_some()
+        && a.protocol == b.protocol
+        && a.host_ip == b.host_ip
+        && a.host_ports == b.host_ports
+}
+
+/// The diff from `current` to `desired` (both as requested, dynamic ones without host ports).
+#[must_use]
+pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
+    let mut left: Vec<Option<&Mapping>> = current.iter().map(Some).collect();
+    let mut plan = Plan::default();
+    let mut pending = Vec::new();
+    for want in desired {
+        match left.iter().position(|c| *c == Some(want)) {
+            Some(i) => left[i] = None,
+            None => pending.push(want),
+        }
+    }
+    for want in pending {
+        match left.iter().position(|c| c.is_some_and(|c| same_ports(c, want))) {
+            Some(i) => {
+                let old = left[i].take().expect("position found it");
+                plan.update.push((old.clone(), want.clone()));
+            }
+            None => plan.add.push(want.clone()),
+        }
+    }
+    plan.remove = left.into_iter().flatten().cloned().collect();
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::parse;
+
+    fn ms(specs: &[&str]) -> Vec<Mapping> {
+        specs.iter().map(|s| parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn plan_keeps_updates_removes_and_adds() {
+        let current = ms(&[
+            "8080:198.18.2.2:80",
+            "8081:198.18.2.2:81",
+            ":198.18.2.2:90",
+            "53:198.18.2.2:53/udp",
+        ]);
+        let desired = ms(&[
+            ":198.18.2.2:90",
+            "8080:198.18.2.2:80,198.18.2.3:80",
+            "9000-9009:198.18.2.2:9000-9009",
+            "53:198.18.2.2:53/udp",
+        ]);
+        let p = plan(&current, &desired);
+        assert_eq!(p.remove, ms(&["8081:198.18.2.2:81"]));
+        assert_eq!(p.update, vec![(current[0].clone(), desired[1].clone())]);
+        assert_eq!(p.add, ms(&["9000-9009:198.18.2.2:9000-9009"]));
+        assert!(plan(&current, &current).is_empty());
+    }
+
+    #[test]
+    fn free_runs_wrap_around_and_skip_taken_ports() {
+        let pool = PortRange { start: 100, end: 109 };
+        assert_eq!(
+            find_free_run(pool, 1, 100, |_| true),
+            Some(PortRange::single(100))
+        );
+        assert_eq!(
+            find_free_run(pool, 3, 108, |_| true),
+            Some(PortRange { start: 100, end: 102 })
+        );
+        assert_eq!(
+            find_free_run(pool, 2, 100, |p| p != 101 && p != 103),
+            Some(PortRange { start: 104, end: 105 })
+        );
+        assert_eq!(
+            find_free_run(pool, 1, 105, |p| p < 103),
+            Some(PortRange::single(100))
+        );
+        assert_eq!(find_free_run(pool, 11, 100, |_| true), None);
+        assert_eq!(find_free_run(pool, 1, 100, |_| false), None);
+    }
+}

@@ -1,0 +1,294 @@
+//! The table's all-or-nothing logic, without privileges: the maps are a [`MapContents`] model
+//! whose n-th write fails. Every write of an add, an update and a config diff is failed in turn
+//! (the last one included), and the table and the maps must then be exactly as before; after
+//! every success the maps must hold exactly what the table's mappings need.
+
+use anyhow::bail;
+use portmap_common::{BackendValue, MaglevTable, MappingKey, MappingValue};
+
+use super::*;
+use crate::{sockets::NoSockets, spec::parse};
+
+/// The maps model, failing its `fail_at`-th write (counting every call from 0). A failing
+/// `set_mappings` writes the first half of its entries first, as a batch the kernel cut short.
+#[derive(Clone, Debug, Default)]
+struct FlakyMaps {
+    contents: MapContents,
+    writes: usize,
+    fail_at: Option<usize>,
+}
+
+impl FlakyMaps {
+    fn write(&mut self) -> anyhow::Result<()> {
+        let n = self.writes;
+        self.writes += 1;
+        if self.fail_at == Some(n) {
+            bail!("injected failure of write {n}");
+        }
+        Ok(())
+    }
+}
+
+impl Maps for FlakyMaps {
+    fn set_mappings(&mut self, entries: &[(MappingKey, MappingValue)]) -> anyhow::Result<()> {
+        if let Err(e) = self.write() {
+            self.contents.set_mappings(&entries[..entries.len() / 2])?;
+            return Err(e);
+        }
+        self.contents.set_mappings(entries)
+    }
+    fn remove_mappings(&mut self, keys: &[MappingKey]) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.remove_mappings(keys)
+    }
+    fn set_backends(&mut self, slots: &[(u32, BackendValue)]) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.set_backends(slots)
+    }
+    fn set_maglev(&mut self, group: u32, table: &MaglevTable) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.set_maglev(group, table)
+    }
+    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.reset_counters(slot)
+    }
+}
+
+/// What the maps must hold for `table`'s mappings, and nothing else.
+fn expected_contents(table: &Table) -> MapContents {
+    let mut want = MapContents::default();
+    for e in table.entries() {
+        if let Some(group) = &e.place.group {
+            let (backends, maglev) = group_contents(&e.mapping, group).unwrap();
+            want.set_backends(&backends).unwrap();
+            want.set_maglev(group.group, &maglev).unwrap();
+        }
+        want.set_mappings(&mapping_entries(&e.mapping, &e.place)).unwrap();
+    }
+    want
+}
+
+fn m(spec: &str) -> Mapping {
+    parse(spec).unwrap()
+}
+
+/// A table with single-backend, Maglev and range mappings, and freed slots waiting for reuse.
+fn populated() -> (Table, FlakyMaps) {
+    let capacity = Capacity {
+        ports: 64,
+        groups: 4,
+        backends: 16,
+    };
+    let mut table = Table::new(
+        capacity,
+        PortRange {
+            start: 40000,
+            end: 40009,
+        },
+    );
+    let mut maps = FlakyMaps::default();
+    for spec in [
+        "8080:198.18.2.2:80",
+        "8081:198.18.2.2:81,198.18.2.3:81",
+        "9000-9003:198.18.2.2:7000-7003/udp",
+        "8082:198.18.2.4:80,198.18.2.5:80@3",
+        "8083:198.18.2.6:80",
+    ] {
+        table.add(&mut maps, &m(spec), &NoSockets).unwrap();
+    }
+    table
+        .remove(&mut maps, &m("8082:198.18.2.4:80,198.18.2.5:80@3"))
+        .unwrap();
+    table.remove(&mut maps, &m("8083:198.18.2.6:80")).unwrap();
+    assert_eq!(maps.contents, expected_contents(&table));
+    (table, maps)
+}
+
+/// How an operation met the failure of each of its writes.
+struct Outcomes {
+    writes: usize,
+    /// The operation failed (and was rolled back).
+    refused: usize,
+    /// The failed write was a clean-up after the change took effect (zeroing freed slots).
+    after_commit: usize,
+    /// A failure of the very last write refused the change.
+    last_refused: bool,
+}
+
+/// Runs `op` once to count its writes, then once failing each of them (the last one included).
+/// A failure that makes `op` fail must leave table and maps exactly as before. One after the
+/// change took effect (the best-effort zeroing of freed slots) must leave the changed table and
+/// the maps with every entry and live group the change needs; only freed slots may keep content.
+fn fails_cleanly_at_every_write(
+    what: &str,
+    op: impl Fn(&mut Table, &mut FlakyMaps) -> Result<(), TableError>,
+) -> Outcomes {
+    let (table, maps) = populated();
+    let (mut ok_table, mut ok_maps) = (table.clone(), maps.clone());
+    op(&mut ok_table, &mut ok_maps).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        ok_maps.contents,
+        expected_contents(&ok_table),
+        "{what}: after success"
+    );
+    let writes = ok_maps.writes - maps.writes;
+    assert!(writes > 0, "{what} wrote nothing");
+    let mut outcomes = Outcomes {
+        writes,
+        refused: 0,
+        after_commit: 0,
+        last_refused: false,
+    };
+    for n in 0..writes {
+        let (mut t, mut fm) = (table.clone(), maps.clone());
+        fm.fail_at = Some(maps.writes + n);
+        let context = format!("{what}: after a failure of write {n} of {writes}");
+        match op(&mut t, &mut fm) {
+            Err(err) => {
+                assert!(matches!(err, TableError::Datapath(_)), "{context}: {err}");
+                assert_eq!(t, table, "{context}: table");
+                assert_eq!(fm.contents, maps.contents, "{context}: maps");
+                outcomes.refused += 1;
+                outcomes.last_refused = n + 1 == writes;
+            }
+            Ok(()) => {
+                assert_eq!(t, ok_table, "{context}: table");
+                let want = expected_contents(&ok_table);
+                assert_eq!(fm.contents.mappings, want.mappings, "{context}: entries");
+                for (group, table) in &want.maglev {
+                    assert_eq!(fm.contents.maglev.get(group), Some(table), "{context}");
+                }
+                for (slot, backend) in &want.backends {
+                    assert_eq!(fm.contents.backends.get(slot), Some(backend), "{context}");
+                }
+                outcomes.after_commit += 1;
+            }
+        }
+    }
+    assert!(
+        outcomes.refused > 0,
+        "{what}: no write failure refused the change"
+    );
+    outcomes
+}
+
+#[test]
+fn rollback_of_add_failing_on_any_write_leaves_table_and_maps_as_before() {
+    for spec in [
+        "7070:198.18.2.9:80",
+        "7071:198.18.2.9:80,198.18.2.10:80,198.18.2.11:80@2",
+        "7100-7110:198.18.2.9:80/udp",
+        ":198.18.2.9:80",
+        "198.18.2.9:7000-7001",
+    ] {
+        let o = fails_cleanly_at_every_write(spec, |t, maps| t.add(maps, &m(spec), &NoSockets).map(drop));
+        // The last write publishes the entries: nothing comes after it, so every failure
+        // refuses the add.
+        assert_eq!(o.refused, o.writes, "{spec}");
+    }
+}
+
+#[test]
+fn rollback_of_update_failing_on_any_write_leaves_table_and_maps_as_before() {
+    for spec in [
+        // one backend -> another one
+        "8080:198.18.2.7:80",
+        // one backend -> several
+        "8080:198.18.2.2:80,198.18.2.7:80",
+        // several -> several (new backend slots, same Maglev table)
+        "8081:198.18.2.2:81,198.18.2.8:81@2",
+        // several -> one
+        "8081:198.18.2.3:81",
+        // a range onto other backend ports
+        "9000-9003:198.18.2.2:7100-7103/udp",
+    ] {
+        let o = fails_cleanly_at_every_write(spec, |t, maps| t.update(maps, &m(spec)).map(drop));
+        // Only the zeroing of the slots the old version alone used comes after the new entries.
+        assert!(
+            o.after_commit <= 2,
+            "{spec}: {} writes after the commit",
+            o.after_commit
+        );
+        assert!(o.last_refused || o.after_commit > 0, "{spec}");
+    }
+}
+
+#[test]
+fn rollback_of_remove_failing_leaves_table_and_maps_as_before() {
+    fails_cleanly_at_every_write("del", |t, maps| {
+        t.remove(maps, &m("8081:198.18.2.2:81,198.18.2.3:81")).map(drop)
+    });
+}
+
+#[test]
+fn rollback_of_config_diff_failing_on_any_write_leaves_table_and_maps_as_before() {
+    // Removes the range, updates both Maglev mappings, keeps 8080, adds three (one dynamic,
+    // one with several backends that can take the freed Maglev slots).
+    let desired: Vec<Mapping> = [
+        "8080:198.18.2.2:80",
+        "8081:198.18.2.2:81,198.18.2.3:81,198.18.2.4:81",
+        "8090:198.18.2.5:80,198.18.2.6:80",
+        "9100-9101:198.18.2.2:80/udp",
+        ":198.18.2.9:80",
+    ]
+    .iter()
+    .map(|s| m(s))
+    .collect();
+    let o = fails_cleanly_at_every_write("config diff", |t, maps| {
+        t.apply(maps, &desired, &NoSockets).map(drop)
+    });
+    // The diff's last write is the batch of new entries: a failure there undoes the whole diff.
+    assert!(o.last_refused && o.writes >= 6, "{} writes", o.writes);
+}
+
+#[test]
+fn a_refused_diff_writes_nothing() {
+    let (mut table, mut maps) = populated();
+    let before = (table.clone(), maps.contents.clone(), maps.writes);
+    // 7000 twice: the second add is refused by the table before its entries are written.
+    let desired = [
+        m("8080:198.18.2.2:80"),
+        m("7000:198.18.2.9:80"),
+        m("7000:198.18.2.8:80"),
+    ];
+    let err = table.apply(&mut maps, &desired, &NoSockets).unwrap_err();
+    assert!(matches!(err, TableError::Allocated { .. }), "{err}");
+    assert_eq!((table, maps.contents), (before.0, before.1));
+}
+
+#[test]
+fn freed_slots_are_zeroed_and_reused() {
+    let (mut table, mut maps) = populated();
+    // The Maglev table and backend slots of the removed 8082 are zero and taken again.
+    table
+        .add(&mut maps, &m("8084:198.18.2.6:80,198.18.2.7:80"), &NoSockets)
+        .unwrap();
+    table.update(&mut maps, &m("8081:198.18.2.2:81")).unwrap();
+    assert_eq!(maps.contents, expected_contents(&table));
+    assert_eq!(maps.contents.maglev.len(), 1, "only 8084 keeps a Maglev table");
+    assert_eq!(maps.contents.backends.len(), 2);
+}
+
+#[test]
+fn an_uncommitted_batch_writes_no_entry() {
+    let mut maps = MapContents::default();
+    let key = m("8080:198.18.2.2:80").map_key(8080);
+    let value = mapping_entries(
+        &m("8080:198.18.2.2:80"),
+        &Placement {
+            stats_slot: 0,
+            group: None,
+        },
+    )[0]
+    .1;
+    {
+        let mut batch = Batch::new(&mut maps);
+        batch.set_mappings(&[(key, value)]).unwrap();
+    }
+    assert!(maps.mappings.is_empty());
+    let mut batch = Batch::new(&mut maps);
+    batch.set_mappings(&[(key, value)]).unwrap();
+    batch.commit().unwrap();
+    assert_eq!(maps.mappings.len(), 1);
+}

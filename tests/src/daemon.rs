@@ -1,0 +1,225 @@
+//! `portmap run` as a real process inside a namespace, its CLI, and its counters.
+
+use std::{
+    fs::{self, File},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use nix::sched::{CloneFlags, setns};
+use portmap::control::StatsReport;
+use portmap_common::{MappingCounters, Stat};
+
+use crate::{Netns, TempDir};
+
+/// Path of the `portmap` binary: $PORTMAP_BIN, or target/debug/portmap beside the test binary.
+pub fn portmap_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PORTMAP_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1) {
+        let candidate = dir.join("portmap");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "portmap binary not found near {}: build it with `cargo build -p portmap-user` (cargo xtask test does)",
+        exe.display()
+    )
+}
+
+/// A `portmap run` process inside a namespace, stopped (SIGKILL if needed) and cleaned up on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    bin: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    work_dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `portmap run` in `ns` with a unique socket and pin directory, and waits until its
+    /// control socket answers.
+    pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Self> {
+        let work_dir = TempDir::new("d")?;
+        let socket = work_dir.path().join("portmap.sock");
+        let pin_dir = Path::new("/sys/fs/bpf").join(work_dir.path().file_name().context("temp dir name")?);
+        let mut daemon = Self {
+            child: None,
+            bin: portmap_bin()?,
+            socket,
+            pin_dir,
+            work_dir,
+        };
+        daemon.spawn(ns, args)?;
+        Ok(daemon)
+    }
+
+    /// Starts a new `portmap run` with the same socket and pin directory (after `stop` or `kill`).
+    pub fn restart(&mut self, ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "the daemon is still running");
+        self.spawn(ns, args)
+    }
+
+    fn spawn(&mut self, ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.path().join("daemon.log"))?;
+        let netns = File::open(ns.path())?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        // SAFETY: setns is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+        }
+        self.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.bin.display()))?,
+        );
+        self.wait_ready()
+    }
+
+    /// SIGKILL, as a crash: the daemon gets no chance to detach or unpin.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()) {
+                bail!(
+                    "portmap run exited ({}) during start-up:\n{}",
+                    status?,
+                    self.log()
+                );
+            }
+            if self.socket.exists() && self.cli(&["list"])?.status.success() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("portmap run did not answer within 20 s:\n{}", self.log())
+    }
+
+    /// The daemon's output so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.work_dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs `portmap --socket SOCKET ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        ensure!(
+            out.status.success(),
+            "portmap {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Sends a signal to the running daemon (e.g. SIGHUP: reload).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the daemon is not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, signal)?;
+        Ok(())
+    }
+
+    /// `portmap stats --json`, read into the daemon's own report type.
+    pub fn stats(&self) -> anyhow::Result<StatsReport> {
+        let json = self.cli_ok(&["stats", "--json"])?;
+        serde_json::from_str(&json).with_context(|| format!("reading `portmap stats --json`: {json}"))
+    }
+
+    /// Sends SIGTERM and waits for a clean exit (at most 15 s).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                ensure!(
+                    status.success(),
+                    "portmap run exited with {status}:\n{}",
+                    self.log()
+                );
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("portmap run ignored SIGTERM for 15 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Unpinning whatever a killed daemon left detaches it.
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A global counter of a stats report.
+///
+/// # Panics
+/// If the report lacks it (the daemon and the tests disagree on the counters).
+#[must_use]
+pub fn counter(stats: &StatsReport, stat: Stat) -> u64 {
+    stats
+        .counter(stat.name())
+        .unwrap_or_else(|| panic!("no counter {} in {stats:?}", stat.name()))
+}
+
+/// The counters of the mapping that publishes `host_port`.
+///
+/// # Panics
+/// If no mapping publishes it.
+#[must_use]
+pub fn mapping_stats(stats: &StatsReport, host_port: u16) -> MappingCounters {
+    stats
+        .mapping_on_port(host_port)
+        .unwrap_or_else(|| panic!("no mapping publishes port {host_port}: {stats:?}"))
+        .counters
+}

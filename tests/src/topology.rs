@@ -1,0 +1,161 @@
+//! The client → host → backend topologies the end-to-end tests and the demo use.
+
+use std::net::Ipv4Addr;
+
+use crate::{Daemon, Netns};
+
+/// Client side of the host (the published address) and the rest of the addressing plan.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const HOST_BACKEND_SIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// Interface names inside the namespaces (they only need to be unique per namespace).
+pub const HOST_CLIENT_IFACE: &str = "h0";
+pub const HOST_BACKEND_IFACE: &str = "h1";
+pub const BRIDGE: &str = "br0";
+
+/// How the backend is attached to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendLink {
+    /// A veth pair straight into the backend namespace (`h1` ↔ `b0`).
+    Veth,
+    /// docker0 style: the backend's veth is a port of bridge `br0`, which holds the address.
+    Bridge,
+}
+
+/// client (c0 198.18.0.2) ── (h0 198.18.0.1) host (h1|br0 198.18.1.1) ── (b0 198.18.1.2) backend
+pub struct Topology {
+    pub client: Netns,
+    pub host: Netns,
+    pub backend: Netns,
+    pub link: BackendLink,
+}
+
+impl Topology {
+    pub fn new(link: BackendLink) -> anyhow::Result<Self> {
+        let topo = Self {
+            client: Netns::new("c")?,
+            host: Netns::new("h")?,
+            backend: Netns::new("b")?,
+            link,
+        };
+        let (c, h, b) = (&topo.client, &topo.host, &topo.backend);
+        c.ip(&[
+            "link",
+            "add",
+            "c0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_CLIENT_IFACE,
+            "netns",
+            &h.name,
+        ])?;
+        b.ip(&[
+            "link",
+            "add",
+            "b0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_BACKEND_IFACE,
+            "netns",
+            &h.name,
+        ])?;
+        c.ip(&["addr", "add", "198.18.0.2/24", "dev", "c0"])?;
+        c.ip(&["link", "set", "c0", "up"])?;
+        c.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
+        h.ip(&["addr", "add", "198.18.0.1/24", "dev", HOST_CLIENT_IFACE])?;
+        h.ip(&["link", "set", HOST_CLIENT_IFACE, "up"])?;
+        let backend_side = match link {
+            BackendLink::Veth => HOST_BACKEND_IFACE,
+            BackendLink::Bridge => {
+                h.ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+                h.ip(&["link", "set", HOST_BACKEND_IFACE, "master", BRIDGE])?;
+                h.ip(&["link", "set", BRIDGE, "up"])?;
+                BRIDGE
+            }
+        };
+        h.ip(&["addr", "add", "198.18.1.1/24", "dev", backend_side])?;
+        h.ip(&["link", "set", HOST_BACKEND_IFACE, "up"])?;
+        b.ip(&["addr", "add", "198.18.1.2/24", "dev", "b0"])?;
+        b.ip(&["link", "set", "b0", "up"])?;
+        b.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+        h.sysctl("net/ipv4/ip_forward", "1")?;
+        Ok(topo)
+    }
+
+    /// Adds IPv6 to the topology: client fd00::2, host fd00::1 and fd00:1::1, backend
+    /// fd00:1::2 (no duplicate address detection), default routes, and forwarding on the host.
+    pub fn enable_ipv6(&self) -> anyhow::Result<()> {
+        let backend_side = if self.link == BackendLink::Bridge {
+            BRIDGE
+        } else {
+            HOST_BACKEND_IFACE
+        };
+        self.client
+            .ip(&["addr", "add", "fd00::2/64", "dev", "c0", "nodad"])?;
+        self.client
+            .ip(&["-6", "route", "add", "default", "via", "fd00::1"])?;
+        self.host
+            .ip(&["addr", "add", "fd00::1/64", "dev", HOST_CLIENT_IFACE, "nodad"])?;
+        self.host
+            .ip(&["addr", "add", "fd00:1::1/64", "dev", backend_side, "nodad"])?;
+        self.backend
+            .ip(&["addr", "add", "fd00:1::2/64", "dev", "b0", "nodad"])?;
+        self.backend
+            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+        self.host.sysctl("net/ipv6/conf/all/forwarding", "1")
+    }
+
+    /// Sets the MTU of every link of the topology (veth ends and the bridge).
+    pub fn set_mtu(&self, mtu: u32) -> anyhow::Result<()> {
+        let mtu = mtu.to_string();
+        self.client.ip(&["link", "set", "c0", "mtu", &mtu])?;
+        self.backend.ip(&["link", "set", "b0", "mtu", &mtu])?;
+        let mut host_links = vec![HOST_CLIENT_IFACE, HOST_BACKEND_IFACE];
+        if self.link == BackendLink::Bridge {
+            host_links.push(BRIDGE);
+        }
+        for link in host_links {
+            self.host.ip(&["link", "set", link, "mtu", &mtu])?;
+        }
+        Ok(())
+    }
+
+    /// What XDP on the client-facing veth needs (see README, "XDP on a veth"): frames redirected
+    /// into a veth are only received if the peer has GRO on, and an XDP program cannot see that a
+    /// frame from a veth peer carries a partial (offloaded) checksum, so the client sends full ones.
+    pub fn prepare_for_xdp(&self) -> anyhow::Result<()> {
+        self.client.exec("ethtool", &["-K", "c0", "tx", "off"])?;
+        self.backend.exec("ethtool", &["-K", "b0", "gro", "on"])?;
+        Ok(())
+    }
+}
+
+/// How the daemon attaches its ingress program.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Tc,
+    Xdp,
+}
+
+/// `portmap run` on the host's client-facing interface of `topo`, in `mode` (XDP mode also
+/// prepares the veths and lists the backend veth as a redirect target), plus `extra` options.
+pub fn start_daemon(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
+    let mut args = vec!["--iface", HOST_CLIENT_IFACE];
+    match mode {
+        Mode::Tc => args.extend(["--attach", "tc"]),
+        Mode::Xdp => {
+            topo.prepare_for_xdp()?;
+            args.extend(["--attach", "xdp"]);
+            if topo.link == BackendLink::Veth {
+                args.extend(["--redirect-iface", HOST_BACKEND_IFACE]);
+            }
+        }
+    }
+    args.extend_from_slice(extra);
+    Daemon::start(&topo.host, &args)
+}

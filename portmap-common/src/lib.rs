@@ -49,8 +49,11 @@ pub mod map_names {
     pub const MAPPING_STATS: &str = "PM_MAPPING_STATS";
     pub const GLOBAL_STATS: &str = "PM_GLOBAL_STATS";
     pub const REDIRECT_DEVS: &str = "PM_REDIRECT_DEVS";
+    pub const LOCAL_ADDRS: &str = "PM_LOCAL_ADDRS";
+    pub const PUBLISHED_PORTS: &str = "PM_PUBLISHED_PORTS";
+    pub const SOCK_REVERSE: &str = "PM_SOCK_REVERSE";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -58,6 +61,9 @@ pub mod map_names {
         MAPPING_STATS,
         GLOBAL_STATS,
         REDIRECT_DEVS,
+        LOCAL_ADDRS,
+        PUBLISHED_PORTS,
+        SOCK_REVERSE,
     ];
 }
 
@@ -69,6 +75,19 @@ pub mod prog_names {
     pub const TC_INGRESS: &str = "portmap_tc_ingress";
     /// TC (tcx) egress, client-facing: reverse NAT of backend replies.
     pub const TC_EGRESS: &str = "portmap_tc_egress";
+    /// cgroup socket hooks (host-local clients): translate a connect()/sendmsg() to a published
+    /// address into its backend, report the published address back (recvmsg, getpeername),
+    /// and refuse bind() of a published port in the host's network namespace.
+    pub const CONNECT4: &str = "portmap_connect4";
+    pub const CONNECT6: &str = "portmap_connect6";
+    pub const SENDMSG4: &str = "portmap_sendmsg4";
+    pub const SENDMSG6: &str = "portmap_sendmsg6";
+    pub const RECVMSG4: &str = "portmap_recvmsg4";
+    pub const RECVMSG6: &str = "portmap_recvmsg6";
+    pub const GETPEERNAME4: &str = "portmap_getpeername4";
+    pub const GETPEERNAME6: &str = "portmap_getpeername6";
+    pub const BIND4: &str = "portmap_bind4";
+    pub const BIND6: &str = "portmap_bind6";
     /// Benchmark references (`cargo xtask bench`), never attached by the daemon: a no-op XDP
     /// program, and parse + forward without conntrack or rewrite.
     pub const BENCH_XDP_NOOP: &str = "bench_xdp_noop";
@@ -86,6 +105,18 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 pub const DEFAULT_MAX_BACKEND_GROUPS: u32 = 256;
 /// Interfaces the XDP program may `XDP_REDIRECT` to.
 pub const MAX_REDIRECT_DEVS: u32 = 256;
+/// Addresses of the host (`PM_LOCAL_ADDRS`).
+pub const MAX_LOCAL_ADDRS: u32 = 4_096;
+/// (protocol, port) pairs published on some address (`PM_PUBLISHED_PORTS`): at most one per
+/// mapping entry.
+pub const MAX_PUBLISHED_PORTS: u32 = DEFAULT_MAX_MAPPINGS;
+/// Sockets of host-local clients whose replies are reported from the published address
+/// (`PM_SOCK_REVERSE`, an LRU).
+pub const DEFAULT_SOCK_REVERSE_ENTRIES: u32 = 65_536;
+
+/// Name of the load-time global holding the cookie of the daemon's network namespace (the
+/// host's): loopback destinations and bind protection apply only to sockets there.
+pub const HOST_NETNS_COOKIE_GLOBAL: &str = "HOST_NETNS_COOKIE";
 
 map_layout! {
 /// Key of `PM_MAPPINGS`: what a client addresses. An all-zero `addr` is the wildcard (0.0.0.0 or
@@ -249,6 +280,58 @@ pub struct FlowValue {
 }
 const _: () = assert!(size_of::<FlowValue>() == 32);
 
+map_layout! {
+/// Key of `PM_LOCAL_ADDRS` (value: 1): an address of the host, that is of the daemon's network
+/// namespace, kept in sync with the interfaces by the daemon. A wildcard mapping matches only
+/// destinations in this map (iptables' `--dst-type LOCAL`); 127.0.0.0/8 and ::1 count as local
+/// without an entry.
+#[derive(Hash)]
+pub struct LocalAddrKey {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+}
+const _: () = assert!(size_of::<LocalAddrKey>() == 20);
+
+map_layout! {
+/// Key of `PM_PUBLISHED_PORTS` (value: 1): a (protocol, port) that a mapping publishes on some
+/// address. A bind() of it to the wildcard address is refused.
+#[derive(Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+}
+const _: () = assert!(size_of::<PortKey>() == 4);
+
+map_layout! {
+/// Key of `PM_SOCK_REVERSE`: a socket (its cookie) and the backend address and port a connect()
+/// or sendmsg() of it was translated to, as the socket's family writes it (an IPv6 socket
+/// reaching an IPv4 backend sees `::ffff:a.b.c.d`).
+#[derive(Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    pub port_be: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+}
+const _: () = assert!(size_of::<SockRevKey>() == 32);
+
+map_layout! {
+/// Value of `PM_SOCK_REVERSE`: the published address and port the socket addressed, which
+/// recvmsg() and getpeername() report instead of the backend's.
+pub struct SockRevValue {
+    pub addr: Addr,
+    pub port_be: u16,
+    pub _pad: [u8; 2],
+}
+}
+const _: () = assert!(size_of::<SockRevValue>() == 20);
+
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes it (~1 s).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1 << 30;
 
@@ -312,7 +395,11 @@ mod pod {
         super::FlowValue,
         super::MappingCounters,
         super::BackendValue,
-        super::MaglevTable
+        super::MaglevTable,
+        super::LocalAddrKey,
+        super::PortKey,
+        super::SockRevKey,
+        super::SockRevValue
     );
 }
 

@@ -15,6 +15,8 @@ pub enum Kind {
     Drop,
     /// Not a packet outcome: counted in addition to one.
     Event,
+    /// A socket operation of a host-local client (cgroup hooks), not a packet.
+    Socket,
 }
 
 macro_rules! stats {
@@ -82,6 +84,12 @@ stats! {
     DropNoBackend = "drop_no_backend", Drop;
     /// New flows recorded in conntrack (counted in addition to the packet's outcome).
     FlowNew = "flow_new", Event;
+    /// A connect() or sendmsg() of a host-local client translated to a backend.
+    SockTranslated = "sock_translated", Socket;
+    /// A host-local client addressed a mapping whose Maglev table or backend is missing.
+    SockNoBackend = "sock_no_backend", Socket;
+    /// A bind() of a published port refused (EPERM) in the host's network namespace.
+    SockBindRefused = "sock_bind_refused", Socket;
 }
 
 impl Stat {
@@ -107,7 +115,7 @@ impl Stat {
     /// The counter is a packet's outcome (every packet moves exactly one of these).
     #[must_use]
     pub const fn is_outcome(self) -> bool {
-        !matches!(self.kind(), Kind::Event)
+        !matches!(self.kind(), Kind::Event | Kind::Socket)
     }
 }
 
@@ -126,6 +134,7 @@ mod tests {
                     Kind::Pass => "pass_",
                     Kind::Drop => "drop_",
                     Kind::Event => "",
+                    Kind::Socket => "sock_",
                 }),
                 "{} does not say its kind",
                 s.name()

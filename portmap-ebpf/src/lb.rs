@@ -1,44 +1,94 @@
-//! Load balancing: which mapping a new flow matches and which of its backends it goes to
-//! (Cilium's lb.h, apart from conntrack).
+//! Load balancing: which mapping a destination matches and which of its backends a new flow
+//! goes to (Cilium's lb.h, apart from conntrack). Shared by the packet path and the socket hooks.
+//!
+//! A mapping bound to an address matches that address; a wildcard mapping only destinations that
+//! are addresses of the host (`PM_LOCAL_ADDRS`, or loopback), as iptables' `--dst-type LOCAL`
+//! does, so a host that routes for others never takes their traffic to a mapped port. Loopback
+//! destinations never match a packet from the wire (moby#45610); the socket hooks serve them.
 
-use portmap_common::{Addr, MappingKey, MappingValue, NO_GROUP, Stat, flow_hash, maglev_slot};
+use portmap_common::{
+    Addr, FAMILY_V6, LocalAddrKey, MappingKey, MappingValue, NO_GROUP, Stat, flow_hash, maglev_slot,
+};
 
 use crate::{
-    maps::{PM_BACKENDS, PM_MAGLEV, PM_MAPPINGS},
+    maps::{PM_BACKENDS, PM_LOCAL_ADDRS, PM_MAGLEV, PM_MAPPINGS},
     parse::Packet,
 };
 
-/// The mapping for a packet's destination: the exact host address first, then the wildcard.
+/// 127.0.0.0/8 or ::1.
 #[inline(always)]
-pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
+pub fn is_loopback(addr: &Addr, family: u8) -> bool {
+    if family == FAMILY_V6 {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    } else {
+        addr[0].to_ne_bytes()[0] == 127
+    }
+}
+
+/// An address of the host (loopback included).
+#[inline(always)]
+pub fn is_local(addr: &Addr, family: u8) -> bool {
+    let key = LocalAddrKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: only the presence of the entry is read.
+    is_loopback(addr, family) || unsafe { PM_LOCAL_ADDRS.get(key) }.is_some()
+}
+
+/// The mapping published at `addr`:`port_be`: the exact address first, then, if `wildcard`
+/// may match (the destination is local), the family's wildcard.
+#[inline(always)]
+pub fn lookup(addr: &Addr, port_be: u16, proto: u8, family: u8, wildcard: bool) -> Option<MappingValue> {
     let mut key = MappingKey {
-        addr: pkt.daddr,
-        port_be: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
+        addr: *addr,
+        port_be,
+        proto,
+        family,
     };
     // SAFETY: the value is copied out before any other map operation.
     if let Some(v) = unsafe { PM_MAPPINGS.get(key) } {
         return Some(*v);
+    }
+    if !wildcard {
+        return None;
     }
     key.addr = [0; 4];
     // SAFETY: as above.
     unsafe { PM_MAPPINGS.get(key) }.copied()
 }
 
-/// The backend a new flow through `mapping` goes to: the inline one, or for several backends the
-/// one the mapping's Maglev table gives the client's hash. `Err(drop_no_backend)` if the table or
-/// the backend is missing (the daemon is replacing them).
+/// The mapping for a packet from the wire: never one of a loopback destination.
 #[inline(always)]
-pub fn choose_backend(pkt: &Packet, mapping: &MappingValue) -> Result<(Addr, u16), Stat> {
+pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
+    if is_loopback(&pkt.daddr, pkt.family) {
+        return None;
+    }
+    let wildcard = is_local(&pkt.daddr, pkt.family);
+    lookup(&pkt.daddr, pkt.dport, pkt.proto, pkt.family, wildcard)
+}
+
+/// The flow hash of a packet: every packet of a flow (and a client's retransmitted SYN) picks
+/// the same backend.
+#[inline(always)]
+pub fn packet_hash(pkt: &Packet) -> u32 {
+    flow_hash(&pkt.saddr, pkt.sport, pkt.proto)
+}
+
+/// The backend a new flow through `mapping` goes to: the inline one, or for several backends the
+/// one the mapping's Maglev table gives `hash`. `Err(drop_no_backend)` if the table or the
+/// backend is missing (the daemon is replacing them) or of another family.
+#[inline(always)]
+pub fn choose_backend(mapping: &MappingValue, family: u8, hash: u32) -> Result<(Addr, u16), Stat> {
     if mapping.group == NO_GROUP {
         return Ok((mapping.backend_addr, mapping.backend_port_be));
     }
     let table = PM_MAGLEV.get(mapping.group).ok_or(Stat::DropNoBackend)?;
-    let slot = maglev_slot(flow_hash(&pkt.saddr, pkt.sport, pkt.proto));
+    let slot = maglev_slot(hash);
     let index = *table.backends.get(slot).ok_or(Stat::DropNoBackend)?;
     let backend = PM_BACKENDS.get(index).ok_or(Stat::DropNoBackend)?;
-    if backend.family != pkt.family {
+    if backend.family != family {
         return Err(Stat::DropNoBackend);
     }
     let port = u16::from_be(backend.port_be).wrapping_add(mapping.port_offset);

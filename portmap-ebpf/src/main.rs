@@ -4,7 +4,7 @@
 //!
 //! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`,
 //! `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
-//! + redirect), `stats` (counters).
+//! + redirect), `stats` (counters), `sock` (cgroup socket hooks for host-local clients).
 #![no_std]
 #![no_main]
 
@@ -15,11 +15,12 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
 use portmap_common::{DIR_FORWARD, DIR_REPLY, Stat};
@@ -46,7 +47,7 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
             let Some(mapping) = lb::find_mapping(&pkt) else {
                 return Verdict::pass(Stat::PassNoMapping);
             };
-            let created = lb::choose_backend(&pkt, &mapping)
+            let created = lb::choose_backend(&mapping, pkt.family, lb::packet_hash(&pkt))
                 .and_then(|backend| conntrack::create(&pkt, &key, backend, mapping.stats_slot, now));
             match created {
                 Ok(nat) => (nat, true),
@@ -124,6 +125,64 @@ pub fn portmap_tc_egress(mut ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let verdict = egress(&mut ctx);
     finish(&ctx, verdict) as i32
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn portmap_connect4(mut ctx: SockAddrContext) -> i32 {
+    sock::translate(&mut ctx, false, false);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn portmap_connect6(mut ctx: SockAddrContext) -> i32 {
+    sock::translate(&mut ctx, true, false);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn portmap_sendmsg4(mut ctx: SockAddrContext) -> i32 {
+    sock::translate(&mut ctx, false, true);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn portmap_sendmsg6(mut ctx: SockAddrContext) -> i32 {
+    sock::translate(&mut ctx, true, true);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn portmap_recvmsg4(mut ctx: SockAddrContext) -> i32 {
+    sock::reverse(&mut ctx, false);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn portmap_recvmsg6(mut ctx: SockAddrContext) -> i32 {
+    sock::reverse(&mut ctx, true);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn portmap_getpeername4(mut ctx: SockAddrContext) -> i32 {
+    sock::reverse(&mut ctx, false);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn portmap_getpeername6(mut ctx: SockAddrContext) -> i32 {
+    sock::reverse(&mut ctx, true);
+    sock::PROCEED
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn portmap_bind4(ctx: SockAddrContext) -> i32 {
+    sock::bind(&ctx, false)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn portmap_bind6(ctx: SockAddrContext) -> i32 {
+    sock::bind(&ctx, true)
 }
 
 /// Benchmark reference, never attached by the daemon: the cheapest XDP program (`cargo xtask

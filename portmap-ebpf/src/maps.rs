@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use portmap_common::{
     BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_MAPPINGS, FlowKey, FlowValue, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey,
-    MappingValue, Stat,
+    DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue, LocalAddrKey, MAX_LOCAL_ADDRS,
+    MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey,
+    SockRevKey, SockRevValue, Stat,
 };
 
 /// (proto, host address, host port) → backend. Written by the daemon only.
@@ -41,3 +42,17 @@ pub static PM_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Sta
 /// Devices the XDP program may redirect into (keyed by ifindex).
 #[map]
 pub static PM_REDIRECT_DEVS: DevMapHash = DevMapHash::with_max_entries(MAX_REDIRECT_DEVS, 0);
+
+/// Addresses of the host (the daemon's network namespace), kept in sync by the daemon: wildcard
+/// mappings match only these destinations.
+#[map]
+pub static PM_LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// (protocol, port) published on some address: bind() to the wildcard address is refused.
+#[map]
+pub static PM_PUBLISHED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_PUBLISHED_PORTS, 0);
+
+/// Host-local sockets translated to a backend → the published address they addressed.
+#[map]
+pub static PM_SOCK_REVERSE: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REVERSE_ENTRIES, 0);

@@ -32,3 +32,13 @@ pub fn count_mapping(slot: u32, dir: u8, bytes: u32, new_flow: bool) {
         }
     }
 }
+
+/// A flow of a host-local client through the mapping at `slot` (its packets bypass the
+/// datapath and are not counted).
+#[inline(always)]
+pub fn count_flow(slot: u32) {
+    if let Some(c) = PM_MAPPING_STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot from a successful lookup; no other writer runs on this CPU.
+        unsafe { (*c).flows += 1 };
+    }
+}

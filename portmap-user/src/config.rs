@@ -19,6 +19,8 @@ use crate::{
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portmap/portmap.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portmap";
 pub const DEFAULT_SOCKET: &str = "/run/portmap/portmap.sock";
+/// The whole host: every process reaches published ports as a host-local client.
+pub const DEFAULT_CGROUP: &str = "/";
 
 /// How the ingress program is attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -123,6 +125,9 @@ pub struct Config {
     pub redirect_interfaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
+    /// The cgroup (v2, as /proc/PID/cgroup shows it) whose processes reach published ports as
+    /// host-local clients: the socket hooks are attached there. `/`: every process of the host.
+    pub cgroup: PathBuf,
     /// Mappings: specs as on the command line, or structured (as `portmap list --json`).
     pub mappings: Vec<MappingEntry>,
     /// Where host ports of mappings without one are allocated from.
@@ -139,6 +144,7 @@ impl Default for Config {
             redirect_interfaces: Vec::new(),
             pin_dir: DEFAULT_PIN_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
+            cgroup: DEFAULT_CGROUP.into(),
             mappings: Vec::new(),
             dynamic_ports: DEFAULT_DYNAMIC_PORTS,
             timeouts: Timeouts::default(),
@@ -177,6 +183,10 @@ pub enum ConfigError {
     TooManyMappings { count: u64, max: u32 },
     #[error("dynamic_ports {0} starts at port 0 or ends before it starts")]
     DynamicPorts(PortRange),
+    #[error(
+        "cgroup '{0}' is not an absolute cgroup path such as / or /system.slice (as /proc/PID/cgroup shows it)"
+    )]
+    Cgroup(String),
 }
 
 /// Command-line options of `portmap run` that replace the config file's values (also on a
@@ -188,6 +198,7 @@ pub struct Overrides {
     pub redirect_interfaces: Vec<String>,
     pub pin_dir: Option<PathBuf>,
     pub socket: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -206,6 +217,9 @@ impl Overrides {
         }
         if let Some(socket) = &self.socket {
             cfg.socket.clone_from(socket);
+        }
+        if let Some(cgroup) = &self.cgroup {
+            cfg.cgroup.clone_from(cgroup);
         }
     }
 }
@@ -243,6 +257,9 @@ impl Config {
     pub fn validate(self) -> Result<Valid, ConfigError> {
         if self.interfaces.is_empty() {
             return Err(ConfigError::NoInterfaces);
+        }
+        if !self.cgroup.is_absolute() {
+            return Err(ConfigError::Cgroup(self.cgroup.display().to_string()));
         }
         for name in self.interfaces.iter().chain(&self.redirect_interfaces) {
             let bad = name.is_empty()
@@ -450,6 +467,7 @@ udp_seconds = 30
             Just("redirect_interfaces"),
             Just("pin_dir"),
             Just("socket"),
+            Just("cgroup"),
             Just("mappings"),
             Just("tcp_seconds"),
             Just("udp_seconds"),
@@ -493,6 +511,7 @@ udp_seconds = 30
             ConfigError::Interface(name) => msg.contains(name.as_str()),
             ConfigError::Zero { field } => msg.contains(field),
             ConfigError::TooManyMappings { .. } => msg.contains("max_mappings"),
+            ConfigError::Cgroup(path) => msg.contains(&format!("'{path}'")),
         }
     }
 

@@ -21,6 +21,7 @@ use crate::{
     config::{Config, Overrides, Valid},
     control::{self, MappingStats, Request, Response, StatsReport},
     datapath::{self, Datapath},
+    host,
     mapping::Mapping,
     sockets, spec,
     table::{Capacity, Table, TableError},
@@ -64,6 +65,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         );
     }
 
+    let cgroup_dir = host::cgroup_dir(&cfg.cgroup)?;
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.limits)?;
     let logger = dp.take_logger()?;
     let capacity = Capacity {
@@ -83,9 +85,12 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         dp,
     };
     let result = async {
+        // Local addresses first: wildcard mappings match only them, from the first packet on.
+        let watch = host::AddressWatch::new()?;
+        state.dp.sync_local_addrs(&host::addresses()?)?;
         state
             .dp
-            .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces)?;
+            .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces, &cgroup_dir)?;
         let started = Instant::now();
         state
             .table
@@ -97,7 +102,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
             started.elapsed().as_secs_f64() * 1e3
         );
         let listener = bind_socket(&cfg.socket)?;
-        let served = serve(&mut state, listener, logger).await;
+        let served = serve(&mut state, listener, logger, watch).await;
         let _ = fs::remove_file(&cfg.socket);
         served
     }
@@ -160,6 +165,7 @@ async fn serve(
     state: &mut State,
     listener: UnixListener,
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    watch: host::AddressWatch,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -167,6 +173,8 @@ async fn serve(
     let mut gc = tokio::time::interval(state.config.timeouts.gc_interval());
     // SAFETY: the logger owns its ring buffer fd, and AsyncFd owns the logger until it is dropped.
     let mut logs = unsafe { AsyncFd::register(logger)? };
+    // SAFETY: the watch owns its netlink socket, and AsyncFd owns the watch until it is dropped.
+    let mut addresses = unsafe { AsyncFd::register(watch)? };
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); return Ok(()) }
@@ -183,6 +191,16 @@ async fn serve(
                     Ok(n) => state.flows.update(n),
                     Err(e) => warn!("flow expiry pass failed: {e:#}"),
                 }
+            }
+            guard = addresses.readable_mut() => {
+                let mut guard = guard?;
+                if guard.get_inner_mut().drain() {
+                    match host::addresses().and_then(|a| state.dp.sync_local_addrs(&a).map(|()| a.len())) {
+                        Ok(n) => info!("host addresses changed: {n} local addresses"),
+                        Err(e) => error!("syncing local addresses: {e:#}"),
+                    }
+                }
+                guard.clear_ready();
             }
             guard = logs.readable_mut() => {
                 let mut guard = guard?;
@@ -297,6 +315,7 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
             old.redirect_interfaces != new.redirect_interfaces,
         ),
         ("pin_dir", old.pin_dir != new.pin_dir),
+        ("cgroup", old.cgroup != new.cgroup),
         ("socket", old.socket != new.socket),
         ("limits", old.limits != new.limits),
     ];
@@ -328,6 +347,7 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
         redirect_interfaces: old.redirect_interfaces.clone(),
         pin_dir: old.pin_dir.clone(),
         socket: old.socket.clone(),
+        cgroup: old.cgroup.clone(),
         limits: old.limits.clone(),
         ..new
     };

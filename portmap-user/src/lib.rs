@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod host;
 pub mod maglev;
 pub mod mapping;
 pub mod sockets;

@@ -46,6 +46,10 @@ enum Command {
         /// bpffs directory for pinned maps and links.
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// cgroup (v2 path as /proc/PID/cgroup shows it) whose processes reach published ports
+        /// from the host; replaces `cgroup` (default `/`, the whole host).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
     /// Without a host port one is allocated from the dynamic range and printed.
@@ -110,6 +114,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             attach,
             redirect_ifaces,
             pin_dir,
+            cgroup,
         } => {
             let overrides = config::Overrides {
                 interfaces: ifaces,
@@ -117,6 +122,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 redirect_interfaces: redirect_ifaces,
                 pin_dir,
                 socket,
+                cgroup,
             };
             let (mut cfg, path) = load_config(config)?;
             overrides.apply(&mut cfg);

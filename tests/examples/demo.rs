@@ -1,12 +1,15 @@
 //! `cargo xtask demo`: namespaces client → host (portmap) → backend, a real mapping, 1 MiB of TCP
-//! each way through it, and `portmap stats`. xtask runs it (as root, after `setup`) so that xtask
+//! each way through it, a process on the host reaching it at 127.0.0.1 and [::1], and
+//! `portmap stats`. xtask runs it (as root, after `setup`) so that xtask
 //! itself builds without the eBPF toolchain.
 
 use std::{net::SocketAddrV4, time::Instant};
 
 use anyhow::{bail, ensure};
 use clap::Parser;
-use portmap_tests::{BackendLink, Daemon, HOST_BACKEND_IFACE, HOST_CLIENT_IFACE, HOST_IP, Topology, payload};
+use portmap_tests::{
+    BackendLink, Daemon, EchoServer, HOST_BACKEND_IFACE, HOST_CLIENT_IFACE, HOST_IP, Topology, payload, probe,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -51,6 +54,17 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1000.0,
         served.peer
     );
+
+    // `curl localhost:8080` on the host: the socket hooks send it straight to the backend.
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    for addr in ["127.0.0.1:8080", "[::1]:8080"] {
+        let r = probe(&topo.host, Some(&daemon.cgroup), &["tcp", addr])?;
+        ensure!(r["ok"] == true, "host process to {addr}: {r}");
+        println!(
+            "host process -> {addr}: the backend echoed {} (getpeername says {})",
+            r["reply"], r["peer"]
+        );
+    }
     println!("\n$ portmap stats");
     print!("{}", daemon.cli_ok(&["stats"])?);
     daemon.stop()?;

@@ -14,32 +14,40 @@ use nix::sched::{CloneFlags, setns};
 use portmap::control::StatsReport;
 use portmap_common::{MappingCounters, Stat};
 
-use crate::{Netns, TempDir};
+use crate::{Cgroup, Netns, TempDir};
 
 /// Path of the `portmap` binary: $PORTMAP_BIN, or target/debug/portmap beside the test binary.
 pub fn portmap_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("PORTMAP_BIN") {
         return Ok(p.into());
     }
+    built_binary("portmap", "cargo build -p portmap-user")
+}
+
+/// A binary of the workspace in the target directory the running test binary lives in.
+pub(crate) fn built_binary(name: &str, build: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     for dir in exe.ancestors().skip(1) {
-        let candidate = dir.join("portmap");
+        let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
     bail!(
-        "portmap binary not found near {}: build it with `cargo build -p portmap-user` (cargo xtask test does)",
+        "{name} binary not found near {}: build it with `{build}` (cargo xtask test does)",
         exe.display()
     )
 }
 
 /// A `portmap run` process inside a namespace, stopped (SIGKILL if needed) and cleaned up on drop.
+/// Its socket hooks go to a child cgroup of its own (`--cgroup`), never the machine's root.
 pub struct Daemon {
     child: Option<Child>,
     bin: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
+    /// Where the daemon attaches its socket hooks: put client processes here (`probe`).
+    pub cgroup: Cgroup,
     work_dir: TempDir,
 }
 
@@ -55,6 +63,7 @@ impl Daemon {
             bin: portmap_bin()?,
             socket,
             pin_dir,
+            cgroup: Cgroup::new()?,
             work_dir,
         };
         daemon.spawn(ns, args)?;
@@ -79,6 +88,8 @@ impl Daemon {
             .arg("run")
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--cgroup")
+            .arg(self.cgroup.arg())
             .args(args);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -10,18 +10,22 @@
 //! - `netns`: names, commands, temporary directories, namespaces;
 //! - `topology`: the client → host → backend topologies and the addressing plan;
 //! - `daemon`: `portmap run` as a process, its CLI, and its stats read into `StatsReport`;
+//! - `cgroup`: a child cgroup per daemon, where its socket hooks attach;
+//! - `probe`: client processes (`pm-probe`) in a namespace and a cgroup;
 //! - `servers`: TCP/UDP servers and clients inside namespaces;
 //! - `sctp`: raw SCTP packets (the kernel here has no SCTP module).
 
+mod cgroup;
 mod daemon;
 mod netns;
+mod probe;
 mod sctp;
 mod servers;
 mod topology;
 
 use std::time::Duration;
 
-pub use self::{daemon::*, netns::*, sctp::*, servers::*, topology::*};
+pub use self::{cgroup::*, daemon::*, netns::*, probe::*, sctp::*, servers::*, topology::*};
 
 /// How long a socket operation of a test may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -9,6 +9,8 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const HOST_BACKEND_SIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 pub const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// A machine behind the host (`Topology::add_routed_machine`).
+pub const ROUTED_MACHINE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
 /// Interface names inside the namespaces (they only need to be unique per namespace).
 pub const HOST_CLIENT_IFACE: &str = "h0";
 pub const HOST_BACKEND_IFACE: &str = "h1";
@@ -108,6 +110,62 @@ impl Topology {
         self.backend
             .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
         self.host.sysctl("net/ipv6/conf/all/forwarding", "1")
+    }
+
+    /// Another container on the bridge (`BackendLink::Bridge` only): a namespace whose veth is a
+    /// port of `br0`, with `ip`/24 and a default route via the bridge address.
+    pub fn add_container(&self, ip: Ipv4Addr) -> anyhow::Result<Netns> {
+        anyhow::ensure!(self.link == BackendLink::Bridge, "containers sit on the bridge");
+        let ns = Netns::new("k")?;
+        let host_end = format!("hk{}", ip.octets()[3]);
+        ns.ip(&[
+            "link",
+            "add",
+            "k0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &host_end,
+            "netns",
+            &self.host.name,
+        ])?;
+        self.host.ip(&["link", "set", &host_end, "master", BRIDGE])?;
+        self.host.ip(&["link", "set", &host_end, "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "k0"])?;
+        ns.ip(&["link", "set", "k0", "up"])?;
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &HOST_BACKEND_SIDE_IP.to_string(),
+        ])?;
+        Ok(ns)
+    }
+
+    /// A machine the host routes to for the client (198.18.3.2, on the host's `h2`
+    /// 198.18.3.1/24): traffic to it crosses the host as transit, never as a published port.
+    pub fn add_routed_machine(&self) -> anyhow::Result<Netns> {
+        let ns = Netns::new("r")?;
+        ns.ip(&[
+            "link",
+            "add",
+            "r0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "h2",
+            "netns",
+            &self.host.name,
+        ])?;
+        self.host.ip(&["addr", "add", "198.18.3.1/24", "dev", "h2"])?;
+        self.host.ip(&["link", "set", "h2", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ROUTED_MACHINE_IP}/24"), "dev", "r0"])?;
+        ns.ip(&["link", "set", "r0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", "198.18.3.1"])?;
+        Ok(ns)
     }
 
     /// Sets the MTU of every link of the topology (veth ends and the bridge).

@@ -381,6 +381,8 @@ fn demo(attach: &str) -> anyhow::Result<()> {
     );
     setup()?;
     let bin = build_portmap()?;
+    // The demo's host-local client is a process of its own (it joins the daemon's cgroup).
+    run(cargo().args(["build", "--quiet", "-p", "portmap-tests", "--bin", "pm-probe"]))?;
     run(cargo()
         .args(["run", "--quiet", "-p", "portmap-tests", "--example", "demo", "--"])
         .args(["--attach", attach])

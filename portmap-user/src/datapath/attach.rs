@@ -46,9 +46,10 @@ impl Hook {
     }
 }
 
+/// One pinned link: its program stays attached while the pin exists.
 pub(super) struct Attachment {
-    iface: String,
-    hook: Hook,
+    /// What is attached where, for messages ("h0 tc_ingress", "cgroup /x portmap_connect4").
+    label: String,
     link: PinnedLink,
 }
 
@@ -62,15 +63,19 @@ fn ifindex(iface: &str) -> anyhow::Result<u32> {
 }
 
 impl Datapath {
-    /// Attaches ingress (XDP or TC) and TC egress to every interface. On any failure everything
-    /// attached so far is detached again and the error names the interface.
+    /// Attaches ingress (XDP or TC) and TC egress to every interface, and the socket hooks to the
+    /// cgroup directory `cgroup_dir`. On any failure everything attached so far is detached again
+    /// and the error names the interface or cgroup.
     pub fn attach(
         &mut self,
         ifaces: &[String],
         mode: AttachMode,
         redirect_ifaces: &[String],
+        cgroup_dir: &Path,
     ) -> anyhow::Result<()> {
-        let result = self.attach_all(ifaces, mode, redirect_ifaces);
+        let result = self
+            .attach_all(ifaces, mode, redirect_ifaces)
+            .and_then(|()| self.attach_cgroup(cgroup_dir));
         if result.is_err() {
             self.detach_all();
         }
@@ -160,27 +165,31 @@ impl Datapath {
     }
 
     fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
-        let pin_dir = self
-            .pin_dir
-            .as_deref()
-            .context("a datapath loaded without a pin directory cannot be attached")?;
-        let path = pins::link_pin(pin_dir, iface, hook);
+        let pin_dir = self.pin_dir()?;
+        let path = pins::link_pin(&pin_dir, iface, hook);
+        self.pin_link_at(&path, format!("{iface} {}", hook.as_str()), fd)
+    }
+
+    /// Pins `fd` at `path` and records it as attached.
+    pub(super) fn pin_link_at(&mut self, path: &Path, label: String, fd: FdLink) -> anyhow::Result<()> {
         let link = fd
-            .pin(&path)
+            .pin(path)
             .with_context(|| format!("pinning link {}", path.display()))?;
-        self.attachments.push(Attachment {
-            iface: iface.to_string(),
-            hook,
-            link,
-        });
+        self.attachments.push(Attachment { label, link });
         Ok(())
+    }
+
+    pub(super) fn pin_dir(&self) -> anyhow::Result<std::path::PathBuf> {
+        self.pin_dir
+            .clone()
+            .context("a datapath loaded without a pin directory cannot be attached")
     }
 
     pub(super) fn detach_all(&mut self) {
         for a in self.attachments.drain(..) {
             // Unpinning removes the bpffs entry; dropping the last fd detaches the link.
             if let Err(e) = a.link.unpin() {
-                warn!("{}: unpinning {} failed: {e}", a.iface, a.hook.as_str());
+                warn!("{}: unpinning failed: {e}", a.label);
             }
         }
     }

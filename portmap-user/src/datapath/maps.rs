@@ -8,7 +8,12 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
-use portmap_common::{BackendValue, MaglevTable, MappingCounters, MappingKey, MappingValue, Stat, map_names};
+use std::{collections::BTreeSet, net::IpAddr};
+
+use portmap_common::{
+    BackendValue, FAMILY_V4, FAMILY_V6, LocalAddrKey, MaglevTable, MappingCounters, MappingKey, MappingValue,
+    PortKey, Stat, addr_words, map_names,
+};
 
 use super::Datapath;
 use crate::table::Maps;
@@ -71,9 +76,58 @@ impl Maps for Datapath {
         )?;
         Ok(())
     }
+
+    fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let fd = self.hash_map_fd(map_names::PUBLISHED_PORTS)?;
+        update_batch(fd, ports, &vec![1u8; ports.len()]).context("writing published ports")
+    }
+
+    fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        let mut map: HashMap<_, PortKey, u8> = HashMap::try_from(self.map_mut(map_names::PUBLISHED_PORTS)?)?;
+        for key in ports {
+            match map.remove(key) {
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(anyhow!(
+                        "removing published port {}: {e}",
+                        u16::from_be(key.port_be)
+                    ));
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Datapath {
+    /// Makes `PM_LOCAL_ADDRS` hold exactly `addrs` (the host's addresses): wildcard mappings
+    /// match only these destinations.
+    pub fn sync_local_addrs(&mut self, addrs: &BTreeSet<IpAddr>) -> anyhow::Result<()> {
+        let mut map: HashMap<_, LocalAddrKey, u8> = HashMap::try_from(self.map_mut(map_names::LOCAL_ADDRS)?)?;
+        let want: Vec<LocalAddrKey> = addrs
+            .iter()
+            .map(|a| LocalAddrKey {
+                addr: addr_words(*a),
+                family: if a.is_ipv6() { FAMILY_V6 } else { FAMILY_V4 },
+                _pad: [0; 3],
+            })
+            .collect();
+        let have: Vec<LocalAddrKey> = map.keys().filter_map(Result::ok).collect();
+        for key in have.iter().filter(|k| !want.contains(k)) {
+            map.remove(key)?;
+        }
+        for key in want.iter().filter(|k| !have.contains(k)) {
+            map.insert(key, 1, 0)
+                .with_context(|| format!("adding a local address ({} known)", want.len()))?;
+        }
+        Ok(())
+    }
+
     fn hash_map_fd(&self, name: &str) -> anyhow::Result<RawFd> {
         match self.map(name)? {
             aya::maps::Map::HashMap(d) => Ok(d.fd().as_fd().as_raw_fd()),

@@ -3,6 +3,7 @@
 //!
 //! - `pins`: the pin directory (bpffs mount, layout, stale pins);
 //! - `attach`: hooks, attaching and detaching (XDP / tcx links, pinned);
+//! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
 //! - `maps`: the map writes of the mapping table ([`crate::table::Maps`]) and counter reads;
 //! - `expiry`: the flow-expiry pass (its decision is a pure function);
 //! - `test_run` (cargo feature `test-run`, for the tests and the benchmark only):
@@ -11,13 +12,16 @@
 //! Pin layout (`PIN_DIR` defaults to /sys/fs/bpf/portmap):
 //! ```text
 //! PIN_DIR/maps/PM_MAPPINGS, PM_BACKENDS, PM_MAGLEV, PM_CONNTRACK, PM_MAPPING_STATS,
-//!              PM_GLOBAL_STATS, PM_REDIRECT_DEVS                      (map_names::ALL)
+//!              PM_GLOBAL_STATS, PM_REDIRECT_DEVS, PM_LOCAL_ADDRS, PM_PUBLISHED_PORTS,
+//!              PM_SOCK_REVERSE                                        (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
+//! PIN_DIR/links/cgroup_portmap_connect4 ... cgroup_portmap_bind6      (the socket hooks)
 //! ```
 //! A pinned link keeps its program attached even if the daemon dies; a clean shutdown unpins and
 //! so detaches everything. A new daemon removes stale pins at start-up.
 
 mod attach;
+mod cgroup;
 mod expiry;
 mod maps;
 mod pins;
@@ -35,7 +39,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use log::warn;
-use portmap_common::{map_names, prog_names};
+use portmap_common::{HOST_NETNS_COOKIE_GLOBAL, map_names, prog_names};
 
 #[cfg(feature = "test-run")]
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
@@ -44,7 +48,7 @@ pub use self::{
     expiry::{ExpiryPlan, monotonic_ns, plan_expiry},
     pins::{check_pin_dir, ensure_bpffs, remove_stale_pins},
 };
-use crate::config::Limits;
+use crate::{config::Limits, host};
 
 /// The eBPF object built by build.rs (aya-build) from portmap-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portmap"));
@@ -83,9 +87,12 @@ impl Datapath {
     }
 
     /// Loads the object and its programs without pinning anything: such a datapath is only
-    /// run through `BPF_PROG_TEST_RUN` (tests, benchmarks) and cannot be attached.
+    /// run through `BPF_PROG_TEST_RUN` (tests, benchmarks) and cannot be attached. The socket
+    /// hooks take the calling thread's network namespace as the host's.
     pub fn load_unpinned(limits: &Limits) -> anyhow::Result<Self> {
+        let netns_cookie = host::netns_cookie()?;
         let ebpf = EbpfLoader::new()
+            .override_global(HOST_NETNS_COOKIE_GLOBAL, &netns_cookie, true)
             .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
             .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
             .map_max_entries(map_names::BACKENDS, limits.max_backends)
@@ -107,6 +114,7 @@ impl Datapath {
             let prog: &mut SchedClassifier = dp.program_mut(name)?.try_into()?;
             prog.load().with_context(|| format!("verifier rejected {name}"))?;
         }
+        dp.load_sock_programs()?;
         Ok(dp)
     }
 

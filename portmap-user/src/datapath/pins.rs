@@ -22,6 +22,11 @@ pub(super) fn link_pin(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
     pin_dir.join("links").join(format!("{iface}_{}", hook.as_str()))
 }
 
+/// The pin of a socket hook's cgroup link.
+pub(super) fn cgroup_link_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("cgroup_{program}"))
+}
+
 /// Removes pins a previous run left behind (a crash, or SIGKILL): unpinning detaches its links.
 pub fn remove_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
     for sub in ["links", "maps"] {

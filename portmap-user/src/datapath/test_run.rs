@@ -11,7 +11,7 @@ use aya::{
 };
 use portmap_common::{FlowKey, FlowValue, map_names};
 
-use super::{Datapath, Hook};
+use super::{Datapath, Hook, cgroup::SOCK_PROGRAMS};
 
 impl Datapath {
     /// Every conntrack entry (both directions of every flow).
@@ -148,12 +148,14 @@ impl Datapath {
     pub fn program_sizes(&self) -> anyhow::Result<Vec<ProgramSize>> {
         [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress]
             .into_iter()
-            .map(|hook| {
-                let name = hook.program_name();
+            .map(Hook::program_name)
+            .chain(SOCK_PROGRAMS)
+            .map(|name| {
                 let program = self.ebpf.program(name).context("program missing")?;
                 let info = match program {
                     aya::programs::Program::Xdp(p) => p.info()?,
                     aya::programs::Program::SchedClassifier(p) => p.info()?,
+                    aya::programs::Program::CgroupSockAddr(p) => p.info()?,
                     _ => bail!("{name}: unexpected program type"),
                 };
                 Ok(ProgramSize {

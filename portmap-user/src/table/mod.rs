@@ -15,11 +15,12 @@ mod tests;
 pub mod writes;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
 use log::warn;
+use portmap_common::PortKey;
 
 pub use self::{
     error::TableError,
@@ -118,6 +119,14 @@ fn write_mapping<M: Maps + ?Sized>(
         maps.set_maglev(group.group, &table)?;
     }
     maps.set_mappings(&mapping_entries(mapping, place))
+}
+
+fn port_key(protocol: Protocol, port: u16) -> PortKey {
+    PortKey {
+        port_be: port.to_be(),
+        proto: protocol.number(),
+        _pad: 0,
+    }
 }
 
 /// Best effort, after a failed write: a warning for what could not be undone either.
@@ -312,6 +321,34 @@ impl Table {
         }
     }
 
+    /// The (protocol, port) pairs of `mapping` that no applied mapping publishes yet (`add`), or
+    /// that only it publishes (`!add`): what `PM_PUBLISHED_PORTS` gains or loses with it.
+    fn port_changes(&self, mapping: &Mapping, add: bool) -> Vec<PortKey> {
+        let Some(ports) = mapping.host_ports else {
+            return Vec::new();
+        };
+        let users = |port| {
+            self.port_users
+                .get(&(mapping.protocol, port))
+                .copied()
+                .unwrap_or(0)
+        };
+        ports
+            .ports()
+            .filter(|&p| if add { users(p) == 0 } else { users(p) == 1 })
+            .map(|p| port_key(mapping.protocol, p))
+            .collect()
+    }
+
+    /// Every (protocol, port) some applied mapping publishes.
+    #[must_use]
+    pub fn published_ports(&self) -> BTreeSet<PortKey> {
+        self.port_users
+            .keys()
+            .map(|&(proto, port)| port_key(proto, port))
+            .collect()
+    }
+
     fn count_ports(&mut self, mapping: &Mapping, add: bool) {
         let Some(ports) = mapping.host_ports else { return };
         for port in ports.ports() {
@@ -349,8 +386,12 @@ impl Table {
         }
         let (mapping, next_dynamic) = self.resolve(requested, sockets)?;
         let (place, taken) = self.place(&mapping, None)?;
-        if let Err(e) = write_mapping(maps, &mapping, &place, taken.reset_stats()) {
+        let new_ports = self.port_changes(&mapping, true);
+        let written = write_mapping(maps, &mapping, &place, taken.reset_stats())
+            .and_then(|()| maps.publish_ports(&new_ports));
+        if let Err(e) = written {
             undo("an add", maps.remove_mappings(&mapping_keys(&mapping)));
+            undo("an add", maps.unpublish_ports(&new_ports));
             if let Some(group) = &place.group {
                 undo("an add", clear_group(maps, group));
             }
@@ -415,11 +456,16 @@ impl Table {
     pub fn remove<M: Maps + ?Sized>(&mut self, maps: &mut M, spec: &Mapping) -> Result<Mapping, TableError> {
         let key = self.find(spec)?;
         let entry = &self.entries[&key];
-        if let Err(e) = maps.remove_mappings(&mapping_keys(&entry.mapping)) {
+        let freed_ports = self.port_changes(&entry.mapping, false);
+        let removed = maps
+            .remove_mappings(&mapping_keys(&entry.mapping))
+            .and_then(|()| maps.unpublish_ports(&freed_ports));
+        if let Err(e) = removed {
             undo(
                 "a removal",
                 maps.set_mappings(&mapping_entries(&entry.mapping, &entry.place)),
             );
+            undo("a removal", maps.publish_ports(&freed_ports));
             return Err(TableError::Datapath(e));
         }
         let entry = self.entries.remove(&key).expect("found");
@@ -562,5 +608,10 @@ impl Table {
             entries.extend(mapping_entries(&e.mapping, &e.place));
         }
         undo("a config diff", maps.set_mappings(&entries));
+        let (old_ports, now_ports) = (self.published_ports(), now.published_ports());
+        let gone: Vec<PortKey> = now_ports.difference(&old_ports).copied().collect();
+        let back: Vec<PortKey> = old_ports.difference(&now_ports).copied().collect();
+        undo("a config diff", maps.unpublish_ports(&gone));
+        undo("a config diff", maps.publish_ports(&back));
     }
 }

@@ -4,7 +4,7 @@
 //! every success the maps must hold exactly what the table's mappings need.
 
 use anyhow::bail;
-use portmap_common::{BackendValue, MaglevTable, MappingKey, MappingValue};
+use portmap_common::{BackendValue, MaglevTable, MappingKey, MappingValue, PortKey};
 
 use super::*;
 use crate::{sockets::NoSockets, spec::parse};
@@ -53,6 +53,14 @@ impl Maps for FlakyMaps {
         self.write()?;
         self.contents.reset_counters(slot)
     }
+    fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.publish_ports(ports)
+    }
+    fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.unpublish_ports(ports)
+    }
 }
 
 /// What the maps must hold for `table`'s mappings, and nothing else.
@@ -66,6 +74,7 @@ fn expected_contents(table: &Table) -> MapContents {
         }
         want.set_mappings(&mapping_entries(&e.mapping, &e.place)).unwrap();
     }
+    want.published_ports = table.published_ports();
     want
 }
 
@@ -156,6 +165,10 @@ fn fails_cleanly_at_every_write(
                 assert_eq!(t, ok_table, "{context}: table");
                 let want = expected_contents(&ok_table);
                 assert_eq!(fm.contents.mappings, want.mappings, "{context}: entries");
+                assert_eq!(
+                    fm.contents.published_ports, want.published_ports,
+                    "{context}: ports"
+                );
                 for (group, table) in &want.maglev {
                     assert_eq!(fm.contents.maglev.get(group), Some(table), "{context}");
                 }

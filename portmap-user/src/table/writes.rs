@@ -2,14 +2,14 @@
 //! unit tests), and the pure translation of an applied mapping into map contents.
 //!
 //! The table keeps one invariant: the maps hold exactly what its applied mappings need.
-//! `PM_MAPPINGS` has exactly their host ports; `PM_BACKENDS` and `PM_MAGLEV` slots that no
-//! mapping uses are zero. So the maps are a function of the table's state, and a failed change
+//! `PM_MAPPINGS` has exactly their host ports, `PM_PUBLISHED_PORTS` exactly their (protocol,
+//! port) pairs; `PM_BACKENDS` and `PM_MAGLEV` slots that no mapping uses are zero. So the maps are a function of the table's state, and a failed change
 //! is undone by writing the previous state's contents back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use portmap_common::{
-    BackendValue, MAGLEV_SIZE, MaglevTable, MappingKey, MappingValue, NO_GROUP, addr_words,
+    BackendValue, MAGLEV_SIZE, MaglevTable, MappingKey, MappingValue, NO_GROUP, PortKey, addr_words,
 };
 
 use crate::{maglev, mapping::Mapping};
@@ -45,6 +45,10 @@ pub trait Maps {
     fn set_maglev(&mut self, group: u32, table: &MaglevTable) -> anyhow::Result<()>;
     /// Zeroes the `PM_MAPPING_STATS` slot on every CPU.
     fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()>;
+    /// Adds `PM_PUBLISHED_PORTS` entries (bind() of them is refused on the host).
+    fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()>;
+    /// Removes `PM_PUBLISHED_PORTS` entries; a port that is not there counts as removed.
+    fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()>;
 }
 
 /// Collects `PM_MAPPINGS` writes and sends them to the kernel together on [`Batch::commit`], so
@@ -94,6 +98,14 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
 
     fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
         self.maps.reset_counters(slot)
+    }
+
+    fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        self.maps.publish_ports(ports)
+    }
+
+    fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        self.maps.unpublish_ports(ports)
     }
 }
 
@@ -198,6 +210,7 @@ pub struct MapContents {
     pub backends: HashMap<u32, BackendValue>,
     /// Non-zero `PM_MAGLEV` tables.
     pub maglev: HashMap<u32, Vec<u32>>,
+    pub published_ports: BTreeSet<PortKey>,
 }
 
 impl Maps for MapContents {
@@ -235,6 +248,18 @@ impl Maps for MapContents {
 
     /// Counters move with traffic and are not part of the compared contents.
     fn reset_counters(&mut self, _slot: u32) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        self.published_ports.extend(ports.iter().copied());
+        Ok(())
+    }
+
+    fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        for p in ports {
+            self.published_ports.remove(p);
+        }
         Ok(())
     }
 }

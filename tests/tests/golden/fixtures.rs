@@ -362,6 +362,36 @@ pub fn rows() -> Vec<Row> {
         .leaves(Flow::dns().entries()),
         // --- what portmap leaves alone
         Row::untouched(
+            "udp to an address that is not the host's (transit), wildcard port: not mapped, untouched",
+            INGRESS,
+            Frame::udp(client(), (Ipv4Addr::new(198, 18, 2, 2), UDP_PORT)).build(),
+            Stat::PassNoMapping,
+        ),
+        Row::untouched(
+            "ipv6 udp to an address that is not the host's (transit), wildcard port: untouched",
+            INGRESS,
+            Frame::udp((CLIENT6, CLIENT_PORT), (BACKEND6, UDP_PORT)).build(),
+            Stat::PassNoMapping,
+        ),
+        Row::untouched(
+            "tcp from the wire to 127.0.0.1 on a loopback-bound mapping: never mapped (moby#45610)",
+            INGRESS,
+            Frame::tcp(client(), (Ipv4Addr::LOCALHOST, 8086), SYN).build(),
+            Stat::PassNoMapping,
+        ),
+        Row::untouched(
+            "udp from the wire to 127.0.0.1 on a wildcard port: never mapped",
+            INGRESS,
+            Frame::udp(client(), (Ipv4Addr::LOCALHOST, UDP_PORT)).build(),
+            Stat::PassNoMapping,
+        ),
+        Row::untouched(
+            "ipv6 udp from the wire to ::1 on a wildcard port: never mapped",
+            INGRESS,
+            Frame::udp((CLIENT6, CLIENT_PORT), (std::net::Ipv6Addr::LOCALHOST, UDP_PORT)).build(),
+            Stat::PassNoMapping,
+        ),
+        Row::untouched(
             "ARP request for the host address: not ours, untouched",
             INGRESS,
             arp_request(CLIENT, HOST),

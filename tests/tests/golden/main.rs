@@ -11,7 +11,7 @@
 //!            fd00:1::1/64                       neighbours 198.18.1.4 and fd00:1::2 = the same MAC
 //! (d0) ── h2 198.18.2.1/24 02:00:00:00:02:01   MTU 1500, neighbour 198.18.2.2 = 02:00:00:00:02:02
 //!            fd00:2::1/64                       neighbour fd00:2::2 = the same MAC
-//!         h0 also has fd00::1/64;  blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;
+//!         h0 also has fd00::1/64 and 198.18.0.77/32;  blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;
 //!         IPv4 and IPv6 forwarding on; policy routing: TOS / traffic class 0x10 looks up table 100,
 //!         which reaches 198.18.1.2 and fd00:1::2 through h2 (the backends' second path)
 //! ```
@@ -40,7 +40,7 @@ use portmap_common::{DIR_FORWARD, FlowValue, Stat, words_addr};
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
-pub const MAPPINGS: [&str; 11] = [
+pub const MAPPINGS: [&str; 12] = [
     // 0: bound to one host address.
     "198.18.0.1:8080:198.18.1.2:80/tcp",
     // 1: bound to every address (0.0.0.0).
@@ -63,6 +63,8 @@ pub const MAPPINGS: [&str; 11] = [
     "198.18.0.1:8090:198.18.1.2:80,198.18.1.4:80",
     // 10: a port range onto a port range.
     "9000-9009:198.18.1.2:7000-7009/udp",
+    // 11: host-only (bound to loopback): never reached from the wire.
+    "127.0.0.1:8086:198.18.1.2:80/tcp",
 ];
 
 pub const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -99,6 +101,7 @@ pub fn with_golden<T: Send + 'static>(
         ],
         &["link", "set", "b0", "mtu", "9000"],
         &["addr", "add", "198.18.0.1/24", "dev", "h0"],
+        &["addr", "add", "198.18.0.77/32", "dev", "h0"],
         &["addr", "add", "198.18.1.1/24", "dev", "h1"],
         &["addr", "add", "198.18.2.1/24", "dev", "h2"],
         &["addr", "add", "fd00::1/64", "dev", "h0", "nodad"],
@@ -209,6 +212,8 @@ impl Golden {
             |name: &str| nix::net::if_::if_nametoindex(name).with_context(|| format!("ifindex of {name}"));
         dp.allow_xdp_redirect(index("h1")?)?;
         dp.allow_xdp_redirect(index("h2")?)?;
+        // As the daemon does: wildcard mappings match only the namespace's own addresses.
+        dp.sync_local_addrs(&portmap::host::addresses()?)?;
         Ok(Self {
             dp,
             table,

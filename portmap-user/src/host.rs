@@ -1,0 +1,228 @@
+//! What the daemon learns about the host it runs on: its addresses (and when they change), the
+//! cookie of its network namespace, and where its cgroup v2 hierarchy is.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::IpAddr,
+    os::fd::{AsRawFd as _, RawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use log::info;
+
+/// The addresses of every interface of the calling thread's network namespace.
+pub fn addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing the host's addresses (getifaddrs)")?;
+    Ok(addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            sa.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| sa.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        })
+        .collect())
+}
+
+/// A netlink socket that becomes readable whenever an address is added to or removed from an
+/// interface of the namespace (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
+pub struct AddressWatch {
+    socket: netlink_sys::Socket,
+}
+
+impl AddressWatch {
+    pub fn new() -> anyhow::Result<Self> {
+        const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+        const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
+            .context("opening a netlink socket for address changes")?;
+        socket
+            .bind(&netlink_sys::SocketAddr::new(
+                0,
+                RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+            ))
+            .context("subscribing to address changes")?;
+        socket.set_non_blocking(true)?;
+        Ok(Self { socket })
+    }
+
+    /// Reads every pending notification; true if there was any.
+    pub fn drain(&mut self) -> bool {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut any = false;
+        // A full receive queue (ENOBUFS) also means "something changed": resync either way.
+        while let Ok(n) = self.socket.recv(&mut &mut buf[..], 0) {
+            if n == 0 {
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+}
+
+impl std::os::fd::AsRawFd for AddressWatch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, kernel ≥ 5.14), as
+/// `bpf_get_netns_cookie` reports it for sockets there.
+pub fn netns_cookie() -> anyhow::Result<u64> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the fd is owned (and closed) below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    ensure!(
+        fd >= 0,
+        "opening a socket to read the network namespace cookie: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "reading SO_NETNS_COOKIE: {} (kernel >= 5.14 needed)",
+        std::io::Error::last_os_error()
+    );
+    Ok(cookie)
+}
+
+/// A cgroup v2 mount: where it is, and which cgroup of the hierarchy it shows at its root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub mount_point: PathBuf,
+    pub root: PathBuf,
+}
+
+/// The first cgroup2 mount in a /proc/self/mountinfo text (pure).
+#[must_use]
+pub fn find_cgroup2(mountinfo: &str) -> Option<Cgroup2Mount> {
+    mountinfo.lines().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let fields: Vec<&str> = before.split_whitespace().collect();
+        Some(Cgroup2Mount {
+            root: PathBuf::from(unescape(fields.get(3)?)),
+            mount_point: PathBuf::from(unescape(fields.get(4)?)),
+        })
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where to mount cgroup2 when nothing has (as `ip netns exec` leaves processes).
+const OWN_CGROUP2_MOUNT: &str = "/run/portmap/cgroup2";
+
+/// The directory of cgroup `path` (as /proc/PID/cgroup shows it, e.g. `/` or
+/// `/system.slice/x.service`) on this host's cgroup v2 hierarchy, mounting cgroup2 when it is
+/// not mounted.
+pub fn cgroup_dir(path: &Path) -> anyhow::Result<PathBuf> {
+    ensure!(
+        path.is_absolute(),
+        "cgroup '{}' must be an absolute cgroup path such as / or /system.slice",
+        path.display()
+    );
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mount = match find_cgroup2(&mountinfo) {
+        Some(m) => m,
+        None => {
+            fs::create_dir_all(OWN_CGROUP2_MOUNT).with_context(|| format!("creating {OWN_CGROUP2_MOUNT}"))?;
+            nix::mount::mount(
+                Some("cgroup2"),
+                OWN_CGROUP2_MOUNT,
+                Some("cgroup2"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .with_context(|| format!("mounting cgroup2 at {OWN_CGROUP2_MOUNT}"))?;
+            info!("mounted cgroup2 at {OWN_CGROUP2_MOUNT}");
+            Cgroup2Mount {
+                mount_point: OWN_CGROUP2_MOUNT.into(),
+                root: "/".into(),
+            }
+        }
+    };
+    let Ok(relative) = path.strip_prefix(&mount.root) else {
+        bail!(
+            "cgroup '{}' is outside the part of the hierarchy mounted at {} ({})",
+            path.display(),
+            mount.mount_point.display(),
+            mount.root.display()
+        );
+    };
+    let dir = mount.mount_point.join(relative);
+    ensure!(
+        dir.join("cgroup.procs").exists(),
+        "cgroup '{}' does not exist ({} has no cgroup.procs)",
+        path.display(),
+        dir.display()
+    );
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_and_unescapes_it() {
+        let text = "\
+22 1 0:21 / /proc rw,nosuid - proc proc rw
+30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec shared:10 - cgroup2 cgroup2 rw,nsdelegate
+31 25 0:27 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
+";
+        assert_eq!(
+            find_cgroup2(text),
+            Some(Cgroup2Mount {
+                mount_point: "/sys/fs/cgroup/unified".into(),
+                root: "/".into()
+            })
+        );
+        let nested = "40 30 0:26 /kubepods /mnt/with\\040space rw - cgroup2 none rw\n";
+        assert_eq!(
+            find_cgroup2(nested),
+            Some(Cgroup2Mount {
+                mount_point: "/mnt/with space".into(),
+                root: "/kubepods".into()
+            })
+        );
+        assert_eq!(find_cgroup2("22 1 0:21 / /proc rw - proc proc rw\n"), None);
+    }
+}

@@ -1,0 +1,79 @@
+//! `pm-probe`: one socket operation, run as its own process so that a test can place it in a
+//! network namespace and a cgroup (the socket hooks act on processes, not threads). Prints one
+//! JSON line: `{"ok":true,...}` or `{"ok":false,"error":KIND,"errno":N}`.
+//!
+//! ```text
+//! pm-probe tcp ADDR                    connect, send "hello\n", half-close, read the reply
+//! pm-probe udp ADDR connected|unconnected   send "hello\n", receive one answer and its source
+//! pm-probe bind tcp|udp ADDR           bind (and listen, for TCP)
+//! ```
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn failed(e: &std::io::Error) -> Value {
+    json!({"ok": false, "error": format!("{:?}", e.kind()), "errno": e.raw_os_error(), "message": e.to_string()})
+}
+
+fn tcp(addr: SocketAddr) -> std::io::Result<Value> {
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(b"hello\n")?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply)?;
+    Ok(json!({"ok": true, "peer": peer.to_string(), "reply": String::from_utf8_lossy(&reply)}))
+}
+
+fn udp(addr: SocketAddr, connected: bool) -> std::io::Result<Value> {
+    let any: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .expect("literal");
+    let socket = UdpSocket::bind(any)?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    if connected {
+        socket.connect(addr)?;
+        socket.send(b"hello\n")?;
+    } else {
+        socket.send_to(b"hello\n", addr)?;
+    }
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    let peer = if connected {
+        Some(socket.peer_addr()?.to_string())
+    } else {
+        None
+    };
+    Ok(
+        json!({"ok": true, "from": from.to_string(), "peer": peer, "reply": String::from_utf8_lossy(&buf[..n])}),
+    )
+}
+
+fn bind(proto: &str, addr: SocketAddr) -> std::io::Result<Value> {
+    match proto {
+        "tcp" => drop(TcpListener::bind(addr)?),
+        _ => drop(UdpSocket::bind(addr)?),
+    }
+    Ok(json!({"ok": true}))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parse =
+        |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|e| panic!("pm-probe: address {s}: {e}")) };
+    let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["tcp", addr] => tcp(parse(addr)),
+        ["udp", addr, mode] => udp(parse(addr), *mode == "connected"),
+        ["bind", proto, addr] => bind(proto, parse(addr)),
+        _ => panic!("pm-probe: usage: tcp ADDR | udp ADDR connected|unconnected | bind tcp|udp ADDR"),
+    };
+    println!("{}", result.unwrap_or_else(|e| failed(&e)));
+}

@@ -4,10 +4,10 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-use anyhow::ensure;
+use anyhow::{Context as _, ensure};
 use portmap_common::Stat;
 use portmap_tests::{
-    BackendLink, Daemon, EchoServer, HOST_IP, Mode, Netns, ROUTED_MACHINE_IP, Topology, counter,
+    BackendLink, Daemon, EchoServer, HOST_IP, Mode, Netns, ROUTED_MACHINE_IP, TempDir, Topology, counter,
     mapping_stats, payload, probe, start_daemon, tcp_exchange, tcp_server, tcp_server_n, udp_server,
 };
 use serde_json::Value;
@@ -249,12 +249,26 @@ fn published_ports_cannot_be_bound_on_the_host() -> anyhow::Result<()> {
 fn changes_apply_to_host_local_clients_at_once_and_stop_detaches() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Bridge)?;
     let container = topo.add_container("198.18.1.3".parse()?)?;
-    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
-    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
-    let first = tcp_server_n(&topo.backend, 80, 1, b"first".to_vec())?;
-    let second = tcp_server_n(&container, 80, 1, b"second".to_vec())?;
+    let dir = TempDir::new("hl")?;
+    let config = dir.path().join("portmap.toml");
+    let write = |backend: &str| {
+        std::fs::write(
+            &config,
+            format!("interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [\"8080:{backend}:80\"]\n"),
+        )
+    };
+    write("198.18.1.2")?;
+    let mut daemon = Daemon::start(&topo.host, &["--config", config.to_str().context("utf-8")?])?;
+    let first = tcp_server_n(&topo.backend, 80, 2, b"first".to_vec())?;
+    let second = tcp_server_n(&container, 80, 2, b"second".to_vec())?;
     tcp_reaches(&topo.host, &daemon, "127.0.0.1:8080", "first")?;
     daemon.cli_ok(&["update", "8080:198.18.1.3:80"])?;
+    tcp_reaches(&topo.host, &daemon, "127.0.0.1:8080", "second")?;
+    // A reload (the file still names the first backend) applies at once too.
+    daemon.cli_ok(&["reload"])?;
+    tcp_reaches(&topo.host, &daemon, "127.0.0.1:8080", "first")?;
+    write("198.18.1.3")?;
+    daemon.cli_ok(&["reload"])?;
     tcp_reaches(&topo.host, &daemon, "127.0.0.1:8080", "second")?;
     for served in [first, second] {
         served.join().map_err(|_| anyhow::anyhow!("server panicked"))??;

@@ -184,11 +184,15 @@ async fn serve(
                     Ok(message) => info!("SIGHUP: {message}"),
                     Err(e) => error!("SIGHUP: {e:#}"),
                 }
+                flush_stale_flows(state);
             }
             _ = gc.tick() => {
                 let timeouts = &state.config.timeouts;
                 match datapath::monotonic_ns().and_then(|now| state.dp.expire_flows(now, timeouts)) {
-                    Ok(n) => state.flows.update(n),
+                    Ok(plan) => {
+                        state.flows.update(plan.live_flows);
+                        state.table.release_drained(&plan.slots_in_use);
+                    }
                     Err(e) => warn!("flow expiry pass failed: {e:#}"),
                 }
             }
@@ -272,11 +276,24 @@ fn dispatch(request: Request, state: &mut State) -> Response {
             };
         }
     };
+    flush_stale_flows(state);
     match outcome {
         Ok(message) => Response::Ok { message },
         Err(e) => Response::Error {
             message: format!("{e:#}"),
         },
+    }
+}
+
+/// Deletes the UDP flows the last changes made stale (of removed mappings and backends), so an
+/// ongoing UDP stream takes the new path with its next datagram. TCP flows finish where they
+/// are.
+fn flush_stale_flows(state: &mut State) {
+    let flushes = state.table.take_flushes();
+    match state.dp.flush_udp_flows(&flushes) {
+        Ok(0) => {}
+        Ok(n) => info!("removed {n} UDP flow(s) of removed mappings or backends"),
+        Err(e) => error!("removing stale UDP flows: {e:#}"),
     }
 }
 

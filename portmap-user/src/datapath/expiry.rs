@@ -2,17 +2,19 @@
 //! entries of each flow (`FlowKey::reply`, the same function the datapath inserts with) and
 //! deletes both once the flow is idle past its timeout.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{HashMap as StdHashMap, HashSet};
 
 use aya::maps::{HashMap, MapData};
-use portmap_common::{DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, PROTO_UDP, map_names};
+use portmap_common::{
+    DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, PROTO_UDP, map_names, words_addr,
+};
 
 use super::Datapath;
-use crate::config::Timeouts;
+use crate::{config::Timeouts, table::FlowFlush};
 
 impl Datapath {
-    /// Deletes expired flows (both entries); returns how many flows remain.
-    pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<u64> {
+    /// Deletes expired flows (both entries); returns what remains (flows, slots in use).
+    pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<ExpiryPlan> {
         let capacity = self.conntrack_entries as usize;
         let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
             HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
@@ -24,7 +26,23 @@ impl Datapath {
             // Already gone (LRU eviction or a concurrent re-creation) is fine.
             let _ = ct.remove(key);
         }
-        Ok(plan.live_flows)
+        Ok(plan)
+    }
+
+    /// Deletes the UDP flows `flushes` select (`plan_udp_flush`); returns how many flows.
+    pub fn flush_udp_flows(&mut self, flushes: &[FlowFlush]) -> anyhow::Result<usize> {
+        if flushes.is_empty() {
+            return Ok(0);
+        }
+        let capacity = self.conntrack_entries as usize;
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
+        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).take(capacity).collect();
+        let delete = plan_udp_flush(&entries, flushes);
+        for key in &delete {
+            let _ = ct.remove(key);
+        }
+        Ok(delete.len() / 2)
     }
 }
 
@@ -33,6 +51,34 @@ impl Datapath {
 pub struct ExpiryPlan {
     pub delete: Vec<FlowKey>,
     pub live_flows: u64,
+    /// The stats slots the entries that stay still count into: a freed slot is not handed to
+    /// another mapping while any is left (`Table::release_drained`).
+    pub slots_in_use: HashSet<u32>,
+}
+
+/// The UDP conntrack entries (both of each flow) that `flushes` select: after a mapping is
+/// removed or remapped, or loses a backend, its UDP flows go (Docker flushes UDP conntrack
+/// then), so the next datagram of a stream takes the new path. TCP flows are left to end.
+#[must_use]
+pub fn plan_udp_flush(entries: &[(FlowKey, FlowValue)], flushes: &[FlowFlush]) -> Vec<FlowKey> {
+    let mut delete = Vec::new();
+    for (key, value) in entries
+        .iter()
+        .filter(|(k, v)| v.direction == DIR_FORWARD && k.proto == PROTO_UDP)
+    {
+        let backend = words_addr(key.family, value.nat_addr);
+        let port = u16::from_be(value.nat_port_be);
+        let selected = flushes.iter().any(|f| {
+            f.stats_slot == value.stats_slot
+                && f.backend
+                    .is_none_or(|(ip, ports)| ip == backend && ports.contains(port))
+        });
+        if selected {
+            delete.push(*key);
+            delete.push(key.reply(value.nat_addr, value.nat_port_be));
+        }
+    }
+    delete
 }
 
 /// Pure expiry decision. A flow's age is that of its most recent entry; its limit is the UDP or
@@ -69,6 +115,7 @@ pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) 
             plan.delete.push(rkey);
         } else {
             plan.live_flows += 1;
+            plan.slots_in_use.insert(value.stats_slot);
         }
     }
     for (key, value) in entries
@@ -77,6 +124,8 @@ pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) 
     {
         if idle(value) > close_grace {
             plan.delete.push(*key);
+        } else {
+            plan.slots_in_use.insert(value.stats_slot);
         }
     }
     plan
@@ -93,6 +142,7 @@ mod tests {
     use portmap_common::PROTO_TCP;
 
     use super::*;
+    use crate::mapping::PortRange;
 
     const S: u64 = 1_000_000_000;
 
@@ -157,6 +207,11 @@ mod tests {
         entries.push(young_orphan);
 
         let plan = plan_expiry(&entries, now, &t);
+        assert_eq!(
+            plan.slots_in_use,
+            HashSet::from([0]),
+            "every remaining entry counts into slot 0"
+        );
         let mut want = vec![
             idle_tcp[0].0,
             idle_tcp[1].0,
@@ -172,5 +227,37 @@ mod tests {
         got.sort_by_key(order);
         assert_eq!(got, want);
         assert_eq!(plan.live_flows, 3);
+    }
+
+    #[test]
+    fn udp_flush_takes_both_entries_of_the_selected_flows_only() {
+        let slot = |mut f: [(FlowKey, FlowValue); 2], s: u32| {
+            f[0].1.stats_slot = s;
+            f[1].1.stats_slot = s;
+            f
+        };
+        let a = slot(flow(PROTO_UDP, 1, 0, 0, 0), 1);
+        let b = slot(flow(PROTO_UDP, 2, 0, 0, 0), 2);
+        let tcp = slot(flow(PROTO_TCP, 3, 0, 0, 0), 1);
+        let entries: Vec<_> = [a, b, tcp].into_iter().flatten().collect();
+        let whole = FlowFlush {
+            stats_slot: 1,
+            backend: None,
+        };
+        assert_eq!(plan_udp_flush(&entries, &[whole]), vec![a[0].0, a[1].0]);
+        // Flows to another backend of the mapping stay.
+        let other_backend = FlowFlush {
+            stats_slot: 2,
+            backend: Some(("0.0.0.4".parse().unwrap(), PortRange::single(u16::from_be(80)))),
+        };
+        assert!(plan_udp_flush(&entries, &[other_backend]).is_empty());
+        let its_backend = FlowFlush {
+            stats_slot: 2,
+            backend: Some((
+                words_addr(portmap_common::FAMILY_V4, [3, 0, 0, 0]),
+                PortRange::single(u16::from_be(80)),
+            )),
+        };
+        assert_eq!(plan_udp_flush(&entries, &[its_backend]), vec![b[0].0, b[1].0]);
     }
 }

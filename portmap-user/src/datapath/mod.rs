@@ -45,7 +45,7 @@ use portmap_common::{HOST_NETNS_COOKIE_GLOBAL, map_names, prog_names};
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
     attach::Hook,
-    expiry::{ExpiryPlan, monotonic_ns, plan_expiry},
+    expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
     pins::{check_pin_dir, ensure_bpffs, remove_stale_pins},
 };
 use crate::{config::Limits, host};

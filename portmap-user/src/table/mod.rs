@@ -49,6 +49,15 @@ pub struct Entry {
     seq: u64,
 }
 
+/// Flows of a mapping (its stats slot, unique while any of its flows live) to delete, all of
+/// them or only those to one backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowFlush {
+    pub stats_slot: u32,
+    /// Only flows to this backend address and port range.
+    pub backend: Option<(IpAddr, PortRange)>,
+}
+
 /// Capacities of the maps, from the config's `[limits]`.
 #[derive(Clone, Copy, Debug)]
 pub struct Capacity {
@@ -83,6 +92,11 @@ pub struct Table {
     max_ports: u32,
     pub dynamic: PortRange,
     next_dynamic: u16,
+    /// Stats slots of removed mappings, not handed out again while flows still count into them
+    /// (`release_drained`): every packet is counted under the mapping that forwarded it.
+    draining: Vec<u32>,
+    /// Flows that changes made stale, for the daemon to delete (`take_flushes`).
+    flushes: Vec<FlowFlush>,
 }
 
 /// What `place` took from the pools (id, and whether it was used before), so that a failure
@@ -150,7 +164,26 @@ impl Table {
             max_ports: capacity.ports,
             dynamic,
             next_dynamic: dynamic.start,
+            draining: Vec::new(),
+            flushes: Vec::new(),
         }
+    }
+
+    /// Hands back to the pool the drained stats slots that no flow counts into any more (the
+    /// expiry pass's `slots_in_use`); returns how many.
+    pub fn release_drained(&mut self, in_use: &HashSet<u32>) -> usize {
+        let (busy, free): (Vec<u32>, Vec<u32>) = self.draining.iter().partition(|s| in_use.contains(s));
+        for slot in &free {
+            self.slots.give(*slot);
+        }
+        self.draining = busy;
+        free.len()
+    }
+
+    /// The flows that successful changes made stale since the last call: UDP flows of removed
+    /// mappings and of removed backends (the daemon deletes them at once).
+    pub fn take_flushes(&mut self) -> Vec<FlowFlush> {
+        std::mem::take(&mut self.flushes)
     }
 
     /// The applied mappings, in the order they were added.
@@ -300,7 +333,7 @@ impl Table {
     /// keep only what applied mappings use) and returns their ids to the pools.
     fn free<M: Maps + ?Sized>(&mut self, maps: &mut M, place: &Placement, keep: Option<&Placement>) {
         if keep.is_none_or(|k| k.stats_slot != place.stats_slot) {
-            self.slots.give(place.stats_slot);
+            self.draining.push(place.stats_slot);
         }
         let Some(g) = &place.group else { return };
         let kept = keep.and_then(|k| k.group.as_ref());
@@ -471,6 +504,10 @@ impl Table {
         let entry = self.entries.remove(&key).expect("found");
         self.count_ports(&entry.mapping, false);
         self.free(maps, &entry.place, None);
+        self.flushes.push(FlowFlush {
+            stats_slot: entry.place.stats_slot,
+            backend: None,
+        });
         Ok(entry.mapping)
     }
 
@@ -502,6 +539,17 @@ impl Table {
             return Err(TableError::Datapath(e));
         }
         self.free(maps, &old.place, Some(&place));
+        let stats_slot = place.stats_slot;
+        self.flushes.extend(
+            old.mapping
+                .backends
+                .iter()
+                .filter(|b| !spec.backends.iter().any(|n| n.ip == b.ip && n.ports == b.ports))
+                .map(|b| FlowFlush {
+                    stats_slot,
+                    backend: Some((b.ip, b.ports)),
+                }),
+        );
         self.entries.insert(
             key,
             Entry {

@@ -6,6 +6,8 @@
 use anyhow::bail;
 use portmap_common::{BackendValue, MaglevTable, MappingKey, MappingValue, PortKey};
 
+use std::collections::HashSet;
+
 use super::*;
 use crate::{sockets::NoSockets, spec::parse};
 
@@ -304,4 +306,59 @@ fn an_uncommitted_batch_writes_no_entry() {
     batch.set_mappings(&[(key, value)]).unwrap();
     batch.commit().unwrap();
     assert_eq!(maps.mappings.len(), 1);
+}
+
+#[test]
+fn a_removed_mappings_stats_slot_is_not_reused_while_its_flows_live() {
+    let (mut table, mut maps) = populated();
+    table.take_flushes();
+    let slot_of = |t: &Table, port: u16| {
+        t.entries()
+            .into_iter()
+            .find(|e| e.mapping.host_ports.is_some_and(|p| p.contains(port)))
+            .map(|e| e.place.stats_slot)
+            .unwrap()
+    };
+    let old = slot_of(&table, 8080);
+    table.remove(&mut maps, &m("8080:198.18.2.2:80")).unwrap();
+    assert_eq!(
+        table.take_flushes(),
+        vec![FlowFlush {
+            stats_slot: old,
+            backend: None
+        }]
+    );
+    // Until an expiry pass finds no flow counting into it, the slot stays out of the pool (the
+    // slots of 8082 and 8083, removed earlier without flows, go back).
+    assert_eq!(table.release_drained(&HashSet::from([old])), 2);
+    for port in 7000..7004 {
+        table
+            .add(&mut maps, &m(&format!("{port}:198.18.2.9:80")), &NoSockets)
+            .unwrap();
+        assert_ne!(slot_of(&table, port), old);
+    }
+    assert_eq!(table.release_drained(&HashSet::new()), 1);
+    let mut reused = false;
+    for port in 7004..7008 {
+        table
+            .add(&mut maps, &m(&format!("{port}:198.18.2.9:80")), &NoSockets)
+            .unwrap();
+        reused |= slot_of(&table, port) == old;
+    }
+    assert!(reused, "a released slot is handed out again");
+}
+
+#[test]
+fn updates_flush_the_udp_flows_of_removed_backends_only() {
+    let (mut table, mut maps) = populated();
+    table.take_flushes();
+    table
+        .update(&mut maps, &m("8081:198.18.2.2:81,198.18.2.7:81"))
+        .unwrap();
+    let flushes = table.take_flushes();
+    assert_eq!(flushes.len(), 1, "{flushes:?}");
+    assert_eq!(
+        flushes[0].backend,
+        Some(("198.18.2.3".parse().unwrap(), PortRange::single(81)))
+    );
 }

@@ -1,0 +1,176 @@
+//! Flows across changes of the mappings (issue 11): a UDP stream follows a remap or a removed
+//! backend with its next datagram (its stale flow is deleted), established TCP flows of a
+//! removed mapping finish on their backend, and their packets never count under a mapping that
+//! came later. Needs root (run through `cargo xtask test`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, ensure};
+use portmap_tests::{BackendLink, EchoServer, HOST_IP, Mode, Netns, Topology, mapping_stats, start_daemon};
+
+/// A UDP server in `ns` on `port` answering every datagram with `name`, until `stop`.
+fn udp_namer(
+    ns: &Netns,
+    port: u16,
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let handle = ns.spawn(move || {
+        let socket = UdpSocket::bind(("::", port))?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        ready_tx.send(())?;
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                socket.send_to(name.as_bytes(), from)?;
+            }
+        }
+        Ok(())
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("udp server not ready")?;
+    Ok(handle)
+}
+
+/// (phase when sent, server that answered) of each answered datagram.
+type Replies = Vec<(u32, String)>;
+
+/// Sends datagrams from ONE socket (one 5-tuple, so one flow) until `stop`, recording which
+/// server answered each, tagged with the phase the test was in when it was sent.
+fn udp_stream(
+    ns: &Netns,
+    to: SocketAddr,
+    phase: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<JoinHandle<anyhow::Result<Replies>>> {
+    ns.spawn(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..2_000 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let sent_in = phase.load(Ordering::SeqCst);
+            socket.send_to(b"x", to)?;
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                seen.push((sent_in, String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(seen)
+    })
+}
+
+/// Lets the stream send a number of datagrams in the current phase (no timing is asserted:
+/// every datagram sent after a change must reach the new backend).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(400));
+}
+
+#[test]
+fn udp_streams_follow_a_remap_and_a_removed_backend_with_their_next_datagram() -> anyhow::Result<()> {
+    for mode in [Mode::Tc, Mode::Xdp] {
+        let topo = Topology::new(BackendLink::Bridge)?;
+        let other = topo.add_container("198.18.1.3".parse()?)?;
+        let mut daemon = start_daemon(&topo, mode, &[])?;
+        daemon.cli_ok(&["add", "5353:198.18.1.2:53/udp"])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let servers = [
+            udp_namer(&topo.backend, 53, "first", stop.clone())?,
+            udp_namer(&other, 53, "second", stop.clone())?,
+        ];
+        let phase = Arc::new(AtomicU32::new(0));
+        let stream = udp_stream(
+            &topo.client,
+            SocketAddr::from((HOST_IP, 5353)),
+            phase.clone(),
+            stop.clone(),
+        )?;
+        settle();
+        // del + add to another backend (Docker flushes UDP conntrack on such a remap).
+        daemon.cli_ok(&["del", "5353:198.18.1.2:53/udp"])?;
+        daemon.cli_ok(&["add", "5353:198.18.1.3:53/udp"])?;
+        phase.store(1, Ordering::SeqCst);
+        settle();
+        // update that removes the backend the stream uses.
+        daemon.cli_ok(&["update", "5353:198.18.1.2:53/udp"])?;
+        phase.store(2, Ordering::SeqCst);
+        settle();
+        stop.store(true, Ordering::Relaxed);
+        let seen = stream.join().map_err(|_| anyhow::anyhow!("stream panicked"))??;
+        for s in servers {
+            s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+        }
+        for (p, want) in [(0, "first"), (1, "second"), (2, "first")] {
+            let replies: Vec<&str> = seen
+                .iter()
+                .filter(|(sent, _)| *sent == p)
+                .map(|(_, r)| r.as_str())
+                .collect();
+            ensure!(
+                replies.len() >= 5,
+                "{mode:?} phase {p}: {} replies",
+                replies.len()
+            );
+            ensure!(
+                replies.iter().all(|r| *r == want),
+                "{mode:?} phase {p}: datagrams sent after the change reached {replies:?}, not only {want}"
+            );
+        }
+        daemon.stop()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_removed_mappings_tcp_flows_finish_and_never_count_under_a_later_mapping() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (up_tx, up_rx) = mpsc::channel::<()>();
+    let client = topo.client.spawn(move || {
+        let mut stream = TcpStream::connect(SocketAddr::from((HOST_IP, 8080)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 1];
+        stream.write_all(b"a")?;
+        stream.read_exact(&mut buf)?;
+        up_tx.send(())?;
+        go_rx.recv()?;
+        // After the mapping is gone and another one took its place.
+        for _ in 0..10 {
+            stream.write_all(b"b")?;
+            stream.read_exact(&mut buf)?;
+            ensure!(&buf == b"b", "echo");
+        }
+        Ok(())
+    })?;
+    up_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("connection not up")?;
+    daemon.cli_ok(&["del", "8080:198.18.1.2:80"])?;
+    daemon.cli_ok(&["add", "8081:198.18.1.2:80"])?;
+    go_tx.send(())?;
+    client.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    let later = mapping_stats(&daemon.stats()?, 8081);
+    ensure!(
+        later.fwd_packets == 0 && later.flows == 0,
+        "the new mapping counted the old flow's packets: {later:?}"
+    );
+    daemon.stop()
+}

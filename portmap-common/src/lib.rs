@@ -52,8 +52,9 @@ pub mod map_names {
     pub const LOCAL_ADDRS: &str = "PM_LOCAL_ADDRS";
     pub const PUBLISHED_PORTS: &str = "PM_PUBLISHED_PORTS";
     pub const SOCK_REVERSE: &str = "PM_SOCK_REVERSE";
+    pub const CT_NEW: &str = "PM_CT_NEW";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -64,6 +65,7 @@ pub mod map_names {
         LOCAL_ADDRS,
         PUBLISHED_PORTS,
         SOCK_REVERSE,
+        CT_NEW,
     ];
 }
 
@@ -97,8 +99,11 @@ pub mod prog_names {
 /// Default capacities; the daemon may override them at load time (`EbpfLoader::set_max_entries`).
 /// One entry per published port (a range of N ports takes N).
 pub const DEFAULT_MAX_MAPPINGS: u32 = 65_536;
-/// Conntrack holds two entries per flow (forward and reply).
+/// Conntrack holds two entries per flow (forward and reply). `PM_CONNTRACK` holds assured flows
+/// (never evicted: when full, flows stay unassured); `PM_CT_NEW`, an LRU, holds flows until
+/// they are assured, so a flood of new flows only ever sheds other new flows.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+pub const DEFAULT_CONNTRACK_NEW_ENTRIES: u32 = 131_072;
 /// Backends of mappings with more than one backend (`PM_BACKENDS`).
 pub const DEFAULT_MAX_BACKENDS: u32 = 4_096;
 /// Maglev tables (`PM_MAGLEV`): one per mapping with more than one backend.
@@ -260,6 +265,9 @@ pub const DIR_REPLY: u8 = 1;
 /// `FlowValue::flags` bits.
 /// A FIN or RST was seen in this entry's direction: the flow ends after the close grace.
 pub const FLOW_F_CLOSING: u8 = 1;
+/// On the reply entry of an unassured flow: the backend answered. The client's next packet
+/// (for TCP one without SYN: the handshake's ACK) then makes the flow assured.
+pub const FLOW_F_REPLIED: u8 = 2;
 
 map_layout! {
 /// Value of `PM_CONNTRACK`. A flow is two entries inserted together: the forward entry (key =

@@ -84,6 +84,10 @@ stats! {
     DropNoBackend = "drop_no_backend", Drop;
     /// New flows recorded in conntrack (counted in addition to the packet's outcome).
     FlowNew = "flow_new", Event;
+    /// Flows that became assured (moved from `PM_CT_NEW` to `PM_CONNTRACK`).
+    FlowAssured = "flow_assured", Event;
+    /// An assured flow found `PM_CONNTRACK` full: it stays in `PM_CT_NEW`, which may shed it.
+    CtAssuredFull = "ct_assured_full", Event;
     /// A connect() or sendmsg() of a host-local client translated to a backend.
     SockTranslated = "sock_translated", Socket;
     /// A host-local client addressed a mapping whose Maglev table or backend is missing.

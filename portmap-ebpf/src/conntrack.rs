@@ -1,21 +1,30 @@
-//! Flow table: find, create (forward + reply entries together) and refresh flows.
+//! Flow table: find, create (forward + reply entries together), refresh and assure flows.
 //!
-//! Expiry is the daemon's job (it walks `PM_CONNTRACK`, pairs the two entries of a flow and
-//! deletes both once idle past the protocol's timeout, or past the close grace after FIN/RST), so
-//! the LRU only ever evicts when the table is truly full. The datapath only refreshes
-//! `last_seen_ns` (at most once per `LAST_SEEN_GRANULARITY_NS`) and marks closing flows.
+//! Two maps, as netfilter tells assured connections from the rest: a new flow goes into
+//! `PM_CT_NEW`, an LRU, and moves to `PM_CONNTRACK`, a hash that never evicts, once it is
+//! assured: the backend answered (the reply entry is marked `FLOW_F_REPLIED`) and the client
+//! then sent a packet that is not a SYN (for TCP, the handshake's ACK). A flood of spoofed SYNs
+//! (or of any new flows) therefore only ever sheds other unassured flows; established flows stay.
+//! When `PM_CONNTRACK` is full an assured flow stays in `PM_CT_NEW` (`ct_assured_full`).
+//!
+//! Expiry is the daemon's job (it walks both maps, pairs the two entries of a flow and deletes
+//! both once idle past the protocol's timeout, the handshake timeout for unassured TCP, or the
+//! close grace after FIN/RST). The datapath refreshes `last_seen_ns` (at most once per
+//! `LAST_SEEN_GRANULARITY_NS`) and marks closing and replied flows.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
 };
 use portmap_common::{
-    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, LAST_SEEN_GRANULARITY_NS, Stat,
+    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowValue,
+    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, Stat,
 };
 
 use crate::{
-    maps::PM_CONNTRACK,
+    maps::{PM_CONNTRACK, PM_CT_NEW},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::count,
 };
 
 /// The address and port a flow's packets are rewritten to, and the mapping's stats slot.
@@ -24,6 +33,8 @@ pub struct Nat {
     pub addr: Addr,
     pub port: u16,
     pub stats_slot: u32,
+    /// The flow is in `PM_CONNTRACK` (else in `PM_CT_NEW`).
+    pub assured: bool,
 }
 
 #[inline(always)]
@@ -45,45 +56,141 @@ pub fn flow_key(pkt: &Packet) -> FlowKey {
     }
 }
 
-/// Refreshes an entry for a packet seen now: last-seen time (rate-limited) and the closing mark.
 #[inline(always)]
-fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64) {
+fn entry(key: &FlowKey, assured: bool) -> Option<*mut FlowValue> {
+    if assured {
+        PM_CONNTRACK.get_ptr_mut(key)
+    } else {
+        PM_CT_NEW.get_ptr_mut(key)
+    }
+}
+
+#[inline(always)]
+fn remove(key: &FlowKey, assured: bool) {
+    let _ = if assured {
+        PM_CONNTRACK.remove(key)
+    } else {
+        PM_CT_NEW.remove(key)
+    };
+}
+
+/// Refreshes an entry for a packet seen now: last-seen time (rate-limited), the closing mark,
+/// and on the reply entry of an unassured flow the replied mark.
+#[inline(always)]
+fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64, mark: u8) {
     // SAFETY: `entry` comes from a successful map lookup; concurrent writers only store the same
-    // kind of values (a racy last_seen is harmless).
+    // kind of values (a racy last_seen or flag is harmless).
     unsafe {
         if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             (*entry).last_seen_ns = now;
         }
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 && (*entry).flags & FLOW_F_CLOSING == 0 {
-            (*entry).flags |= FLOW_F_CLOSING;
+        let mut flags = (*entry).flags | mark;
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags |= FLOW_F_CLOSING;
+        }
+        if flags != (*entry).flags {
+            (*entry).flags = flags;
         }
     }
 }
 
-/// Looks up the entry for `key` in direction `dir`. A TCP SYN (without ACK) on a closing flow is
-/// a new connection reusing the 5-tuple: it gets `None` so that the caller creates a fresh flow.
+/// A TCP SYN without ACK.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
-    let entry = PM_CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a pointer from a successful lookup stays valid for the program's run (RCU).
-    let v = unsafe { *entry };
-    if v.direction != dir {
-        return None;
-    }
-    if dir == DIR_FORWARD && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && v.flags & FLOW_F_CLOSING != 0 {
-        return None;
-    }
-    touch(entry, tcp_flags, now);
-    Some(Nat {
-        addr: v.nat_addr,
-        port: v.nat_port_be,
-        stats_slot: v.stats_slot,
-    })
+fn is_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Records a new flow to `backend` through `mapping`: the reply entry first (it may clash with
-/// another flow), then the forward entry; if the forward insert fails the reply entry is removed
-/// again, so the two are only ever present together.
+/// Looks up the entry for `key` in direction `dir`, assured flows first. A TCP SYN (without
+/// ACK) on a closing flow is a new connection reusing the 5-tuple: the old flow's entries are
+/// removed and the caller creates a fresh flow.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
+    for assured in [true, false] {
+        let Some(entry) = entry(key, assured) else {
+            continue;
+        };
+        // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
+        let v = unsafe { *entry };
+        if v.direction != dir {
+            return None;
+        }
+        if dir == DIR_FORWARD && is_syn(tcp_flags) && v.flags & FLOW_F_CLOSING != 0 {
+            remove(&key.reply(v.nat_addr, v.nat_port_be), assured);
+            remove(key, assured);
+            return None;
+        }
+        let mark = if !assured && dir == DIR_REPLY {
+            FLOW_F_REPLIED
+        } else {
+            0
+        };
+        touch(entry, tcp_flags, now, mark);
+        return Some(Nat {
+            addr: v.nat_addr,
+            port: v.nat_port_be,
+            stats_slot: v.stats_slot,
+            assured,
+        });
+    }
+    None
+}
+
+/// After a forward packet of an unassured flow: if the backend has answered and this packet
+/// completes the exchange (anything but a TCP SYN), moves both entries to `PM_CONNTRACK`.
+#[inline(always)]
+pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
+    if nat.assured || (key.proto == PROTO_TCP && tcp_flags & TCP_SYN != 0) {
+        return;
+    }
+    let reply_key = key.reply(nat.addr, nat.port);
+    // SAFETY: values copied out before any other map operation.
+    let Some(reply) = (unsafe { PM_CT_NEW.get(reply_key) }).copied() else {
+        return;
+    };
+    if reply.flags & FLOW_F_REPLIED == 0 {
+        return;
+    }
+    // SAFETY: as above.
+    let Some(forward) = (unsafe { PM_CT_NEW.get(key) }).copied() else {
+        return;
+    };
+    if PM_CONNTRACK
+        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        count(Stat::CtAssuredFull);
+        return;
+    }
+    if PM_CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)).is_err() {
+        let _ = PM_CONNTRACK.remove(reply_key);
+        count(Stat::CtAssuredFull);
+        return;
+    }
+    let _ = PM_CT_NEW.remove(reply_key);
+    let _ = PM_CT_NEW.remove(key);
+    count(Stat::FlowAssured);
+}
+
+/// Whether the reply key `reply_key` of a new flow from `pkt` to the published address is taken
+/// by another flow. An earlier incarnation of this very flow (same client port, same published
+/// address) is not a clash: it is removed.
+#[inline(always)]
+fn clashes(reply_key: &FlowKey, pkt: &Packet, assured: bool) -> bool {
+    let Some(old) = entry(reply_key, assured) else {
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let old = unsafe { *old };
+    if old.direction != DIR_REPLY || old.nat_addr != pkt.daddr || old.nat_port_be != pkt.dport {
+        return true;
+    }
+    remove(reply_key, assured);
+    false
+}
+
+/// Records a new flow to `backend` through `mapping` in `PM_CT_NEW`: the reply entry first (it
+/// may clash with another flow), then the forward entry; if the forward insert fails the reply
+/// entry is removed again, so the two are only ever present together.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
@@ -94,6 +201,9 @@ pub fn create(
 ) -> Result<Nat, Stat> {
     let (backend_addr, backend_port) = backend;
     let reply_key = key.reply(backend_addr, backend_port);
+    if clashes(&reply_key, pkt, true) || clashes(&reply_key, pkt, false) {
+        return Err(Stat::DropNatClash);
+    }
     let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         FLOW_F_CLOSING
     } else {
@@ -107,21 +217,8 @@ pub fn create(
         flags: 0,
         stats_slot,
     };
-    if PM_CONNTRACK
-        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // Taken: by an earlier incarnation of this very flow (same client port, same published
-        // address) it is ours to overwrite; by any other flow it is a clash.
-        // SAFETY: a value from a successful lookup, copied before any other map operation.
-        if let Some(old) = unsafe { PM_CONNTRACK.get(reply_key) }
-            && (old.direction != DIR_REPLY || old.nat_addr != pkt.daddr || old.nat_port_be != pkt.dport)
-        {
-            return Err(Stat::DropNatClash);
-        }
-        if PM_CONNTRACK.insert(reply_key, reply, u64::from(BPF_ANY)).is_err() {
-            return Err(Stat::DropCtFull);
-        }
+    if PM_CT_NEW.insert(reply_key, reply, u64::from(BPF_ANY)).is_err() {
+        return Err(Stat::DropCtFull);
     }
     let forward = FlowValue {
         last_seen_ns: now,
@@ -131,13 +228,14 @@ pub fn create(
         flags: closing,
         stats_slot,
     };
-    if PM_CONNTRACK.insert(key, forward, u64::from(BPF_ANY)).is_err() {
-        let _ = PM_CONNTRACK.remove(reply_key);
+    if PM_CT_NEW.insert(key, forward, u64::from(BPF_ANY)).is_err() {
+        let _ = PM_CT_NEW.remove(reply_key);
         return Err(Stat::DropCtFull);
     }
     Ok(Nat {
         addr: backend_addr,
         port: backend_port,
         stats_slot,
+        assured: false,
     })
 }

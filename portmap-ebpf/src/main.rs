@@ -42,7 +42,10 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     let key = conntrack::flow_key(&pkt);
     let now = conntrack::now_ns();
     let (nat, new_flow): (Nat, bool) = match conntrack::lookup(&key, DIR_FORWARD, pkt.tcp_flags, now) {
-        Some(nat) => (nat, false),
+        Some(nat) => {
+            conntrack::assure(&key, &nat, pkt.tcp_flags);
+            (nat, false)
+        }
         None => {
             let Some(mapping) = lb::find_mapping(&pkt) else {
                 return Verdict::pass(Stat::PassNoMapping);

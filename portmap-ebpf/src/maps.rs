@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use portmap_common::{
-    BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue, LocalAddrKey, MAX_LOCAL_ADDRS,
-    MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey,
-    SockRevKey, SockRevValue, Stat,
+    BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue,
+    LocalAddrKey, MAX_LOCAL_ADDRS, MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters,
+    MappingKey, MappingValue, PortKey, SockRevKey, SockRevValue, Stat,
 };
 
 /// (proto, host address, host port) → backend. Written by the daemon only.
@@ -25,10 +25,15 @@ pub static PM_BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MA
 #[map]
 pub static PM_MAGLEV: Array<MaglevTable> = Array::with_max_entries(DEFAULT_MAX_BACKEND_GROUPS, 0);
 
-/// Flows: two entries each (forward and reply), see `conntrack`.
+/// Assured flows: two entries each (forward and reply), never evicted, see `conntrack`.
 #[map]
-pub static PM_CONNTRACK: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+pub static PM_CONNTRACK: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Flows not assured yet, an LRU: under pressure it sheds only these.
+#[map]
+pub static PM_CT_NEW: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_NEW_ENTRIES, 0);
 
 /// Per-mapping packet/byte counters, indexed by `MappingValue::stats_slot`.
 #[map]

@@ -7,7 +7,8 @@ use std::{
 };
 
 use portmap_common::{
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,8 @@ pub struct Timeouts {
     pub tcp_seconds: u64,
     /// How long a TCP flow lives on after its first FIN or RST.
     pub tcp_close_seconds: u64,
+    /// Idle timeout of a TCP flow whose handshake has not completed (Cilium's default).
+    pub tcp_syn_seconds: u64,
     /// Idle timeout of a UDP flow (RFC 4787: at least 2 min).
     pub udp_seconds: u64,
     /// How often the daemon walks the flow table to expire flows.
@@ -53,6 +56,7 @@ impl Default for Timeouts {
         Self {
             tcp_seconds: 7440,
             tcp_close_seconds: 10,
+            tcp_syn_seconds: 60,
             udp_seconds: 120,
             gc_interval_seconds: 5,
         }
@@ -64,8 +68,11 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Published ports (a range of N ports counts N).
     pub max_mappings: u32,
-    /// Conntrack entries; each flow takes two.
+    /// Conntrack entries of assured flows (never evicted); each flow takes two.
     pub conntrack_entries: u32,
+    /// Conntrack entries of flows not assured yet (an LRU: a flood of new flows sheds only
+    /// these); each flow takes two.
+    pub conntrack_new_entries: u32,
     /// Backends of mappings with several backends, all together.
     pub max_backends: u32,
     /// Mappings with several backends (each has a Maglev table of 16 KiB).
@@ -77,6 +84,7 @@ impl Default for Limits {
         Self {
             max_mappings: DEFAULT_MAX_MAPPINGS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            conntrack_new_entries: DEFAULT_CONNTRACK_NEW_ENTRIES,
             max_backends: DEFAULT_MAX_BACKENDS,
             max_backend_groups: DEFAULT_MAX_BACKEND_GROUPS,
         }
@@ -272,12 +280,17 @@ impl Config {
         for (field, value) in [
             ("timeouts.tcp_seconds", self.timeouts.tcp_seconds),
             ("timeouts.tcp_close_seconds", self.timeouts.tcp_close_seconds),
+            ("timeouts.tcp_syn_seconds", self.timeouts.tcp_syn_seconds),
             ("timeouts.udp_seconds", self.timeouts.udp_seconds),
             ("timeouts.gc_interval_seconds", self.timeouts.gc_interval_seconds),
             ("limits.max_mappings", u64::from(self.limits.max_mappings)),
             (
                 "limits.conntrack_entries",
                 u64::from(self.limits.conntrack_entries),
+            ),
+            (
+                "limits.conntrack_new_entries",
+                u64::from(self.limits.conntrack_new_entries),
             ),
             ("limits.max_backends", u64::from(self.limits.max_backends)),
             (

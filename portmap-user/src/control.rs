@@ -46,10 +46,14 @@ pub struct StatsReport {
     pub mappings: Vec<MappingStats>,
     /// Global outcome counters (`portmap_common::stat::NAMES`), in code order.
     pub counters: Vec<(String, u64)>,
-    /// Flows in the conntrack table at the last expiry pass.
+    /// Assured flows in the conntrack table at the last expiry pass.
     pub active_flows: u64,
-    /// Flows the conntrack table holds (`limits.conntrack_entries` / 2).
+    /// Assured flows the conntrack table holds (`limits.conntrack_entries` / 2).
     pub flow_capacity: u64,
+    /// Flows not assured yet (no completed handshake or no reply) at the last expiry pass.
+    pub new_flows: u64,
+    /// Flows the table of new flows holds (`limits.conntrack_new_entries` / 2).
+    pub new_flow_capacity: u64,
 }
 
 impl StatsReport {

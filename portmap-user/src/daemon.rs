@@ -75,11 +75,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
     };
     let mut state = State {
         table: Table::new(capacity, cfg.dynamic_ports),
-        flows: FlowTable {
-            active: 0,
-            capacity: u64::from(cfg.limits.conntrack_entries / 2),
-            high: false,
-        },
+        flows: FlowTable::new(&cfg.limits),
         config: cfg.clone(),
         reload,
         dp,
@@ -135,29 +131,66 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// What the last expiry pass saw of the flow table.
-struct FlowTable {
+/// What the last expiry pass saw of one flow table, with a warning when it crosses 90 % (said
+/// again when it is back under 80 %).
+struct Fill {
     active: u64,
     /// Flows that fit (two conntrack entries each).
     capacity: u64,
     high: bool,
+    /// What reaching the top means, and what to do.
+    full: &'static str,
 }
 
-impl FlowTable {
-    /// Records a pass; warns once when the table crosses 90 % (the LRU then starts evicting live
-    /// flows) and says so again when it is back under 80 %.
-    fn update(&mut self, active: u64) {
+impl Fill {
+    fn new(entries: u32, full: &'static str) -> Self {
+        Self {
+            active: 0,
+            capacity: u64::from(entries / 2),
+            high: false,
+            full,
+        }
+    }
+
+    fn update(&mut self, table: &str, active: u64) {
         self.active = active;
         if !self.high && active * 10 >= self.capacity * 9 {
             self.high = true;
             warn!(
-                "flow table {active}/{} flows (>= 90 %): raise limits.conntrack_entries before live flows are evicted",
-                self.capacity
+                "{table} {active}/{} flows (>= 90 %): {}",
+                self.capacity, self.full
             );
         } else if self.high && active * 10 < self.capacity * 8 {
             self.high = false;
-            info!("flow table back under 80 % ({active}/{} flows)", self.capacity);
+            info!("{table} back under 80 % ({active}/{} flows)", self.capacity);
         }
+    }
+}
+
+/// The two flow tables: assured flows (never evicted) and flows not assured yet (shed first).
+struct FlowTable {
+    assured: Fill,
+    new: Fill,
+}
+
+impl FlowTable {
+    fn new(limits: &crate::config::Limits) -> Self {
+        Self {
+            assured: Fill::new(
+                limits.conntrack_entries,
+                "when full, new flows stay unassured and may be shed; raise limits.conntrack_entries",
+            ),
+            new: Fill::new(
+                limits.conntrack_new_entries,
+                "flows that have not completed a handshake are being shed (a SYN flood?); \
+                 established flows are not affected; raise limits.conntrack_new_entries if this is normal load",
+            ),
+        }
+    }
+
+    fn update(&mut self, plan: &datapath::ExpiryPlan) {
+        self.assured.update("flow table", plan.live_flows);
+        self.new.update("table of new flows", plan.new_flows);
     }
 }
 
@@ -190,7 +223,7 @@ async fn serve(
                 let timeouts = &state.config.timeouts;
                 match datapath::monotonic_ns().and_then(|now| state.dp.expire_flows(now, timeouts)) {
                     Ok(plan) => {
-                        state.flows.update(plan.live_flows);
+                        state.flows.update(&plan);
                         state.table.release_drained(&plan.slots_in_use);
                     }
                     Err(e) => warn!("flow expiry pass failed: {e:#}"),
@@ -389,7 +422,9 @@ fn stats(state: &State) -> anyhow::Result<StatsReport> {
     Ok(StatsReport {
         mappings,
         counters,
-        active_flows: state.flows.active,
-        flow_capacity: state.flows.capacity,
+        active_flows: state.flows.assured.active,
+        flow_capacity: state.flows.assured.capacity,
+        new_flows: state.flows.new.active,
+        new_flow_capacity: state.flows.new.capacity,
     })
 }

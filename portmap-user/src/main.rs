@@ -257,4 +257,6 @@ fn print_stats(stats: &StatsReport) {
     }
     println!("{:<24} {:>14}", "active_flows", stats.active_flows);
     println!("{:<24} {:>14}", "flow_capacity", stats.flow_capacity);
+    println!("{:<24} {:>14}", "new_flows", stats.new_flows);
+    println!("{:<24} {:>14}", "new_flow_capacity", stats.new_flow_capacity);
 }

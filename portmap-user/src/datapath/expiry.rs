@@ -1,6 +1,7 @@
-//! Flow expiry: the daemon walks `PM_CONNTRACK` every `gc_interval_seconds`, pairs the two
-//! entries of each flow (`FlowKey::reply`, the same function the datapath inserts with) and
-//! deletes both once the flow is idle past its timeout.
+//! Flow expiry: the daemon walks both flow tables (`PM_CONNTRACK`, assured flows, and
+//! `PM_CT_NEW`) every `gc_interval_seconds`, pairs the two entries of each flow
+//! (`FlowKey::reply`, the same function the datapath inserts with) and deletes both once the
+//! flow is idle past its timeout.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
@@ -13,36 +14,62 @@ use super::Datapath;
 use crate::{config::Timeouts, table::FlowFlush};
 
 impl Datapath {
-    /// Deletes expired flows (both entries); returns what remains (flows, slots in use).
-    pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<ExpiryPlan> {
-        let capacity = self.conntrack_entries as usize;
-        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
-        // Iterating while the datapath inserts and deletes can revisit keys (the next key of a
-        // deleted one is the first one): a pass reads at most the table's capacity.
-        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).take(capacity).collect();
-        let plan = plan_expiry(&entries, now_ns, timeouts);
-        for key in &plan.delete {
-            // Already gone (LRU eviction or a concurrent re-creation) is fine.
-            let _ = ct.remove(key);
-        }
-        Ok(plan)
+    /// The flow tables: (map, capacity, holds assured flows).
+    fn flow_tables(&self) -> [(&'static str, usize, bool); 2] {
+        [
+            (map_names::CONNTRACK, self.conntrack_entries as usize, true),
+            (map_names::CT_NEW, self.conntrack_new_entries as usize, false),
+        ]
     }
 
-    /// Deletes the UDP flows `flushes` select (`plan_udp_flush`); returns how many flows.
+    /// Every entry of one flow table. Iterating while the datapath inserts and deletes can
+    /// revisit keys (the next key of a deleted one is the first one): at most its capacity.
+    pub(super) fn table_entries(
+        &self,
+        name: &str,
+        capacity: usize,
+    ) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let ct: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(self.map(name)?)?;
+        Ok(ct.iter().filter_map(Result::ok).take(capacity).collect())
+    }
+
+    fn delete_entries(&mut self, name: &str, keys: &[FlowKey]) -> anyhow::Result<()> {
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(name)?)?;
+        for key in keys {
+            // Already gone (LRU eviction, a promotion or a concurrent re-creation) is fine.
+            let _ = ct.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Deletes expired flows (both entries) of both tables; returns what remains.
+    pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<ExpiryPlan> {
+        let mut total = ExpiryPlan::default();
+        for (name, capacity, assured) in self.flow_tables() {
+            let entries = self.table_entries(name, capacity)?;
+            let plan = plan_expiry(&entries, now_ns, timeouts, assured);
+            self.delete_entries(name, &plan.delete)?;
+            total.live_flows += plan.live_flows;
+            total.new_flows += plan.new_flows;
+            total.slots_in_use.extend(plan.slots_in_use);
+            total.delete.extend(plan.delete);
+        }
+        Ok(total)
+    }
+
+    /// Deletes the UDP flows `flushes` select (`plan_udp_flush`) in both tables; returns how many
+    /// flows.
     pub fn flush_udp_flows(&mut self, flushes: &[FlowFlush]) -> anyhow::Result<usize> {
         if flushes.is_empty() {
             return Ok(0);
         }
-        let capacity = self.conntrack_entries as usize;
-        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
-        let entries: Vec<(FlowKey, FlowValue)> = ct.iter().filter_map(Result::ok).take(capacity).collect();
-        let delete = plan_udp_flush(&entries, flushes);
-        for key in &delete {
-            let _ = ct.remove(key);
+        let mut flows = 0;
+        for (name, capacity, _) in self.flow_tables() {
+            let delete = plan_udp_flush(&self.table_entries(name, capacity)?, flushes);
+            self.delete_entries(name, &delete)?;
+            flows += delete.len() / 2;
         }
-        Ok(delete.len() / 2)
+        Ok(flows)
     }
 }
 
@@ -50,7 +77,10 @@ impl Datapath {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ExpiryPlan {
     pub delete: Vec<FlowKey>,
+    /// Assured flows that stay.
     pub live_flows: u64,
+    /// Flows not assured yet that stay.
+    pub new_flows: u64,
     /// The stats slots the entries that stay still count into: a freed slot is not handed to
     /// another mapping while any is left (`Table::release_drained`).
     pub slots_in_use: HashSet<u32>,
@@ -81,11 +111,13 @@ pub fn plan_udp_flush(entries: &[(FlowKey, FlowValue)], flushes: &[FlowFlush]) -
     delete
 }
 
-/// Pure expiry decision. A flow's age is that of its most recent entry; its limit is the UDP or
-/// TCP idle timeout, or the close grace once either direction saw FIN/RST. A lone entry (its
-/// partner was evicted, or is being created this instant) goes after the close grace.
+/// Pure expiry decision for the entries of one table (`assured`: `PM_CONNTRACK`). A flow's age
+/// is that of its most recent entry; its limit is the UDP timeout, the TCP idle timeout (the
+/// handshake timeout `tcp_syn_seconds` for a TCP flow not assured), or the close grace once
+/// either direction saw FIN/RST. A lone entry (its partner was evicted, or is being moved or
+/// created this instant) goes after the close grace.
 #[must_use]
-pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) -> ExpiryPlan {
+pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts, assured: bool) -> ExpiryPlan {
     const NS: u64 = 1_000_000_000;
     let by_key: StdHashMap<FlowKey, FlowValue> = entries.iter().copied().collect();
     let mut plan = ExpiryPlan::default();
@@ -107,14 +139,20 @@ pub fn plan_expiry(entries: &[(FlowKey, FlowValue)], now_ns: u64, t: &Timeouts) 
             t.udp_seconds.saturating_mul(NS)
         } else if (value.flags | reply.flags) & FLOW_F_CLOSING != 0 {
             close_grace
-        } else {
+        } else if assured {
             t.tcp_seconds.saturating_mul(NS)
+        } else {
+            t.tcp_syn_seconds.saturating_mul(NS)
         };
         if age > limit {
             plan.delete.push(*key);
             plan.delete.push(rkey);
         } else {
-            plan.live_flows += 1;
+            if assured {
+                plan.live_flows += 1;
+            } else {
+                plan.new_flows += 1;
+            }
             plan.slots_in_use.insert(value.stats_slot);
         }
     }
@@ -187,6 +225,7 @@ mod tests {
         let t = Timeouts {
             tcp_seconds: 100,
             tcp_close_seconds: 10,
+            tcp_syn_seconds: 20,
             udp_seconds: 30,
             gc_interval_seconds: 1,
         };
@@ -206,7 +245,7 @@ mod tests {
         entries.push(orphan_reply);
         entries.push(young_orphan);
 
-        let plan = plan_expiry(&entries, now, &t);
+        let plan = plan_expiry(&entries, now, &t, true);
         assert_eq!(
             plan.slots_in_use,
             HashSet::from([0]),
@@ -259,5 +298,24 @@ mod tests {
             )),
         };
         assert_eq!(plan_udp_flush(&entries, &[its_backend]), vec![b[0].0, b[1].0]);
+    }
+
+    #[test]
+    fn unassured_tcp_flows_expire_after_the_handshake_timeout() {
+        let t = Timeouts {
+            tcp_syn_seconds: 60,
+            ..Timeouts::default()
+        };
+        let now = 10_000 * S;
+        let young = flow(PROTO_TCP, 1, now - 59 * S, now - 59 * S, 0);
+        let old = flow(PROTO_TCP, 2, now - 61 * S, now - 61 * S, 0);
+        let entries: Vec<_> = [young, old].into_iter().flatten().collect();
+        let new = plan_expiry(&entries, now, &t, false);
+        assert_eq!(new.delete, vec![old[0].0, old[1].0]);
+        assert_eq!((new.live_flows, new.new_flows), (0, 1));
+        // The same flows assured live for tcp_seconds.
+        let assured = plan_expiry(&entries, now, &t, true);
+        assert!(assured.delete.is_empty());
+        assert_eq!((assured.live_flows, assured.new_flows), (2, 0));
     }
 }

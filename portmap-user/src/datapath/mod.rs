@@ -13,7 +13,7 @@
 //! ```text
 //! PIN_DIR/maps/PM_MAPPINGS, PM_BACKENDS, PM_MAGLEV, PM_CONNTRACK, PM_MAPPING_STATS,
 //!              PM_GLOBAL_STATS, PM_REDIRECT_DEVS, PM_LOCAL_ADDRS, PM_PUBLISHED_PORTS,
-//!              PM_SOCK_REVERSE                                        (map_names::ALL)
+//!              PM_SOCK_REVERSE, PM_CT_NEW                             (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
 //! PIN_DIR/links/cgroup_portmap_connect4 ... cgroup_portmap_bind6      (the socket hooks)
 //! ```
@@ -61,8 +61,9 @@ pub struct Datapath {
     attachments: Vec<attach::Attachment>,
     /// `shutdown` ran: nothing attached or pinned is left.
     shut_down: bool,
-    /// Capacity of `PM_CONNTRACK`, which bounds one expiry pass.
+    /// Capacities of `PM_CONNTRACK` and `PM_CT_NEW`, which bound one expiry pass.
     conntrack_entries: u32,
+    conntrack_new_entries: u32,
 }
 
 impl Datapath {
@@ -98,6 +99,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKENDS, limits.max_backends)
             .map_max_entries(map_names::MAGLEV, limits.max_backend_groups)
             .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
+            .map_max_entries(map_names::CT_NEW, limits.conntrack_new_entries)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         let mut dp = Self {
@@ -106,6 +108,7 @@ impl Datapath {
             attachments: Vec::new(),
             shut_down: false,
             conntrack_entries: limits.conntrack_entries,
+            conntrack_new_entries: limits.conntrack_new_entries,
         };
         let xdp: &mut Xdp = dp.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
         xdp.load()

@@ -14,20 +14,28 @@ use portmap_common::{FlowKey, FlowValue, map_names};
 use super::{Datapath, Hook, cgroup::SOCK_PROGRAMS};
 
 impl Datapath {
-    /// Every conntrack entry (both directions of every flow).
-    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let ct: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(self.map(map_names::CONNTRACK)?)?;
-        let entries = ct.iter().take(self.conntrack_entries as usize);
-        Ok(entries.collect::<Result<_, _>>()?)
+    /// Every conntrack entry (both directions of every flow), and whether it is in the table of
+    /// assured flows.
+    pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue, bool)>> {
+        let mut all = Vec::new();
+        for (name, capacity, assured) in [
+            (map_names::CONNTRACK, self.conntrack_entries, true),
+            (map_names::CT_NEW, self.conntrack_new_entries, false),
+        ] {
+            let entries = self.table_entries(name, capacity as usize)?;
+            all.extend(entries.into_iter().map(|(k, v)| (k, v, assured)));
+        }
+        Ok(all)
     }
 
-    /// Empties the conntrack table.
+    /// Empties both flow tables.
     pub fn clear_flows(&mut self) -> anyhow::Result<()> {
-        let keys: Vec<FlowKey> = self.flows()?.into_iter().map(|(k, _)| k).collect();
-        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> =
-            HashMap::try_from(self.map_mut(map_names::CONNTRACK)?)?;
-        for key in keys {
-            ct.remove(&key)?;
+        for name in [map_names::CONNTRACK, map_names::CT_NEW] {
+            let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(name)?)?;
+            let keys: Vec<FlowKey> = ct.keys().collect::<Result<_, _>>()?;
+            for key in keys {
+                ct.remove(&key)?;
+            }
         }
         Ok(())
     }

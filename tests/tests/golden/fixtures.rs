@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use portmap::{datapath::Hook, maglev};
-use portmap_common::{Stat, addr_words, flow_hash, maglev_slot};
+use portmap_common::{FLOW_F_REPLIED, Stat, addr_words, flow_hash, maglev_slot};
 
 use crate::{
     BACKEND, BACKEND6, CLIENT, CLIENT6, FlowEntry, Golden, HOST, HOST6, diff, expected_action, outcome,
@@ -35,7 +35,9 @@ pub struct Row {
     pub name: String,
     pub hooks: &'static [Hook],
     /// Run through TC ingress first (they must be forwarded), e.g. to establish a flow.
-    pub setup: Vec<Vec<u8>>,
+    /// Packets run first, each on its hook (ingress packets must be forwarded, egress ones
+    /// reverse-NATed).
+    pub setup: Vec<(Hook, Vec<u8>)>,
     pub input: Vec<u8>,
     pub stat: Stat,
     pub new_flow: bool,
@@ -66,7 +68,14 @@ impl Row {
         }
     }
 
+    /// Setup packets from the client (TC ingress).
     fn after(mut self, setup: Vec<Vec<u8>>) -> Self {
+        self.setup = setup.into_iter().map(|p| (Hook::TcIngress, p)).collect();
+        self
+    }
+
+    /// Setup packets both ways: from the client (TC ingress) and from the backend (TC egress).
+    fn after_exchange(mut self, setup: Vec<(Hook, Vec<u8>)>) -> Self {
         self.setup = setup;
         self
     }
@@ -94,6 +103,9 @@ struct Flow {
     slot: u32,
     closing_forward: bool,
     closing_reply: bool,
+    /// The backend answered (`FLOW_F_REPLIED` on the reply entry, kept when assured).
+    replied: bool,
+    assured: bool,
 }
 
 impl Flow {
@@ -111,6 +123,8 @@ impl Flow {
             backend: (backend.0.into(), backend.1),
             slot,
             closing_forward: false,
+            replied: false,
+            assured: false,
             closing_reply: false,
         }
     }
@@ -124,6 +138,8 @@ impl Flow {
             slot,
             closing_forward: false,
             closing_reply: false,
+            replied: false,
+            assured: false,
         }
     }
 
@@ -150,6 +166,19 @@ impl Flow {
         self
     }
 
+    fn replied(mut self) -> Self {
+        self.replied = true;
+        self
+    }
+
+    /// Assured: the backend answered and the client's next packet moved it to `PM_CONNTRACK`
+    /// (the reply entry keeps its replied mark).
+    fn assured(mut self) -> Self {
+        self.assured = true;
+        self.replied = true;
+        self
+    }
+
     fn entries(self) -> Vec<FlowEntry> {
         let mut entries = vec![
             FlowEntry {
@@ -160,6 +189,7 @@ impl Flow {
                 forward: true,
                 flags: u8::from(self.closing_forward),
                 stats_slot: self.slot,
+                assured: self.assured,
             },
             FlowEntry {
                 src: self.backend,
@@ -167,8 +197,9 @@ impl Flow {
                 proto: self.proto,
                 nat: self.host,
                 forward: false,
-                flags: u8::from(self.closing_reply),
+                flags: u8::from(self.closing_reply) | if self.replied { FLOW_F_REPLIED } else { 0 },
                 stats_slot: self.slot,
+                assured: self.assured,
             },
         ];
         entries.sort();
@@ -206,6 +237,13 @@ fn dns() -> Frame {
 pub fn rows() -> Vec<Row> {
     let syn = web(SYN).build();
     let fin = web(FIN | ACK).build();
+    let syn_ack = Frame::tcp(from_backend(80), client(), SYN | ACK)
+        .sent_by_backend()
+        .build();
+    let dns_reply = Frame::udp((BACKEND, 81), client())
+        .sent_by_backend()
+        .payload(64)
+        .build();
     let mut rows = vec![
         // --- TCP, forward path
         Row::rewritten(
@@ -272,7 +310,61 @@ pub fn rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![syn.clone()])
+        .leaves(Flow::web().replied().entries()),
+        // --- assured flows (PM_CONNTRACK) and flows not assured yet (PM_CT_NEW)
+        Row::rewritten(
+            "tcp handshake ACK after the backend's SYN-ACK: the flow becomes assured",
+            INGRESS,
+            web(ACK).build(),
+            Stat::FwdRedirect,
+            web(ACK).dnat(BACKEND, 80).routed_to_backend().build(),
+        )
+        .after_exchange(vec![(Hook::TcIngress, syn.clone()), (Hook::TcEgress, syn_ack.clone())])
+        .leaves(Flow::web().assured().entries()),
+        Row::rewritten(
+            "tcp SYN again after the backend's SYN-ACK (a retransmission): not assured",
+            INGRESS,
+            web(SYN).build(),
+            Stat::FwdRedirect,
+            web(SYN).dnat(BACKEND, 80).routed_to_backend().build(),
+        )
+        .after_exchange(vec![(Hook::TcIngress, syn.clone()), (Hook::TcEgress, syn_ack.clone())])
+        .leaves(Flow::web().replied().entries()),
+        Row::rewritten(
+            "tcp ACK with no answer from the backend yet: not assured",
+            INGRESS,
+            web(ACK).build(),
+            Stat::FwdRedirect,
+            web(ACK).dnat(BACKEND, 80).routed_to_backend().build(),
+        )
+        .after(vec![syn.clone()])
         .leaves(Flow::web().entries()),
+        Row::rewritten(
+            "udp request after the backend's reply: the flow becomes assured",
+            INGRESS,
+            dns().build(),
+            Stat::FwdRedirect,
+            dns().dnat(BACKEND, 81).routed_to_backend().build(),
+        )
+        .after_exchange(vec![(Hook::TcIngress, dns().build()), (Hook::TcEgress, dns_reply.clone())])
+        .leaves(Flow::dns().assured().entries()),
+        Row::rewritten(
+            "tcp data from the backend on an assured flow: restored",
+            EGRESS,
+            Frame::tcp(from_backend(80), client(), ACK).sent_by_backend().payload(10).build(),
+            Stat::ReplyNat,
+            Frame::tcp(from_backend(80), client(), ACK)
+                .sent_by_backend()
+                .payload(10)
+                .snat(HOST, TCP_PORT)
+                .build(),
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (Hook::TcEgress, syn_ack.clone()),
+            (Hook::TcIngress, web(ACK).build()),
+        ])
+        .leaves(Flow::web().assured().entries()),
         Row::rewritten(
             "tcp RST from the backend: restored, reply entry marked closing",
             EGRESS,
@@ -284,7 +376,7 @@ pub fn rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![syn.clone()])
-        .leaves(Flow::web().closing_reply().entries()),
+        .leaves(Flow::web().closing_reply().replied().entries()),
         Row::untouched(
             "tcp from a backend address with no flow: untouched",
             EGRESS,
@@ -345,7 +437,7 @@ pub fn rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![dns().build()])
-        .leaves(Flow::dns().entries()),
+        .leaves(Flow::dns().replied().entries()),
         Row::rewritten(
             "udp reply with checksum 0: source restored, checksum stays 0",
             EGRESS,
@@ -359,7 +451,7 @@ pub fn rows() -> Vec<Row> {
             ),
         )
         .after(vec![dns().build()])
-        .leaves(Flow::dns().entries()),
+        .leaves(Flow::dns().replied().entries()),
         // --- what portmap leaves alone
         Row::untouched(
             "udp to an address that is not the host's (transit), wildcard port: not mapped, untouched",
@@ -617,7 +709,7 @@ fn ipv6_rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![web6(SYN).build()])
-        .leaves(web6_flow().entries()),
+        .leaves(web6_flow().replied().entries()),
         Row::rewritten(
             "IPv6 udp to a port bound on every address ([::]): rewritten and redirected",
             INGRESS,
@@ -638,7 +730,7 @@ fn ipv6_rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![dns6().build()])
-        .leaves(dns6_flow().entries()),
+        .leaves(dns6_flow().replied().entries()),
         Row::rewritten(
             "IPv6 with a hop-by-hop options header: skipped, rewritten, header kept",
             INGRESS,
@@ -739,7 +831,7 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![init().build()])
-        .leaves(sctp_flow().entries()),
+        .leaves(sctp_flow().replied().entries()),
         Row::untouched(
             "SCTP to an unmapped port: untouched",
             INGRESS,
@@ -771,12 +863,18 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
 /// Runs one row on one hook from an empty conntrack table; an error names what differed.
 fn check(g: &mut Golden, row: &Row, hook: Hook) -> anyhow::Result<()> {
     g.dp.clear_flows()?;
-    for packet in &row.setup {
-        let run = g.run(Hook::TcIngress, packet)?;
+    for (setup_hook, packet) in &row.setup {
+        let run = g.run(*setup_hook, packet)?;
         let (code, _) = outcome(&run.counted)?;
+        let want = if *setup_hook == Hook::TcEgress {
+            Stat::ReplyNat
+        } else {
+            Stat::FwdRedirect
+        };
         anyhow::ensure!(
-            code == Stat::FwdRedirect,
-            "setup packet counted as {}",
+            code == want,
+            "setup packet on {} counted as {}",
+            setup_hook.as_str(),
             code.name()
         );
     }

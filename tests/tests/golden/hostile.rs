@@ -400,7 +400,7 @@ pub fn fuzz(g: &mut Golden) -> anyhow::Result<String> {
     let targets = Targets::new()?;
     let corpus: Vec<Vec<u8>> = fixtures::rows()
         .into_iter()
-        .flat_map(|row| row.setup.into_iter().chain([row.input]))
+        .flat_map(|row| row.setup.into_iter().map(|(_, p)| p).chain([row.input]))
         .collect();
     let mut tally = Tally::default();
     for i in 0..packets {

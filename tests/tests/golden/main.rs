@@ -192,6 +192,7 @@ impl Golden {
         let limits = Limits {
             max_mappings: 64,
             conntrack_entries: CONNTRACK_ENTRIES,
+            conntrack_new_entries: CONNTRACK_ENTRIES,
             max_backends: 64,
             max_backend_groups: 8,
         };
@@ -238,7 +239,7 @@ impl Golden {
             .dp
             .flows()?
             .into_iter()
-            .map(|(k, v)| FlowEntry {
+            .map(|(k, v, assured)| FlowEntry {
                 src: (words_addr(k.family, k.src), u16::from_be(k.src_port_be)),
                 dst: (words_addr(k.family, k.dst), u16::from_be(k.dst_port_be)),
                 proto: k.proto,
@@ -246,6 +247,7 @@ impl Golden {
                 forward: v.direction == DIR_FORWARD,
                 flags: v.flags,
                 stats_slot: v.stats_slot,
+                assured,
             })
             .collect();
         entries.sort();
@@ -263,6 +265,8 @@ pub struct FlowEntry {
     pub forward: bool,
     pub flags: u8,
     pub stats_slot: u32,
+    /// In `PM_CONNTRACK` (else in `PM_CT_NEW`).
+    pub assured: bool,
 }
 
 const _: () = assert!(size_of::<FlowValue>() == 32, "FlowEntry mirrors FlowValue");

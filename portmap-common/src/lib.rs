@@ -53,8 +53,9 @@ pub mod map_names {
     pub const PUBLISHED_PORTS: &str = "PM_PUBLISHED_PORTS";
     pub const SOCK_REVERSE: &str = "PM_SOCK_REVERSE";
     pub const CT_NEW: &str = "PM_CT_NEW";
+    pub const FRAGMENTS: &str = "PM_FRAGMENTS";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -66,6 +67,7 @@ pub mod map_names {
         PUBLISHED_PORTS,
         SOCK_REVERSE,
         CT_NEW,
+        FRAGMENTS,
     ];
 }
 
@@ -118,6 +120,10 @@ pub const MAX_PUBLISHED_PORTS: u32 = DEFAULT_MAX_MAPPINGS;
 /// Sockets of host-local clients whose replies are reported from the published address
 /// (`PM_SOCK_REVERSE`, an LRU).
 pub const DEFAULT_SOCK_REVERSE_ENTRIES: u32 = 65_536;
+
+/// Datagrams in flight in fragments (`PM_FRAGMENTS`, an LRU): the first fragment's ports, for the
+/// fragments that follow.
+pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8_192;
 
 /// Name of the load-time global holding the cookie of the daemon's network namespace (the
 /// host's): loopback destinations and bind protection apply only to sockets there.
@@ -340,6 +346,30 @@ pub struct SockRevValue {
 }
 const _: () = assert!(size_of::<SockRevValue>() == 20);
 
+map_layout! {
+/// Key of `PM_FRAGMENTS`: one fragmented datagram as its fragments arrive (addresses before any
+/// rewrite, the IPv4 identification or the IPv6 fragment header's identification).
+#[derive(Hash)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+map_layout! {
+/// Value of `PM_FRAGMENTS`: the L4 ports the first fragment carried.
+pub struct FragPorts {
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+}
+}
+const _: () = assert!(size_of::<FragPorts>() == 4);
+
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes it (~1 s).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1 << 30;
 
@@ -407,7 +437,9 @@ mod pod {
         super::LocalAddrKey,
         super::PortKey,
         super::SockRevKey,
-        super::SockRevValue
+        super::SockRevValue,
+        super::FragKey,
+        super::FragPorts
     );
 }
 

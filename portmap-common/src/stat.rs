@@ -64,7 +64,8 @@ stats! {
     PassNotOurs = "pass_not_ours", Pass;
     /// TCP/UDP with no mapping and no flow.
     PassNoMapping = "pass_no_mapping", Pass;
-    /// IPv4 fragment or IPv6 fragment header: left to the kernel.
+    /// A fragment after the first of a datagram whose first fragment was not seen (it arrived
+    /// out of order, or the datagram is not for a mapping): left to the kernel.
     PassFragment = "pass_fragment", Pass;
     /// Truncated TCP/UDP header: left to the kernel (which drops it).
     PassMalformedL4 = "pass_malformed_l4", Pass;

@@ -2,8 +2,8 @@
 //! XDP and TC hooks through `ctx::PacketCtx`: parse → conntrack lookup → (mapping lookup →
 //! backend choice → flow creation) → rewrite → forward, and count the outcome.
 //!
-//! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`,
-//! `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
+//! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`, `frag`
+//! (ports of later fragments), `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
 //! + redirect), `stats` (counters), `sock` (cgroup socket hooks for host-local clients).
 #![no_std]
 #![no_main]
@@ -11,6 +11,7 @@
 mod conntrack;
 mod ctx;
 mod forward;
+mod frag;
 mod lb;
 mod maps;
 mod nat;
@@ -29,13 +30,14 @@ use crate::{
     conntrack::Nat,
     ctx::{PacketCtx, Verdict},
     nat::Side,
+    parse::FRAG_LATER,
     stats::{count, count_mapping},
 };
 
 /// Client → published address: find or create the flow, rewrite the destination, forward.
 #[inline(always)]
 fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
-    let pkt = match parse::parse(ctx) {
+    let pkt = match parse::parse(ctx).and_then(|mut pkt| frag::complete(&mut pkt).map(|()| pkt)) {
         Ok(pkt) => pkt,
         Err(verdict) => return verdict,
     };
@@ -46,6 +48,8 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
             conntrack::assure(&key, &nat, pkt.tcp_flags);
             (nat, false)
         }
+        // Only a datagram's first fragment (or a whole one) starts a flow.
+        None if pkt.frag == FRAG_LATER => return Verdict::pass(Stat::PassFragment),
         None => {
             let Some(mapping) = lb::find_mapping(&pkt) else {
                 return Verdict::pass(Stat::PassNoMapping);
@@ -61,6 +65,7 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     if new_flow {
         count(Stat::FlowNew);
     }
+    frag::remember(&pkt);
     if nat::rewrite(ctx, &pkt, Side::Destination, nat.addr, nat.port).is_err() {
         return Verdict::drop(Stat::DropError);
     }
@@ -71,14 +76,19 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
 /// Backend → client, leaving through the client-facing interface: restore the published source.
 #[inline(always)]
 fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
-    let pkt = match parse::parse(ctx) {
+    let pkt = match parse::parse(ctx).and_then(|mut pkt| frag::complete(&mut pkt).map(|()| pkt)) {
         Ok(pkt) => pkt,
         Err(verdict) => return verdict,
     };
     let key = conntrack::flow_key(&pkt);
     let Some(nat) = conntrack::lookup(&key, DIR_REPLY, pkt.tcp_flags, conntrack::now_ns()) else {
-        return Verdict::pass(Stat::PassNoMapping);
+        return Verdict::pass(if pkt.frag == FRAG_LATER {
+            Stat::PassFragment
+        } else {
+            Stat::PassNoMapping
+        });
     };
+    frag::remember(&pkt);
     if nat::rewrite(ctx, &pkt, Side::Source, nat.addr, nat.port).is_err() {
         return Verdict::drop(Stat::DropError);
     }

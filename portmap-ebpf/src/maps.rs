@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use portmap_common::{
     BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue,
-    LocalAddrKey, MAX_LOCAL_ADDRS, MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters,
-    MappingKey, MappingValue, PortKey, SockRevKey, SockRevValue, Stat,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue, FragKey,
+    FragPorts, LocalAddrKey, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_PUBLISHED_PORTS,
+    MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey, SockRevKey,
+    SockRevValue, Stat,
 };
 
 /// (proto, host address, host port) → backend. Written by the daemon only.
@@ -61,3 +62,8 @@ pub static PM_PUBLISHED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(
 #[map]
 pub static PM_SOCK_REVERSE: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(DEFAULT_SOCK_REVERSE_ENTRIES, 0);
+
+/// Fragmented datagrams: the first fragment's ports for the fragments that follow.
+#[map]
+pub static PM_FRAGMENTS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTED_DATAGRAMS, 0);

@@ -73,6 +73,7 @@ pub fn rewrite<C: PacketCtx>(
         }
         ctx.store(addr_off + 4 * i, addr[i])?;
     }
+    // A later fragment has no L4 header (l4_check_off is None): addresses only.
     if old_port != port
         && let Some(off) = check_off
     {

@@ -4,7 +4,8 @@
 //! Outcomes for what is not a parseable packet of ours (documented in the README):
 //! - not IPv4/IPv6, not TCP/UDP/SCTP, QinQ, an IPv6 routing header or more than two extension
 //!   headers: pass untouched (`pass_not_ours`);
-//! - IPv4 fragments (first or not), IPv6 fragment header: pass untouched (`pass_fragment`);
+//! - fragments: the first (offset 0) is parsed with its L4 header; later ones carry none and
+//!   are marked `FRAG_LATER` for `frag::ports` (IPv4 flags/offset, one IPv6 fragment header);
 //! - invalid IP header (IPv4: version, IHL < 5, total length beyond the packet or below the
 //!   header; IPv6: payload beyond the packet): drop (`drop_malformed`), as the kernel would;
 //! - truncated L4 header or TCP data offset < 5: pass untouched (`pass_malformed_l4`) and let
@@ -27,14 +28,20 @@ use crate::ctx::{Header, PacketCtx, Verdict, load};
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
-/// IPv4 `frag_off` bits: More Fragments and the 13-bit offset.
+/// IPv4 `frag_off` bits: More Fragments and the 13-bit offset; the offset alone.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+/// `Packet::frag`: not a fragment, the first fragment (with the L4 header), a later one.
+pub const FRAG_NONE: u8 = 0;
+pub const FRAG_FIRST: u8 = 1;
+pub const FRAG_LATER: u8 = 2;
 /// IPv6 extension headers that are skipped, and the ones that end parsing.
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_DEST: u8 = 60;
 const NEXTHDR_FRAGMENT: u8 = 44;
-/// Skippable extension headers followed before giving up (`pass_not_ours`).
-const MAX_EXT_HEADERS: usize = 2;
+/// Extension headers followed before giving up (`pass_not_ours`): up to two hop-by-hop or
+/// destination-options headers and one fragment header.
+const MAX_EXT_HEADERS: usize = 3;
 /// IPv6 traffic class and flow label: the first header word without the version.
 const IPV6_FLOWINFO_MASK: u32 = u32::from_be(0x0fff_ffff);
 
@@ -78,6 +85,10 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Carried an 802.1Q tag in the frame.
     pub vlan: bool,
+    /// `FRAG_NONE`, `FRAG_FIRST` or `FRAG_LATER` (ports 0 until `frag::ports` fills them).
+    pub frag: u8,
+    /// The datagram's identification when fragmented (IPv4: 16 bits).
+    pub frag_id: u32,
     /// L3 bytes (IPv4 total length; IPv6 header + payload length), counted per mapping.
     pub tot_len: u32,
 }
@@ -87,6 +98,9 @@ impl Packet {
     /// SCTP, whose CRC32c covers neither the addresses nor (unchanged) ports.
     #[inline(always)]
     pub fn l4_check_off(&self) -> Option<usize> {
+        if self.frag == FRAG_LATER {
+            return None;
+        }
         match self.proto {
             PROTO_TCP => Some(self.l4_off + offset_of!(TcpHdr, check)),
             PROTO_UDP => Some(self.l4_off + offset_of!(UdpHdr, check)),
@@ -105,6 +119,8 @@ struct L3 {
     ttl: u8,
     tos: u8,
     flowinfo: u32,
+    frag: u8,
+    frag_id: u32,
     saddr: Addr,
     daddr: Addr,
 }
@@ -132,6 +148,26 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         _ => return Err(not_ours),
     };
     let malformed = Verdict::pass(Stat::PassMalformedL4);
+    if l3.frag == FRAG_LATER {
+        return Ok(Packet {
+            family: l3.family,
+            l3_off,
+            l4_off: l3.l4_off,
+            saddr: l3.saddr,
+            daddr: l3.daddr,
+            sport: 0,
+            dport: 0,
+            proto: l3.proto,
+            ttl: l3.ttl,
+            tos: l3.tos,
+            flowinfo: l3.flowinfo,
+            tcp_flags: 0,
+            vlan,
+            frag: FRAG_LATER,
+            frag_id: l3.frag_id,
+            tot_len: (l3.end - l3_off) as u32,
+        });
+    }
     if l3.l4_off + l4_len > l3.end {
         return Err(malformed);
     }
@@ -159,6 +195,8 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         flowinfo: l3.flowinfo,
         tcp_flags,
         vlan,
+        frag: l3.frag,
+        frag_id: l3.frag_id,
         tot_len: (l3.end - l3_off) as u32,
     })
 }
@@ -177,9 +215,14 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
     if tot_len < ihl_bytes || tot_len > ctx.packet_len() - l3_off {
         return Err(malformed);
     }
-    if u16::from_be_bytes(ip.read(|h| &h.frags)) & IP_MF_OFFSET_MASK != 0 {
-        return Err(Verdict::pass(Stat::PassFragment));
-    }
+    let frags = u16::from_be_bytes(ip.read(|h| &h.frags));
+    let frag = if frags & IP_MF_OFFSET_MASK == 0 {
+        FRAG_NONE
+    } else if frags & IP_OFFSET_MASK == 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_LATER
+    };
     Ok(L3 {
         family: FAMILY_V4,
         l4_off: l3_off + ihl_bytes,
@@ -188,6 +231,8 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
         ttl: ip.read(|h| &h.ttl),
         tos: ip.read(|h| &h.tos),
         flowinfo: 0,
+        frag,
+        frag_id: u32::from(u16::from_be_bytes(ip.read(|h| &h.id))),
         saddr: [u32::from_ne_bytes(ip.read(|h| &h.src_addr)), 0, 0, 0],
         daddr: [u32::from_ne_bytes(ip.read(|h| &h.dst_addr)), 0, 0, 0],
     })
@@ -213,7 +258,21 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
     }
     let mut next = ip.read(|h| &h.next_hdr);
     let mut off = l3_off + Ipv6Hdr::LEN;
+    let (mut frag, mut frag_id) = (FRAG_NONE, 0);
     for _ in 0..MAX_EXT_HEADERS {
+        if next == NEXTHDR_FRAGMENT && frag == FRAG_NONE {
+            // next header, reserved, offset (13 bits) | M, identification.
+            let h: [u8; 8] = load(ctx, off).ok_or(Verdict::pass(Stat::PassMalformedL4))?;
+            next = h[0];
+            off += 8;
+            frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            if u16::from_be_bytes([h[2], h[3]]) >> 3 != 0 {
+                frag = FRAG_LATER;
+                break;
+            }
+            frag = FRAG_FIRST;
+            continue;
+        }
         if next != NEXTHDR_HOP && next != NEXTHDR_DEST {
             break;
         }
@@ -223,9 +282,6 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
         next = nh;
         off += (usize::from(len) + 1) * 8;
     }
-    if next == NEXTHDR_FRAGMENT {
-        return Err(Verdict::pass(Stat::PassFragment));
-    }
     Ok(L3 {
         family: FAMILY_V6,
         l4_off: off,
@@ -234,6 +290,8 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
         ttl: ip.read(|h| &h.hop_limit),
         tos: 0,
         flowinfo: u32::from_ne_bytes(vcf) & IPV6_FLOWINFO_MASK,
+        frag,
+        frag_id,
         saddr: words(ip.read(|h| &h.src_addr)),
         daddr: words(ip.read(|h| &h.dst_addr)),
     })

@@ -229,6 +229,11 @@ fn web_at_backend(frame: Frame) -> Vec<u8> {
     frame.dnat(BACKEND, 80).routed_to_backend().build()
 }
 
+/// The backend's answer to `dns()`.
+fn dns_reply_frame() -> Frame {
+    Frame::udp((BACKEND, 81), client()).sent_by_backend().payload(64)
+}
+
 fn dns() -> Frame {
     Frame::udp(client(), to_host(UDP_PORT)).payload(64)
 }
@@ -519,18 +524,65 @@ pub fn rows() -> Vec<Row> {
             Frame::udp(client(), to_host(TCP_PORT)).build(),
             Stat::PassNoMapping,
         ),
-        Row::untouched(
-            "first fragment (MF set, offset 0): left to the kernel to reassemble, untouched",
+        // --- fragments: the first carries the ports, the rest find the flow through it
+        Row::rewritten(
+            "udp first fragment (MF set, offset 0): translated like a whole datagram",
             INGRESS,
             dns().fragment(Fragment::First).build(),
-            Stat::PassFragment,
-        ),
+            Stat::FwdRedirect,
+            dns()
+                .fragment(Fragment::First)
+                .dnat(BACKEND, 81)
+                .routed_to_backend()
+                .build(),
+        )
+        .new_flow(Flow::dns().entries()),
+        Row::rewritten(
+            "udp later fragment after its first: destination address rewritten, payload untouched",
+            INGRESS,
+            dns().fragment(Fragment::Later).build(),
+            Stat::FwdRedirect,
+            mutate::fragment_forwarded(dns().fragment(Fragment::Later).build(), BACKEND.into()),
+        )
+        .after(vec![dns().fragment(Fragment::First).build()])
+        .leaves(Flow::dns().entries()),
         Row::untouched(
-            "later fragment (offset > 0): left to the kernel, untouched",
+            "udp later fragment without its first (out of order): left to the kernel, untouched",
             INGRESS,
             dns().fragment(Fragment::Later).build(),
             Stat::PassFragment,
         ),
+        Row::rewritten(
+            "udp reply first fragment from the backend: source restored",
+            EGRESS,
+            dns_reply_frame().fragment(Fragment::First).build(),
+            Stat::ReplyNat,
+            dns_reply_frame()
+                .fragment(Fragment::First)
+                .snat(HOST, UDP_PORT)
+                .build(),
+        )
+        .after(vec![dns().build()])
+        .leaves(Flow::dns().replied().entries()),
+        Row::rewritten(
+            "udp reply later fragment after its first: source address restored, payload untouched",
+            EGRESS,
+            dns_reply_frame().fragment(Fragment::Later).build(),
+            Stat::ReplyNat,
+            mutate::fragment_addresses(
+                dns_reply_frame().fragment(Fragment::Later).build(),
+                Some(HOST.into()),
+                None,
+            ),
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, dns().build()),
+            (
+                Hook::TcEgress,
+                dns_reply_frame().fragment(Fragment::First).build(),
+            ),
+        ])
+        .leaves(Flow::dns().replied().entries()),
         // --- forwarding decisions
         Row::rewritten(
             "802.1Q-tagged SYN: rewritten, handed to the kernel (the VLAN device forwards it)",
@@ -747,10 +799,31 @@ fn ipv6_rows() -> Vec<Row> {
             web6(SYN).ttl(1).dnat(BACKEND6, 80).build(),
         )
         .new_flow(web6_flow().entries()),
-        Row::untouched(
-            "IPv6 fragment header (first fragment): left to the kernel, untouched",
+        Row::rewritten(
+            "IPv6 first fragment (fragment header, offset 0): translated, TCP header after it",
             INGRESS,
             web6(SYN).fragment(Fragment::First).build(),
+            Stat::FwdRedirect,
+            web6(SYN)
+                .fragment(Fragment::First)
+                .dnat(BACKEND6, 80)
+                .routed_to_backend()
+                .build(),
+        )
+        .new_flow(web6_flow().entries()),
+        Row::rewritten(
+            "IPv6 later fragment after its first: destination rewritten, payload untouched",
+            INGRESS,
+            web6(ACK).fragment(Fragment::Later).build(),
+            Stat::FwdRedirect,
+            mutate::fragment_forwarded(web6(ACK).fragment(Fragment::Later).build(), BACKEND6.into()),
+        )
+        .after(vec![web6(SYN).fragment(Fragment::First).build()])
+        .leaves(web6_flow().entries()),
+        Row::untouched(
+            "IPv6 later fragment without its first: left to the kernel, untouched",
+            INGRESS,
+            web6(ACK).fragment(Fragment::Later).build(),
             Stat::PassFragment,
         ),
         Row::untouched(

@@ -39,6 +39,9 @@ struct Targets {
     backends: BTreeSet<(IpAddr, u16)>,
     /// Ports a reply rewrite may set as source.
     host_ports: BTreeSet<u16>,
+    /// Addresses a reply rewrite may set as source: the namespace's own (wildcard mappings) and
+    /// the mappings' specific ones.
+    host_addrs: BTreeSet<IpAddr>,
 }
 
 impl Targets {
@@ -50,8 +53,10 @@ impl Targets {
         let mut targets = Self {
             backends: BTreeSet::new(),
             host_ports: BTreeSet::new(),
+            host_addrs: portmap::host::addresses()?,
         };
         for m in &mappings {
+            targets.host_addrs.insert(m.host_ip);
             let ports = m.host_ports.context("golden mappings have host ports")?;
             for (offset, port) in ports.ports().enumerate() {
                 targets.host_ports.insert(port);
@@ -113,7 +118,12 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
     }
 
     let l = layout(input).context("rewrote a frame that is not well-formed IP")?;
-    let l4 = l.l4.context("rewrote a packet without a complete L4 header")?;
+    // A later fragment has no L4 header: only its addresses (and checksums of its IP header).
+    let l4 = match l.l4_header {
+        Some(l4) => l4,
+        None if l.later_fragment => usize::MAX - 4,
+        None => bail!("rewrote a packet without a complete L4 header"),
+    };
     let redirected = code == Stat::FwdRedirect;
     let (src, dst, addr_len) = l.addrs();
     let (addr_off, port_off) = if egress { (src, l4) } else { (dst, l4 + 2) };
@@ -128,6 +138,16 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
     };
     if let Some(i) = (0..out.len()).find(|&i| out[i] != input[i] && !allowed(i)) {
         bail!("{name}: byte {i} changed, which a rewrite must not touch");
+    }
+    if l.later_fragment {
+        let addr = addr_at(out, addr_off, addr_len);
+        let known = if egress {
+            targets.host_addrs.contains(&addr)
+        } else {
+            targets.backends.iter().any(|(a, _)| *a == addr)
+        };
+        ensure!(known, "later fragment rewritten to {addr}, no configured address");
+        return Ok(code);
     }
     let target = (addr_at(out, addr_off, addr_len), port_at(out, port_off));
     if egress {

@@ -333,7 +333,30 @@ impl Frame {
             None => finish!(eth.ip(headers)),
         }
         .expect("fixture frames are buildable");
+        self.fix_ipv6_fragment_header(&mut out);
         out
+    }
+
+    /// etherparse 0.19 writes an IPv6 fragment header's fourth byte as `offset & 0x1f | M << 7`;
+    /// RFC 8200 (and the kernel) read `(offset & 0x1f) << 3 | M`. Rewrites it the RFC's way.
+    fn fix_ipv6_fragment_header(&self, out: &mut [u8]) {
+        if !self.dst.is_ipv6() || matches!(self.fragment, Fragment::Whole) {
+            return;
+        }
+        let l3 = ETH_LEN + if self.vlan.is_some() { VLAN_LEN } else { 0 };
+        let hop_by_hop = if self.options.is_empty() {
+            0
+        } else {
+            2 + self.options.len()
+        };
+        let routing = if self.routing { 8 } else { 0 };
+        let at = l3 + 40 + hop_by_hop + routing;
+        let (offset, more) = match self.fragment {
+            Fragment::First => (0u16, 1u16),
+            Fragment::Later => (185, 0),
+            Fragment::Whole => unreachable!("returned above"),
+        };
+        out[at + 2..at + 4].copy_from_slice(&(offset << 3 | more).to_be_bytes());
     }
 }
 
@@ -401,7 +424,45 @@ pub fn l3_offset(frame: &[u8]) -> Option<(usize, bool)> {
 /// Named mutations for what no builder produces. Each keeps the IPv4 header checksum valid, so
 /// the only thing wrong with the frame is the named defect.
 pub mod mutate {
-    use super::{l3_offset, set_ipv4_checksum};
+    use std::net::IpAddr;
+
+    use super::{backend_macs, l3_offset, layout, set_ipv4_checksum};
+
+    /// A fragment after the first with its destination (`dst`) or source (`src`) address
+    /// rewritten and the IPv4 header checksum recomputed; its payload untouched (it holds no L4
+    /// header, whatever bytes the builder put there).
+    pub fn fragment_addresses(mut frame: Vec<u8>, src: Option<IpAddr>, dst: Option<IpAddr>) -> Vec<u8> {
+        let l = layout(&frame).expect("a well-formed fragment");
+        let (s, d, len) = l.addrs();
+        let octets = |a: IpAddr| match a {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        for (off, addr) in [(s, src), (d, dst)] {
+            if let Some(a) = addr {
+                frame[off..off + len].copy_from_slice(&octets(a));
+            }
+        }
+        if !l.v6 {
+            set_ipv4_checksum(&mut frame, l.l3);
+        }
+        frame
+    }
+
+    /// A fragment as the host redirects it to backend `dst`: destination rewritten, TTL / hop
+    /// limit one less, the backend link's MACs, IPv4 header checksum recomputed.
+    pub fn fragment_forwarded(frame: Vec<u8>, dst: IpAddr) -> Vec<u8> {
+        let mut frame = fragment_addresses(frame, None, Some(dst));
+        let l = layout(&frame).expect("a well-formed fragment");
+        frame[l.ttl()] -= 1;
+        let (dmac, smac) = backend_macs(dst).expect("a backend with a neighbour entry");
+        frame[..6].copy_from_slice(&dmac);
+        frame[6..12].copy_from_slice(&smac);
+        if !l.v6 {
+            set_ipv4_checksum(&mut frame, l.l3);
+        }
+        frame
+    }
 
     fn l3(frame: &[u8]) -> usize {
         match l3_offset(frame) {
@@ -498,8 +559,13 @@ pub struct Layout {
     /// IP packet length (IPv4 total length; IPv6 40 + payload length).
     pub tot_len: usize,
     pub proto: u8,
-    /// Offset of a complete L4 header inside the IP packet, for a non-fragment.
+    /// Offset of a complete L4 header inside the IP packet, for a non-fragment (whose
+    /// checksum can be verified).
     pub l4: Option<usize>,
+    /// Offset of a complete L4 header, also in a first fragment (ports, checksum field).
+    pub l4_header: Option<usize>,
+    /// A fragment after the first: no L4 header at all.
+    pub later_fragment: bool,
 }
 
 impl Layout {
@@ -519,10 +585,11 @@ impl Layout {
         self.l3 + if self.v6 { 7 } else { 8 }
     }
 
-    /// Offset of the TCP/UDP checksum (SCTP's CRC32c covers no address).
+    /// Offset of the TCP/UDP checksum field (SCTP's CRC32c covers no address), also of a first
+    /// fragment.
     #[must_use]
     pub fn l4_check(&self) -> Option<usize> {
-        let l4 = self.l4?;
+        let l4 = self.l4_header?;
         match self.proto {
             6 => Some(l4 + 16),
             17 => Some(l4 + 6),
@@ -542,7 +609,19 @@ pub fn layout(frame: &[u8]) -> Option<Layout> {
             return None;
         }
         let (mut next, mut off) = (ip[6], 40);
-        for _ in 0..2 {
+        let mut fragment = None;
+        for _ in 0..3 {
+            if next == 44 && fragment.is_none() {
+                let h = frame.get(l3 + off..l3 + off + 8)?;
+                next = h[0];
+                off += 8;
+                let later = u16::from_be_bytes([h[2], h[3]]) >> 3 != 0;
+                fragment = Some(later);
+                if later {
+                    break;
+                }
+                continue;
+            }
             if next != 0 && next != 60 {
                 break;
             }
@@ -550,7 +629,7 @@ pub fn layout(frame: &[u8]) -> Option<Layout> {
             next = ext[0];
             off += (usize::from(ext[1]) + 1) * 8;
         }
-        (off, tot_len, next, next == 44)
+        (off, tot_len, next, fragment)
     } else {
         let ip = frame.get(l3..l3 + 20)?;
         let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -558,7 +637,8 @@ pub fn layout(frame: &[u8]) -> Option<Layout> {
         if ip[0] >> 4 != 4 || ihl < 20 || tot_len < ihl || l3 + tot_len > frame.len() {
             return None;
         }
-        let fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+        let frags = u16::from_be_bytes([ip[6], ip[7]]);
+        let fragment = (frags & 0x3fff != 0).then_some(frags & 0x1fff != 0);
         (ihl, tot_len, ip[9], fragment)
     };
     let l4_len = match proto {
@@ -567,14 +647,17 @@ pub fn layout(frame: &[u8]) -> Option<Layout> {
         132 => 12,
         _ => usize::MAX,
     };
-    let l4 = (!fragment && tot_len >= ihl.saturating_add(l4_len)).then_some(l3 + ihl);
+    let later_fragment = fragment == Some(true);
+    let l4_header = (!later_fragment && tot_len >= ihl.saturating_add(l4_len)).then_some(l3 + ihl);
     Some(Layout {
         l3,
         v6,
         ihl,
         tot_len,
         proto,
-        l4,
+        l4: l4_header.filter(|_| fragment.is_none()),
+        l4_header,
+        later_fragment,
     })
 }
 

@@ -35,6 +35,9 @@ pub const PROTO_UDP: u8 = 17;
 /// SCTP: only mappings that keep the port (its CRC32c covers no IP address, so only the IPv4
 /// header checksum changes with the address).
 pub const PROTO_SCTP: u8 = 132;
+/// ICMP and ICMPv6: only their error messages about flows are translated (the embedded packet).
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Address family codes of the `family` fields (the IP version).
 pub const FAMILY_V4: u8 = 4;
@@ -54,8 +57,11 @@ pub mod map_names {
     pub const SOCK_REVERSE: &str = "PM_SOCK_REVERSE";
     pub const CT_NEW: &str = "PM_CT_NEW";
     pub const FRAGMENTS: &str = "PM_FRAGMENTS";
+    /// A program array belongs to one program type: one for XDP, one for TC.
+    pub const ICMP_PROGS_XDP: &str = "PM_ICMP_XDP";
+    pub const ICMP_PROGS_TC: &str = "PM_ICMP_TC";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -68,6 +74,8 @@ pub mod map_names {
         SOCK_REVERSE,
         CT_NEW,
         FRAGMENTS,
+        ICMP_PROGS_XDP,
+        ICMP_PROGS_TC,
     ];
 }
 
@@ -79,6 +87,12 @@ pub mod prog_names {
     pub const TC_INGRESS: &str = "portmap_tc_ingress";
     /// TC (tcx) egress, client-facing: reverse NAT of backend replies.
     pub const TC_EGRESS: &str = "portmap_tc_egress";
+    /// ICMP errors about flows, reached by tail call from the program of the same hook (their
+    /// work would not fit the 512-byte stack beside the datapath): slot `ICMP_SLOT_INGRESS` of
+    /// `PM_ICMP_XDP`, slots `ICMP_SLOT_INGRESS` and `ICMP_SLOT_EGRESS` of `PM_ICMP_TC`.
+    pub const XDP_ICMP: &str = "portmap_xdp_icmp";
+    pub const TC_ICMP_INGRESS: &str = "portmap_tc_icmp_in";
+    pub const TC_ICMP_EGRESS: &str = "portmap_tc_icmp_out";
     /// cgroup socket hooks (host-local clients): translate a connect()/sendmsg() to a published
     /// address into its backend, report the published address back (recvmsg, getpeername),
     /// and refuse bind() of a published port in the host's network namespace.
@@ -120,6 +134,12 @@ pub const MAX_PUBLISHED_PORTS: u32 = DEFAULT_MAX_MAPPINGS;
 /// Sockets of host-local clients whose replies are reported from the published address
 /// (`PM_SOCK_REVERSE`, an LRU).
 pub const DEFAULT_SOCK_REVERSE_ENTRIES: u32 = 65_536;
+
+/// Slots of `PM_ICMP_XDP` and `PM_ICMP_TC` (program arrays): the ICMP-error program of each
+/// hook.
+pub const ICMP_SLOT_INGRESS: u32 = 0;
+pub const ICMP_SLOT_EGRESS: u32 = 1;
+pub const ICMP_SLOTS: u32 = 2;
 
 /// Datagrams in flight in fragments (`PM_FRAGMENTS`, an LRU): the first fragment's ports, for the
 /// fragments that follow.

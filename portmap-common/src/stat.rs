@@ -85,6 +85,10 @@ stats! {
     DropNoBackend = "drop_no_backend", Drop;
     /// New flows recorded in conntrack (counted in addition to the packet's outcome).
     FlowNew = "flow_new", Event;
+    /// ICMP or ICMPv6 errors about a flow translated (embedded packet and outer address),
+    /// counted in addition to their outcome (`reply_nat` towards the client, `fwd_*` towards the
+    /// backend).
+    IcmpErrorNat = "icmp_error_nat", Event;
     /// Flows that became assured (moved from `PM_CT_NEW` to `PM_CONNTRACK`).
     FlowAssured = "flow_assured", Event;
     /// An assured flow found `PM_CONNTRACK` full: it stays in `PM_CT_NEW`, which may shed it.

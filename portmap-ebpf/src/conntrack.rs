@@ -135,6 +135,28 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
     None
 }
 
+/// The flow entry for `key` in direction `dir`, read only (no refresh, no marks).
+#[inline(always)]
+pub fn find(key: &FlowKey, dir: u8) -> Option<Nat> {
+    for assured in [true, false] {
+        let Some(entry) = entry(key, assured) else {
+            continue;
+        };
+        // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
+        let v = unsafe { *entry };
+        if v.direction != dir {
+            return None;
+        }
+        return Some(Nat {
+            addr: v.nat_addr,
+            port: v.nat_port_be,
+            stats_slot: v.stats_slot,
+            assured,
+        });
+    }
+    None
+}
+
 /// After a forward packet of an unassured flow: if the backend has answered and this packet
 /// completes the exchange (anything but a TCP SYN), moves both entries to `PM_CONNTRACK`.
 #[inline(always)]

@@ -12,9 +12,9 @@ use aya_ebpf::{
     helpers::generated::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
-use portmap_common::{Stat, csum};
+use portmap_common::{ICMP_SLOT_INGRESS, Stat, csum};
 
-use crate::maps::PM_REDIRECT_DEVS;
+use crate::maps::{PM_ICMP_TC, PM_ICMP_XDP, PM_REDIRECT_DEVS};
 
 /// A primitive failed (a bounds check or a helper): the packet is dropped and counted.
 #[derive(Clone, Copy)]
@@ -74,6 +74,8 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
     fn hook_ifindex(&self) -> u32;
     /// The VLAN tag was stripped into metadata (skb only): forwarding is left to the kernel.
     fn vlan_offloaded(&self) -> bool;
+    /// Tail-calls this ingress hook's ICMP-error program; returns only if the slot is empty.
+    fn tail_call_icmp_ingress(&self);
     /// The raw context pointer for helpers that take it (`bpf_fib_lookup`).
     fn raw(&self) -> *mut c_void;
     /// `tot_len` for `bpf_fib_lookup`'s MTU check, given the packet's IPv4 total length.
@@ -141,6 +143,12 @@ impl<T> Header<T> {
 }
 
 impl PacketCtx for XdpContext {
+    #[inline(always)]
+    fn tail_call_icmp_ingress(&self) {
+        // SAFETY: a tail call to an XDP program of the same hook; control only returns if the
+        // slot is empty.
+        unsafe { PM_ICMP_XDP.tail_call(self, ICMP_SLOT_INGRESS) };
+    }
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)
@@ -251,6 +259,12 @@ impl PacketCtx for XdpContext {
 
 impl PacketCtx for TcContext {
     #[inline(always)]
+    fn tail_call_icmp_ingress(&self) {
+        // SAFETY: a tail call to a TC program of the same hook; control only returns if the slot
+        // is empty.
+        unsafe { PM_ICMP_TC.tail_call(self, ICMP_SLOT_INGRESS) };
+    }
+    #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)
     }
@@ -277,10 +291,15 @@ impl PacketCtx for TcContext {
         self.skb.skb.cast()
     }
     #[inline(always)]
-    fn fib_tot_len(&self, _ip_tot_len: u16) -> u16 {
-        // 0: the helper checks the skb itself, GSO-aware (a GRO super-packet is forwardable if
-        // its segments fit the egress MTU); its tot_len would always exceed the MTU.
-        0
+    fn fib_tot_len(&self, ip_tot_len: u16) -> u16 {
+        // A GSO super-packet: 0, the helper checks the skb itself, GSO-aware (it is forwardable
+        // if its segments fit the egress device's MTU); its tot_len would always exceed it.
+        // Any other packet: its length, so that a route MTU below the device's applies too and
+        // a too-big packet gets FRAG_NEEDED (the kernel then fragments it or sends the ICMP
+        // error) instead of being dropped after the redirect.
+        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
+        let gso = unsafe { (*self.skb.skb).gso_size } != 0;
+        if gso { 0 } else { ip_tot_len }
     }
 
     #[inline(always)]

@@ -3,7 +3,7 @@
 //! backend choice → flow creation) → rewrite → forward, and count the outcome.
 //!
 //! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`, `frag`
-//! (ports of later fragments), `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
+//! (ports of later fragments), `icmp` (errors about flows), `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
 //! + redirect), `stats` (counters), `sock` (cgroup socket hooks for host-local clients).
 #![no_std]
 #![no_main]
@@ -12,6 +12,7 @@ mod conntrack;
 mod ctx;
 mod forward;
 mod frag;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -23,12 +24,12 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use aya_log_ebpf::error;
-use portmap_common::{DIR_FORWARD, DIR_REPLY, Stat};
+use portmap_common::{DIR_FORWARD, DIR_REPLY, ICMP_SLOT_EGRESS, PROTO_ICMP, PROTO_ICMPV6, Stat};
 
 use crate::{
     conntrack::Nat,
     ctx::{PacketCtx, Verdict},
+    maps::PM_ICMP_TC,
     nat::Side,
     parse::FRAG_LATER,
     stats::{count, count_mapping},
@@ -41,6 +42,11 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         Ok(pkt) => pkt,
         Err(verdict) => return verdict,
     };
+    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+        // Only returns if the ICMP program is missing: then the packet is not ours.
+        ctx.tail_call_icmp_ingress();
+        return Verdict::pass(Stat::PassNotOurs);
+    }
     let key = conntrack::flow_key(&pkt);
     let now = conntrack::now_ns();
     let (nat, new_flow): (Nat, bool) = match conntrack::lookup(&key, DIR_FORWARD, pkt.tcp_flags, now) {
@@ -80,6 +86,12 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         Ok(pkt) => pkt,
         Err(verdict) => return verdict,
     };
+    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+        // SAFETY: a tail call to the TC egress ICMP-error program; control only returns if the
+        // slot is empty, and then the packet is not ours.
+        unsafe { PM_ICMP_TC.tail_call(ctx, ICMP_SLOT_EGRESS) };
+        return Verdict::pass(Stat::PassNotOurs);
+    }
     let key = conntrack::flow_key(&pkt);
     let Some(nat) = conntrack::lookup(&key, DIR_REPLY, pkt.tcp_flags, conntrack::now_ns()) else {
         return Verdict::pass(if pkt.frag == FRAG_LATER {
@@ -96,14 +108,12 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     Verdict::pass(Stat::ReplyNat)
 }
 
-/// Records the outcome and turns it into the hook's return code. Helper failures (which point at
-/// a bug, never at traffic) are also logged; nothing else on the packet path logs.
+/// Records the outcome and turns it into the hook's return code. The packet path does not log:
+/// aya-log's call would be a BPF-to-BPF call, which the kernel refuses beside the tail calls to
+/// the ICMP programs with frames of this size; helper failures show as `drop_error`.
 #[inline(always)]
 fn finish<C: PacketCtx>(ctx: &C, verdict: Verdict) -> u32 {
     count(verdict.stat);
-    if verdict.stat == Stat::DropError {
-        error!(ctx, "portmap: packet store or checksum helper failed");
-    }
     ctx.verdict(verdict.action)
 }
 
@@ -137,6 +147,36 @@ pub fn portmap_tc_ingress(mut ctx: TcContext) -> i32 {
 pub fn portmap_tc_egress(mut ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let verdict = egress(&mut ctx);
+    finish(&ctx, verdict) as i32
+}
+
+/// ICMP errors (tail-called from the program of the same hook): parse again, translate.
+#[inline(always)]
+fn icmp_error<C: PacketCtx>(ctx: &mut C, towards_client: bool) -> Verdict {
+    match parse::parse(ctx) {
+        Ok(pkt) if towards_client => icmp::egress(ctx, &pkt),
+        Ok(pkt) => icmp::ingress(ctx, &pkt),
+        Err(verdict) => verdict,
+    }
+}
+
+#[xdp]
+pub fn portmap_xdp_icmp(mut ctx: XdpContext) -> u32 {
+    let verdict = icmp_error(&mut ctx, false);
+    finish(&ctx, verdict)
+}
+
+#[classifier]
+pub fn portmap_tc_icmp_in(mut ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    let verdict = icmp_error(&mut ctx, false);
+    finish(&ctx, verdict) as i32
+}
+
+#[classifier]
+pub fn portmap_tc_icmp_out(mut ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    let verdict = icmp_error(&mut ctx, true);
     finish(&ctx, verdict) as i32
 }
 

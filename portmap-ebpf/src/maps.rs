@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use portmap_common::{
     BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue, FragKey,
-    FragPorts, LocalAddrKey, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_PUBLISHED_PORTS,
+    FragPorts, ICMP_SLOTS, LocalAddrKey, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_PUBLISHED_PORTS,
     MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey, SockRevKey,
     SockRevValue, Stat,
 };
@@ -67,3 +67,10 @@ pub static PM_SOCK_REVERSE: LruHashMap<SockRevKey, SockRevValue> =
 #[map]
 pub static PM_FRAGMENTS: LruHashMap<FragKey, FragPorts> =
     LruHashMap::with_max_entries(MAX_FRAGMENTED_DATAGRAMS, 0);
+
+/// The ICMP-error programs (`ICMP_SLOT_*`), reached by tail call; one array per program type.
+#[map]
+pub static PM_ICMP_XDP: ProgramArray = ProgramArray::with_max_entries(ICMP_SLOTS, 0);
+
+#[map]
+pub static PM_ICMP_TC: ProgramArray = ProgramArray::with_max_entries(ICMP_SLOTS, 0);

@@ -21,7 +21,9 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use portmap_common::{Addr, FAMILY_V4, FAMILY_V6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stat};
+use portmap_common::{
+    Addr, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Stat,
+};
 
 use crate::ctx::{Header, PacketCtx, Verdict, load};
 
@@ -54,6 +56,10 @@ const _: () = assert!(
         && offset_of!(TcpHdr, dest) == L4_DST_PORT_OFF
         && offset_of!(SctpHdr, dst) == L4_DST_PORT_OFF
 );
+/// ICMP and ICMPv6 headers (type, code, checksum, 4 bytes of rest).
+pub const ICMP_HDR_LEN: usize = 8;
+pub const ICMP_CHECK_OFF: usize = 2;
+
 /// TCP's data offset (high nibble) and flags byte.
 const TCP_DOFF_FLAGS_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
 
@@ -104,6 +110,8 @@ impl Packet {
         match self.proto {
             PROTO_TCP => Some(self.l4_off + offset_of!(TcpHdr, check)),
             PROTO_UDP => Some(self.l4_off + offset_of!(UdpHdr, check)),
+            // ICMPv6's checksum covers a pseudo-header with the addresses; ICMP's does not.
+            PROTO_ICMPV6 => Some(self.l4_off + ICMP_CHECK_OFF),
             _ => None,
         }
     }
@@ -145,6 +153,9 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         PROTO_TCP => TcpHdr::LEN,
         PROTO_UDP => UdpHdr::LEN,
         PROTO_SCTP => SctpHdr::LEN,
+        // Type, code, checksum and 4 bytes; errors then carry the packet they are about.
+        PROTO_ICMP if l3.family == FAMILY_V4 && l3.frag == FRAG_NONE => ICMP_HDR_LEN,
+        PROTO_ICMPV6 if l3.family == FAMILY_V6 && l3.frag == FRAG_NONE => ICMP_HDR_LEN,
         _ => return Err(not_ours),
     };
     let malformed = Verdict::pass(Stat::PassMalformedL4);
@@ -171,7 +182,11 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
     if l3.l4_off + l4_len > l3.end {
         return Err(malformed);
     }
-    let ports: [u8; 4] = load(ctx, l3.l4_off + L4_SRC_PORT_OFF).ok_or(malformed)?;
+    let ports: [u8; 4] = if l3.proto == PROTO_ICMP || l3.proto == PROTO_ICMPV6 {
+        [0; 4]
+    } else {
+        load(ctx, l3.l4_off + L4_SRC_PORT_OFF).ok_or(malformed)?
+    };
     let tcp_flags = if l3.proto == PROTO_TCP {
         let [doff, flags]: [u8; 2] = load(ctx, l3.l4_off + TCP_DOFF_FLAGS_OFF).ok_or(malformed)?;
         if usize::from(doff >> 4) * 4 < TcpHdr::LEN {
@@ -238,8 +253,9 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
     })
 }
 
+/// An IPv6 address's bytes as the words of an `Addr`.
 #[inline(always)]
-fn words(b: [u8; 16]) -> Addr {
+pub fn words(b: [u8; 16]) -> Addr {
     [
         u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
         u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),

@@ -22,6 +22,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::warn;
 use portmap_common::{
     Addr, FAMILY_V4, FAMILY_V6, MappingValue, PortKey, SockRevKey, SockRevValue, Stat, flow_hash,
 };
@@ -171,7 +172,12 @@ pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
     let cookie = socket_cookie(ctx);
     let hash = flow_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0], 0, proto);
     let Ok((backend, port_be)) = lb::choose_backend(&mapping, lookup.family, hash) else {
+        // A slow path (a mapping's Maglev table being replaced): logged as well as counted.
         count(Stat::SockNoBackend);
+        warn!(
+            ctx,
+            "portmap: a host-local client reached a mapping whose backend is missing"
+        );
         return;
     };
     // An IPv6 socket reaches an IPv4 backend through its v4-mapped address.

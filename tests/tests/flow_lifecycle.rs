@@ -64,9 +64,14 @@ fn udp_stream(
             if stop.load(Ordering::Relaxed) {
                 break;
             }
+            // Odd phases are changes in progress; an exchange counts only if it happened
+            // entirely within one stable phase.
             let sent_in = phase.load(Ordering::SeqCst);
             socket.send_to(b"x", to)?;
-            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+            if let Ok((n, _)) = socket.recv_from(&mut buf)
+                && sent_in.is_multiple_of(2)
+                && phase.load(Ordering::SeqCst) == sent_in
+            {
                 seen.push((sent_in, String::from_utf8_lossy(&buf[..n]).into_owned()));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -102,20 +107,22 @@ fn udp_streams_follow_a_remap_and_a_removed_backend_with_their_next_datagram() -
         )?;
         settle();
         // del + add to another backend (Docker flushes UDP conntrack on such a remap).
+        phase.store(1, Ordering::SeqCst);
         daemon.cli_ok(&["del", "5353:198.18.1.2:53/udp"])?;
         daemon.cli_ok(&["add", "5353:198.18.1.3:53/udp"])?;
-        phase.store(1, Ordering::SeqCst);
+        phase.store(2, Ordering::SeqCst);
         settle();
         // update that removes the backend the stream uses.
+        phase.store(3, Ordering::SeqCst);
         daemon.cli_ok(&["update", "5353:198.18.1.2:53/udp"])?;
-        phase.store(2, Ordering::SeqCst);
+        phase.store(4, Ordering::SeqCst);
         settle();
         stop.store(true, Ordering::Relaxed);
         let seen = stream.join().map_err(|_| anyhow::anyhow!("stream panicked"))??;
         for s in servers {
             s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
         }
-        for (p, want) in [(0, "first"), (1, "second"), (2, "first")] {
+        for (p, want) in [(0, "first"), (2, "second"), (4, "first")] {
             let replies: Vec<&str> = seen
                 .iter()
                 .filter(|(sent, _)| *sent == p)

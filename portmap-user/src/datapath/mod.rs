@@ -36,10 +36,11 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{SchedClassifier, Xdp},
 };
 use log::warn;
-use portmap_common::{HOST_NETNS_COOKIE_GLOBAL, map_names, prog_names};
+use portmap_common::{HOST_NETNS_COOKIE_GLOBAL, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, map_names, prog_names};
 
 #[cfg(feature = "test-run")]
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
@@ -110,15 +111,51 @@ impl Datapath {
             conntrack_entries: limits.conntrack_entries,
             conntrack_new_entries: limits.conntrack_new_entries,
         };
-        let xdp: &mut Xdp = dp.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
-        xdp.load()
-            .with_context(|| format!("verifier rejected {}", prog_names::XDP_INGRESS))?;
-        for name in [prog_names::TC_INGRESS, prog_names::TC_EGRESS] {
+        for name in [prog_names::XDP_INGRESS, prog_names::XDP_ICMP] {
+            let xdp: &mut Xdp = dp.program_mut(name)?.try_into()?;
+            xdp.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        for name in [
+            prog_names::TC_INGRESS,
+            prog_names::TC_EGRESS,
+            prog_names::TC_ICMP_INGRESS,
+            prog_names::TC_ICMP_EGRESS,
+        ] {
             let prog: &mut SchedClassifier = dp.program_mut(name)?.try_into()?;
             prog.load().with_context(|| format!("verifier rejected {name}"))?;
         }
+        dp.fill_icmp_slots()?;
         dp.load_sock_programs()?;
         Ok(dp)
+    }
+
+    /// Puts each hook's ICMP-error program in its program array slot (the datapath tail-calls
+    /// it).
+    fn fill_icmp_slots(&mut self) -> anyhow::Result<()> {
+        for (array, slot, name) in [
+            (map_names::ICMP_PROGS_XDP, ICMP_SLOT_INGRESS, prog_names::XDP_ICMP),
+            (
+                map_names::ICMP_PROGS_TC,
+                ICMP_SLOT_INGRESS,
+                prog_names::TC_ICMP_INGRESS,
+            ),
+            (
+                map_names::ICMP_PROGS_TC,
+                ICMP_SLOT_EGRESS,
+                prog_names::TC_ICMP_EGRESS,
+            ),
+        ] {
+            let program = self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("program {name} missing"))?;
+            let fd = program.fd()?.try_clone()?;
+            let mut slots: ProgramArray<_> = ProgramArray::try_from(self.map_mut(array)?)?;
+            slots
+                .set(slot, &fd, 0)
+                .with_context(|| format!("putting {name} in {array}[{slot}]"))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn program_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::programs::Program> {

@@ -9,7 +9,7 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp, XdpMode},
 };
-use portmap_common::{FlowKey, FlowValue, map_names};
+use portmap_common::{FlowKey, FlowValue, map_names, prog_names};
 
 use super::{Datapath, Hook, cgroup::SOCK_PROGRAMS};
 
@@ -157,6 +157,11 @@ impl Datapath {
         [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress]
             .into_iter()
             .map(Hook::program_name)
+            .chain([
+                prog_names::XDP_ICMP,
+                prog_names::TC_ICMP_INGRESS,
+                prog_names::TC_ICMP_EGRESS,
+            ])
             .chain(SOCK_PROGRAMS)
             .map(|name| {
                 let program = self.ebpf.program(name).context("program missing")?;

@@ -12,7 +12,9 @@ use portmap_common::{FLOW_F_REPLIED, Stat, addr_words, flow_hash, maglev_slot};
 use crate::{
     BACKEND, BACKEND6, CLIENT, CLIENT6, FlowEntry, Golden, HOST, HOST6, diff, expected_action, outcome,
     packets::{
-        ACK, FIN, Fragment, Frame, PSH, RST, SYN, arp_request, checksums, icmpv6_echo, mutate, qinq_udp,
+        ACK, BACKEND_MAC, CLIENT_MAC, FIN, Fragment, Frame, HOST_BACKEND_SIDE_MAC, HOST_CLIENT_SIDE_MAC,
+        IcmpError, PSH, RST, SYN, arp_request, checksums, icmp_error, icmpv6_echo, ip_packet, mutate,
+        qinq_udp,
     },
 };
 
@@ -583,6 +585,103 @@ pub fn rows() -> Vec<Row> {
             ),
         ])
         .leaves(Flow::dns().replied().entries()),
+        // --- ICMP errors about flows: the embedded packet and the outer address translated
+        Row::rewritten(
+            "ICMP port unreachable from the backend about a client's datagram: embedded packet and source restored",
+            EGRESS,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (BACKEND.into(), CLIENT.into()),
+                63,
+                IcmpError::PortUnreachable,
+                &ip_packet(&dns().ttl(63).dnat(BACKEND, 81).build()),
+            ),
+            Stat::ReplyNat,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (HOST.into(), CLIENT.into()),
+                63,
+                IcmpError::PortUnreachable,
+                &ip_packet(&dns().ttl(63).build()),
+            ),
+        )
+        .after(vec![dns().build()])
+        .leaves(Flow::dns().entries()),
+        Row::rewritten(
+            "ICMP fragmentation needed from the host's own forwarding: embedded restored, outer source kept",
+            EGRESS,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (HOST.into(), CLIENT.into()),
+                64,
+                IcmpError::TooBig(1400),
+                &ip_packet(&web(ACK).payload(1460).dnat(BACKEND, 80).build())[..548],
+            ),
+            Stat::ReplyNat,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (HOST.into(), CLIENT.into()),
+                64,
+                IcmpError::TooBig(1400),
+                &ip_packet(&web(ACK).payload(1460).build())[..548],
+            ),
+        )
+        .after(vec![syn.clone()])
+        .leaves(Flow::web().entries()),
+        Row::rewritten(
+            "ICMP time exceeded carrying only 8 bytes of TCP (no checksum): embedded addresses and port restored",
+            EGRESS,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (Ipv4Addr::new(198, 18, 1, 1).into(), CLIENT.into()),
+                64,
+                IcmpError::TimeExceeded,
+                &ip_packet(&web(SYN).ttl(1).dnat(BACKEND, 80).build())[..28],
+            ),
+            Stat::ReplyNat,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (Ipv4Addr::new(198, 18, 1, 1).into(), CLIENT.into()),
+                64,
+                IcmpError::TimeExceeded,
+                &ip_packet(&web(SYN).ttl(1).build())[..28],
+            ),
+        )
+        .after(vec![syn.clone()])
+        .leaves(Flow::web().entries()),
+        Row::rewritten(
+            "ICMP port unreachable from the client about a backend's reply: embedded source and destination translated, forwarded",
+            INGRESS,
+            icmp_error(
+                (HOST_CLIENT_SIDE_MAC, CLIENT_MAC),
+                (CLIENT.into(), HOST.into()),
+                64,
+                IcmpError::PortUnreachable,
+                &ip_packet(&dns_reply_frame().snat(HOST, UDP_PORT).build()),
+            ),
+            Stat::FwdRedirect,
+            icmp_error(
+                (BACKEND_MAC, HOST_BACKEND_SIDE_MAC),
+                (CLIENT.into(), BACKEND.into()),
+                63,
+                IcmpError::PortUnreachable,
+                &ip_packet(&dns_reply_frame().build()),
+            ),
+        )
+        .after(vec![dns().build()])
+        .leaves(Flow::dns().entries()),
+        Row::untouched(
+            "ICMP port unreachable about no flow: untouched",
+            EGRESS,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (BACKEND.into(), CLIENT.into()),
+                63,
+                IcmpError::PortUnreachable,
+                &ip_packet(&dns().ttl(63).dnat(BACKEND, 81).build()),
+            ),
+            Stat::PassNoMapping,
+        ),
         // --- forwarding decisions
         Row::rewritten(
             "802.1Q-tagged SYN: rewritten, handed to the kernel (the VLAN device forwards it)",
@@ -762,6 +861,27 @@ fn ipv6_rows() -> Vec<Row> {
         )
         .after(vec![web6(SYN).build()])
         .leaves(web6_flow().replied().entries()),
+        Row::rewritten(
+            "ICMPv6 packet too big from the backend about a client's segment: embedded and source restored (pseudo-header checksum)",
+            EGRESS,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (BACKEND6.into(), CLIENT6.into()),
+                63,
+                IcmpError::TooBig(1280),
+                &ip_packet(&web6(ACK).payload(100).ttl(63).dnat(BACKEND6, 80).build()),
+            ),
+            Stat::ReplyNat,
+            icmp_error(
+                (CLIENT_MAC, HOST_CLIENT_SIDE_MAC),
+                (HOST6.into(), CLIENT6.into()),
+                63,
+                IcmpError::TooBig(1280),
+                &ip_packet(&web6(ACK).payload(100).ttl(63).build()),
+            ),
+        )
+        .after(vec![web6(SYN).build()])
+        .leaves(web6_flow().entries()),
         Row::rewritten(
             "IPv6 udp to a port bound on every address ([::]): rewritten and redirected",
             INGRESS,

@@ -118,6 +118,10 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
     }
 
     let l = layout(input).context("rewrote a frame that is not well-formed IP")?;
+    if l.proto == 1 || l.proto == 58 {
+        check_icmp_rewrite(name, input, out, &l, egress, code == Stat::FwdRedirect)?;
+        return Ok(code);
+    }
     // A later fragment has no L4 header: only its addresses (and checksums of its IP header).
     let l4 = match l.l4_header {
         Some(l4) => l4,
@@ -194,6 +198,42 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
         "checksum validity changed: {before:?} -> {after:?}"
     );
     Ok(code)
+}
+
+/// A translated ICMP error (`icmp.rs`): only the outer address on the flow's side, the IPv4
+/// header checksum, the ICMP checksum, the embedded packet's IP header and first 18 bytes of
+/// its TCP/UDP header (addresses, ports, checksums) and, when redirected, TTL and MACs change.
+fn check_icmp_rewrite(
+    name: &str,
+    input: &[u8],
+    out: &[u8],
+    l: &crate::packets::Layout,
+    egress: bool,
+    redirected: bool,
+) -> anyhow::Result<()> {
+    let icmp = l
+        .l4_header
+        .context("rewrote an ICMP message without its header")?;
+    let (src, dst, addr_len) = l.addrs();
+    let outer = if egress { src } else { dst };
+    let embedded = icmp + 8;
+    let embedded_ihl = if l.v6 {
+        40
+    } else {
+        usize::from(input.get(embedded).context("no embedded packet")? & 0x0f) * 4
+    };
+    let embedded_end = embedded + embedded_ihl + 18;
+    let allowed = |i: usize| {
+        (outer..outer + addr_len).contains(&i)
+            || (!l.v6 && (l.l3 + 10..l.l3 + 12).contains(&i))
+            || (icmp + 2..icmp + 4).contains(&i)
+            || (embedded..embedded_end).contains(&i)
+            || (redirected && (i < 12 || i == l.ttl()))
+    };
+    if let Some(i) = (0..out.len()).find(|&i| out[i] != input[i] && !allowed(i)) {
+        bail!("{name}: byte {i} of an ICMP error changed, which its translation must not touch");
+    }
+    Ok(())
 }
 
 /// Outcome counts over a set of runs, for the report.

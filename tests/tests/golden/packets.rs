@@ -391,6 +391,72 @@ pub fn icmpv6_echo(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
     out
 }
 
+/// What an ICMP error says happened to the packet it carries.
+#[derive(Clone, Copy, Debug)]
+pub enum IcmpError {
+    PortUnreachable,
+    /// IPv4 fragmentation needed / IPv6 packet too big, with the next hop's MTU.
+    TooBig(u16),
+    TimeExceeded,
+}
+
+/// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` with MACs (`dst_mac`, `src_mac`) and TTL
+/// `ttl`, carrying `embedded` (an IP packet, as much of it as given); checksums computed.
+pub fn icmp_error(
+    macs: ([u8; 6], [u8; 6]),
+    (src, dst): (IpAddr, IpAddr),
+    ttl: u8,
+    what: IcmpError,
+    embedded: &[u8],
+) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
+    let mut out = Vec::new();
+    let eth = PacketBuilder::ethernet2(macs.1, macs.0);
+    let written = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ty =
+                match what {
+                    IcmpError::PortUnreachable => {
+                        Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port)
+                    }
+                    IcmpError::TooBig(mtu) => Icmpv4Type::DestinationUnreachable(
+                        icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+                    ),
+                    IcmpError::TimeExceeded => {
+                        Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
+                    }
+                };
+            eth.ipv4(s.octets(), d.octets(), ttl)
+                .icmpv4(ty)
+                .write(&mut out, embedded)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ty = match what {
+                IcmpError::PortUnreachable => {
+                    Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+                }
+                IcmpError::TooBig(mtu) => Icmpv6Type::PacketTooBig { mtu: u32::from(mtu) },
+                IcmpError::TimeExceeded => {
+                    Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded)
+                }
+            };
+            eth.ipv6(s.octets(), d.octets(), ttl)
+                .icmpv6(ty)
+                .write(&mut out, embedded)
+        }
+        _ => panic!("an ICMP error stays within one family"),
+    };
+    written.expect("buildable");
+    out
+}
+
+/// The IP packet of a frame (what an ICMP error carries of it).
+#[must_use]
+pub fn ip_packet(frame: &[u8]) -> Vec<u8> {
+    let (l3, _) = l3_offset(frame).expect("an IP frame");
+    frame[l3..].to_vec()
+}
+
 /// A UDP datagram in two 802.1Q tags (QinQ).
 pub fn qinq_udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     let mut out = Vec::new();
@@ -593,6 +659,7 @@ impl Layout {
         match self.proto {
             6 => Some(l4 + 16),
             17 => Some(l4 + 6),
+            1 | 58 => Some(l4 + 2),
             _ => None,
         }
     }
@@ -645,6 +712,7 @@ pub fn layout(frame: &[u8]) -> Option<Layout> {
         6 => 20,
         17 => 8,
         132 => 12,
+        1 | 58 => 8,
         _ => usize::MAX,
     };
     let later_fragment = fragment == Some(true);
@@ -689,6 +757,8 @@ pub fn checksums(frame: &[u8]) -> Checksums {
         let segment = &frame[l4..l.l3 + l.tot_len];
         match l.proto {
             132 => sctp_crc_ok(segment),
+            // ICMP: over the message alone; ICMPv6 also over the pseudo-header.
+            1 => ones_sum(0, segment) == 0xffff,
             17 if segment[6..8] == [0, 0] => true, // UDP without a checksum
             _ => ones_sum(pseudo_sum(frame, &l, segment.len()), segment) == 0xffff,
         }
@@ -709,9 +779,14 @@ pub fn fix_checksums(frame: &mut [u8]) {
         frame[l4 + 8..l4 + 12].copy_from_slice(&crc);
         return;
     }
-    let check = l.l4_check().expect("TCP or UDP");
+    let check = l.l4_check().expect("TCP, UDP, ICMP or ICMPv6");
     frame[check..check + 2].fill(0);
-    let sum = ones_sum(pseudo_sum(frame, &l, end - l4), &frame[l4..end]);
+    let pseudo = if l.proto == 1 {
+        0
+    } else {
+        pseudo_sum(frame, &l, end - l4)
+    };
+    let sum = ones_sum(pseudo, &frame[l4..end]);
     let mut csum = !(sum as u16);
     if l.proto == 17 && csum == 0 {
         csum = 0xffff;

@@ -13,10 +13,12 @@
 //! - `cgroup`: a child cgroup per daemon, where its socket hooks attach;
 //! - `probe`: client processes (`pm-probe`) in a namespace and a cgroup;
 //! - `servers`: TCP/UDP servers and clients inside namespaces;
-//! - `sctp`: raw SCTP packets (the kernel here has no SCTP module).
+//! - `sctp`: raw SCTP packets (the kernel here has no SCTP module);
+//! - `flood`: spoofed TCP flows from a raw socket.
 
 mod cgroup;
 mod daemon;
+mod flood;
 mod netns;
 mod probe;
 mod sctp;
@@ -25,7 +27,7 @@ mod topology;
 
 use std::time::Duration;
 
-pub use self::{cgroup::*, daemon::*, netns::*, probe::*, sctp::*, servers::*, topology::*};
+pub use self::{cgroup::*, daemon::*, flood::*, netns::*, probe::*, sctp::*, servers::*, topology::*};
 
 /// How long a socket operation of a test may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,8 +7,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    net::{SocketAddr, TcpListener, TcpStream},
     sync::mpsc,
     time::Duration,
 };
@@ -16,7 +15,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use portmap_common::Stat;
 use portmap_tests::{
-    BackendLink, EchoServer, HOST_IP, Mode, Netns, TempDir, Topology, counter, payload, start_daemon,
+    BackendLink, EchoServer, HOST_IP, Mode, TempDir, Topology, counter, payload, spoofed_flood, start_daemon,
     tcp_exchange,
 };
 
@@ -29,60 +28,6 @@ const ASSURED_FLOWS: u32 = 1_024;
 /// Flows the table of new flows holds: small, so that a single LRU (the design before assured
 /// flows) loses the idle connections to this flood (checked: the test fails without promotion).
 const NEW_FLOWS: u32 = 128;
-
-/// Sends `count` spoofed flows, a TCP SYN and then an ACK each, to `dst`:`port` from sources in
-/// 198.19.0.0/16 (the benchmark range, routed nowhere) through a raw socket of `ns`; returns how
-/// many packets were sent.
-fn syn_flood(ns: &Netns, dst: Ipv4Addr, port: u16, count: u32) -> anyhow::Result<u32> {
-    ns.run(move || {
-        // SAFETY: socket(2) with constant arguments; the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        // SAFETY: a new descriptor nothing else owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let mut sent = 0;
-        let mut packet = Vec::with_capacity(64);
-        for i in 0..2 * count {
-            let flow = i / 2;
-            let src = [198, 19, (flow >> 8) as u8, flow as u8];
-            let tcp = etherparse::PacketBuilder::ipv4(src, dst.octets(), 64).tcp(
-                1024 + (flow % 50_000) as u16,
-                port,
-                flow,
-                64_240,
-            );
-            packet.clear();
-            if i % 2 == 0 {
-                tcp.syn().write(&mut packet, &[])?;
-            } else {
-                tcp.ack(1).write(&mut packet, &[])?;
-            }
-            // SAFETY: `packet` and `to` are valid for the sizes passed.
-            let n = unsafe {
-                libc::sendto(
-                    socket.as_raw_fd(),
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    0,
-                    (&raw const to).cast(),
-                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            if n > 0 {
-                sent += 1;
-            }
-        }
-        Ok(sent)
-    })
-}
 
 #[test]
 fn a_syn_flood_breaks_no_established_connection_and_new_ones_work() -> anyhow::Result<()> {
@@ -160,7 +105,7 @@ fn a_syn_flood_breaks_no_established_connection_and_new_ones_work() -> anyhow::R
                 }
                 Ok(ok)
             });
-            let sent = syn_flood(&topo.client, HOST_IP, 8080, FLOOD)?;
+            let sent = spoofed_flood(&topo.client, HOST_IP, 8080, FLOOD)?;
             let ok = during.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
             Ok((sent, ok))
         })?;

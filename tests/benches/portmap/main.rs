@@ -6,6 +6,7 @@
 //! figures with the machine; writes `results.json` (raw samples included), `report.md` and a PNG
 //! per scaling curve to the output directory. Nothing here asserts a timing.
 
+mod flood;
 mod micro;
 mod plot;
 mod report;
@@ -51,6 +52,8 @@ struct Plan {
     repeat: u32,
     packet_secs: f64,
     offered_pps: f64,
+    /// Spoofed flows of the flood measurement.
+    flood_flows: u32,
 }
 
 impl Plan {
@@ -67,6 +70,7 @@ impl Plan {
                 repeat: 200_000,
                 packet_secs: 1.0,
                 offered_pps: 50_000.0,
+                flood_flows: 20_000,
             }
         } else {
             Self {
@@ -80,6 +84,7 @@ impl Plan {
                 repeat: 2_000_000,
                 packet_secs: 3.0,
                 offered_pps: 100_000.0,
+                flood_flows: 600_000,
             }
         }
     }
@@ -107,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         packets: packet_costs(&plan)?,
         programs: program_costs(&plan)?,
         control: control_plane(&plan)?,
+        flood: flood_runs(&plan)?,
         memory: micro::memory()?,
         seconds: started.elapsed().as_secs_f64(),
     };
@@ -231,6 +237,35 @@ fn program_costs(plan: &Plan) -> anyhow::Result<Vec<micro::ProgramCost>> {
     }
 
     Ok(programs)
+}
+
+/// Idle connections through a spoofed flood, per variant that tracks connections.
+fn flood_runs(plan: &Plan) -> anyhow::Result<Vec<flood::FloodRun>> {
+    const IDLE: usize = 20;
+    say(&format!(
+        "{} spoofed flows (SYN + ACK each) against {IDLE} idle connections",
+        plan.flood_flows
+    ));
+    let mut runs = Vec::new();
+    for variant in [
+        Variant::Iptables,
+        Variant::Nftables,
+        Variant::PortmapTc,
+        Variant::PortmapXdp,
+    ] {
+        let bed = setup::bed(variant, 2)?;
+        let run = flood::flood_survival(&bed, variant, IDLE, plan.flood_flows)?;
+        say(&format!(
+            "  {:<26} {}/{IDLE} idle connections survived, {}/{} new connections, {:.0} kpps",
+            variant.name(),
+            run.survived,
+            run.new_ok,
+            run.new_tried,
+            run.packets_per_second / 1e3
+        ));
+        runs.push(run);
+    }
+    Ok(runs)
 }
 
 fn control_plane(plan: &Plan) -> anyhow::Result<Vec<micro::ControlPlane>> {

@@ -249,6 +249,18 @@ fn targets(s: &mut String, r: &Results) {
         .iter()
         .filter_map(|v| pv(*v, |p| p.tcp_gbps))
         .reduce(f64::max);
+    let lost = r
+        .flood
+        .iter()
+        .filter(|f| matches!(f.variant, Variant::PortmapTc | Variant::PortmapXdp))
+        .map(|f| (f.idle - f.survived) as f64)
+        .reduce(f64::max);
+    check(
+        "spoofed flood: no established connection lost (portmap, worse mode)",
+        lost,
+        " lost",
+        &|v| v == 0.0,
+    );
     check(
         "TCP throughput ≥ iptables DNAT (better mode)",
         over(best_tcp, pv(Variant::Iptables, |p| p.tcp_gbps)),
@@ -377,6 +389,40 @@ fn absolutes(s: &mut String, r: &Results) {
     let _ = writeln!(s, "| --- | --- | --- |");
     for (name, entries, bytes) in &r.memory.maps {
         let _ = writeln!(s, "| {name} | {entries} | {bytes} |");
+    }
+    flood_table(s, r);
+}
+
+/// Idle connections through a flood of spoofed flows.
+fn flood_table(s: &mut String, r: &Results) {
+    let _ = writeln!(
+        s,
+        "\n## Flood of spoofed flows\n\nEach spoofed flow is a SYN and an ACK from a source in 198.19.0.0/16 \
+         (never answered); 20 idle connections are open before, and their server speaks first after \
+         it. Table: flows the variant keeps for new connections (portmap: `conntrack_new_entries` / 2; \
+         netfilter: nf_conntrack_max).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| variant | spoofed flows | kpps | table (flows) | overcommit | idle survived | new connections |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+    for f in &r.flood {
+        let overcommit = f.table_flows.filter(|t| *t > 0).map_or("n/a".to_string(), |t| {
+            format!("{:.1}×", f64::from(f.flows) / t as f64)
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {} | {overcommit} | {}/{} | {}/{} |",
+            f.variant.name(),
+            f.flows,
+            f.packets_per_second / 1e3,
+            f.table_flows.map_or("n/a".to_string(), |t| t.to_string()),
+            f.survived,
+            f.idle,
+            f.new_ok,
+            f.new_tried
+        );
     }
 }
 

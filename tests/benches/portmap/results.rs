@@ -73,5 +73,6 @@ pub struct Results {
     pub programs: Vec<micro::ProgramCost>,
     pub control: Vec<micro::ControlPlane>,
     pub memory: micro::Memory,
+    pub flood: Vec<crate::flood::FloodRun>,
     pub seconds: f64,
 }

@@ -105,56 +105,50 @@ fn is_syn(tcp_flags: u8) -> bool {
 /// removed and the caller creates a fresh flow.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
+    let (entry, v, assured) = locate(key, dir)?;
+    if dir == DIR_FORWARD && is_syn(tcp_flags) && v.flags & FLOW_F_CLOSING != 0 {
+        remove(&key.reply(v.nat_addr, v.nat_port_be), assured);
+        remove(key, assured);
+        return None;
+    }
+    let mark = if !assured && dir == DIR_REPLY {
+        FLOW_F_REPLIED
+    } else {
+        0
+    };
+    touch(entry, tcp_flags, now, mark);
+    Some(nat_of(&v, assured))
+}
+
+/// The entry for `key` (assured flows first) if it is one of direction `dir`: its pointer, a
+/// copy of it, and whether it is assured.
+#[inline(always)]
+fn locate(key: &FlowKey, dir: u8) -> Option<(*mut FlowValue, FlowValue, bool)> {
     for assured in [true, false] {
         let Some(entry) = entry(key, assured) else {
             continue;
         };
         // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
         let v = unsafe { *entry };
-        if v.direction != dir {
-            return None;
-        }
-        if dir == DIR_FORWARD && is_syn(tcp_flags) && v.flags & FLOW_F_CLOSING != 0 {
-            remove(&key.reply(v.nat_addr, v.nat_port_be), assured);
-            remove(key, assured);
-            return None;
-        }
-        let mark = if !assured && dir == DIR_REPLY {
-            FLOW_F_REPLIED
-        } else {
-            0
-        };
-        touch(entry, tcp_flags, now, mark);
-        return Some(Nat {
-            addr: v.nat_addr,
-            port: v.nat_port_be,
-            stats_slot: v.stats_slot,
-            assured,
-        });
+        return (v.direction == dir).then_some((entry, v, assured));
     }
     None
+}
+
+#[inline(always)]
+fn nat_of(v: &FlowValue, assured: bool) -> Nat {
+    Nat {
+        addr: v.nat_addr,
+        port: v.nat_port_be,
+        stats_slot: v.stats_slot,
+        assured,
+    }
 }
 
 /// The flow entry for `key` in direction `dir`, read only (no refresh, no marks).
 #[inline(always)]
 pub fn find(key: &FlowKey, dir: u8) -> Option<Nat> {
-    for assured in [true, false] {
-        let Some(entry) = entry(key, assured) else {
-            continue;
-        };
-        // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
-        let v = unsafe { *entry };
-        if v.direction != dir {
-            return None;
-        }
-        return Some(Nat {
-            addr: v.nat_addr,
-            port: v.nat_port_be,
-            stats_slot: v.stats_slot,
-            assured,
-        });
-    }
-    None
+    locate(key, dir).map(|(_, v, assured)| nat_of(&v, assured))
 }
 
 /// After a forward packet of an unassured flow: if the backend has answered and this packet

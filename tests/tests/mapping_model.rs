@@ -490,3 +490,21 @@ fn config_reloads_as_one_diff_and_list_json_round_trips() -> anyhow::Result<()> 
     server.join().expect("thread")?;
     Ok(())
 }
+
+/// More published ports than the compiled-in map sizes (65,536): every map that holds one entry
+/// per published port follows `limits.max_mappings` (PM_PUBLISHED_PORTS once did not).
+#[test]
+fn limits_above_the_default_capacity_apply_to_every_per_port_map() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("big")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(
+        &config,
+        "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [\"20000-59999:198.18.1.2:20000-59999\", \
+         \"20000-59999:198.18.1.2:20000-59999/udp\"]\n[limits]\nmax_mappings = 100000\n",
+    )?;
+    let mut daemon = Daemon::start(&topo.host, &["--config", config.to_str().context("utf-8")?])?;
+    let listed = daemon.cli_ok(&["list"])?;
+    assert_eq!(listed.lines().count(), 80_000);
+    daemon.stop()
+}

@@ -97,6 +97,8 @@ impl Datapath {
             .override_global(HOST_NETNS_COOKIE_GLOBAL, &netns_cookie, true)
             .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
             .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
+            // At most one (protocol, port) per published port.
+            .map_max_entries(map_names::PUBLISHED_PORTS, limits.max_mappings)
             .map_max_entries(map_names::BACKENDS, limits.max_backends)
             .map_max_entries(map_names::MAGLEV, limits.max_backend_groups)
             .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)

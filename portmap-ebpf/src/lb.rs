@@ -37,10 +37,16 @@ pub fn is_local(addr: &Addr, family: u8) -> bool {
     is_loopback(addr, family) || unsafe { PM_LOCAL_ADDRS.get(key) }.is_some()
 }
 
-/// The mapping published at `addr`:`port_be`: the exact address first, then, if `wildcard`
-/// may match (the destination is local), the family's wildcard.
+/// The mapping published at `addr`:`port_be`: the exact address first, then the family's
+/// wildcard if `local()` says the destination is the host's (asked only then: a map lookup).
 #[inline(always)]
-pub fn lookup(addr: &Addr, port_be: u16, proto: u8, family: u8, wildcard: bool) -> Option<MappingValue> {
+pub fn lookup(
+    addr: &Addr,
+    port_be: u16,
+    proto: u8,
+    family: u8,
+    local: impl FnOnce() -> bool,
+) -> Option<MappingValue> {
     let mut key = MappingKey {
         addr: *addr,
         port_be,
@@ -51,7 +57,7 @@ pub fn lookup(addr: &Addr, port_be: u16, proto: u8, family: u8, wildcard: bool) 
     if let Some(v) = unsafe { PM_MAPPINGS.get(key) } {
         return Some(*v);
     }
-    if !wildcard {
+    if !local() {
         return None;
     }
     key.addr = [0; 4];
@@ -65,8 +71,9 @@ pub fn find_mapping(pkt: &Packet) -> Option<MappingValue> {
     if is_loopback(&pkt.daddr, pkt.family) {
         return None;
     }
-    let wildcard = is_local(&pkt.daddr, pkt.family);
-    lookup(&pkt.daddr, pkt.dport, pkt.proto, pkt.family, wildcard)
+    lookup(&pkt.daddr, pkt.dport, pkt.proto, pkt.family, || {
+        is_local(&pkt.daddr, pkt.family)
+    })
 }
 
 /// The flow hash of a packet: every packet of a flow (and a client's retransmitted SYN) picks

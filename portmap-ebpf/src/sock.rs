@@ -139,13 +139,9 @@ fn mapping_for(dst: &SockAddr, proto: u8, host: bool) -> Option<MappingValue> {
     if loopback && !host {
         return None;
     }
-    lb::lookup(
-        &dst.addr,
-        dst.port_be,
-        proto,
-        dst.family,
-        lb::is_local(&dst.addr, dst.family),
-    )
+    lb::lookup(&dst.addr, dst.port_be, proto, dst.family, || {
+        lb::is_local(&dst.addr, dst.family)
+    })
 }
 
 /// connect() and sendmsg() (`sendmsg` true): translates a destination that is a published
@@ -266,7 +262,7 @@ pub fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
         // SAFETY: only the presence of the entry is read.
         unsafe { PM_PUBLISHED_PORTS.get(key) }.is_some()
     } else {
-        lb::lookup(&at.addr, at.port_be, proto, at.family, true).is_some()
+        lb::lookup(&at.addr, at.port_be, proto, at.family, || true).is_some()
     };
     if published {
         count(Stat::SockBindRefused);

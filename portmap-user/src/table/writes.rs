@@ -51,13 +51,15 @@ pub trait Maps {
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()>;
 }
 
-/// Collects `PM_MAPPINGS` writes and sends them to the kernel together on [`Batch::commit`], so
-/// that a config of many mappings takes few system calls and becomes visible at once. Other
-/// writes pass straight through. The batch lives only as long as this guard: dropping it
-/// uncommitted writes none of the collected entries, and it can never stay open by mistake.
+/// Collects `PM_MAPPINGS` and `PM_PUBLISHED_PORTS` writes and sends them to the kernel together
+/// on [`Batch::commit`], so that a config of many mappings takes few system calls and becomes
+/// visible at once. Other writes pass straight through. The batch lives only as long as this
+/// guard: dropping it uncommitted writes none of the collected entries, and it can never stay
+/// open by mistake.
 pub struct Batch<'a, M: Maps + ?Sized> {
     maps: &'a mut M,
     pending: Vec<(MappingKey, MappingValue)>,
+    ports: Vec<PortKey>,
 }
 
 impl<'a, M: Maps + ?Sized> Batch<'a, M> {
@@ -65,11 +67,15 @@ impl<'a, M: Maps + ?Sized> Batch<'a, M> {
         Self {
             maps,
             pending: Vec::new(),
+            ports: Vec::new(),
         }
     }
 
-    /// Writes the collected entries.
+    /// Writes the collected entries: the published ports, then the mappings.
     pub fn commit(self) -> anyhow::Result<()> {
+        if !self.ports.is_empty() {
+            self.maps.publish_ports(&self.ports)?;
+        }
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -101,10 +107,12 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
     }
 
     fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
-        self.maps.publish_ports(ports)
+        self.ports.extend_from_slice(ports);
+        Ok(())
     }
 
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
+        self.ports.retain(|p| !ports.contains(p));
         self.maps.unpublish_ports(ports)
     }
 }

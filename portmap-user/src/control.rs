@@ -14,6 +14,9 @@ use portmap_common::MappingCounters;
 
 use crate::mapping::Mapping;
 
+/// Longest request line the daemon reads (a longer one is refused with an error line).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "lowercase")]
 pub enum Request {

@@ -12,9 +12,10 @@ use log::{error, info, warn};
 use portmap_common::Stat;
 use tokio::{
     io::unix::AsyncFd,
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
 };
 
 use crate::{
@@ -208,6 +209,7 @@ async fn serve(
     let mut logs = unsafe { AsyncFd::register(logger)? };
     // SAFETY: the watch owns its netlink socket, and AsyncFd owns the watch until it is dropped.
     let mut addresses = unsafe { AsyncFd::register(watch)? };
+    let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); return Ok(()) }
@@ -246,30 +248,64 @@ async fn serve(
             }
             conn = listener.accept() => {
                 let (stream, _) = conn?;
-                if let Err(e) = handle(stream, state).await {
-                    warn!("control connection: {e:#}");
-                }
+                tokio::spawn(client(stream, requests_tx.clone()));
+            }
+            Some((request, reply)) = requests.recv() => {
+                let _ = reply.send(dispatch(request, state));
             }
         }
     }
 }
 
-async fn handle(stream: UnixStream, state: &mut State) -> anyhow::Result<()> {
+/// A request from a control connection and where its answer goes.
+type Pending = (Request, oneshot::Sender<Response>);
+
+/// One control connection, served beside the others: one request line (at most
+/// `MAX_REQUEST_BYTES`, within 5 s), applied by the main loop (changes stay serialised), the
+/// answer written within 10 s. A silent, slow or never-reading client only holds its own task;
+/// the daemon's shutdown drops it.
+async fn client(stream: UnixStream, requests: mpsc::Sender<Pending>) {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(5), BufReader::new(read).read_line(&mut line))
-        .await
-        .context("client sent no request within 5 s")??;
-    let response = match control::parse_request(&line) {
-        Ok(request) => dispatch(request, state),
-        Err(e) => Response::Error {
-            message: e.to_string(),
-        },
+    let response = match read_request(read).await {
+        Ok(request) => {
+            let (reply, answer) = oneshot::channel();
+            if requests.send((request, reply)).await.is_err() {
+                return;
+            }
+            match answer.await {
+                Ok(response) => response,
+                Err(_) => return,
+            }
+        }
+        Err(message) => Response::Error { message },
     };
-    let mut out = serde_json::to_string(&response)?;
+    let Ok(mut out) = serde_json::to_string(&response) else {
+        return;
+    };
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    Ok(())
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(10), write.write_all(out.as_bytes())).await,
+        Ok(Ok(()))
+    ) {
+        warn!("control connection: the client did not take its answer within 10 s");
+    }
+}
+
+/// Reads one request line; what is wrong with it otherwise, as the error line to answer.
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    let limit = control::MAX_REQUEST_BYTES;
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(limit as u64 + 1);
+    match tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut line)).await {
+        Err(_) => return Err("no request within 5 s".into()),
+        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > limit {
+        return Err(format!("request larger than {limit} bytes: refused"));
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| "bad request: not UTF-8 text".to_string())?;
+    control::parse_request(text).map_err(|e| e.to_string())
 }
 
 fn dispatch(request: Request, state: &mut State) -> Response {

@@ -1,0 +1,134 @@
+//! The control socket serves clients concurrently (issue 12, part): a client that sends nothing,
+//! or asks and never reads its answer, delays no other request and no signal; requests over
+//! 1 MiB and malformed ones get an error line; 50 CLI clients changing mappings at once all get
+//! answers and leave a consistent table. Needs root (run through `cargo xtask test`).
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use anyhow::{Context as _, ensure};
+use portmap_tests::{BackendLink, Daemon, TempDir, Topology};
+
+/// A daemon with `n` published ports, so that `list` answers with a few hundred KB.
+fn daemon_with(topo: &Topology, n: u16) -> anyhow::Result<(Daemon, TempDir)> {
+    let dir = TempDir::new("ctl")?;
+    let config = dir.path().join("portmap.toml");
+    let mappings: Vec<String> = (0..n)
+        .map(|i| format!("\"{}:198.18.1.2:80\"", 20_000 + i))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [{}]\n",
+            mappings.join(", ")
+        ),
+    )?;
+    let daemon = Daemon::start(&topo.host, &["--config", config.to_str().context("utf-8")?])?;
+    Ok((daemon, dir))
+}
+
+/// Sends `request` on a new raw connection and reads the one answer line.
+fn raw(daemon: &Daemon, request: &[u8]) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(&daemon.socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    // The daemon stops reading an oversized request and answers: the rest of the write fails.
+    let _ = stream.write_all(request);
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line)
+}
+
+#[test]
+fn silent_and_unread_clients_delay_no_other_request_and_no_signal() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let (mut daemon, _dir) = daemon_with(&topo, 5_000)?;
+    // Eight clients that connect and say nothing (each used to hold the daemon for 5 s), and
+    // one that asks for the whole list and never reads it (its answer does not fit the socket's
+    // buffers: the daemon used to block on it for good).
+    let silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&daemon.socket))
+        .collect::<Result<_, _>>()?;
+    let mut unread = UnixStream::connect(&daemon.socket)?;
+    unread.write_all(b"{\"request\":\"list\"}\n")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let listed = daemon.cli_ok(&["list"])?;
+    ensure!(
+        listed.lines().count() == 5_000,
+        "list answered {} lines",
+        listed.lines().count()
+    );
+    daemon.cli_ok(&["add", "9999:198.18.1.2:80"])?;
+    daemon.cli_ok(&["stats"])?;
+    // SIGTERM still stops it while both kinds of clients hang on.
+    daemon.stop()?;
+    drop((silent, unread));
+    Ok(())
+}
+
+#[test]
+fn oversized_and_malformed_requests_get_an_error_line() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let (mut daemon, _dir) = daemon_with(&topo, 1)?;
+    let mut big = vec![b'x'; 2 << 20];
+    big.push(b'\n');
+    let answer = raw(&daemon, &big)?;
+    ensure!(
+        answer.contains("\"error\"") && answer.contains("larger than 1048576 bytes"),
+        "{answer}"
+    );
+    let answer = raw(&daemon, b"\xff\xfe garbage\n")?;
+    ensure!(
+        answer.contains("\"error\"") && answer.contains("not UTF-8"),
+        "{answer}"
+    );
+    let answer = raw(&daemon, b"{\"request\":\"launch\"}\n")?;
+    ensure!(
+        answer.contains("\"error\"") && answer.contains("launch"),
+        "{answer}"
+    );
+    // The daemon is fine afterwards.
+    ensure!(daemon.cli_ok(&["list"])?.lines().count() == 1);
+    daemon.stop()
+}
+
+#[test]
+fn fifty_clients_changing_mappings_at_once_leave_a_consistent_table() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let (mut daemon, _dir) = daemon_with(&topo, 1)?;
+    // Each client adds its port; the odd ones delete it again.
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..50u16)
+            .map(|i| {
+                let daemon = &daemon;
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let spec = format!("{}:198.18.1.2:80", 30_000 + i);
+                    daemon.cli_ok(&["add", &spec])?;
+                    if i % 2 == 1 {
+                        daemon.cli_ok(&["del", &spec])?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("client panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    let listed = daemon.cli_ok(&["list"])?;
+    for i in 0..50u16 {
+        let present = listed.contains(&format!("0.0.0.0:{}", 30_000 + i));
+        ensure!(present == (i % 2 == 0), "port {}: listed {present}", 30_000 + i);
+    }
+    ensure!(listed.lines().count() == 1 + 25, "{listed}");
+    daemon.stop()
+}

@@ -79,6 +79,14 @@ enum Command {
     Port { backend: String },
     /// Read the config file again and apply its mappings as one change (also on SIGHUP).
     Reload,
+    /// Remove everything a daemon that is no longer running left behind (a crash, SIGKILL): its
+    /// links (its XDP, TC and cgroup programs detach), maps and pins. Refuses while a daemon
+    /// runs: stopping it removes everything itself.
+    Cleanup {
+        /// bpffs directory of the pins (default /sys/fs/bpf/portmap).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
     /// Show per-mapping and global counters.
     Stats {
         #[arg(long)]
@@ -147,6 +155,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Del { spec } => simple(&client_socket(), &Request::Del { spec }),
         Command::Reload => simple(&client_socket(), &Request::Reload),
+        Command::Cleanup { pin_dir } => {
+            let pin_dir = pin_dir.unwrap_or_else(|| config::DEFAULT_PIN_DIR.into());
+            let removed = portmap::datapath::cleanup(&pin_dir, &client_socket())?;
+            if removed.is_empty() {
+                println!("nothing to clean up in {}", pin_dir.display());
+            }
+            for path in removed {
+                println!("removed {}", path.display());
+            }
+            Ok(())
+        }
         Command::List { json } => {
             let mappings = list(&client_socket())?;
             if json {

@@ -378,7 +378,7 @@ fn crash_keeps_traffic_flowing_and_restart_cleans_up() -> anyhow::Result<()> {
     server.join().unwrap()?;
 
     daemon.restart(&topo.host, &["--iface", HOST_CLIENT_IFACE, "--attach", "tc"])?;
-    assert!(daemon.log().contains("removing stale pin"), "{}", daemon.log());
+    assert!(daemon.log().contains("removed stale pin"), "{}", daemon.log());
     assert_eq!(
         attached(&topo.host, HOST_CLIENT_IFACE)?,
         (1, 1, false),
@@ -391,6 +391,47 @@ fn crash_keeps_traffic_flowing_and_restart_cleans_up() -> anyhow::Result<()> {
     );
     daemon.stop()?;
     assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
+    Ok(())
+}
+
+/// `portmap cleanup` refuses while the daemon runs; after a crash it removes the pins the daemon
+/// left, which detaches its programs, so the published port closes without starting a new daemon.
+#[test]
+fn cleanup_removes_what_a_crashed_daemon_left() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = start(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    let pin_dir = daemon.pin_dir.to_str().context("pin dir")?.to_owned();
+
+    let refused = daemon.cli(&["cleanup", "--pin-dir", &pin_dir])?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("daemon is running"),
+        "{stderr}"
+    );
+    assert!(
+        daemon.pin_dir.join("maps/PM_MAPPINGS").exists(),
+        "nothing removed"
+    );
+
+    daemon.kill()?;
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (1, 1, false));
+    let out = daemon.cli_ok(&["cleanup", "--pin-dir", &pin_dir])?;
+    assert!(
+        out.contains("links/") && out.contains("maps/PM_MAPPINGS"),
+        "{out}"
+    );
+    assert!(!daemon.pin_dir.exists(), "pin dir removed");
+    assert!(!daemon.socket.exists(), "stale socket removed");
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
+    assert_eq!(
+        tcp_connect_result(&topo.client, host(8080))?,
+        Err(ErrorKind::ConnectionRefused)
+    );
+    assert_eq!(
+        daemon.cli_ok(&["cleanup", "--pin-dir", &pin_dir])?.trim(),
+        format!("nothing to clean up in {pin_dir}")
+    );
     Ok(())
 }
 

@@ -47,7 +47,7 @@ pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
     attach::Hook,
     expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
-    pins::{check_pin_dir, ensure_bpffs, remove_stale_pins},
+    pins::{check_pin_dir, cleanup, ensure_bpffs, remove_stale_pins},
 };
 use crate::{config::Limits, host};
 

@@ -29,16 +29,48 @@ pub(super) fn cgroup_link_pin(pin_dir: &Path, program: &str) -> PathBuf {
 
 /// Removes pins a previous run left behind (a crash, or SIGKILL): unpinning detaches its links.
 pub fn remove_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
+    for path in remove_pins(pin_dir)? {
+        warn!("removed stale pin {} left by an earlier run", path.display());
+    }
+    Ok(())
+}
+
+/// Removes every pin under `pin_dir` (links first: unpinning a link detaches its program from
+/// its interface or cgroup; then maps) and returns what it removed.
+pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         let dir = pin_dir.join(sub);
         let Ok(entries) = fs::read_dir(&dir) else { continue };
         for entry in entries {
             let path = entry?.path();
-            warn!("removing stale pin {} left by an earlier run", path.display());
-            fs::remove_file(&path).with_context(|| format!("removing stale pin {}", path.display()))?;
+            fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
+            removed.push(path);
         }
     }
-    Ok(())
+    Ok(removed)
+}
+
+/// `portmap cleanup`: removes everything a daemon that is no longer running left under
+/// `pin_dir` — its links (so its XDP, TC and cgroup programs detach), its maps, the directories
+/// — and returns the pins removed. Refuses while a daemon answers on `socket`: a running daemon
+/// detaches everything itself when it stops.
+pub fn cleanup(pin_dir: &Path, socket: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "a portmap daemon is running (control socket {} answers): stop it (`systemctl stop portmap`, \
+             or SIGTERM), which detaches and removes everything itself; cleanup is for what a crashed \
+             daemon left behind",
+            socket.display()
+        );
+    }
+    let removed = remove_pins(pin_dir)?;
+    for dir in ["links", "maps", ""] {
+        let _ = fs::remove_dir(pin_dir.join(dir));
+    }
+    // A socket file nobody answers on is a crashed daemon's too.
+    let _ = fs::remove_file(socket);
+    Ok(removed)
 }
 
 fn is_bpffs(path: &Path) -> bool {

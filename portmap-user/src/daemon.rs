@@ -254,6 +254,13 @@ async fn serve(
                 let _ = reply.send(dispatch(request, state));
             }
         }
+        // A reload (SIGHUP or `portmap reload`) may have changed the interval: the next pass
+        // comes one new interval from now, not after the old one.
+        let period = state.config.timeouts.gc_interval();
+        if gc.period() != period {
+            info!("flow expiry every {} s", period.as_secs());
+            gc = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        }
     }
 }
 

@@ -208,6 +208,39 @@ fn flows_expire_and_are_recreated() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A reloaded `gc_interval_seconds` applies at once: started with an hour between expiry passes
+/// (which also count the flows `stats` shows), a reload to 1 s brings the next pass within
+/// seconds, not after the old hour.
+#[test]
+fn reloaded_gc_interval_applies_at_once() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("cfg")?;
+    let config = dir.path().join("portmap.toml");
+    let toml = |gc: u32| {
+        format!(
+            "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [\"5353:198.18.1.2:53/udp\"]\n\
+             [timeouts]\ngc_interval_seconds = {gc}\n"
+        )
+    };
+    std::fs::write(&config, toml(3600))?;
+    let daemon = Daemon::start(
+        &topo.host,
+        &["--config", config.to_str().context("non-UTF-8 temp path")?],
+    )?;
+    // The first pass ran at start, before this flow existed.
+    let server = udp_server(&topo.backend, 53, 1)?;
+    udp_exchange(&topo.client, host(5353), 1, 10)?;
+    server.join().unwrap()?;
+
+    std::fs::write(&config, toml(1))?;
+    daemon.cli_ok(&["reload"])?;
+    wait_for("an expiry pass to count the flow", || {
+        Ok(daemon.stats()?.new_flows == 1)
+    })?;
+    assert!(daemon.log().contains("flow expiry every 1 s"), "{}", daemon.log());
+    Ok(())
+}
+
 /// Writes `toml` to a fresh config file and starts the daemon with it (the daemon reads the
 /// file once, at start).
 fn start_with_config(topo: &Topology, toml: &str) -> anyhow::Result<Daemon> {

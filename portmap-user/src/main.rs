@@ -1,6 +1,11 @@
 //! `portmap`: publish host ports to backends with an eBPF/XDP datapath.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -91,6 +96,16 @@ enum Command {
     Stats {
         #[arg(long)]
         json: bool,
+        /// Show live per-second rates, refreshed in place every --interval (Ctrl-C ends it);
+        /// with --json, one JSON object of rates per line.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes of --watch (fractions allowed, at least 0.1).
+        #[arg(long, default_value = "1", requires = "watch", value_parser = parse_interval)]
+        interval: Duration,
+        /// Stop --watch after this many refreshes (default: run until interrupted).
+        #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
     },
 }
 
@@ -186,7 +201,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats { json } => match control::call(&client_socket(), &Request::Stats)? {
+        Command::Stats {
+            json,
+            watch: true,
+            interval,
+            count,
+        } => watch_stats(&client_socket(), json, interval, count),
+        Command::Stats { json, .. } => match control::call(&client_socket(), &Request::Stats)? {
             Response::Stats { stats } if json => print_json(&stats),
             Response::Stats { stats } => {
                 print_stats(&stats);
@@ -250,6 +271,51 @@ fn unexpected(response: Response) -> anyhow::Result<()> {
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// `--interval`: seconds, fractions allowed, at least 0.1 (a daemon asked more often than that
+/// spends its time answering).
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!("{secs} s is out of range 0.1-86400"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `stats --watch`: asks for stats every `interval` and shows the rates since the previous
+/// answer, in place on a terminal (one block after the other otherwise, one JSON line each with
+/// `--json`).
+fn watch_stats(socket: &Path, json: bool, interval: Duration, count: Option<u64>) -> anyhow::Result<()> {
+    let sample = || -> anyhow::Result<(StatsReport, Instant)> {
+        match control::call(socket, &Request::Stats)? {
+            Response::Stats { stats } => Ok((stats, Instant::now())),
+            other => Err(unexpected(other).expect_err("unexpected() always fails")),
+        }
+    };
+    let in_place = !json && std::io::stdout().is_terminal();
+    let (mut old, mut at) = sample()?;
+    let mut shown = 0;
+    while count.is_none_or(|n| shown < n) {
+        std::thread::sleep(interval.saturating_sub(at.elapsed()));
+        let (new, now) = sample()?;
+        let rates = portmap::rates::rates(&old, &new, now - at);
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&rates)?)?;
+        } else if in_place {
+            // Home the cursor and clear the screen, then draw the table.
+            write!(out, "\x1b[H\x1b[2J{}", portmap::rates::render(&rates))?;
+        } else {
+            writeln!(out, "{}", portmap::rates::render(&rates))?;
+        }
+        out.flush()?;
+        (old, at) = (new, now);
+        shown += 1;
+    }
     Ok(())
 }
 

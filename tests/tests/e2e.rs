@@ -241,6 +241,49 @@ fn reloaded_gc_interval_applies_at_once() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `stats --watch --json` prints one line of per-second rates per refresh; traffic during the
+/// watch shows up as packet and flow rates of its mapping.
+#[test]
+fn stats_watch_shows_rates() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let daemon = start(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "5353:198.18.1.2:53/udp"])?;
+    let server = udp_server(&topo.backend, 53, 20)?;
+    let out = thread::scope(|s| {
+        let traffic = s.spawn(|| -> anyhow::Result<()> {
+            for _ in 0..20 {
+                udp_exchange(&topo.client, host(5353), 1, 10)?;
+                thread::sleep(Duration::from_millis(100));
+            }
+            Ok(())
+        });
+        let out = daemon.cli_ok(&["stats", "--watch", "--interval", "0.5", "--count", "3", "--json"]);
+        traffic.join().unwrap()?;
+        out
+    })?;
+    server.join().unwrap()?;
+    let lines: Vec<serde_json::Value> = out.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 3, "{out}");
+    let rate = |line: &serde_json::Value, field: &str| line["mappings"][0][field].as_f64().unwrap_or(0.0);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["mappings"][0]["mapping"] == "5353:198.18.1.2:53/udp"),
+        "{out}"
+    );
+    assert!(lines.iter().any(|l| rate(l, "fwd_packets_per_s") > 0.0), "{out}");
+    assert!(lines.iter().any(|l| rate(l, "new_flows_per_s") > 0.0), "{out}");
+
+    let table = daemon.cli_ok(&["stats", "--watch", "--interval", "0.1", "--count", "1"])?;
+    assert!(
+        table.starts_with("MAPPING (spec)") && table.contains("FWD_PPS"),
+        "{table}"
+    );
+    let err = daemon.cli(&["stats", "--watch", "--interval", "0"])?;
+    assert!(stderr_of(&err).contains("out of range"), "{}", stderr_of(&err));
+    Ok(())
+}
+
 /// Writes `toml` to a fresh config file and starts the daemon with it (the daemon reads the
 /// file once, at start).
 fn start_with_config(topo: &Topology, toml: &str) -> anyhow::Result<Daemon> {

@@ -24,7 +24,7 @@ use crate::{
     datapath::{self, Datapath},
     host,
     mapping::Mapping,
-    sockets, spec,
+    notify, sockets, spec,
     table::{Capacity, Table, TableError},
 };
 
@@ -99,6 +99,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
             started.elapsed().as_secs_f64() * 1e3
         );
         let listener = bind_socket(&cfg.socket)?;
+        notify::ready(&status_line(&state));
         let served = serve(&mut state, listener, logger, watch).await;
         let _ = fs::remove_file(&cfg.socket);
         served
@@ -205,6 +206,7 @@ async fn serve(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut gc = tokio::time::interval(state.config.timeouts.gc_interval());
+    let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
     // SAFETY: the logger owns its ring buffer fd, and AsyncFd owns the logger until it is dropped.
     let mut logs = unsafe { AsyncFd::register(logger)? };
     // SAFETY: the watch owns its netlink socket, and AsyncFd owns the watch until it is dropped.
@@ -212,10 +214,10 @@ async fn serve(
     let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM"); return Ok(()) }
-            _ = int.recv() => { info!("SIGINT"); return Ok(()) }
+            _ = term.recv() => { info!("SIGTERM"); notify::stopping(); return Ok(()) }
+            _ = int.recv() => { info!("SIGINT"); notify::stopping(); return Ok(()) }
             _ = hup.recv() => {
-                match reload(state) {
+                match reload_notified(state) {
                     Ok(message) => info!("SIGHUP: {message}"),
                     Err(e) => error!("SIGHUP: {e:#}"),
                 }
@@ -227,10 +229,12 @@ async fn serve(
                     Ok(plan) => {
                         state.flows.update(&plan);
                         state.table.release_drained(&plan.slots_in_use);
+                        notify::status(&status_line(state));
                     }
                     Err(e) => warn!("flow expiry pass failed: {e:#}"),
                 }
             }
+            () = tick(watchdog.as_mut()) => notify::watchdog(),
             guard = addresses.readable_mut() => {
                 let mut guard = guard?;
                 if guard.get_inner_mut().drain() {
@@ -262,6 +266,31 @@ async fn serve(
             gc = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         }
     }
+}
+
+/// Waits for the next tick of `interval`, or forever without one.
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What `systemctl status` shows: mappings, interfaces and how full the flow tables were at the
+/// last expiry pass.
+fn status_line(state: &State) -> String {
+    let (assured, new) = (&state.flows.assured, &state.flows.new);
+    format!(
+        "{} mapping(s) on {}; flows {}/{} assured, {}/{} new",
+        state.table.entries().len(),
+        state.config.interfaces.join(", "),
+        assured.active,
+        assured.capacity,
+        new.active,
+        new.capacity
+    )
 }
 
 /// A request from a control connection and where its answer goes.
@@ -334,7 +363,7 @@ fn dispatch(request: Request, state: &mut State) -> Response {
             parsed(&spec).and_then(|m| state.table.update(&mut state.dp, &m)),
             started,
         ),
-        Request::Reload => reload(state),
+        Request::Reload => reload_notified(state),
         Request::List => {
             return Response::Mappings {
                 mappings: state.table.mappings(),
@@ -379,6 +408,15 @@ fn changed(verb: &str, result: Result<Mapping, TableError>, started: Instant) ->
     info!("{verb} {m} in {:.1} µs", started.elapsed().as_secs_f64() * 1e6);
     let indent = format!("\n{}", " ".repeat(verb.len() + 1));
     Ok(format!("{verb} {}", m.docker_lines().join(&indent)))
+}
+
+/// `reload` between `RELOADING=1` and `READY=1` for systemd (`READY=1` also after a failed
+/// reload: the previous configuration keeps running).
+fn reload_notified(state: &mut State) -> anyhow::Result<String> {
+    notify::reloading();
+    let result = reload(state);
+    notify::ready(&status_line(state));
+    result
 }
 
 /// Reads the config file again and applies its mappings as one diff (all or nothing) and its

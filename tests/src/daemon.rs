@@ -48,6 +48,8 @@ pub struct Daemon {
     pub pin_dir: PathBuf,
     /// Where the daemon attaches its socket hooks: put client processes here (`probe`).
     pub cgroup: Cgroup,
+    /// Environment variables the daemon starts with (e.g. `NOTIFY_SOCKET`).
+    env: Vec<(String, String)>,
     work_dir: TempDir,
 }
 
@@ -55,6 +57,11 @@ impl Daemon {
     /// Starts `portmap run` in `ns` with a unique socket and pin directory, and waits until its
     /// control socket answers.
     pub fn start(ns: &Netns, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(ns, args, &[])
+    }
+
+    /// `start`, with these environment variables set for the daemon (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let work_dir = TempDir::new("d")?;
         let socket = work_dir.path().join("portmap.sock");
         let pin_dir = Path::new("/sys/fs/bpf").join(work_dir.path().file_name().context("temp dir name")?);
@@ -64,6 +71,10 @@ impl Daemon {
             socket,
             pin_dir,
             cgroup: Cgroup::new()?,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             work_dir,
         };
         daemon.spawn(ns, args)?;
@@ -94,7 +105,8 @@ impl Daemon {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         // SAFETY: setns is async-signal-safe; the closure touches nothing else.
         unsafe {
             cmd.pre_exec(move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));

@@ -2,6 +2,7 @@
 //! a whole before anything is applied.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -142,6 +143,8 @@ pub struct Config {
     pub dynamic_ports: PortRange,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    /// Where to serve Prometheus metrics (`GET /metrics`), `"ADDR:PORT"`; off when absent.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -157,6 +160,7 @@ impl Default for Config {
             dynamic_ports: DEFAULT_DYNAMIC_PORTS,
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            metrics: None,
         }
     }
 }
@@ -207,6 +211,7 @@ pub struct Overrides {
     pub pin_dir: Option<PathBuf>,
     pub socket: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Overrides {
@@ -228,6 +233,9 @@ impl Overrides {
         }
         if let Some(cgroup) = &self.cgroup {
             cfg.cgroup.clone_from(cgroup);
+        }
+        if let Some(metrics) = self.metrics {
+            cfg.metrics = Some(metrics);
         }
     }
 }
@@ -374,6 +382,20 @@ udp_seconds = 30
         assert_eq!(valid.mappings.len(), 2);
         assert_eq!(valid.mappings[1].to_string(), "198.18.1.1:5353:198.18.2.2:53/udp");
         assert_eq!(valid.config.dynamic_ports, DEFAULT_DYNAMIC_PORTS);
+    }
+
+    #[test]
+    fn metrics_address_parses_and_a_bad_one_is_named() {
+        let cfg = Config::from_toml("metrics = \"127.0.0.1:9464\"").unwrap();
+        assert_eq!(cfg.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(Config::default().metrics, None);
+        let err = Config::from_toml("metrics = \"localhost\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("metrics") && err.contains("invalid socket address"),
+            "{err}"
+        );
     }
 
     #[test]

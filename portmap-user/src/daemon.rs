@@ -24,6 +24,7 @@ use crate::{
     datapath::{self, Datapath},
     host,
     mapping::Mapping,
+    metrics::Pending,
     notify, sockets, spec,
     table::{Capacity, Table, TableError},
 };
@@ -99,8 +100,19 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
             started.elapsed().as_secs_f64() * 1e3
         );
         let listener = bind_socket(&cfg.socket)?;
+        let metrics = match cfg.metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("metrics: listening on {addr}"))?,
+            ),
+            None => None,
+        };
+        if let Some(addr) = cfg.metrics {
+            info!("serving Prometheus metrics at http://{addr}/metrics");
+        }
         notify::ready(&status_line(&state));
-        let served = serve(&mut state, listener, logger, watch).await;
+        let served = serve(&mut state, listener, metrics, logger, watch).await;
         let _ = fs::remove_file(&cfg.socket);
         served
     }
@@ -199,6 +211,7 @@ impl FlowTable {
 async fn serve(
     state: &mut State,
     listener: UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     watch: host::AddressWatch,
 ) -> anyhow::Result<()> {
@@ -212,6 +225,10 @@ async fn serve(
     // SAFETY: the watch owns its netlink socket, and AsyncFd owns the watch until it is dropped.
     let mut addresses = unsafe { AsyncFd::register(watch)? };
     let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
+    // Scrapes go through the same queue as control requests; the task ends with the runtime.
+    if let Some(metrics) = metrics {
+        tokio::spawn(crate::metrics::serve(metrics, requests_tx.clone()));
+    }
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); notify::stopping(); return Ok(()) }
@@ -292,9 +309,6 @@ fn status_line(state: &State) -> String {
         new.capacity
     )
 }
-
-/// A request from a control connection and where its answer goes.
-type Pending = (Request, oneshot::Sender<Response>);
 
 /// One control connection, served beside the others: one request line (at most
 /// `MAX_REQUEST_BYTES`, within 5 s), applied by the main loop (changes stay serialised), the
@@ -448,6 +462,7 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
         ("pin_dir", old.pin_dir != new.pin_dir),
         ("cgroup", old.cgroup != new.cgroup),
         ("socket", old.socket != new.socket),
+        ("metrics", old.metrics != new.metrics),
         ("limits", old.limits != new.limits),
     ];
     let pending: Vec<&str> = restart_only

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod host;
 pub mod maglev;
 pub mod mapping;
+pub mod metrics;
 pub mod notify;
 pub mod rates;
 pub mod sockets;

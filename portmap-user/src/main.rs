@@ -55,6 +55,9 @@ enum Command {
         /// from the host; replaces `cgroup` (default `/`, the whole host).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics; replaces `metrics`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
     /// Without a host port one is allocated from the dynamic range and printed.
@@ -138,6 +141,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             redirect_ifaces,
             pin_dir,
             cgroup,
+            metrics,
         } => {
             let overrides = config::Overrides {
                 interfaces: ifaces,
@@ -146,6 +150,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 pin_dir,
                 socket,
                 cgroup,
+                metrics,
             };
             let (mut cfg, path) = load_config(config)?;
             overrides.apply(&mut cfg);

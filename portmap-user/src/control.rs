@@ -57,6 +57,10 @@ pub struct StatsReport {
     pub new_flows: u64,
     /// Flows the table of new flows holds (`limits.conntrack_new_entries` / 2).
     pub new_flow_capacity: u64,
+    /// The client-facing interfaces, each with whether its programs are attached (false: the
+    /// interface does not exist; it is attached again when it comes back).
+    #[serde(default)]
+    pub interfaces: Vec<(String, bool)>,
 }
 
 impl StatsReport {

@@ -256,9 +256,10 @@ async fn serve(
                 let mut guard = guard?;
                 if guard.get_inner_mut().drain() {
                     match host::addresses().and_then(|a| state.dp.sync_local_addrs(&a).map(|()| a.len())) {
-                        Ok(n) => info!("host addresses changed: {n} local addresses"),
+                        Ok(n) => info!("host addresses or links changed: {n} local addresses"),
                         Err(e) => error!("syncing local addresses: {e:#}"),
                     }
+                    follow_interfaces(state);
                 }
                 guard.clear_ready();
             }
@@ -285,6 +286,23 @@ async fn serve(
     }
 }
 
+/// Detaches from client-facing interfaces that disappeared and attaches to those that came back.
+fn follow_interfaces(state: &mut State) {
+    for change in state.dp.resync_interfaces() {
+        match change {
+            datapath::IfaceChange::Gone(iface) => error!(
+                "interface {iface} disappeared: its published ports are unreachable through it until it \
+                 comes back (it is attached again then)"
+            ),
+            datapath::IfaceChange::Back(iface) => info!("interface {iface} is back: attached again"),
+            datapath::IfaceChange::Failed(iface, e) => {
+                error!("interface {iface} is back but attaching failed (retried at its next change): {e}");
+            }
+        }
+        notify::status(&status_line(state));
+    }
+}
+
 /// Waits for the next tick of `interval`, or forever without one.
 async fn tick(interval: Option<&mut tokio::time::Interval>) {
     match interval {
@@ -299,10 +317,16 @@ async fn tick(interval: Option<&mut tokio::time::Interval>) {
 /// last expiry pass.
 fn status_line(state: &State) -> String {
     let (assured, new) = (&state.flows.assured, &state.flows.new);
+    let ifaces: Vec<String> = state
+        .dp
+        .interfaces()
+        .into_iter()
+        .map(|(name, up)| if up { name } else { format!("{name} (missing)") })
+        .collect();
     format!(
         "{} mapping(s) on {}; flows {}/{} assured, {}/{} new",
         state.table.entries().len(),
-        state.config.interfaces.join(", "),
+        ifaces.join(", "),
         assured.active,
         assured.capacity,
         new.active,
@@ -522,5 +546,6 @@ fn stats(state: &State) -> anyhow::Result<StatsReport> {
         flow_capacity: state.flows.assured.capacity,
         new_flows: state.flows.new.active,
         new_flow_capacity: state.flows.new.capacity,
+        interfaces: state.dp.interfaces(),
     })
 }

@@ -26,13 +26,15 @@ pub fn addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
 }
 
 /// A netlink socket that becomes readable whenever an address is added to or removed from an
-/// interface of the namespace (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
+/// interface of the namespace, or an interface appears, changes or disappears (RTMGRP_LINK,
+/// RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
 pub struct AddressWatch {
     socket: netlink_sys::Socket,
 }
 
 impl AddressWatch {
     pub fn new() -> anyhow::Result<Self> {
+        const RTMGRP_LINK: u32 = 0x1;
         const RTMGRP_IPV4_IFADDR: u32 = 0x10;
         const RTMGRP_IPV6_IFADDR: u32 = 0x100;
         let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
@@ -40,9 +42,9 @@ impl AddressWatch {
         socket
             .bind(&netlink_sys::SocketAddr::new(
                 0,
-                RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
             ))
-            .context("subscribing to address changes")?;
+            .context("subscribing to address and link changes")?;
         socket.set_non_blocking(true)?;
         Ok(Self { socket })
     }

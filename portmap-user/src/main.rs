@@ -349,4 +349,12 @@ fn print_stats(stats: &StatsReport) {
     println!("{:<24} {:>14}", "flow_capacity", stats.flow_capacity);
     println!("{:<24} {:>14}", "new_flows", stats.new_flows);
     println!("{:<24} {:>14}", "new_flow_capacity", stats.new_flow_capacity);
+    for (iface, attached) in &stats.interfaces {
+        let state = if *attached {
+            "attached"
+        } else {
+            "MISSING (attached again when it comes back)"
+        };
+        println!("interface {iface:<14} {state}");
+    }
 }

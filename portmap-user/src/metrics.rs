@@ -49,6 +49,11 @@ struct CounterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabels {
+    interface: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TableLabels {
     /// `assured` (flows that completed a handshake) or `new`.
     table: &'static str,
@@ -132,6 +137,18 @@ pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
             .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
     registry.register("flows", "Flows in a flow table at the last expiry pass", active);
+    let up = Family::<InterfaceLabels, Gauge>::default();
+    for (interface, attached) in &report.interfaces {
+        up.get_or_create(&InterfaceLabels {
+            interface: interface.clone(),
+        })
+        .set(i64::from(*attached));
+    }
+    registry.register(
+        "interface_attached",
+        "1 while a client-facing interface exists and the programs are attached to it",
+        up,
+    );
     registry.register("flow_capacity", "Flows a flow table holds", capacity);
     registry.register(
         "build",
@@ -240,6 +257,7 @@ mod tests {
             flow_capacity: 65_536,
             new_flows: 0,
             new_flow_capacity: 32_768,
+            interfaces: vec![("eth0".into(), true), ("eth1".into(), false)],
         };
         let text = encode(&report).unwrap();
         let labels =
@@ -251,6 +269,7 @@ mod tests {
             "portmap_datapath_total{counter=\"drop_no_mapping\"} 3".to_string(),
             "portmap_flows{table=\"assured\"} 2".to_string(),
             "portmap_flow_capacity{table=\"new\"} 32768".to_string(),
+            "portmap_interface_attached{interface=\"eth1\"} 0".to_string(),
             format!(
                 "portmap_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")

@@ -41,19 +41,8 @@ impl Topology {
             backend: Netns::new("b")?,
             link,
         };
-        let (c, h, b) = (&topo.client, &topo.host, &topo.backend);
-        c.ip(&[
-            "link",
-            "add",
-            "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            HOST_CLIENT_IFACE,
-            "netns",
-            &h.name,
-        ])?;
+        topo.connect_client()?;
+        let (h, b) = (&topo.host, &topo.backend);
         b.ip(&[
             "link",
             "add",
@@ -66,11 +55,6 @@ impl Topology {
             "netns",
             &h.name,
         ])?;
-        c.ip(&["addr", "add", "198.18.0.2/24", "dev", "c0"])?;
-        c.ip(&["link", "set", "c0", "up"])?;
-        c.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
-        h.ip(&["addr", "add", "198.18.0.1/24", "dev", HOST_CLIENT_IFACE])?;
-        h.ip(&["link", "set", HOST_CLIENT_IFACE, "up"])?;
         let backend_side = match link {
             BackendLink::Veth => HOST_BACKEND_IFACE,
             BackendLink::Bridge => {
@@ -87,6 +71,30 @@ impl Topology {
         b.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
         h.sysctl("net/ipv4/ip_forward", "1")?;
         Ok(topo)
+    }
+
+    /// The client's link: veth c0 (198.18.0.2, default route via the host) ↔ h0 (198.18.0.1).
+    /// Tests that delete h0 call it again to bring the client back.
+    pub fn connect_client(&self) -> anyhow::Result<()> {
+        let (c, h) = (&self.client, &self.host);
+        c.ip(&[
+            "link",
+            "add",
+            "c0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_CLIENT_IFACE,
+            "netns",
+            &h.name,
+        ])?;
+        c.ip(&["addr", "add", "198.18.0.2/24", "dev", "c0"])?;
+        c.ip(&["link", "set", "c0", "up"])?;
+        c.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
+        h.ip(&["addr", "add", "198.18.0.1/24", "dev", HOST_CLIENT_IFACE])?;
+        h.ip(&["link", "set", HOST_CLIENT_IFACE, "up"])?;
+        Ok(())
     }
 
     /// Adds IPv6 to the topology: client fd00::2, host fd00::1 and fd00:1::1, backend

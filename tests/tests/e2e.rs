@@ -511,6 +511,38 @@ fn cleanup_removes_what_a_crashed_daemon_left() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client-facing interface that is deleted is reported (log, `stats`), and when it is created
+/// again the daemon attaches to it by itself: the published port works again, no restart.
+#[test]
+fn deleted_interface_is_reported_and_reattached() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let daemon = start(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    let up = |daemon: &Daemon| -> anyhow::Result<Vec<(String, bool)>> { Ok(daemon.stats()?.interfaces) };
+    assert_eq!(up(&daemon)?, vec![(HOST_CLIENT_IFACE.to_string(), true)]);
+
+    topo.host.ip(&["link", "del", HOST_CLIENT_IFACE])?;
+    wait_for("the daemon to notice", || {
+        Ok(up(&daemon)? == vec![(HOST_CLIENT_IFACE.to_string(), false)])
+    })?;
+    assert!(
+        daemon.log().contains("interface h0 disappeared"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.cli_ok(&["stats"])?.contains("MISSING"));
+
+    topo.connect_client()?;
+    wait_for("the daemon to attach again", || {
+        Ok(up(&daemon)? == vec![(HOST_CLIENT_IFACE.to_string(), true)])
+    })?;
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (1, 1, false));
+    let server = tcp_server(&topo.backend, 80, b"back".to_vec())?;
+    assert_eq!(tcp_exchange(&topo.client, host(8080), b"?".to_vec())?, b"back");
+    server.join().unwrap()?;
+    Ok(())
+}
+
 /// An interface that does not exist is named in the error, and what was attached before it is
 /// detached again.
 #[test]

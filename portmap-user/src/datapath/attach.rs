@@ -50,7 +50,28 @@ impl Hook {
 pub(super) struct Attachment {
     /// What is attached where, for messages ("h0 tc_ingress", "cgroup /x portmap_connect4").
     label: String,
+    /// The interface it is attached to (`None`: the cgroup).
+    iface: Option<String>,
     link: PinnedLink,
+}
+
+/// A client-facing interface and the device its programs are attached to.
+#[derive(Clone, Debug)]
+pub(super) struct Iface {
+    name: String,
+    /// `None` while the interface does not exist (deleted; its links went with the device).
+    ifindex: Option<u32>,
+}
+
+/// What `resync_interfaces` changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IfaceChange {
+    /// The interface disappeared: its published ports are unreachable through it.
+    Gone(String),
+    /// It is back (a new device of the same name) and attached again.
+    Back(String),
+    /// It is back but attaching failed (the message says why); retried at the next change.
+    Failed(String, String),
 }
 
 /// Physical NICs have a `device` link in sysfs; veth, bridges, tunnels and loopback do not.
@@ -73,6 +94,7 @@ impl Datapath {
         redirect_ifaces: &[String],
         cgroup_dir: &Path,
     ) -> anyhow::Result<()> {
+        self.mode = mode;
         let result = self
             .attach_all(ifaces, mode, redirect_ifaces)
             .and_then(|()| self.attach_cgroup(cgroup_dir));
@@ -90,7 +112,27 @@ impl Datapath {
     ) -> anyhow::Result<()> {
         let mut xdp_ifaces = Vec::new();
         for iface in ifaces {
-            ifindex(iface)?;
+            let index = ifindex(iface)?;
+            if self.attach_iface(iface, mode)? {
+                xdp_ifaces.push(iface.clone());
+            }
+            self.ifaces.push(Iface {
+                name: iface.clone(),
+                ifindex: Some(index),
+            });
+        }
+        if !xdp_ifaces.is_empty() {
+            for iface in xdp_ifaces.iter().chain(redirect_ifaces) {
+                self.allow_xdp_redirect(ifindex(iface)?)
+                    .with_context(|| format!("adding {iface} to the XDP redirect devices"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches ingress and egress to one interface; true if ingress is XDP.
+    fn attach_iface(&mut self, iface: &str, mode: AttachMode) -> anyhow::Result<bool> {
+        {
             let use_xdp = match mode {
                 AttachMode::Xdp => true,
                 AttachMode::Tc => false,
@@ -108,9 +150,7 @@ impl Datapath {
             } else {
                 None
             };
-            if ingress.is_some() {
-                xdp_ifaces.push(iface.clone());
-            } else {
+            if ingress.is_none() {
                 self.attach_tc(iface, Hook::TcIngress)?;
             }
             self.attach_tc(iface, Hook::TcEgress)?;
@@ -118,14 +158,65 @@ impl Datapath {
                 "{iface}: attached {} ingress and tc egress",
                 if ingress.is_some() { "xdp" } else { "tc" }
             );
+            Ok(ingress.is_some())
         }
-        if !xdp_ifaces.is_empty() {
-            for iface in xdp_ifaces.iter().chain(redirect_ifaces) {
-                self.allow_xdp_redirect(ifindex(iface)?)
-                    .with_context(|| format!("adding {iface} to the XDP redirect devices"))?;
+    }
+
+    /// Follows the client-facing interfaces after a link change (netlink): one that disappeared
+    /// (its links went with the device) loses its stale pins and is reported; one that exists
+    /// again under a new ifindex is attached again, in the configured mode.
+    pub fn resync_interfaces(&mut self) -> Vec<IfaceChange> {
+        let mut changes = Vec::new();
+        for i in 0..self.ifaces.len() {
+            let Iface { name, ifindex: was } = self.ifaces[i].clone();
+            let now = ifindex(&name).ok();
+            if now == was {
+                continue;
+            }
+            // Gone, or replaced by a new device: the old links are defunct.
+            self.detach_iface(&name);
+            self.ifaces[i].ifindex = None;
+            let Some(index) = now else {
+                changes.push(IfaceChange::Gone(name));
+                continue;
+            };
+            let attached = self.attach_iface(&name, self.mode).and_then(|xdp| {
+                if xdp {
+                    self.allow_xdp_redirect(index)?;
+                }
+                Ok(())
+            });
+            match attached {
+                Ok(()) => {
+                    self.ifaces[i].ifindex = Some(index);
+                    changes.push(IfaceChange::Back(name));
+                }
+                Err(e) => {
+                    self.detach_iface(&name);
+                    changes.push(IfaceChange::Failed(name, format!("{e:#}")));
+                }
             }
         }
-        Ok(())
+        changes
+    }
+
+    /// The client-facing interfaces, each with whether its programs are attached.
+    #[must_use]
+    pub fn interfaces(&self) -> Vec<(String, bool)> {
+        self.ifaces
+            .iter()
+            .map(|i| (i.name.clone(), i.ifindex.is_some()))
+            .collect()
+    }
+
+    /// Unpins the links of one interface.
+    fn detach_iface(&mut self, iface: &str) {
+        let (gone, kept) = self
+            .attachments
+            .drain(..)
+            .partition(|a| a.iface.as_deref() == Some(iface));
+        self.attachments = kept;
+        Self::unpin(gone);
     }
 
     /// Lets the XDP program redirect into the device `ifindex` (`PM_REDIRECT_DEVS`).
@@ -167,15 +258,25 @@ impl Datapath {
     fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
         let pin_dir = self.pin_dir()?;
         let path = pins::link_pin(&pin_dir, iface, hook);
-        self.pin_link_at(&path, format!("{iface} {}", hook.as_str()), fd)
+        self.pin_link_at(&path, format!("{iface} {}", hook.as_str()), Some(iface), fd)
     }
 
     /// Pins `fd` at `path` and records it as attached.
-    pub(super) fn pin_link_at(&mut self, path: &Path, label: String, fd: FdLink) -> anyhow::Result<()> {
+    pub(super) fn pin_link_at(
+        &mut self,
+        path: &Path,
+        label: String,
+        iface: Option<&str>,
+        fd: FdLink,
+    ) -> anyhow::Result<()> {
         let link = fd
             .pin(path)
             .with_context(|| format!("pinning link {}", path.display()))?;
-        self.attachments.push(Attachment { label, link });
+        self.attachments.push(Attachment {
+            label,
+            iface: iface.map(str::to_owned),
+            link,
+        });
         Ok(())
     }
 
@@ -186,7 +287,13 @@ impl Datapath {
     }
 
     pub(super) fn detach_all(&mut self) {
-        for a in self.attachments.drain(..) {
+        let all = std::mem::take(&mut self.attachments);
+        Self::unpin(all);
+        self.ifaces.clear();
+    }
+
+    fn unpin(attachments: Vec<Attachment>) {
+        for a in attachments {
             // Unpinning removes the bpffs entry; dropping the last fd detaches the link.
             if let Err(e) = a.link.unpin() {
                 warn!("{}: unpinning failed: {e}", a.label);

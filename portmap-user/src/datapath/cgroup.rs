@@ -50,7 +50,7 @@ impl Datapath {
                 .try_into()
                 .map_err(|e| anyhow!("{name}: cgroup link is not a bpf_link: {e}"))?;
             let label = format!("cgroup {} {name}", dir.display());
-            self.pin_link_at(&pins::cgroup_link_pin(&pin_dir, name), label, fd)?;
+            self.pin_link_at(&pins::cgroup_link_pin(&pin_dir, name), label, None, fd)?;
         }
         info!("cgroup {}: attached the socket hooks", dir.display());
         Ok(())

@@ -45,7 +45,7 @@ use portmap_common::{HOST_NETNS_COOKIE_GLOBAL, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRE
 #[cfg(feature = "test-run")]
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
-    attach::Hook,
+    attach::{Hook, IfaceChange},
     expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
     pins::{check_pin_dir, cleanup, ensure_bpffs, remove_stale_pins},
 };
@@ -60,6 +60,10 @@ pub struct Datapath {
     /// `BPF_PROG_TEST_RUN` (golden-packet tests, benchmarks), which can never be attached.
     pin_dir: Option<PathBuf>,
     attachments: Vec<attach::Attachment>,
+    /// The client-facing interfaces and where they are attached (followed by
+    /// `resync_interfaces`), and the mode to attach them again in.
+    ifaces: Vec<attach::Iface>,
+    mode: crate::config::AttachMode,
     /// `shutdown` ran: nothing attached or pinned is left.
     shut_down: bool,
     /// Capacities of `PM_CONNTRACK` and `PM_CT_NEW`, which bound one expiry pass.
@@ -109,6 +113,8 @@ impl Datapath {
             ebpf,
             pin_dir: None,
             attachments: Vec::new(),
+            ifaces: Vec::new(),
+            mode: crate::config::AttachMode::Auto,
             shut_down: false,
             conntrack_entries: limits.conntrack_entries,
             conntrack_new_entries: limits.conntrack_new_entries,

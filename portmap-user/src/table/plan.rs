@@ -1,7 +1,12 @@
 //! Pure decisions of the table: the diff from the applied mappings to a new configuration, and
 //! where a free run of dynamic host ports is.
 
-use crate::mapping::{Mapping, PortRange};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use crate::mapping::{Mapping, PortRange, Protocol};
 
 /// The first run of `count` ports in `pool`, starting the search at `from` and wrapping around,
 /// for which `free` holds on every port (Docker also hands out ports round-robin).
@@ -58,19 +63,37 @@ pub(super) fn same_ports(a: &Mapping, b: &Mapping) -> bool {
 /// The diff from `current` to `desired` (both as requested, dynamic ones without host ports).
 #[must_use]
 pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
+    // `current` indexed by mapping and by published ports, each in order, so that the first
+    // match wins; linear in the sizes (a reload of 65,000 mappings must not be quadratic).
     let mut left: Vec<Option<&Mapping>> = current.iter().map(Some).collect();
+    let mut exact: HashMap<&Mapping, VecDeque<usize>> = HashMap::new();
+    let mut by_ports: HashMap<(Protocol, IpAddr, PortRange), VecDeque<usize>> = HashMap::new();
+    for (i, c) in current.iter().enumerate() {
+        exact.entry(c).or_default().push_back(i);
+        if let Some(ports) = c.host_ports {
+            by_ports
+                .entry((c.protocol, c.host_ip, ports))
+                .or_default()
+                .push_back(i);
+        }
+    }
     let mut plan = Plan::default();
     let mut pending = Vec::new();
     for want in desired {
-        match left.iter().position(|c| *c == Some(want)) {
+        match exact.get_mut(want).and_then(VecDeque::pop_front) {
             Some(i) => left[i] = None,
             None => pending.push(want),
         }
     }
     for want in pending {
-        match left.iter().position(|c| c.is_some_and(|c| same_ports(c, want))) {
+        // `same_ports`: an unchanged binding whose mapping is still left (not matched exactly).
+        let same = want
+            .host_ports
+            .and_then(|ports| by_ports.get_mut(&(want.protocol, want.host_ip, ports)))
+            .and_then(|queue| std::iter::from_fn(|| queue.pop_front()).find(|&i| left[i].is_some()));
+        match same {
             Some(i) => {
-                let old = left[i].take().expect("position found it");
+                let old = left[i].take().expect("still left");
                 plan.update.push((old.clone(), want.clone()));
             }
             None => plan.add.push(want.clone()),

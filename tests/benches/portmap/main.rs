@@ -274,8 +274,11 @@ fn control_plane(plan: &Plan) -> anyhow::Result<Vec<micro::ControlPlane>> {
     for &n in &plan.control_mappings {
         let c = micro::control_plane(n)?;
         say(&format!(
-            "  {n:>6}: portmap install {:.2} ms (in daemon), iptables-restore {:.1} ms, nft -f {:.1} ms",
-            c.portmap_install_in_daemon_ms, c.iptables_restore_ms, c.nft_file_ms
+            "  {n:>6}: portmap install {:.2} ms (in daemon), reload changing all {:.2} ms, iptables-restore {:.1} ms, nft -f {:.1} ms",
+            c.portmap_install_in_daemon_ms,
+            c.portmap_reload_all_changed_ms,
+            c.iptables_restore_ms,
+            c.nft_file_ms
         ));
         control.push(c);
     }

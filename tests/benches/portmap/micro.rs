@@ -126,6 +126,8 @@ pub struct ControlPlane {
     pub portmap_add_round_trip_ms: f64,
     /// One `portmap add` of a 10,000-port range, with N installed (in the daemon).
     pub portmap_add_range_10k_ms: f64,
+    /// A reload that changes the backend of all N mappings (N updates, in the daemon).
+    pub portmap_reload_all_changed_ms: f64,
     pub iptables_restore_ms: f64,
     /// `iptables -A` one rule at a time (only measured up to 1,000 rules).
     pub iptables_one_by_one_ms: Option<f64>,
@@ -172,6 +174,11 @@ pub fn control_plane(n: u32) -> anyhow::Result<ControlPlane> {
         daemon.cli_ok(&["reload"])?;
         r.portmap_install_round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
         r.portmap_install_in_daemon_ms = logged_ms(&daemon, "reloaded")?;
+        // Every mapping to port 81 instead of 80: N updates in one diff.
+        let changed = setup::portmap_config(n, "tc", false).replace(":80\"", ":81\"");
+        std::fs::write(&config, changed)?;
+        daemon.cli_ok(&["reload"])?;
+        r.portmap_reload_all_changed_ms = logged_ms(&daemon, "reloaded")?;
         let spec = format!("{next_port}:{SINK}:80");
         let started = Instant::now();
         daemon.cli_ok(&["add", &spec])?;

@@ -113,6 +113,13 @@ pub enum ClientError {
     Protocol(serde_json::Error),
 }
 
+/// Whether a daemon accepts connections on `socket` (a file nobody answers on is a crashed
+/// daemon's).
+#[must_use]
+pub fn daemon_answers(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
 /// Sends one request and waits for its answer.
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let path = socket.display().to_string();

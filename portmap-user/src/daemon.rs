@@ -123,7 +123,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
 }
 
 fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+    if control::daemon_answers(socket) {
         bail!(
             "another portmap daemon is already running (control socket {} answers)",
             socket.display()

@@ -212,14 +212,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             interval,
             count,
         } => watch_stats(&client_socket(), json, interval, count),
-        Command::Stats { json, .. } => match control::call(&client_socket(), &Request::Stats)? {
-            Response::Stats { stats } if json => print_json(&stats),
-            Response::Stats { stats } => {
-                print_stats(&stats);
-                Ok(())
-            }
-            other => unexpected(other),
-        },
+        Command::Stats { json: true, .. } => print_json(&fetch_stats(&client_socket())?),
+        Command::Stats { .. } => {
+            print_stats(&fetch_stats(&client_socket())?);
+            Ok(())
+        }
     }
 }
 
@@ -279,6 +276,14 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon's stats report.
+fn fetch_stats(socket: &Path) -> anyhow::Result<StatsReport> {
+    match control::call(socket, &Request::Stats)? {
+        Response::Stats { stats } => Ok(stats),
+        other => Err(unexpected(other).expect_err("unexpected() always fails")),
+    }
+}
+
 /// `--interval`: seconds, fractions allowed, at least 0.1 (a daemon asked more often than that
 /// spends its time answering).
 fn parse_interval(text: &str) -> Result<Duration, String> {
@@ -295,12 +300,7 @@ fn parse_interval(text: &str) -> Result<Duration, String> {
 /// answer, in place on a terminal (one block after the other otherwise, one JSON line each with
 /// `--json`).
 fn watch_stats(socket: &Path, json: bool, interval: Duration, count: Option<u64>) -> anyhow::Result<()> {
-    let sample = || -> anyhow::Result<(StatsReport, Instant)> {
-        match control::call(socket, &Request::Stats)? {
-            Response::Stats { stats } => Ok((stats, Instant::now())),
-            other => Err(unexpected(other).expect_err("unexpected() always fails")),
-        }
-    };
+    let sample = || fetch_stats(socket).map(|stats| (stats, Instant::now()));
     let in_place = !json && std::io::stdout().is_terminal();
     let (mut old, mut at) = sample()?;
     let mut shown = 0;

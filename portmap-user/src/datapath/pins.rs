@@ -56,7 +56,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// — and returns the pins removed. Refuses while a daemon answers on `socket`: a running daemon
 /// detaches everything itself when it stops.
 pub fn cleanup(pin_dir: &Path, socket: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+    if crate::control::daemon_answers(socket) {
         bail!(
             "a portmap daemon is running (control socket {} answers): stop it (`systemctl stop portmap`, \
              or SIGTERM), which detaches and removes everything itself; cleanup is for what a crashed \

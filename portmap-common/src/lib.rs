@@ -60,8 +60,10 @@ pub mod map_names {
     /// A program array belongs to one program type: one for XDP, one for TC.
     pub const ICMP_PROGS_XDP: &str = "PM_ICMP_XDP";
     pub const ICMP_PROGS_TC: &str = "PM_ICMP_TC";
+    /// The stamp of the pinned state ([`crate::DatapathStamp`]).
+    pub const META: &str = "PM_META";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -76,6 +78,7 @@ pub mod map_names {
         FRAGMENTS,
         ICMP_PROGS_XDP,
         ICMP_PROGS_TC,
+        META,
     ];
 }
 
@@ -393,6 +396,24 @@ const _: () = assert!(size_of::<FragPorts>() == 4);
 /// How stale `FlowValue::last_seen_ns` may get before a packet refreshes it (~1 s).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1 << 30;
 
+/// Version of what the pinned maps mean. The daemon adopts pinned maps only when their stamp
+/// carries this version and each map has the type, key, value and size this build creates;
+/// bump it when the meaning of a map's contents changes without its sizes changing (a field
+/// reordered or reused), so that a new daemon refuses the old maps instead of misreading them.
+pub const LAYOUT_VERSION: u32 = 1;
+
+map_layout! {
+/// The single entry of `PM_META`: which layout the pinned maps have and which datapath they
+/// belong to (random, chosen when the maps were created: the daemon's saved state names it, so
+/// state of another datapath is never applied to these maps).
+pub struct DatapathStamp {
+    pub layout_version: u32,
+    pub _pad: u32,
+    pub id: u64,
+}
+}
+const _: () = assert!(size_of::<DatapathStamp>() == 16);
+
 map_layout! {
 /// Value of `PM_MAPPING_STATS` (per-CPU array indexed by `MappingValue::stats_slot`); also the
 /// per-mapping part of `portmap stats` (serialised with these field names).
@@ -459,7 +480,8 @@ mod pod {
         super::SockRevKey,
         super::SockRevValue,
         super::FragKey,
-        super::FragPorts
+        super::FragPorts,
+        super::DatapathStamp
     );
 }
 

@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use portmap_common::{
     BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, FlowKey, FlowValue, FragKey,
-    FragPorts, ICMP_SLOTS, LocalAddrKey, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_PUBLISHED_PORTS,
-    MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey, SockRevKey,
-    SockRevValue, Stat,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, DatapathStamp, FlowKey,
+    FlowValue, FragKey, FragPorts, ICMP_SLOTS, LocalAddrKey, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS,
+    MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey,
+    SockRevKey, SockRevValue, Stat,
 };
 
 /// (proto, host address, host port) → backend. Written by the daemon only.
@@ -74,3 +74,8 @@ pub static PM_ICMP_XDP: ProgramArray = ProgramArray::with_max_entries(ICMP_SLOTS
 
 #[map]
 pub static PM_ICMP_TC: ProgramArray = ProgramArray::with_max_entries(ICMP_SLOTS, 0);
+
+/// The stamp of the pinned state (one entry, written by the daemon when it creates the maps).
+/// No program reads it: it tells the next daemon whether it can adopt these maps.
+#[map]
+pub static PM_META: Array<DatapathStamp> = Array::with_max_entries(1, 0);

@@ -21,6 +21,9 @@ use crate::{
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portmap/portmap.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portmap";
 pub const DEFAULT_SOCKET: &str = "/run/portmap/portmap.sock";
+/// The daemon's saved mappings, for the next daemon (on tmpfs, like the pins: both are gone
+/// after a reboot).
+pub const DEFAULT_STATE_FILE: &str = "/run/portmap/state.json";
 /// The whole host: every process reaches published ports as a host-local client.
 pub const DEFAULT_CGROUP: &str = "/";
 
@@ -134,6 +137,9 @@ pub struct Config {
     pub redirect_interfaces: Vec<String>,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
+    /// Where the daemon saves its mappings after every change, for the next daemon that adopts
+    /// the pinned datapath.
+    pub state_file: PathBuf,
     /// The cgroup (v2, as /proc/PID/cgroup shows it) whose processes reach published ports as
     /// host-local clients: the socket hooks are attached there. `/`: every process of the host.
     pub cgroup: PathBuf,
@@ -155,6 +161,7 @@ impl Default for Config {
             redirect_interfaces: Vec::new(),
             pin_dir: DEFAULT_PIN_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
+            state_file: DEFAULT_STATE_FILE.into(),
             cgroup: DEFAULT_CGROUP.into(),
             mappings: Vec::new(),
             dynamic_ports: DEFAULT_DYNAMIC_PORTS,
@@ -210,6 +217,7 @@ pub struct Overrides {
     pub redirect_interfaces: Vec<String>,
     pub pin_dir: Option<PathBuf>,
     pub socket: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
 }
@@ -230,6 +238,9 @@ impl Overrides {
         }
         if let Some(socket) = &self.socket {
             cfg.socket.clone_from(socket);
+        }
+        if let Some(file) = &self.state_file {
+            cfg.state_file.clone_from(file);
         }
         if let Some(cgroup) = &self.cgroup {
             cfg.cgroup.clone_from(cgroup);
@@ -501,6 +512,7 @@ udp_seconds = 30
             Just("attach"),
             Just("redirect_interfaces"),
             Just("pin_dir"),
+            Just("state_file"),
             Just("socket"),
             Just("cgroup"),
             Just("mappings"),

@@ -51,6 +51,10 @@ enum Command {
         /// bpffs directory for pinned maps and links.
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// Where the mappings are saved for the next daemon; replaces `state_file` (default
+        /// /run/portmap/state.json).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
         /// cgroup (v2 path as /proc/PID/cgroup shows it) whose processes reach published ports
         /// from the host; replaces `cgroup` (default `/`, the whole host).
         #[arg(long)]
@@ -87,13 +91,16 @@ enum Command {
     Port { backend: String },
     /// Read the config file again and apply its mappings as one change (also on SIGHUP).
     Reload,
-    /// Remove everything a daemon that is no longer running left behind (a crash, SIGKILL): its
-    /// links (its XDP, TC and cgroup programs detach), maps and pins. Refuses while a daemon
-    /// runs: stopping it removes everything itself.
+    /// Remove everything portmap attached: its links (its XDP, TC and cgroup programs detach),
+    /// maps, pins and saved state. Stopping the daemon leaves the datapath forwarding for the next
+    /// daemon to adopt; this removes it (established flows end). Refuses while a daemon runs.
     Cleanup {
         /// bpffs directory of the pins (default /sys/fs/bpf/portmap).
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// The daemon's saved mappings (default /run/portmap/state.json).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
     },
     /// Show per-mapping and global counters.
     Stats {
@@ -140,6 +147,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             attach,
             redirect_ifaces,
             pin_dir,
+            state_file,
             cgroup,
             metrics,
         } => {
@@ -149,6 +157,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 redirect_interfaces: redirect_ifaces,
                 pin_dir,
                 socket,
+                state_file,
                 cgroup,
                 metrics,
             };
@@ -175,9 +184,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Del { spec } => simple(&client_socket(), &Request::Del { spec }),
         Command::Reload => simple(&client_socket(), &Request::Reload),
-        Command::Cleanup { pin_dir } => {
+        Command::Cleanup { pin_dir, state_file } => {
             let pin_dir = pin_dir.unwrap_or_else(|| config::DEFAULT_PIN_DIR.into());
-            let removed = portmap::datapath::cleanup(&pin_dir, &client_socket())?;
+            let state_file = state_file.unwrap_or_else(|| config::DEFAULT_STATE_FILE.into());
+            let removed = portmap::datapath::cleanup(&pin_dir, &client_socket(), &state_file)?;
             if removed.is_empty() {
                 println!("nothing to clean up in {}", pin_dir.display());
             }

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: namespaces client → host (portmap) → backend, a real mapping, 1 MiB of TCP
 //! each way through it, a process on the host reaching it at 127.0.0.1 and [::1], and
-//! `portmap stats`. xtask runs it (as root, after `setup`) so that xtask
+//! `portmap stats`, then a restart that traffic does not notice and `portmap cleanup`. xtask runs it (as root, after `setup`) so that xtask
 //! itself builds without the eBPF toolchain.
 
 use std::{net::SocketAddrV4, time::Instant};
@@ -67,10 +67,32 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\n$ portmap stats");
     print!("{}", daemon.cli_ok(&["stats"])?);
+
+    // A restart is invisible: the datapath keeps forwarding while no daemon runs, and the next
+    // daemon adopts it with its mappings.
     daemon.stop()?;
+    say("daemon stopped (SIGTERM): the datapath stays attached");
+    let r = probe(&topo.host, Some(&daemon.cgroup), &["tcp", "127.0.0.1:8080"])?;
+    ensure!(r["ok"] == true, "127.0.0.1:8080 with no daemon running: {r}");
+    println!(
+        "host process -> 127.0.0.1:8080 with no daemon running: the backend echoed {}",
+        r["reply"]
+    );
+    daemon.restart(&topo.host, &run_args)?;
+    say("daemon started again: it adopted the pinned datapath and the saved mappings");
+    println!("$ portmap list");
+    print!("{}", daemon.cli_ok(&["list"])?);
+    daemon.stop()?;
+    println!("\n$ portmap cleanup");
+    let removed = daemon.cleanup()?;
+    let lines: Vec<&str> = removed.lines().collect();
+    for line in lines.iter().take(3) {
+        println!("{line}");
+    }
+    println!("... ({} pins and files removed)", lines.len());
     if daemon.pin_dir.exists() {
         bail!("pins left in {}", daemon.pin_dir.display());
     }
-    say("daemon stopped (SIGTERM): programs detached, pins removed; namespaces are removed on exit");
+    say("cleanup detached the programs and removed the pins; namespaces are removed on exit");
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct Daemon {
     bin: PathBuf,
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
+    /// Where the daemon saves its mappings for the next one (`--state-file`).
+    pub state_file: PathBuf,
     /// Where the daemon attaches its socket hooks: put client processes here (`probe`).
     pub cgroup: Cgroup,
     /// Environment variables the daemon starts with (e.g. `NOTIFY_SOCKET`).
@@ -69,6 +71,7 @@ impl Daemon {
             child: None,
             bin: portmap_bin()?,
             socket,
+            state_file: work_dir.path().join("state.json"),
             pin_dir,
             cgroup: Cgroup::new()?,
             env: env
@@ -81,9 +84,17 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// Starts a new `portmap run` with the same socket and pin directory (after `stop` or `kill`).
+    /// Starts a new `portmap run` with the same socket, pin directory and state file (after
+    /// `stop` or `kill`): it adopts the datapath the previous one left.
     pub fn restart(&mut self, ns: &Netns, args: &[&str]) -> anyhow::Result<()> {
         ensure!(self.child.is_none(), "the daemon is still running");
+        self.spawn(ns, args)
+    }
+
+    /// `restart` with another `portmap` binary (an upgrade); the CLI uses it from then on.
+    pub fn upgrade(&mut self, ns: &Netns, bin: PathBuf, args: &[&str]) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "the daemon is still running");
+        self.bin = bin;
         self.spawn(ns, args)
     }
 
@@ -99,6 +110,8 @@ impl Daemon {
             .arg("run")
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--state-file")
+            .arg(&self.state_file)
             .arg("--cgroup")
             .arg(self.cgroup.arg())
             .args(args);
@@ -118,7 +131,15 @@ impl Daemon {
         self.wait_ready()
     }
 
-    /// SIGKILL, as a crash: the daemon gets no chance to detach or unpin.
+    /// `portmap cleanup` of this daemon's pins and state (after `stop` or `kill`); returns its
+    /// output.
+    pub fn cleanup(&self) -> anyhow::Result<String> {
+        let pin_dir = self.pin_dir.to_str().context("pin dir")?;
+        let state_file = self.state_file.to_str().context("state file")?;
+        self.cli_ok(&["cleanup", "--pin-dir", pin_dir, "--state-file", state_file])
+    }
+
+    /// SIGKILL, as a crash: the daemon gets no chance to do anything (its datapath stays).
     pub fn kill(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
             child.kill()?;
@@ -131,6 +152,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()) {
+                self.child = None;
                 bail!(
                     "portmap run exited ({}) during start-up:\n{}",
                     status?,

@@ -211,6 +211,13 @@ pub enum Mode {
 /// `portmap run` on the host's client-facing interface of `topo`, in `mode` (XDP mode also
 /// prepares the veths and lists the backend veth as a redirect target), plus `extra` options.
 pub fn start_daemon(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
+    let mut args = mode_args(topo, mode)?;
+    args.extend_from_slice(extra);
+    Daemon::start(&topo.host, &args)
+}
+
+/// The `portmap run` options of `start_daemon` for `mode` (also to restart the daemon with).
+pub fn mode_args(topo: &Topology, mode: Mode) -> anyhow::Result<Vec<&'static str>> {
     let mut args = vec!["--iface", HOST_CLIENT_IFACE];
     match mode {
         Mode::Tc => args.extend(["--attach", "tc"]),
@@ -222,6 +229,5 @@ pub fn start_daemon(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Resu
             }
         }
     }
-    args.extend_from_slice(extra);
-    Daemon::start(&topo.host, &args)
+    Ok(args)
 }

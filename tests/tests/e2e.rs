@@ -14,8 +14,8 @@ use portmap::control::StatsReport;
 use portmap_common::{MappingCounters, Stat};
 use portmap_tests::{
     BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology, counter,
-    mapping_stats, payload, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, udp_exchange,
-    udp_server,
+    mapping_stats, payload, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, tcp_server_n,
+    udp_exchange, udp_server,
 };
 
 fn start(topo: &Topology, mode: Mode, extra: &[&str]) -> anyhow::Result<Daemon> {
@@ -136,13 +136,19 @@ fn lifecycle(mode: Mode, link: BackendLink) -> anyhow::Result<()> {
         "198.18.1.2:53/udp -> 198.18.0.1:5353\n"
     );
 
-    // SIGTERM: clean exit, nothing attached, no pins.
+    // SIGTERM: clean exit; the datapath stays attached for the next daemon, and `portmap
+    // cleanup` removes it: nothing attached, no pins, no saved state.
+    let running = attached(&topo.host, HOST_CLIENT_IFACE)?;
     daemon.stop()?;
+    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, running);
+    assert!(daemon.state_file.exists(), "mappings saved");
+    daemon.cleanup()?;
     assert!(
         !daemon.pin_dir.exists(),
         "pin dir {} left behind",
         daemon.pin_dir.display()
     );
+    assert!(!daemon.state_file.exists(), "state file left behind");
     assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
     Ok(())
 }
@@ -437,37 +443,45 @@ fn systemd_unit_verifies() -> anyhow::Result<()> {
 }
 
 /// A crashed daemon (SIGKILL) leaves its pinned links attached, so published ports keep working;
-/// the next daemon removes the stale pins, which detaches the old programs, before loading its own.
+/// the next daemon adopts them: one program per hook (the links got the new programs), the
+/// mapping added at run time is still there, and `del` of it works.
 #[test]
-fn crash_keeps_traffic_flowing_and_restart_cleans_up() -> anyhow::Result<()> {
+fn crash_keeps_traffic_flowing_and_restart_adopts() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;
     let mut daemon = start(&topo, Mode::Tc, &[])?;
     daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
     daemon.kill()?;
     assert!(daemon.pin_dir.join("maps/PM_MAPPINGS").exists());
     assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (1, 1, false));
-    let server = tcp_server(&topo.backend, 80, b"still here".to_vec())?;
+    let server = tcp_server_n(&topo.backend, 80, 2, b"still here".to_vec())?;
+    assert_eq!(
+        tcp_exchange(&topo.client, host(8080), b"?".to_vec())?,
+        b"still here"
+    );
+
+    daemon.restart(&topo.host, &["--iface", HOST_CLIENT_IFACE, "--attach", "tc"])?;
+    assert!(
+        daemon.log().contains("took over the attached link"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        attached(&topo.host, HOST_CLIENT_IFACE)?,
+        (1, 1, false),
+        "one program per hook"
+    );
+    assert_eq!(daemon.cli_ok(&["list"])?, "198.18.1.2:80/tcp -> 0.0.0.0:8080\n");
     assert_eq!(
         tcp_exchange(&topo.client, host(8080), b"?".to_vec())?,
         b"still here"
     );
     server.join().unwrap()?;
-
-    daemon.restart(&topo.host, &["--iface", HOST_CLIENT_IFACE, "--attach", "tc"])?;
-    assert!(daemon.log().contains("removed stale pin"), "{}", daemon.log());
-    assert_eq!(
-        attached(&topo.host, HOST_CLIENT_IFACE)?,
-        (1, 1, false),
-        "only the new programs"
-    );
-    assert_eq!(daemon.cli_ok(&["list"])?, "");
+    daemon.cli_ok(&["del", "8080:198.18.1.2:80"])?;
     assert_eq!(
         tcp_connect_result(&topo.client, host(8080))?,
         Err(ErrorKind::ConnectionRefused)
     );
-    daemon.stop()?;
-    assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (0, 0, false));
-    Ok(())
+    daemon.stop()
 }
 
 /// `portmap cleanup` refuses while the daemon runs; after a crash it removes the pins the daemon

@@ -277,13 +277,18 @@ fn changes_apply_to_host_local_clients_at_once_and_stop_detaches() -> anyhow::Re
     let r = hooked(&topo.host, &daemon, &["tcp", "127.0.0.1:8080"])?;
     ensure!(refused(&r), "after del: {r}");
 
-    // A stopped daemon leaves no socket hook: nothing is translated, nothing refused.
+    // A stopped daemon leaves its socket hooks for the next one: localhost still reaches the
+    // backend. After `portmap cleanup` nothing is translated, nothing refused.
     daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
     daemon.stop()?;
+    let again = tcp_server_n(&topo.backend, 80, 1, b"first".to_vec())?;
+    tcp_reaches(&topo.host, &daemon, "127.0.0.1:8080", "first")?;
+    again.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    daemon.cleanup()?;
     let r = hooked(&topo.host, &daemon, &["tcp", "127.0.0.1:8080"])?;
-    ensure!(refused(&r), "after stop: {r}");
+    ensure!(refused(&r), "after cleanup: {r}");
     let r = hooked(&topo.host, &daemon, &["bind", "tcp", "0.0.0.0:8080"])?;
-    ensure!(r["ok"] == true, "bind after stop: {r}");
+    ensure!(r["ok"] == true, "bind after cleanup: {r}");
     ensure!(
         !daemon.pin_dir.exists(),
         "pins left in {}",

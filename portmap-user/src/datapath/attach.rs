@@ -1,20 +1,23 @@
 //! Attaching the programs: ingress (XDP or TC) and TC egress per client-facing interface, each
-//! as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6).
+//! as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6). A link an
+//! earlier daemon pinned for the same hook gets the new program in place (`adopt`), so traffic
+//! never sees the hook empty.
 
-use std::path::Path;
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     maps::DevMapHash,
-    programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
-    },
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink},
 };
 use log::{info, warn};
 use portmap_common::{map_names, prog_names};
 
-use super::{Datapath, pins};
+use super::{Datapath, adopt, pins};
 use crate::config::AttachMode;
 
 /// Where a program is attached.
@@ -52,7 +55,7 @@ pub(super) struct Attachment {
     label: String,
     /// The interface it is attached to (`None`: the cgroup).
     iface: Option<String>,
-    link: PinnedLink,
+    pin: PathBuf,
 }
 
 /// A client-facing interface and the device its programs are attached to.
@@ -98,10 +101,32 @@ impl Datapath {
         let result = self
             .attach_all(ifaces, mode, redirect_ifaces)
             .and_then(|()| self.attach_cgroup(cgroup_dir));
-        if result.is_err() {
-            self.detach_all();
+        match &result {
+            Ok(()) => self.remove_stale_links(),
+            // What an earlier daemon attached stays: it works with the adopted maps.
+            Err(_) if self.adopted => {}
+            Err(_) => self.detach_all(),
         }
         result
+    }
+
+    /// Unpins (and so detaches) the links an earlier daemon pinned that this one did not take
+    /// over: interfaces, hooks or a cgroup no longer configured, devices that are gone.
+    fn remove_stale_links(&mut self) {
+        let Ok(pin_dir) = self.pin_dir() else { return };
+        let Ok(entries) = fs::read_dir(pin_dir.join("links")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if self.attachments.iter().any(|a| a.pin == path) {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => info!("detached {} (not configured any more)", path.display()),
+                Err(e) => warn!("removing stale link {}: {e}", path.display()),
+            }
+        }
     }
 
     fn attach_all(
@@ -226,7 +251,45 @@ impl Datapath {
         Ok(())
     }
 
+    /// Gives the link pinned at `path` by an earlier daemon this load's `program`; false when
+    /// there is none, or it is defunct (its device or cgroup is gone: its pin is removed), and a
+    /// new link is needed.
+    pub(super) fn take_over(&mut self, path: &Path, program: &str, label: &str, iface: Option<&str>) -> bool {
+        if !path.exists() {
+            return false;
+        }
+        let replaced = self
+            .program_mut(program)
+            .and_then(|p| Ok(p.fd()?.as_fd().try_clone_to_owned()?))
+            .and_then(|fd| Ok(adopt::replace_pinned(path, &fd)?));
+        match replaced {
+            Ok(()) => {
+                info!("{label}: took over the attached link");
+                self.attachments.push(Attachment {
+                    label: label.to_owned(),
+                    iface: iface.map(str::to_owned),
+                    pin: path.to_path_buf(),
+                });
+                true
+            }
+            Err(e) => {
+                info!("{label}: the pinned link cannot be taken over ({e:#}): attaching anew");
+                let _ = fs::remove_file(path);
+                false
+            }
+        }
+    }
+
     fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<()> {
+        let path = pins::link_pin(&self.pin_dir()?, iface, Hook::XdpIngress);
+        if self.take_over(
+            &path,
+            prog_names::XDP_INGRESS,
+            &format!("{iface} xdp_ingress"),
+            Some(iface),
+        ) {
+            return Ok(());
+        }
         let prog: &mut Xdp = self.program_mut(prog_names::XDP_INGRESS)?.try_into()?;
         let id = prog.attach(iface, XdpMode::Driver)?;
         let link = prog.take_link(id)?;
@@ -238,6 +301,10 @@ impl Datapath {
 
     fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
         let name = hook.program_name();
+        let path = pins::link_pin(&self.pin_dir()?, iface, hook);
+        if self.take_over(&path, name, &format!("{iface} {}", hook.as_str()), Some(iface)) {
+            return Ok(());
+        }
         let kind = if hook == Hook::TcIngress {
             TcAttachType::Ingress
         } else {
@@ -269,18 +336,17 @@ impl Datapath {
         iface: Option<&str>,
         fd: FdLink,
     ) -> anyhow::Result<()> {
-        let link = fd
-            .pin(path)
+        fd.pin(path)
             .with_context(|| format!("pinning link {}", path.display()))?;
         self.attachments.push(Attachment {
             label,
             iface: iface.map(str::to_owned),
-            link,
+            pin: path.to_path_buf(),
         });
         Ok(())
     }
 
-    pub(super) fn pin_dir(&self) -> anyhow::Result<std::path::PathBuf> {
+    pub(super) fn pin_dir(&self) -> anyhow::Result<PathBuf> {
         self.pin_dir
             .clone()
             .context("a datapath loaded without a pin directory cannot be attached")
@@ -294,8 +360,8 @@ impl Datapath {
 
     fn unpin(attachments: Vec<Attachment>) {
         for a in attachments {
-            // Unpinning removes the bpffs entry; dropping the last fd detaches the link.
-            if let Err(e) = a.link.unpin() {
+            // The pin holds the last reference: removing it detaches the link.
+            if let Err(e) = fs::remove_file(&a.pin) {
                 warn!("{}: unpinning failed: {e}", a.label);
             }
         }

@@ -1,10 +1,11 @@
 //! The socket hooks of host-local clients, attached to one cgroup v2 directory (and so to every
-//! process in it and below) as bpf_links pinned at `links/cgroup_PROGRAM`. A cgroup bpf_link is
+//! process in it and below) as bpf_links pinned at `links/cgroup_ID_PROGRAM` (ID: the cgroup's
+//! inode number, so a daemon configured with another cgroup does not take over these links). A cgroup bpf_link is
 //! always attached in the kernel's multi mode (link_create takes no attach flags, so aya's
 //! `CgroupAttachMode::Single` is the one that works): portmap coexists with systemd's and
 //! others' programs on the same cgroup.
 
-use std::{fs::File, path::Path};
+use std::{fs::File, os::unix::fs::MetadataExt as _, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
@@ -39,8 +40,14 @@ impl Datapath {
     /// Attaches every socket hook to the cgroup directory `dir`.
     pub(super) fn attach_cgroup(&mut self, dir: &Path) -> anyhow::Result<()> {
         let cgroup = File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
+        let cgroup_id = cgroup.metadata()?.ino();
         let pin_dir = self.pin_dir()?;
         for name in SOCK_PROGRAMS {
+            let path = pins::cgroup_link_pin(&pin_dir, cgroup_id, name);
+            let label = format!("cgroup {} {name}", dir.display());
+            if self.take_over(&path, name, &label, None) {
+                continue;
+            }
             let prog: &mut CgroupSockAddr = self.program_mut(name)?.try_into()?;
             let id = prog
                 .attach(&cgroup, CgroupAttachMode::Single)
@@ -49,8 +56,7 @@ impl Datapath {
                 .take_link(id)?
                 .try_into()
                 .map_err(|e| anyhow!("{name}: cgroup link is not a bpf_link: {e}"))?;
-            let label = format!("cgroup {} {name}", dir.display());
-            self.pin_link_at(&pins::cgroup_link_pin(&pin_dir, name), label, None, fd)?;
+            self.pin_link_at(&path, label, None, fd)?;
         }
         info!("cgroup {}: attached the socket hooks", dir.display());
         Ok(())

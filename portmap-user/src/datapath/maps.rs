@@ -105,6 +105,32 @@ impl Maps for Datapath {
 }
 
 impl Datapath {
+    /// Removes the `PM_MAPPINGS` entries outside `keep` and the `PM_PUBLISHED_PORTS` entries
+    /// outside `published` (what an adopted datapath has that the restored table does not: a
+    /// change the previous daemon wrote but did not live to save, or no saved state at all).
+    /// Returns how many entries it removed.
+    pub fn retain_mappings(
+        &mut self,
+        keep: &std::collections::HashSet<MappingKey>,
+        published: &BTreeSet<PortKey>,
+    ) -> anyhow::Result<usize> {
+        let map: HashMap<_, MappingKey, MappingValue> = HashMap::try_from(self.map(map_names::MAPPINGS)?)?;
+        let stale: Vec<MappingKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        let ports: HashMap<_, PortKey, u8> = HashMap::try_from(self.map(map_names::PUBLISHED_PORTS)?)?;
+        let stale_ports: Vec<PortKey> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !published.contains(k))
+            .collect();
+        self.remove_mappings(&stale)?;
+        self.unpublish_ports(&stale_ports)?;
+        Ok(stale.len() + stale_ports.len())
+    }
+
     /// Makes `PM_LOCAL_ADDRS` hold exactly `addrs` (the host's addresses): wildcard mappings
     /// match only these destinations.
     pub fn sync_local_addrs(&mut self, addrs: &BTreeSet<IpAddr>) -> anyhow::Result<()> {

@@ -1,7 +1,8 @@
 //! The loaded eBPF object: loading with the configured capacities, pinning, attaching, and
 //! typed access to its maps. One file per job:
 //!
-//! - `pins`: the pin directory (bpffs mount, layout, stale pins);
+//! - `pins`: the pin directory (bpffs mount, layout, `portmap cleanup`);
+//! - `adopt`: checking and adopting what an earlier daemon pinned (layout stamp, link update);
 //! - `attach`: hooks, attaching and detaching (XDP / tcx links, pinned);
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
 //! - `maps`: the map writes of the mapping table ([`crate::table::Maps`]) and counter reads;
@@ -13,13 +14,16 @@
 //! ```text
 //! PIN_DIR/maps/PM_MAPPINGS, PM_BACKENDS, PM_MAGLEV, PM_CONNTRACK, PM_MAPPING_STATS,
 //!              PM_GLOBAL_STATS, PM_REDIRECT_DEVS, PM_LOCAL_ADDRS, PM_PUBLISHED_PORTS,
-//!              PM_SOCK_REVERSE, PM_CT_NEW                             (map_names::ALL)
+//!              PM_SOCK_REVERSE, PM_CT_NEW, PM_FRAGMENTS, PM_ICMP_XDP, PM_ICMP_TC,
+//!              PM_META (the layout stamp)                            (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
-//! PIN_DIR/links/cgroup_portmap_connect4 ... cgroup_portmap_bind6      (the socket hooks)
+//! PIN_DIR/links/cgroup_ID_portmap_connect4 ... _portmap_bind6  (socket hooks; ID: the cgroup's)
 //! ```
-//! A pinned link keeps its program attached even if the daemon dies; a clean shutdown unpins and
-//! so detaches everything. A new daemon removes stale pins at start-up.
+//! A pinned link keeps its program attached while no daemon runs (stopped, crashed, upgraded):
+//! the next daemon adopts the maps and replaces the programs in the links (`adopt`). Only
+//! `portmap cleanup` detaches and removes everything.
 
+mod adopt;
 mod attach;
 mod cgroup;
 mod expiry;
@@ -39,15 +43,17 @@ use aya::{
     maps::ProgramArray,
     programs::{SchedClassifier, Xdp},
 };
-use log::warn;
-use portmap_common::{HOST_NETNS_COOKIE_GLOBAL, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, map_names, prog_names};
+use log::{info, warn};
+use portmap_common::{
+    DatapathStamp, HOST_NETNS_COOKIE_GLOBAL, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, map_names, prog_names,
+};
 
 #[cfg(feature = "test-run")]
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
     attach::{Hook, IfaceChange},
     expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
-    pins::{check_pin_dir, cleanup, ensure_bpffs, remove_stale_pins},
+    pins::{check_pin_dir, cleanup, ensure_bpffs},
 };
 use crate::{config::Limits, host};
 
@@ -64,30 +70,38 @@ pub struct Datapath {
     /// `resync_interfaces`), and the mode to attach them again in.
     ifaces: Vec<attach::Iface>,
     mode: crate::config::AttachMode,
-    /// `shutdown` ran: nothing attached or pinned is left.
-    shut_down: bool,
+    /// The stamp of the pinned maps (`PM_META`).
+    stamp: DatapathStamp,
+    /// The maps were pinned by an earlier daemon and adopted.
+    adopted: bool,
+    /// Leave everything attached and pinned when dropped: set once the daemon is up, and from
+    /// the start for an adopted datapath (a daemon that fails to start must not take down the
+    /// datapath it found). Otherwise dropping removes what this load created.
+    keep: bool,
     /// Capacities of `PM_CONNTRACK` and `PM_CT_NEW`, which bound one expiry pass.
     conntrack_entries: u32,
     conntrack_new_entries: u32,
 }
 
 impl Datapath {
-    /// Loads the object with the configured capacities and pins its maps.
+    /// Loads the object with the configured capacities, its maps pinned under `pin_dir`: the
+    /// maps an earlier daemon pinned there are adopted (after [`adopt::check_pinned`]), missing
+    /// ones created and pinned.
     pub fn load(pin_dir: &Path, limits: &Limits) -> anyhow::Result<Self> {
-        let mut dp = Self::load_unpinned(limits)?;
         for dir in ["maps", "links"] {
             fs::create_dir_all(pin_dir.join(dir))
                 .with_context(|| format!("creating pin directory {}", pin_dir.join(dir).display()))?;
         }
-        dp.pin_dir = Some(pin_dir.to_path_buf());
-        for name in map_names::ALL {
-            let map = dp
-                .ebpf
-                .map(name)
-                .with_context(|| format!("map {name} missing from the object"))?;
-            // On error `dp` is dropped, and its Drop removes the pins made so far.
-            map.pin(pins::map_pin(pin_dir, name))
-                .with_context(|| format!("pinning map {name}"))?;
+        let found = adopt::check_pinned(pin_dir, limits)?;
+        let mut dp = Self::load_with(limits, Some(pin_dir))?;
+        if let Some(stamp) = found {
+            dp.stamp = stamp;
+            dp.adopted = true;
+            dp.keep = true;
+        } else {
+            // On error `dp` is dropped, and its Drop removes the pins made.
+            let stamp = dp.stamp;
+            adopt::write_stamp(dp.map_mut(map_names::META)?, stamp)?;
         }
         Ok(dp)
     }
@@ -96,26 +110,32 @@ impl Datapath {
     /// run through `BPF_PROG_TEST_RUN` (tests, benchmarks) and cannot be attached. The socket
     /// hooks take the calling thread's network namespace as the host's.
     pub fn load_unpinned(limits: &Limits) -> anyhow::Result<Self> {
+        Self::load_with(limits, None)
+    }
+
+    fn load_with(limits: &Limits, pin_dir: Option<&Path>) -> anyhow::Result<Self> {
         let netns_cookie = host::netns_cookie()?;
-        let ebpf = EbpfLoader::new()
-            .override_global(HOST_NETNS_COOKIE_GLOBAL, &netns_cookie, true)
-            .map_max_entries(map_names::MAPPINGS, limits.max_mappings)
-            .map_max_entries(map_names::MAPPING_STATS, limits.max_mappings)
-            // At most one (protocol, port) per published port.
-            .map_max_entries(map_names::PUBLISHED_PORTS, limits.max_mappings)
-            .map_max_entries(map_names::BACKENDS, limits.max_backends)
-            .map_max_entries(map_names::MAGLEV, limits.max_backend_groups)
-            .map_max_entries(map_names::CONNTRACK, limits.conntrack_entries)
-            .map_max_entries(map_names::CT_NEW, limits.conntrack_new_entries)
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(HOST_NETNS_COOKIE_GLOBAL, &netns_cookie, true);
+        for name in map_names::ALL {
+            if let Some(entries) = adopt::configured_capacity(name, limits) {
+                loader.map_max_entries(name, entries);
+            }
+            if let Some(dir) = pin_dir {
+                // aya opens the pinned map when there is one, else creates and pins it.
+                loader.map_pin_path(name, pins::map_pin(dir, name));
+            }
+        }
+        let ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
         let mut dp = Self {
             ebpf,
-            pin_dir: None,
+            pin_dir: pin_dir.map(Path::to_path_buf),
             attachments: Vec::new(),
             ifaces: Vec::new(),
             mode: crate::config::AttachMode::Auto,
-            shut_down: false,
+            stamp: adopt::new_stamp(),
+            adopted: false,
+            keep: false,
             conntrack_entries: limits.conntrack_entries,
             conntrack_new_entries: limits.conntrack_new_entries,
         };
@@ -135,6 +155,24 @@ impl Datapath {
         dp.fill_icmp_slots()?;
         dp.load_sock_programs()?;
         Ok(dp)
+    }
+
+    /// Whether the maps were adopted from an earlier daemon.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The identity of the pinned maps (saved state of another datapath is not applied).
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.stamp.id
+    }
+
+    /// From now on everything stays attached and pinned when the daemon exits or dies, for the
+    /// next daemon to adopt (`portmap cleanup` removes it).
+    pub fn keep_attached(&mut self) {
+        self.keep = true;
     }
 
     /// Puts each hook's ICMP-error program in its program array slot (the datapath tail-calls
@@ -178,14 +216,15 @@ impl Datapath {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("initialising aya-log")
     }
 
-    /// Detaches every program and removes every pin this daemon created. Idempotent.
-    pub fn shutdown(&mut self) {
-        if self.shut_down {
-            return;
-        }
-        self.shut_down = true;
+    /// Detaches every program and removes every pin this load created (a daemon that failed to
+    /// start on a fresh pin directory).
+    fn remove_created(&mut self) {
         self.detach_all();
         let Some(pin_dir) = &self.pin_dir else { return };
+        info!(
+            "detached and unpinned what this daemon created in {}",
+            pin_dir.display()
+        );
         for name in map_names::ALL {
             let path = pins::map_pin(pin_dir, name);
             if path.exists()
@@ -212,6 +251,8 @@ impl Datapath {
 
 impl Drop for Datapath {
     fn drop(&mut self) {
-        self.shutdown();
+        if !self.keep {
+            self.remove_created();
+        }
     }
 }

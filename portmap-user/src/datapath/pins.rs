@@ -1,5 +1,5 @@
-//! The pin directory: bpffs mounted, one directory for maps and one for links, stale pins of a
-//! crashed daemon removed.
+//! The pin directory: bpffs mounted, one directory for maps and one for links; `portmap
+//! cleanup`, which removes them.
 
 use std::{
     fs,
@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use log::{info, warn};
+use log::info;
 
 use super::Hook;
 
@@ -22,17 +22,11 @@ pub(super) fn link_pin(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
     pin_dir.join("links").join(format!("{iface}_{}", hook.as_str()))
 }
 
-/// The pin of a socket hook's cgroup link.
-pub(super) fn cgroup_link_pin(pin_dir: &Path, program: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("cgroup_{program}"))
-}
-
-/// Removes pins a previous run left behind (a crash, or SIGKILL): unpinning detaches its links.
-pub fn remove_stale_pins(pin_dir: &Path) -> anyhow::Result<()> {
-    for path in remove_pins(pin_dir)? {
-        warn!("removed stale pin {} left by an earlier run", path.display());
-    }
-    Ok(())
+/// The pin of a socket hook's link to the cgroup with inode number `cgroup_id`.
+pub(super) fn cgroup_link_pin(pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    pin_dir
+        .join("links")
+        .join(format!("cgroup_{cgroup_id}_{program}"))
 }
 
 /// Removes every pin under `pin_dir` (links first: unpinning a link detaches its program from
@@ -51,24 +45,26 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// `portmap cleanup`: removes everything a daemon that is no longer running left under
-/// `pin_dir` — its links (so its XDP, TC and cgroup programs detach), its maps, the directories
-/// — and returns the pins removed. Refuses while a daemon answers on `socket`: a running daemon
-/// detaches everything itself when it stops.
-pub fn cleanup(pin_dir: &Path, socket: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// `portmap cleanup`: removes everything portmap left attached while no daemon runs — the links
+/// under `pin_dir` (so its XDP, TC and cgroup programs detach), its maps, the directories, the
+/// saved state `state_file` — and returns what it removed. Refuses while a daemon answers on
+/// `socket`: it would put everything back at its next change.
+pub fn cleanup(pin_dir: &Path, socket: &Path, state_file: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if crate::control::daemon_answers(socket) {
         bail!(
-            "a portmap daemon is running (control socket {} answers): stop it (`systemctl stop portmap`, \
-             or SIGTERM), which detaches and removes everything itself; cleanup is for what a crashed \
-             daemon left behind",
+            "a portmap daemon is running (control socket {} answers): stop it first (`systemctl stop \
+             portmap`, or SIGTERM; stopping leaves the datapath attached), then run `portmap cleanup` again",
             socket.display()
         );
     }
-    let removed = remove_pins(pin_dir)?;
+    let mut removed = remove_pins(pin_dir)?;
     for dir in ["links", "maps", ""] {
         let _ = fs::remove_dir(pin_dir.join(dir));
     }
-    // A socket file nobody answers on is a crashed daemon's too.
+    if fs::remove_file(state_file).is_ok() {
+        removed.push(state_file.to_path_buf());
+    }
+    // A socket file nobody answers on is a stopped daemon's too.
     let _ = fs::remove_file(socket);
     Ok(removed)
 }

@@ -11,6 +11,7 @@ mod error;
 mod place;
 mod plan;
 mod pool;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 pub mod writes;
@@ -22,10 +23,12 @@ use std::{
 
 use log::warn;
 use portmap_common::PortKey;
+use serde::{Deserialize, Serialize};
 
 pub use self::{
     error::TableError,
     plan::{Plan, find_free_run, plan},
+    snapshot::Snapshot,
     writes::{Batch, GroupPlacement, MapContents, Maps, Placement},
 };
 use self::{
@@ -38,14 +41,26 @@ use crate::{
     sockets::Sockets,
 };
 
+/// Who asked for a mapping, and so who may take it away: a config diff (start, reload) adds,
+/// updates and removes only the config's own mappings; those added at run time (`portmap add`,
+/// the CNI plugin) stay until they are deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    #[default]
+    Config,
+    Runtime,
+}
+
 /// One applied mapping.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// As requested by `add` or the config (a dynamic one without host ports).
     pub requested: Mapping,
     /// As applied, host ports allocated.
     pub mapping: Mapping,
     pub place: Placement,
+    pub origin: Origin,
     /// Order of addition (`list` shows mappings in this order).
     seq: u64,
 }
@@ -177,10 +192,15 @@ impl Table {
         self.entries().into_iter().map(|e| e.mapping.clone()).collect()
     }
 
-    /// The requested mappings, in the order they were added (what a config diff starts from).
+    /// The requested mappings of the config, in the order they were added (what a config diff
+    /// starts from).
     #[must_use]
     pub fn requested(&self) -> Vec<Mapping> {
-        self.entries().into_iter().map(|e| e.requested.clone()).collect()
+        self.entries()
+            .into_iter()
+            .filter(|e| e.origin == Origin::Config)
+            .map(|e| e.requested.clone())
+            .collect()
     }
 
     /// The applied mapping that shares a published port with `mapping`, if any.
@@ -236,12 +256,24 @@ impl Table {
         Ok((mapping, next_dynamic))
     }
 
-    /// Publishes `requested`; returns the mapping as applied (with its allocated host ports).
+    /// Publishes `requested` for the config; returns the mapping as applied (with its allocated
+    /// host ports).
     pub fn add<M: Maps + ?Sized>(
         &mut self,
         maps: &mut M,
         requested: &Mapping,
         sockets: &dyn Sockets,
+    ) -> Result<Mapping, TableError> {
+        self.add_as(maps, requested, sockets, Origin::Config)
+    }
+
+    /// Publishes `requested` on behalf of `origin`.
+    pub fn add_as<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        requested: &Mapping,
+        sockets: &dyn Sockets,
+        origin: Origin,
     ) -> Result<Mapping, TableError> {
         if self.ports_used + u64::from(requested.port_count()) > u64::from(self.max_ports) {
             return Err(TableError::Full {
@@ -276,6 +308,7 @@ impl Table {
                 requested: requested.clone(),
                 mapping: mapping.clone(),
                 place,
+                origin,
                 seq: self.next_seq,
             },
         );
@@ -389,13 +422,14 @@ impl Table {
                 requested: spec.clone(),
                 mapping: spec.clone(),
                 place,
+                origin: old.origin,
                 seq: old.seq,
             },
         );
         Ok(spec.clone())
     }
 
-    /// Makes the applied mappings equal `desired`, all or nothing: on any failure the table is
+    /// Makes the config's applied mappings equal `desired` (runtime ones stay), all or nothing: on any failure the table is
     /// restored to a snapshot and the maps to its contents. The new mappings' entries are
     /// written together (one [`Batch`]). Returns the plan that was applied.
     ///
@@ -408,8 +442,9 @@ impl Table {
         desired: &[Mapping],
         sockets: &dyn Sockets,
     ) -> Result<Plan, TableError> {
-        let plan = plan(&self.requested(), desired);
         let before = self.clone();
+        self.adopt_runtime(desired);
+        let plan = plan(&self.requested(), desired);
         let mut touched: Vec<Key> = Vec::new();
         let result = (|| {
             for m in &plan.remove {
@@ -434,6 +469,24 @@ impl Table {
             return Err(e);
         }
         Ok(plan)
+    }
+
+    /// A config mapping that a mapping added at run time already publishes, as requested or as
+    /// applied (a `list --json` saved as the config), takes that one over: it becomes the
+    /// config's, with no change to the maps, instead of conflicting with it.
+    fn adopt_runtime(&mut self, desired: &[Mapping]) {
+        let desired: HashSet<&Mapping> = desired.iter().collect();
+        for entry in self.entries.values_mut() {
+            if entry.origin != Origin::Runtime {
+                continue;
+            }
+            if desired.contains(&entry.mapping) {
+                entry.requested = entry.mapping.clone();
+            }
+            if desired.contains(&entry.requested) {
+                entry.origin = Origin::Config;
+            }
+        }
     }
 
     /// Rolls back a failed `apply`: the table becomes `before` again, and the maps get back what

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 /// Ids handed out lowest-new first, reused oldest-freed first (so that a freed stats slot's
 /// lingering flows rarely count into its next owner).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pool {
     free: VecDeque<u32>,
     next: u32,

@@ -362,3 +362,88 @@ fn updates_flush_the_udp_flows_of_removed_backends_only() {
         Some(("198.18.2.3".parse().unwrap(), PortRange::single(81)))
     );
 }
+
+/// What the daemon saves and the next one restores is the same table (slots, pools, order,
+/// origins, draining slots), through JSON as in the state file; rewriting it into empty maps
+/// gives exactly the maps it needs.
+#[test]
+fn a_snapshot_restores_the_same_table_and_rewrites_its_maps() {
+    let (mut table, mut maps) = populated();
+    table
+        .add_as(&mut maps, &m("198.18.2.9:90"), &NoSockets, Origin::Runtime)
+        .unwrap();
+    let json = serde_json::to_string(&table.snapshot()).unwrap();
+    let capacity = Capacity {
+        ports: 64,
+        groups: 4,
+        backends: 16,
+    };
+    let restored =
+        Table::from_snapshot(capacity, table.dynamic, serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(
+        restored,
+        Table {
+            flushes: Vec::new(),
+            ..table.clone()
+        }
+    );
+    let mut fresh = FlakyMaps::default();
+    restored.rewrite(&mut fresh).unwrap();
+    assert_eq!(fresh.contents.mappings, maps.contents.mappings);
+    assert_eq!(fresh.contents.published_ports, maps.contents.published_ports);
+    assert_eq!(restored.mapping_keys().len(), maps.contents.mappings.len());
+
+    // Saved with other limits: refused, naming the limit.
+    let smaller = Capacity {
+        ports: 32,
+        ..capacity
+    };
+    let err = Table::from_snapshot(smaller, table.dynamic, serde_json::from_str(&json).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("limits.max_mappings"), "{err}");
+}
+
+/// A snapshot whose mappings share a stats slot is refused rather than restored.
+#[test]
+fn an_inconsistent_snapshot_is_refused() {
+    let (table, _) = populated();
+    let mut value = serde_json::to_value(table.snapshot()).unwrap();
+    let slot = value["entries"][0]["place"]["stats_slot"].clone();
+    value["entries"][1]["place"]["stats_slot"] = slot;
+    let capacity = Capacity {
+        ports: 64,
+        groups: 4,
+        backends: 16,
+    };
+    let err =
+        Table::from_snapshot(capacity, table.dynamic, serde_json::from_value(value).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("used twice"), "{err}");
+}
+
+/// A config diff leaves mappings added at run time alone, and a config mapping identical to one
+/// of them (a saved `list --json`) takes it over instead of conflicting.
+#[test]
+fn config_diffs_leave_runtime_mappings_alone() {
+    let (mut table, mut maps) = populated();
+    let runtime = table
+        .add_as(&mut maps, &m("198.18.2.9:90"), &NoSockets, Origin::Runtime)
+        .unwrap();
+    let config = table.requested();
+    table.apply(&mut maps, &[], &NoSockets).unwrap();
+    assert_eq!(
+        table.mappings(),
+        vec![runtime.clone()],
+        "the config's mappings went, the runtime one stayed"
+    );
+    table.apply(&mut maps, &config, &NoSockets).unwrap();
+    // Now the config names the runtime mapping as applied (its allocated port).
+    let mut with_runtime = config.clone();
+    with_runtime.push(runtime.clone());
+    let plan = table.apply(&mut maps, &with_runtime, &NoSockets).unwrap();
+    assert!(plan.is_empty(), "taken over without a change: {plan:?}");
+    table.apply(&mut maps, &config, &NoSockets).unwrap();
+    assert!(
+        !table.mappings().contains(&runtime),
+        "the config's now, so the config removes it"
+    );
+    assert_eq!(maps.contents, expected_contents(&table));
+}

@@ -15,7 +15,7 @@ use portmap_common::{
 use crate::{maglev, mapping::Mapping};
 
 /// Where the table placed a mapping in the maps.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placement {
     /// Its `PM_MAPPING_STATS` slot (shared by all its host ports).
     pub stats_slot: u32,
@@ -23,7 +23,7 @@ pub struct Placement {
     pub group: Option<GroupPlacement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupPlacement {
     /// Its `PM_MAGLEV` slot.
     pub group: u32,

@@ -1,0 +1,206 @@
+//! The requests that change or read the mappings (control socket, SIGHUP), applied one at a
+//! time by the main loop.
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use log::{error, info};
+use portmap_common::Stat;
+
+use super::{State, serve::status_line};
+use crate::{
+    config::Config,
+    control::{MappingStats, Request, Response, StatsReport},
+    mapping::Mapping,
+    notify, sockets, spec,
+    table::{Origin, TableError},
+};
+
+pub(super) fn dispatch(request: Request, state: &mut State) -> Response {
+    let started = Instant::now();
+    let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
+    let outcome: anyhow::Result<String> = match request {
+        Request::Add { spec } => changed(
+            "added",
+            parsed(&spec).and_then(|m| {
+                state
+                    .table
+                    .add_as(&mut state.dp, &m, &sockets::local_sockets(), Origin::Runtime)
+            }),
+            started,
+        ),
+        Request::Del { spec } => changed(
+            "deleted",
+            parsed(&spec).and_then(|m| state.table.remove(&mut state.dp, &m)),
+            started,
+        ),
+        Request::Update { spec } => changed(
+            "updated",
+            parsed(&spec).and_then(|m| state.table.update(&mut state.dp, &m)),
+            started,
+        ),
+        Request::Reload => reload_notified(state),
+        Request::List => {
+            return Response::Mappings {
+                mappings: state.table.mappings(),
+            };
+        }
+        Request::Stats => {
+            return match stats(state) {
+                Ok(stats) => Response::Stats { stats },
+                Err(e) => {
+                    error!("reading counters: {e:#}");
+                    Response::Error {
+                        message: format!("reading counters: {e:#}"),
+                    }
+                }
+            };
+        }
+    };
+    match settle(state, outcome) {
+        Ok(message) => Response::Ok { message },
+        Err(e) => Response::Error {
+            message: format!("{e:#}"),
+        },
+    }
+}
+
+/// After a change (or a refused one): deletes the flows it made stale and saves the mappings for
+/// the next daemon. A change that was applied but could not be saved says so.
+pub(super) fn settle(state: &mut State, outcome: anyhow::Result<String>) -> anyhow::Result<String> {
+    flush_stale_flows(state);
+    let message = outcome?;
+    match state.save() {
+        Ok(()) => Ok(message),
+        Err(e) => {
+            error!("{e:#}");
+            Ok(format!(
+                "{message}; warning: {e:#}: a restarted daemon would not know this change"
+            ))
+        }
+    }
+}
+
+/// Deletes the UDP flows the last changes made stale (of removed mappings and backends), so an
+/// ongoing UDP stream takes the new path with its next datagram. TCP flows finish where they
+/// are.
+pub(super) fn flush_stale_flows(state: &mut State) {
+    let flushes = state.table.take_flushes();
+    match state.dp.flush_udp_flows(&flushes) {
+        Ok(0) => {}
+        Ok(n) => info!("removed {n} UDP flow(s) of removed mappings or backends"),
+        Err(e) => error!("removing stale UDP flows: {e:#}"),
+    }
+}
+
+/// Logs a change with its duration and answers with its `docker port` lines.
+fn changed(verb: &str, result: Result<Mapping, TableError>, started: Instant) -> anyhow::Result<String> {
+    let m = result?;
+    info!("{verb} {m} in {:.1} µs", started.elapsed().as_secs_f64() * 1e6);
+    let indent = format!("\n{}", " ".repeat(verb.len() + 1));
+    Ok(format!("{verb} {}", m.docker_lines().join(&indent)))
+}
+
+/// `reload` between `RELOADING=1` and `READY=1` for systemd (`READY=1` also after a failed
+/// reload: the previous configuration keeps running).
+pub(super) fn reload_notified(state: &mut State) -> anyhow::Result<String> {
+    notify::reloading();
+    let result = reload(state);
+    notify::ready(&status_line(state));
+    result
+}
+
+/// Reads the config file again and applies its mappings as one diff (all or nothing) and its
+/// timeouts. Settings that only take effect at start-up are reported, not applied.
+fn reload(state: &mut State) -> anyhow::Result<String> {
+    let source = state
+        .reload
+        .as_ref()
+        .context("the daemon was started without a config file: nothing to reload")?;
+    let mut config = Config::read(&source.path)?;
+    source.overrides.apply(&mut config);
+    let valid = config
+        .validate()
+        .with_context(|| format!("{}", source.path.display()))?;
+    let started = Instant::now();
+    let plan = state
+        .table
+        .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
+        .with_context(|| format!("{}: nothing was changed", source.path.display()))?;
+    let new = valid.config;
+    let old = &state.config;
+    let restart_only = [
+        ("interfaces", old.interfaces != new.interfaces),
+        ("attach", old.attach != new.attach),
+        (
+            "redirect_interfaces",
+            old.redirect_interfaces != new.redirect_interfaces,
+        ),
+        ("pin_dir", old.pin_dir != new.pin_dir),
+        ("cgroup", old.cgroup != new.cgroup),
+        ("socket", old.socket != new.socket),
+        ("state_file", old.state_file != new.state_file),
+        ("metrics", old.metrics != new.metrics),
+        ("limits", old.limits != new.limits),
+    ];
+    let pending: Vec<&str> = restart_only
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(n, _)| *n)
+        .collect();
+    state.table.dynamic = new.dynamic_ports;
+    let message = format!(
+        "reloaded {}: {} added, {} updated, {} removed in {:.3} ms{}",
+        source.path.display(),
+        plan.add.len(),
+        plan.update.len(),
+        plan.remove.len(),
+        started.elapsed().as_secs_f64() * 1e3,
+        if pending.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; changes to {} take effect at the next start",
+                pending.join(", ")
+            )
+        }
+    );
+    let keep = Config {
+        interfaces: old.interfaces.clone(),
+        attach: old.attach,
+        redirect_interfaces: old.redirect_interfaces.clone(),
+        pin_dir: old.pin_dir.clone(),
+        socket: old.socket.clone(),
+        state_file: old.state_file.clone(),
+        cgroup: old.cgroup.clone(),
+        limits: old.limits.clone(),
+        ..new
+    };
+    state.config = keep;
+    info!("{message}");
+    Ok(message)
+}
+
+fn stats(state: &State) -> anyhow::Result<StatsReport> {
+    let mut mappings = Vec::new();
+    for entry in state.table.entries() {
+        mappings.push(MappingStats {
+            mapping: entry.mapping.clone(),
+            counters: state.dp.mapping_counters(entry.place.stats_slot)?,
+        });
+    }
+    let counters = Stat::ALL
+        .iter()
+        .zip(state.dp.global_counters()?)
+        .map(|(stat, value)| (stat.name().to_string(), value))
+        .collect();
+    Ok(StatsReport {
+        mappings,
+        counters,
+        active_flows: state.flows.assured.active,
+        flow_capacity: state.flows.assured.capacity,
+        new_flows: state.flows.new.active,
+        new_flow_capacity: state.flows.new.capacity,
+        interfaces: state.dp.interfaces(),
+    })
+}

@@ -1,0 +1,195 @@
+//! `portmap run`: owns the datapath, applies mappings, serves the control socket, expires flows.
+//! One file per job: `serve` (the main loop and control connections), `changes` (requests that
+//! change or read the mappings), `flows` (flow-table fill), `saved` (the state file).
+//!
+//! Stopping (SIGTERM, or a crash) leaves the datapath attached and forwarding; the next daemon
+//! adopts it: the pinned maps (flows, counters, mappings) as they are, the programs replaced in
+//! the same links, the mappings restored from the state file and the config applied as one diff.
+
+mod changes;
+mod flows;
+mod saved;
+mod serve;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use log::{info, warn};
+
+use self::{changes::flush_stale_flows, flows::FlowTable, serve::status_line};
+use crate::{
+    config::{Config, Overrides, Valid},
+    control,
+    datapath::{self, Datapath},
+    host, notify, sockets,
+    table::{Capacity, Table},
+};
+
+/// Where `reload` (and SIGHUP) read the configuration again from.
+#[derive(Clone, Debug)]
+pub struct ReloadSource {
+    pub path: PathBuf,
+    /// The command-line options that replace the file's values, applied again on every reload.
+    pub overrides: Overrides,
+}
+
+/// The daemon's running state, shared by the control socket, signals and the GC tick.
+struct State {
+    dp: Datapath,
+    table: Table,
+    config: Config,
+    reload: Option<ReloadSource>,
+    flows: FlowTable,
+}
+
+impl State {
+    /// Saves the mappings for the next daemon (after every change).
+    fn save(&self) -> anyhow::Result<()> {
+        saved::save(&self.config.state_file, self.dp.id(), &self.table)
+            .with_context(|| format!("saving the mappings to {}", self.config.state_file.display()))
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. The datapath stays attached when it exits.
+pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<()> {
+    let cfg = valid.config.clone();
+    refuse_if_running(&cfg.socket)?;
+    datapath::ensure_bpffs()?;
+    datapath::check_pin_dir(&cfg.pin_dir)?;
+    warn_if_not_forwarding(&valid);
+    let cgroup_dir = host::cgroup_dir(&cfg.cgroup)?;
+    // A daemon that fails from here on removes what it created, or leaves the datapath it
+    // adopted as it found it (forwarding).
+    let mut dp = Datapath::load(&cfg.pin_dir, &cfg.limits)?;
+    let logger = dp.take_logger()?;
+    let capacity = Capacity {
+        ports: cfg.limits.max_mappings,
+        groups: cfg.limits.max_backend_groups,
+        backends: cfg.limits.max_backends,
+    };
+    let table = if dp.adopted() {
+        restore_table(&mut dp, &cfg, capacity)?
+    } else {
+        Table::new(capacity, cfg.dynamic_ports)
+    };
+    let mut state = State {
+        table,
+        flows: FlowTable::new(&cfg.limits),
+        config: cfg.clone(),
+        reload,
+        dp,
+    };
+    // Local addresses first: wildcard mappings match only them, from the first packet on.
+    let watch = host::AddressWatch::new()?;
+    state.dp.sync_local_addrs(&host::addresses()?)?;
+    state
+        .dp
+        .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces, &cgroup_dir)?;
+    let started = Instant::now();
+    let plan = state
+        .table
+        .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
+        .context("applying the configured mappings")?;
+    info!(
+        "config: {} mapping(s) added, {} updated, {} removed in {:.3} ms",
+        plan.add.len(),
+        plan.update.len(),
+        plan.remove.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    if state.dp.adopted() {
+        // Only now, so that no mapping is missing in between: what the maps have beyond the
+        // table (a change the previous daemon did not live to save).
+        let removed = state
+            .dp
+            .retain_mappings(&state.table.mapping_keys(), &state.table.published_ports())?;
+        if removed > 0 {
+            info!("removed {removed} map entries the saved state does not have");
+        }
+    }
+    flush_stale_flows(&mut state);
+    state.save()?;
+    let listener = serve::bind_socket(&cfg.socket)?;
+    let metrics = match cfg.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics: listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    if let Some(addr) = cfg.metrics {
+        info!("serving Prometheus metrics at http://{addr}/metrics");
+    }
+    state.dp.keep_attached();
+    notify::ready(&status_line(&state));
+    let served = serve::serve(&mut state, listener, metrics, logger, watch).await;
+    let _ = fs::remove_file(&cfg.socket);
+    info!(
+        "exiting; the datapath stays attached in {} for the next daemon (`portmap cleanup` removes it)",
+        cfg.pin_dir.display()
+    );
+    served
+}
+
+/// The mappings of an adopted datapath, from the state file the previous daemon saved, written
+/// to the maps again (a no-op unless it died between a map write and saving).
+fn restore_table(dp: &mut Datapath, cfg: &Config, capacity: Capacity) -> anyhow::Result<Table> {
+    let file = &cfg.state_file;
+    let snapshot = saved::load(file, dp.id()).with_context(|| {
+        format!(
+            "the saved mappings in {} cannot be read: move the file away to start with the config's \
+             mappings only (mappings added at run time are then lost), or run `portmap cleanup`",
+            file.display()
+        )
+    })?;
+    let Some(snapshot) = snapshot else {
+        warn!(
+            "adopting the datapath in {} without saved mappings ({} is missing or belongs to another \
+             datapath): established flows keep going; mappings added at run time are lost",
+            cfg.pin_dir.display(),
+            file.display()
+        );
+        return Ok(Table::new(capacity, cfg.dynamic_ports));
+    };
+    let table = Table::from_snapshot(capacity, cfg.dynamic_ports, snapshot)
+        .with_context(|| format!("restoring the mappings saved in {}", file.display()))?;
+    table.rewrite(dp).context("writing the restored mappings")?;
+    info!(
+        "adopted the datapath in {}: {} mapping(s) restored from {}",
+        cfg.pin_dir.display(),
+        table.entries().len(),
+        file.display()
+    );
+    Ok(table)
+}
+
+fn warn_if_not_forwarding(valid: &Valid) {
+    if fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        warn!("net.ipv4.ip_forward is 0: mapped IPv4 traffic will not be forwarded until it is enabled");
+    }
+    if valid
+        .mappings
+        .iter()
+        .any(|m| m.family() == portmap_common::FAMILY_V6)
+        && fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").is_ok_and(|v| v.trim() == "0")
+    {
+        warn!(
+            "net.ipv6.conf.all.forwarding is 0: mapped IPv6 traffic will not be forwarded until it is enabled"
+        );
+    }
+}
+
+fn refuse_if_running(socket: &Path) -> anyhow::Result<()> {
+    if control::daemon_answers(socket) {
+        bail!(
+            "another portmap daemon is already running (control socket {} answers)",
+            socket.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! The main loop: signals, the expiry tick, netlink address and link changes, the eBPF log, and
+//! the control socket, whose clients are each served by their own task.
+
+use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use log::{error, info, warn};
+use tokio::{
+    io::unix::AsyncFd,
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+
+use super::{
+    State,
+    changes::{dispatch, reload_notified, settle},
+};
+use crate::{
+    control::{self, Request, Response},
+    datapath, host,
+    metrics::Pending,
+    notify,
+};
+
+pub(super) fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file nobody answers on is left over from a crash.
+    let _ = fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    info!("control socket {}", path.display());
+    Ok(listener)
+}
+
+pub(super) async fn serve(
+    state: &mut State,
+    listener: UnixListener,
+    metrics: Option<tokio::net::TcpListener>,
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    watch: host::AddressWatch,
+) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut gc = tokio::time::interval(state.config.timeouts.gc_interval());
+    let mut watchdog = notify::watchdog_interval().map(tokio::time::interval);
+    // SAFETY: the logger owns its ring buffer fd, and AsyncFd owns the logger until it is dropped.
+    let mut logs = unsafe { AsyncFd::register(logger)? };
+    // SAFETY: the watch owns its netlink socket, and AsyncFd owns the watch until it is dropped.
+    let mut addresses = unsafe { AsyncFd::register(watch)? };
+    let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
+    // Scrapes go through the same queue as control requests; the task ends with the runtime.
+    if let Some(metrics) = metrics {
+        tokio::spawn(crate::metrics::serve(metrics, requests_tx.clone()));
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM"); notify::stopping(); return Ok(()) }
+            _ = int.recv() => { info!("SIGINT"); notify::stopping(); return Ok(()) }
+            _ = hup.recv() => {
+                let reloaded = reload_notified(state);
+                match settle(state, reloaded) {
+                    Ok(message) => info!("SIGHUP: {message}"),
+                    Err(e) => error!("SIGHUP: {e:#}"),
+                }
+            }
+            _ = gc.tick() => {
+                let timeouts = &state.config.timeouts;
+                match datapath::monotonic_ns().and_then(|now| state.dp.expire_flows(now, timeouts)) {
+                    Ok(plan) => {
+                        state.flows.update(&plan);
+                        state.table.release_drained(&plan.slots_in_use);
+                        notify::status(&status_line(state));
+                    }
+                    Err(e) => warn!("flow expiry pass failed: {e:#}"),
+                }
+            }
+            () = tick(watchdog.as_mut()) => notify::watchdog(),
+            guard = addresses.readable_mut() => {
+                let mut guard = guard?;
+                if guard.get_inner_mut().drain() {
+                    match host::addresses().and_then(|a| state.dp.sync_local_addrs(&a).map(|()| a.len())) {
+                        Ok(n) => info!("host addresses or links changed: {n} local addresses"),
+                        Err(e) => error!("syncing local addresses: {e:#}"),
+                    }
+                    follow_interfaces(state);
+                }
+                guard.clear_ready();
+            }
+            guard = logs.readable_mut() => {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            conn = listener.accept() => {
+                let (stream, _) = conn?;
+                tokio::spawn(client(stream, requests_tx.clone()));
+            }
+            Some((request, reply)) = requests.recv() => {
+                let _ = reply.send(dispatch(request, state));
+            }
+        }
+        // A reload (SIGHUP or `portmap reload`) may have changed the interval: the next pass
+        // comes one new interval from now, not after the old one.
+        let period = state.config.timeouts.gc_interval();
+        if gc.period() != period {
+            info!("flow expiry every {} s", period.as_secs());
+            gc = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        }
+    }
+}
+
+/// Detaches from client-facing interfaces that disappeared and attaches to those that came back.
+fn follow_interfaces(state: &mut State) {
+    for change in state.dp.resync_interfaces() {
+        match change {
+            datapath::IfaceChange::Gone(iface) => error!(
+                "interface {iface} disappeared: its published ports are unreachable through it until it \
+                 comes back (it is attached again then)"
+            ),
+            datapath::IfaceChange::Back(iface) => info!("interface {iface} is back: attached again"),
+            datapath::IfaceChange::Failed(iface, e) => {
+                error!("interface {iface} is back but attaching failed (retried at its next change): {e}");
+            }
+        }
+        notify::status(&status_line(state));
+    }
+}
+
+/// Waits for the next tick of `interval`, or forever without one.
+async fn tick(interval: Option<&mut tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What `systemctl status` shows: mappings, interfaces and how full the flow tables were at the
+/// last expiry pass.
+pub(super) fn status_line(state: &State) -> String {
+    let (assured, new) = (&state.flows.assured, &state.flows.new);
+    let ifaces: Vec<String> = state
+        .dp
+        .interfaces()
+        .into_iter()
+        .map(|(name, up)| if up { name } else { format!("{name} (missing)") })
+        .collect();
+    format!(
+        "{} mapping(s) on {}; flows {}/{} assured, {}/{} new",
+        state.table.entries().len(),
+        ifaces.join(", "),
+        assured.active,
+        assured.capacity,
+        new.active,
+        new.capacity
+    )
+}
+
+/// One control connection, served beside the others: one request line (at most
+/// `MAX_REQUEST_BYTES`, within 5 s), applied by the main loop (changes stay serialised), the
+/// answer written within 10 s. A silent, slow or never-reading client only holds its own task;
+/// the daemon's shutdown drops it.
+async fn client(stream: UnixStream, requests: mpsc::Sender<Pending>) {
+    let (read, mut write) = stream.into_split();
+    let response = match read_request(read).await {
+        Ok(request) => {
+            let (reply, answer) = oneshot::channel();
+            if requests.send((request, reply)).await.is_err() {
+                return;
+            }
+            match answer.await {
+                Ok(response) => response,
+                Err(_) => return,
+            }
+        }
+        Err(message) => Response::Error { message },
+    };
+    let Ok(mut out) = serde_json::to_string(&response) else {
+        return;
+    };
+    out.push('\n');
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(10), write.write_all(out.as_bytes())).await,
+        Ok(Ok(()))
+    ) {
+        warn!("control connection: the client did not take its answer within 10 s");
+    }
+}
+
+/// Reads one request line; what is wrong with it otherwise, as the error line to answer.
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {
+    let limit = control::MAX_REQUEST_BYTES;
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(limit as u64 + 1);
+    match tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut line)).await {
+        Err(_) => return Err("no request within 5 s".into()),
+        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.len() > limit {
+        return Err(format!("request larger than {limit} bytes: refused"));
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| "bad request: not UTF-8 text".to_string())?;
+    control::parse_request(text).map_err(|e| e.to_string())
+}

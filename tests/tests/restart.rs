@@ -1,0 +1,310 @@
+//! Restarts, crashes and upgrades of the daemon are invisible to traffic (issue 12): while a TCP
+//! stream exchanges a message every 10 ms through a config mapping and a new connection is made
+//! every 20 ms through a mapping added at run time (with a dynamic host port), the daemon is
+//! stopped and started, killed and started, replaced by another binary, and started with a
+//! changed config. The stream never breaks or stalls for 1 s, no new connection fails, `list
+//! --json` is the same after each restart, counters keep counting. TC and XDP mode. Needs root
+//! (run through `cargo xtask test`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+use portmap_tests::{
+    BackendLink, Daemon, EchoServer, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology,
+    mapping_stats, mode_args, portmap_bin,
+};
+
+/// The longest a message of the stream may wait for its echo.
+const MAX_STALL: Duration = Duration::from_secs(1);
+
+/// What the stream saw: messages echoed and the longest wait for one.
+struct StreamReport {
+    messages: u64,
+    longest: Duration,
+}
+
+/// New connections made and those that failed (with why).
+struct ConnectReport {
+    made: u64,
+    failed: Vec<String>,
+}
+
+/// Traffic running while the daemon restarts.
+struct Load {
+    stop: Arc<AtomicBool>,
+    stream: JoinHandle<anyhow::Result<StreamReport>>,
+    connects: JoinHandle<anyhow::Result<ConnectReport>>,
+}
+
+impl Load {
+    fn start(client: &Netns, stream_to: SocketAddr, connect_to: SocketAddr) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let stream = client.spawn(move || {
+            let mut s = TcpStream::connect_timeout(&stream_to, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_nodelay(true)?;
+            let (mut messages, mut longest) = (0u64, Duration::ZERO);
+            let mut buf = [0u8; 64];
+            while !halt.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let message = [(messages % 251) as u8; 64];
+                s.write_all(&message)
+                    .with_context(|| format!("stream: sending message {messages}"))?;
+                s.read_exact(&mut buf)
+                    .with_context(|| format!("stream: echo of message {messages}"))?;
+                ensure!(buf == message, "stream: message {messages} came back changed");
+                longest = longest.max(sent.elapsed());
+                messages += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            Ok(StreamReport { messages, longest })
+        })?;
+        let halt = stop.clone();
+        let connects = client.spawn(move || {
+            let (mut made, mut failed) = (0u64, Vec::new());
+            while !halt.load(Ordering::Relaxed) {
+                let attempt = || -> anyhow::Result<()> {
+                    let mut s = TcpStream::connect_timeout(&connect_to, Duration::from_secs(2))?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    s.write_all(b"new")?;
+                    let mut buf = [0u8; 3];
+                    s.read_exact(&mut buf)?;
+                    ensure!(&buf == b"new", "echo changed");
+                    Ok(())
+                };
+                made += 1;
+                if let Err(e) = attempt() {
+                    failed.push(format!("connection {made}: {e:#}"));
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            Ok(ConnectReport { made, failed })
+        })?;
+        Ok(Self {
+            stop,
+            stream,
+            connects,
+        })
+    }
+
+    fn finish(self) -> anyhow::Result<(StreamReport, ConnectReport)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let join = |what: &str| anyhow::anyhow!("{what} thread panicked");
+        let stream = self.stream.join().map_err(|_| join("stream"))?;
+        let connects = self.connects.join().map_err(|_| join("connect"))?;
+        Ok((stream?, connects?))
+    }
+}
+
+/// The id of the program on the client-facing interface's tcx egress (both modes have one).
+fn egress_program(ns: &Netns) -> anyhow::Result<Vec<u32>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    ns.run(|| {
+        let (_, programs) = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)?;
+        Ok(programs.iter().map(aya::programs::ProgramInfo::id).collect())
+    })
+}
+
+fn restarts_are_invisible(mode: Mode) -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("restart")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(&config, "mappings = [\"8080:198.18.1.2:80\"]\n")?;
+    let mut args = mode_args(&topo, mode)?;
+    let config_arg = config.to_str().context("utf-8")?.to_owned();
+    args.extend(["--config", &config_arg]);
+    let mut daemon = Daemon::start(&topo.host, &args)?;
+    // Added at run time, host port from the dynamic range.
+    let added = daemon.cli_ok(&["add", "198.18.1.2:81"])?;
+    let dynamic: u16 = added
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("dynamic port in {added:?}"))?;
+    let _echo80 = EchoServer::start(&topo.backend, 80)?;
+    let _echo81 = EchoServer::start(&topo.backend, 81)?;
+    let load = Load::start(
+        &topo.client,
+        SocketAddrV4::new(HOST_IP, 8080).into(),
+        SocketAddrV4::new(HOST_IP, dynamic).into(),
+    )?;
+    thread::sleep(Duration::from_millis(300));
+    let listed = daemon.cli_ok(&["list", "--json"])?;
+    let counted = mapping_stats(&daemon.stats()?, 8080).fwd_packets;
+    let programs = egress_program(&topo.host)?;
+
+    // SIGTERM, a second without a daemon, start.
+    daemon.stop()?;
+    thread::sleep(Duration::from_secs(1));
+    daemon.restart(&topo.host, &args)?;
+    ensure!(
+        daemon.cli_ok(&["list", "--json"])? == listed,
+        "list --json changed across SIGTERM + start"
+    );
+    let after = mapping_stats(&daemon.stats()?, 8080).fwd_packets;
+    ensure!(
+        after > counted,
+        "counters restarted: {after} after, {counted} before"
+    );
+    let replaced = egress_program(&topo.host)?;
+    ensure!(
+        replaced.len() == 1 && replaced != programs,
+        "the new daemon's program replaces the old one in the link: {programs:?} then {replaced:?}"
+    );
+
+    // A crash.
+    daemon.kill()?;
+    thread::sleep(Duration::from_secs(1));
+    daemon.restart(&topo.host, &args)?;
+    ensure!(
+        daemon.cli_ok(&["list", "--json"])? == listed,
+        "list --json changed across kill -9 + start"
+    );
+
+    // An upgrade: another binary file (a copy of this build) adopts the datapath.
+    daemon.stop()?;
+    let upgraded = dir.path().join("portmap-upgraded");
+    std::fs::copy(portmap_bin()?, &upgraded)?;
+    daemon.upgrade(&topo.host, upgraded, &args)?;
+    ensure!(
+        daemon.cli_ok(&["list", "--json"])? == listed,
+        "list --json changed across an upgrade"
+    );
+
+    // The config changed while no daemon ran: applied as one diff at start, the runtime
+    // mapping stays.
+    daemon.stop()?;
+    std::fs::write(
+        &config,
+        "mappings = [\"8080:198.18.1.2:80\", \"8081:198.18.1.2:81\"]\n",
+    )?;
+    daemon.restart(&topo.host, &args)?;
+    let list = daemon.cli_ok(&["list"])?;
+    ensure!(
+        list == format!(
+            "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:81/tcp -> 0.0.0.0:{dynamic}\n198.18.1.2:81/tcp -> 0.0.0.0:8081\n"
+        ),
+        "after a changed config: {list}"
+    );
+    ensure!(
+        daemon
+            .log()
+            .contains("config: 1 mapping(s) added, 0 updated, 0 removed"),
+        "{}",
+        daemon.log()
+    );
+    let via_new = portmap_tests::tcp_connect_result(&topo.client, SocketAddrV4::new(HOST_IP, 8081))?;
+    ensure!(
+        via_new.is_ok(),
+        "the mapping added by the changed config: {via_new:?}"
+    );
+
+    thread::sleep(Duration::from_millis(300));
+    let (stream, connects) = load.finish()?;
+    ensure!(
+        stream.longest < MAX_STALL,
+        "the stream stalled for {:?} ({} messages)",
+        stream.longest,
+        stream.messages
+    );
+    ensure!(
+        connects.failed.is_empty() && connects.made > 100,
+        "{} of {} new connections failed: {:?}",
+        connects.failed.len(),
+        connects.made,
+        connects.failed
+    );
+    println!(
+        "{mode:?}: {} messages (longest wait {:?}), {} new connections, none failed",
+        stream.messages, stream.longest, connects.made
+    );
+    daemon.stop()
+}
+
+#[test]
+fn restart_crash_and_upgrade_are_invisible_in_tc_mode() -> anyhow::Result<()> {
+    restarts_are_invisible(Mode::Tc)
+}
+
+#[test]
+fn restart_crash_and_upgrade_are_invisible_in_xdp_mode() -> anyhow::Result<()> {
+    restarts_are_invisible(Mode::Xdp)
+}
+
+/// Pinned maps of another layout are refused at start with a message that names `portmap
+/// cleanup`, and the datapath they belong to keeps forwarding: a stamp of another layout
+/// version, and a map of another size (a changed `[limits]` value). After `portmap cleanup` the
+/// daemon starts afresh.
+#[test]
+fn another_map_layout_is_refused_naming_cleanup() -> anyhow::Result<()> {
+    use aya::maps::{Array, Map, MapData};
+    use portmap_common::{DatapathStamp, LAYOUT_VERSION, map_names};
+
+    let topo = Topology::new(BackendLink::Veth)?;
+    let args = mode_args(&topo, Mode::Tc)?;
+    let mut daemon = Daemon::start(&topo.host, &args)?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    let reaches =
+        || portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), b"x".to_vec());
+    daemon.stop()?;
+
+    // A daemon started with a bigger flow table: PM_CONNTRACK has another size.
+    let mut bigger = args.clone();
+    let dir = TempDir::new("layout")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(&config, "[limits]\nconntrack_entries = 524288\n")?;
+    let config_arg = config.to_str().context("utf-8")?.to_owned();
+    bigger.extend(["--config", &config_arg]);
+    let err = format!(
+        "{:#}",
+        daemon.restart(&topo.host, &bigger).err().context("started")?
+    );
+    ensure!(
+        err.contains("PM_CONNTRACK") && err.contains("[limits]") && err.contains("portmap cleanup"),
+        "{err}"
+    );
+    ensure!(reaches()? == b"x", "the old datapath keeps forwarding");
+
+    // Maps stamped with another layout version.
+    let stamp_pin = daemon.pin_dir.join("maps").join(map_names::META);
+    let mut stamp: Array<_, DatapathStamp> = Array::try_from(Map::Array(MapData::from_pin(&stamp_pin)?))?;
+    let old = stamp.get(&0, 0)?;
+    stamp.set(
+        0,
+        DatapathStamp {
+            layout_version: LAYOUT_VERSION + 1,
+            ..old
+        },
+        0,
+    )?;
+    drop(stamp);
+    let err = format!(
+        "{:#}",
+        daemon.restart(&topo.host, &args).err().context("started")?
+    );
+    ensure!(
+        err.contains(&format!("layout version {}", LAYOUT_VERSION + 1)) && err.contains("portmap cleanup"),
+        "{err}"
+    );
+    ensure!(reaches()? == b"x", "the old datapath keeps forwarding");
+
+    daemon.cleanup()?;
+    daemon.restart(&topo.host, &args)?;
+    ensure!(
+        daemon.cli_ok(&["list"])?.is_empty(),
+        "a fresh start has no mappings"
+    );
+    daemon.stop()
+}

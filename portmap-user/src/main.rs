@@ -187,7 +187,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Cleanup { pin_dir, state_file } => {
             let pin_dir = pin_dir.unwrap_or_else(|| config::DEFAULT_PIN_DIR.into());
             let state_file = state_file.unwrap_or_else(|| config::DEFAULT_STATE_FILE.into());
-            let removed = portmap::datapath::cleanup(&pin_dir, &client_socket(), &state_file)?;
+            let removed = portmap::datapath::cleanup(
+                &pin_dir,
+                &client_socket(),
+                &portmap::daemon::state_files(&state_file),
+            )?;
             if removed.is_empty() {
                 println!("nothing to clean up in {}", pin_dir.display());
             }

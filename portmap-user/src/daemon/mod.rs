@@ -11,6 +11,8 @@ mod flows;
 mod saved;
 mod serve;
 
+pub use self::saved::files as state_files;
+
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -44,12 +46,14 @@ struct State {
     config: Config,
     reload: Option<ReloadSource>,
     flows: FlowTable,
+    saver: saved::Saver,
 }
 
 impl State {
-    /// Saves the mappings for the next daemon (after every change).
-    fn save(&self) -> anyhow::Result<()> {
-        saved::save(&self.config.state_file, self.dp.id(), &self.table)
+    /// Saves the changes to the mappings for the next daemon (after every change).
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.saver
+            .append(&mut self.table)
             .with_context(|| format!("saving the mappings to {}", self.config.state_file.display()))
     }
 }
@@ -71,16 +75,17 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         groups: cfg.limits.max_backend_groups,
         backends: cfg.limits.max_backends,
     };
-    let table = if dp.adopted() {
+    let (table, generation) = if dp.adopted() {
         restore_table(&mut dp, &cfg, capacity)?
     } else {
-        Table::new(capacity, cfg.dynamic_ports)
+        (Table::new(capacity, cfg.dynamic_ports), 0)
     };
     let mut state = State {
         table,
         flows: FlowTable::new(&cfg.limits),
         config: cfg.clone(),
         reload,
+        saver: saved::Saver::new(&cfg.state_file, dp.id(), generation),
         dp,
     };
     // Local addresses first: wildcard mappings match only them, from the first packet on.
@@ -112,7 +117,10 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         }
     }
     flush_stale_flows(&mut state);
-    state.save()?;
+    state
+        .saver
+        .snapshot(&mut state.table)
+        .with_context(|| format!("saving the mappings to {}", cfg.state_file.display()))?;
     let listener = serve::bind_socket(&cfg.socket)?;
     let metrics = match cfg.metrics {
         Some(addr) => Some(
@@ -138,25 +146,26 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
 
 /// The mappings of an adopted datapath, from the state file the previous daemon saved, written
 /// to the maps again (a no-op unless it died between a map write and saving).
-fn restore_table(dp: &mut Datapath, cfg: &Config, capacity: Capacity) -> anyhow::Result<Table> {
+/// Returns it with the generation of the saved state it reached.
+fn restore_table(dp: &mut Datapath, cfg: &Config, capacity: Capacity) -> anyhow::Result<(Table, u64)> {
     let file = &cfg.state_file;
-    let snapshot = saved::load(file, dp.id()).with_context(|| {
+    let saved = saved::load(file, dp.id()).with_context(|| {
         format!(
             "the saved mappings in {} cannot be read: move the file away to start with the config's \
              mappings only (mappings added at run time are then lost), or run `portmap cleanup`",
             file.display()
         )
     })?;
-    let Some(snapshot) = snapshot else {
+    let Some((snapshot, records, generation)) = saved else {
         warn!(
             "adopting the datapath in {} without saved mappings ({} is missing or belongs to another \
              datapath): established flows keep going; mappings added at run time are lost",
             cfg.pin_dir.display(),
             file.display()
         );
-        return Ok(Table::new(capacity, cfg.dynamic_ports));
+        return Ok((Table::new(capacity, cfg.dynamic_ports), 0));
     };
-    let table = Table::from_snapshot(capacity, cfg.dynamic_ports, snapshot)
+    let table = Table::from_snapshot(capacity, cfg.dynamic_ports, snapshot, records)
         .with_context(|| format!("restoring the mappings saved in {}", file.display()))?;
     table.rewrite(dp).context("writing the restored mappings")?;
     info!(
@@ -165,7 +174,7 @@ fn restore_table(dp: &mut Datapath, cfg: &Config, capacity: Capacity) -> anyhow:
         table.entries().len(),
         file.display()
     );
-    Ok(table)
+    Ok((table, generation))
 }
 
 fn warn_if_not_forwarding(valid: &Valid) {

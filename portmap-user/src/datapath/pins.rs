@@ -47,9 +47,9 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 /// `portmap cleanup`: removes everything portmap left attached while no daemon runs — the links
 /// under `pin_dir` (so its XDP, TC and cgroup programs detach), its maps, the directories, the
-/// saved state `state_file` — and returns what it removed. Refuses while a daemon answers on
+/// saved state `state_files` — and returns what it removed. Refuses while a daemon answers on
 /// `socket`: it would put everything back at its next change.
-pub fn cleanup(pin_dir: &Path, socket: &Path, state_file: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn cleanup(pin_dir: &Path, socket: &Path, state_files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     if crate::control::daemon_answers(socket) {
         bail!(
             "a portmap daemon is running (control socket {} answers): stop it first (`systemctl stop \
@@ -61,8 +61,10 @@ pub fn cleanup(pin_dir: &Path, socket: &Path, state_file: &Path) -> anyhow::Resu
     for dir in ["links", "maps", ""] {
         let _ = fs::remove_dir(pin_dir.join(dir));
     }
-    if fs::remove_file(state_file).is_ok() {
-        removed.push(state_file.to_path_buf());
+    for file in state_files {
+        if fs::remove_file(file).is_ok() {
+            removed.push(file.clone());
+        }
     }
     // A socket file nobody answers on is a stopped daemon's too.
     let _ = fs::remove_file(socket);

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use self::{
     error::TableError,
     plan::{Plan, find_free_run, plan},
-    snapshot::Snapshot,
+    snapshot::{Record, Snapshot},
     writes::{Batch, GroupPlacement, MapContents, Maps, Placement},
 };
 use self::{
@@ -53,7 +53,7 @@ pub enum Origin {
 }
 
 /// One applied mapping.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// As requested by `add` or the config (a dynamic one without host ports).
     pub requested: Mapping,
@@ -113,6 +113,8 @@ pub struct Table {
     draining: Vec<u32>,
     /// Flows that changes made stale, for the daemon to delete (`take_flushes`).
     flushes: Vec<FlowFlush>,
+    /// Entries added, updated and removed since the daemon last saved (`take_changes`).
+    changes: Vec<snapshot::Change>,
 }
 
 /// Writes a placed mapping's map contents: counters zeroed (`reset_stats`), backends and Maglev
@@ -158,6 +160,7 @@ impl Table {
             next_dynamic: dynamic.start,
             draining: Vec::new(),
             flushes: Vec::new(),
+            changes: Vec::new(),
         }
     }
 
@@ -312,6 +315,7 @@ impl Table {
                 seq: self.next_seq,
             },
         );
+        self.changes.push(snapshot::Change::Put(key));
         Ok(mapping)
     }
 
@@ -368,6 +372,10 @@ impl Table {
             return Err(TableError::Datapath(e));
         }
         let entry = self.entries.remove(&key).expect("found");
+        self.changes.push(snapshot::Change::Removed {
+            seq: entry.seq,
+            stats_slot: entry.place.stats_slot,
+        });
         self.count_ports(&entry.mapping, false);
         self.free(maps, &entry.place, None);
         self.flushes.push(FlowFlush {
@@ -426,6 +434,7 @@ impl Table {
                 seq: old.seq,
             },
         );
+        self.changes.push(snapshot::Change::Put(key));
         Ok(spec.clone())
     }
 
@@ -476,7 +485,7 @@ impl Table {
     /// config's, with no change to the maps, instead of conflicting with it.
     fn adopt_runtime(&mut self, desired: &[Mapping]) {
         let desired: HashSet<&Mapping> = desired.iter().collect();
-        for entry in self.entries.values_mut() {
+        for (key, entry) in &mut self.entries {
             if entry.origin != Origin::Runtime {
                 continue;
             }
@@ -485,6 +494,7 @@ impl Table {
             }
             if desired.contains(&entry.requested) {
                 entry.origin = Origin::Config;
+                self.changes.push(snapshot::Change::Put(*key));
             }
         }
     }

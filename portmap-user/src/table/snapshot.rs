@@ -1,70 +1,183 @@
-//! The table as the daemon saves it after every change, for the next daemon to restore when it
-//! adopts the pinned datapath: every mapping with its slots, origin and order, the pools (so
-//! slots are handed out as they would have been) and the draining stats slots. What follows from
-//! these (port accounting) is recomputed, and checked, on restore.
+//! The table as the daemon saves it, for the next daemon to restore when it adopts the pinned
+//! datapath: a snapshot (every mapping with its slots, origin and order, the draining stats
+//! slots) plus the [`Record`]s of the changes made since, so that one `add` costs one record, not
+//! a rewrite of every mapping. What follows from the mappings (pools of free slots, port
+//! accounting) is recomputed, and checked, on restore.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{bail, ensure};
 use portmap_common::MappingKey;
 use serde::{Deserialize, Serialize};
 
-use super::{Batch, Capacity, Entry, Maps, Table, key_of, pool::Pool, write_mapping, writes::mapping_keys};
-use crate::mapping::PortRange;
+use super::{
+    Batch, Capacity, Entry, Key, Maps, Origin, Placement, Table, key_of, pool::Pool, write_mapping,
+    writes::mapping_keys,
+};
+use crate::mapping::{Mapping, PortRange};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// In the order they were added.
-    entries: Vec<Entry>,
+    entries: Vec<SavedEntry>,
     next_seq: u64,
-    slots: Pool,
-    groups: Pool,
-    backends: Pool,
     next_dynamic: u16,
     draining: Vec<u32>,
+    /// The `[limits]` the maps were created with.
+    max_mappings: u32,
+    max_backend_groups: u32,
+    max_backends: u32,
+}
+
+/// An [`Entry`] as saved: what is usual is left out (the requested form when it is the applied
+/// one, the config origin), which halves the file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedEntry {
+    mapping: Mapping,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    requested: Option<Mapping>,
+    place: Placement,
+    #[serde(default, skip_serializing_if = "is_config")]
+    origin: Origin,
+    seq: u64,
+}
+
+fn is_config(origin: &Origin) -> bool {
+    *origin == Origin::Config
+}
+
+impl From<&Entry> for SavedEntry {
+    fn from(e: &Entry) -> Self {
+        Self {
+            mapping: e.mapping.clone(),
+            requested: (e.requested != e.mapping).then(|| e.requested.clone()),
+            place: e.place.clone(),
+            origin: e.origin,
+            seq: e.seq,
+        }
+    }
+}
+
+impl From<SavedEntry> for Entry {
+    fn from(e: SavedEntry) -> Self {
+        Self {
+            requested: e.requested.unwrap_or_else(|| e.mapping.clone()),
+            mapping: e.mapping,
+            place: e.place,
+            origin: e.origin,
+            seq: e.seq,
+        }
+    }
+}
+
+/// What the table noted about a change, resolved into a [`Record`] when the daemon saves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Change {
+    /// The entry now at this key was added or updated.
+    Put(Key),
+    /// The entry with this sequence number went; its stats slot drains.
+    Removed { seq: u64, stats_slot: u32 },
+}
+
+/// One change as saved after the snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Record {
+    /// An entry added or updated (the whole entry, as it is now).
+    Put(SavedEntry),
+    /// The entry with this sequence number was removed; its stats slot drains.
+    Remove { seq: u64, stats_slot: u32 },
+}
+
+/// The pool of `max` ids of which `used` are in use: the others are free (reused first).
+fn derived_pool(max: u32, used: &HashSet<u32>) -> Pool {
+    let next = used.iter().max().map_or(0, |m| m + 1);
+    let mut pool = Pool::new(max);
+    for _ in 0..next {
+        pool.take_reused();
+    }
+    for id in (0..next).filter(|id| !used.contains(id)) {
+        pool.give(id);
+    }
+    pool
 }
 
 impl Table {
     #[must_use]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
-            entries: self.entries().into_iter().cloned().collect(),
+            entries: self.entries().into_iter().map(SavedEntry::from).collect(),
             next_seq: self.next_seq,
-            slots: self.slots.clone(),
-            groups: self.groups.clone(),
-            backends: self.backends.clone(),
             next_dynamic: self.next_dynamic,
             draining: self.draining.clone(),
+            max_mappings: self.slots.max,
+            max_backend_groups: self.groups.max,
+            max_backends: self.backends.max,
         }
     }
 
-    /// The table `snapshot` was taken of, for maps of `capacity` (which must be the capacity it
-    /// was saved with), with the configured dynamic range. Refuses a snapshot that is not
-    /// consistent (overlapping mappings, slots used twice or outside the pools).
-    pub fn from_snapshot(capacity: Capacity, dynamic: PortRange, snapshot: Snapshot) -> anyhow::Result<Self> {
-        let pools = [
-            ("max_mappings", &snapshot.slots, capacity.ports),
-            ("max_backend_groups", &snapshot.groups, capacity.groups),
-            ("max_backends", &snapshot.backends, capacity.backends),
+    /// The changes since the last call, as records to save after the snapshot (the entries as
+    /// they are now).
+    pub fn take_changes(&mut self) -> Vec<Record> {
+        std::mem::take(&mut self.changes)
+            .into_iter()
+            .filter_map(|change| match change {
+                Change::Put(key) => self.entries.get(&key).map(|e| Record::Put(e.into())),
+                Change::Removed { seq, stats_slot } => Some(Record::Remove { seq, stats_slot }),
+            })
+            .collect()
+    }
+
+    /// The table `snapshot` and the `records` saved after it describe, for maps of `capacity`
+    /// (which must be the capacity it was saved with), with the configured dynamic range.
+    /// Refuses what is not consistent (overlapping mappings, slots used twice or outside the
+    /// maps).
+    pub fn from_snapshot(
+        capacity: Capacity,
+        dynamic: PortRange,
+        snapshot: Snapshot,
+        records: Vec<Record>,
+    ) -> anyhow::Result<Self> {
+        let limits = [
+            ("max_mappings", snapshot.max_mappings, capacity.ports),
+            ("max_backend_groups", snapshot.max_backend_groups, capacity.groups),
+            ("max_backends", snapshot.max_backends, capacity.backends),
         ];
-        for (limit, pool, max) in pools {
+        for (limit, saved, max) in limits {
             ensure!(
-                pool.max == max,
-                "saved with limits.{limit} = {}, configured {max}",
-                pool.max
+                saved == max,
+                "saved with limits.{limit} = {saved}, configured {max}"
             );
         }
+        let mut by_seq: BTreeMap<u64, SavedEntry> =
+            snapshot.entries.into_iter().map(|e| (e.seq, e)).collect();
+        let mut draining = snapshot.draining;
+        for record in records {
+            match record {
+                Record::Put(entry) => {
+                    by_seq.insert(entry.seq, entry);
+                }
+                Record::Remove { seq, stats_slot } => {
+                    if by_seq.remove(&seq).is_some() {
+                        draining.push(stats_slot);
+                    }
+                }
+            }
+        }
         let mut table = Self::new(capacity, dynamic);
-        table.next_seq = snapshot.next_seq;
+        table.next_seq = by_seq
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(snapshot.next_seq);
         table.next_dynamic = if dynamic.contains(snapshot.next_dynamic) {
             snapshot.next_dynamic
         } else {
             dynamic.start
         };
-        let mut stats_slots: HashSet<u32> = snapshot.draining.iter().copied().collect();
-        let mut groups = HashSet::new();
-        let mut backends = HashSet::new();
-        for entry in snapshot.entries {
+        let (mut stats, mut groups, mut backends) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for entry in by_seq.into_values().map(Entry::from) {
             let Some(key) = key_of(&entry.mapping) else {
                 bail!("saved mapping {} has no host ports", entry.mapping);
             };
@@ -73,21 +186,21 @@ impl Table {
             }
             let place = &entry.place;
             ensure!(
-                place.stats_slot < snapshot.slots.max && stats_slots.insert(place.stats_slot),
+                place.stats_slot < capacity.ports && stats.insert(place.stats_slot),
                 "saved mapping {}: stats slot {} used twice or out of range",
                 entry.mapping,
                 place.stats_slot
             );
             if let Some(group) = &place.group {
                 ensure!(
-                    group.group < snapshot.groups.max && groups.insert(group.group),
+                    group.group < capacity.groups && groups.insert(group.group),
                     "saved mapping {}: backend group {} used twice or out of range",
                     entry.mapping,
                     group.group
                 );
                 for slot in &group.backend_slots {
                     ensure!(
-                        *slot < snapshot.backends.max && backends.insert(*slot),
+                        *slot < capacity.backends && backends.insert(*slot),
                         "saved mapping {}: backend slot {slot} used twice or out of range",
                         entry.mapping
                     );
@@ -101,10 +214,15 @@ impl Table {
             "saved mappings publish {} ports, more than limits.max_mappings",
             table.ports_used
         );
-        table.slots = snapshot.slots;
-        table.groups = snapshot.groups;
-        table.backends = snapshot.backends;
-        table.draining = snapshot.draining;
+        // A drained slot may have been released and handed to a mapping since.
+        draining.retain(|slot| *slot < capacity.ports && !stats.contains(slot));
+        draining.sort_unstable();
+        draining.dedup();
+        stats.extend(draining.iter().copied());
+        table.draining = draining;
+        table.slots = derived_pool(capacity.ports, &stats);
+        table.groups = derived_pool(capacity.groups, &groups);
+        table.backends = derived_pool(capacity.backends, &backends);
         Ok(table)
     }
 

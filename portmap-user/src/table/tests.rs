@@ -363,42 +363,89 @@ fn updates_flush_the_udp_flows_of_removed_backends_only() {
     );
 }
 
-/// What the daemon saves and the next one restores is the same table (slots, pools, order,
-/// origins, draining slots), through JSON as in the state file; rewriting it into empty maps
-/// gives exactly the maps it needs.
+const SMALL: Capacity = Capacity {
+    ports: 64,
+    groups: 4,
+    backends: 16,
+};
+
+/// The table as the next daemon sees it: its mappings (with slots, origins, order), its draining
+/// slots, and the maps it writes.
+fn assert_same_table(restored: &Table, table: &Table) {
+    let entries = |t: &Table| t.entries().into_iter().cloned().collect::<Vec<_>>();
+    assert_eq!(entries(restored), entries(table));
+    let sorted = |t: &Table| {
+        let mut d = t.draining.clone();
+        d.sort_unstable();
+        d
+    };
+    assert_eq!(sorted(restored), sorted(table));
+    assert_eq!(restored.published_ports(), table.published_ports());
+    let mut fresh = FlakyMaps::default();
+    restored.rewrite(&mut fresh).unwrap();
+    assert_eq!(fresh.contents.mappings, expected_contents(table).mappings);
+    assert_eq!(restored.mapping_keys().len(), fresh.contents.mappings.len());
+}
+
+/// What the daemon saves and the next one restores is the same table, through JSON as in the
+/// state file: a snapshot alone, and a snapshot followed by the records of later adds, updates
+/// and removals (the journal). Slots the restored table hands out are free in the original.
 #[test]
-fn a_snapshot_restores_the_same_table_and_rewrites_its_maps() {
+fn a_snapshot_and_its_journal_restore_the_same_table() {
     let (mut table, mut maps) = populated();
     table
         .add_as(&mut maps, &m("198.18.2.9:90"), &NoSockets, Origin::Runtime)
         .unwrap();
+    table.take_changes();
     let json = serde_json::to_string(&table.snapshot()).unwrap();
-    let capacity = Capacity {
-        ports: 64,
-        groups: 4,
-        backends: 16,
+    let dynamic = table.dynamic;
+    let restore = |records: Vec<Record>| {
+        Table::from_snapshot(SMALL, dynamic, serde_json::from_str(&json).unwrap(), records).unwrap()
     };
-    let restored =
-        Table::from_snapshot(capacity, table.dynamic, serde_json::from_str(&json).unwrap()).unwrap();
-    assert_eq!(
-        restored,
-        Table {
-            flushes: Vec::new(),
-            ..table.clone()
-        }
+    assert_same_table(&restore(Vec::new()), &table);
+
+    table.remove(&mut maps, &m("8080:198.18.2.2:80")).unwrap();
+    table
+        .update(&mut maps, &m("8081:198.18.2.2:81,198.18.2.7:81"))
+        .unwrap();
+    table
+        .add(&mut maps, &m("8090:198.18.2.8:80,198.18.2.9:80"), &NoSockets)
+        .unwrap();
+    let records = table.take_changes();
+    assert_eq!(records.len(), 3);
+    let lines: Vec<String> = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    let mut restored = restore(lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect());
+    assert_same_table(&restored, &table);
+    // What the restored table allocates next is what the original has free.
+    let next = restored
+        .add(
+            &mut FlakyMaps::default(),
+            &m("8095:198.18.2.10:80,198.18.2.11:80"),
+            &NoSockets,
+        )
+        .unwrap();
+    let place = &restored.entries().last().unwrap().place;
+    assert!(
+        table
+            .entries()
+            .iter()
+            .all(|e| e.place.stats_slot != place.stats_slot),
+        "{next}"
     );
-    let mut fresh = FlakyMaps::default();
-    restored.rewrite(&mut fresh).unwrap();
-    assert_eq!(fresh.contents.mappings, maps.contents.mappings);
-    assert_eq!(fresh.contents.published_ports, maps.contents.published_ports);
-    assert_eq!(restored.mapping_keys().len(), maps.contents.mappings.len());
+    assert!(!table.draining.contains(&place.stats_slot));
 
     // Saved with other limits: refused, naming the limit.
-    let smaller = Capacity {
-        ports: 32,
-        ..capacity
-    };
-    let err = Table::from_snapshot(smaller, table.dynamic, serde_json::from_str(&json).unwrap()).unwrap_err();
+    let smaller = Capacity { ports: 32, ..SMALL };
+    let err = Table::from_snapshot(
+        smaller,
+        table.dynamic,
+        serde_json::from_str(&json).unwrap(),
+        Vec::new(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("limits.max_mappings"), "{err}");
 }
 
@@ -409,13 +456,13 @@ fn an_inconsistent_snapshot_is_refused() {
     let mut value = serde_json::to_value(table.snapshot()).unwrap();
     let slot = value["entries"][0]["place"]["stats_slot"].clone();
     value["entries"][1]["place"]["stats_slot"] = slot;
-    let capacity = Capacity {
-        ports: 64,
-        groups: 4,
-        backends: 16,
-    };
-    let err =
-        Table::from_snapshot(capacity, table.dynamic, serde_json::from_value(value).unwrap()).unwrap_err();
+    let err = Table::from_snapshot(
+        SMALL,
+        table.dynamic,
+        serde_json::from_value(value).unwrap(),
+        Vec::new(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("used twice"), "{err}");
 }
 

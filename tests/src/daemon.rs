@@ -268,3 +268,40 @@ pub fn mapping_stats(stats: &StatsReport, host_port: u16) -> MappingCounters {
         .unwrap_or_else(|| panic!("no mapping publishes port {host_port}: {stats:?}"))
         .counters
 }
+
+/// A `NOTIFY_SOCKET` of a test playing the service manager.
+pub struct Notifications {
+    sock: std::os::unix::net::UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl Notifications {
+    pub fn bind(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(Self { sock, path })
+    }
+
+    /// The next datagram that contains `needle`, skipping others (watchdog pings, status
+    /// updates); at most `wait`.
+    pub fn next_with_in(&self, needle: &str, wait: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + wait;
+        let mut buf = vec![0u8; 4096];
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            let Ok(n) = self.sock.recv(&mut buf) else { continue };
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if message.lines().any(|l| l == needle || l.starts_with(needle)) {
+                return Ok(message);
+            }
+            seen.push(message);
+        }
+        bail!("no notification with {needle} within {wait:?}; got {seen:?}")
+    }
+
+    /// `next_with_in` 10 s.
+    pub fn next_with(&self, needle: &str) -> anyhow::Result<String> {
+        self.next_with_in(needle, Duration::from_secs(10))
+    }
+}

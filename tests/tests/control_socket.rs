@@ -1,7 +1,8 @@
 //! The control socket serves clients concurrently (issue 12, part): a client that sends nothing,
 //! or asks and never reads its answer, delays no other request and no signal; requests over
 //! 1 MiB and malformed ones get an error line; 50 CLI clients changing mappings at once all get
-//! answers and leave a consistent table. Needs root (run through `cargo xtask test`).
+//! answers and leave a consistent table; `list` and `stats` answer while a reload of 65,000
+//! changed mappings runs. Needs root (run through `cargo xtask test`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -10,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use portmap_tests::{BackendLink, Daemon, TempDir, Topology};
+use portmap_tests::{BackendLink, Daemon, Notifications, TempDir, Topology};
 
 /// A daemon with `n` published ports, so that `list` answers with a few hundred KB.
 fn daemon_with(topo: &Topology, n: u16) -> anyhow::Result<(Daemon, TempDir)> {
@@ -131,4 +132,70 @@ fn fifty_clients_changing_mappings_at_once_leave_a_consistent_table() -> anyhow:
     }
     ensure!(listed.lines().count() == 1 + 25, "{listed}");
     daemon.stop()
+}
+
+/// A reload that changes every one of 65,000 mappings does not hold up `list` and `stats`: asked
+/// after the reload began (RELOADING=1), they answer with the mappings as they were before it —
+/// a daemon that served them after the reload would show the new backend — and once it is done
+/// `list` shows the new backend everywhere.
+#[test]
+fn list_and_stats_answer_during_a_reload_of_65000_mappings() -> anyhow::Result<()> {
+    const N: u32 = 65_000;
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("big-reload")?;
+    let config = dir.path().join("portmap.toml");
+    let write = |backend: &str| -> anyhow::Result<()> {
+        let mappings: Vec<String> = (0..N).map(|i| format!("\"{}:{backend}:80\"", 500 + i)).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [{}]\n[limits]\nmax_mappings = {N}\n",
+                mappings.join(", ")
+            ),
+        )?;
+        Ok(())
+    };
+    write("198.18.1.2")?;
+    let notifications = Notifications::bind(dir.path())?;
+    let notify = notifications.path.to_str().context("utf-8")?.to_owned();
+    let daemon = Daemon::start_with_env(
+        &topo.host,
+        &["--config", config.to_str().context("utf-8")?],
+        &[("NOTIFY_SOCKET", &notify)],
+    )?;
+    notifications.next_with_in("READY=1", Duration::from_secs(60))?;
+    write("198.18.1.3")?;
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let reload = scope.spawn(|| daemon.cli_ok(&["reload"]));
+        notifications.next_with_in("RELOADING=1", Duration::from_secs(60))?;
+        // Both asked at once (each takes the CLI a while to print at this size).
+        let list = scope.spawn(|| daemon.cli_ok(&["list", "--json"]));
+        let stats = daemon.stats()?;
+        let listed = list
+            .join()
+            .map_err(|_| anyhow::anyhow!("list thread panicked"))??;
+        ensure!(
+            !listed.contains("198.18.1.3") && listed.matches("198.18.1.2").count() == N as usize,
+            "list answered after the reload, not during it"
+        );
+        ensure!(
+            stats.mappings.len() == N as usize
+                && stats
+                    .mappings
+                    .iter()
+                    .all(|m| m.mapping.to_string().contains("198.18.1.2")),
+            "stats answered after the reload, not during it"
+        );
+        let message = reload
+            .join()
+            .map_err(|_| anyhow::anyhow!("reload thread panicked"))??;
+        ensure!(message.contains(&format!("{N} updated")), "{message}");
+        Ok(())
+    })?;
+    let listed = daemon.cli_ok(&["list"])?;
+    ensure!(
+        listed.lines().count() == N as usize && listed.lines().all(|l| l.starts_with("198.18.1.3:80")),
+        "after the reload"
+    );
+    Ok(())
 }

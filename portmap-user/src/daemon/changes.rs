@@ -11,12 +11,13 @@ use super::{State, serve::status_line};
 use crate::{
     config::Config,
     control::{MappingStats, Request, Response, StatsReport},
+    datapath::Counters,
     mapping::Mapping,
     notify, sockets, spec,
     table::{Origin, TableError},
 };
 
-pub(super) fn dispatch(request: Request, state: &mut State) -> Response {
+pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters) -> Response {
     let started = Instant::now();
     let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
     let outcome: anyhow::Result<String> = match request {
@@ -40,22 +41,7 @@ pub(super) fn dispatch(request: Request, state: &mut State) -> Response {
             started,
         ),
         Request::Reload => reload_notified(state),
-        Request::List => {
-            return Response::Mappings {
-                mappings: state.table.mappings(),
-            };
-        }
-        Request::Stats => {
-            return match stats(state) {
-                Ok(stats) => Response::Stats { stats },
-                Err(e) => {
-                    error!("reading counters: {e:#}");
-                    Response::Error {
-                        message: format!("reading counters: {e:#}"),
-                    }
-                }
-            };
-        }
+        Request::List | Request::Stats => return read(&View::of(state), counters, &request),
     };
     match settle(state, outcome) {
         Ok(message) => Response::Ok { message },
@@ -112,7 +98,7 @@ pub(super) fn reload_notified(state: &mut State) -> anyhow::Result<String> {
 
 /// Reads the config file again and applies its mappings as one diff (all or nothing) and its
 /// timeouts. Settings that only take effect at start-up are reported, not applied.
-fn reload(state: &mut State) -> anyhow::Result<String> {
+pub(super) fn reload(state: &mut State) -> anyhow::Result<String> {
     let source = state
         .reload
         .as_ref()
@@ -181,26 +167,80 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
     Ok(message)
 }
 
-fn stats(state: &State) -> anyhow::Result<StatsReport> {
-    let mut mappings = Vec::new();
-    for entry in state.table.entries() {
-        mappings.push(MappingStats {
-            mapping: entry.mapping.clone(),
-            counters: state.dp.mapping_counters(entry.place.stats_slot)?,
-        });
+/// What `list` and `stats` read besides the counters: the mappings with their stats slots,
+/// flow-table fill and interfaces. Taken from the state for each request, or once when a reload
+/// begins, to answer from while it runs.
+pub(super) struct View {
+    mappings: Vec<(Mapping, u32)>,
+    flows: (u64, u64, u64, u64),
+    interfaces: Vec<(String, bool)>,
+}
+
+impl View {
+    pub(super) fn of(state: &State) -> Self {
+        Self {
+            mappings: state
+                .table
+                .entries()
+                .into_iter()
+                .map(|e| (e.mapping.clone(), e.place.stats_slot))
+                .collect(),
+            flows: (
+                state.flows.assured.active,
+                state.flows.assured.capacity,
+                state.flows.new.active,
+                state.flows.new.capacity,
+            ),
+            interfaces: state.dp.interfaces(),
+        }
     }
+}
+
+/// Answers `list` or `stats` from `view` and the counter maps (`None` for other requests).
+pub(super) fn read(view: &View, counters: &Counters, request: &Request) -> Response {
+    match request {
+        Request::List => Response::Mappings {
+            mappings: view.mappings.iter().map(|(m, _)| m.clone()).collect(),
+        },
+        Request::Stats => match stats(view, counters) {
+            Ok(stats) => Response::Stats { stats },
+            Err(e) => {
+                error!("reading counters: {e:#}");
+                Response::Error {
+                    message: format!("reading counters: {e:#}"),
+                }
+            }
+        },
+        _ => Response::Error {
+            message: "not a read request".into(),
+        },
+    }
+}
+
+fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
+    let mappings = view
+        .mappings
+        .iter()
+        .map(|(mapping, slot)| {
+            Ok(MappingStats {
+                mapping: mapping.clone(),
+                counters: counters.mapping(*slot)?,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     let counters = Stat::ALL
         .iter()
-        .zip(state.dp.global_counters()?)
+        .zip(counters.global()?)
         .map(|(stat, value)| (stat.name().to_string(), value))
         .collect();
+    let (active_flows, flow_capacity, new_flows, new_flow_capacity) = view.flows;
     Ok(StatsReport {
         mappings,
         counters,
-        active_flows: state.flows.assured.active,
-        flow_capacity: state.flows.assured.capacity,
-        new_flows: state.flows.new.active,
-        new_flow_capacity: state.flows.new.capacity,
-        interfaces: state.dp.interfaces(),
+        active_flows,
+        flow_capacity,
+        new_flows,
+        new_flow_capacity,
+        interfaces: view.interfaces.clone(),
     })
 }

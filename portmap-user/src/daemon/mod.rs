@@ -135,7 +135,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
     }
     state.dp.keep_attached();
     notify::ready(&status_line(&state));
-    let served = serve::serve(&mut state, listener, metrics, logger, watch).await;
+    let served = serve::serve(state, listener, metrics, logger, watch).await;
     let _ = fs::remove_file(&cfg.socket);
     info!(
         "exiting; the datapath stays attached in {} for the next daemon (`portmap cleanup` removes it)",

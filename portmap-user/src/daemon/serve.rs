@@ -1,7 +1,7 @@
 //! The main loop: signals, the expiry tick, netlink address and link changes, the eBPF log, and
 //! the control socket, whose clients are each served by their own task.
 
-use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+use std::{collections::VecDeque, fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -11,15 +11,17 @@ use tokio::{
     net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
+    task::JoinHandle,
 };
 
 use super::{
     State,
-    changes::{dispatch, reload_notified, settle},
+    changes::{View, dispatch, read, reload, settle},
 };
 use crate::{
     control::{self, Request, Response},
-    datapath, host,
+    datapath::{self, Counters},
+    host,
     metrics::Pending,
     notify,
 };
@@ -37,8 +39,67 @@ pub(super) fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// A reload running on the blocking pool (it may take a while with many mappings): meanwhile
+/// `list` and `stats` are answered from the view taken when it began, and changes wait for it.
+struct Reloading {
+    task: JoinHandle<(State, anyhow::Result<String>)>,
+    view: View,
+    /// Who asked (`None`: SIGHUP).
+    reply: Option<oneshot::Sender<Response>>,
+    /// Changes that arrived meanwhile, applied in order when it is done.
+    queued: VecDeque<Pending>,
+    /// Another SIGHUP came meanwhile: reload again when it is done.
+    again: bool,
+}
+
+impl Reloading {
+    /// Lends `state` to a reload on the blocking pool (between `RELOADING=1` and `READY=1`).
+    fn start(state: State, reply: Option<oneshot::Sender<Response>>) -> Self {
+        notify::reloading();
+        let view = View::of(&state);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut state = state;
+            let result = reload(&mut state);
+            (state, result)
+        });
+        Self {
+            task,
+            view,
+            reply,
+            queued: VecDeque::new(),
+            again: false,
+        }
+    }
+
+    /// Takes the state back when the reload is done: saves it, answers whoever asked, applies the
+    /// changes that waited. Returns the state and whether to reload again.
+    fn finish(self, done: (State, anyhow::Result<String>), counters: &Counters) -> (State, bool) {
+        let (mut state, result) = done;
+        notify::ready(&status_line(&state));
+        let result = settle(&mut state, result);
+        match self.reply {
+            Some(reply) => {
+                let _ = reply.send(match result {
+                    Ok(message) => Response::Ok { message },
+                    Err(e) => Response::Error {
+                        message: format!("{e:#}"),
+                    },
+                });
+            }
+            None => match result {
+                Ok(message) => info!("SIGHUP: {message}"),
+                Err(e) => error!("SIGHUP: {e:#}"),
+            },
+        }
+        for (request, reply) in self.queued {
+            let _ = reply.send(dispatch(request, &mut state, counters));
+        }
+        (state, self.again)
+    }
+}
+
 pub(super) async fn serve(
-    state: &mut State,
+    state: State,
     listener: UnixListener,
     metrics: Option<tokio::net::TcpListener>,
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
@@ -58,18 +119,29 @@ pub(super) async fn serve(
     if let Some(metrics) = metrics {
         tokio::spawn(crate::metrics::serve(metrics, requests_tx.clone()));
     }
+    let counters = state.dp.counters()?;
+    // `None` while a reload has it.
+    let mut state = Some(state);
+    let mut reloading: Option<Reloading> = None;
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM"); notify::stopping(); return Ok(()) }
-            _ = int.recv() => { info!("SIGINT"); notify::stopping(); return Ok(()) }
-            _ = hup.recv() => {
-                let reloaded = reload_notified(state);
-                match settle(state, reloaded) {
-                    Ok(message) => info!("SIGHUP: {message}"),
-                    Err(e) => error!("SIGHUP: {e:#}"),
+            _ = term.recv() => { info!("SIGTERM"); break }
+            _ = int.recv() => { info!("SIGINT"); break }
+            _ = hup.recv() => match (state.take(), reloading.as_mut()) {
+                (Some(s), _) => reloading = Some(Reloading::start(s, None)),
+                (None, Some(r)) => r.again = true,
+                (None, None) => unreachable!("the state is lent only to a reload"),
+            },
+            done = async { (&mut reloading.as_mut().expect("guarded").task).await }, if reloading.is_some() => {
+                let (s, again) = reloading.take().expect("guarded").finish(done?, &counters);
+                if again {
+                    reloading = Some(Reloading::start(s, None));
+                } else {
+                    state = Some(s);
                 }
             }
-            _ = gc.tick() => {
+            _ = gc.tick(), if state.is_some() => {
+                let state = state.as_mut().expect("guarded");
                 let timeouts = &state.config.timeouts;
                 match datapath::monotonic_ns().and_then(|now| state.dp.expire_flows(now, timeouts)) {
                     Ok(plan) => {
@@ -81,7 +153,8 @@ pub(super) async fn serve(
                 }
             }
             () = tick(watchdog.as_mut()) => notify::watchdog(),
-            guard = addresses.readable_mut() => {
+            guard = addresses.readable_mut(), if state.is_some() => {
+                let state = state.as_mut().expect("guarded");
                 let mut guard = guard?;
                 if guard.get_inner_mut().drain() {
                     match host::addresses().and_then(|a| state.dp.sync_local_addrs(&a).map(|()| a.len())) {
@@ -101,18 +174,37 @@ pub(super) async fn serve(
                 let (stream, _) = conn?;
                 tokio::spawn(client(stream, requests_tx.clone()));
             }
-            Some((request, reply)) = requests.recv() => {
-                let _ = reply.send(dispatch(request, state));
-            }
+            Some((request, reply)) = requests.recv() => match (state.as_mut(), reloading.as_mut()) {
+                (Some(_), _) if request == Request::Reload => {
+                    reloading = Some(Reloading::start(state.take().expect("matched"), Some(reply)));
+                }
+                (Some(s), _) => {
+                    let _ = reply.send(dispatch(request, s, &counters));
+                }
+                (None, Some(r)) if matches!(request, Request::List | Request::Stats) => {
+                    let _ = reply.send(read(&r.view, &counters, &request));
+                }
+                (None, Some(r)) => r.queued.push_back((request, reply)),
+                (None, None) => unreachable!("the state is lent only to a reload"),
+            },
         }
         // A reload (SIGHUP or `portmap reload`) may have changed the interval: the next pass
         // comes one new interval from now, not after the old one.
-        let period = state.config.timeouts.gc_interval();
-        if gc.period() != period {
-            info!("flow expiry every {} s", period.as_secs());
-            gc = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        if let Some(state) = state.as_ref() {
+            let period = state.config.timeouts.gc_interval();
+            if gc.period() != period {
+                info!("flow expiry every {} s", period.as_secs());
+                gc = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            }
         }
     }
+    notify::stopping();
+    // A running reload finishes first, so that what it changed is saved.
+    if let Some(mut r) = reloading {
+        let done = (&mut r.task).await?;
+        r.finish(done, &counters);
+    }
+    Ok(())
 }
 
 /// Detaches from client-facing interfaces that disappeared and attaches to those that came back.

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    maps::{Array, HashMap, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use std::{collections::BTreeSet, net::IpAddr};
@@ -161,19 +161,40 @@ impl Datapath {
         }
     }
 
+    /// A reader of the counter maps with file descriptors of its own, usable while the datapath
+    /// itself is busy (a reload runs on another thread).
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let fd = match self.map(name)? {
+                Map::PerCpuArray(data) => data.fd().as_fd().try_clone_to_owned()?,
+                _ => bail!("{name} is not a per-CPU array"),
+            };
+            Ok(Map::PerCpuArray(MapData::from_fd(fd)?))
+        };
+        Ok(Counters {
+            mappings: PerCpuArray::try_from(open(map_names::MAPPING_STATS)?)?,
+            global: PerCpuArray::try_from(open(map_names::GLOBAL_STATS)?)?,
+        })
+    }
+}
+
+/// The counters as `portmap stats` and the metrics read them.
+pub struct Counters {
+    mappings: PerCpuArray<MapData, MappingCounters>,
+    global: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
     /// A mapping's counters summed over CPUs.
-    pub fn mapping_counters(&self, slot: u32) -> anyhow::Result<MappingCounters> {
-        let stats: PerCpuArray<_, MappingCounters> =
-            PerCpuArray::try_from(self.map(map_names::MAPPING_STATS)?)?;
-        Ok(stats.get(&slot, 0)?.iter().copied().sum())
+    pub fn mapping(&self, slot: u32) -> anyhow::Result<MappingCounters> {
+        Ok(self.mappings.get(&slot, 0)?.iter().copied().sum())
     }
 
     /// Global counters summed over CPUs, in `Stat` code order.
-    pub fn global_counters(&self) -> anyhow::Result<Vec<u64>> {
-        let stats: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(map_names::GLOBAL_STATS)?)?;
+    pub fn global(&self) -> anyhow::Result<Vec<u64>> {
         Stat::ALL
             .iter()
-            .map(|s| Ok(stats.get(&s.code(), 0)?.iter().sum()))
+            .map(|s| Ok(self.global.get(&s.code(), 0)?.iter().sum()))
             .collect()
     }
 }

@@ -53,6 +53,7 @@ pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
     attach::{Hook, IfaceChange},
     expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
+    maps::Counters,
     pins::{check_pin_dir, cleanup, ensure_bpffs},
 };
 use crate::{config::Limits, host};

@@ -223,12 +223,12 @@ impl Golden {
     }
 
     pub fn run(&self, hook: Hook, packet: &[u8]) -> anyhow::Result<Run> {
-        let before = self.dp.global_counters()?;
+        let before = self.dp.counters()?.global()?;
         let output = self
             .dp
             .test_run(hook, packet, self.client_ifindex, 1)
             .with_context(|| format!("BPF_PROG_TEST_RUN of {} ({} bytes)", hook.as_str(), packet.len()))?;
-        let after = self.dp.global_counters()?;
+        let after = self.dp.counters()?.global()?;
         let counted = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         Ok(Run { output, counted })
     }

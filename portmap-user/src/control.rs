@@ -34,6 +34,18 @@ pub enum Request {
     Reload,
     List,
     Stats,
+    /// Make the mappings of the container `owner` exactly `specs`, all or nothing (the CNI
+    /// plugin's ADD; the same request again changes nothing).
+    Publish {
+        owner: String,
+        specs: Vec<String>,
+    },
+    /// Remove every mapping of the container `owner` (none is not an error).
+    Unpublish {
+        owner: String,
+    },
+    /// The mappings of every container, by owner.
+    Containers,
 }
 
 /// Counters of one mapping, summed over CPUs (their fields inline in the JSON).
@@ -82,10 +94,21 @@ impl StatsReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "lowercase")]
 pub enum Response {
-    Ok { message: String },
-    Error { message: String },
-    Mappings { mappings: Vec<Mapping> },
-    Stats { stats: StatsReport },
+    Ok {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
+    Mappings {
+        mappings: Vec<Mapping>,
+    },
+    Stats {
+        stats: StatsReport,
+    },
+    Containers {
+        containers: std::collections::BTreeMap<String, Vec<Mapping>>,
+    },
 }
 
 /// A request line the daemon cannot read. The message says where and why (serde_json names the

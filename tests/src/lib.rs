@@ -14,9 +14,11 @@
 //! - `probe`: client processes (`pm-probe`) in a namespace and a cgroup;
 //! - `servers`: TCP/UDP servers and clients inside namespaces;
 //! - `sctp`: raw SCTP packets (the kernel here has no SCTP module);
-//! - `flood`: spoofed TCP flows from a raw socket.
+//! - `flood`: spoofed TCP flows from a raw socket;
+//! - `cni`: CNI plugins invoked as a container runtime invokes them.
 
 mod cgroup;
+mod cni;
 mod daemon;
 mod flood;
 mod netns;
@@ -27,7 +29,9 @@ mod topology;
 
 use std::time::Duration;
 
-pub use self::{cgroup::*, daemon::*, flood::*, netns::*, probe::*, sctp::*, servers::*, topology::*};
+pub use self::{
+    cgroup::*, cni::*, daemon::*, flood::*, netns::*, probe::*, sctp::*, servers::*, topology::*,
+};
 
 /// How long a socket operation of a test may block.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);

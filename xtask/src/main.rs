@@ -16,7 +16,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// What the tests, the demo and the benchmark need from Debian: a command or file that shows the
 /// package is there, and the package.
-const APT_PACKAGES: [(&str, &str); 9] = [
+const APT_PACKAGES: [(&str, &str); 10] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("systemd-analyze", "systemd"),
@@ -24,6 +24,8 @@ const APT_PACKAGES: [(&str, &str); 9] = [
     ("nft", "nftables"),
     ("iperf3", "iperf3"),
     ("pkg-config", "pkg-config"),
+    // The CNI tests: bridge and host-local before portmap-cni, and the reference portmap plugin.
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
     // plotters (benchmark plots) renders text through fontconfig.
     ("/usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
     (

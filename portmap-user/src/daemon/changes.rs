@@ -41,6 +41,13 @@ pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters)
             started,
         ),
         Request::Reload => reload_notified(state),
+        Request::Publish { owner, specs } => publish(state, owner, &specs),
+        Request::Unpublish { owner } => publish(state, owner, &[]),
+        Request::Containers => {
+            return Response::Containers {
+                containers: state.table.containers(),
+            };
+        }
         Request::List | Request::Stats => return read(&View::of(state), counters, &request),
     };
     match settle(state, outcome) {
@@ -49,6 +56,29 @@ pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters)
             message: format!("{e:#}"),
         },
     }
+}
+
+/// Makes the mappings of the container `owner` exactly `specs` (none: removes them), all or
+/// nothing; answers with what changed.
+fn publish(state: &mut State, owner: String, specs: &[String]) -> anyhow::Result<String> {
+    let mappings = specs
+        .iter()
+        .map(|spec| spec::parse(spec).with_context(|| format!("'{spec}'")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let origin = Origin::Container(owner.clone());
+    let plan = state
+        .table
+        .apply_as(&mut state.dp, &origin, &mappings, &sockets::local_sockets())?;
+    let message = format!(
+        "container {owner}: {} added, {} updated, {} removed",
+        plan.add.len(),
+        plan.update.len(),
+        plan.remove.len()
+    );
+    if !plan.is_empty() {
+        info!("{message}");
+    }
+    Ok(message)
 }
 
 /// After a change (or a refused one): deletes the flows it made stale and saves the mappings for

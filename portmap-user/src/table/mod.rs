@@ -42,14 +42,18 @@ use crate::{
 };
 
 /// Who asked for a mapping, and so who may take it away: a config diff (start, reload) adds,
-/// updates and removes only the config's own mappings; those added at run time (`portmap add`,
-/// the CNI plugin) stay until they are deleted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// updates and removes only the config's own mappings; those added at run time stay until they
+/// are deleted; a container's (the CNI plugin's, by container) are replaced and removed as a
+/// whole by its owner.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     #[default]
     Config,
+    /// `portmap add`.
     Runtime,
+    /// A container, as the CNI plugin names it (container ID and interface).
+    Container(String),
 }
 
 /// One applied mapping.
@@ -199,11 +203,29 @@ impl Table {
     /// starts from).
     #[must_use]
     pub fn requested(&self) -> Vec<Mapping> {
+        self.requested_by(&Origin::Config)
+    }
+
+    /// The requested mappings of `origin`, in the order they were added.
+    #[must_use]
+    pub fn requested_by(&self, origin: &Origin) -> Vec<Mapping> {
         self.entries()
             .into_iter()
-            .filter(|e| e.origin == Origin::Config)
+            .filter(|e| e.origin == *origin)
             .map(|e| e.requested.clone())
             .collect()
+    }
+
+    /// The applied mappings of every container, by owner.
+    #[must_use]
+    pub fn containers(&self) -> BTreeMap<String, Vec<Mapping>> {
+        let mut owned: BTreeMap<String, Vec<Mapping>> = BTreeMap::new();
+        for e in self.entries() {
+            if let Origin::Container(owner) = &e.origin {
+                owned.entry(owner.clone()).or_default().push(e.mapping.clone());
+            }
+        }
+        owned
     }
 
     /// The applied mapping that shares a published port with `mapping`, if any.
@@ -430,7 +452,7 @@ impl Table {
                 requested: spec.clone(),
                 mapping: spec.clone(),
                 place,
-                origin: old.origin,
+                origin: old.origin.clone(),
                 seq: old.seq,
             },
         );
@@ -451,9 +473,23 @@ impl Table {
         desired: &[Mapping],
         sockets: &dyn Sockets,
     ) -> Result<Plan, TableError> {
+        self.apply_as(maps, &Origin::Config, desired, sockets)
+    }
+
+    /// Makes the applied mappings of `origin` equal `desired`, the others untouched, all or
+    /// nothing (as [`Table::apply`] for the config).
+    pub fn apply_as<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        origin: &Origin,
+        desired: &[Mapping],
+        sockets: &dyn Sockets,
+    ) -> Result<Plan, TableError> {
         let before = self.clone();
-        self.adopt_runtime(desired);
-        let plan = plan(&self.requested(), desired);
+        if *origin == Origin::Config {
+            self.adopt_runtime(desired);
+        }
+        let plan = plan(&self.requested_by(origin), desired);
         let mut touched: Vec<Key> = Vec::new();
         let result = (|| {
             for m in &plan.remove {
@@ -468,7 +504,7 @@ impl Table {
             }
             let mut batch = Batch::new(maps);
             for m in &plan.add {
-                let applied = self.add(&mut batch, m, sockets)?;
+                let applied = self.add_as(&mut batch, m, sockets, origin.clone())?;
                 touched.extend(key_of(&applied));
             }
             batch.commit().map_err(TableError::Datapath)

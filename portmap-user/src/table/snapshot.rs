@@ -52,7 +52,7 @@ impl From<&Entry> for SavedEntry {
             mapping: e.mapping.clone(),
             requested: (e.requested != e.mapping).then(|| e.requested.clone()),
             place: e.place.clone(),
-            origin: e.origin,
+            origin: e.origin.clone(),
             seq: e.seq,
         }
     }

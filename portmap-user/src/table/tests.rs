@@ -494,3 +494,34 @@ fn config_diffs_leave_runtime_mappings_alone() {
     );
     assert_eq!(maps.contents, expected_contents(&table));
 }
+
+/// A container's mappings are its own: publishing them again changes nothing, another owner's
+/// port is refused, an empty set removes exactly that container's, and config diffs leave them.
+#[test]
+fn containers_own_their_mappings() {
+    let (mut table, mut maps) = populated();
+    let c1 = Origin::Container("net/c1/eth0".into());
+    let c2 = Origin::Container("net/c2/eth0".into());
+    let web = [m("8090:198.18.2.20:80"), m("8091:198.18.2.20:81/udp")];
+    let plan = table.apply_as(&mut maps, &c1, &web, &NoSockets).unwrap();
+    assert_eq!(plan.add.len(), 2);
+    assert!(
+        table
+            .apply_as(&mut maps, &c1, &web, &NoSockets)
+            .unwrap()
+            .is_empty()
+    );
+    let before = table.clone();
+    let err = table
+        .apply_as(&mut maps, &c2, &[m("8090:198.18.2.21:80")], &NoSockets)
+        .unwrap_err();
+    assert!(err.to_string().contains("8090"), "{err}");
+    assert_eq!(table, before, "the refused owner changed nothing");
+    let config = table.requested();
+    table.apply(&mut maps, &config, &NoSockets).unwrap();
+    assert_eq!(table.containers()["net/c1/eth0"], web.to_vec());
+    table.apply_as(&mut maps, &c1, &[], &NoSockets).unwrap();
+    assert!(table.containers().is_empty());
+    assert_eq!(table.mappings(), before.requested(), "only the container's went");
+    assert_eq!(maps.contents, expected_contents(&table));
+}

@@ -143,6 +143,10 @@ pub struct Config {
     /// The cgroup (v2, as /proc/PID/cgroup shows it) whose processes reach published ports as
     /// host-local clients: the socket hooks are attached there. `/`: every process of the host.
     pub cgroup: PathBuf,
+    /// Where the host's cgroup v2 hierarchy is mounted (its root, as `cgroup` paths start from);
+    /// default: found in /proc/self/mountinfo. For a daemon in a container, whose own cgroup
+    /// mount shows only its cgroup namespace (the Kubernetes DaemonSet mounts the host's).
+    pub cgroup_mount: Option<PathBuf>,
     /// Mappings: specs as on the command line, or structured (as `portmap list --json`).
     pub mappings: Vec<MappingEntry>,
     /// Where host ports of mappings without one are allocated from.
@@ -163,6 +167,7 @@ impl Default for Config {
             socket: DEFAULT_SOCKET.into(),
             state_file: DEFAULT_STATE_FILE.into(),
             cgroup: DEFAULT_CGROUP.into(),
+            cgroup_mount: None,
             mappings: Vec::new(),
             dynamic_ports: DEFAULT_DYNAMIC_PORTS,
             timeouts: Timeouts::default(),
@@ -219,6 +224,7 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub cgroup: Option<PathBuf>,
+    pub cgroup_mount: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
 }
 
@@ -244,6 +250,9 @@ impl Overrides {
         }
         if let Some(cgroup) = &self.cgroup {
             cfg.cgroup.clone_from(cgroup);
+        }
+        if let Some(mount) = &self.cgroup_mount {
+            cfg.cgroup_mount = Some(mount.clone());
         }
         if let Some(metrics) = self.metrics {
             cfg.metrics = Some(metrics);
@@ -515,6 +524,7 @@ udp_seconds = 30
             Just("state_file"),
             Just("socket"),
             Just("cgroup"),
+            Just("cgroup_mount"),
             Just("mappings"),
             Just("tcp_seconds"),
             Just("udp_seconds"),

@@ -153,16 +153,21 @@ fn unescape(field: &str) -> String {
 const OWN_CGROUP2_MOUNT: &str = "/run/portmap/cgroup2";
 
 /// The directory of cgroup `path` (as /proc/PID/cgroup shows it, e.g. `/` or
-/// `/system.slice/x.service`) on this host's cgroup v2 hierarchy, mounting cgroup2 when it is
-/// not mounted.
-pub fn cgroup_dir(path: &Path) -> anyhow::Result<PathBuf> {
+/// `/system.slice/x.service`) on this host's cgroup v2 hierarchy: under `mount` when given (the
+/// hierarchy's root is mounted there), else under the cgroup2 mount of mountinfo, mounting
+/// cgroup2 when there is none.
+pub fn cgroup_dir(path: &Path, mount: Option<&Path>) -> anyhow::Result<PathBuf> {
     ensure!(
         path.is_absolute(),
         "cgroup '{}' must be an absolute cgroup path such as / or /system.slice",
         path.display()
     );
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let mount = match find_cgroup2(&mountinfo) {
+    let given = mount.map(|m| Cgroup2Mount {
+        mount_point: m.to_path_buf(),
+        root: "/".into(),
+    });
+    let mount = match given.or_else(|| find_cgroup2(&mountinfo)) {
         Some(m) => m,
         None => {
             fs::create_dir_all(OWN_CGROUP2_MOUNT).with_context(|| format!("creating {OWN_CGROUP2_MOUNT}"))?;

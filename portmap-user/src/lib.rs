@@ -1,5 +1,6 @@
 //! The `portmap` daemon and CLI, as a library so that tests can reuse the same code.
 
+pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod control;

@@ -8,116 +8,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser as _;
 use portmap::{
-    config::{self, AttachMode, Config},
+    cli::{Cli, Command},
+    config::{self, Config},
     control::{self, Request, Response, StatsReport},
     daemon,
     mapping::Mapping,
     spec,
 };
-
-#[derive(Parser)]
-#[command(
-    name = "portmap",
-    version,
-    about = "Publish host ports to backends in the kernel's fast path (eBPF/XDP)"
-)]
-struct Cli {
-    /// Control socket of the daemon.
-    #[arg(long, global = true, env = "PORTMAP_SOCKET")]
-    socket: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon in the foreground (until SIGTERM/SIGINT).
-    Run {
-        /// Configuration file (TOML, or JSON if it ends in .json). Default:
-        /// /etc/portmap/portmap.toml if it exists.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Client-facing interface (repeatable); replaces the config's `interfaces`.
-        #[arg(long = "iface")]
-        ifaces: Vec<String>,
-        /// How to attach the ingress program.
-        #[arg(long, value_enum)]
-        attach: Option<AttachMode>,
-        /// Extra device XDP may redirect to (repeatable); replaces `redirect_interfaces`.
-        #[arg(long = "redirect-iface")]
-        redirect_ifaces: Vec<String>,
-        /// bpffs directory for pinned maps and links.
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-        /// Where the mappings are saved for the next daemon; replaces `state_file` (default
-        /// /run/portmap/state.json).
-        #[arg(long)]
-        state_file: Option<PathBuf>,
-        /// cgroup (v2 path as /proc/PID/cgroup shows it) whose processes reach published ports
-        /// from the host; replaces `cgroup` (default `/`, the whole host).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR:PORT/metrics; replaces `metrics`.
-        #[arg(long, value_name = "ADDR:PORT")]
-        metrics: Option<std::net::SocketAddr>,
-    },
-    /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
-    /// Without a host port one is allocated from the dynamic range and printed.
-    Add {
-        spec: String,
-        /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable); flows are balanced with Maglev.
-        #[arg(long = "backend")]
-        backends: Vec<String>,
-    },
-    /// Replace the backends of a published port (same host address and ports); its established
-    /// flows keep their backend until they end.
-    Update {
-        spec: String,
-        /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable).
-        #[arg(long = "backend")]
-        backends: Vec<String>,
-    },
-    /// Remove published ports (the spec as added, or as `list` shows it).
-    Del { spec: String },
-    /// List published ports, one line per port in `docker port` style.
-    List {
-        /// JSON: `{"mappings": [...]}`, which is also a valid config file (`--config x.json`).
-        #[arg(long)]
-        json: bool,
-    },
-    /// Which host ports lead to a backend: BACKEND_IP[:PORT][/PROTO] (like `docker port`).
-    Port { backend: String },
-    /// Read the config file again and apply its mappings as one change (also on SIGHUP).
-    Reload,
-    /// Remove everything portmap attached: its links (its XDP, TC and cgroup programs detach),
-    /// maps, pins and saved state. Stopping the daemon leaves the datapath forwarding for the next
-    /// daemon to adopt; this removes it (established flows end). Refuses while a daemon runs.
-    Cleanup {
-        /// bpffs directory of the pins (default /sys/fs/bpf/portmap).
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-        /// The daemon's saved mappings (default /run/portmap/state.json).
-        #[arg(long)]
-        state_file: Option<PathBuf>,
-    },
-    /// Show per-mapping and global counters.
-    Stats {
-        #[arg(long)]
-        json: bool,
-        /// Show live per-second rates, refreshed in place every --interval (Ctrl-C ends it);
-        /// with --json, one JSON object of rates per line.
-        #[arg(long)]
-        watch: bool,
-        /// Seconds between refreshes of --watch (fractions allowed, at least 0.1).
-        #[arg(long, default_value = "1", requires = "watch", value_parser = parse_interval)]
-        interval: Duration,
-        /// Stop --watch after this many refreshes (default: run until interrupted).
-        #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -149,6 +48,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             pin_dir,
             state_file,
             cgroup,
+            cgroup_mount,
             metrics,
         } => {
             let overrides = config::Overrides {
@@ -159,6 +59,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 socket,
                 state_file,
                 cgroup,
+                cgroup_mount,
                 metrics,
             };
             let (mut cfg, path) = load_config(config)?;
@@ -300,16 +201,6 @@ fn fetch_stats(socket: &Path) -> anyhow::Result<StatsReport> {
 
 /// `--interval`: seconds, fractions allowed, at least 0.1 (a daemon asked more often than that
 /// spends its time answering).
-fn parse_interval(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
-    if !(0.1..=86_400.0).contains(&secs) {
-        return Err(format!("{secs} s is out of range 0.1-86400"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// `stats --watch`: asks for stats every `interval` and shows the rates since the previous
 /// answer, in place on a terminal (one block after the other otherwise, one JSON line each with
 /// `--json`).

@@ -3,9 +3,33 @@
 
 use std::{io::Read as _, process::ExitCode};
 
-use portmap::cni::{self, CniError, Invocation};
+use clap::Parser as _;
+use portmap::cni::{
+    self, CniError, Invocation,
+    install::{self, CliCommand},
+};
 
 fn main() -> ExitCode {
+    // Runtimes run plugins without arguments; with some, it is `portmap-cni install ...`.
+    if std::env::args_os().len() > 1 {
+        let CliCommand::Install {
+            bin_dir,
+            conf_dir,
+            socket,
+        } = install::Cli::parse().command;
+        return match install::install(&bin_dir, &conf_dir, &socket) {
+            Ok(done) => {
+                for line in done {
+                    println!("{line}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("portmap-cni: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let invocation = Invocation::from_env();
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {

@@ -5,9 +5,11 @@
 //! by CHECK, and survive daemon restarts with the daemon's other state.
 //!
 //! Commands: ADD, DEL, CHECK, VERSION (spec 1.0.0) and STATUS, GC (1.1.0). Errors are CNI error
-//! JSON on stdout (`code`, `msg`, `details`) with exit status 1.
+//! JSON on stdout (`code`, `msg`, `details`) with exit status 1. Run with arguments it is a
+//! command line instead (`portmap-cni install`, see `install`).
 
 pub mod conf;
+pub mod install;
 
 use std::{collections::BTreeSet, path::Path};
 

@@ -154,6 +154,7 @@ pub(super) fn reload(state: &mut State) -> anyhow::Result<String> {
         ),
         ("pin_dir", old.pin_dir != new.pin_dir),
         ("cgroup", old.cgroup != new.cgroup),
+        ("cgroup_mount", old.cgroup_mount != new.cgroup_mount),
         ("socket", old.socket != new.socket),
         ("state_file", old.state_file != new.state_file),
         ("metrics", old.metrics != new.metrics),
@@ -189,6 +190,7 @@ pub(super) fn reload(state: &mut State) -> anyhow::Result<String> {
         socket: old.socket.clone(),
         state_file: old.state_file.clone(),
         cgroup: old.cgroup.clone(),
+        cgroup_mount: old.cgroup_mount.clone(),
         limits: old.limits.clone(),
         ..new
     };

@@ -65,7 +65,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
     datapath::ensure_bpffs()?;
     datapath::check_pin_dir(&cfg.pin_dir)?;
     warn_if_not_forwarding(&valid);
-    let cgroup_dir = host::cgroup_dir(&cfg.cgroup)?;
+    let cgroup_dir = host::cgroup_dir(&cfg.cgroup, cfg.cgroup_mount.as_deref())?;
     // A daemon that fails from here on removes what it created, or leaves the datapath it
     // adopted as it found it (forwarding).
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.limits)?;

@@ -1,0 +1,124 @@
+//! The `portmap` command line (clap derive), in the library so that tests check manifests and
+//! scripts against the real definitions.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::AttachMode;
+
+#[derive(Parser)]
+#[command(
+    name = "portmap",
+    version,
+    about = "Publish host ports to backends in the kernel's fast path (eBPF/XDP)"
+)]
+pub struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, env = "PORTMAP_SOCKET")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (until SIGTERM/SIGINT).
+    Run {
+        /// Configuration file (TOML, or JSON if it ends in .json). Default:
+        /// /etc/portmap/portmap.toml if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Client-facing interface (repeatable); replaces the config's `interfaces`.
+        #[arg(long = "iface")]
+        ifaces: Vec<String>,
+        /// How to attach the ingress program.
+        #[arg(long, value_enum)]
+        attach: Option<AttachMode>,
+        /// Extra device XDP may redirect to (repeatable); replaces `redirect_interfaces`.
+        #[arg(long = "redirect-iface")]
+        redirect_ifaces: Vec<String>,
+        /// bpffs directory for pinned maps and links.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// Where the mappings are saved for the next daemon; replaces `state_file` (default
+        /// /run/portmap/state.json).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        /// cgroup (v2 path as /proc/PID/cgroup shows it) whose processes reach published ports
+        /// from the host; replaces `cgroup` (default `/`, the whole host).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Where the host's cgroup v2 hierarchy is mounted, for a daemon in a container that sees
+        /// it through a bind mount; replaces `cgroup_mount` (default: found in mountinfo).
+        #[arg(long)]
+        cgroup_mount: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics; replaces `metrics`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
+    },
+    /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
+    /// Without a host port one is allocated from the dynamic range and printed.
+    Add {
+        spec: String,
+        /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable); flows are balanced with Maglev.
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Replace the backends of a published port (same host address and ports); its established
+    /// flows keep their backend until they end.
+    Update {
+        spec: String,
+        /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable).
+        #[arg(long = "backend")]
+        backends: Vec<String>,
+    },
+    /// Remove published ports (the spec as added, or as `list` shows it).
+    Del { spec: String },
+    /// List published ports, one line per port in `docker port` style.
+    List {
+        /// JSON: `{"mappings": [...]}`, which is also a valid config file (`--config x.json`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which host ports lead to a backend: BACKEND_IP[:PORT][/PROTO] (like `docker port`).
+    Port { backend: String },
+    /// Read the config file again and apply its mappings as one change (also on SIGHUP).
+    Reload,
+    /// Remove everything portmap attached: its links (its XDP, TC and cgroup programs detach),
+    /// maps, pins and saved state. Stopping the daemon leaves the datapath forwarding for the next
+    /// daemon to adopt; this removes it (established flows end). Refuses while a daemon runs.
+    Cleanup {
+        /// bpffs directory of the pins (default /sys/fs/bpf/portmap).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// The daemon's saved mappings (default /run/portmap/state.json).
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+    },
+    /// Show per-mapping and global counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Show live per-second rates, refreshed in place every --interval (Ctrl-C ends it);
+        /// with --json, one JSON object of rates per line.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes of --watch (fractions allowed, at least 0.1).
+        #[arg(long, default_value = "1", requires = "watch", value_parser = parse_interval)]
+        interval: Duration,
+        /// Stop --watch after this many refreshes (default: run until interrupted).
+        #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+    },
+}
+
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!("{secs} s is out of range 0.1-86400"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -96,6 +96,13 @@ pub enum Command {
         #[arg(long)]
         state_file: Option<PathBuf>,
     },
+    /// Print a completion script for a shell (bash: save it as
+    /// /usr/share/bash-completion/completions/portmap; zsh: as _portmap in your $fpath; fish:
+    /// as ~/.config/fish/completions/portmap.fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Show per-mapping and global counters.
     Stats {
         #[arg(long)]

@@ -95,7 +95,8 @@ impl Default for Limits {
     }
 }
 
-/// Docker's default range for dynamically allocated host ports.
+/// Docker's range for dynamically allocated host ports when the kernel's cannot be read (the
+/// daemon uses `net.ipv4.ip_local_port_range` of its network namespace, as Docker does).
 pub const DEFAULT_DYNAMIC_PORTS: PortRange = PortRange {
     start: 49153,
     end: 60999,
@@ -149,8 +150,9 @@ pub struct Config {
     pub cgroup_mount: Option<PathBuf>,
     /// Mappings: specs as on the command line, or structured (as `portmap list --json`).
     pub mappings: Vec<MappingEntry>,
-    /// Where host ports of mappings without one are allocated from.
-    pub dynamic_ports: PortRange,
+    /// Where host ports of mappings without one are allocated from; default: the kernel's
+    /// `net.ipv4.ip_local_port_range` of the daemon's network namespace, as Docker.
+    pub dynamic_ports: Option<PortRange>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     /// Where to serve Prometheus metrics (`GET /metrics`), `"ADDR:PORT"`; off when absent.
@@ -169,7 +171,7 @@ impl Default for Config {
             cgroup: DEFAULT_CGROUP.into(),
             cgroup_mount: None,
             mappings: Vec::new(),
-            dynamic_ports: DEFAULT_DYNAMIC_PORTS,
+            dynamic_ports: None,
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             metrics: None,
@@ -330,8 +332,10 @@ impl Config {
                 return Err(ConfigError::Zero { field });
             }
         }
-        if self.dynamic_ports.start == 0 || self.dynamic_ports.end < self.dynamic_ports.start {
-            return Err(ConfigError::DynamicPorts(self.dynamic_ports));
+        if let Some(range) = self.dynamic_ports
+            && (range.start == 0 || range.end < range.start)
+        {
+            return Err(ConfigError::DynamicPorts(range));
         }
         let mappings = parse_mappings(&self.mappings)?;
         let ports: u64 = mappings.iter().map(|m| u64::from(m.port_count())).sum();
@@ -401,7 +405,10 @@ udp_seconds = 30
         assert_eq!(valid.config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(valid.mappings.len(), 2);
         assert_eq!(valid.mappings[1].to_string(), "198.18.1.1:5353:198.18.2.2:53/udp");
-        assert_eq!(valid.config.dynamic_ports, DEFAULT_DYNAMIC_PORTS);
+        assert_eq!(
+            valid.config.dynamic_ports, None,
+            "the kernel's, read by the daemon"
+        );
     }
 
     #[test]
@@ -447,8 +454,8 @@ udp_seconds = 30
                 "mappings[1] '0.0.0.0:8080:198.18.2.3:81/tcp': port is already allocated by mappings[0] '8080:198.18.2.2:80'",
             ),
             (
-                "interfaces = [\"eth0\"]\nmappings = [\"8000-8100:198.18.2.2:80\", \"8100-8200:198.18.2.3:80\"]",
-                "mappings[1] '8100-8200:198.18.2.3:80': port is already allocated by mappings[0]",
+                "interfaces = [\"eth0\"]\nmappings = [\"8000-8100:198.18.2.2:8000-8100\", \"8100-8200:198.18.2.3:8100-8200\"]",
+                "mappings[1] '8100-8200:198.18.2.3:8100-8200': port is already allocated by mappings[0]",
             ),
             (
                 "interfaces = [\"eth0\"]\ndynamic_ports = { start = 100, end = 99 }",

@@ -10,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+
+use crate::mapping::PortRange;
 use log::info;
 
 /// The addresses of every interface of the calling thread's network namespace.
@@ -150,6 +152,43 @@ fn unescape(field: &str) -> String {
 }
 
 /// Where to mount cgroup2 when nothing has (as `ip netns exec` leaves processes).
+/// `net.ipv4.ip_local_port_range` ("32768\t60999").
+#[must_use]
+pub fn parse_port_range_sysctl(text: &str) -> Option<PortRange> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(start)), Some(Ok(end)), None) = (ports.next(), ports.next(), ports.next()) else {
+        return None;
+    };
+    (start > 0 && start <= end).then_some(PortRange { start, end })
+}
+
+/// `net.ipv4.ip_local_reserved_ports` ("8080,9000-9010", or empty).
+#[must_use]
+pub fn parse_reserved_ports(text: &str) -> Vec<PortRange> {
+    text.trim()
+        .split(',')
+        .filter_map(|part| {
+            let (start, end) = part.split_once('-').unwrap_or((part, part));
+            let range = PortRange {
+                start: start.trim().parse().ok()?,
+                end: end.trim().parse().ok()?,
+            };
+            (range.start <= range.end).then_some(range)
+        })
+        .collect()
+}
+
+/// Where dynamic host ports come from: `configured`, else the kernel's ephemeral range of this
+/// network namespace (Docker's allocator reads the same), and the ports the kernel reserves
+/// (never allocated).
+pub fn dynamic_ports(configured: Option<PortRange>) -> (PortRange, Vec<PortRange>) {
+    let read = |name: &str| fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default();
+    let range = configured
+        .or_else(|| parse_port_range_sysctl(&read("ip_local_port_range")))
+        .unwrap_or(crate::config::DEFAULT_DYNAMIC_PORTS);
+    (range, parse_reserved_ports(&read("ip_local_reserved_ports")))
+}
+
 const OWN_CGROUP2_MOUNT: &str = "/run/portmap/cgroup2";
 
 /// The directory of cgroup `path` (as /proc/PID/cgroup shows it, e.g. `/` or
@@ -207,6 +246,30 @@ pub fn cgroup_dir(path: &Path, mount: Option<&Path>) -> anyhow::Result<PathBuf> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_kernels_port_ranges() {
+        assert_eq!(
+            parse_port_range_sysctl("32768\t60999\n"),
+            Some(PortRange {
+                start: 32768,
+                end: 60999
+            })
+        );
+        assert_eq!(parse_port_range_sysctl("60999 32768"), None);
+        assert_eq!(parse_port_range_sysctl("garbage"), None);
+        assert_eq!(
+            parse_reserved_ports("8080,9000-9010\n"),
+            [
+                PortRange::single(8080),
+                PortRange {
+                    start: 9000,
+                    end: 9010
+                }
+            ]
+        );
+        assert!(parse_reserved_ports("\n").is_empty());
+    }
 
     #[test]
     fn finds_the_cgroup2_mount_and_unescapes_it() {

@@ -113,9 +113,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "portmap", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Port { backend } => {
-            let lines = spec::port_lines(&list(&client_socket())?, &backend)?;
-            anyhow::ensure!(!lines.is_empty(), "no published port leads to {backend}");
+            let query = spec::PortQuery::parse(&backend)?;
+            let lines = spec::port_lines(&list(&client_socket())?, &query);
+            // As `docker port`: a port nobody publishes is an error, no port at all is not.
+            if let Some((port, protocol)) = query.port
+                && lines.is_empty()
+            {
+                anyhow::bail!(
+                    "No public port '{port}/{protocol}' published for {}",
+                    portmap::mapping::SpecAddr(query.ip)
+                );
+            }
             for line in lines {
                 println!("{line}");
             }

@@ -193,10 +193,20 @@ impl Mapping {
     /// How many host ports the mapping publishes (known even before a dynamic allocation).
     #[must_use]
     pub fn port_count(&self) -> u32 {
+        if self.picks_one() {
+            return 1;
+        }
         match self.host_ports {
             Some(r) => r.count(),
             None => self.backends.iter().map(|b| b.ports.count()).max().unwrap_or(1),
         }
+    }
+
+    /// A host range with single-port backends: one free port of the range is published (as
+    /// Docker does with `-p 8000-8010:80`), chosen when the mapping is added.
+    #[must_use]
+    pub fn picks_one(&self) -> bool {
+        self.host_ports.is_some_and(|r| !r.is_single()) && self.backends.iter().all(|b| b.ports.is_single())
     }
 
     /// Every binding of the mapping (none while its host ports are unallocated).

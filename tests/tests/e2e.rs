@@ -313,7 +313,7 @@ fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let daemon = start(&topo, Mode::Tc, &[])?;
     daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
     let cases = [
-        (vec!["add", "0:198.18.1.2:80"], "host port 0 is out of range"),
+        (vec!["add", "0-10:198.18.1.2:80"], "host port 0 is out of range"),
         (
             vec!["add", "8080:198.18.1.2:70000"],
             "backend port 70000 is out of range",

@@ -128,15 +128,24 @@ fn specific_binding_wins_over_the_wildcard() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ranges map port by port (or onto one port); a 10,000-port range is one `add`.
+/// Ranges map port by port; a host range with one backend port publishes one free port of it
+/// (Docker's `-p 8000-8004:80`); a 10,000-port range is one `add`.
 #[test]
 fn port_ranges_map_port_by_port() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;
     let daemon = start_daemon(&topo, Mode::Tc, &[])?;
     daemon.cli_ok(&["add", "9000-9009:198.18.1.2:7000-7009/udp"])?;
-    daemon.cli_ok(&["add", "8000-8004:198.18.1.2:80"])?;
+    assert_eq!(
+        daemon.cli_ok(&["add", "8000-8004:198.18.1.2:80"])?,
+        "added 198.18.1.2:80/tcp -> 0.0.0.0:8000\n"
+    );
+    assert_eq!(
+        daemon.cli_ok(&["add", "8000-8004:198.18.1.3:80"])?,
+        "added 198.18.1.3:80/tcp -> 0.0.0.0:8001\n",
+        "the next such spec takes the next free port"
+    );
     let listed = daemon.cli_ok(&["list"])?;
-    assert_eq!(listed.lines().count(), 15, "{listed}");
+    assert_eq!(listed.lines().count(), 12, "{listed}");
     assert!(
         listed.contains("198.18.1.2:7005/udp -> 0.0.0.0:9005\n"),
         "{listed}"
@@ -150,7 +159,7 @@ fn port_ranges_map_port_by_port() -> anyhow::Result<()> {
     udp.join().expect("thread")?;
     let tcp = tcp_server(&topo.backend, 80, b"one backend port".to_vec())?;
     assert_eq!(
-        tcp_exchange(&topo.client, host(8003), Vec::new())?,
+        tcp_exchange(&topo.client, host(8000), Vec::new())?,
         b"one backend port"
     );
     tcp.join().expect("thread")?;
@@ -162,11 +171,16 @@ fn port_ranges_map_port_by_port() -> anyhow::Result<()> {
         added.starts_with("added 198.18.1.2:20000/tcp -> 0.0.0.0:20000"),
         "{added}"
     );
-    assert_eq!(daemon.cli_ok(&["list"])?.lines().count(), 10_015);
-    let err = refused(&daemon, &["add", "29999-30001:198.18.1.3:80"])?;
+    assert_eq!(daemon.cli_ok(&["list"])?.lines().count(), 10_012);
+    let err = refused(&daemon, &["add", "29999-30001:198.18.1.3:29999-30001"])?;
     assert!(err.contains("port is already allocated"), "{err}");
+    // One port of a range: a busy one is skipped, not an error.
+    assert_eq!(
+        daemon.cli_ok(&["add", "29999-30001:198.18.1.3:80"])?,
+        "added 198.18.1.3:80/tcp -> 0.0.0.0:30000\n"
+    );
     daemon.cli_ok(&["del", "20000-29999:198.18.1.2:20000-29999"])?;
-    assert_eq!(daemon.cli_ok(&["list"])?.lines().count(), 15);
+    assert_eq!(daemon.cli_ok(&["list"])?.lines().count(), 13);
     Ok(())
 }
 
@@ -216,8 +230,13 @@ fn dynamic_host_ports_are_allocated_from_the_pool() -> anyhow::Result<()> {
             "82/tcp -> 0.0.0.0:50003"
         ]
     );
-    let err = refused(&daemon, &["port", "198.18.1.9"])?;
-    assert!(err.contains("no published port leads to 198.18.1.9"), "{err}");
+    // As `docker port`: nothing published is no output; a port nobody publishes is an error.
+    assert_eq!(daemon.cli_ok(&["port", "198.18.1.9"])?, "");
+    let err = refused(&daemon, &["port", "198.18.1.9:80"])?;
+    assert!(
+        err.contains("No public port '80/tcp' published for 198.18.1.9"),
+        "{err}"
+    );
     // Deleting by the spec it was added with frees the port for the next allocation.
     daemon.cli_ok(&["del", ":198.18.1.2:80"])?;
     assert_eq!(
@@ -380,16 +399,16 @@ fn conflicts_are_refused_and_change_nothing() -> anyhow::Result<()> {
     daemon.cli_ok(&["add", "7777:198.18.1.2:53/udp"])?;
     daemon.cli_ok(&["add", "198.18.0.9:7778:198.18.1.2:53/udp"])?;
 
-    daemon.cli_ok(&["add", "8000-8010:198.18.1.2:80"])?;
+    daemon.cli_ok(&["add", "8000-8010:198.18.1.2:8000-8010"])?;
     let before = daemon.cli_ok(&["list", "--json"])?;
     let err = refused(&daemon, &["add", "8005:198.18.1.3:80"])?;
     assert!(
         err.contains(
-            "port is already allocated: '8005:198.18.1.3:80/tcp' overlaps '8000-8010:198.18.1.2:80/tcp'"
+            "port is already allocated: '8005:198.18.1.3:80/tcp' overlaps '8000-8010:198.18.1.2:8000-8010/tcp'"
         ),
         "{err}"
     );
-    let err = refused(&daemon, &["update", "8000-8011:198.18.1.3:80"])?;
+    let err = refused(&daemon, &["update", "8000-8011:198.18.1.3:8000-8011"])?;
     assert!(err.contains("no mapping publishes"), "{err}");
     assert_eq!(
         daemon.cli_ok(&["list", "--json"])?,
@@ -507,4 +526,26 @@ fn limits_above_the_default_capacity_apply_to_every_per_port_map() -> anyhow::Re
     let listed = daemon.cli_ok(&["list"])?;
     assert_eq!(listed.lines().count(), 80_000);
     daemon.stop()
+}
+
+/// Without `dynamic_ports` the pool is the kernel's `net.ipv4.ip_local_port_range` of the
+/// daemon's network namespace, as Docker's allocator, and `ip_local_reserved_ports` are skipped.
+#[test]
+fn the_dynamic_pool_is_the_kernels_ephemeral_range() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    topo.host.sysctl("net/ipv4/ip_local_port_range", "40000 40002")?;
+    topo.host.sysctl("net/ipv4/ip_local_reserved_ports", "40001")?;
+    let daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    assert_eq!(
+        daemon.cli_ok(&["add", "198.18.1.2:80"])?,
+        "added 198.18.1.2:80/tcp -> 0.0.0.0:40000\n"
+    );
+    assert_eq!(
+        daemon.cli_ok(&["add", "198.18.1.2:81"])?,
+        "added 198.18.1.2:81/tcp -> 0.0.0.0:40002\n",
+        "the reserved port is skipped"
+    );
+    let err = refused(&daemon, &["add", "198.18.1.2:82"])?;
+    assert!(err.contains("dynamic range 40000-40002"), "{err}");
+    Ok(())
 }

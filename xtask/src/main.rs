@@ -75,6 +75,12 @@ enum Task {
         #[arg(long)]
         update_docs: bool,
     },
+    /// Man pages of `portmap` (one per subcommand) and `portmap-cni`, from the binaries' clap
+    /// definitions (clap_mangen), into --out (default target/man).
+    Man {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,6 +94,13 @@ fn main() -> anyhow::Result<()> {
         } => test(fuzz_packets, fuzz_seed, &args),
         Task::Lint => lint(),
         Task::Bench { quick, update_docs } => bench(quick, update_docs),
+        Task::Man { out } => {
+            let out = out.unwrap_or_else(|| target_dir().join("man"));
+            setup()?;
+            run(cargo()
+                .args(["run", "-q", "-p", "portmap-user", "--example", "man", "--"])
+                .arg(&out))
+        }
     }
 }
 

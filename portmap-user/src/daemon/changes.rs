@@ -165,7 +165,7 @@ pub(super) fn reload(state: &mut State) -> anyhow::Result<String> {
         .filter(|(_, changed)| *changed)
         .map(|(n, _)| *n)
         .collect();
-    state.table.dynamic = new.dynamic_ports;
+    (state.table.dynamic, state.table.reserved) = crate::host::dynamic_ports(new.dynamic_ports);
     let message = format!(
         "reloaded {}: {} added, {} updated, {} removed in {:.3} ms{}",
         source.path.display(),

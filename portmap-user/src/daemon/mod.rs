@@ -27,7 +27,9 @@ use crate::{
     config::{Config, Overrides, Valid},
     control,
     datapath::{self, Datapath},
-    host, notify, sockets,
+    host,
+    mapping::PortRange,
+    notify, sockets,
     table::{Capacity, Table},
 };
 
@@ -75,11 +77,13 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         groups: cfg.limits.max_backend_groups,
         backends: cfg.limits.max_backends,
     };
-    let (table, generation) = if dp.adopted() {
-        restore_table(&mut dp, &cfg, capacity)?
+    let (dynamic, reserved) = host::dynamic_ports(cfg.dynamic_ports);
+    let (mut table, generation) = if dp.adopted() {
+        restore_table(&mut dp, &cfg, capacity, dynamic)?
     } else {
-        (Table::new(capacity, cfg.dynamic_ports), 0)
+        (Table::new(capacity, dynamic), 0)
     };
+    table.reserved = reserved;
     let mut state = State {
         table,
         flows: FlowTable::new(&cfg.limits),
@@ -147,7 +151,12 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
 /// The mappings of an adopted datapath, from the state file the previous daemon saved, written
 /// to the maps again (a no-op unless it died between a map write and saving).
 /// Returns it with the generation of the saved state it reached.
-fn restore_table(dp: &mut Datapath, cfg: &Config, capacity: Capacity) -> anyhow::Result<(Table, u64)> {
+fn restore_table(
+    dp: &mut Datapath,
+    cfg: &Config,
+    capacity: Capacity,
+    dynamic: PortRange,
+) -> anyhow::Result<(Table, u64)> {
     let file = &cfg.state_file;
     let saved = saved::load(file, dp.id()).with_context(|| {
         format!(
@@ -163,9 +172,9 @@ fn restore_table(dp: &mut Datapath, cfg: &Config, capacity: Capacity) -> anyhow:
             cfg.pin_dir.display(),
             file.display()
         );
-        return Ok((Table::new(capacity, cfg.dynamic_ports), 0));
+        return Ok((Table::new(capacity, dynamic), 0));
     };
-    let table = Table::from_snapshot(capacity, cfg.dynamic_ports, snapshot, records)
+    let table = Table::from_snapshot(capacity, dynamic, snapshot, records)
         .with_context(|| format!("restoring the mappings saved in {}", file.display()))?;
     table.rewrite(dp).context("writing the restored mappings")?;
     info!(

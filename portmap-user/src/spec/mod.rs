@@ -5,11 +5,13 @@
 //! BACKEND = BACKEND_IP:PORT[-END][@WEIGHT]        IPv6 addresses in brackets: [fd00::2]:80
 //! ```
 //!
-//! - no `HOST_IP`: every address of the backends' family (0.0.0.0 or [::]);
-//! - an empty `HOST_PORT` (`:198.18.2.2:80`, `198.18.1.1::198.18.2.2:80`) or none at all
+//! - no `HOST_IP` or an empty one (`:8080:198.18.2.2:80`): every address of the backends'
+//!   family (0.0.0.0 or [::]); an IPv4-mapped one (`[::ffff:198.18.1.1]`) is the IPv4 address;
+//! - an empty `HOST_PORT` (`:198.18.2.2:80`, `198.18.1.1::198.18.2.2:80`), `0`, or none at all
 //!   (`198.18.2.2:80`): the daemon allocates a free host port (range);
-//! - ranges: `8000-8099:198.18.2.2:9000-9099` maps port by port; a backend with a single port
-//!   takes every port of the range (`8000-8099:198.18.2.2:80`);
+//! - ranges: `8000-8099:198.18.2.2:9000-9099` maps port by port; a host range with single-port
+//!   backends (`8000-8010:198.18.2.2:80`) publishes ONE free port of the range, as Docker does;
+//! - an empty protocol (`80/`) is tcp;
 //! - several backends are balanced per flow with Maglev, in proportion to their weights.
 //!
 //! Parsing is a pure function with typed errors that name the bad part.
@@ -19,7 +21,7 @@ use std::{
     str::FromStr,
 };
 
-use crate::mapping::{Backend, MAX_BACKENDS, MAX_WEIGHT, Mapping, PortRange, Protocol, SpecAddr};
+use crate::mapping::{Backend, MAX_BACKENDS, MAX_WEIGHT, Mapping, PortRange, Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -33,8 +35,6 @@ pub enum SpecError {
     Shape(String),
     #[error("unknown protocol '{0}' (expected tcp, udp or sctp)")]
     Protocol(String),
-    #[error("'{0}' has no protocol after '/' (expected tcp, udp or sctp)")]
-    MissingProtocol(String),
     #[error("{what} is missing")]
     Missing { what: &'static str },
     #[error("{what} '{value}' is not a port number (1-65535)")]
@@ -140,6 +140,18 @@ fn parse_addr(what: &'static str, s: &str) -> Result<IpAddr, SpecError> {
         })
 }
 
+/// A host address: empty means every address (Docker's `:8080:...`), an IPv4-mapped IPv6
+/// address is the IPv4 address.
+fn parse_host_addr(s: &str) -> Result<Option<IpAddr>, SpecError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(match parse_addr("host address", s)? {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }))
+}
+
 fn parse_protocol(s: &str) -> Result<Protocol, SpecError> {
     match s.to_ascii_lowercase().as_str() {
         "tcp" => Ok(Protocol::Tcp),
@@ -200,7 +212,8 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
         return Err(SpecError::Empty);
     }
     let (body, protocol) = match spec.rsplit_once('/') {
-        Some((_, "")) => return Err(SpecError::MissingProtocol(spec.to_string())),
+        // Docker reads an empty protocol as tcp.
+        Some((body, "")) => (body, Protocol::Tcp),
         Some((body, proto)) => (body, parse_protocol(proto)?),
         None => (spec, Protocol::Tcp),
     };
@@ -218,11 +231,12 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
     let (host_ip, host_ports, first_backend) = match first.as_slice() {
         [bip, bp] => (None, None, (*bip, *bp)),
         [hp, bip, bp] => (None, Some(*hp), (*bip, *bp)),
-        [hip, hp, bip, bp] => (Some(parse_addr("host address", hip)?), Some(*hp), (*bip, *bp)),
+        [hip, hp, bip, bp] => (parse_host_addr(hip)?, Some(*hp), (*bip, *bp)),
         _ => return Err(SpecError::Shape(spec.to_string())),
     };
     let host_ports = match host_ports {
-        Some("") | None => None,
+        // Docker: host port 0 means "any free port".
+        Some("" | "0") | None => None,
         Some(p) => Some(parse_ports("host port", p)?),
     };
     let mut backends = vec![parse_backend(first_backend.0, first_backend.1)?];
@@ -293,9 +307,15 @@ pub fn check(mapping: &Mapping, spec: &str) -> Result<(), SpecError> {
     if ids.windows(2).any(|w| w[0] == w[1]) {
         return Err(SpecError::DuplicateBackend(spec.to_string()));
     }
-    let host_len = mapping.port_count();
+    // A host range with single-port backends publishes one port of the range; with ranged
+    // backends, port by port: then every backend has as many ports as the host range (or as
+    // the first ranged backend, for a dynamic one).
+    let ranged = backends.iter().find(|b| !b.ports.is_single());
+    let host_len = mapping
+        .host_ports
+        .map_or_else(|| ranged.map_or(1, |b| b.ports.count()), PortRange::count);
     for b in backends {
-        if !b.ports.is_single() && b.ports.count() != host_len {
+        if ranged.is_some() && b.ports.count() != host_len {
             return Err(SpecError::RangeLength {
                 backend: b.to_string(),
                 backend_ports: b.ports.count(),
@@ -321,6 +341,8 @@ pub fn first_overlap(mappings: &[Mapping]) -> Option<(usize, usize)> {
     let mut order: Vec<(Protocol, IpAddr, PortRange, usize)> = mappings
         .iter()
         .enumerate()
+        // One port of a range is chosen when it is added: never an overlap here.
+        .filter(|(_, m)| !m.picks_one())
         .filter_map(|(i, m)| m.host_ports.map(|r| (m.protocol, m.host_ip, r, i)))
         .collect();
     order.sort_unstable();
@@ -356,43 +378,6 @@ pub fn parse_backend_arg(text: &str) -> Result<Backend, SpecError> {
     }
 }
 
-/// `docker port` for a backend: which host ports lead to `query` (`IP[:PORT][/PROTO]`).
-/// Without a port: `PORT/PROTO -> HOST_IP:HOST_PORT` lines; with one: `HOST_IP:HOST_PORT` lines.
-pub fn port_lines(mappings: &[Mapping], query: &str) -> Result<Vec<String>, SpecError> {
-    let query = query.trim();
-    let (body, protocol) = match query.rsplit_once('/') {
-        Some((body, proto)) => (body, Some(parse_protocol(proto)?)),
-        None => (query, None),
-    };
-    let (ip, port) = match fields(body).as_slice() {
-        [ip] => (parse_addr("backend address", ip)?, None),
-        [ip, port] => (
-            parse_addr("backend address", ip)?,
-            Some(parse_port("backend port", port)?),
-        ),
-        _ => return Err(SpecError::Shape(query.to_string())),
-    };
-    let mut lines = Vec::new();
-    for m in mappings {
-        if protocol.is_some_and(|p| p != m.protocol) {
-            continue;
-        }
-        let Some(host_ports) = m.host_ports else { continue };
-        for backend in m.backends.iter().filter(|b| b.ip == ip) {
-            for (offset, host_port) in host_ports.ports().enumerate() {
-                let backend_port = backend.port_at(offset as u16);
-                let binding = format!("{}:{host_port}", SpecAddr(m.host_ip));
-                match port {
-                    Some(p) if p == backend_port => lines.push(binding),
-                    Some(_) => {}
-                    None => lines.push(format!("{backend_port}/{} -> {binding}", m.protocol)),
-                }
-            }
-        }
-    }
-    Ok(lines)
-}
-
 impl FromStr for Mapping {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -400,5 +385,8 @@ impl FromStr for Mapping {
     }
 }
 
+mod port;
 #[cfg(test)]
 mod tests;
+
+pub use self::port::{PortQuery, natural_cmp, port_lines};

@@ -64,6 +64,21 @@ fn good_specs() {
             m(Protocol::Tcp, "0.0.0.0", Some((8000, 8099)), web()),
         ),
         (":198.18.2.2:80", m(Protocol::Tcp, "0.0.0.0", None, web())),
+        // Docker's forms: host port 0, an empty host address, an empty protocol, an
+        // IPv4-mapped host address.
+        ("0:198.18.2.2:80", m(Protocol::Tcp, "0.0.0.0", None, web())),
+        (
+            ":8084:198.18.2.2:80",
+            m(Protocol::Tcp, "0.0.0.0", Some((8084, 8084)), web()),
+        ),
+        (
+            "8080:198.18.2.2:80/",
+            m(Protocol::Tcp, "0.0.0.0", Some((8080, 8080)), web()),
+        ),
+        (
+            "[::ffff:198.18.1.1]:8080:198.18.2.2:80",
+            m(Protocol::Tcp, "198.18.1.1", Some((8080, 8080)), web()),
+        ),
         ("198.18.2.2:80", m(Protocol::Tcp, "0.0.0.0", None, web())),
         (
             "198.18.1.1::198.18.2.2:80",
@@ -122,7 +137,11 @@ fn bad_specs_name_the_problem() {
         ("8080", "does not match"),
         ("1:2:3:4:5", "brackets"),
         ("fd00::1:8080:fd00::2:80", "brackets"),
-        ("0:198.18.2.2:80", "host port 0 is out of range"),
+        ("0-5:198.18.2.2:80", "host port 0 is out of range"),
+        (
+            "8000-8001:198.18.2.2:90-91,198.18.2.3:80",
+            "has 1 ports for 2 host ports",
+        ),
         ("8080:198.18.2.2:0", "backend port 0 is out of range"),
         ("65536:198.18.2.2:80", "host port 65536 is out of range"),
         (
@@ -136,10 +155,6 @@ fn bad_specs_name_the_problem() {
         ),
         ("1.2.3.400:8080:198.18.2.2:80", "host address '1.2.3.400'"),
         ("8080:198.18.2.2:80/icmp", "unknown protocol 'icmp'"),
-        (
-            "8080:198.18.2.2:80/",
-            "'8080:198.18.2.2:80/' has no protocol after '/'",
-        ),
         ("8080::80", "backend address is missing"),
         ("8099-8000:198.18.2.2:80", "ends before it starts"),
         ("8000-8009:198.18.2.2:90-91", "has 2 ports for 10 host ports"),
@@ -193,14 +208,16 @@ fn display_round_trips_and_docker_lines() {
         ["[fd00::2]:80/tcp -> [::]:8080"]
     );
     assert_eq!(
-        parse("8000-8001:198.18.2.2:9000-9001,198.18.2.3:80/udp")
+        parse("8000-8001:198.18.2.2:9000-9001,198.18.2.3:80-81/udp")
             .unwrap()
             .docker_lines(),
         [
             "198.18.2.2:9000,198.18.2.3:80/udp -> 0.0.0.0:8000",
-            "198.18.2.2:9001,198.18.2.3:80/udp -> 0.0.0.0:8001"
+            "198.18.2.2:9001,198.18.2.3:81/udp -> 0.0.0.0:8001"
         ]
     );
+    // One port of the range, as Docker: a single line for the requested form.
+    assert!(parse("8000-8010:198.18.2.2:80").unwrap().picks_one());
 }
 
 #[test]
@@ -211,34 +228,55 @@ fn port_lines_answer_like_docker_port() {
         "53:198.18.2.2:5353/udp",
         "9000-9001:198.18.2.2:7000-7001",
         "8080:[fd00::2]:80",
+        "5353:198.18.2.2:80/udp",
     ]
     .iter()
     .map(|s| parse(s).unwrap())
     .collect();
-    assert_eq!(port_lines(&ms, "198.18.2.2:80").unwrap(), ["0.0.0.0:8080"]);
-    assert_eq!(port_lines(&ms, "198.18.2.2:7001/tcp").unwrap(), ["0.0.0.0:9001"]);
+    let ask = |q: &str| port_lines(&ms, &PortQuery::parse(q).unwrap());
+    // A port without a protocol is TCP, as in Docker.
+    assert_eq!(ask("198.18.2.2:80"), ["0.0.0.0:8080"]);
+    assert_eq!(ask("198.18.2.2:80/udp"), ["0.0.0.0:5353"]);
+    assert_eq!(ask("198.18.2.2:7001/tcp"), ["0.0.0.0:9001"]);
+    assert!(ask("198.18.2.2:5353").is_empty());
+    // Natural order, numbers by value: 80 before 443, as `docker port` sorts.
     assert_eq!(
-        port_lines(&ms, "198.18.2.2:5353/tcp").unwrap(),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        port_lines(&ms, "198.18.2.2").unwrap(),
+        ask("198.18.2.2"),
         [
             "80/tcp -> 0.0.0.0:8080",
+            "80/udp -> 0.0.0.0:5353",
             "443/tcp -> 198.18.1.1:8443",
             "5353/udp -> 0.0.0.0:53",
             "7000/tcp -> 0.0.0.0:9000",
             "7001/tcp -> 0.0.0.0:9001"
         ]
     );
-    assert_eq!(port_lines(&ms, "198.18.2.3:443").unwrap(), ["198.18.1.1:8443"]);
-    assert_eq!(port_lines(&ms, "[fd00::2]:80").unwrap(), ["[::]:8080"]);
+    assert_eq!(ask("198.18.2.3:443"), ["198.18.1.1:8443"]);
+    assert_eq!(ask("[fd00::2]:80"), ["[::]:8080"]);
+    assert!(ask("198.18.9.9").is_empty());
     assert!(
-        port_lines(&ms, "nope")
+        PortQuery::parse("nope")
             .unwrap_err()
             .to_string()
             .contains("'nope'")
     );
+}
+
+/// Go's sortorder.NaturalLess, which `docker port` sorts with.
+#[test]
+fn natural_order_compares_numbers_by_value() {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    for (a, b, want) in [
+        ("80/tcp", "443/tcp", Less),
+        ("a2", "a10", Less),
+        ("a02", "a2", Greater),
+        ("a", "a1", Less),
+        ("1a", "a", Less),
+        ("x", "x", Equal),
+        ("0.0.0.0:8080", "0.0.0.0:80", Greater),
+    ] {
+        assert_eq!(natural_cmp(a, b), want, "{a} vs {b}");
+    }
 }
 
 #[test]
@@ -254,11 +292,14 @@ fn overlap_needs_same_protocol_address_and_ports() {
 fn first_overlap_finds_ranges_that_share_a_port() {
     let parse_all = |specs: &[&str]| specs.iter().map(|s| parse(s).unwrap()).collect::<Vec<_>>();
     let ms = parse_all(&[
-        "8000-8100:198.18.2.2:80",
+        "8000-8100:198.18.2.2:8000-8100",
         "9000:198.18.2.2:80",
         "8050:198.18.2.3:80",
     ]);
     assert_eq!(first_overlap(&ms), Some((0, 2)));
+    // Ranges of which one port is chosen at add time never overlap in a config.
+    let ms = parse_all(&["8000-8010:198.18.2.2:80", "8000-8010:198.18.2.3:80"]);
+    assert_eq!(first_overlap(&ms), None);
     let ms = parse_all(&[
         "8000:198.18.2.2:80",
         "8000:198.18.2.2:80/udp",
@@ -266,8 +307,8 @@ fn first_overlap_finds_ranges_that_share_a_port() {
     ]);
     assert_eq!(first_overlap(&ms), None);
     let ms = parse_all(&[
-        "1-100:198.18.2.2:80",
-        "200-300:198.18.2.2:80",
+        "1-100:198.18.2.2:1-100",
+        "200-300:198.18.2.2:200-300",
         "50:198.18.2.3:80",
         "250:198.18.2.3:80",
     ]);
@@ -299,6 +340,9 @@ fn spec_like() -> impl proptest::strategy::Strategy<Value = String> {
         (0u8..=255, 0u8..=255, 0u8..=255, 0u8..=255).prop_map(|(a, b, c, d)| format!("{a}.{b}.{c}.{d}")),
         Just("[fd00::2]".to_string()),
         Just("[::]".to_string()),
+        // Docker's forms: host port 0, IPv4-mapped host addresses.
+        Just("0".to_string()),
+        Just("[::ffff:198.18.1.1]".to_string()),
         "[0-9a-f.\\[\\]]{0,12}",
         Just(String::new()),
         "\\PC{0,6}",
@@ -308,6 +352,7 @@ fn spec_like() -> impl proptest::strategy::Strategy<Value = String> {
         Just("/tcp".to_string()),
         Just("/UDP".to_string()),
         Just("/sctp".to_string()),
+        Just("/".to_string()),
         "/\\PC{0,5}",
     ];
     let sep = prop_oneof![Just(":"), Just(":"), Just(",")];
@@ -337,7 +382,6 @@ fn names_the_problem(input: &str, err: &SpecError) -> bool {
         }
         SpecError::Shape(s)
         | SpecError::Protocol(s)
-        | SpecError::MissingProtocol(s)
         | SpecError::MixedFamilies(s)
         | SpecError::Weight(s)
         | SpecError::AllWeightsZero(s)

@@ -15,6 +15,8 @@ pub enum TableError {
     Allocated { spec: String, existing: String },
     #[error("port is already allocated: {binding} is in use by a local socket ({socket})")]
     InUse { binding: Binding, socket: LocalSocket },
+    #[error("no free host port left in {0}: every one is published or bound")]
+    RangeFull(PortRange),
     #[error("no {count} free host port(s) in a row left in the dynamic range {pool}")]
     PoolExhausted { count: u32, pool: PortRange },
     #[error("no mapping '{0}'")]

@@ -111,6 +111,8 @@ pub struct Table {
     ports_used: u64,
     max_ports: u32,
     pub dynamic: PortRange,
+    /// Ports never allocated (the kernel's `ip_local_reserved_ports`).
+    pub reserved: Vec<PortRange>,
     next_dynamic: u16,
     /// Stats slots of removed mappings, not handed out again while flows still count into them
     /// (`release_drained`): every packet is counted under the mapping that forwarded it.
@@ -161,6 +163,7 @@ impl Table {
             ports_used: 0,
             max_ports: capacity.ports,
             dynamic,
+            reserved: Vec::new(),
             next_dynamic: dynamic.start,
             draining: Vec::new(),
             flushes: Vec::new(),
@@ -246,15 +249,22 @@ impl Table {
         requested: &Mapping,
         sockets: &dyn Sockets,
     ) -> Result<(Mapping, Option<u16>), TableError> {
+        let taken = |port: u16| {
+            let probe = requested.with_host_ports(PortRange::single(port));
+            self.port_users.contains_key(&(probe.protocol, port))
+                || self.reserved.iter().any(|r| r.contains(port))
+                || probe.bindings().any(|b| sockets.conflict(&b).is_some())
+        };
         let (mapping, next_dynamic) = match requested.host_ports {
+            // Docker's `-p 8000-8010:80`: the first free port of the range.
+            Some(range) if requested.picks_one() => {
+                let port = find_free_run(range, 1, range.start, |p| !taken(p))
+                    .ok_or(TableError::RangeFull(range))?;
+                (requested.with_host_ports(port), None)
+            }
             Some(_) => (requested.clone(), None),
             None => {
                 let count = requested.port_count();
-                let taken = |port: u16| {
-                    let probe = requested.with_host_ports(PortRange::single(port));
-                    self.port_users.contains_key(&(probe.protocol, port))
-                        || probe.bindings().any(|b| sockets.conflict(&b).is_some())
-                };
                 let range = find_free_run(self.dynamic, count, self.next_dynamic, |p| !taken(p)).ok_or(
                     TableError::PoolExhausted {
                         count,
@@ -271,7 +281,7 @@ impl Table {
                 existing: existing.mapping.to_string(),
             });
         }
-        if requested.host_ports.is_some() {
+        if requested.host_ports.is_some() && !requested.picks_one() {
             for binding in mapping.bindings() {
                 if let Some(socket) = sockets.conflict(&binding) {
                     return Err(TableError::InUse { binding, socket });

@@ -525,3 +525,43 @@ fn containers_own_their_mappings() {
     assert_eq!(table.mappings(), before.requested(), "only the container's went");
     assert_eq!(maps.contents, expected_contents(&table));
 }
+
+/// Docker's `-p 8000-8002:80`: each such mapping gets one free port of the range (published or
+/// reserved ones skipped), and a full range is an error that names it.
+#[test]
+fn a_host_range_with_one_backend_port_publishes_one_free_port_of_it() {
+    let (mut table, mut maps) = populated();
+    table.reserved = vec![PortRange::single(8001)];
+    let range = m("8000-8003:198.18.2.30:80");
+    assert!(range.picks_one());
+    let a = table.add(&mut maps, &range, &NoSockets).unwrap();
+    let b = table
+        .add(&mut maps, &m("8000-8003:198.18.2.31:80"), &NoSockets)
+        .unwrap();
+    let c = table
+        .add(&mut maps, &m("8000-8003:198.18.2.32:80"), &NoSockets)
+        .unwrap();
+    let ports: Vec<_> = [a, b, c].iter().map(|m| m.host_ports.unwrap()).collect();
+    assert_eq!(
+        ports,
+        [
+            PortRange::single(8000),
+            PortRange::single(8002),
+            PortRange::single(8003)
+        ]
+    );
+    let err = table
+        .add(&mut maps, &m("8000-8003:198.18.2.33:80"), &NoSockets)
+        .unwrap_err();
+    assert!(err.to_string().contains("8000-8003"), "{err}");
+    // Deleted by the form it was added with.
+    table.remove(&mut maps, &range).unwrap();
+    assert_eq!(maps.contents, expected_contents(&table));
+    // Dynamic allocation skips reserved ports too.
+    table.reserved = vec![PortRange {
+        start: 40000,
+        end: 40004,
+    }];
+    let dynamic = table.add(&mut maps, &m("198.18.2.40:80"), &NoSockets).unwrap();
+    assert_eq!(dynamic.host_ports, Some(PortRange::single(40005)));
+}

@@ -1,0 +1,73 @@
+//! Shell completions and man pages come from the binaries' own clap definitions: the bash
+//! script `portmap completions bash` prints is valid bash and completes every subcommand, and
+//! a man page is generated for every subcommand of `portmap` and for `portmap-cni install`.
+//! No root needed.
+
+use std::process::Command;
+
+use anyhow::{Context as _, ensure};
+use clap::CommandFactory as _;
+use portmap_tests::{TempDir, portmap_bin};
+
+#[test]
+fn completion_scripts_parse_and_name_every_subcommand() -> anyhow::Result<()> {
+    let subcommands: Vec<String> = portmap::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(portmap_bin()?)
+            .args(["completions", shell])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "completions {shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout)?;
+        for name in &subcommands {
+            ensure!(script.contains(name.as_str()), "{shell} script lacks {name}");
+        }
+        if shell == "bash" {
+            let dir = TempDir::new("compl")?;
+            let path = dir.path().join("portmap.bash");
+            std::fs::write(&path, &script)?;
+            let check = Command::new("bash").arg("-n").arg(&path).output()?;
+            ensure!(
+                check.status.success(),
+                "bash -n: {}",
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    }
+    let bad = Command::new(portmap_bin()?)
+        .args(["completions", "cmd.exe"])
+        .output()?;
+    ensure!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("cmd.exe"));
+    Ok(())
+}
+
+#[test]
+fn man_pages_cover_every_subcommand() -> anyhow::Result<()> {
+    let dir = TempDir::new("man")?;
+    let cli = portmap::cli::Cli::command();
+    clap_mangen::generate_to(cli.clone(), dir.path())?;
+    clap_mangen::generate_to(portmap::cni::install::Cli::command(), dir.path())?;
+    let page = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.1"))).with_context(|| name.to_owned())
+    };
+    ensure!(page("portmap")?.contains("Publish host ports"), "portmap.1");
+    for sub in cli.get_subcommands() {
+        let name = sub.get_name();
+        let text = page(&format!("portmap-{name}"))?;
+        ensure!(
+            text.contains(&format!("portmap\\-{name}")),
+            "portmap-{name}.1 names itself"
+        );
+    }
+    ensure!(
+        page("portmap-cni-install")?.contains("conflist"),
+        "portmap-cni-install.1"
+    );
+    Ok(())
+}

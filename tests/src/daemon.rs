@@ -195,6 +195,12 @@ impl Daemon {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The running daemon's process id.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal to the running daemon (e.g. SIGHUP: reload).
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
         let child = self.child.as_ref().context("the daemon is not running")?;

@@ -55,12 +55,45 @@ pub struct PerVariant {
     pub rtt_samples_us: Vec<f64>,
 }
 
+/// The spread of repeated samples.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` for no samples.
+    pub fn of(samples: &[f64]) -> Option<Self> {
+        let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+        sorted.sort_by(f64::total_cmp);
+        Some(Self {
+            min: *sorted.first()?,
+            median: sorted[sorted.len() / 2],
+            max: *sorted.last()?,
+        })
+    }
+
+    /// Whether two spreads overlap: a difference of medians inside the noise.
+    pub fn overlaps(&self, other: &Self) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
 #[derive(Serialize)]
 pub struct Packets {
     pub variant: Variant,
     pub flows: u16,
+    /// The fixed-load run with the median CPU per packet, and the spread over the repeats.
     pub fixed: PacketRun,
+    pub cpu_ns: Option<Spread>,
+    /// The flat-out run with the median forwarded rate, and the spread (packets/s).
     pub max: PacketRun,
+    pub max_pps: Option<Spread>,
+    /// Every run, in the order measured.
+    pub fixed_runs: Vec<PacketRun>,
+    pub max_runs: Vec<PacketRun>,
 }
 
 #[derive(Serialize)]

@@ -108,8 +108,17 @@ pub fn iperf3_gbps(topo: &Topology, dst: SocketAddrV4, secs: u32) -> anyhow::Res
         .context("iperf3 reported no throughput")
 }
 
-/// Busy CPU time (not idle/iowait) of one CPU, or of all (`None`), in seconds, from /proc/stat.
-fn busy_seconds(cpu: Option<usize>) -> anyhow::Result<f64> {
+/// Idle (idle + iowait) and steal time of one CPU, or of all (`None`), in seconds, from
+/// /proc/stat. Idle time is accounted exactly on a tickless kernel (it comes from the idle
+/// loop's own clock); the busy fields are only sampled at ticks and miss short softirq bursts,
+/// so busy time is measured as wall time minus idle (minus steal, which is reported apart).
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuClock {
+    idle: f64,
+    steal: f64,
+}
+
+fn cpu_clock(cpu: Option<usize>) -> anyhow::Result<CpuClock> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let label = cpu.map_or("cpu".to_string(), |c| format!("cpu{c}"));
     let fields: Vec<u64> = stat
@@ -120,14 +129,42 @@ fn busy_seconds(cpu: Option<usize>) -> anyhow::Result<f64> {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    let total: u64 = fields.iter().take(8).sum();
-    let idle = fields[3] + fields[4];
-    Ok((total - idle) as f64 / clock_ticks())
+    ensure!(fields.len() >= 8, "short {label} line in /proc/stat");
+    Ok(CpuClock {
+        idle: (fields[3] + fields[4]) as f64 / clock_ticks(),
+        steal: fields[7] as f64 / clock_ticks(),
+    })
+}
+
+/// Busy seconds of `cpus` CPUs over a window of `wall` seconds between two clock readings, and
+/// the steal time in it.
+fn busy_between(before: CpuClock, after: CpuClock, wall: f64, cpus: f64) -> (f64, f64) {
+    let steal = after.steal - before.steal;
+    ((wall * cpus - (after.idle - before.idle) - steal).max(0.0), steal)
 }
 
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// The sink drops the benchmark's UDP at ingress (an nftables netdev hook on b0, after the
+/// device counted it): no socket lookup and no ICMP port-unreachable on the measured CPU.
+pub fn sink_drops_udp(topo: &Topology) -> anyhow::Result<()> {
+    let ruleset = "table netdev pmsink {\n  chain in { type filter hook ingress device \"b0\" priority 0; policy accept;\n    udp dport 9 drop\n  }\n}\n";
+    let dir = portmap_tests::TempDir::new("sink")?;
+    let file = dir.path().join("sink.nft");
+    std::fs::write(&file, ruleset)?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.backend.name, "nft", "-f"])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "sink drop rule: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 fn rx_packets(ns: &Netns, dev: &str) -> anyhow::Result<u64> {
@@ -143,10 +180,13 @@ pub struct PacketRun {
     pub offered_pps: Option<f64>,
     pub sent_pps: f64,
     pub forwarded_pps: f64,
-    /// Busy time of CPU 1, where the router (and the sink) run, per forwarded packet (ns).
+    /// Busy time of CPU 1, where the router (and the sink's ingress drop) run, per forwarded
+    /// packet (ns): wall time minus idle and steal time of the window.
     pub cpu_ns_per_packet: Option<f64>,
     /// The machine's busy CPU time per forwarded packet, generator included (ns).
     pub total_cpu_ns_per_packet: f64,
+    /// CPU 1's steal time in the window (hypervisor), in percent: not counted as busy.
+    pub steal_percent: f64,
 }
 
 /// 60-byte UDP frames (64 on the wire with the FCS) from the generator to `dst`, over `flows`
@@ -283,7 +323,9 @@ pub fn packet_run(
     steer_router_to_cpu1(topo)?;
     let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
     let before_rx = rx_packets(&topo.backend, "b0")?;
-    let (before_all, before_cpu1) = (busy_seconds(None)?, busy_seconds(Some(1)).ok());
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let started = Instant::now();
+    let (before_all, before_cpu1) = (cpu_clock(None)?, cpu_clock(Some(1)).ok());
     let sent = topo.client.run(move || {
         pin_to_cpu(0)?;
         let fd = packet_socket("c0")?;
@@ -296,8 +338,10 @@ pub fn packet_run(
     })?;
     // Let the last packets drain through the router.
     thread::sleep(Duration::from_millis(200));
-    let busy_all = busy_seconds(None)? - before_all;
-    let busy_cpu1 = before_cpu1.and_then(|b| Some(busy_seconds(Some(1)).ok()? - b));
+    let wall = started.elapsed().as_secs_f64();
+    let (busy_all, _) = busy_between(before_all, cpu_clock(None)?, wall, cpus);
+    let cpu1 = before_cpu1.and_then(|b| Some(busy_between(b, cpu_clock(Some(1)).ok()?, wall, 1.0)));
+    let busy_cpu1 = cpu1.map(|(busy, _)| busy);
     let forwarded = rx_packets(&topo.backend, "b0")? - before_rx;
     if forwarded == 0 {
         bail!("no packet reached the sink");
@@ -310,6 +354,7 @@ pub fn packet_run(
             .filter(|_| two_cpus && rate.is_some())
             .map(|b| b * 1e9 / forwarded as f64),
         total_cpu_ns_per_packet: busy_all * 1e9 / forwarded as f64,
+        steal_percent: cpu1.map_or(0.0, |(_, steal)| 100.0 * steal / wall),
     })
 }
 

@@ -44,6 +44,8 @@ struct Plan {
     flow_mappings: Vec<u32>,
     control_mappings: Vec<u32>,
     program_mappings: Vec<u32>,
+    /// Mappings the daemon's resident memory is measured with.
+    memory_mappings: Vec<u32>,
     connect_secs: f64,
     /// Runs per new-connection measurement (the median is reported).
     repetitions: usize,
@@ -56,6 +58,9 @@ struct Plan {
     max_secs: f64,
     /// Interleaved repeats of the packet measurements.
     packet_repeats: usize,
+    /// Flows and repeats of the reply-direction measurement.
+    reply_flows: u16,
+    reply_repeats: usize,
     offered_pps: f64,
     /// Spoofed flows of the flood measurement.
     flood_flows: u32,
@@ -68,6 +73,7 @@ impl Plan {
                 flow_mappings: vec![1, 1_000],
                 control_mappings: vec![1, 1_000, 10_000],
                 program_mappings: vec![1, 1_000, 10_000],
+                memory_mappings: vec![1_000],
                 connect_secs: 1.0,
                 repetitions: 1,
                 iperf_secs: 2,
@@ -76,6 +82,8 @@ impl Plan {
                 packet_secs: 1.0,
                 max_secs: 1.0,
                 packet_repeats: 1,
+                reply_flows: 100,
+                reply_repeats: 1,
                 offered_pps: 50_000.0,
                 flood_flows: 20_000,
             }
@@ -84,6 +92,7 @@ impl Plan {
                 flow_mappings: vec![1, 1_000, 10_000, 50_000],
                 control_mappings: vec![1, 1_000, 10_000, 50_000],
                 program_mappings: vec![1, 1_000, 10_000, 100_000, 1_000_000],
+                memory_mappings: vec![1_000, 10_000, 65_000],
                 connect_secs: 2.0,
                 repetitions: 3,
                 iperf_secs: 5,
@@ -92,6 +101,8 @@ impl Plan {
                 packet_secs: 10.0,
                 max_secs: 3.0,
                 packet_repeats: 5,
+                reply_flows: 1_000,
+                reply_repeats: 3,
                 offered_pps: 100_000.0,
                 flood_flows: 600_000,
             }
@@ -119,10 +130,12 @@ fn main() -> anyhow::Result<()> {
         new_flows: new_flows(&plan)?,
         per_variant: throughput_and_latency(&plan)?,
         packets: packet_costs(&plan)?,
+        replies: reply_costs(&plan)?,
         programs: program_costs(&plan)?,
         control: control_plane(&plan)?,
         flood: flood_runs(&plan)?,
         memory: micro::memory()?,
+        daemon_memory: daemon_memory(&plan)?,
         seconds: started.elapsed().as_secs_f64(),
     };
     let report = report(&results);
@@ -247,28 +260,86 @@ fn packet_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
     let mut packets = Vec::new();
     for (i, (variant, _)) in beds.iter().enumerate() {
         for (f, &flows) in flow_counts.iter().enumerate() {
-            let (fixed_runs, max_runs): (Vec<PacketRun>, Vec<PacketRun>) =
-                runs[i * flow_counts.len() + f].iter().cloned().unzip();
-            let cpu: Vec<f64> = fixed_runs.iter().filter_map(|r| r.cpu_ns_per_packet).collect();
-            let rates: Vec<f64> = max_runs.iter().map(|r| r.forwarded_pps).collect();
-            let median = |runs: &[PacketRun], key: fn(&PacketRun) -> f64| {
-                let mut sorted = runs.to_vec();
-                sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
-                sorted[sorted.len() / 2].clone()
-            };
-            packets.push(Packets {
-                variant: *variant,
-                flows,
-                fixed: median(&fixed_runs, |r| r.cpu_ns_per_packet.unwrap_or(f64::NAN)),
-                cpu_ns: Spread::of(&cpu),
-                max: median(&max_runs, |r| r.forwarded_pps),
-                max_pps: Spread::of(&rates),
-                fixed_runs,
-                max_runs,
-            });
+            packets.push(summarize(*variant, flows, &runs[i * flow_counts.len() + f]));
         }
     }
     Ok(packets)
+}
+
+/// The reply direction (sink → client through the reverse NAT) per variant that forwards both
+/// ways, interleaved like the forward measurement.
+fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
+    say(&format!(
+        "reply direction: the sink answers {} flows, 64-byte UDP, CPU per packet at {:.0} kpps and the maximum rate; \
+         {} interleaved repeat(s)",
+        plan.reply_flows,
+        plan.offered_pps / 1e3,
+        plan.reply_repeats
+    ));
+    let variants = [
+        Variant::Routing,
+        Variant::Iptables,
+        Variant::Nftables,
+        Variant::NftStateless,
+        Variant::PortmapTc,
+        Variant::PortmapXdp,
+    ];
+    let beds = variants
+        .iter()
+        .map(|&variant| {
+            let bed = setup::bed(variant, 1)?;
+            traffic::sink_drops_udp(&bed.topo)?;
+            Ok((variant, bed))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len()];
+    for repeat in 0..plan.reply_repeats {
+        for k in 0..beds.len() {
+            let i = (k + repeat) % beds.len();
+            let (variant, bed) = &beds[i];
+            let dst = target(*variant, 0, true);
+            let flows = plan.reply_flows;
+            let fixed = traffic::reply_run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
+            let max = traffic::reply_run(&bed.topo, dst, flows, None, plan.max_secs)?;
+            say(&format!(
+                "  [{}/{}] {:<28} replies: {:>6.0} ns CPU/packet; max {:.0} kpps (sent {:.0})",
+                repeat + 1,
+                plan.reply_repeats,
+                variant.name(),
+                fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
+                max.forwarded_pps / 1e3,
+                max.sent_pps / 1e3
+            ));
+            runs[i].push((fixed, max));
+        }
+    }
+    Ok(beds
+        .iter()
+        .zip(runs)
+        .map(|((variant, _), runs)| summarize(*variant, plan.reply_flows, &runs))
+        .collect())
+}
+
+/// The median runs and the spreads of repeated (fixed-load, flat-out) runs.
+fn summarize(variant: Variant, flows: u16, runs: &[(PacketRun, PacketRun)]) -> Packets {
+    let (fixed_runs, max_runs): (Vec<PacketRun>, Vec<PacketRun>) = runs.iter().cloned().unzip();
+    let cpu: Vec<f64> = fixed_runs.iter().filter_map(|r| r.cpu_ns_per_packet).collect();
+    let rates: Vec<f64> = max_runs.iter().map(|r| r.forwarded_pps).collect();
+    let median = |runs: &[PacketRun], key: fn(&PacketRun) -> f64| {
+        let mut sorted = runs.to_vec();
+        sorted.sort_by(|a, b| key(a).total_cmp(&key(b)));
+        sorted[sorted.len() / 2].clone()
+    };
+    Packets {
+        variant,
+        flows,
+        fixed: median(&fixed_runs, |r| r.cpu_ns_per_packet.unwrap_or(f64::NAN)),
+        cpu_ns: Spread::of(&cpu),
+        max: median(&max_runs, |r| r.forwarded_pps),
+        max_pps: Spread::of(&rates),
+        fixed_runs,
+        max_runs,
+    }
 }
 
 fn program_costs(plan: &Plan) -> anyhow::Result<Vec<micro::ProgramCost>> {
@@ -316,6 +387,21 @@ fn flood_runs(plan: &Plan) -> anyhow::Result<Vec<flood::FloodRun>> {
         runs.push(run);
     }
     Ok(runs)
+}
+
+fn daemon_memory(plan: &Plan) -> anyhow::Result<Vec<micro::DaemonMemory>> {
+    say("daemon resident memory");
+    plan.memory_mappings
+        .iter()
+        .map(|&n| {
+            let m = micro::daemon_memory(n)?;
+            say(&format!(
+                "  {n:>6} mappings: {:.1} MiB resident, {:.1} MiB peak",
+                m.rss_mib, m.peak_mib
+            ));
+            Ok(m)
+        })
+        .collect()
 }
 
 fn control_plane(plan: &Plan) -> anyhow::Result<Vec<micro::ControlPlane>> {

@@ -269,6 +269,49 @@ pub fn control_plane(n: u32) -> anyhow::Result<ControlPlane> {
     Ok(r)
 }
 
+/// The daemon's resident memory with N mappings installed from its config.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DaemonMemory {
+    pub mappings: u32,
+    /// VmRSS and VmHWM (peak) of the daemon process, MiB.
+    pub rss_mib: f64,
+    pub peak_mib: f64,
+}
+
+/// A `/proc/PID/status` field in kB, as MiB.
+fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+pub fn daemon_memory(n: u32) -> anyhow::Result<DaemonMemory> {
+    let bed = setup::bed(Variant::Routing, 0)?;
+    let dir = TempDir::new("rss")?;
+    let config = dir.path().join("portmap.toml");
+    let mappings: Vec<String> = (0..n).map(|i| format!("\"{}:{SINK}:80\"", i + 1)).collect();
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"{}\"]\nattach = \"tc\"\nmappings = [{}]\n",
+            HOST_CLIENT_IFACE,
+            mappings.join(", ")
+        ),
+    )?;
+    let daemon = Daemon::start(&bed.topo.host, &["--config", config.to_str().context("utf-8")?])?;
+    let pid = daemon.pid().context("daemon pid")?;
+    Ok(DaemonMemory {
+        mappings: n,
+        rss_mib: status_mib(pid, "VmRSS")?,
+        peak_mib: status_mib(pid, "VmHWM")?,
+    })
+}
+
 /// Kernel memory per mapping and per flow, from the maps' memlock at default capacities.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Memory {

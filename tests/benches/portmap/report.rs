@@ -122,6 +122,24 @@ fn ratios(s: &mut String, r: &Results) {
             }
         }
     }
+    let reply = |v| r.replies.iter().find(|p| p.variant == v).and_then(|p| p.cpu_ns);
+    for (label, v) in [("TC", Variant::PortmapTc), ("XDP", Variant::PortmapXdp)] {
+        let cells: Vec<String> = peers
+            .iter()
+            .map(|peer| {
+                if *peer == Variant::XdpFloor {
+                    String::new()
+                } else {
+                    spread_ratio(reply(v), reply(*peer))
+                }
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "| CPU per reply packet (sink → client), portmap {label} | {} |",
+            cells.join(" | ")
+        );
+    }
     let last_n = r.new_flows.iter().map(|f| f.mappings).max().unwrap_or(1);
     for n in [1, last_n] {
         let p = new_flows_of(r, Variant::PortmapTc, n);
@@ -346,6 +364,9 @@ fn absolutes(s: &mut String, r: &Results) {
          samples and miss short softirq bursts); steal is reported, not counted. Every variant is set up at once \
          and measured in turn, a different one first in each repeat; median [min–max] over the repeats. \
          \"sent\" is what the generator managed: where forwarded ≈ sent, the generator was the bottleneck. \
+         Rows marked (replies) measure the other direction: after one packet per flow from the client, the sink \
+         answers every flow (generator in the sink's namespace, the router's receive on h1 steered to CPU 1, the \
+         client dropping the answers at ingress); portmap reverse-NATs them on TC egress. \
          IPVS and nftables flowtables would be the next peers, but this kernel is built without CONFIG_IP_VS and \
          CONFIG_NF_FLOW_TABLE.\n"
     );
@@ -367,10 +388,15 @@ fn absolutes(s: &mut String, r: &Results) {
             },
         )
     };
-    for p in &r.packets {
+    let rows = r
+        .packets
+        .iter()
+        .map(|p| (p, ""))
+        .chain(r.replies.iter().map(|p| (p, " (replies)")));
+    for (p, direction) in rows {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.0} | {:.1} | {} | {:.0} |",
+            "| {}{direction} | {} | {} | {:.0} | {:.1} | {} | {:.0} |",
             p.variant.name(),
             p.flows,
             show(p.cpu_ns, 1.0),
@@ -439,6 +465,14 @@ fn absolutes(s: &mut String, r: &Results) {
     let _ = writeln!(s, "| --- | --- | --- |");
     for (name, entries, bytes) in &r.memory.maps {
         let _ = writeln!(s, "| {name} | {entries} | {bytes} |");
+    }
+    let _ = writeln!(
+        s,
+        "\nThe daemon's own memory (VmRSS, and VmHWM: the peak while it applied the config) with N mappings \
+         installed from its config:\n\n| mappings | resident MiB | peak MiB |\n| --- | --- | --- |"
+    );
+    for m in &r.daemon_memory {
+        let _ = writeln!(s, "| {} | {:.1} | {:.1} |", m.mappings, m.rss_mib, m.peak_mib);
     }
     flood_table(s, r);
 }

@@ -103,9 +103,12 @@ pub struct Results {
     pub new_flows: Vec<NewFlows>,
     pub per_variant: Vec<PerVariant>,
     pub packets: Vec<Packets>,
+    /// The reply direction (sink → client).
+    pub replies: Vec<Packets>,
     pub programs: Vec<micro::ProgramCost>,
     pub control: Vec<micro::ControlPlane>,
     pub memory: micro::Memory,
+    pub daemon_memory: Vec<micro::DaemonMemory>,
     pub flood: Vec<crate::flood::FloodRun>,
     pub seconds: f64,
 }

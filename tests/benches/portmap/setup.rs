@@ -149,14 +149,17 @@ pub fn nft_ruleset(n: u32, udp: bool) -> String {
 }
 
 /// nft -f input: UDP to the router's ports BASE_PORT.. is rewritten to the sink's port 9 without
-/// conntrack (`notrack`, payload statements fix the checksums), in the raw prerouting hook; the
-/// sink's answers from port 9 are rewritten back to the first mapping.
+/// conntrack (`notrack`, payload statements fix the checksums) in the raw prerouting hook; the
+/// sink's answers from port 9 get the first mapping's address and port back in postrouting
+/// (after routing: a packet arriving with the router's own source address would be a martian).
 pub fn nft_stateless_ruleset(n: u32) -> String {
     let last = BASE_PORT + (n.max(1) - 1) as u16;
     format!(
         "table ip pmsl {{\n  chain raw {{ type filter hook prerouting priority raw; policy accept;\n    \
          ip daddr {ROUTER} udp dport {BASE_PORT}-{last} notrack ip daddr set {SINK} udp dport set 9\n    \
-         ip saddr {SINK} udp sport 9 notrack ip saddr set {ROUTER} udp sport set {BASE_PORT}\n  }}\n}}\n"
+         ip saddr {SINK} udp sport 9 notrack\n  }}\n  \
+         chain post {{ type filter hook postrouting priority srcnat; policy accept;\n    \
+         ip saddr {SINK} udp sport 9 ip saddr set {ROUTER} udp sport set {BASE_PORT}\n  }}\n}}\n"
     )
 }
 

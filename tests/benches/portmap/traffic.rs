@@ -149,14 +149,22 @@ fn clock_ticks() -> f64 {
 }
 
 /// The sink drops the benchmark's UDP at ingress (an nftables netdev hook on b0, after the
-/// device counted it): no socket lookup and no ICMP port-unreachable on the measured CPU.
+/// device counted it): no socket lookup and no ICMP port-unreachable on the measured CPU. The
+/// client does the same with the answers of the reply-direction measurement.
 pub fn sink_drops_udp(topo: &Topology) -> anyhow::Result<()> {
-    let ruleset = "table netdev pmsink {\n  chain in { type filter hook ingress device \"b0\" priority 0; policy accept;\n    udp dport 9 drop\n  }\n}\n";
-    let dir = portmap_tests::TempDir::new("sink")?;
-    let file = dir.path().join("sink.nft");
+    drop_udp_at_ingress(&topo.backend, "b0", "udp dport 9")?;
+    drop_udp_at_ingress(&topo.client, "c0", "udp dport >= 20000")
+}
+
+fn drop_udp_at_ingress(ns: &Netns, dev: &str, what: &str) -> anyhow::Result<()> {
+    let ruleset = format!(
+        "table netdev pmdrop {{\n  chain in {{ type filter hook ingress device \"{dev}\" priority 0; policy accept;\n    {what} drop\n  }}\n}}\n"
+    );
+    let dir = portmap_tests::TempDir::new("drop")?;
+    let file = dir.path().join("drop.nft");
     std::fs::write(&file, ruleset)?;
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &topo.backend.name, "nft", "-f"])
+        .args(["netns", "exec", &ns.name, "nft", "-f"])
         .arg(&file)
         .output()?;
     ensure!(
@@ -189,15 +197,21 @@ pub struct PacketRun {
     pub steal_percent: f64,
 }
 
-/// 60-byte UDP frames (64 on the wire with the FCS) from the generator to `dst`, over `flows`
-/// source ports.
-fn frames(dst: (Ipv4Addr, u16), flows: u16, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<Vec<u8>> {
+/// 60-byte UDP frames (64 on the wire with the FCS) from `src` to `dst`, over `flows` source
+/// ports counted up from `src`'s (etherparse fills in valid IP and UDP checksums).
+fn frames(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    flows: u16,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+) -> Vec<Vec<u8>> {
     (0..flows)
         .map(|i| {
             let mut out = Vec::new();
             etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
-                .ipv4([198, 18, 0, 2], dst.0.octets(), 64)
-                .udp(20_000 + i, dst.1)
+                .ipv4(src.0.octets(), dst.0.octets(), 64)
+                .udp(src.1 + i, dst.1)
                 .write(&mut out, &[0u8; 18])
                 .expect("buildable");
             out
@@ -285,20 +299,22 @@ fn blast(fd: &OwnedFd, frames: &[Vec<u8>], rate: Option<f64>, deadline: Instant)
     sent
 }
 
-/// Moves the router's receive work for h0 to CPU 1: RPS for the kernel's receive path, and for
-/// XDP on a veth (which runs in NAPI, by default on the sender's CPU) threaded NAPI with its
+/// Moves the router's receive work for `dev` to CPU 1: RPS for the kernel's receive path, and
+/// for XDP on a veth (which runs in NAPI, by default on the sender's CPU) threaded NAPI with its
 /// kernel threads pinned to CPU 1.
-fn steer_router_to_cpu1(topo: &Topology) -> anyhow::Result<()> {
+fn steer_router_to_cpu1(topo: &Topology, dev: &str) -> anyhow::Result<()> {
     topo.host.exec(
         "sh",
         &[
             "-c",
-            "echo 2 > /sys/class/net/h0/queues/rx-0/rps_cpus; echo 1 > /sys/class/net/h0/threaded || true",
+            &format!(
+                "echo 2 > /sys/class/net/{dev}/queues/rx-0/rps_cpus; echo 1 > /sys/class/net/{dev}/threaded || true"
+            ),
         ],
     )?;
     for entry in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("napi/h0-") {
+        if !comm.starts_with(&format!("napi/{dev}-")) {
             continue;
         }
         if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
@@ -319,16 +335,88 @@ pub fn packet_run(
     rate: Option<f64>,
     secs: f64,
 ) -> anyhow::Result<PacketRun> {
-    let frames = frames(dst, flows, mac_of(&topo.client, "c0")?, mac_of(&topo.host, "h0")?);
-    steer_router_to_cpu1(topo)?;
+    let frames = frames(
+        ([198, 18, 0, 2].into(), 20_000),
+        dst,
+        flows,
+        mac_of(&topo.client, "c0")?,
+        mac_of(&topo.host, "h0")?,
+    );
+    steer_router_to_cpu1(topo, "h0")?;
+    measure((&topo.client, "c0"), (&topo.backend, "b0"), frames, rate, secs)
+}
+
+/// The reply direction: after one packet per flow from the client to `dst` (which sets up the
+/// NAT variants' flows), the sink answers every flow from its port 9 to the client's port, at
+/// `rate` or flat out; counted where the answers arrive at the client.
+pub fn reply_run(
+    topo: &Topology,
+    dst: (Ipv4Addr, u16),
+    flows: u16,
+    rate: Option<f64>,
+    secs: f64,
+) -> anyhow::Result<PacketRun> {
+    let forward = frames(
+        ([198, 18, 0, 2].into(), 20_000),
+        dst,
+        flows,
+        mac_of(&topo.client, "c0")?,
+        mac_of(&topo.host, "h0")?,
+    );
+    topo.client.run(move || {
+        let fd = packet_socket("c0")?;
+        // About one packet per flow.
+        blast(
+            &fd,
+            &forward,
+            Some(f64::from(flows) * 10.0),
+            Instant::now() + Duration::from_millis(100),
+        );
+        Ok(())
+    })?;
+    thread::sleep(Duration::from_millis(200));
+    let answers: Vec<Vec<u8>> = (0..flows)
+        .flat_map(|i| {
+            frames(
+                (crate::setup::SINK, 9),
+                ([198, 18, 0, 2].into(), 20_000 + i),
+                1,
+                [0; 6],
+                [0; 6],
+            )
+        })
+        .collect();
+    let (src_mac, dst_mac) = (mac_of(&topo.backend, "b0")?, mac_of(&topo.host, "h1")?);
+    let answers = answers
+        .into_iter()
+        .map(|mut f| {
+            f[..6].copy_from_slice(&dst_mac);
+            f[6..12].copy_from_slice(&src_mac);
+            f
+        })
+        .collect();
+    steer_router_to_cpu1(topo, "h1")?;
+    measure((&topo.backend, "b0"), (&topo.client, "c0"), answers, rate, secs)
+}
+
+/// Sends `frames` from `from` (generator on CPU 0) for `secs` seconds and counts what arrives
+/// at `to`; CPU 1's busy time per arriving packet is the router's cost.
+fn measure(
+    from: (&Netns, &'static str),
+    to: (&Netns, &str),
+    frames: Vec<Vec<u8>>,
+    rate: Option<f64>,
+    secs: f64,
+) -> anyhow::Result<PacketRun> {
     let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
-    let before_rx = rx_packets(&topo.backend, "b0")?;
+    let before_rx = rx_packets(to.0, to.1)?;
     let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let started = Instant::now();
     let (before_all, before_cpu1) = (cpu_clock(None)?, cpu_clock(Some(1)).ok());
-    let sent = topo.client.run(move || {
+    let dev = from.1;
+    let sent = from.0.run(move || {
         pin_to_cpu(0)?;
-        let fd = packet_socket("c0")?;
+        let fd = packet_socket(dev)?;
         Ok(blast(
             &fd,
             &frames,
@@ -342,9 +430,9 @@ pub fn packet_run(
     let (busy_all, _) = busy_between(before_all, cpu_clock(None)?, wall, cpus);
     let cpu1 = before_cpu1.and_then(|b| Some(busy_between(b, cpu_clock(Some(1)).ok()?, wall, 1.0)));
     let busy_cpu1 = cpu1.map(|(busy, _)| busy);
-    let forwarded = rx_packets(&topo.backend, "b0")? - before_rx;
+    let forwarded = rx_packets(to.0, to.1)? - before_rx;
     if forwarded == 0 {
-        bail!("no packet reached the sink");
+        bail!("no packet reached {}", to.1);
     }
     Ok(PacketRun {
         offered_pps: rate,

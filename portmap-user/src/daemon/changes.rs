@@ -250,16 +250,15 @@ pub(super) fn read(view: &View, counters: &Counters, request: &Request) -> Respo
 }
 
 fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
+    let all = counters.all_mappings()?;
     let mappings = view
         .mappings
         .iter()
-        .map(|(mapping, slot)| {
-            Ok(MappingStats {
-                mapping: mapping.clone(),
-                counters: counters.mapping(*slot)?,
-            })
+        .map(|(mapping, slot)| MappingStats {
+            mapping: mapping.clone(),
+            counters: all.get(*slot as usize).copied().unwrap_or_default(),
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect();
     let counters = Stat::ALL
         .iter()
         .zip(counters.global()?)

@@ -171,8 +171,18 @@ impl Datapath {
             };
             Ok(Map::PerCpuArray(MapData::from_fd(fd)?))
         };
+        let stats = open(map_names::MAPPING_STATS)?;
+        let (mappings_fd, mappings_max) = match &stats {
+            Map::PerCpuArray(data) => (
+                data.fd().as_fd().try_clone_to_owned()?,
+                data.info()?.max_entries() as usize,
+            ),
+            _ => bail!("{} is not a per-CPU array", map_names::MAPPING_STATS),
+        };
+        drop(stats);
         Ok(Counters {
-            mappings: PerCpuArray::try_from(open(map_names::MAPPING_STATS)?)?,
+            mappings_fd,
+            mappings_max,
             global: PerCpuArray::try_from(open(map_names::GLOBAL_STATS)?)?,
         })
     }
@@ -180,14 +190,36 @@ impl Datapath {
 
 /// The counters as `portmap stats` and the metrics read them.
 pub struct Counters {
-    mappings: PerCpuArray<MapData, MappingCounters>,
+    /// `PM_MAPPING_STATS`, read in batches, and its size.
+    mappings_fd: std::os::fd::OwnedFd,
+    mappings_max: usize,
     global: PerCpuArray<MapData, u64>,
 }
 
 impl Counters {
-    /// A mapping's counters summed over CPUs.
-    pub fn mapping(&self, slot: u32) -> anyhow::Result<MappingCounters> {
-        Ok(self.mappings.get(&slot, 0)?.iter().copied().sum())
+    /// Every stats slot's counters summed over CPUs, indexed by slot: one batch read of the
+    /// whole map (a few system calls) however many mappings there are.
+    pub fn all_mappings(&self) -> anyhow::Result<Vec<MappingCounters>> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
+        let size = size_of::<MappingCounters>();
+        let (keys, values) = lookup_all_percpu(self.mappings_fd.as_raw_fd(), self.mappings_max, size, cpus)
+            .context("reading the mapping counters (BPF_MAP_LOOKUP_BATCH)")?;
+        let stride = size.next_multiple_of(8) * cpus;
+        let mut all = vec![MappingCounters::default(); self.mappings_max];
+        for (key, chunk) in keys.iter().zip(values.chunks_exact(stride)) {
+            let total = chunk
+                .chunks_exact(size.next_multiple_of(8))
+                .map(|bytes| {
+                    // SAFETY: `bytes` holds at least size_of::<MappingCounters>() bytes, and
+                    // MappingCounters is plain integers (FromBytes): any bytes are a value.
+                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MappingCounters>()) }
+                })
+                .sum();
+            if let Some(slot) = all.get_mut(*key as usize) {
+                *slot = total;
+            }
+        }
+        Ok(all)
     }
 
     /// Global counters summed over CPUs, in `Stat` code order.
@@ -199,21 +231,76 @@ impl Counters {
     }
 }
 
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6) of a whole per-CPU array of `max_entries` values of
+/// `value_size` bytes: every slot's per-CPU values (`cpus` of them, each padded to 8 bytes), in
+/// a few system calls instead of one per slot. Returns (key, values) bytes per slot.
+fn lookup_all_percpu(
+    map_fd: RawFd,
+    max_entries: usize,
+    value_size: usize,
+    cpus: usize,
+) -> std::io::Result<(Vec<u32>, Vec<u8>)> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let stride = value_size.next_multiple_of(8) * cpus;
+    let mut keys = vec![0u32; max_entries];
+    let mut values = vec![0u8; max_entries * stride];
+    let (mut done, mut in_batch, mut out_batch) = (0usize, None::<u32>, 0u32);
+    while done < max_entries {
+        let mut attr = BatchAttr {
+            in_batch: in_batch.as_ref().map_or(0, |b| std::ptr::from_ref(b) as u64),
+            out_batch: (&raw mut out_batch) as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done * stride..].as_mut_ptr() as u64,
+            count: u32::try_from(max_entries - done).unwrap_or(u32::MAX),
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at room for `count` keys and values (`stride` bytes each) and at
+        // the batch cursors, all alive for the call; the kernel writes at most that much.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        done += attr.count as usize;
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOENT: the end of the map was reached (with `count` entries copied).
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(e);
+        }
+        if attr.count == 0 {
+            break;
+        }
+        in_batch = Some(out_batch);
+    }
+    keys.truncate(done);
+    values.truncate(done * stride);
+    Ok((keys, values))
+}
+
 /// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls
 /// as the kernel allows (aya 0.14 has no batch API).
 fn update_batch<K: Copy, V: Copy>(map_fd: RawFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     let mut done = 0;
     while done < keys.len() {

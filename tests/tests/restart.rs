@@ -308,3 +308,55 @@ fn another_map_layout_is_refused_naming_cleanup() -> anyhow::Result<()> {
     );
     daemon.stop()
 }
+
+/// What changed while no daemon ran is followed at start: a client-facing interface deleted and
+/// created again (its old links are defunct: attached anew) and another attach mode (the old
+/// ingress link is removed, the new one attached): one program per hook, traffic flows.
+#[test]
+fn a_restart_follows_interfaces_and_modes_changed_meanwhile() -> anyhow::Result<()> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let topo = Topology::new(BackendLink::Veth)?;
+    let tc = mode_args(&topo, Mode::Tc)?;
+    let mut daemon = Daemon::start(&topo.host, &tc)?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    let reaches =
+        || portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), b"x".to_vec());
+    let hooks = |ns: &Netns| -> anyhow::Result<(usize, usize, bool)> {
+        let (ingress, egress) = ns.run(|| {
+            let i = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Ingress)?
+                .1
+                .len();
+            let e = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)?
+                .1
+                .len();
+            Ok((i, e))
+        })?;
+        Ok((
+            ingress,
+            egress,
+            ns.ip(&["-d", "link", "show", HOST_CLIENT_IFACE])?.contains("xdp"),
+        ))
+    };
+
+    // The interface goes and comes back while no daemon runs.
+    daemon.stop()?;
+    topo.host.ip(&["link", "del", HOST_CLIENT_IFACE])?;
+    topo.connect_client()?;
+    ensure!(hooks(&topo.host)? == (0, 0, false), "a new device has no program");
+    daemon.restart(&topo.host, &tc)?;
+    ensure!(hooks(&topo.host)? == (1, 1, false), "attached anew");
+    ensure!(reaches()? == b"x", "through the new device");
+
+    // Another attach mode: XDP ingress replaces TC ingress.
+    daemon.stop()?;
+    let xdp = mode_args(&topo, Mode::Xdp)?;
+    daemon.restart(&topo.host, &xdp)?;
+    ensure!(hooks(&topo.host)? == (0, 1, true), "XDP ingress, TC egress only");
+    ensure!(reaches()? == b"x", "in XDP mode");
+    ensure!(
+        daemon.cli_ok(&["list"])? == "198.18.1.2:80/tcp -> 0.0.0.0:8080\n",
+        "the mapping was kept"
+    );
+    daemon.stop()
+}

@@ -178,21 +178,15 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// `bpf(2)` with an attribute union of `ATTR_SIZE` bytes (zeroed beyond the fields used).
+/// The `union bpf_attr` these calls fill: their fields at the start, zeroed beyond.
 const ATTR_SIZE: usize = 128;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> std::io::Result<i64> {
-    // SAFETY: `attr` is a valid, writable buffer of ATTR_SIZE bytes laid out as `union bpf_attr`
-    // for `cmd` (the callers fill only the fields of that command, in kernel order); the kernel
-    // reads at most ATTR_SIZE bytes of it.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), ATTR_SIZE as libc::c_uint) };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    // SAFETY: the callers fill only the fields of `cmd`, in kernel order, and the pointers they
+    // store (a path) outlive the call.
+    unsafe { super::sys::bpf(cmd, attr) }
 }
 
 /// Opens a pinned bpf object (`BPF_OBJ_GET`).

@@ -269,24 +269,15 @@ fn lookup_all_percpu(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` points at room for `count` keys and values (`stride` bytes each) and at
-        // the batch cursors, all alive for the call; the kernel writes at most that much.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
+        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at room for `count`
+        // keys and values (`stride` bytes each) and at the batch cursors, all alive for the call.
+        let rc = unsafe { super::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         done += attr.count as usize;
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
+        match rc {
             // ENOENT: the end of the map was reached (with `count` entries copied).
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                break;
-            }
-            return Err(e);
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
         if attr.count == 0 {
             break;
@@ -314,19 +305,9 @@ fn update_batch<K: Copy, V: Copy>(map_fd: RawFd, keys: &[K], values: &[V]) -> st
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` points at `count` keys and values that live for the call; the kernel
-        // reads them and writes back only `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at `count` keys and
+        // values that live for the call; the kernel reads them and writes back only `count`.
+        unsafe { super::sys::bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
         if attr.count == 0 {
             return Err(std::io::Error::other("the kernel wrote no entry"));
         }

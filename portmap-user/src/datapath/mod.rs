@@ -7,6 +7,7 @@
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
 //! - `maps`: the map writes of the mapping table ([`crate::table::Maps`]) and counter reads;
 //! - `expiry`: the flow-expiry pass (its decision is a pure function);
+//! - `sys`: the one `bpf(2)` wrapper for what aya lacks (batch map operations, link update);
 //! - `test_run` (cargo feature `test-run`, for the tests and the benchmark only):
 //!   `BPF_PROG_TEST_RUN`, benchmark reference programs, program sizes and map memory.
 //!
@@ -29,6 +30,7 @@ mod cgroup;
 mod expiry;
 mod maps;
 mod pins;
+mod sys;
 #[cfg(feature = "test-run")]
 mod test_run;
 

@@ -7,6 +7,7 @@
 //! `tests.rs` fail each write of each operation against a fake). The maps are reached only
 //! through the [`Maps`] trait; the decisions (diff, port allocation, conflicts) are pure.
 
+mod apply;
 mod error;
 mod place;
 mod plan;
@@ -22,7 +23,6 @@ use std::{
 };
 
 use log::warn;
-use portmap_common::PortKey;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
@@ -468,140 +468,5 @@ impl Table {
         );
         self.changes.push(snapshot::Change::Put(key));
         Ok(spec.clone())
-    }
-
-    /// Makes the config's applied mappings equal `desired` (runtime ones stay), all or nothing: on any failure the table is
-    /// restored to a snapshot and the maps to its contents. The new mappings' entries are
-    /// written together (one [`Batch`]). Returns the plan that was applied.
-    ///
-    /// Counters of a removed mapping whose stats slot a failed diff gave to a new mapping are
-    /// zeroed even though the rollback restores the mapping (slots are reused oldest-freed
-    /// first, so only when few slots are free).
-    pub fn apply<M: Maps + ?Sized>(
-        &mut self,
-        maps: &mut M,
-        desired: &[Mapping],
-        sockets: &dyn Sockets,
-    ) -> Result<Plan, TableError> {
-        self.apply_as(maps, &Origin::Config, desired, sockets)
-    }
-
-    /// Makes the applied mappings of `origin` equal `desired`, the others untouched, all or
-    /// nothing (as [`Table::apply`] for the config).
-    pub fn apply_as<M: Maps + ?Sized>(
-        &mut self,
-        maps: &mut M,
-        origin: &Origin,
-        desired: &[Mapping],
-        sockets: &dyn Sockets,
-    ) -> Result<Plan, TableError> {
-        let before = self.clone();
-        if *origin == Origin::Config {
-            self.adopt_runtime(desired);
-        }
-        let plan = plan(&self.requested_by(origin), desired);
-        let mut touched: Vec<Key> = Vec::new();
-        let result = (|| {
-            for m in &plan.remove {
-                let key = self.find(m)?;
-                touched.push(key);
-                let applied = self.entries[&key].mapping.clone();
-                self.remove(maps, &applied)?;
-            }
-            for (old, new) in &plan.update {
-                touched.push(self.find(old)?);
-                self.update(maps, new)?;
-            }
-            let mut batch = Batch::new(maps);
-            for m in &plan.add {
-                let applied = self.add_as(&mut batch, m, sockets, origin.clone())?;
-                touched.extend(key_of(&applied));
-            }
-            batch.commit().map_err(TableError::Datapath)
-        })();
-        if let Err(e) = result {
-            self.restore(maps, before, &touched);
-            return Err(e);
-        }
-        Ok(plan)
-    }
-
-    /// A config mapping that a mapping added at run time already publishes, as requested or as
-    /// applied (a `list --json` saved as the config), takes that one over: it becomes the
-    /// config's, with no change to the maps, instead of conflicting with it.
-    fn adopt_runtime(&mut self, desired: &[Mapping]) {
-        let desired: HashSet<&Mapping> = desired.iter().collect();
-        for (key, entry) in &mut self.entries {
-            if entry.origin != Origin::Runtime {
-                continue;
-            }
-            if desired.contains(&entry.mapping) {
-                entry.requested = entry.mapping.clone();
-            }
-            if desired.contains(&entry.requested) {
-                entry.origin = Origin::Config;
-                self.changes.push(snapshot::Change::Put(*key));
-            }
-        }
-    }
-
-    /// Rolls back a failed `apply`: the table becomes `before` again, and the maps get back what
-    /// `before` had for the mappings the diff touched (what only the failed state used is
-    /// removed or zeroed, what `before` used is written again).
-    fn restore<M: Maps + ?Sized>(&mut self, maps: &mut M, before: Table, touched: &[Key]) {
-        let now = std::mem::replace(self, before);
-        let keys: HashSet<&Key> = touched.iter().collect();
-        let now_entries: Vec<&Entry> = keys.iter().filter_map(|k| now.entries.get(*k)).collect();
-        let old_entries: Vec<&Entry> = keys.iter().filter_map(|k| self.entries.get(*k)).collect();
-        let old_keys: HashSet<_> = old_entries
-            .iter()
-            .flat_map(|e| mapping_keys(&e.mapping))
-            .collect();
-        let gone: Vec<_> = now_entries
-            .iter()
-            .flat_map(|e| mapping_keys(&e.mapping))
-            .filter(|k| !old_keys.contains(k))
-            .collect();
-        undo("a config diff", maps.remove_mappings(&gone));
-        let old_groups: Vec<&GroupPlacement> = old_entries
-            .iter()
-            .filter_map(|e| e.place.group.as_ref())
-            .collect();
-        let old_tables: HashSet<u32> = old_groups.iter().map(|g| g.group).collect();
-        let old_slots: HashSet<u32> = old_groups
-            .iter()
-            .flat_map(|g| g.backend_slots.iter().copied())
-            .collect();
-        for group in now_entries.iter().filter_map(|e| e.place.group.as_ref()) {
-            let slots: Vec<u32> = group
-                .backend_slots
-                .iter()
-                .copied()
-                .filter(|s| !old_slots.contains(s))
-                .collect();
-            undo("a config diff", clear_backends(maps, &slots));
-            if !old_tables.contains(&group.group) {
-                undo(
-                    "a config diff",
-                    maps.set_maglev(group.group, &portmap_common::MaglevTable::ZERO),
-                );
-            }
-        }
-        let mut entries = Vec::new();
-        for e in &old_entries {
-            if let Some(group) = &e.place.group
-                && let Some((backends, table)) = group_contents(&e.mapping, group)
-            {
-                undo("a config diff", maps.set_backends(&backends));
-                undo("a config diff", maps.set_maglev(group.group, &table));
-            }
-            entries.extend(mapping_entries(&e.mapping, &e.place));
-        }
-        undo("a config diff", maps.set_mappings(&entries));
-        let (old_ports, now_ports) = (self.published_ports(), now.published_ports());
-        let gone: Vec<PortKey> = now_ports.difference(&old_ports).copied().collect();
-        let back: Vec<PortKey> = old_ports.difference(&now_ports).copied().collect();
-        undo("a config diff", maps.unpublish_ports(&gone));
-        undo("a config diff", maps.publish_ports(&back));
     }
 }

@@ -224,14 +224,7 @@ fn packet_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
         plan.packet_secs,
         plan.packet_repeats
     ));
-    let beds = Variant::ALL
-        .iter()
-        .map(|&variant| {
-            let bed = setup::bed(variant, 1)?;
-            traffic::sink_drops_udp(&bed.topo)?;
-            Ok((variant, bed))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let beds = packet_beds(&Variant::ALL)?;
     let flow_counts = [1u16, 10_000];
     let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len() * flow_counts.len()];
     for repeat in 0..plan.packet_repeats {
@@ -284,14 +277,7 @@ fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
         Variant::PortmapTc,
         Variant::PortmapXdp,
     ];
-    let beds = variants
-        .iter()
-        .map(|&variant| {
-            let bed = setup::bed(variant, 1)?;
-            traffic::sink_drops_udp(&bed.topo)?;
-            Ok((variant, bed))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let beds = packet_beds(&variants)?;
     let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len()];
     for repeat in 0..plan.reply_repeats {
         for k in 0..beds.len() {
@@ -318,6 +304,19 @@ fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
         .zip(runs)
         .map(|((variant, _), runs)| summarize(*variant, plan.reply_flows, &runs))
         .collect())
+}
+
+/// One bed per variant for the packet measurements, all set up at once; the sink (and the
+/// client, for replies) drop the benchmark's UDP at ingress.
+fn packet_beds(variants: &[Variant]) -> anyhow::Result<Vec<(Variant, setup::Bed)>> {
+    variants
+        .iter()
+        .map(|&variant| {
+            let bed = setup::bed(variant, 1)?;
+            traffic::sink_drops_udp(&bed.topo)?;
+            Ok((variant, bed))
+        })
+        .collect()
 }
 
 /// The median runs and the spreads of repeated (fixed-load, flat-out) runs.

@@ -335,13 +335,7 @@ pub fn packet_run(
     rate: Option<f64>,
     secs: f64,
 ) -> anyhow::Result<PacketRun> {
-    let frames = frames(
-        ([198, 18, 0, 2].into(), 20_000),
-        dst,
-        flows,
-        mac_of(&topo.client, "c0")?,
-        mac_of(&topo.host, "h0")?,
-    );
+    let frames = client_frames(topo, dst, flows)?;
     steer_router_to_cpu1(topo, "h0")?;
     measure((&topo.client, "c0"), (&topo.backend, "b0"), frames, rate, secs)
 }
@@ -356,13 +350,7 @@ pub fn reply_run(
     rate: Option<f64>,
     secs: f64,
 ) -> anyhow::Result<PacketRun> {
-    let forward = frames(
-        ([198, 18, 0, 2].into(), 20_000),
-        dst,
-        flows,
-        mac_of(&topo.client, "c0")?,
-        mac_of(&topo.host, "h0")?,
-    );
+    let forward = client_frames(topo, dst, flows)?;
     topo.client.run(move || {
         let fd = packet_socket("c0")?;
         // About one packet per flow.
@@ -397,6 +385,17 @@ pub fn reply_run(
         .collect();
     steer_router_to_cpu1(topo, "h1")?;
     measure((&topo.backend, "b0"), (&topo.client, "c0"), answers, rate, secs)
+}
+
+/// The client's frames to `dst` over `flows` source ports from 20000.
+fn client_frames(topo: &Topology, dst: (Ipv4Addr, u16), flows: u16) -> anyhow::Result<Vec<Vec<u8>>> {
+    Ok(frames(
+        ([198, 18, 0, 2].into(), 20_000),
+        dst,
+        flows,
+        mac_of(&topo.client, "c0")?,
+        mac_of(&topo.host, "h0")?,
+    ))
 }
 
 /// Sends `frames` from `from` (generator on CPU 0) for `secs` seconds and counts what arrives

@@ -231,3 +231,15 @@ pub fn mode_args(topo: &Topology, mode: Mode) -> anyhow::Result<Vec<&'static str
     }
     Ok(args)
 }
+
+/// Programs on an interface of `ns`: tcx (ingress, egress) and whether XDP is attached.
+pub fn attached(ns: &Netns, iface: &'static str) -> anyhow::Result<(usize, usize, bool)> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let (ingress, egress) = ns.run(move || {
+        let i = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?.1.len();
+        let e = SchedClassifier::query_tcx(iface, TcAttachType::Egress)?.1.len();
+        Ok((i, e))
+    })?;
+    let link = ns.ip(&["-d", "link", "show", iface])?;
+    Ok((ingress, egress, link.contains("xdp")))
+}

@@ -13,7 +13,7 @@ use anyhow::{Context as _, ensure};
 use portmap::control::StatsReport;
 use portmap_common::{MappingCounters, Stat};
 use portmap_tests::{
-    BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology, counter,
+    BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Mode, TempDir, Topology, attached, counter,
     mapping_stats, payload, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, tcp_server_n,
     udp_exchange, udp_server,
 };
@@ -28,18 +28,6 @@ fn host(port: u16) -> SocketAddrV4 {
 
 fn mapping(stats: &StatsReport, host_port: u16) -> MappingCounters {
     mapping_stats(stats, host_port)
-}
-
-/// Programs left on an interface of `ns`: tcx (ingress, egress) and whether XDP is attached.
-fn attached(ns: &Netns, iface: &'static str) -> anyhow::Result<(usize, usize, bool)> {
-    use aya::programs::{SchedClassifier, TcAttachType};
-    let (ingress, egress) = ns.run(move || {
-        let i = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?.1.len();
-        let e = SchedClassifier::query_tcx(iface, TcAttachType::Egress)?.1.len();
-        Ok((i, e))
-    })?;
-    let link = ns.ip(&["-d", "link", "show", iface])?;
-    Ok((ingress, egress, link.contains("xdp")))
 }
 
 /// The whole life of a daemon: TCP both ways with the client's real address at the backend, UDP

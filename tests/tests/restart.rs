@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use portmap_tests::{
-    BackendLink, Daemon, EchoServer, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology,
+    BackendLink, Daemon, EchoServer, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology, attached,
     mapping_stats, mode_args, portmap_bin,
 };
 
@@ -113,6 +113,11 @@ fn egress_program(ns: &Netns) -> anyhow::Result<Vec<u32>> {
         let (_, programs) = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)?;
         Ok(programs.iter().map(aya::programs::ProgramInfo::id).collect())
     })
+}
+
+/// One exchange with the echo server behind host port 8080.
+fn echo_8080(topo: &Topology) -> anyhow::Result<Vec<u8>> {
+    portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), b"x".to_vec())
 }
 
 fn restarts_are_invisible(mode: Mode) -> anyhow::Result<()> {
@@ -256,8 +261,7 @@ fn another_map_layout_is_refused_naming_cleanup() -> anyhow::Result<()> {
     let mut daemon = Daemon::start(&topo.host, &args)?;
     daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
     let _echo = EchoServer::start(&topo.backend, 80)?;
-    let reaches =
-        || portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), b"x".to_vec());
+    let reaches = || echo_8080(&topo);
     daemon.stop()?;
 
     // A daemon started with a bigger flow table: PM_CONNTRACK has another size.
@@ -314,45 +318,36 @@ fn another_map_layout_is_refused_naming_cleanup() -> anyhow::Result<()> {
 /// ingress link is removed, the new one attached): one program per hook, traffic flows.
 #[test]
 fn a_restart_follows_interfaces_and_modes_changed_meanwhile() -> anyhow::Result<()> {
-    use aya::programs::{SchedClassifier, TcAttachType};
     let topo = Topology::new(BackendLink::Veth)?;
     let tc = mode_args(&topo, Mode::Tc)?;
     let mut daemon = Daemon::start(&topo.host, &tc)?;
     daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
     let _echo = EchoServer::start(&topo.backend, 80)?;
-    let reaches =
-        || portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), b"x".to_vec());
-    let hooks = |ns: &Netns| -> anyhow::Result<(usize, usize, bool)> {
-        let (ingress, egress) = ns.run(|| {
-            let i = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Ingress)?
-                .1
-                .len();
-            let e = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)?
-                .1
-                .len();
-            Ok((i, e))
-        })?;
-        Ok((
-            ingress,
-            egress,
-            ns.ip(&["-d", "link", "show", HOST_CLIENT_IFACE])?.contains("xdp"),
-        ))
-    };
+    let reaches = || echo_8080(&topo);
 
     // The interface goes and comes back while no daemon runs.
     daemon.stop()?;
     topo.host.ip(&["link", "del", HOST_CLIENT_IFACE])?;
     topo.connect_client()?;
-    ensure!(hooks(&topo.host)? == (0, 0, false), "a new device has no program");
+    ensure!(
+        attached(&topo.host, HOST_CLIENT_IFACE)? == (0, 0, false),
+        "a new device has no program"
+    );
     daemon.restart(&topo.host, &tc)?;
-    ensure!(hooks(&topo.host)? == (1, 1, false), "attached anew");
+    ensure!(
+        attached(&topo.host, HOST_CLIENT_IFACE)? == (1, 1, false),
+        "attached anew"
+    );
     ensure!(reaches()? == b"x", "through the new device");
 
     // Another attach mode: XDP ingress replaces TC ingress.
     daemon.stop()?;
     let xdp = mode_args(&topo, Mode::Xdp)?;
     daemon.restart(&topo.host, &xdp)?;
-    ensure!(hooks(&topo.host)? == (0, 1, true), "XDP ingress, TC egress only");
+    ensure!(
+        attached(&topo.host, HOST_CLIENT_IFACE)? == (0, 1, true),
+        "XDP ingress, TC egress only"
+    );
     ensure!(reaches()? == b"x", "in XDP mode");
     ensure!(
         daemon.cli_ok(&["list"])? == "198.18.1.2:80/tcp -> 0.0.0.0:8080\n",

@@ -62,8 +62,9 @@ pub mod map_names {
     pub const ICMP_PROGS_TC: &str = "PM_ICMP_TC";
     /// The stamp of the pinned state ([`crate::DatapathStamp`]).
     pub const META: &str = "PM_META";
+    pub const LOCAL_BACKENDS: &str = "PM_LOCAL_BACKENDS";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -79,6 +80,7 @@ pub mod map_names {
         ICMP_PROGS_XDP,
         ICMP_PROGS_TC,
         META,
+        LOCAL_BACKENDS,
     ];
 }
 
@@ -131,6 +133,12 @@ pub const DEFAULT_MAX_BACKEND_GROUPS: u32 = 256;
 pub const MAX_REDIRECT_DEVS: u32 = 256;
 /// Addresses of the host (`PM_LOCAL_ADDRS`).
 pub const MAX_LOCAL_ADDRS: u32 = 4_096;
+/// Addresses reached through a veth of this host (`PM_LOCAL_BACKENDS`): its containers.
+pub const MAX_LOCAL_BACKENDS: u32 = 4_096;
+/// Slots of `PM_GLOBAL_STATS`: the counters of [`Stat`] and room for counters added later, so
+/// that a newer daemon adopts the pinned array (its size is part of the layout it checks).
+pub const GLOBAL_STATS_SLOTS: u32 = 64;
+const _: () = assert!(Stat::COUNT as u32 <= GLOBAL_STATS_SLOTS);
 /// (protocol, port) pairs published on some address (`PM_PUBLISHED_PORTS`): at most one per
 /// mapping entry.
 pub const MAX_PUBLISHED_PORTS: u32 = DEFAULT_MAX_MAPPINGS;
@@ -318,11 +326,13 @@ pub struct FlowValue {
 const _: () = assert!(size_of::<FlowValue>() == 32);
 
 map_layout! {
-/// Key of `PM_LOCAL_ADDRS` (value: 1): an address of the host, that is of the daemon's network
+/// An address, as the key of `PM_LOCAL_ADDRS` and `PM_LOCAL_BACKENDS`.
+///
+/// `PM_LOCAL_ADDRS` (value: 1): an address of the host, that is of the daemon's network
 /// namespace, kept in sync with the interfaces by the daemon. A wildcard mapping matches only
 /// destinations in this map (iptables' `--dst-type LOCAL`); 127.0.0.0/8 and ::1 count as local
 /// without an entry.
-#[derive(Hash)]
+#[derive(Hash, PartialOrd, Ord)]
 pub struct LocalAddrKey {
     pub addr: Addr,
     pub family: u8,
@@ -330,6 +340,29 @@ pub struct LocalAddrKey {
 }
 }
 const _: () = assert!(size_of::<LocalAddrKey>() == 20);
+
+map_layout! {
+/// Value of `PM_LOCAL_BACKENDS`: how to reach an address that lives behind a veth of this host
+/// (a container, directly routed or on a bridge port), learnt by the daemon from the kernel's
+/// neighbour, bridge FDB and route tables and kept in sync with them. The datapath sends a packet
+/// for it straight into the veth (TC: `bpf_redirect_peer`, into the container's namespace; XDP:
+/// a devmap redirect to the host side) instead of a FIB lookup; a missing entry, a packet
+/// larger than `mtu` or a device XDP may not redirect to take the FIB path.
+#[derive(Hash)]
+pub struct LocalBackend {
+    /// The host side of the veth whose peer holds the address (for a bridged container: the
+    /// bridge port, not the bridge).
+    pub ifindex: u32,
+    /// The smallest MTU on the way (the veth's, and the bridge's for a bridged container).
+    pub mtu: u32,
+    /// The address's MAC (its neighbour entry).
+    pub dmac: [u8; 6],
+    /// The host's MAC on that link (the veth's, or the bridge's): what the container's
+    /// neighbour entry for its gateway holds.
+    pub smac: [u8; 6],
+}
+}
+const _: () = assert!(size_of::<LocalBackend>() == 20);
 
 map_layout! {
 /// Key of `PM_PUBLISHED_PORTS` (value: 1): a (protocol, port) that a mapping publishes on some
@@ -476,6 +509,7 @@ mod pod {
         super::BackendValue,
         super::MaglevTable,
         super::LocalAddrKey,
+        super::LocalBackend,
         super::PortKey,
         super::SockRevKey,
         super::SockRevValue,

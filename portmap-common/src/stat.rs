@@ -2,7 +2,8 @@
 //!
 //! Each packet the programs see is counted exactly once under the reason it left with (its
 //! outcome); events such as a new flow are counted in addition. Code, name and kind of every
-//! counter come from one line of the table below, so they cannot drift apart.
+//! counter come from one line of the table below, so they cannot drift apart. A counter's code is
+//! its index in the pinned array that a later daemon adopts: new counters go at the end.
 
 /// What a counter records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +59,10 @@ stats! {
     /// Client → backend, rewritten and handed to the kernel's routing (bridge egress, neighbour
     /// not yet resolved, TTL expiring, MTU exceeded, VLAN-tagged ingress, non-redirect device).
     FwdStack = "fwd_stack", Forward;
+    /// Client → backend on this host (a container behind a veth), rewritten and sent straight
+    /// into the veth from the cached addresses of `PM_LOCAL_BACKENDS`, without a FIB lookup (TC:
+    /// `bpf_redirect_peer` into the container's namespace; XDP: a devmap redirect to the veth).
+    FwdLocal = "fwd_local", Forward;
     /// Backend → client, source rewritten to the published address (TC egress).
     ReplyNat = "reply_nat", Forward;
     /// Not for portmap: not IPv4/IPv6, not TCP/UDP/SCTP, or an IPv6 routing header.

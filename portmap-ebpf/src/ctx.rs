@@ -9,7 +9,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
 use portmap_common::{ICMP_SLOT_INGRESS, Stat, csum};
@@ -98,6 +98,9 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
     /// the hook's return code for that; `None` if this hook cannot redirect there. The packet may
     /// still be written afterwards (the helpers only record the target).
     fn redirect(&mut self, ifindex: u32) -> Option<u32>;
+    /// As `redirect`, into the host side `ifindex` of a veth whose peer holds the destination:
+    /// TC delivers into the peer (its namespace's ingress) at once.
+    fn redirect_local(&mut self, ifindex: u32) -> Option<u32>;
     fn verdict(&self, action: Action) -> u32;
 }
 
@@ -248,6 +251,13 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
+    fn redirect_local(&mut self, ifindex: u32) -> Option<u32> {
+        // The veth's host side: XDP frames go through its ndo_xdp_xmit to the peer, under the
+        // same conditions as any redirect (listed, peer with NAPI).
+        self.redirect(ifindex)
+    }
+
+    #[inline(always)]
     fn verdict(&self, action: Action) -> u32 {
         match action {
             Action::Pass => xdp_action::XDP_PASS,
@@ -339,6 +349,17 @@ impl PacketCtx for TcContext {
         // SAFETY: a helper without pointer arguments; TC_ACT_REDIRECT on success, TC_ACT_SHOT on
         // bad flags.
         let code = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        (code == TC_ACT_REDIRECT as u32).then_some(code)
+    }
+
+    #[inline(always)]
+    fn redirect_local(&mut self, ifindex: u32) -> Option<u32> {
+        // bpf_redirect_peer() (kernel >= 5.10; from TC ingress, which is where the datapath runs):
+        // the skb enters the veth peer's namespace in this softirq, without the veth's transmit,
+        // the per-CPU backlog and a second round of the receive path.
+        // SAFETY: a helper without pointer arguments; TC_ACT_REDIRECT on success, TC_ACT_SHOT on
+        // bad flags.
+        let code = unsafe { bpf_redirect_peer(ifindex, 0) } as u32;
         (code == TC_ACT_REDIRECT as u32).then_some(code)
     }
 

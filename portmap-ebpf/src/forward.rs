@@ -1,5 +1,8 @@
-//! Forwarding after the rewrite: a FIB lookup, then TTL/hop-limit decrement, MAC rewrite and
-//! redirect when the egress device takes redirects; otherwise the kernel's routing.
+//! Forwarding after the rewrite. A backend behind a veth of this host (a container) is sent
+//! straight into it from the addresses cached in `PM_LOCAL_BACKENDS` (Cilium's local-endpoint
+//! delivery); any other backend, or a local one the cache cannot serve, gets a FIB lookup, then
+//! TTL/hop-limit decrement, MAC rewrite and redirect when the egress device takes redirects;
+//! otherwise the kernel's routing.
 
 use core::mem::offset_of;
 
@@ -14,10 +17,11 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use portmap_common::{Addr, FAMILY_V6, Stat};
+use portmap_common::{Addr, FAMILY_V6, LocalAddrKey, Stat};
 
 use crate::{
     ctx::{Action, PacketCtx, StoreError, Verdict},
+    maps::PM_LOCAL_BACKENDS,
     nat::IPV4_CHECK_OFF,
     parse::Packet,
 };
@@ -25,27 +29,32 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Sends a packet whose destination was just rewritten to `daddr` on its way: a FIB lookup, then
-/// TTL/hop-limit decrement + MAC rewrite + redirect when the egress device accepts redirects;
-/// otherwise it is handed to the kernel's routing (which forwards it without netfilter rules
-/// being involved).
+/// Sends a packet whose destination was just rewritten to `daddr` on its way: into the veth of a
+/// local backend, or after a FIB lookup TTL/hop-limit decrement + MAC rewrite + redirect when the
+/// egress device accepts redirects; otherwise it is handed to the kernel's routing (which
+/// forwards it without netfilter rules being involved).
 #[inline(always)]
 pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16) -> Verdict {
     // Tagged frames belong to a VLAN device; an expiring TTL needs the kernel's ICMP Time Exceeded.
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return Verdict::pass(Stat::FwdStack);
     }
-    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.l4_protocol = pkt.proto;
-    fib.sport = pkt.sport;
-    fib.dport = dport;
     let tot_len = if pkt.tot_len > 0xffff {
         0xffff
     } else {
         pkt.tot_len as u16
     };
-    fib.__bindgen_anon_1.tot_len = ctx.fib_tot_len(tot_len);
+    // The length a route's MTU is checked against (0 for a GSO skb: its segments are).
+    let mtu_len = ctx.fib_tot_len(tot_len);
+    if let Some(verdict) = to_local_backend(ctx, pkt, daddr, mtu_len) {
+        return verdict;
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = pkt.proto;
+    fib.sport = pkt.sport;
+    fib.dport = dport;
+    fib.__bindgen_anon_1.tot_len = mtu_len;
     fib.ifindex = ctx.hook_ifindex();
     // TOS / flow info as xdp-forward passes them, so that policy routing by them applies.
     if pkt.family == FAMILY_V6 {
@@ -74,13 +83,40 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
     let Some(code) = ctx.redirect(fib.ifindex) else {
         return Verdict::pass(Stat::FwdStack);
     };
-    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, &fib).is_err() {
+    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, fib.dmac, fib.smac).is_err() {
         return Verdict::drop(Stat::DropError);
     }
     Verdict {
         stat: Stat::FwdRedirect,
         action: Action::Redirected(code),
     }
+}
+
+/// A backend behind a veth of this host: routed as the kernel would (TTL, the host's MAC as
+/// source, the backend's as destination), but with the addresses the daemon cached and straight
+/// into the veth. `None` (the FIB path) when the address is not cached, the packet exceeds the
+/// cached MTU (the kernel fragments it or answers Frag Needed), or the hook cannot redirect to
+/// the device (XDP: a veth not in `PM_REDIRECT_DEVS`; a cached device that has gone).
+#[inline(always)]
+fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, mtu_len: u16) -> Option<Verdict> {
+    let key = LocalAddrKey {
+        addr: *daddr,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the entry is copied out at once; the daemon replaces entries whole.
+    let local = *unsafe { PM_LOCAL_BACKENDS.get(key) }?;
+    if u32::from(mtu_len) > local.mtu {
+        return None;
+    }
+    let code = ctx.redirect_local(local.ifindex)?;
+    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, local.dmac, local.smac).is_err() {
+        return Some(Verdict::drop(Stat::DropError));
+    }
+    Some(Verdict {
+        stat: Stat::FwdLocal,
+        action: Action::Redirected(code),
+    })
 }
 
 /// ip_decrease_ttl(): the TTL shares a 16-bit checksum word with the protocol byte. IPv6's
@@ -98,7 +134,7 @@ fn decrement_ttl<C: PacketCtx>(ctx: &mut C, pkt: &Packet) -> Result<(), StoreErr
 }
 
 #[inline(always)]
-fn set_macs<C: PacketCtx>(ctx: &mut C, fib: &FibParams) -> Result<(), StoreError> {
-    ctx.store(offset_of!(EthHdr, dst_addr), fib.dmac)?;
-    ctx.store(offset_of!(EthHdr, src_addr), fib.smac)
+fn set_macs<C: PacketCtx>(ctx: &mut C, dmac: [u8; 6], smac: [u8; 6]) -> Result<(), StoreError> {
+    ctx.store(offset_of!(EthHdr, dst_addr), dmac)?;
+    ctx.store(offset_of!(EthHdr, src_addr), smac)
 }

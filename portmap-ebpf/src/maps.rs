@@ -8,9 +8,9 @@ use aya_ebpf::{
 use portmap_common::{
     BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, DatapathStamp, FlowKey,
-    FlowValue, FragKey, FragPorts, ICMP_SLOTS, LocalAddrKey, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS,
-    MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey,
-    SockRevKey, SockRevValue, Stat,
+    FlowValue, FragKey, FragPorts, GLOBAL_STATS_SLOTS, ICMP_SLOTS, LocalAddrKey, LocalBackend,
+    MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_LOCAL_BACKENDS, MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS,
+    MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey, SockRevKey, SockRevValue,
 };
 
 /// (proto, host address, host port) → backend. Written by the daemon only.
@@ -43,7 +43,7 @@ pub static PM_MAPPING_STATS: PerCpuArray<MappingCounters> =
 
 /// Global outcome counters, indexed by `Stat` codes.
 #[map]
-pub static PM_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT as u32, 0);
+pub static PM_GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GLOBAL_STATS_SLOTS, 0);
 
 /// Devices the XDP program may redirect into (keyed by ifindex).
 #[map]
@@ -53,6 +53,12 @@ pub static PM_REDIRECT_DEVS: DevMapHash = DevMapHash::with_max_entries(MAX_REDIR
 /// mappings match only these destinations.
 #[map]
 pub static PM_LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// Addresses behind a veth of this host (containers) and how to reach them without a FIB lookup;
+/// kept in sync with the kernel's neighbour, FDB and route tables by the daemon.
+#[map]
+pub static PM_LOCAL_BACKENDS: HashMap<LocalAddrKey, LocalBackend> =
+    HashMap::with_max_entries(MAX_LOCAL_BACKENDS, 0);
 
 /// (protocol, port) published on some address: bind() to the wildcard address is refused.
 #[map]

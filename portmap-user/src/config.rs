@@ -136,6 +136,12 @@ pub struct Config {
     /// Extra devices the XDP program may redirect to directly (a veth listed here must have GRO
     /// or an XDP program on its peer). Everything else is reached through the kernel's routing.
     pub redirect_interfaces: Vec<String>,
+    /// Send packets for backends behind a veth of this host (containers) straight into the veth
+    /// (TC: into the container's namespace) from addresses learnt from the kernel's neighbour,
+    /// bridge and route tables, instead of a FIB lookup per packet. Off: every packet takes the
+    /// FIB path (a container's bridge and host-side veth then see the packets, e.g. for
+    /// br_netfilter rules or a qdisc on the veth).
+    pub local_fast_path: bool,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     /// Where the daemon saves its mappings after every change, for the next daemon that adopts
@@ -165,6 +171,7 @@ impl Default for Config {
             interfaces: Vec::new(),
             attach: AttachMode::Auto,
             redirect_interfaces: Vec::new(),
+            local_fast_path: true,
             pin_dir: DEFAULT_PIN_DIR.into(),
             socket: DEFAULT_SOCKET.into(),
             state_file: DEFAULT_STATE_FILE.into(),
@@ -527,6 +534,7 @@ udp_seconds = 30
             Just("interfaces"),
             Just("attach"),
             Just("redirect_interfaces"),
+            Just("local_fast_path"),
             Just("pin_dir"),
             Just("state_file"),
             Just("socket"),

@@ -73,6 +73,18 @@ pub struct StatsReport {
     /// interface does not exist; it is attached again when it comes back).
     #[serde(default)]
     pub interfaces: Vec<(String, bool)>,
+    /// Backends behind a veth of this host that the datapath sends to directly (the fast path;
+    /// others take a FIB lookup per packet).
+    #[serde(default)]
+    pub local_backends: Vec<LocalBackendReport>,
+}
+
+/// A backend on the local fast path: its address, the host-side veth it is sent into, and its MAC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalBackendReport {
+    pub addr: std::net::IpAddr,
+    pub device: String,
+    pub mac: String,
 }
 
 impl StatsReport {

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeSet,
     fs,
     net::IpAddr,
-    os::fd::{AsRawFd as _, RawFd},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -30,46 +30,15 @@ pub fn addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
 /// A netlink socket that becomes readable whenever an address is added to or removed from an
 /// interface of the namespace, or an interface appears, changes or disappears (RTMGRP_LINK,
 /// RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
-pub struct AddressWatch {
-    socket: netlink_sys::Socket,
-}
-
-impl AddressWatch {
-    pub fn new() -> anyhow::Result<Self> {
-        const RTMGRP_LINK: u32 = 0x1;
-        const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-        const RTMGRP_IPV6_IFADDR: u32 = 0x100;
-        let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)
-            .context("opening a netlink socket for address changes")?;
-        socket
-            .bind(&netlink_sys::SocketAddr::new(
-                0,
-                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
-            ))
-            .context("subscribing to address and link changes")?;
-        socket.set_non_blocking(true)?;
-        Ok(Self { socket })
-    }
-
-    /// Reads every pending notification; true if there was any.
-    pub fn drain(&mut self) -> bool {
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut any = false;
-        // A full receive queue (ENOBUFS) also means "something changed": resync either way.
-        while let Ok(n) = self.socket.recv(&mut &mut buf[..], 0) {
-            if n == 0 {
-                break;
-            }
-            any = true;
-        }
-        any
-    }
-}
-
-impl std::os::fd::AsRawFd for AddressWatch {
-    fn as_raw_fd(&self) -> RawFd {
-        self.socket.as_raw_fd()
-    }
+pub fn address_watch() -> anyhow::Result<crate::netlink::Watch> {
+    const RTMGRP_LINK: u32 = 0x1;
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+    crate::netlink::Watch::new(
+        netlink_sys::protocols::NETLINK_ROUTE,
+        RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+    )
+    .context("subscribing to address and link changes (netlink)")
 }
 
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, kernel ≥ 5.14), as

@@ -276,4 +276,7 @@ fn print_stats(stats: &StatsReport) {
         };
         println!("interface {iface:<14} {state}");
     }
+    for b in &stats.local_backends {
+        println!("local backend {} via {} ({})", b.addr, b.device, b.mac);
+    }
 }

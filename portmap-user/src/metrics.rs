@@ -150,6 +150,13 @@ pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
         up,
     );
     registry.register("flow_capacity", "Flows a flow table holds", capacity);
+    let local = Gauge::<i64>::default();
+    local.set(i64::try_from(report.local_backends.len()).unwrap_or(i64::MAX));
+    registry.register(
+        "local_backends",
+        "Backends behind a veth of this host that the datapath sends to directly (the fast path)",
+        local,
+    );
     registry.register(
         "build",
         "The portmap build",
@@ -258,6 +265,11 @@ mod tests {
             new_flows: 0,
             new_flow_capacity: 32_768,
             interfaces: vec![("eth0".into(), true), ("eth1".into(), false)],
+            local_backends: vec![crate::control::LocalBackendReport {
+                addr: "198.18.1.2".parse().unwrap(),
+                device: "veth1".into(),
+                mac: "02:00:00:00:00:02".into(),
+            }],
         };
         let text = encode(&report).unwrap();
         let labels =
@@ -270,6 +282,7 @@ mod tests {
             "portmap_flows{table=\"assured\"} 2".to_string(),
             "portmap_flow_capacity{table=\"new\"} 32768".to_string(),
             "portmap_interface_attached{interface=\"eth1\"} 0".to_string(),
+            "portmap_local_backends 1".to_string(),
             format!(
                 "portmap_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")

@@ -84,21 +84,15 @@ pub fn parse_sctp_eps(text: &str) -> Vec<LocalSocket> {
 /// TCP sockets listening in this network namespace, from the kernel's sock_diag interface
 /// (which walks only the listening hash, unlike /proc/net/tcp, which walks every connection).
 fn tcp_listeners() -> std::io::Result<Vec<LocalSocket>> {
-    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
     use netlink_packet_sock_diag::{
         SockDiagMessage,
         constants::{AF_INET, AF_INET6, IPPROTO_TCP},
         inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     };
-    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
+    let mut netlink = crate::netlink::Netlink::new(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
     let mut out = Vec::new();
     for (family, id) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
-        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let request = SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
@@ -106,41 +100,19 @@ fn tcp_listeners() -> std::io::Result<Vec<LocalSocket>> {
             states: StateFlags::LISTEN,
             socket_id: id,
         });
-        let mut packet = NetlinkMessage::new(header, request.into());
-        packet.finalize();
-        let mut buf = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        socket.send(&buf, 0)?;
-        let mut reply = vec![0u8; 64 * 1024];
-        'recv: loop {
-            let size = socket.recv(&mut &mut reply[..], 0)?;
-            let mut offset = 0;
-            while offset < size {
-                let message = <NetlinkMessage<SockDiagMessage>>::deserialize(&reply[offset..size])
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                match message.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        let addr = match r.header.socket_id.source_address {
-                            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-                            v4 => v4,
-                        };
-                        out.push(LocalSocket {
-                            protocol: Protocol::Tcp,
-                            addr,
-                            port: r.header.socket_id.source_port,
-                        });
-                    }
-                    NetlinkPayload::Done(_) => break 'recv,
-                    NetlinkPayload::Error(e) => {
-                        return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
-                    }
-                    _ => {}
-                }
-                if message.header.length == 0 {
-                    break;
-                }
-                offset += message.header.length as usize;
-            }
+        for answer in netlink.dump(request)? {
+            let SockDiagMessage::InetResponse(r) = answer else {
+                continue;
+            };
+            let addr = match r.header.socket_id.source_address {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                v4 => v4,
+            };
+            out.push(LocalSocket {
+                protocol: Protocol::Tcp,
+                addr,
+                port: r.header.socket_id.source_port,
+            });
         }
     }
     Ok(out)

@@ -100,6 +100,7 @@ fn scrape_shows_mapping_counters() -> anyhow::Result<()> {
     );
     assert_eq!(find(&scrape, "portmap_mapping_flows_total", &mapping)?, 1.0);
     let forwarded = find(&scrape, "portmap_datapath_total", &[("counter", "fwd_redirect")])?
+        + find(&scrape, "portmap_datapath_total", &[("counter", "fwd_local")])?
         + find(&scrape, "portmap_datapath_total", &[("counter", "fwd_stack")])?;
     assert!(forwarded >= 3.0, "{forwarded}");
     assert_eq!(

@@ -10,7 +10,7 @@ use portmap_common::Stat;
 use super::{State, serve::status_line};
 use crate::{
     config::Config,
-    control::{MappingStats, Request, Response, StatsReport},
+    control::{LocalBackendReport, MappingStats, Request, Response, StatsReport},
     datapath::Counters,
     mapping::Mapping,
     notify, sockets, spec,
@@ -206,6 +206,7 @@ pub(super) struct View {
     mappings: Vec<(Mapping, u32)>,
     flows: (u64, u64, u64, u64),
     interfaces: Vec<(String, bool)>,
+    local_backends: Vec<LocalBackendReport>,
 }
 
 impl View {
@@ -224,6 +225,15 @@ impl View {
                 state.flows.new.capacity,
             ),
             interfaces: state.dp.interfaces(),
+            local_backends: state
+                .local_backends
+                .iter()
+                .map(|(addr, l)| LocalBackendReport {
+                    addr: *addr,
+                    device: l.device.clone(),
+                    mac: l.backend.dmac.map(|b| format!("{b:02x}")).join(":"),
+                })
+                .collect(),
         }
     }
 }
@@ -273,5 +283,6 @@ fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
         new_flows,
         new_flow_capacity,
         interfaces: view.interfaces.clone(),
+        local_backends: view.local_backends.clone(),
     })
 }

@@ -14,7 +14,9 @@ mod serve;
 pub use self::saved::files as state_files;
 
 use std::{
+    collections::BTreeMap,
     fs,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -27,7 +29,7 @@ use crate::{
     config::{Config, Overrides, Valid},
     control,
     datapath::{self, Datapath},
-    host,
+    host, local_backends,
     mapping::PortRange,
     notify, sockets,
     table::{Capacity, Table},
@@ -49,6 +51,8 @@ struct State {
     reload: Option<ReloadSource>,
     flows: FlowTable,
     saver: saved::Saver,
+    /// What `PM_LOCAL_BACKENDS` holds (for `stats`).
+    local_backends: BTreeMap<IpAddr, local_backends::Local>,
 }
 
 impl State {
@@ -90,11 +94,14 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         config: cfg.clone(),
         reload,
         saver: saved::Saver::new(&cfg.state_file, dp.id(), generation),
+        local_backends: BTreeMap::new(),
         dp,
     };
     // Local addresses first: wildcard mappings match only them, from the first packet on.
-    let watch = host::AddressWatch::new()?;
+    let watch = host::address_watch()?;
     state.dp.sync_local_addrs(&host::addresses()?)?;
+    let backends_watch = local_backends::watch()?;
+    serve::follow_local_backends(&mut state);
     state
         .dp
         .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces, &cgroup_dir)?;
@@ -139,7 +146,7 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
     }
     state.dp.keep_attached();
     notify::ready(&status_line(&state));
-    let served = serve::serve(state, listener, metrics, logger, watch).await;
+    let served = serve::serve(state, listener, metrics, logger, [watch, backends_watch]).await;
     let _ = fs::remove_file(&cfg.socket);
     info!(
         "exiting; the datapath stays attached in {} for the next daemon (`portmap cleanup` removes it)",

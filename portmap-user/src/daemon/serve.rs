@@ -1,7 +1,13 @@
 //! The main loop: signals, the expiry tick, netlink address and link changes, the eBPF log, and
 //! the control socket, whose clients are each served by their own task.
 
-use std::{collections::VecDeque, fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use log::{error, info, warn};
@@ -21,9 +27,9 @@ use super::{
 use crate::{
     control::{self, Request, Response},
     datapath::{self, Counters},
-    host,
+    host, local_backends,
     metrics::Pending,
-    notify,
+    netlink, notify,
 };
 
 pub(super) fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
@@ -103,7 +109,7 @@ pub(super) async fn serve(
     listener: UnixListener,
     metrics: Option<tokio::net::TcpListener>,
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-    watch: host::AddressWatch,
+    [watch, backends_watch]: [netlink::Watch; 2],
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -114,6 +120,10 @@ pub(super) async fn serve(
     let mut logs = unsafe { AsyncFd::register(logger)? };
     // SAFETY: the watch owns its netlink socket, and AsyncFd owns the watch until it is dropped.
     let mut addresses = unsafe { AsyncFd::register(watch)? };
+    // SAFETY: as above.
+    let mut backends = unsafe { AsyncFd::register(backends_watch)? };
+    // Neighbour and FDB changes come in bursts: they are followed once the burst is over.
+    let mut backends_changed: Option<tokio::time::Instant> = None;
     let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
     // Scrapes go through the same queue as control requests; the task ends with the runtime.
     if let Some(metrics) = metrics {
@@ -133,10 +143,12 @@ pub(super) async fn serve(
                 (None, None) => unreachable!("the state is lent only to a reload"),
             },
             done = async { (&mut reloading.as_mut().expect("guarded").task).await }, if reloading.is_some() => {
-                let (s, again) = reloading.take().expect("guarded").finish(done?, &counters);
+                let (mut s, again) = reloading.take().expect("guarded").finish(done?, &counters);
                 if again {
                     reloading = Some(Reloading::start(s, None));
                 } else {
+                    // `local_fast_path` may have changed.
+                    follow_local_backends(&mut s);
                     state = Some(s);
                 }
             }
@@ -164,6 +176,17 @@ pub(super) async fn serve(
                     follow_interfaces(state);
                 }
                 guard.clear_ready();
+            }
+            guard = backends.readable_mut() => {
+                let mut guard = guard?;
+                if guard.get_inner_mut().drain() && backends_changed.is_none() {
+                    backends_changed = Some(tokio::time::Instant::now() + BACKENDS_SETTLE);
+                }
+                guard.clear_ready();
+            }
+            () = sleep_until(backends_changed), if state.is_some() => {
+                backends_changed = None;
+                follow_local_backends(state.as_mut().expect("guarded"));
             }
             guard = logs.readable_mut() => {
                 let mut guard = guard?;
@@ -221,6 +244,44 @@ fn follow_interfaces(state: &mut State) {
             }
         }
         notify::status(&status_line(state));
+    }
+}
+
+/// How long a burst of neighbour, FDB, link and route changes may last before the local backends
+/// are read again (once).
+const BACKENDS_SETTLE: Duration = Duration::from_millis(20);
+
+/// Makes `PM_LOCAL_BACKENDS` match the kernel's view of the containers on this host (or empties
+/// it when `local_fast_path` is off). A failure leaves the previous entries: the datapath falls
+/// back to the FIB path for any device that went.
+pub(super) fn follow_local_backends(state: &mut State) {
+    let read = if state.config.local_fast_path {
+        local_backends::read()
+    } else {
+        Ok(BTreeMap::new())
+    };
+    let synced = read.and_then(|local| {
+        let changed = state
+            .dp
+            .sync_local_backends(local.iter().map(|(addr, l)| (*addr, &l.backend)))?;
+        Ok((local, changed))
+    });
+    match synced {
+        Ok((local, changed)) => {
+            if changed > 0 {
+                info!("local backends (fast path): {}", local.len());
+            }
+            state.local_backends = local;
+        }
+        Err(e) => error!("following the local backends: {e:#}"),
+    }
+}
+
+/// Waits until `at`, or forever without it.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

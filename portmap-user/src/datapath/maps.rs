@@ -8,11 +8,14 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use portmap_common::{
-    BackendValue, FAMILY_V4, FAMILY_V6, LocalAddrKey, MaglevTable, MappingCounters, MappingKey, MappingValue,
-    PortKey, Stat, addr_words, map_names,
+    BackendValue, FAMILY_V4, FAMILY_V6, LocalAddrKey, LocalBackend, MaglevTable, MappingCounters, MappingKey,
+    MappingValue, PortKey, Stat, addr_words, map_names,
 };
 
 use super::Datapath;
@@ -135,14 +138,7 @@ impl Datapath {
     /// match only these destinations.
     pub fn sync_local_addrs(&mut self, addrs: &BTreeSet<IpAddr>) -> anyhow::Result<()> {
         let mut map: HashMap<_, LocalAddrKey, u8> = HashMap::try_from(self.map_mut(map_names::LOCAL_ADDRS)?)?;
-        let want: Vec<LocalAddrKey> = addrs
-            .iter()
-            .map(|a| LocalAddrKey {
-                addr: addr_words(*a),
-                family: if a.is_ipv6() { FAMILY_V6 } else { FAMILY_V4 },
-                _pad: [0; 3],
-            })
-            .collect();
+        let want: Vec<LocalAddrKey> = addrs.iter().map(|a| local_addr_key(*a)).collect();
         let have: Vec<LocalAddrKey> = map.keys().filter_map(Result::ok).collect();
         for key in have.iter().filter(|k| !want.contains(k)) {
             map.remove(key)?;
@@ -152,6 +148,32 @@ impl Datapath {
                 .with_context(|| format!("adding a local address ({} known)", want.len()))?;
         }
         Ok(())
+    }
+
+    /// Makes `PM_LOCAL_BACKENDS` hold exactly `backends` (`local_backends::read`): entries that
+    /// went are removed, new and changed ones written whole. Returns how many entries changed.
+    pub fn sync_local_backends<'a>(
+        &mut self,
+        backends: impl IntoIterator<Item = (IpAddr, &'a LocalBackend)>,
+    ) -> anyhow::Result<usize> {
+        let mut map: HashMap<_, LocalAddrKey, LocalBackend> =
+            HashMap::try_from(self.map_mut(map_names::LOCAL_BACKENDS)?)?;
+        let want: BTreeMap<LocalAddrKey, LocalBackend> = backends
+            .into_iter()
+            .map(|(addr, b)| (local_addr_key(addr), *b))
+            .collect();
+        let have: BTreeMap<LocalAddrKey, LocalBackend> = map.iter().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for key in have.keys().filter(|k| !want.contains_key(k)) {
+            map.remove(key)?;
+            changed += 1;
+        }
+        for (key, backend) in want.iter().filter(|(k, b)| have.get(k) != Some(b)) {
+            map.insert(key, backend, 0)
+                .with_context(|| format!("adding a local backend ({} known)", want.len()))?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     fn hash_map_fd(&self, name: &str) -> anyhow::Result<RawFd> {
@@ -228,6 +250,14 @@ impl Counters {
             .iter()
             .map(|s| Ok(self.global.get(&s.code(), 0)?.iter().sum()))
             .collect()
+    }
+}
+
+fn local_addr_key(addr: IpAddr) -> LocalAddrKey {
+    LocalAddrKey {
+        addr: addr_words(addr),
+        family: if addr.is_ipv6() { FAMILY_V6 } else { FAMILY_V4 },
+        _pad: [0; 3],
     }
 }
 

@@ -93,12 +93,21 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
     );
     let egress = hook == Hook::TcEgress;
     ensure!(
-        !new_flow || (!egress && matches!(code, Stat::FwdRedirect | Stat::FwdStack | Stat::DropNoRoute)),
+        !new_flow
+            || (!egress
+                && matches!(
+                    code,
+                    Stat::FwdRedirect | Stat::FwdLocal | Stat::FwdStack | Stat::DropNoRoute
+                )),
         "flow_new counted with {name} on {}",
         hook.as_str()
     );
     ensure!(
-        !egress || !matches!(code, Stat::FwdRedirect | Stat::FwdStack | Stat::DropNoRoute),
+        !egress
+            || !matches!(
+                code,
+                Stat::FwdRedirect | Stat::FwdLocal | Stat::FwdStack | Stat::DropNoRoute
+            ),
         "egress counted {name}"
     );
     let out = &run.output.packet;
@@ -110,7 +119,7 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
     );
     let rewritten = matches!(
         code,
-        Stat::FwdRedirect | Stat::FwdStack | Stat::ReplyNat | Stat::DropNoRoute
+        Stat::FwdRedirect | Stat::FwdLocal | Stat::FwdStack | Stat::ReplyNat | Stat::DropNoRoute
     );
     if !rewritten {
         ensure!(out == input, "a packet counted as {name} was modified");
@@ -119,7 +128,8 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
 
     let l = layout(input).context("rewrote a frame that is not well-formed IP")?;
     if l.proto == 1 || l.proto == 58 {
-        check_icmp_rewrite(name, input, out, &l, egress, code == Stat::FwdRedirect)?;
+        let redirected = matches!(code, Stat::FwdRedirect | Stat::FwdLocal);
+        check_icmp_rewrite(name, input, out, &l, egress, redirected)?;
         return Ok(code);
     }
     // A later fragment has no L4 header: only its addresses (and checksums of its IP header).
@@ -128,7 +138,7 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
         None if l.later_fragment => usize::MAX - 4,
         None => bail!("rewrote a packet without a complete L4 header"),
     };
-    let redirected = code == Stat::FwdRedirect;
+    let redirected = matches!(code, Stat::FwdRedirect | Stat::FwdLocal);
     let (src, dst, addr_len) = l.addrs();
     let (addr_off, port_off) = if egress { (src, l4) } else { (dst, l4 + 2) };
     let check = l.l4_check();

@@ -12,6 +12,7 @@
 //! (d0) ── h2 198.18.2.1/24 02:00:00:00:02:01   MTU 1500, neighbour 198.18.2.2 = 02:00:00:00:02:02
 //!            fd00:2::1/64                       neighbour fd00:2::2 = the same MAC
 //!         h0 also has fd00::1/64 and 198.18.0.77/32;  blackhole 198.18.9.0/24;  198.18.1.3 has no neighbour entry;
+//!         the local backends of `LOCAL_BACKENDS` (cached as the daemon caches containers) have none;
 //!         IPv4 and IPv6 forwarding on; policy routing: TOS / traffic class 0x10 looks up table 100,
 //!         which reaches 198.18.1.2 and fd00:1::2 through h2 (the backends' second path)
 //! ```
@@ -36,11 +37,11 @@ use portmap::{
     spec,
     table::{Capacity, Table},
 };
-use portmap_common::{DIR_FORWARD, FlowValue, Stat, words_addr};
+use portmap_common::{DIR_FORWARD, FlowValue, LocalBackend, Stat, words_addr};
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
-pub const MAPPINGS: [&str; 12] = [
+pub const MAPPINGS: [&str; 16] = [
     // 0: bound to one host address.
     "198.18.0.1:8080:198.18.1.2:80/tcp",
     // 1: bound to every address (0.0.0.0).
@@ -65,6 +66,22 @@ pub const MAPPINGS: [&str; 12] = [
     "9000-9009:198.18.1.2:7000-7009/udp",
     // 11: host-only (bound to loopback): never reached from the wire.
     "127.0.0.1:8086:198.18.1.2:80/tcp",
+    // 12, 13: local backends (`LOCAL_BACKENDS`) the kernel has no neighbour entry for.
+    "198.18.0.1:8087:198.18.2.5:80/tcp",
+    "[fd00::1]:8087:[fd00:2::5]:80/tcp",
+    // 14: a local backend cached with MTU 1000.
+    "198.18.0.1:8088:198.18.1.5:80/tcp",
+    // 15: a local backend cached on c0 (no redirect target for XDP), behind the blackhole.
+    "198.18.0.1:8089:198.18.9.5:80/tcp",
+];
+
+/// `PM_LOCAL_BACKENDS` of the golden datapath: (address, device, MTU, the host's MAC there).
+/// Every one has the MAC `packets::LOCAL_BACKEND_MAC`.
+pub const LOCAL_BACKENDS: [(&str, &str, u32, [u8; 6]); 4] = [
+    ("198.18.2.5", "h2", 1500, packets::HOST_BACKEND2_SIDE_MAC),
+    ("fd00:2::5", "h2", 1500, packets::HOST_BACKEND2_SIDE_MAC),
+    ("198.18.1.5", "h1", 1000, packets::HOST_BACKEND_SIDE_MAC),
+    ("198.18.9.5", "c0", 1500, packets::HOST_CLIENT_SIDE_MAC),
 ];
 
 pub const HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -215,6 +232,19 @@ impl Golden {
         dp.allow_xdp_redirect(index("h2")?)?;
         // As the daemon does: wildcard mappings match only the namespace's own addresses.
         dp.sync_local_addrs(&portmap::host::addresses()?)?;
+        let local = LOCAL_BACKENDS
+            .iter()
+            .map(|(addr, dev, mtu, smac)| {
+                let backend = LocalBackend {
+                    ifindex: index(dev)?,
+                    mtu: *mtu,
+                    dmac: packets::LOCAL_BACKEND_MAC,
+                    smac: *smac,
+                };
+                Ok((addr.parse::<IpAddr>()?, backend))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        dp.sync_local_backends(local.iter().map(|(a, b)| (*a, b)))?;
         Ok(Self {
             dp,
             table,
@@ -281,8 +311,8 @@ pub fn expected_action(hook: Hook, code: Stat) -> u32 {
     const TC_ACT_REDIRECT: u32 = 7;
     let xdp = hook == Hook::XdpIngress;
     match code {
-        Stat::FwdRedirect if xdp => XDP_REDIRECT,
-        Stat::FwdRedirect => TC_ACT_REDIRECT,
+        Stat::FwdRedirect | Stat::FwdLocal if xdp => XDP_REDIRECT,
+        Stat::FwdRedirect | Stat::FwdLocal => TC_ACT_REDIRECT,
         _ if code.is_drop() && xdp => XDP_DROP,
         _ if code.is_drop() => TC_ACT_SHOT,
         _ if xdp => XDP_PASS,

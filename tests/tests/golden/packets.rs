@@ -18,14 +18,19 @@ pub const HOST_BACKEND_SIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
 pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
 pub const HOST_BACKEND2_SIDE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
 pub const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
+/// The MAC of every local backend (`LOCAL_BACKENDS`).
+pub const LOCAL_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x05, 0x05];
 
 /// (destination, source) MACs of a frame the host redirects to a backend it has a neighbour
-/// entry for.
+/// entry for, or has cached as a local backend.
 pub fn backend_macs(backend: IpAddr) -> Option<([u8; 6], [u8; 6])> {
     match backend.to_string().as_str() {
         "198.18.1.2" | "198.18.1.4" | "fd00:1::2" => Some((BACKEND_MAC, HOST_BACKEND_SIDE_MAC)),
         "198.18.2.2" => Some((BACKEND2_MAC, HOST_BACKEND2_SIDE_MAC)),
-        _ => None,
+        _ => crate::LOCAL_BACKENDS
+            .iter()
+            .find(|(addr, ..)| *addr == backend.to_string())
+            .map(|(.., smac)| (LOCAL_BACKEND_MAC, *smac)),
     }
 }
 

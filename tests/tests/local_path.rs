@@ -1,0 +1,256 @@
+//! The local-backend fast path end to end: backends behind a veth of the host (routed to it
+//! directly, or on a bridge port as Docker and the CNI bridge plugin attach containers) are
+//! learnt from the kernel's neighbour, FDB and route tables and reached without a FIB lookup
+//! (`fwd_local`); a backend that moves to another veth is followed, and whatever the cache
+//! cannot serve takes the FIB path. Needs root (run through `cargo xtask test`).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use portmap::control::StatsReport;
+use portmap_common::Stat;
+use portmap_tests::{
+    BRIDGE, BackendLink, CLIENT_IP, Daemon, HOST_BACKEND_IFACE, HOST_IP, Mode, Netns, Topology, counter,
+    payload, start_daemon, tcp_exchange, tcp_server, udp_exchange, udp_server,
+};
+
+const BACKEND: &str = "198.18.1.2";
+const BACKEND6: &str = "fd00:1::2";
+
+/// Waits until `stats` lists every address of `want` as a local backend, each passing `check`.
+fn wait_local(
+    daemon: &Daemon,
+    want: &[&str],
+    check: impl Fn(&portmap::control::LocalBackendReport) -> bool,
+) -> anyhow::Result<StatsReport> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = daemon.stats()?;
+        let ok = want.iter().all(|addr| {
+            stats
+                .local_backends
+                .iter()
+                .any(|b| b.addr.to_string() == *addr && check(b))
+        });
+        if ok {
+            return Ok(stats);
+        }
+        if Instant::now() > deadline {
+            bail!("local backends {want:?} not learnt: {:?}", stats.local_backends);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The host resolves its containers' addresses (ARP, neighbour discovery), as any traffic to
+/// them would: one datagram to each (the discard port).
+fn resolve_neighbours(topo: &Topology) -> anyhow::Result<()> {
+    topo.host.run(|| {
+        for addr in [BACKEND, BACKEND6] {
+            let dst = SocketAddr::new(addr.parse()?, 9);
+            let any: SocketAddr = if dst.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
+            std::net::UdpSocket::bind(any)?.send_to(b"who-has", dst)?;
+        }
+        Ok(())
+    })
+}
+
+/// TCP both ways (IPv4 and IPv6) and 5 UDP exchanges through the published ports; the backend
+/// in `backend` sees the real client.
+fn traffic(topo: &Topology, backend: &Netns) -> anyhow::Result<()> {
+    for dst in [
+        SocketAddr::from((HOST_IP, 8080)),
+        "[fd00::1]:8080".parse().expect("addr"),
+    ] {
+        let (up, down) = (payload(64 * 1024, 1), payload(96 * 1024, 2));
+        let server = tcp_server(backend, 80, down.clone())?;
+        let got = tcp_exchange(&topo.client, dst, up.clone())?;
+        let served = server.join().expect("server thread")?;
+        ensure!(got == down && served.received == up, "TCP via {dst} not intact");
+        let client: IpAddr = if dst.is_ipv6() {
+            "fd00::2".parse()?
+        } else {
+            CLIENT_IP.into()
+        };
+        ensure!(served.peer.ip() == client, "backend saw {}", served.peer);
+    }
+    let server = udp_server(backend, 53, 5)?;
+    udp_exchange(&topo.client, (HOST_IP, 5353), 5, 200)?;
+    server.join().expect("server thread")?;
+    Ok(())
+}
+
+/// How the forwarded packets between two stats went out: (local, redirect, stack).
+fn paths(before: &StatsReport, after: &StatsReport) -> (u64, u64, u64) {
+    let d = |s| counter(after, s) - counter(before, s);
+    (d(Stat::FwdLocal), d(Stat::FwdRedirect), d(Stat::FwdStack))
+}
+
+fn setup(mode: Mode, link: BackendLink, extra: &[&str]) -> anyhow::Result<(Topology, Daemon)> {
+    let topo = Topology::new(link)?;
+    topo.enable_ipv6()?;
+    let daemon = start_daemon(&topo, mode, extra)?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    daemon.cli_ok(&["add", "[::]:8080:[fd00:1::2]:80"])?;
+    daemon.cli_ok(&["add", "5353:198.18.1.2:53/udp"])?;
+    resolve_neighbours(&topo)?;
+    Ok((topo, daemon))
+}
+
+/// Every forwarded packet takes the fast path once the backend is learnt: none is looked up in
+/// the FIB or handed to the kernel.
+fn fast_path(mode: Mode, link: BackendLink, extra: &[&str]) -> anyhow::Result<()> {
+    let (topo, mut daemon) = setup(mode, link, extra)?;
+    // A bridged container is reached through its bridge port, not the bridge.
+    let before = wait_local(&daemon, &[BACKEND, BACKEND6], |b| b.device == HOST_BACKEND_IFACE)?;
+    traffic(&topo, &topo.backend)?;
+    let after = daemon.stats()?;
+    let (local, redirect, stack) = paths(&before, &after);
+    ensure!(
+        local > 0 && redirect == 0 && stack == 0,
+        "local {local}, redirect {redirect}, stack {stack}: {after:?}"
+    );
+    ensure!(counter(&after, Stat::DropError) == 0);
+    let text = daemon.cli_ok(&["stats"])?;
+    ensure!(
+        text.contains(&format!("local backend {BACKEND} via {HOST_BACKEND_IFACE} (")),
+        "{text}"
+    );
+    daemon.stop()?;
+    daemon.cleanup().map(drop)
+}
+
+#[test]
+fn tc_reaches_a_routed_container_through_its_veth() -> anyhow::Result<()> {
+    fast_path(Mode::Tc, BackendLink::Veth, &[])
+}
+
+#[test]
+fn tc_reaches_a_bridged_container_through_its_bridge_port() -> anyhow::Result<()> {
+    fast_path(Mode::Tc, BackendLink::Bridge, &[])
+}
+
+#[test]
+fn xdp_reaches_a_routed_container_with_the_cached_addresses() -> anyhow::Result<()> {
+    fast_path(Mode::Xdp, BackendLink::Veth, &[])
+}
+
+/// XDP cannot redirect into a bridge; into the bridge port it can, once the port is listed.
+#[test]
+fn xdp_reaches_a_bridged_container_through_a_listed_bridge_port() -> anyhow::Result<()> {
+    fast_path(
+        Mode::Xdp,
+        BackendLink::Bridge,
+        &["--redirect-iface", HOST_BACKEND_IFACE],
+    )
+}
+
+/// What the cache cannot serve takes the FIB path: XDP and a bridge port not listed as a
+/// redirect target (handed to the kernel, as before), and `local_fast_path = false`.
+#[test]
+fn what_the_fast_path_cannot_serve_takes_the_fib_path() -> anyhow::Result<()> {
+    let (topo, mut daemon) = setup(Mode::Xdp, BackendLink::Bridge, &[])?;
+    let before = wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
+    traffic(&topo, &topo.backend)?;
+    let (local, redirect, stack) = paths(&before, &daemon.stats()?);
+    ensure!(
+        local == 0 && redirect == 0 && stack > 0,
+        "local {local}, redirect {redirect}, stack {stack}"
+    );
+    daemon.stop()?;
+    daemon.cleanup()?;
+
+    let topo = Topology::new(BackendLink::Veth)?;
+    topo.enable_ipv6()?;
+    let config = portmap_tests::TempDir::new("cfg")?;
+    let path = config.path().join("portmap.toml");
+    std::fs::write(
+        &path,
+        "local_fast_path = false\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
+         \"5353:198.18.1.2:53/udp\"]\n",
+    )?;
+    let mut daemon = start_daemon(
+        &topo,
+        Mode::Tc,
+        &["--config", path.to_str().context("utf-8 path")?],
+    )?;
+    resolve_neighbours(&topo)?;
+    // Long enough for a netlink burst to settle (20 ms) many times over.
+    thread::sleep(Duration::from_millis(300));
+    let before = daemon.stats()?;
+    ensure!(before.local_backends.is_empty(), "{:?}", before.local_backends);
+    traffic(&topo, &topo.backend)?;
+    let (local, redirect, _) = paths(&before, &daemon.stats()?);
+    ensure!(local == 0 && redirect > 0, "local {local}, redirect {redirect}");
+    daemon.stop()?;
+    daemon.cleanup().map(drop)
+}
+
+/// The backend's container is replaced by another with the same address on a new veth (a
+/// redeployed container): traffic reaches the new one at once (through the FIB path until it is
+/// learnt) and then takes the fast path into the new veth.
+fn backend_moves(link: BackendLink) -> anyhow::Result<()> {
+    let (topo, mut daemon) = setup(Mode::Tc, link, &[])?;
+    wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
+    traffic(&topo, &topo.backend)?;
+    // Docker derives a container's MAC from its address: on a bridge the new container keeps it.
+    let mac = topo.backend.exec("cat", &["/sys/class/net/b0/address"])?;
+    topo.host.ip(&["link", "del", HOST_BACKEND_IFACE])?;
+    let moved = Netns::new("m")?;
+    let host_end = "h1m";
+    moved.ip(&[
+        "link",
+        "add",
+        "b0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        host_end,
+        "netns",
+        &topo.host.name,
+    ])?;
+    match link {
+        BackendLink::Veth => {
+            topo.host.ip(&["addr", "add", "198.18.1.1/24", "dev", host_end])?;
+            topo.host
+                .ip(&["addr", "add", "fd00:1::1/64", "dev", host_end, "nodad"])?;
+        }
+        BackendLink::Bridge => {
+            moved.ip(&["link", "set", "b0", "address", mac.trim()])?;
+            topo.host.ip(&["link", "set", host_end, "master", BRIDGE])?;
+        }
+    }
+    topo.host.ip(&["link", "set", host_end, "up"])?;
+    moved.ip(&["addr", "add", "198.18.1.2/24", "dev", "b0"])?;
+    moved.ip(&["addr", "add", "fd00:1::2/64", "dev", "b0", "nodad"])?;
+    moved.ip(&["link", "set", "b0", "up"])?;
+    moved.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+    moved.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+    // The first exchanges: whatever path, they must reach the new container.
+    traffic(&topo, &moved)?;
+    resolve_neighbours(&topo)?;
+    let before = wait_local(&daemon, &[BACKEND, BACKEND6], |b| b.device == host_end)?;
+    traffic(&topo, &moved)?;
+    let (local, redirect, stack) = paths(&before, &daemon.stats()?);
+    ensure!(
+        local > 0 && redirect == 0 && stack == 0,
+        "after the move: local {local}, redirect {redirect}, stack {stack}"
+    );
+    daemon.stop()?;
+    daemon.cleanup().map(drop)
+}
+
+#[test]
+fn a_routed_backend_that_moves_is_followed() -> anyhow::Result<()> {
+    backend_moves(BackendLink::Veth)
+}
+
+#[test]
+fn a_bridged_backend_that_moves_is_followed() -> anyhow::Result<()> {
+    backend_moves(BackendLink::Bridge)
+}

@@ -349,8 +349,14 @@ fn program_costs(plan: &Plan) -> anyhow::Result<Vec<micro::ProgramCost>> {
         for &n in &plan.program_mappings {
             let cost = micro::program_cost(&bed.topo, n, plan.repeat)?;
             say(&format!(
-                "  {n:>8} mappings: no-op {:.1} ns, established XDP {:.1} ns / TC {:.1} ns, new flow {:.1} ns",
-                cost.noop_ns, cost.established_xdp_ns, cost.established_tc_ns, cost.new_flow_xdp_ns
+                "  {n:>8} mappings: no-op {:.1} ns, established XDP {:.1} ns / TC {:.1} ns (local backend: \
+                 {:.1} / {:.1} ns), new flow {:.1} ns",
+                cost.noop_ns,
+                cost.established_xdp_ns,
+                cost.established_tc_ns,
+                cost.established_xdp_local_ns,
+                cost.established_tc_local_ns,
+                cost.new_flow_xdp_ns
             ));
             programs.push(cost);
         }

@@ -101,7 +101,11 @@ fn ratios(s: &mut String, r: &Results) {
         Variant::NftStateless,
         Variant::XdpFloor,
     ];
-    for (label, v) in [("TC", Variant::PortmapTc), ("XDP", Variant::PortmapXdp)] {
+    for (label, v) in [
+        ("TC", Variant::PortmapTc),
+        ("TC, FIB path", Variant::PortmapTcFib),
+        ("XDP", Variant::PortmapXdp),
+    ] {
         for flows in [1u16, 10_000] {
             for (metric, key) in [
                 (
@@ -199,6 +203,30 @@ fn targets(s: &mut String, r: &Results) {
         "×",
         &|v| v <= 0.2,
     );
+    check(
+        "local container backend: CPU per forwarded packet ≤ 0.8× routing without NAT (portmap TC, 1 flow)",
+        over(cpu(Variant::PortmapTc, 1), cpu(Variant::Routing, 1)),
+        "×",
+        &|v| v <= 0.8,
+    );
+    check(
+        "local container backend: CPU per forwarded packet ≤ 0.5× iptables DNAT (portmap TC, 1 flow)",
+        over(cpu(Variant::PortmapTc, 1), cpu(Variant::Iptables, 1)),
+        "×",
+        &|v| v <= 0.5,
+    );
+    let last_n = r.new_flows.iter().map(|f| f.mappings).max().unwrap_or(1);
+    for n in [1, last_n] {
+        check(
+            &format!("local container backend: new connections/s ≥ routing's (portmap TC, {n} mappings)"),
+            over(
+                new_flows_of(r, Variant::PortmapTc, n),
+                new_flows_of(r, Variant::Routing, n),
+            ),
+            "×",
+            &|v| v >= 1.0,
+        );
+    }
     for n in [10_000, 50_000] {
         if r.new_flows.iter().any(|f| f.mappings == n) {
             check(
@@ -216,6 +244,12 @@ fn targets(s: &mut String, r: &Results) {
         check(
             "eBPF cost of an established-flow packet ≤ 3× the no-op program (XDP)",
             Some(last.established_xdp_ns / last.noop_ns),
+            "×",
+            &|v| v <= 3.0,
+        );
+        check(
+            "local container backend: eBPF cost of an established-flow packet ≤ 3× the no-op program (TC)",
+            Some(last.established_tc_local_ns / last.noop_ns),
             "×",
             &|v| v <= 3.0,
         );
@@ -368,7 +402,10 @@ fn absolutes(s: &mut String, r: &Results) {
          answers every flow (generator in the sink's namespace, the router's receive on h1 steered to CPU 1, the \
          client dropping the answers at ingress); portmap reverse-NATs them on TC egress. \
          IPVS and nftables flowtables would be the next peers, but this kernel is built without CONFIG_IP_VS and \
-         CONFIG_NF_FLOW_TABLE.\n"
+         CONFIG_NF_FLOW_TABLE. The sink is a container behind a veth of the router: portmap TC and XDP reach it \
+         on the local fast path (TC: `bpf_redirect_peer` into its namespace; XDP: cached addresses and a devmap \
+         redirect), \"portmap TC, FIB path\" is TC with `local_fast_path = false` (a FIB lookup and \
+         `bpf_redirect` per packet, as for a backend on another machine).\n"
     );
     let _ = writeln!(
         s,
@@ -412,18 +449,20 @@ fn absolutes(s: &mut String, r: &Results) {
     );
     let _ = writeln!(
         s,
-        "| mappings | no-op XDP (ns) | parse + forward, no NAT (ns) | established, XDP (ns) | established, TC (ns) | new flow, XDP (ns) |"
+        "| mappings | no-op XDP (ns) | parse + forward, no NAT (ns) | established, XDP (ns) | established, TC (ns) | established to a local backend, XDP (ns) | established to a local backend, TC (ns) | new flow, XDP (ns) |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
     for p in &r.programs {
         let _ = writeln!(
             s,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             p.mappings,
             p.noop_ns,
             p.forward_floor_ns,
             p.established_xdp_ns,
             p.established_tc_ns,
+            p.established_xdp_local_ns,
+            p.established_tc_local_ns,
             p.new_flow_xdp_ns
         );
     }
@@ -548,6 +587,9 @@ pub fn plots(r: &Results, out: &std::path::Path) -> anyhow::Result<()> {
             programs("parse + forward, no NAT", |p| p.forward_floor_ns),
             programs("portmap XDP, established", |p| p.established_xdp_ns),
             programs("portmap TC, established", |p| p.established_tc_ns),
+            programs("portmap TC, established, local backend", |p| {
+                p.established_tc_local_ns
+            }),
             programs("portmap XDP, new flow", |p| p.new_flow_xdp_ns),
         ],
     )?;

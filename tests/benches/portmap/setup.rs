@@ -27,7 +27,14 @@ pub enum Variant {
     /// and port in the raw prerouting hook (UDP; a packet-rate peer only: no conntrack, so no
     /// reply translation for more than one mapping).
     NftStateless,
+    /// portmap in TC mode; the sink is a container behind a veth of the router, so packets take
+    /// the local fast path (`bpf_redirect_peer` into the sink's namespace).
     PortmapTc,
+    /// portmap in TC mode with `local_fast_path = false`: a FIB lookup and `bpf_redirect` per
+    /// packet, as for a backend on another machine.
+    PortmapTcFib,
+    /// portmap in XDP mode (the sink's veth is a redirect target: the fast path's cached
+    /// addresses and a devmap redirect).
     PortmapXdp,
     /// XDP parse + FIB lookup + redirect, no conntrack, no rewrite (`bench_xdp_forward`).
     XdpFloor,
@@ -35,12 +42,13 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, in report order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Routing,
         Self::Iptables,
         Self::Nftables,
         Self::NftStateless,
         Self::PortmapTc,
+        Self::PortmapTcFib,
         Self::PortmapXdp,
         Self::XdpFloor,
     ];
@@ -61,6 +69,7 @@ impl Variant {
             Self::Nftables => "nftables DNAT map",
             Self::NftStateless => "nftables stateless (notrack)",
             Self::PortmapTc => "portmap TC",
+            Self::PortmapTcFib => "portmap TC, FIB path",
             Self::PortmapXdp => "portmap XDP",
             Self::XdpFloor => "XDP redirect, no rewrite",
         }
@@ -165,7 +174,14 @@ pub fn nft_stateless_ruleset(n: u32) -> String {
 
 /// portmap config with `n` mappings: TCP, and UDP as well when `udp`.
 pub fn portmap_config(n: u32, attach: &str, udp: bool) -> String {
-    let mut s = format!("interfaces = [\"{HOST_CLIENT_IFACE}\"]\nattach = \"{attach}\"\nmappings = [\n");
+    portmap_config_with(n, attach, udp, true)
+}
+
+/// `portmap_config`, with the local fast path on or off.
+pub fn portmap_config_with(n: u32, attach: &str, udp: bool, local_fast_path: bool) -> String {
+    let mut s = format!(
+        "interfaces = [\"{HOST_CLIENT_IFACE}\"]\nattach = \"{attach}\"\nlocal_fast_path = {local_fast_path}\nmappings = [\n"
+    );
     for i in 0..n {
         let port = BASE_PORT + i as u16;
         let _ = write!(s, "  \"{port}:{SINK}:80\",");
@@ -247,14 +263,15 @@ pub fn bed(variant: Variant, n: u32) -> anyhow::Result<Bed> {
             std::fs::write(&file, nft_stateless_ruleset(n))?;
             timed_in(topo, "nft", &["-f", file.to_str().context("utf-8")?], None)?;
         }
-        Variant::PortmapTc | Variant::PortmapXdp => {
-            let (mode, attach) = if variant == Variant::PortmapTc {
-                (Mode::Tc, "tc")
-            } else {
+        Variant::PortmapTc | Variant::PortmapTcFib | Variant::PortmapXdp => {
+            let (mode, attach) = if variant == Variant::PortmapXdp {
                 (Mode::Xdp, "xdp")
+            } else {
+                (Mode::Tc, "tc")
             };
             let file = bed._dir.path().join("portmap.toml");
-            std::fs::write(&file, portmap_config(n, attach, true))?;
+            let fast = variant != Variant::PortmapTcFib;
+            std::fs::write(&file, portmap_config_with(n, attach, true, fast))?;
             let config = file.to_str().context("utf-8")?.to_string();
             let daemon = start_daemon(topo, mode, &["--config", &config])?;
             // Its expiry passes stay off CPU 1, where the packet measurements count busy time.

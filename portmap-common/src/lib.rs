@@ -63,8 +63,9 @@ pub mod map_names {
     /// The stamp of the pinned state ([`crate::DatapathStamp`]).
     pub const META: &str = "PM_META";
     pub const LOCAL_BACKENDS: &str = "PM_LOCAL_BACKENDS";
+    pub const LOCAL_DEVS: &str = "PM_LOCAL_DEVS";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -81,6 +82,7 @@ pub mod map_names {
         ICMP_PROGS_TC,
         META,
         LOCAL_BACKENDS,
+        LOCAL_DEVS,
     ];
 }
 
@@ -133,7 +135,8 @@ pub const DEFAULT_MAX_BACKEND_GROUPS: u32 = 256;
 pub const MAX_REDIRECT_DEVS: u32 = 256;
 /// Addresses of the host (`PM_LOCAL_ADDRS`).
 pub const MAX_LOCAL_ADDRS: u32 = 4_096;
-/// Addresses reached through a veth of this host (`PM_LOCAL_BACKENDS`): its containers.
+/// Addresses reached through a veth of this host (`PM_LOCAL_BACKENDS`): its containers; their
+/// veths (`PM_LOCAL_DEVS`) are as many at most.
 pub const MAX_LOCAL_BACKENDS: u32 = 4_096;
 /// Slots of `PM_GLOBAL_STATS`: the counters of [`Stat`] and room for counters added later, so
 /// that a newer daemon adopts the pinned array (its size is part of the layout it checks).
@@ -347,7 +350,9 @@ map_layout! {
 /// neighbour, bridge FDB and route tables and kept in sync with them. The datapath sends a packet
 /// for it straight into the veth (TC: `bpf_redirect_peer`, into the container's namespace; XDP:
 /// a devmap redirect to the host side) instead of a FIB lookup; a missing entry, a packet
-/// larger than `mtu` or a device XDP may not redirect to take the FIB path.
+/// larger than `mtu`, a device XDP may not redirect to, or one that is gone (not in
+/// `PM_LOCAL_DEVS` any more, from which the kernel removes unregistered devices itself, even
+/// while no daemon runs) take the FIB path.
 #[derive(Hash)]
 pub struct LocalBackend {
     /// The host side of the veth whose peer holds the address (for a bridged container: the

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use portmap_common::{ICMP_SLOT_INGRESS, Stat, csum};
 
-use crate::maps::{PM_ICMP_TC, PM_ICMP_XDP, PM_REDIRECT_DEVS};
+use crate::maps::{PM_ICMP_TC, PM_ICMP_XDP, PM_LOCAL_DEVS, PM_REDIRECT_DEVS};
 
 /// A primitive failed (a bounds check or a helper): the packet is dropped and counted.
 #[derive(Clone, Copy)]
@@ -354,6 +354,9 @@ impl PacketCtx for TcContext {
 
     #[inline(always)]
     fn redirect_local(&mut self, ifindex: u32) -> Option<u32> {
+        // The veth still exists (the kernel removed it from the devmap otherwise): a redirect to
+        // a device that is gone would drop the packet.
+        PM_LOCAL_DEVS.get(ifindex)?;
         // bpf_redirect_peer() (kernel >= 5.10; from TC ingress, which is where the datapath runs):
         // the skb enters the veth peer's namespace in this softirq, without the veth's transmit,
         // the per-CPU backlog and a second round of the receive path.

@@ -60,6 +60,12 @@ pub static PM_LOCAL_ADDRS: HashMap<LocalAddrKey, u8> = HashMap::with_max_entries
 pub static PM_LOCAL_BACKENDS: HashMap<LocalAddrKey, LocalBackend> =
     HashMap::with_max_entries(MAX_LOCAL_BACKENDS, 0);
 
+/// The veths of `PM_LOCAL_BACKENDS` (keyed by ifindex). A devmap: the kernel deletes the entry of
+/// a device that is unregistered, so an entry of `PM_LOCAL_BACKENDS` whose veth went (a container
+/// removed while no daemon runs) is not followed.
+#[map]
+pub static PM_LOCAL_DEVS: DevMapHash = DevMapHash::with_max_entries(MAX_LOCAL_BACKENDS, 0);
+
 /// (protocol, port) published on some address: bind() to the wildcard address is refused.
 #[map]
 pub static PM_PUBLISHED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_PUBLISHED_PORTS, 0);

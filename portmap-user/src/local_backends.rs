@@ -280,7 +280,16 @@ pub fn read() -> anyhow::Result<BTreeMap<IpAddr, Local>> {
     let mut netlink = Netlink::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
     let net = read_net(&mut netlink).context("reading links, neighbours and bridge entries")?;
     let netlink = std::cell::RefCell::new(netlink);
-    Ok(resolve(&net, |addr| route_oif(&mut netlink.borrow_mut(), addr)))
+    let local = resolve(&net, |addr| route_oif(&mut netlink.borrow_mut(), addr));
+    let max = portmap_common::MAX_LOCAL_BACKENDS as usize;
+    if local.len() > max {
+        log::warn!(
+            "{} local backends, the fast path holds {max}: the others take the FIB path",
+            local.len()
+        );
+        return Ok(local.into_iter().take(max).collect());
+    }
+    Ok(local)
 }
 
 /// Becomes readable when links, neighbours (bridge forwarding entries included) or routes change.

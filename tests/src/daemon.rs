@@ -52,6 +52,8 @@ pub struct Daemon {
     pub cgroup: Cgroup,
     /// Environment variables the daemon starts with (e.g. `NOTIFY_SOCKET`).
     env: Vec<(String, String)>,
+    /// The network namespace it last ran in (`portmap cleanup` runs there too).
+    netns: Option<PathBuf>,
     work_dir: TempDir,
 }
 
@@ -78,6 +80,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            netns: None,
             work_dir,
         };
         daemon.spawn(ns, args)?;
@@ -103,6 +106,7 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.work_dir.path().join("daemon.log"))?;
+        self.netns = Some(ns.path());
         let netns = File::open(ns.path())?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--socket")
@@ -131,12 +135,31 @@ impl Daemon {
         self.wait_ready()
     }
 
-    /// `portmap cleanup` of this daemon's pins and state (after `stop` or `kill`); returns its
-    /// output.
+    /// `portmap cleanup` of this daemon's pins and state (after `stop` or `kill`), in the
+    /// daemon's network namespace as an operator runs it (TC filters of kernels without tcx are
+    /// found on that namespace's interfaces); returns its output.
     pub fn cleanup(&self) -> anyhow::Result<String> {
         let pin_dir = self.pin_dir.to_str().context("pin dir")?;
         let state_file = self.state_file.to_str().context("state file")?;
-        self.cli_ok(&["cleanup", "--pin-dir", pin_dir, "--state-file", state_file])
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(["cleanup", "--pin-dir", pin_dir, "--state-file", state_file])
+            .stdin(Stdio::null());
+        if let Some(path) = &self.netns {
+            let netns = File::open(path)?;
+            // SAFETY: setns is async-signal-safe; the closure touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            }
+        }
+        let out = cmd.output()?;
+        ensure!(
+            out.status.success(),
+            "portmap cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// SIGKILL, as a crash: the daemon gets no chance to do anything (its datapath stays).

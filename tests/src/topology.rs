@@ -232,14 +232,22 @@ pub fn mode_args(topo: &Topology, mode: Mode) -> anyhow::Result<Vec<&'static str
     Ok(args)
 }
 
-/// Programs on an interface of `ns`: tcx (ingress, egress) and whether XDP is attached.
+/// Programs on an interface of `ns`: TC (ingress, egress: tcx links, or cls_bpf filters on a
+/// kernel without tcx or with the fallback forced) and whether XDP is attached.
 pub fn attached(ns: &Netns, iface: &'static str) -> anyhow::Result<(usize, usize, bool)> {
     use aya::programs::{SchedClassifier, TcAttachType};
-    let (ingress, egress) = ns.run(move || {
-        let i = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?.1.len();
-        let e = SchedClassifier::query_tcx(iface, TcAttachType::Egress)?.1.len();
-        Ok((i, e))
+    let (tcx_ingress, tcx_egress) = ns.run(move || {
+        let count = |kind| SchedClassifier::query_tcx(iface, kind).map_or(0, |(_, p)| p.len());
+        Ok((count(TcAttachType::Ingress), count(TcAttachType::Egress)))
     })?;
+    let filters = |direction: &str| {
+        ns.exec("tc", &["filter", "show", "dev", iface, direction])
+            .map_or(0, |out| out.matches("direct-action").count())
+    };
     let link = ns.ip(&["-d", "link", "show", iface])?;
-    Ok((ingress, egress, link.contains("xdp")))
+    Ok((
+        tcx_ingress + filters("ingress"),
+        tcx_egress + filters("egress"),
+        link.contains("xdp"),
+    ))
 }

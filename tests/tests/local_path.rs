@@ -245,6 +245,42 @@ fn backend_moves(link: BackendLink) -> anyhow::Result<()> {
     daemon.cleanup().map(drop)
 }
 
+/// The same while no daemon runs (stopped; the datapath keeps forwarding): the cached veth is
+/// gone, the kernel removed it from `PM_LOCAL_DEVS`, so packets take the FIB path to the new
+/// container instead of being sent to a device that no longer exists.
+#[test]
+fn a_backend_that_moves_while_no_daemon_runs_is_reached() -> anyhow::Result<()> {
+    let (topo, mut daemon) = setup(Mode::Tc, BackendLink::Veth, &[])?;
+    wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
+    traffic(&topo, &topo.backend)?;
+    daemon.stop()?;
+    topo.host.ip(&["link", "del", HOST_BACKEND_IFACE])?;
+    let moved = Netns::new("m")?;
+    moved.ip(&[
+        "link",
+        "add",
+        "b0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "h1m",
+        "netns",
+        &topo.host.name,
+    ])?;
+    topo.host.ip(&["addr", "add", "198.18.1.1/24", "dev", "h1m"])?;
+    topo.host
+        .ip(&["addr", "add", "fd00:1::1/64", "dev", "h1m", "nodad"])?;
+    topo.host.ip(&["link", "set", "h1m", "up"])?;
+    moved.ip(&["addr", "add", "198.18.1.2/24", "dev", "b0"])?;
+    moved.ip(&["addr", "add", "fd00:1::2/64", "dev", "b0", "nodad"])?;
+    moved.ip(&["link", "set", "b0", "up"])?;
+    moved.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+    moved.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+    traffic(&topo, &moved)?;
+    daemon.cleanup().map(drop)
+}
+
 #[test]
 fn a_routed_backend_that_moves_is_followed() -> anyhow::Result<()> {
     backend_moves(BackendLink::Veth)

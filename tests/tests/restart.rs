@@ -106,13 +106,27 @@ impl Load {
     }
 }
 
-/// The id of the program on the client-facing interface's tcx egress (both modes have one).
+/// The ids of the programs on the client-facing interface's TC egress (both modes have one):
+/// tcx links, or cls_bpf filters (`id N` in `tc filter show`).
 fn egress_program(ns: &Netns) -> anyhow::Result<Vec<u32>> {
     use aya::programs::{SchedClassifier, TcAttachType};
-    ns.run(|| {
-        let (_, programs) = SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)?;
-        Ok(programs.iter().map(aya::programs::ProgramInfo::id).collect())
-    })
+    let mut ids: Vec<u32> = ns.run(|| {
+        Ok(
+            SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)
+                .map(|(_, programs)| programs.iter().map(aya::programs::ProgramInfo::id).collect())
+                .unwrap_or_default(),
+        )
+    })?;
+    let filters = ns
+        .exec("tc", &["filter", "show", "dev", HOST_CLIENT_IFACE, "egress"])
+        .unwrap_or_default();
+    let mut words = filters.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "id" {
+            ids.extend(words.next().and_then(|id| id.parse::<u32>().ok()));
+        }
+    }
+    Ok(ids)
 }
 
 /// One exchange with the echo server behind host port 8080.
@@ -120,7 +134,7 @@ fn echo_8080(topo: &Topology) -> anyhow::Result<Vec<u8>> {
     portmap_tests::tcp_exchange(&topo.client, SocketAddrV4::new(HOST_IP, 8080), b"x".to_vec())
 }
 
-fn restarts_are_invisible(mode: Mode) -> anyhow::Result<()> {
+fn restarts_are_invisible(mode: Mode, env: &[(&str, &str)]) -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;
     let dir = TempDir::new("restart")?;
     let config = dir.path().join("portmap.toml");
@@ -128,7 +142,17 @@ fn restarts_are_invisible(mode: Mode) -> anyhow::Result<()> {
     let mut args = mode_args(&topo, mode)?;
     let config_arg = config.to_str().context("utf-8")?.to_owned();
     args.extend(["--config", &config_arg]);
-    let mut daemon = Daemon::start(&topo.host, &args)?;
+    let mut daemon = Daemon::start_with_env(&topo.host, &args, env)?;
+    if !env.is_empty() {
+        let filters = topo
+            .host
+            .exec("tc", &["filter", "show", "dev", HOST_CLIENT_IFACE, "ingress"])?;
+        ensure!(
+            filters.contains("portmap_tc_ingress")
+                && daemon.log().contains("cls_bpf filters on a clsact qdisc"),
+            "not attached as a cls_bpf filter: {filters}"
+        );
+    }
     // Added at run time, host port from the dynamic range.
     let added = daemon.cli_ok(&["add", "198.18.1.2:81"])?;
     let dynamic: u16 = added
@@ -234,17 +258,31 @@ fn restarts_are_invisible(mode: Mode) -> anyhow::Result<()> {
         "{mode:?}: {} messages (longest wait {:?}), {} new connections, none failed",
         stream.messages, stream.longest, connects.made
     );
-    daemon.stop()
+    daemon.stop()?;
+    let cleaned = daemon.cleanup()?;
+    ensure!(
+        portmap_tests::attached(&topo.host, HOST_CLIENT_IFACE)? == (0, 0, false),
+        "programs left after cleanup ({cleaned})"
+    );
+    Ok(())
 }
 
 #[test]
 fn restart_crash_and_upgrade_are_invisible_in_tc_mode() -> anyhow::Result<()> {
-    restarts_are_invisible(Mode::Tc)
+    restarts_are_invisible(Mode::Tc, &[])
+}
+
+/// Kernels without tcx (< 6.6): TC programs are cls_bpf filters on a clsact qdisc, which a new
+/// daemon finds by priority and handle and gives its program in place (forced here on a newer
+/// kernel; `cargo xtask vmtest` runs the lifecycle on 6.1, where it is the only way).
+#[test]
+fn restart_crash_and_upgrade_are_invisible_with_clsact_filters() -> anyhow::Result<()> {
+    restarts_are_invisible(Mode::Tc, &[(portmap::datapath::kernel::FORCE_NETLINK_ENV, "1")])
 }
 
 #[test]
 fn restart_crash_and_upgrade_are_invisible_in_xdp_mode() -> anyhow::Result<()> {
-    restarts_are_invisible(Mode::Xdp)
+    restarts_are_invisible(Mode::Xdp, &[])
 }
 
 /// Pinned maps of another layout are refused at start with a message that names `portmap

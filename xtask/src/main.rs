@@ -11,8 +11,16 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
 
+mod vmtest;
+
 /// bpf-linker release built by `setup` (against the nightly toolchain's own libLLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// What `vmtest` needs beyond `APT_PACKAGES`: qemu (TCG) and a static busybox for the initramfs.
+const VMTEST_PACKAGES: [(&str, &str); 2] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("/bin/busybox", "busybox-static"),
+];
 
 /// What the tests, the demo and the benchmark need from Debian: a command or file that shows the
 /// package is there, and the package.
@@ -75,6 +83,16 @@ enum Task {
         #[arg(long)]
         update_docs: bool,
     },
+    /// The golden-packet suite and end-to-end tests on Debian 12's kernel 6.1 under qemu (TCG;
+    /// installs qemu and busybox, downloads the kernel package; needs root).
+    Vmtest {
+        /// The kernel package (default: the newest linux-image-6.1.0-N-amd64 apt knows).
+        #[arg(long)]
+        package: Option<String>,
+        /// Packets the datapath fuzzer throws at the programs in the guest (emulated: slow).
+        #[arg(long, default_value_t = 2_000)]
+        fuzz_packets: u64,
+    },
     /// Man pages of `portmap` (one per subcommand) and `portmap-cni`, from the binaries' clap
     /// definitions (clap_mangen), into --out (default target/man).
     Man {
@@ -94,6 +112,18 @@ fn main() -> anyhow::Result<()> {
         } => test(fuzz_packets, fuzz_seed, &args),
         Task::Lint => lint(),
         Task::Bench { quick, update_docs } => bench(quick, update_docs),
+        Task::Vmtest {
+            package,
+            fuzz_packets,
+        } => {
+            ensure!(
+                is_root(),
+                "cargo xtask vmtest needs root (it installs packages and builds as root)"
+            );
+            setup()?;
+            ensure_packages(&VMTEST_PACKAGES)?;
+            vmtest::vmtest(package, fuzz_packets)
+        }
         Task::Man { out } => {
             let out = out.unwrap_or_else(|| target_dir().join("man"));
             setup()?;
@@ -236,6 +266,11 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn ensure_apt_tools() -> anyhow::Result<()> {
+    ensure_packages(&APT_PACKAGES)
+}
+
+/// Installs the packages of `packages` whose command or file is missing.
+fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
     let present = |what: &str| {
         if what.starts_with('/') {
             Path::new(what).exists()
@@ -243,7 +278,7 @@ fn ensure_apt_tools() -> anyhow::Result<()> {
             which::which(what).is_ok()
         }
     };
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(what, _)| !present(what))
         .map(|(_, package)| *package)

@@ -1,7 +1,8 @@
 //! Attaching the programs: ingress (XDP or TC) and TC egress per client-facing interface, each
-//! as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6). A link an
-//! earlier daemon pinned for the same hook gets the new program in place (`adopt`), so traffic
-//! never sees the hook empty.
+//! as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6), or on older
+//! kernels as a cls_bpf filter on a clsact qdisc (`clsact`). A link an earlier daemon pinned (or
+//! a filter it left) for the same hook gets the new program in place (`adopt`), so traffic never
+//! sees the hook empty.
 
 use std::{
     fs,
@@ -17,7 +18,7 @@ use aya::{
 use log::{info, warn};
 use portmap_common::{map_names, prog_names};
 
-use super::{Datapath, adopt, pins};
+use super::{Datapath, adopt, clsact, pins};
 use crate::config::AttachMode;
 
 /// Where a program is attached.
@@ -49,13 +50,20 @@ impl Hook {
     }
 }
 
-/// One pinned link: its program stays attached while the pin exists.
+/// One attached program: a pinned link (attached while the pin exists) or a TC filter.
 pub(super) struct Attachment {
     /// What is attached where, for messages ("h0 tc_ingress", "cgroup /x portmap_connect4").
     label: String,
     /// The interface it is attached to (`None`: the cgroup).
     iface: Option<String>,
-    pin: PathBuf,
+    anchor: Anchor,
+}
+
+/// What keeps an attachment attached.
+pub(super) enum Anchor {
+    Pin(PathBuf),
+    /// portmap's cls_bpf filter for this hook on the attachment's interface.
+    Filter(Hook),
 }
 
 /// A client-facing interface and the device its programs are attached to.
@@ -119,7 +127,11 @@ impl Datapath {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if self.attachments.iter().any(|a| a.pin == path) {
+            if self
+                .attachments
+                .iter()
+                .any(|a| matches!(&a.anchor, Anchor::Pin(p) if *p == path))
+            {
                 continue;
             }
             match fs::remove_file(&path) {
@@ -127,6 +139,14 @@ impl Datapath {
                 Err(e) => warn!("removing stale link {}: {e}", path.display()),
             }
         }
+        // Filters: on interfaces not configured any more, and all of them where tcx links
+        // replaced them (a newer kernel, or the fallback no longer forced).
+        let keep: Vec<String> = if self.tcx {
+            Vec::new()
+        } else {
+            self.ifaces.iter().map(|i| i.name.clone()).collect()
+        };
+        clsact::remove_except(&keep);
     }
 
     fn attach_all(
@@ -268,7 +288,7 @@ impl Datapath {
                 self.attachments.push(Attachment {
                     label: label.to_owned(),
                     iface: iface.map(str::to_owned),
-                    pin: path.to_path_buf(),
+                    anchor: Anchor::Pin(path.to_path_buf()),
                 });
                 true
             }
@@ -301,6 +321,21 @@ impl Datapath {
 
     fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
         let name = hook.program_name();
+        let label = format!("{iface} {}", hook.as_str());
+        if !self.tcx {
+            let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
+            let replaced = clsact::attach(prog, iface, hook)
+                .with_context(|| format!("{iface}: attaching {name} (clsact)"))?;
+            if replaced {
+                info!("{label}: took over the attached filter");
+            }
+            self.attachments.push(Attachment {
+                label,
+                iface: Some(iface.to_owned()),
+                anchor: Anchor::Filter(hook),
+            });
+            return Ok(());
+        }
         let path = pins::link_pin(&self.pin_dir()?, iface, hook);
         if self.take_over(&path, name, &format!("{iface} {}", hook.as_str()), Some(iface)) {
             return Ok(());
@@ -341,7 +376,7 @@ impl Datapath {
         self.attachments.push(Attachment {
             label,
             iface: iface.map(str::to_owned),
-            pin: path.to_path_buf(),
+            anchor: Anchor::Pin(path.to_path_buf()),
         });
         Ok(())
     }
@@ -360,9 +395,14 @@ impl Datapath {
 
     fn unpin(attachments: Vec<Attachment>) {
         for a in attachments {
-            // The pin holds the last reference: removing it detaches the link.
-            if let Err(e) = fs::remove_file(&a.pin) {
-                warn!("{}: unpinning failed: {e}", a.label);
+            let detached = match (&a.anchor, &a.iface) {
+                // The pin holds the last reference: removing it detaches the link.
+                (Anchor::Pin(pin), _) => fs::remove_file(pin).map_err(anyhow::Error::from),
+                (Anchor::Filter(hook), Some(iface)) => clsact::detach(iface, *hook),
+                (Anchor::Filter(_), None) => Ok(()),
+            };
+            if let Err(e) = detached {
+                warn!("{}: detaching failed: {e:#}", a.label);
             }
         }
     }

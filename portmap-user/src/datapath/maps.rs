@@ -5,7 +5,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use std::{
@@ -172,6 +172,21 @@ impl Datapath {
             map.insert(key, backend, 0)
                 .with_context(|| format!("adding a local backend ({} known)", want.len()))?;
             changed += 1;
+        }
+        // Their veths, in the devmap the kernel keeps free of unregistered devices.
+        let want_devs: BTreeSet<u32> = want.values().map(|b| b.ifindex).collect();
+        let mut devs: DevMapHash<_> = DevMapHash::try_from(self.map_mut(map_names::LOCAL_DEVS)?)?;
+        let have_devs: BTreeSet<u32> = devs.keys().filter_map(Result::ok).collect();
+        for gone in have_devs.difference(&want_devs) {
+            // Already removed by the kernel if the device went.
+            let _ = devs.remove(*gone);
+        }
+        for dev in want_devs.difference(&have_devs) {
+            // A device that went since it was read: its backends take the FIB path until the
+            // next change notification.
+            if let Err(e) = devs.insert(*dev, *dev, None, 0) {
+                log::info!("local backend device {dev}: {e}");
+            }
         }
         Ok(changed)
     }

@@ -3,7 +3,9 @@
 //!
 //! - `pins`: the pin directory (bpffs mount, layout, `portmap cleanup`);
 //! - `adopt`: checking and adopting what an earlier daemon pinned (layout stamp, link update);
+//! - `kernel`: what the running kernel must offer (checked at start; tcx or not);
 //! - `attach`: hooks, attaching and detaching (XDP / tcx links, pinned);
+//! - `clsact`: TC programs as cls_bpf filters on kernels without tcx (< 6.6);
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
 //! - `maps`: the map writes of the mapping table ([`crate::table::Maps`]) and counter reads;
 //! - `expiry`: the flow-expiry pass (its decision is a pure function);
@@ -16,7 +18,7 @@
 //! PIN_DIR/maps/PM_MAPPINGS, PM_BACKENDS, PM_MAGLEV, PM_CONNTRACK, PM_MAPPING_STATS,
 //!              PM_GLOBAL_STATS, PM_REDIRECT_DEVS, PM_LOCAL_ADDRS, PM_PUBLISHED_PORTS,
 //!              PM_SOCK_REVERSE, PM_CT_NEW, PM_FRAGMENTS, PM_ICMP_XDP, PM_ICMP_TC,
-//!              PM_META (the layout stamp)                            (map_names::ALL)
+//!              PM_META (the layout stamp), PM_LOCAL_BACKENDS         (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
 //! PIN_DIR/links/cgroup_ID_portmap_connect4 ... _portmap_bind6  (socket hooks; ID: the cgroup's)
 //! ```
@@ -27,7 +29,9 @@
 mod adopt;
 mod attach;
 mod cgroup;
+mod clsact;
 mod expiry;
+pub mod kernel;
 mod maps;
 mod pins;
 mod sys;
@@ -77,6 +81,8 @@ pub struct Datapath {
     stamp: DatapathStamp,
     /// The maps were pinned by an earlier daemon and adopted.
     adopted: bool,
+    /// TC programs attach as tcx links (else as clsact filters: kernel < 6.6).
+    tcx: bool,
     /// Leave everything attached and pinned when dropped: set once the daemon is up, and from
     /// the start for an adopted datapath (a daemon that fails to start must not take down the
     /// datapath it found). Otherwise dropping removes what this load created.
@@ -91,12 +97,14 @@ impl Datapath {
     /// maps an earlier daemon pinned there are adopted (after [`adopt::check_pinned`]), missing
     /// ones created and pinned.
     pub fn load(pin_dir: &Path, limits: &Limits) -> anyhow::Result<Self> {
+        let kernel = kernel::detect()?;
         for dir in ["maps", "links"] {
             fs::create_dir_all(pin_dir.join(dir))
                 .with_context(|| format!("creating pin directory {}", pin_dir.join(dir).display()))?;
         }
         let found = adopt::check_pinned(pin_dir, limits)?;
         let mut dp = Self::load_with(limits, Some(pin_dir))?;
+        dp.tcx = kernel.tcx;
         if let Some(stamp) = found {
             dp.stamp = stamp;
             dp.adopted = true;
@@ -138,6 +146,7 @@ impl Datapath {
             mode: crate::config::AttachMode::Auto,
             stamp: adopt::new_stamp(),
             adopted: false,
+            tcx: true,
             keep: false,
             conntrack_entries: limits.conntrack_entries,
             conntrack_new_entries: limits.conntrack_new_entries,

@@ -58,6 +58,10 @@ pub fn cleanup(pin_dir: &Path, socket: &Path, state_files: &[PathBuf]) -> anyhow
         );
     }
     let mut removed = remove_pins(pin_dir)?;
+    // TC filters (kernels without tcx) are no pins: found by program name on every interface.
+    for iface in super::clsact::remove_except(&[]) {
+        removed.push(PathBuf::from(format!("TC filters on {iface}")));
+    }
     for dir in ["links", "maps", ""] {
         let _ = fs::remove_dir(pin_dir.join(dir));
     }

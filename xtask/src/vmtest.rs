@@ -1,0 +1,489 @@
+//! `cargo xtask vmtest`: the golden-packet suite and end-to-end tests on Debian 12's kernel (6.1)
+//! under qemu. There is no usable KVM on these machines, so qemu emulates the CPU (TCG).
+//!
+//! The kernel is Debian's `linux-image-6.1.0-*-amd64` package, downloaded with apt and unpacked
+//! under `target/vmtest/`. The guest boots a small initramfs this task writes itself (busybox and
+//! the 9p modules), mounts the host's root filesystem read-only over virtio-9p, loads the kernel
+//! modules the tests need from the unpacked package, and runs the test binaries built on the host
+//! in a chroot of it (tmpfs over /tmp, /run and the target's tmp dir). The console output comes
+//! back on qemu's stdout; this task prints it and one `N passed, N failed` line.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{cargo, count_before, run, say, target_dir, workspace_root};
+
+/// How long the whole guest run may take before qemu is killed.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// Modules the guest loads before it can mount the host's filesystem (in the initramfs).
+const BOOT_MODULES: [&str; 2] = ["9pnet_virtio", "9p"];
+/// Modules the tests need (loaded from the unpacked package once the host fs is mounted).
+const TEST_MODULES: [&str; 4] = ["veth", "bridge", "sch_ingress", "cls_bpf"];
+
+/// The test binaries and filters run in the guest, with their arguments.
+const GUEST_TESTS: [(&str, &[&str]); 2] = [
+    ("golden", &["--test-threads=1"]),
+    (
+        "e2e",
+        &[
+            "--test-threads=1",
+            "--exact",
+            "lifecycle_tc_veth_backend",
+            "lifecycle_tc_bridge_backend",
+            "crash_keeps_traffic_flowing_and_restart_adopts",
+        ],
+    ),
+];
+
+pub fn vmtest(package: Option<String>, fuzz_packets: u64) -> anyhow::Result<()> {
+    let dir = target_dir().join("vmtest");
+    fs::create_dir_all(&dir)?;
+    let package = match package {
+        Some(p) => p,
+        None => newest_package()?,
+    };
+    let root = unpack_kernel(&dir, &package)?;
+    let release = fs::read_dir(root.join("lib/modules"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .context("the kernel package has no lib/modules/RELEASE")?;
+    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
+    let modules = root.join("lib/modules").join(&release);
+    say(&format!("guest kernel: {package} ({release})"));
+
+    let tests = build_tests()?;
+    let portmap = crate::build_portmap()?;
+    let initrd = dir.join("initrd.cpio");
+    write_initramfs(&initrd, &modules)?;
+    let script = guest_script(&modules, &portmap, &tests, fuzz_packets)?;
+    let script_path = dir.join("guest.sh");
+    fs::write(&script_path, script)?;
+    fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755))?;
+
+    let started = Instant::now();
+    let (passed, failed, kernel) = boot(&vmlinuz, &initrd, &script_path)?;
+    println!(
+        "vmtest: guest kernel {}, {:.0} s",
+        kernel.as_deref().unwrap_or("unknown"),
+        started.elapsed().as_secs_f64()
+    );
+    println!("{passed} passed, {failed} failed");
+    ensure!(
+        kernel.is_some(),
+        "the guest did not report its kernel (it did not boot)"
+    );
+    ensure!(failed == 0 && passed > 0, "vmtest failed");
+    Ok(())
+}
+
+/// The newest `linux-image-6.1.0-N-amd64` apt knows.
+fn newest_package() -> anyhow::Result<String> {
+    let out = crate::output(
+        "apt-cache",
+        &["search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"],
+    )
+    .context("apt-cache search failed (run `apt-get update`)")?;
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .max_by_key(|name| {
+            name.trim_start_matches("linux-image-6.1.0-")
+                .trim_end_matches("-amd64")
+                .parse::<u32>()
+                .unwrap_or(0)
+        })
+        .map(str::to_owned)
+        .context("apt knows no linux-image-6.1.0-*-amd64 package (Debian 12 sources)")
+}
+
+/// Downloads and unpacks `package` once; returns the unpacked root.
+fn unpack_kernel(dir: &Path, package: &str) -> anyhow::Result<PathBuf> {
+    let root = dir.join(package);
+    if root.join("lib/modules").is_dir() {
+        return Ok(root);
+    }
+    let downloads = dir.join("debs");
+    fs::create_dir_all(&downloads)?;
+    say(&format!("downloading {package}"));
+    run(Command::new("apt-get")
+        .args(["download", "-q", package])
+        .current_dir(&downloads))?;
+    let deb = fs::read_dir(&downloads)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
+        .context("apt-get download left no .deb")?;
+    let partial = dir.join(format!("{package}.partial"));
+    let _ = fs::remove_dir_all(&partial);
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    fs::rename(&partial, &root)?;
+    Ok(root)
+}
+
+/// Builds the guest's test binaries; returns (name, executable).
+fn build_tests() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-run", "--message-format=json", "-p", "portmap-tests"]);
+    for (name, _) in GUEST_TESTS {
+        cmd.args(["--test", name]);
+    }
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    ensure!(out.status.success(), "building the test binaries failed");
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(exe)) = (
+            msg.pointer("/target/name").and_then(|v| v.as_str()),
+            msg.get("executable").and_then(|v| v.as_str()),
+        ) else {
+            continue;
+        };
+        if GUEST_TESTS.iter().any(|(t, _)| *t == name) {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    ensure!(
+        found.len() == GUEST_TESTS.len(),
+        "test binaries not found: {found:?}"
+    );
+    Ok(found)
+}
+
+/// `modules.dep` of an unpacked module tree: module path → its dependencies' paths.
+fn module_deps(modules: &Path) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let text = fs::read_to_string(modules.join("modules.dep")).context("reading modules.dep")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (module, deps) = l.split_once(':')?;
+            Some((
+                module.to_owned(),
+                deps.split_whitespace().map(str::to_owned).collect(),
+            ))
+        })
+        .collect())
+}
+
+/// `names` and their dependencies, in load order (dependencies first), as paths in the tree.
+fn load_order(deps: &[(String, Vec<String>)], names: &[&str]) -> anyhow::Result<Vec<String>> {
+    let path_of = |name: &str| {
+        deps.iter()
+            .map(|(m, _)| m)
+            .find(|m| {
+                Path::new(m)
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .and_then(|f| f.split('.').next())
+                    .is_some_and(|stem| stem.replace('-', "_") == name.replace('-', "_"))
+            })
+            .cloned()
+    };
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    for name in names {
+        let Some(path) = path_of(name) else {
+            // Built into this kernel.
+            continue;
+        };
+        let chain = deps
+            .iter()
+            .find(|(m, _)| *m == path)
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default();
+        // modules.dep lists every (transitive) dependency, the deepest last.
+        for m in chain.iter().rev().chain(std::iter::once(&path)) {
+            if seen.insert(m.clone()) {
+                order.push(m.clone());
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// The initramfs: busybox, the boot modules, and an init that mounts the host's root and runs
+/// `/host/<guest.sh>`.
+fn write_initramfs(path: &Path, modules: &Path) -> anyhow::Result<()> {
+    let busybox = Path::new("/bin/busybox");
+    ensure!(
+        busybox.exists(),
+        "/bin/busybox is missing: `cargo xtask setup` installs busybox-static"
+    );
+    let deps = module_deps(modules)?;
+    let mut archive = Cpio::default();
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "host",
+        "modules",
+        "lib",
+        "lib/modules",
+    ] {
+        archive.dir(dir);
+    }
+    archive.file("bin/busybox", &fs::read(busybox)?, 0o755);
+    let mut insmods = String::new();
+    for (i, module) in load_order(&deps, &BOOT_MODULES)?.iter().enumerate() {
+        let name = format!("modules/{i:02}.ko{}", compression_suffix(module));
+        archive.file(&name, &fs::read(modules.join(module))?, 0o644);
+        insmods.push_str(&format!("/bin/busybox insmod /{name}\n"));
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n\
+         export PATH=/bin\n\
+         /bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n\
+         {insmods}\
+         mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host\n\
+         exec /bin/busybox sh /host$(cat /proc/cmdline | tr ' ' '\\n' | sed -n 's/^vmtest.script=//p')\n"
+    );
+    archive.file("init", init.as_bytes(), 0o755);
+    fs::write(path, archive.finish())?;
+    Ok(())
+}
+
+fn compression_suffix(module: &str) -> &'static str {
+    if module.ends_with(".xz") {
+        ".xz"
+    } else if module.ends_with(".zst") {
+        ".zst"
+    } else {
+        ""
+    }
+}
+
+/// The guest's script (run by busybox sh in the initramfs, the host's root at /host).
+fn guest_script(
+    modules: &Path,
+    portmap: &Path,
+    tests: &[(String, PathBuf)],
+    fuzz_packets: u64,
+) -> anyhow::Result<String> {
+    let release = modules
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("module dir name")?;
+    let workspace = workspace_root();
+    let tmp = target_dir().join("tmp");
+    let deps = module_deps(modules)?;
+    let mut s = format!(
+        "set -u\n\
+         echo \"vmtest: kernel $(uname -r)\"\n\
+         mkdir -p /lib/modules/{release}\n\
+         mount --bind /host{modules} /lib/modules/{release}\n",
+        modules = modules.display()
+    );
+    for module in load_order(&deps, &TEST_MODULES)? {
+        s.push_str(&format!("insmod /lib/modules/{release}/{module} || true\n"));
+    }
+    s.push_str(&format!(
+        "mount -t tmpfs tmp /host/tmp\n\
+         mount -t tmpfs run /host/run\n\
+         mount -t tmpfs target-tmp /host{tmp}\n\
+         mount -t proc proc /host/proc\n\
+         mount -t sysfs sys /host/sys\n\
+         mount -t devtmpfs dev /host/dev\n\
+         mount -t bpf bpf /host/sys/fs/bpf\n\
+         mount -t cgroup2 cgroup2 /host/sys/fs/cgroup\n\
+         ip() {{ chroot /host /sbin/ip \"$@\"; }}\n\
+         ip link set lo up\n",
+        tmp = tmp.display()
+    ));
+    for (name, exe) in tests {
+        let args = GUEST_TESTS
+            .iter()
+            .find(|(t, _)| t == name)
+            .map(|(_, a)| a.join(" "))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "echo \"vmtest: running {name}\"\n\
+             chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \
+             PORTMAP_BIN={portmap} PORTMAP_FUZZ_PACKETS={fuzz_packets} CARGO_TARGET_TMPDIR={tmp} \
+             /bin/sh -c 'cd {workspace}/tests && exec {exe} {args}' 2>&1\n",
+            portmap = portmap.display(),
+            tmp = tmp.display(),
+            workspace = workspace.display(),
+            exe = exe.display(),
+        ));
+    }
+    s.push_str("echo vmtest: done\nsync\npoweroff -f\n");
+    Ok(s)
+}
+
+/// Boots the guest and follows its console; returns (passed, failed, guest kernel).
+fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(u64, u64, Option<String>)> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "3072"])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet loglevel=4 vmtest.script={}",
+            script.display()
+        ))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64 (`cargo xtask setup` installs qemu-system-x86)")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + GUEST_TIMEOUT;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(1));
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+    });
+    let (mut passed, mut failed, mut kernel) = (0, 0, None);
+    let mut done = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        let line = line.trim_end_matches('\r');
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        if let Some(k) = line.strip_prefix("vmtest: kernel ") {
+            kernel = Some(k.to_owned());
+        }
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, " passed");
+            failed += count_before(result, " failed");
+        }
+        done |= line == "vmtest: done";
+    }
+    let status = child.wait()?;
+    let _ = watchdog.join();
+    if !done {
+        bail!("the guest stopped before the tests finished (qemu: {status}; killed after {GUEST_TIMEOUT:?})");
+    }
+    Ok((passed, failed, kernel))
+}
+
+/// A newc ("070701") cpio archive, as the kernel unpacks an initramfs.
+#[derive(Default)]
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.ino += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.out.extend_from_slice(header.as_bytes());
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.out.len().is_multiple_of(4) {
+            self.out.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, &[]);
+    }
+
+    fn file(&mut self, name: &str, data: &[u8], perm: u32) {
+        self.entry(name, 0o100_000 | perm, data);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_load_after_their_dependencies() {
+        let deps = vec![
+            (
+                "kernel/fs/9p/9p.ko".to_string(),
+                vec![
+                    "kernel/net/9p/9pnet.ko".to_string(),
+                    "kernel/fs/netfs/netfs.ko".to_string(),
+                ],
+            ),
+            (
+                "kernel/net/9p/9pnet_virtio.ko".to_string(),
+                vec!["kernel/net/9p/9pnet.ko".to_string()],
+            ),
+            ("kernel/net/9p/9pnet.ko".to_string(), vec![]),
+            ("kernel/fs/netfs/netfs.ko".to_string(), vec![]),
+        ];
+        let order = load_order(&deps, &["9pnet_virtio", "9p", "veth"]).unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/net/9p/9pnet.ko",
+                "kernel/net/9p/9pnet_virtio.ko",
+                "kernel/fs/netfs/netfs.ko",
+                "kernel/fs/9p/9p.ko"
+            ]
+        );
+    }
+
+    #[test]
+    fn cpio_entries_are_aligned_and_terminated() {
+        let mut c = Cpio::default();
+        c.dir("bin");
+        c.file("init", b"#!/bin/sh\n", 0o755);
+        let out = c.finish();
+        assert!(out.len().is_multiple_of(4));
+        assert!(out.starts_with(b"070701"));
+        assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+}

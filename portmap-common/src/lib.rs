@@ -344,6 +344,23 @@ pub struct LocalAddrKey {
 }
 const _: () = assert!(size_of::<LocalAddrKey>() == 20);
 
+impl LocalAddrKey {
+    /// The key of `addr` (of `family`). Built from five words: field by field, LLVM zeroes the
+    /// padding with a `memset` call, and any call costs the XDP program stack it does not have
+    /// on 6.1's verifier (which counts a called function's frame as 32 bytes at least).
+    #[inline(always)]
+    #[must_use]
+    pub fn new(addr: Addr, family: u8) -> Self {
+        zerocopy::transmute!([
+            addr[0],
+            addr[1],
+            addr[2],
+            addr[3],
+            u32::from_ne_bytes([family, 0, 0, 0])
+        ])
+    }
+}
+
 map_layout! {
 /// Value of `PM_LOCAL_BACKENDS`: how to reach an address that lives behind a veth of this host
 /// (a container, directly routed or on a bridge port), learnt by the daemon from the kernel's

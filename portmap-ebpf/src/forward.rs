@@ -26,6 +26,9 @@ use crate::{
     parse::Packet,
 };
 
+// SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
+static FIB_ZERO: FibParams = unsafe { core::mem::zeroed() };
+
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -39,22 +42,16 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return Verdict::pass(Stat::FwdStack);
     }
-    let tot_len = if pkt.tot_len > 0xffff {
-        0xffff
-    } else {
-        pkt.tot_len as u16
-    };
-    // The length a route's MTU is checked against (0 for a GSO skb: its segments are).
-    let mtu_len = ctx.fib_tot_len(tot_len);
-    if let Some(verdict) = to_local_backend(ctx, pkt, daddr, mtu_len) {
+    if let Some(verdict) = to_local_backend(ctx, pkt, daddr) {
         return verdict;
     }
-    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain data and unions of integers).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    // SAFETY: a read of a static (zero from read-only data, not a `memset` call: see
+    // `lb::ZERO_ADDR`).
+    let mut fib: FibParams = unsafe { core::ptr::read_volatile(&raw const FIB_ZERO) };
     fib.l4_protocol = pkt.proto;
     fib.sport = pkt.sport;
     fib.dport = dport;
-    fib.__bindgen_anon_1.tot_len = mtu_len;
+    fib.__bindgen_anon_1.tot_len = mtu_len(ctx, pkt);
     fib.ifindex = ctx.hook_ifindex();
     // TOS / flow info as xdp-forward passes them, so that policy routing by them applies.
     if pkt.family == FAMILY_V6 {
@@ -98,15 +95,12 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
 /// cached MTU (the kernel fragments it or answers Frag Needed), or the hook cannot redirect to
 /// the device (XDP: a veth not in `PM_REDIRECT_DEVS`; a cached device that has gone).
 #[inline(always)]
-fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, mtu_len: u16) -> Option<Verdict> {
-    let key = LocalAddrKey {
-        addr: *daddr,
-        family: pkt.family,
-        _pad: [0; 3],
-    };
-    // SAFETY: the entry is copied out at once; the daemon replaces entries whole.
-    let local = *unsafe { PM_LOCAL_BACKENDS.get(key) }?;
-    if u32::from(mtu_len) > local.mtu {
+fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr) -> Option<Verdict> {
+    let key = LocalAddrKey::new(*daddr, pkt.family);
+    // SAFETY: map values stay valid for the program's run; the daemon replaces entries whole.
+    // Read in place (no copy: the XDP program's stack is near the limit of 6.1's verifier).
+    let local = unsafe { PM_LOCAL_BACKENDS.get(key) }?;
+    if u32::from(mtu_len(ctx, pkt)) > local.mtu {
         return None;
     }
     let code = ctx.redirect_local(local.ifindex)?;
@@ -117,6 +111,19 @@ fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, mtu_l
         stat: Stat::FwdLocal,
         action: Action::Redirected(code),
     })
+}
+
+/// The length a route's MTU is checked against: the IP packet's (0 for a GSO skb, whose
+/// segments are checked instead). Computed where it is used: kept live across the lookups it
+/// would cost stack the XDP program does not have on 6.1's verifier.
+#[inline(always)]
+fn mtu_len<C: PacketCtx>(ctx: &C, pkt: &Packet) -> u16 {
+    let tot_len = if pkt.tot_len > 0xffff {
+        0xffff
+    } else {
+        pkt.tot_len as u16
+    };
+    ctx.fib_tot_len(tot_len)
 }
 
 /// ip_decrease_ttl(): the TTL shares a 16-bit checksum word with the protocol byte. IPv6's

@@ -134,7 +134,7 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
 
 /// The mapping a socket's destination `dst` (IPv4, or IPv6 not v4-mapped) reaches.
 #[inline(always)]
-fn mapping_for(dst: &SockAddr, proto: u8, host: bool) -> Option<MappingValue> {
+fn mapping_for(dst: &SockAddr, proto: u8, host: bool) -> Option<&'static MappingValue> {
     let loopback = lb::is_loopback(&dst.addr, dst.family);
     if loopback && !host {
         return None;
@@ -167,7 +167,7 @@ pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
     let Some(mapping) = found else { return };
     let cookie = socket_cookie(ctx);
     let hash = flow_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0], 0, proto);
-    let Ok((backend, port_be)) = lb::choose_backend(&mapping, lookup.family, hash) else {
+    let Ok((backend, port_be)) = lb::choose_backend(mapping, lookup.family, hash) else {
         // A slow path (a mapping's Maglev table being replaced): logged as well as counted.
         count(Stat::SockNoBackend);
         warn!(

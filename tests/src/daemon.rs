@@ -172,7 +172,7 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::slowdown(Duration::from_secs(20));
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()) {
                 self.child = None;
@@ -245,7 +245,7 @@ impl Daemon {
         };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + crate::slowdown(Duration::from_secs(15));
         loop {
             if let Some(status) = child.try_wait()? {
                 ensure!(

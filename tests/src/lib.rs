@@ -33,5 +33,20 @@ pub use self::{
     cgroup::*, cni::*, daemon::*, flood::*, netns::*, probe::*, sctp::*, servers::*, topology::*,
 };
 
-/// How long a socket operation of a test may block.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a socket operation of a test may block (10 s, times `slowdown`).
+fn io_timeout() -> Duration {
+    slowdown(Duration::from_secs(10))
+}
+
+/// `PORTMAP_TEST_SLOWDOWN` (a factor, default 1): how much slower than this machine the tests
+/// run, for the waits that bound start-up and stop (`cargo xtask vmtest` sets it: an emulated
+/// CPU verifies programs about 20 times slower). No test asserts how fast anything is.
+#[must_use]
+pub fn slowdown(base: Duration) -> Duration {
+    let factor = std::env::var("PORTMAP_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|f| f.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    base * factor
+}

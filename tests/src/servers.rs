@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, anyhow, ensure};
 
-use crate::{IO_TIMEOUT, Netns};
+use crate::{Netns, io_timeout};
 
 /// Deterministic test payload.
 #[must_use]
@@ -36,7 +36,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 
 fn accept_with_deadline(listener: &TcpListener) -> anyhow::Result<(TcpStream, SocketAddr)> {
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + IO_TIMEOUT;
+    let deadline = Instant::now() + io_timeout();
     loop {
         match listener.accept() {
             Ok((s, peer)) => {
@@ -80,8 +80,8 @@ pub fn tcp_server_n(
         let mut served = Vec::new();
         for _ in 0..count {
             let (mut stream, peer) = accept_with_deadline(&listener)?;
-            stream.set_read_timeout(Some(IO_TIMEOUT))?;
-            stream.set_write_timeout(Some(IO_TIMEOUT))?;
+            stream.set_read_timeout(Some(io_timeout()))?;
+            stream.set_write_timeout(Some(io_timeout()))?;
             let mut received = Vec::new();
             stream.read_to_end(&mut received)?;
             stream.write_all(&reply)?;
@@ -103,9 +103,10 @@ pub fn tcp_server_n(
 pub fn tcp_exchange(ns: &Netns, dst: impl Into<SocketAddr>, data: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let dst = dst.into();
     ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&dst, IO_TIMEOUT).with_context(|| format!("connect {dst}"))?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut s =
+            TcpStream::connect_timeout(&dst, io_timeout()).with_context(|| format!("connect {dst}"))?;
+        s.set_read_timeout(Some(io_timeout()))?;
+        s.set_write_timeout(Some(io_timeout()))?;
         s.write_all(&data)?;
         s.shutdown(std::net::Shutdown::Write)?;
         let mut got = Vec::new();
@@ -178,7 +179,7 @@ pub fn udp_server(
         let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port));
         let _ = ready_tx.send(sock.as_ref().map(drop).map_err(|e| e.to_string()));
         let sock = sock?;
-        sock.set_read_timeout(Some(IO_TIMEOUT))?;
+        sock.set_read_timeout(Some(io_timeout()))?;
         let mut peers = Vec::new();
         let mut buf = vec![0u8; 65_536];
         for _ in 0..count {
@@ -277,7 +278,7 @@ impl EchoServer {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false)?;
-                        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                        stream.set_read_timeout(Some(io_timeout()))?;
                         reached2
                             .lock()
                             .map_err(|_| anyhow!("poisoned"))?

@@ -16,10 +16,13 @@ mod vmtest;
 /// bpf-linker release built by `setup` (against the nightly toolchain's own libLLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// What `vmtest` needs beyond `APT_PACKAGES`: qemu (TCG) and a static busybox for the initramfs.
-const VMTEST_PACKAGES: [(&str, &str); 2] = [
+/// What `vmtest` needs beyond `APT_PACKAGES`: qemu (TCG), a static busybox for the initramfs and
+/// depmod.
+const VMTEST_PACKAGES: [(&str, &str); 3] = [
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("/bin/busybox", "busybox-static"),
+    // depmod, for the unpacked kernel's module dependencies.
+    ("depmod", "kmod"),
 ];
 
 /// What the tests, the demo and the benchmark need from Debian: a command or file that shows the
@@ -92,6 +95,9 @@ enum Task {
         /// Packets the datapath fuzzer throws at the programs in the guest (emulated: slow).
         #[arg(long, default_value_t = 2_000)]
         fuzz_packets: u64,
+        /// Run only the guest tests whose names contain this (default: the golden suite and
+        /// the end-to-end tests listed in xtask/src/vmtest.rs).
+        filter: Option<String>,
     },
     /// Man pages of `portmap` (one per subcommand) and `portmap-cni`, from the binaries' clap
     /// definitions (clap_mangen), into --out (default target/man).
@@ -115,6 +121,7 @@ fn main() -> anyhow::Result<()> {
         Task::Vmtest {
             package,
             fuzz_packets,
+            filter,
         } => {
             ensure!(
                 is_root(),
@@ -122,7 +129,7 @@ fn main() -> anyhow::Result<()> {
             );
             setup()?;
             ensure_packages(&VMTEST_PACKAGES)?;
-            vmtest::vmtest(package, fuzz_packets)
+            vmtest::vmtest(package, fuzz_packets, filter.as_deref())
         }
         Task::Man { out } => {
             let out = out.unwrap_or_else(|| target_dir().join("man"));

@@ -25,13 +25,14 @@ use crate::{cargo, count_before, run, say, target_dir, workspace_root};
 /// How long the whole guest run may take before qemu is killed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
-/// Modules the guest loads before it can mount the host's filesystem (in the initramfs).
-const BOOT_MODULES: [&str; 2] = ["9pnet_virtio", "9p"];
+/// Modules the guest loads before it can mount the host's filesystem (in the initramfs): the
+/// virtio PCI transport and 9p over it (all modules in Debian's kernel).
+const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
 /// Modules the tests need (loaded from the unpacked package once the host fs is mounted).
 const TEST_MODULES: [&str; 4] = ["veth", "bridge", "sch_ingress", "cls_bpf"];
 
 /// The test binaries and filters run in the guest, with their arguments.
-const GUEST_TESTS: [(&str, &[&str]); 2] = [
+const GUEST_TESTS: [(&str, &[&str]); 3] = [
     ("golden", &["--test-threads=1"]),
     (
         "e2e",
@@ -43,9 +44,10 @@ const GUEST_TESTS: [(&str, &[&str]); 2] = [
             "crash_keeps_traffic_flowing_and_restart_adopts",
         ],
     ),
+    ("local_path", &["--test-threads=1", "tc_reaches"]),
 ];
 
-pub fn vmtest(package: Option<String>, fuzz_packets: u64) -> anyhow::Result<()> {
+pub fn vmtest(package: Option<String>, fuzz_packets: u64, filter: Option<&str>) -> anyhow::Result<()> {
     let dir = target_dir().join("vmtest");
     fs::create_dir_all(&dir)?;
     let package = match package {
@@ -58,6 +60,15 @@ pub fn vmtest(package: Option<String>, fuzz_packets: u64) -> anyhow::Result<()> 
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .next()
         .context("the kernel package has no lib/modules/RELEASE")?;
+    // The package ships no modules.dep (its postinst runs depmod).
+    if !root
+        .join("lib/modules")
+        .join(&release)
+        .join("modules.dep")
+        .exists()
+    {
+        run(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
+    }
     let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
     let modules = root.join("lib/modules").join(&release);
     say(&format!("guest kernel: {package} ({release})"));
@@ -66,7 +77,7 @@ pub fn vmtest(package: Option<String>, fuzz_packets: u64) -> anyhow::Result<()> 
     let portmap = crate::build_portmap()?;
     let initrd = dir.join("initrd.cpio");
     write_initramfs(&initrd, &modules)?;
-    let script = guest_script(&modules, &portmap, &tests, fuzz_packets)?;
+    let script = guest_script(&modules, &portmap, &tests, fuzz_packets, filter)?;
     let script_path = dir.join("guest.sh");
     fs::write(&script_path, script)?;
     fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755))?;
@@ -279,6 +290,7 @@ fn guest_script(
     portmap: &Path,
     tests: &[(String, PathBuf)],
     fuzz_packets: u64,
+    filter: Option<&str>,
 ) -> anyhow::Result<String> {
     let release = modules
         .file_name()
@@ -311,15 +323,19 @@ fn guest_script(
         tmp = tmp.display()
     ));
     for (name, exe) in tests {
-        let args = GUEST_TESTS
-            .iter()
-            .find(|(t, _)| t == name)
-            .map(|(_, a)| a.join(" "))
-            .unwrap_or_default();
+        let args = match filter {
+            Some(f) => format!("--test-threads=1 {f}"),
+            None => GUEST_TESTS
+                .iter()
+                .find(|(t, _)| t == name)
+                .map(|(_, a)| a.join(" "))
+                .unwrap_or_default(),
+        };
         s.push_str(&format!(
             "echo \"vmtest: running {name}\"\n\
              chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \
              PORTMAP_BIN={portmap} PORTMAP_FUZZ_PACKETS={fuzz_packets} CARGO_TARGET_TMPDIR={tmp} \
+             PORTMAP_TEST_SLOWDOWN=10 \
              /bin/sh -c 'cd {workspace}/tests && exec {exe} {args}' 2>&1\n",
             portmap = portmap.display(),
             tmp = tmp.display(),
@@ -372,8 +388,9 @@ fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(u64, u6
         let line = line.trim_end_matches('\r');
         println!("{line}");
         let _ = std::io::stdout().flush();
-        if let Some(k) = line.strip_prefix("vmtest: kernel ") {
-            kernel = Some(k.to_owned());
+        // The console's first line may start with terminal control sequences.
+        if let Some(at) = line.find("vmtest: kernel ") {
+            kernel = Some(line[at + "vmtest: kernel ".len()..].to_owned());
         }
         if let Some(result) = line.strip_prefix("test result: ") {
             passed += count_before(result, " passed");

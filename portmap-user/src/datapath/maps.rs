@@ -269,11 +269,10 @@ impl Counters {
 }
 
 fn local_addr_key(addr: IpAddr) -> LocalAddrKey {
-    LocalAddrKey {
-        addr: addr_words(addr),
-        family: if addr.is_ipv6() { FAMILY_V6 } else { FAMILY_V4 },
-        _pad: [0; 3],
-    }
+    LocalAddrKey::new(
+        addr_words(addr),
+        if addr.is_ipv6() { FAMILY_V6 } else { FAMILY_V4 },
+    )
 }
 
 /// The `batch` member of `union bpf_attr`.

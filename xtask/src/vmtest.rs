@@ -98,13 +98,20 @@ pub fn vmtest(package: Option<String>, fuzz_packets: u64, filter: Option<&str>) 
     Ok(())
 }
 
-/// The newest `linux-image-6.1.0-N-amd64` apt knows.
+/// The newest `linux-image-6.1.0-N-amd64` apt knows (after `apt-get update` if it knows none).
 fn newest_package() -> anyhow::Result<String> {
-    let out = crate::output(
-        "apt-cache",
-        &["search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"],
-    )
-    .context("apt-cache search failed (run `apt-get update`)")?;
+    let search = || {
+        crate::output(
+            "apt-cache",
+            &["search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"],
+        )
+        .unwrap_or_default()
+    };
+    let mut out = search();
+    if out.trim().is_empty() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        out = search();
+    }
     out.lines()
         .filter_map(|l| l.split_whitespace().next())
         .max_by_key(|name| {

@@ -190,18 +190,13 @@ fn what_the_fast_path_cannot_serve_takes_the_fib_path() -> anyhow::Result<()> {
     daemon.cleanup().map(drop)
 }
 
-/// The backend's container is replaced by another with the same address on a new veth (a
-/// redeployed container): traffic reaches the new one at once (through the FIB path until it is
-/// learnt) and then takes the fast path into the new veth.
-fn backend_moves(link: BackendLink) -> anyhow::Result<()> {
-    let (topo, mut daemon) = setup(Mode::Tc, link, &[])?;
-    wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
-    traffic(&topo, &topo.backend)?;
-    // Docker derives a container's MAC from its address: on a bridge the new container keeps it.
+/// Replaces the backend's container by another with the same addresses on a new veth (a
+/// redeployed container) whose host side is `NEW_HOST_END`: routed to it directly, or (bridge)
+/// a new port with the old MAC, as Docker derives a container's MAC from its address.
+fn replace_backend(topo: &Topology) -> anyhow::Result<Netns> {
     let mac = topo.backend.exec("cat", &["/sys/class/net/b0/address"])?;
     topo.host.ip(&["link", "del", HOST_BACKEND_IFACE])?;
     let moved = Netns::new("m")?;
-    let host_end = "h1m";
     moved.ip(&[
         "link",
         "add",
@@ -210,31 +205,44 @@ fn backend_moves(link: BackendLink) -> anyhow::Result<()> {
         "veth",
         "peer",
         "name",
-        host_end,
+        NEW_HOST_END,
         "netns",
         &topo.host.name,
     ])?;
-    match link {
+    match topo.link {
         BackendLink::Veth => {
-            topo.host.ip(&["addr", "add", "198.18.1.1/24", "dev", host_end])?;
             topo.host
-                .ip(&["addr", "add", "fd00:1::1/64", "dev", host_end, "nodad"])?;
+                .ip(&["addr", "add", "198.18.1.1/24", "dev", NEW_HOST_END])?;
+            topo.host
+                .ip(&["addr", "add", "fd00:1::1/64", "dev", NEW_HOST_END, "nodad"])?;
         }
         BackendLink::Bridge => {
             moved.ip(&["link", "set", "b0", "address", mac.trim()])?;
-            topo.host.ip(&["link", "set", host_end, "master", BRIDGE])?;
+            topo.host.ip(&["link", "set", NEW_HOST_END, "master", BRIDGE])?;
         }
     }
-    topo.host.ip(&["link", "set", host_end, "up"])?;
+    topo.host.ip(&["link", "set", NEW_HOST_END, "up"])?;
     moved.ip(&["addr", "add", "198.18.1.2/24", "dev", "b0"])?;
     moved.ip(&["addr", "add", "fd00:1::2/64", "dev", "b0", "nodad"])?;
     moved.ip(&["link", "set", "b0", "up"])?;
     moved.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
     moved.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+    Ok(moved)
+}
+
+const NEW_HOST_END: &str = "h1m";
+
+/// The backend's container is replaced (`replace_backend`): traffic reaches the new one at once
+/// (through the FIB path until it is learnt) and then takes the fast path into the new veth.
+fn backend_moves(link: BackendLink) -> anyhow::Result<()> {
+    let (topo, mut daemon) = setup(Mode::Tc, link, &[])?;
+    wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
+    traffic(&topo, &topo.backend)?;
+    let moved = replace_backend(&topo)?;
     // The first exchanges: whatever path, they must reach the new container.
     traffic(&topo, &moved)?;
     resolve_neighbours(&topo)?;
-    let before = wait_local(&daemon, &[BACKEND, BACKEND6], |b| b.device == host_end)?;
+    let before = wait_local(&daemon, &[BACKEND, BACKEND6], |b| b.device == NEW_HOST_END)?;
     traffic(&topo, &moved)?;
     let (local, redirect, stack) = paths(&before, &daemon.stats()?);
     ensure!(
@@ -254,29 +262,7 @@ fn a_backend_that_moves_while_no_daemon_runs_is_reached() -> anyhow::Result<()> 
     wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
     traffic(&topo, &topo.backend)?;
     daemon.stop()?;
-    topo.host.ip(&["link", "del", HOST_BACKEND_IFACE])?;
-    let moved = Netns::new("m")?;
-    moved.ip(&[
-        "link",
-        "add",
-        "b0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "h1m",
-        "netns",
-        &topo.host.name,
-    ])?;
-    topo.host.ip(&["addr", "add", "198.18.1.1/24", "dev", "h1m"])?;
-    topo.host
-        .ip(&["addr", "add", "fd00:1::1/64", "dev", "h1m", "nodad"])?;
-    topo.host.ip(&["link", "set", "h1m", "up"])?;
-    moved.ip(&["addr", "add", "198.18.1.2/24", "dev", "b0"])?;
-    moved.ip(&["addr", "add", "fd00:1::2/64", "dev", "b0", "nodad"])?;
-    moved.ip(&["link", "set", "b0", "up"])?;
-    moved.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
-    moved.ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
+    let moved = replace_backend(&topo)?;
     traffic(&topo, &moved)?;
     daemon.cleanup().map(drop)
 }

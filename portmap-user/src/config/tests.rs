@@ -1,0 +1,214 @@
+//! Tests of the configuration: parsing, validation, overrides, fuzzed documents.
+
+use super::*;
+
+const EXAMPLE: &str = r#"
+interfaces = ["eth0"]
+attach = "tc"
+mappings = ["8080:198.18.2.2:80", "198.18.1.1:5353:198.18.2.2:53/udp"]
+
+[timeouts]
+udp_seconds = 30
+"#;
+
+#[test]
+fn example_parses_with_defaults() {
+    let valid = Config::from_toml(EXAMPLE).unwrap().validate().unwrap();
+    assert_eq!(valid.config.attach, AttachMode::Tc);
+    assert_eq!(valid.config.timeouts.udp_seconds, 30);
+    assert_eq!(valid.config.timeouts.tcp_seconds, 7440);
+    assert_eq!(valid.config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    assert_eq!(valid.mappings.len(), 2);
+    assert_eq!(valid.mappings[1].to_string(), "198.18.1.1:5353:198.18.2.2:53/udp");
+    assert_eq!(
+        valid.config.dynamic_ports, None,
+        "the kernel's, read by the daemon"
+    );
+}
+
+#[test]
+fn metrics_address_parses_and_a_bad_one_is_named() {
+    let cfg = Config::from_toml("metrics = \"127.0.0.1:9464\"").unwrap();
+    assert_eq!(cfg.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(Config::default().metrics, None);
+    let err = Config::from_toml("metrics = \"localhost\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metrics") && err.contains("invalid socket address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn readme_example_is_valid() {
+    let readme = include_str!("../../../README.md");
+    let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+    let len = readme[start..].find("```").unwrap();
+    Config::from_toml(&readme[start..start + len])
+        .unwrap()
+        .validate()
+        .unwrap();
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let cases = [
+        ("interfaces = []", "no interface"),
+        ("interfaces = [\"eth0\"]\nbogus = 1", "unknown field `bogus`"),
+        (
+            "interfaces = [\"eth0\"]\nattach = \"fast\"",
+            "unknown variant `fast`",
+        ),
+        (
+            "interfaces = [\"eth0\"]\nmappings = [\"8080:x:80\"]",
+            "mappings[0] '8080:x:80': backend address 'x'",
+        ),
+        (
+            "interfaces = [\"eth0\"]\nmappings = [\"8080:198.18.2.2:80\", \"0.0.0.0:8080:198.18.2.3:81/tcp\"]",
+            "mappings[1] '0.0.0.0:8080:198.18.2.3:81/tcp': port is already allocated by mappings[0] '8080:198.18.2.2:80'",
+        ),
+        (
+            "interfaces = [\"eth0\"]\nmappings = [\"8000-8100:198.18.2.2:8000-8100\", \"8100-8200:198.18.2.3:8100-8200\"]",
+            "mappings[1] '8100-8200:198.18.2.3:8100-8200': port is already allocated by mappings[0]",
+        ),
+        (
+            "interfaces = [\"eth0\"]\ndynamic_ports = { start = 100, end = 99 }",
+            "dynamic_ports 100-99",
+        ),
+        (
+            "interfaces = [\"eth0\"]\n[timeouts]\nudp_seconds = 0",
+            "timeouts.udp_seconds must be at least 1",
+        ),
+        ("interfaces = [\"a/b\"]", "interface name 'a/b'"),
+        (
+            "interfaces = [\"eth0\"]\nmappings = [\"1:198.18.2.2:1\", \"2:198.18.2.2:1\"]\n[limits]\nmax_mappings = 1",
+            "2 published ports exceed limits.max_mappings = 1",
+        ),
+    ];
+    for (text, want) in cases {
+        let err = Config::from_toml(text)
+            .and_then(Config::validate)
+            .expect_err(text)
+            .to_string();
+        assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+    }
+}
+
+#[test]
+fn same_port_on_specific_and_wildcard_address_is_allowed() {
+    let specs = vec![
+        MappingEntry::Spec("8080:198.18.2.2:80".to_string()),
+        MappingEntry::Spec("198.18.1.1:8080:198.18.2.3:80".to_string()),
+        MappingEntry::Spec("8080:[fd00::2]:80".to_string()),
+    ];
+    assert_eq!(parse_mappings(&specs).unwrap().len(), 3);
+}
+
+#[test]
+fn structured_mappings_round_trip_through_json_and_toml() {
+    let specs = [
+        "8080:198.18.2.2:80,198.18.2.3:80@2/tcp",
+        "[fd00::1]:53:[fd00::2]:5353/udp",
+        "8000-8009:198.18.2.2:9000-9009/tcp",
+        "9999:198.18.2.2:9999/sctp",
+    ];
+    let mappings: Vec<MappingEntry> = specs
+        .iter()
+        .map(|s| MappingEntry::Structured(spec::parse(s).unwrap()))
+        .collect();
+    let json = serde_json::json!({ "interfaces": ["eth0"], "mappings": mappings }).to_string();
+    let from_json = Config::from_json(&json).unwrap().validate().unwrap();
+    let config = Config {
+        interfaces: vec!["eth0".into()],
+        mappings,
+        ..Config::default()
+    };
+    let from_toml = Config::from_toml(&toml::to_string(&config).unwrap())
+        .unwrap()
+        .validate()
+        .unwrap();
+    for valid in [from_json, from_toml] {
+        let got: Vec<String> = valid.mappings.iter().map(ToString::to_string).collect();
+        assert_eq!(got, specs);
+    }
+}
+
+/// Config-shaped documents: known and unknown keys, at top level and in tables, with values
+/// of every TOML type, so most inputs reach deserialisation and validation.
+fn config_like() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let key = prop_oneof![
+        Just("interfaces"),
+        Just("attach"),
+        Just("redirect_interfaces"),
+        Just("local_fast_path"),
+        Just("pin_dir"),
+        Just("state_file"),
+        Just("socket"),
+        Just("cgroup"),
+        Just("cgroup_mount"),
+        Just("mappings"),
+        Just("tcp_seconds"),
+        Just("udp_seconds"),
+        Just("max_mappings"),
+        Just("conntrack_entries"),
+        Just("bogus"),
+    ];
+    let value = prop_oneof![
+        Just("[\"eth0\"]".to_string()),
+        Just("[\"8080:198.18.2.2:80\", \"8080:198.18.2.3:80\"]".to_string()),
+        "\\[\"[a-z0-9:./ -]{0,20}\"\\]",
+        "\"[a-z0-9:./]{0,12}\"",
+        (0u64..100_000).prop_map(|n| n.to_string()),
+        Just("-1".to_string()),
+        Just("true".to_string()),
+        Just("{}".to_string()),
+    ];
+    let table = prop_oneof![
+        Just(""),
+        Just("[timeouts]\n"),
+        Just("[limits]\n"),
+        Just("[nope]\n")
+    ];
+    proptest::collection::vec((table, key, value), 0..6).prop_map(|lines| {
+        lines
+            .into_iter()
+            .map(|(table, key, value)| format!("{table}{key} = {value}\n"))
+            .collect()
+    })
+}
+
+/// A config error names the problem: TOML errors give the line, the rest the field or value.
+fn names_the_problem(err: &ConfigError) -> bool {
+    let msg = err.to_string();
+    match err {
+        ConfigError::Toml(_) => msg.contains("line "),
+        ConfigError::Json(_) => msg.contains("line "),
+        ConfigError::Spec { spec, .. } | ConfigError::Overlap { spec, .. } => msg.contains(spec.as_str()),
+        ConfigError::DynamicPorts(range) => msg.contains(&range.to_string()),
+        ConfigError::NoInterfaces => msg.contains("interfaces"),
+        ConfigError::Interface(name) => msg.contains(name.as_str()),
+        ConfigError::Zero { field } => msg.contains(field),
+        ConfigError::TooManyMappings { .. } => msg.contains("max_mappings"),
+        ConfigError::Cgroup(path) => msg.contains(&format!("'{path}'")),
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    #[test]
+    fn any_text_parses_or_names_the_problem(s in "\\PC{0,200}") {
+        if let Err(e) = Config::from_toml(&s).and_then(Config::validate) {
+            proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_shaped_text_parses_or_names_the_problem(s in config_like()) {
+        match Config::from_toml(&s).and_then(Config::validate) {
+            Ok(valid) => proptest::prop_assert!(!valid.config.interfaces.is_empty()),
+            Err(e) => proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}"),
+        }
+    }
+}

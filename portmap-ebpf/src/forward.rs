@@ -97,8 +97,8 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
 #[inline(always)]
 fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr) -> Option<Verdict> {
     let key = LocalAddrKey::new(*daddr, pkt.family);
-    // SAFETY: map values stay valid for the program's run; the daemon replaces entries whole.
-    // Read in place (no copy: the XDP program's stack is near the limit of 6.1's verifier).
+    // SAFETY: the element stays readable for the program's run (RCU); read in place, no copy:
+    // the XDP program's stack is at the limit of 6.1's verifier.
     let local = unsafe { PM_LOCAL_BACKENDS.get(key) }?;
     if u32::from(mtu_len(ctx, pkt)) > local.mtu {
         return None;

@@ -57,7 +57,8 @@ pub fn lookup(
     };
     // The entry itself, not a copy: an `Option<MappingValue>` leaves its payload undefined on
     // `None`, and LLVM may spill that undefined register, which 6.1's verifier refuses.
-    // SAFETY: map values stay valid for the program's run (the daemon replaces entries whole).
+    // SAFETY: the element stays readable for the program's run (RCU); an `update` racing with
+    // this packet may be seen before or after, as a copy taken here would be.
     if let Some(v) = unsafe { PM_MAPPINGS.get(key) } {
         return Some(v);
     }

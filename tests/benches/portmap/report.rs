@@ -373,16 +373,21 @@ fn absolutes(s: &mut String, r: &Results) {
     }
     let _ = writeln!(
         s,
-        "\n## TCP bulk (iperf3, one stream) and 1-byte request/response over one connection\n"
+        "\n## TCP bulk (iperf3, one stream; median of interleaved runs) and 1-byte request/response over one connection\n"
     );
-    let _ = writeln!(s, "| variant | Gb/s | round trip p50 (µs) | p99 (µs) |");
-    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    let _ = writeln!(
+        s,
+        "| variant | Gb/s (median) | runs | round trip p50 (µs) | p99 (µs) |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
     for p in &r.per_variant {
+        let runs: Vec<String> = p.tcp_gbps_runs.iter().map(|v| format!("{v:.1}")).collect();
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {:.2} | {} | {:.1} | {:.1} |",
             p.variant.name(),
             p.tcp_gbps,
+            runs.join(", "),
             p.rtt_p50_us,
             p.rtt_p99_us
         );

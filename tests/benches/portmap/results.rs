@@ -48,7 +48,10 @@ pub struct NewFlows {
 #[derive(Serialize)]
 pub struct PerVariant {
     pub variant: Variant,
+    /// The median of `tcp_gbps_runs`.
     pub tcp_gbps: f64,
+    /// Each interleaved iperf3 run, sorted.
+    pub tcp_gbps_runs: Vec<f64>,
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
     /// Sorted round-trip samples (µs).

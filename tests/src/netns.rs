@@ -82,6 +82,23 @@ impl Netns {
         sh("ip", &all)
     }
 
+    /// A veth pair: `name` here, its peer `peer` in `peer_ns`.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) -> anyhow::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &peer_ns.name,
+        ])
+        .map(drop)
+    }
+
     /// `ip netns exec NAME PROGRAM ARGS...`
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
         let mut all = vec!["netns", "exec", &self.name, program];

@@ -43,18 +43,7 @@ impl Topology {
         };
         topo.connect_client()?;
         let (h, b) = (&topo.host, &topo.backend);
-        b.ip(&[
-            "link",
-            "add",
-            "b0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            HOST_BACKEND_IFACE,
-            "netns",
-            &h.name,
-        ])?;
+        b.add_veth("b0", HOST_BACKEND_IFACE, h)?;
         let backend_side = match link {
             BackendLink::Veth => HOST_BACKEND_IFACE,
             BackendLink::Bridge => {
@@ -77,18 +66,7 @@ impl Topology {
     /// Tests that delete h0 call it again to bring the client back.
     pub fn connect_client(&self) -> anyhow::Result<()> {
         let (c, h) = (&self.client, &self.host);
-        c.ip(&[
-            "link",
-            "add",
-            "c0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            HOST_CLIENT_IFACE,
-            "netns",
-            &h.name,
-        ])?;
+        c.add_veth("c0", HOST_CLIENT_IFACE, h)?;
         c.ip(&["addr", "add", "198.18.0.2/24", "dev", "c0"])?;
         c.ip(&["link", "set", "c0", "up"])?;
         c.ip(&["route", "add", "default", "via", "198.18.0.1"])?;
@@ -126,18 +104,7 @@ impl Topology {
         anyhow::ensure!(self.link == BackendLink::Bridge, "containers sit on the bridge");
         let ns = Netns::new("k")?;
         let host_end = format!("hk{}", ip.octets()[3]);
-        ns.ip(&[
-            "link",
-            "add",
-            "k0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &host_end,
-            "netns",
-            &self.host.name,
-        ])?;
+        ns.add_veth("k0", &host_end, &self.host)?;
         self.host.ip(&["link", "set", &host_end, "master", BRIDGE])?;
         self.host.ip(&["link", "set", &host_end, "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "k0"])?;
@@ -156,18 +123,7 @@ impl Topology {
     /// 198.18.3.1/24): traffic to it crosses the host as transit, never as a published port.
     pub fn add_routed_machine(&self) -> anyhow::Result<Netns> {
         let ns = Netns::new("r")?;
-        ns.ip(&[
-            "link",
-            "add",
-            "r0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "h2",
-            "netns",
-            &self.host.name,
-        ])?;
+        ns.add_veth("r0", "h2", &self.host)?;
         self.host.ip(&["addr", "add", "198.18.3.1/24", "dev", "h2"])?;
         self.host.ip(&["link", "set", "h2", "up"])?;
         ns.ip(&["addr", "add", &format!("{ROUTED_MACHINE_IP}/24"), "dev", "r0"])?;

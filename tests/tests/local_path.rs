@@ -197,18 +197,7 @@ fn replace_backend(topo: &Topology) -> anyhow::Result<Netns> {
     let mac = topo.backend.exec("cat", &["/sys/class/net/b0/address"])?;
     topo.host.ip(&["link", "del", HOST_BACKEND_IFACE])?;
     let moved = Netns::new("m")?;
-    moved.ip(&[
-        "link",
-        "add",
-        "b0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        NEW_HOST_END,
-        "netns",
-        &topo.host.name,
-    ])?;
+    moved.add_veth("b0", NEW_HOST_END, &topo.host)?;
     match topo.link {
         BackendLink::Veth => {
             topo.host

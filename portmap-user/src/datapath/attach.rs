@@ -337,7 +337,7 @@ impl Datapath {
             return Ok(());
         }
         let path = pins::link_pin(&self.pin_dir()?, iface, hook);
-        if self.take_over(&path, name, &format!("{iface} {}", hook.as_str()), Some(iface)) {
+        if self.take_over(&path, name, &label, Some(iface)) {
             return Ok(());
         }
         let kind = if hook == Hook::TcIngress {

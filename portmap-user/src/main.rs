@@ -10,12 +10,12 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser as _;
 use portmap::{
+    api::control::{self, Request, Response, StatsReport},
     cli::{Cli, Command},
     config::{self, Config},
-    control::{self, Request, Response, StatsReport},
     daemon,
-    mapping::Mapping,
-    spec,
+    model::mapping::Mapping,
+    model::spec,
 };
 
 fn main() -> ExitCode {
@@ -127,7 +127,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             {
                 anyhow::bail!(
                     "No public port '{port}/{protocol}' published for {}",
-                    portmap::mapping::SpecAddr(query.ip)
+                    portmap::model::mapping::SpecAddr(query.ip)
                 );
             }
             for line in lines {
@@ -226,15 +226,15 @@ fn watch_stats(socket: &Path, json: bool, interval: Duration, count: Option<u64>
     while count.is_none_or(|n| shown < n) {
         std::thread::sleep(interval.saturating_sub(at.elapsed()));
         let (new, now) = sample()?;
-        let rates = portmap::rates::rates(&old, &new, now - at);
+        let rates = portmap::cli::rates::rates(&old, &new, now - at);
         let mut out = std::io::stdout().lock();
         if json {
             writeln!(out, "{}", serde_json::to_string(&rates)?)?;
         } else if in_place {
             // Home the cursor and clear the screen, then draw the table.
-            write!(out, "\x1b[H\x1b[2J{}", portmap::rates::render(&rates))?;
+            write!(out, "\x1b[H\x1b[2J{}", portmap::cli::rates::render(&rates))?;
         } else {
-            writeln!(out, "{}", portmap::rates::render(&rates))?;
+            writeln!(out, "{}", portmap::cli::rates::render(&rates))?;
         }
         out.flush()?;
         (old, at) = (new, now);

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use nix::sched::{CloneFlags, setns};
-use portmap::control::StatsReport;
+use portmap::api::control::StatsReport;
 use portmap_common::{MappingCounters, Stat};
 
 use crate::{Cgroup, Netns, TempDir};

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use portmap::control::StatsReport;
+use portmap::api::control::StatsReport;
 use portmap_common::{MappingCounters, Stat};
 use portmap_tests::{
     BackendLink, CLIENT_IP, Daemon, HOST_CLIENT_IFACE, HOST_IP, Mode, TempDir, Topology, attached, counter,
@@ -192,7 +192,7 @@ fn flows_expire_and_are_recreated() -> anyhow::Result<()> {
     udp_exchange(&topo.client, host(5353), 1, 10)?;
     // The TCP flow completed its handshake (assured); the UDP one saw one request and its reply
     // (not assured until the client sends again).
-    let tracked = |s: portmap::control::StatsReport| (s.active_flows, s.new_flows);
+    let tracked = |s: portmap::api::control::StatsReport| (s.active_flows, s.new_flows);
     wait_for("both flows to be counted", || {
         Ok(tracked(daemon.stats()?) == (1, 1))
     })?;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use portmap::control::StatsReport;
+use portmap::api::control::StatsReport;
 use portmap_common::Stat;
 use portmap_tests::{
     BRIDGE, BackendLink, CLIENT_IP, Daemon, HOST_BACKEND_IFACE, HOST_IP, Mode, Netns, Topology, counter,
@@ -25,7 +25,7 @@ const BACKEND6: &str = "fd00:1::2";
 fn wait_local(
     daemon: &Daemon,
     want: &[&str],
-    check: impl Fn(&portmap::control::LocalBackendReport) -> bool,
+    check: impl Fn(&portmap::api::control::LocalBackendReport) -> bool,
 ) -> anyhow::Result<StatsReport> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

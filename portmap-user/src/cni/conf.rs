@@ -233,7 +233,7 @@ mod tests {
             ]
         );
         for spec in &specs {
-            crate::spec::parse(spec).unwrap();
+            crate::model::spec::parse(spec).unwrap();
         }
     }
 

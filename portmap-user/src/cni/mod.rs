@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use self::conf::{NetConf, SUPPORTED_VERSIONS, container_ips, specs};
 use crate::{
-    control::{self, ClientError, Request, Response},
-    mapping::Mapping,
+    api::control::{self, ClientError, Request, Response},
+    model::mapping::Mapping,
 };
 
 /// A CNI error result.
@@ -199,7 +199,7 @@ fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     let (specs, _) = wanted(conf)?;
     let want = specs
         .iter()
-        .map(|s| crate::spec::parse(s).map_err(|e| CniError::new(7, format!("'{s}': {e}"), "")))
+        .map(|s| crate::model::spec::parse(s).map_err(|e| CniError::new(7, format!("'{s}': {e}"), "")))
         .collect::<Result<BTreeSet<Mapping>, _>>()?;
     let have: BTreeSet<Mapping> = containers(conf)?
         .remove(&owner)

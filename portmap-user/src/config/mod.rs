@@ -14,8 +14,8 @@ use portmap_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    mapping::{Mapping, PortRange},
-    spec::{self, SpecError},
+    model::mapping::{Mapping, PortRange},
+    model::spec::{self, SpecError},
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portmap/portmap.toml";

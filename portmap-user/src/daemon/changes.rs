@@ -9,12 +9,14 @@ use portmap_common::Stat;
 
 use super::{State, serve::status_line};
 use crate::{
+    api::control::{LocalBackendReport, MappingStats, Request, Response, StatsReport},
+    api::notify,
     config::Config,
-    control::{LocalBackendReport, MappingStats, Request, Response, StatsReport},
     datapath::Counters,
-    mapping::Mapping,
-    notify, sockets, spec,
-    table::{Origin, TableError},
+    host::sockets,
+    model::mapping::Mapping,
+    model::spec,
+    model::table::{Origin, TableError},
 };
 
 pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters) -> Response {

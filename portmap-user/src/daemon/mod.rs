@@ -26,13 +26,15 @@ use log::{info, warn};
 
 use self::{changes::flush_stale_flows, flows::FlowTable, serve::status_line};
 use crate::{
+    api::control,
+    api::notify,
     config::{Config, Overrides, Valid},
-    control,
     datapath::{self, Datapath},
-    host, local_backends,
-    mapping::PortRange,
-    notify, sockets,
-    table::{Capacity, Table},
+    host,
+    host::local_backends,
+    host::sockets,
+    model::mapping::PortRange,
+    model::table::{Capacity, Table},
 };
 
 /// Where `reload` (and SIGHUP) read the configuration again from.

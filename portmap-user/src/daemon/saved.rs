@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use crate::table::{Record, Snapshot, Table};
+use crate::model::table::{Record, Snapshot, Table};
 
 /// Bumped when the files' meaning changes; another version is not restored.
 const FORMAT: u32 = 2;
@@ -201,9 +201,9 @@ pub(super) fn load(path: &Path, datapath: u64) -> anyhow::Result<Option<(Snapsho
 mod tests {
     use super::*;
     use crate::{
-        mapping::PortRange,
-        sockets::NoSockets,
-        table::{Capacity, MapContents, Origin},
+        host::sockets::NoSockets,
+        model::mapping::PortRange,
+        model::table::{Capacity, MapContents, Origin},
     };
 
     const CAPACITY: Capacity = Capacity {
@@ -233,7 +233,7 @@ mod tests {
         let mut maps = MapContents::default();
         let mut table = Table::new(CAPACITY, DYNAMIC);
         let add = |table: &mut Table, maps: &mut MapContents, spec: &str| {
-            let m = crate::spec::parse(spec).unwrap();
+            let m = crate::model::spec::parse(spec).unwrap();
             table.add_as(maps, &m, &NoSockets, Origin::Runtime).unwrap();
         };
         add(&mut table, &mut maps, "8080:198.18.2.2:80");
@@ -242,7 +242,10 @@ mod tests {
         add(&mut table, &mut maps, "198.18.2.3:80");
         saver.append(&mut table).unwrap();
         table
-            .remove(&mut maps, &crate::spec::parse("8080:198.18.2.2:80").unwrap())
+            .remove(
+                &mut maps,
+                &crate::model::spec::parse("8080:198.18.2.2:80").unwrap(),
+            )
             .unwrap();
         saver.append(&mut table).unwrap();
 

@@ -25,11 +25,13 @@ use super::{
     changes::{View, dispatch, read, reload, settle},
 };
 use crate::{
-    control::{self, Request, Response},
+    api::control::{self, Request, Response},
+    api::metrics::Pending,
+    api::notify,
     datapath::{self, Counters},
-    host, local_backends,
-    metrics::Pending,
-    netlink, notify,
+    host,
+    host::local_backends,
+    host::netlink,
 };
 
 pub(super) fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
@@ -127,7 +129,7 @@ pub(super) async fn serve(
     let (requests_tx, mut requests) = mpsc::channel::<Pending>(64);
     // Scrapes go through the same queue as control requests; the task ends with the runtime.
     if let Some(metrics) = metrics {
-        tokio::spawn(crate::metrics::serve(metrics, requests_tx.clone()));
+        tokio::spawn(crate::api::metrics::serve(metrics, requests_tx.clone()));
     }
     let counters = state.dp.counters()?;
     // `None` while a reload has it.

@@ -11,7 +11,7 @@ use portmap_common::{
 };
 
 use super::Datapath;
-use crate::{config::Timeouts, table::FlowFlush};
+use crate::{config::Timeouts, model::table::FlowFlush};
 
 impl Datapath {
     /// The flow tables: (map, capacity, holds assured flows).
@@ -180,7 +180,7 @@ mod tests {
     use portmap_common::PROTO_TCP;
 
     use super::*;
-    use crate::mapping::PortRange;
+    use crate::model::mapping::PortRange;
 
     const S: u64 = 1_000_000_000;
 

@@ -19,7 +19,7 @@ use portmap_common::{
 };
 
 use super::Datapath;
-use crate::table::Maps;
+use crate::model::table::Maps;
 
 impl Maps for Datapath {
     fn set_mappings(&mut self, entries: &[(MappingKey, MappingValue)]) -> anyhow::Result<()> {

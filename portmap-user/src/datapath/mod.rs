@@ -7,7 +7,7 @@
 //! - `attach`: hooks, attaching and detaching (XDP / tcx links, pinned);
 //! - `clsact`: TC programs as cls_bpf filters on kernels without tcx (< 6.6);
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
-//! - `maps`: the map writes of the mapping table ([`crate::table::Maps`]) and counter reads;
+//! - `maps`: the map writes of the mapping table ([`crate::model::table::Maps`]) and counter reads;
 //! - `expiry`: the flow-expiry pass (its decision is a pure function);
 //! - `sys`: the one `bpf(2)` wrapper for what aya lacks (batch map operations, link update);
 //! - `test_run` (cargo feature `test-run`, for the tests and the benchmark only):

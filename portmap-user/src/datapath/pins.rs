@@ -50,7 +50,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// saved state `state_files` — and returns what it removed. Refuses while a daemon answers on
 /// `socket`: it would put everything back at its next change.
 pub fn cleanup(pin_dir: &Path, socket: &Path, state_files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    if crate::control::daemon_answers(socket) {
+    if crate::api::control::daemon_answers(socket) {
         bail!(
             "a portmap daemon is running (control socket {} answers): stop it first (`systemctl stop \
              portmap`, or SIGTERM; stopping leaves the datapath attached), then run `portmap cleanup` again",

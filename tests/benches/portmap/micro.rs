@@ -8,9 +8,9 @@ use anyhow::Context as _;
 use portmap::{
     config::{DEFAULT_DYNAMIC_PORTS, Limits},
     datapath::{Datapath, Hook},
-    sockets::NoSockets,
-    spec,
-    table::{Capacity, Table},
+    host::sockets::NoSockets,
+    model::spec,
+    model::table::{Capacity, Table},
 };
 use portmap_common::prog_names;
 use portmap_tests::{Daemon, HOST_CLIENT_IFACE, TempDir, Topology};
@@ -114,7 +114,7 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
         let xdp = time(&|| Ok(dp.test_run(Hook::XdpIngress, &ack, ifindex, repeat)?.duration))?;
         let tc = time(&|| Ok(dp.test_run(Hook::TcIngress, &ack, ifindex, repeat)?.duration))?;
         // As the daemon learns it: the sink's (permanent) neighbour entry on its veth.
-        let local = portmap::local_backends::read()?;
+        let local = portmap::host::local_backends::read()?;
         anyhow::ensure!(
             local.contains_key(&std::net::IpAddr::V4(SINK)),
             "the sink is not a local backend: {local:?}"

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
-use portmap::{datapath::Hook, maglev};
+use portmap::{datapath::Hook, model::maglev};
 use portmap_common::{FLOW_F_REPLIED, Stat, addr_words, flow_hash, maglev_slot};
 
 use crate::{

@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use portmap::{datapath::Hook, spec};
+use portmap::{datapath::Hook, model::spec};
 use portmap_common::Stat;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -46,7 +46,7 @@ struct Targets {
 
 impl Targets {
     fn new() -> anyhow::Result<Self> {
-        let mappings: Vec<portmap::mapping::Mapping> = MAPPINGS
+        let mappings: Vec<portmap::model::mapping::Mapping> = MAPPINGS
             .iter()
             .map(|s| spec::parse(s))
             .collect::<Result<_, _>>()?;

@@ -33,9 +33,9 @@ use anyhow::{Context as _, ensure};
 use portmap::{
     config::{DEFAULT_DYNAMIC_PORTS, Limits},
     datapath::{Datapath, Hook, TestRunOutput},
-    sockets::NoSockets,
-    spec,
-    table::{Capacity, Table},
+    host::sockets::NoSockets,
+    model::spec,
+    model::table::{Capacity, Table},
 };
 use portmap_common::{DIR_FORWARD, FlowValue, LocalBackend, Stat, words_addr};
 use portmap_tests::Netns;

@@ -1,9 +1,9 @@
 //! Why the table refused a request.
 
 use crate::{
-    mapping::{Binding, PortRange},
-    sockets::LocalSocket,
-    spec::SpecError,
+    host::sockets::LocalSocket,
+    model::mapping::{Binding, PortRange},
+    model::spec::SpecError,
 };
 
 /// Why a request was refused. Nothing is changed when one of these is returned.

@@ -1,6 +1,8 @@
 //! The `portmap` command line (clap derive), in the library so that tests check manifests and
 //! scripts against the real definitions.
 
+pub mod rates;
+
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};

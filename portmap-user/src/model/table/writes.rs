@@ -12,7 +12,7 @@ use portmap_common::{
     BackendValue, MAGLEV_SIZE, MaglevTable, MappingKey, MappingValue, NO_GROUP, PortKey, addr_words,
 };
 
-use crate::{maglev, mapping::Mapping};
+use crate::{model::maglev, model::mapping::Mapping};
 
 /// Where the table placed a mapping in the maps.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

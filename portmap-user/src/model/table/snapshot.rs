@@ -14,7 +14,7 @@ use super::{
     Batch, Capacity, Entry, Key, Maps, Origin, Placement, Table, key_of, pool::Pool, write_mapping,
     writes::mapping_keys,
 };
-use crate::mapping::{Mapping, PortRange};
+use crate::model::mapping::{Mapping, PortRange};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {

@@ -21,7 +21,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::control::{Request, Response, StatsReport};
+use crate::api::control::{Request, Response, StatsReport};
 
 /// The labels of one mapping's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -244,13 +244,13 @@ mod tests {
     use portmap_common::MappingCounters;
 
     use super::*;
-    use crate::control::MappingStats;
+    use crate::api::control::MappingStats;
 
     #[test]
     fn encodes_mappings_counters_and_tables() {
         let report = StatsReport {
             mappings: vec![MappingStats {
-                mapping: crate::spec::parse("8080:198.18.1.2:80,198.18.1.3:80").unwrap(),
+                mapping: crate::model::spec::parse("8080:198.18.1.2:80,198.18.1.3:80").unwrap(),
                 counters: MappingCounters {
                     fwd_packets: 10,
                     fwd_bytes: 1000,
@@ -265,7 +265,7 @@ mod tests {
             new_flows: 0,
             new_flow_capacity: 32_768,
             interfaces: vec![("eth0".into(), true), ("eth1".into(), false)],
-            local_backends: vec![crate::control::LocalBackendReport {
+            local_backends: vec![crate::api::control::LocalBackendReport {
                 addr: "198.18.1.2".parse().unwrap(),
                 device: "veth1".into(),
                 mac: "02:00:00:00:00:02".into(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use portmap_common::MappingCounters;
 
-use crate::mapping::Mapping;
+use crate::model::mapping::Mapping;
 
 /// Longest request line the daemon reads (a longer one is refused with an error line).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;

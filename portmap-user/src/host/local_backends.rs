@@ -23,7 +23,7 @@ use netlink_packet_route::{
 use netlink_sys::protocols::NETLINK_ROUTE;
 use portmap_common::LocalBackend;
 
-use crate::netlink::{Netlink, Watch};
+use crate::host::netlink::{Netlink, Watch};
 
 /// What kind of device a link is, as far as local backends go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use std::{
     str::FromStr,
 };
 
-use crate::mapping::{Backend, MAX_BACKENDS, MAX_WEIGHT, Mapping, PortRange, Protocol};
+use crate::model::mapping::{Backend, MAX_BACKENDS, MAX_WEIGHT, Mapping, PortRange, Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {

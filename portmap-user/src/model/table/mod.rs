@@ -37,8 +37,8 @@ use self::{
     writes::{clear_backends, clear_group, group_contents, mapping_entries, mapping_keys},
 };
 use crate::{
-    mapping::{Mapping, PortRange, Protocol},
-    sockets::Sockets,
+    host::sockets::Sockets,
+    model::mapping::{Mapping, PortRange, Protocol},
 };
 
 /// Who asked for a mapping, and so who may take it away: a config diff (start, reload) adds,

@@ -1,5 +1,11 @@
 //! What the daemon learns about the host it runs on: its addresses (and when they change), the
-//! cookie of its network namespace, and where its cgroup v2 hierarchy is.
+//! cookie of its network namespace, and where its cgroup v2 hierarchy is (here); the containers
+//! behind its veths (`local_backends`), the sockets bound on it (`sockets`), and the netlink
+//! requests and subscriptions both use (`netlink`).
+
+pub mod local_backends;
+pub mod netlink;
+pub mod sockets;
 
 use std::{
     collections::BTreeSet,
@@ -11,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::mapping::PortRange;
+use crate::model::mapping::PortRange;
 use log::info;
 
 /// The addresses of every interface of the calling thread's network namespace.
@@ -30,11 +36,11 @@ pub fn addresses() -> anyhow::Result<BTreeSet<IpAddr>> {
 /// A netlink socket that becomes readable whenever an address is added to or removed from an
 /// interface of the namespace, or an interface appears, changes or disappears (RTMGRP_LINK,
 /// RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR).
-pub fn address_watch() -> anyhow::Result<crate::netlink::Watch> {
+pub fn address_watch() -> anyhow::Result<crate::host::netlink::Watch> {
     const RTMGRP_LINK: u32 = 0x1;
     const RTMGRP_IPV4_IFADDR: u32 = 0x10;
     const RTMGRP_IPV6_IFADDR: u32 = 0x100;
-    crate::netlink::Watch::new(
+    crate::host::netlink::Watch::new(
         netlink_sys::protocols::NETLINK_ROUTE,
         RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
     )

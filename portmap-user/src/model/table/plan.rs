@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
 };
 
-use crate::mapping::{Mapping, PortRange, Protocol};
+use crate::model::mapping::{Mapping, PortRange, Protocol};
 
 /// The first run of `count` ports in `pool`, starting the search at `from` and wrapping around,
 /// for which `free` holds on every port (Docker also hands out ports round-robin).
@@ -106,7 +106,7 @@ pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::parse;
+    use crate::model::spec::parse;
 
     fn ms(specs: &[&str]) -> Vec<Mapping> {
         specs.iter().map(|s| parse(s).unwrap()).collect()

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::mapping::{Binding, Protocol};
+use crate::model::mapping::{Binding, Protocol};
 
 /// A socket of this host bound to a port (from /proc/net).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,7 +90,7 @@ fn tcp_listeners() -> std::io::Result<Vec<LocalSocket>> {
         inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     };
 
-    let mut netlink = crate::netlink::Netlink::new(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
+    let mut netlink = crate::host::netlink::Netlink::new(netlink_sys::protocols::NETLINK_SOCK_DIAG)?;
     let mut out = Vec::new();
     for (family, id) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
         let request = SockDiagMessage::InetRequest(InetRequest {
@@ -183,7 +183,7 @@ impl Sockets for NoSockets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::parse;
+    use crate::model::spec::parse;
 
     const PROC_TCP: &str =
         "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

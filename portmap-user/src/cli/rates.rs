@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::control::StatsReport;
+use crate::api::control::StatsReport;
 
 /// Per-second rates of one mapping over one interval.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -132,14 +132,14 @@ mod tests {
     use portmap_common::MappingCounters;
 
     use super::*;
-    use crate::control::MappingStats;
+    use crate::api::control::MappingStats;
 
     fn report(entries: &[(&str, u64)], dropped: u64) -> StatsReport {
         StatsReport {
             mappings: entries
                 .iter()
                 .map(|(spec, n)| MappingStats {
-                    mapping: crate::spec::parse(spec).unwrap(),
+                    mapping: crate::model::spec::parse(spec).unwrap(),
                     counters: MappingCounters {
                         fwd_packets: *n,
                         fwd_bytes: n * 100,

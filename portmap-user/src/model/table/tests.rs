@@ -9,7 +9,7 @@ use portmap_common::{BackendValue, MaglevTable, MappingKey, MappingValue, PortKe
 use std::collections::HashSet;
 
 use super::*;
-use crate::{sockets::NoSockets, spec::parse};
+use crate::{host::sockets::NoSockets, model::spec::parse};
 
 /// The maps model, failing its `fail_at`-th write (counting every call from 0). A failing
 /// `set_mappings` writes the first half of its entries first, as a batch the kernel cut short.

@@ -9,7 +9,7 @@ use super::{
     Batch, Entry, GroupPlacement, Key, Maps, Origin, Plan, Table, TableError, key_of, plan, snapshot, undo,
     writes::{clear_backends, group_contents, mapping_entries, mapping_keys},
 };
-use crate::{mapping::Mapping, sockets::Sockets};
+use crate::{host::sockets::Sockets, model::mapping::Mapping};
 
 impl Table {
     /// Makes the config's applied mappings equal `desired` (runtime ones stay), all or nothing: on any failure the table is

@@ -10,7 +10,7 @@ use super::{
     Entry, GroupPlacement, Maps, Placement, Table, TableError, undo,
     writes::{clear_backends, clear_group},
 };
-use crate::mapping::{Mapping, Protocol};
+use crate::model::mapping::{Mapping, Protocol};
 
 /// What `place` took from the pools (id, and whether it was used before), so that a failure
 /// gives exactly that back.

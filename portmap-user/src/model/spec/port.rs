@@ -5,7 +5,7 @@
 use std::{cmp::Ordering, net::IpAddr};
 
 use super::{SpecError, fields, parse_addr, parse_port, parse_protocol};
-use crate::mapping::{Mapping, Protocol, SpecAddr};
+use crate::model::mapping::{Mapping, Protocol, SpecAddr};
 
 /// What `portmap port` was asked.
 #[derive(Clone, Debug, PartialEq, Eq)]

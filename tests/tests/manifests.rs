@@ -153,13 +153,13 @@ fn the_daemonset_matches_the_binaries() -> anyhow::Result<()> {
                 cfg.clone().validate()?;
                 // Pins on the node's bpffs, so that the next pod adopts them.
                 ensure!(
-                    c.on_node(&cfg.pin_dir)?.starts_with("/sys/fs/bpf"),
+                    c.on_node(&cfg.startup.pin_dir)?.starts_with("/sys/fs/bpf"),
                     "pin_dir {:?}",
-                    cfg.pin_dir
+                    cfg.startup.pin_dir
                 );
                 // The saved mappings outlive the pod.
-                c.on_node(&cfg.state_file)?;
-                let mount = cfg.cgroup_mount.clone().context("cgroup_mount")?;
+                c.on_node(&cfg.startup.state_file)?;
+                let mount = cfg.startup.cgroup_mount.clone().context("cgroup_mount")?;
                 ensure!(
                     c.on_node(&mount)? == Path::new("/sys/fs/cgroup"),
                     "cgroup_mount {mount:?}"
@@ -175,7 +175,7 @@ fn the_daemonset_matches_the_binaries() -> anyhow::Result<()> {
                         Cli::try_parse_from(&probe).with_context(|| format!("{probe:?}"))?;
                     }
                 }
-                daemon_config = Some((c.on_node(&cfg.socket)?, cfg));
+                daemon_config = Some((c.on_node(&cfg.startup.socket)?, cfg));
             }
             other => bail!("{}: unknown binary {other:?}", c.name()),
         }

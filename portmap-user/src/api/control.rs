@@ -103,6 +103,10 @@ impl StatsReport {
     }
 }
 
+/// A request for the daemon's main loop and where its answer goes (control connections and
+/// metrics scrapes queue them alike).
+pub type Pending = (Request, tokio::sync::oneshot::Sender<Response>);
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "lowercase")]
 pub enum Response {

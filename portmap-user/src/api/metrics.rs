@@ -21,7 +21,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::api::control::{Request, Response, StatsReport};
+use crate::api::control::{Pending, Request, Response, StatsReport};
 
 /// The labels of one mapping's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,6 +65,16 @@ struct TableLabels {
 /// Only if formatting fails (it does not for these types).
 pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::with_prefix("portmap");
+    register_mappings(&mut registry, report);
+    register_datapath(&mut registry, report);
+    register_host(&mut registry, report);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Per mapping: packets and bytes by direction, flows.
+fn register_mappings(registry: &mut Registry, report: &StatsReport) {
     let packets = Family::<DirectionLabels, Counter>::default();
     let bytes = Family::<DirectionLabels, Counter>::default();
     let flows = Family::<MappingLabels, Counter>::default();
@@ -106,7 +116,10 @@ pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
         bytes,
     );
     registry.register("mapping_flows", "Flows created through a mapping", flows);
+}
 
+/// The global counters and the flow tables' fill.
+fn register_datapath(registry: &mut Registry, report: &StatsReport) {
     let datapath = Family::<CounterLabels, Counter>::default();
     for (name, value) in &report.counters {
         datapath
@@ -137,6 +150,11 @@ pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
             .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
     registry.register("flows", "Flows in a flow table at the last expiry pass", active);
+    registry.register("flow_capacity", "Flows a flow table holds", capacity);
+}
+
+/// Interfaces, local backends, the build.
+fn register_host(registry: &mut Registry, report: &StatsReport) {
     let up = Family::<InterfaceLabels, Gauge>::default();
     for (interface, attached) in &report.interfaces {
         up.get_or_create(&InterfaceLabels {
@@ -149,7 +167,6 @@ pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
         "1 while a client-facing interface exists and the programs are attached to it",
         up,
     );
-    registry.register("flow_capacity", "Flows a flow table holds", capacity);
     let local = Gauge::<i64>::default();
     local.set(i64::try_from(report.local_backends.len()).unwrap_or(i64::MAX));
     registry.register(
@@ -162,14 +179,7 @@ pub fn encode(report: &StatsReport) -> Result<String, std::fmt::Error> {
         "The portmap build",
         Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
-
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &registry)?;
-    Ok(out)
 }
-
-/// A request for the daemon's main loop and where its answer goes.
-pub type Pending = (Request, oneshot::Sender<Response>);
 
 /// Serves `GET /metrics` on `listener` until the daemon stops; each scrape asks the main loop
 /// for a stats report through `requests`. A connection that stalls is dropped after 10 s.

@@ -1,13 +1,15 @@
 //! The `portmap` command line (clap derive), in the library so that tests check manifests and
 //! scripts against the real definitions.
 
+pub mod client;
+pub mod print;
 pub mod rates;
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::AttachMode;
+use crate::config::Overrides;
 
 #[derive(Parser)]
 #[command(
@@ -31,33 +33,9 @@ pub enum Command {
         /// /etc/portmap/portmap.toml if it exists.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Client-facing interface (repeatable); replaces the config's `interfaces`.
-        #[arg(long = "iface")]
-        ifaces: Vec<String>,
-        /// How to attach the ingress program.
-        #[arg(long, value_enum)]
-        attach: Option<AttachMode>,
-        /// Extra device XDP may redirect to (repeatable); replaces `redirect_interfaces`.
-        #[arg(long = "redirect-iface")]
-        redirect_ifaces: Vec<String>,
-        /// bpffs directory for pinned maps and links.
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-        /// Where the mappings are saved for the next daemon; replaces `state_file` (default
-        /// /run/portmap/state.json).
-        #[arg(long)]
-        state_file: Option<PathBuf>,
-        /// cgroup (v2 path as /proc/PID/cgroup shows it) whose processes reach published ports
-        /// from the host; replaces `cgroup` (default `/`, the whole host).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// Where the host's cgroup v2 hierarchy is mounted, for a daemon in a container that sees
-        /// it through a bind mount; replaces `cgroup_mount` (default: found in mountinfo).
-        #[arg(long)]
-        cgroup_mount: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDR:PORT/metrics; replaces `metrics`.
-        #[arg(long, value_name = "ADDR:PORT")]
-        metrics: Option<std::net::SocketAddr>,
+        /// Settings that replace the config file's.
+        #[command(flatten)]
+        overrides: Overrides,
     },
     /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
     /// Without a host port one is allocated from the dynamic range and printed.

@@ -126,19 +126,29 @@ impl MappingEntry {
     }
 }
 
-/// `portmap.toml`. Every field is optional; see the README for an example.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `portmap.toml`: every key is optional (see the README for an example), in two parts by when
+/// it applies. A reload applies `live` and keeps `startup` as the daemon started with it (it says
+/// which startup keys changed). Both are read from the same table; a key neither has is an
+/// error naming it (`known_keys`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Config {
+    #[serde(flatten)]
+    pub startup: Startup,
+    #[serde(flatten)]
+    pub live: Live,
+}
+
+/// The settings that take effect when the daemon starts: where it attaches, pins, listens and
+/// saves, and the sizes of its maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Startup {
     /// Client-facing interfaces (where published ports are reached).
     pub interfaces: Vec<String>,
     pub attach: AttachMode,
     /// Extra devices the XDP program may redirect to directly (a veth listed here must have GRO
     /// or an XDP program on its peer). Everything else is reached through the kernel's routing.
     pub redirect_interfaces: Vec<String>,
-    /// Send packets for containers of this host straight into their veth (README, "Local
-    /// backends"); off: the FIB path (the bridge and host-side veth see every packet).
-    pub local_fast_path: bool,
     pub pin_dir: PathBuf,
     pub socket: PathBuf,
     /// Where the daemon saves its mappings after every change, for the next daemon that adopts
@@ -151,34 +161,50 @@ pub struct Config {
     /// default: found in /proc/self/mountinfo. For a daemon in a container, whose own cgroup
     /// mount shows only its cgroup namespace (the Kubernetes DaemonSet mounts the host's).
     pub cgroup_mount: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), `"ADDR:PORT"`; off when absent.
+    pub metrics: Option<SocketAddr>,
+    pub limits: Limits,
+}
+
+impl Default for Startup {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            attach: AttachMode::Auto,
+            redirect_interfaces: Vec::new(),
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            socket: DEFAULT_SOCKET.into(),
+            state_file: DEFAULT_STATE_FILE.into(),
+            cgroup: DEFAULT_CGROUP.into(),
+            cgroup_mount: None,
+            metrics: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The settings a reload applies at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Live {
     /// Mappings: specs as on the command line, or structured (as `portmap list --json`).
     pub mappings: Vec<MappingEntry>,
     /// Where host ports of mappings without one are allocated from; default: the kernel's
     /// `net.ipv4.ip_local_port_range` of the daemon's network namespace, as Docker.
     pub dynamic_ports: Option<PortRange>,
     pub timeouts: Timeouts,
-    pub limits: Limits,
-    /// Where to serve Prometheus metrics (`GET /metrics`), `"ADDR:PORT"`; off when absent.
-    pub metrics: Option<SocketAddr>,
+    /// Send packets for containers of this host straight into their veth (README, "Local
+    /// backends"); off: the FIB path (the bridge and host-side veth see every packet).
+    pub local_fast_path: bool,
 }
 
-impl Default for Config {
+impl Default for Live {
     fn default() -> Self {
         Self {
-            interfaces: Vec::new(),
-            attach: AttachMode::Auto,
-            redirect_interfaces: Vec::new(),
-            local_fast_path: true,
-            pin_dir: DEFAULT_PIN_DIR.into(),
-            socket: DEFAULT_SOCKET.into(),
-            state_file: DEFAULT_STATE_FILE.into(),
-            cgroup: DEFAULT_CGROUP.into(),
-            cgroup_mount: None,
             mappings: Vec::new(),
             dynamic_ports: None,
             timeouts: Timeouts::default(),
-            limits: Limits::default(),
-            metrics: None,
+            local_fast_path: true,
         }
     }
 }
@@ -219,49 +245,65 @@ pub enum ConfigError {
     Cgroup(String),
 }
 
-/// Command-line options of `portmap run` that replace the config file's values (also on a
-/// reload).
-#[derive(Clone, Debug, Default)]
+/// Command-line options of `portmap run` that replace the config file's startup values (also
+/// on a reload, so that they stay what the daemon runs with).
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Overrides {
+    /// Client-facing interface (repeatable); replaces the config's `interfaces`.
+    #[arg(long = "iface")]
     pub interfaces: Vec<String>,
+    /// How to attach the ingress program.
+    #[arg(long, value_enum)]
     pub attach: Option<AttachMode>,
+    /// Extra device XDP may redirect to (repeatable); replaces `redirect_interfaces`.
+    #[arg(long = "redirect-iface")]
     pub redirect_interfaces: Vec<String>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long)]
     pub pin_dir: Option<PathBuf>,
+    /// The control socket (the global `--socket`); replaces `socket`.
+    #[arg(skip)]
     pub socket: Option<PathBuf>,
+    /// Where the mappings are saved for the next daemon; replaces `state_file` (default
+    /// /run/portmap/state.json).
+    #[arg(long)]
     pub state_file: Option<PathBuf>,
+    /// cgroup (v2 path as /proc/PID/cgroup shows it) whose processes reach published ports
+    /// from the host; replaces `cgroup` (default `/`, the whole host).
+    #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// Where the host's cgroup v2 hierarchy is mounted, for a daemon in a container that sees
+    /// it through a bind mount; replaces `cgroup_mount` (default: found in mountinfo).
+    #[arg(long)]
     pub cgroup_mount: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics; replaces `metrics`.
+    #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
 }
 
 impl Overrides {
-    pub fn apply(&self, cfg: &mut Config) {
-        if !self.interfaces.is_empty() {
-            cfg.interfaces.clone_from(&self.interfaces);
+    pub fn apply(&self, cfg: &mut Startup) {
+        fn set<T: Clone>(to: &mut T, from: Option<&T>) {
+            if let Some(value) = from {
+                to.clone_from(value);
+            }
         }
-        if !self.redirect_interfaces.is_empty() {
-            cfg.redirect_interfaces.clone_from(&self.redirect_interfaces);
+        let list = |v: &Vec<String>| (!v.is_empty()).then_some(v.clone());
+        set(&mut cfg.interfaces, list(&self.interfaces).as_ref());
+        set(
+            &mut cfg.redirect_interfaces,
+            list(&self.redirect_interfaces).as_ref(),
+        );
+        set(&mut cfg.attach, self.attach.as_ref());
+        set(&mut cfg.pin_dir, self.pin_dir.as_ref());
+        set(&mut cfg.socket, self.socket.as_ref());
+        set(&mut cfg.state_file, self.state_file.as_ref());
+        set(&mut cfg.cgroup, self.cgroup.as_ref());
+        if self.cgroup_mount.is_some() {
+            cfg.cgroup_mount.clone_from(&self.cgroup_mount);
         }
-        if let Some(attach) = self.attach {
-            cfg.attach = attach;
-        }
-        if let Some(dir) = &self.pin_dir {
-            cfg.pin_dir.clone_from(dir);
-        }
-        if let Some(socket) = &self.socket {
-            cfg.socket.clone_from(socket);
-        }
-        if let Some(file) = &self.state_file {
-            cfg.state_file.clone_from(file);
-        }
-        if let Some(cgroup) = &self.cgroup {
-            cfg.cgroup.clone_from(cgroup);
-        }
-        if let Some(mount) = &self.cgroup_mount {
-            cfg.cgroup_mount = Some(mount.clone());
-        }
-        if let Some(metrics) = self.metrics {
-            cfg.metrics = Some(metrics);
+        if self.metrics.is_some() {
+            cfg.metrics = self.metrics;
         }
     }
 }
@@ -276,11 +318,19 @@ pub struct Valid {
 
 impl Config {
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        keys::check(toml::Deserializer::parse(text)?)?;
+        Ok(Self {
+            startup: toml::from_str(text)?,
+            live: toml::from_str(text)?,
+        })
     }
 
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        Ok(serde_json::from_str(text)?)
+        keys::check(&mut serde_json::Deserializer::from_str(text))?;
+        Ok(Self {
+            startup: serde_json::from_str(text)?,
+            live: serde_json::from_str(text)?,
+        })
     }
 
     /// Reads a config file: JSON if its name ends in `.json`, TOML otherwise.
@@ -297,13 +347,18 @@ impl Config {
 
     /// Checks everything and parses the mappings; nothing is half-valid.
     pub fn validate(self) -> Result<Valid, ConfigError> {
-        if self.interfaces.is_empty() {
+        if self.startup.interfaces.is_empty() {
             return Err(ConfigError::NoInterfaces);
         }
-        if !self.cgroup.is_absolute() {
-            return Err(ConfigError::Cgroup(self.cgroup.display().to_string()));
+        if !self.startup.cgroup.is_absolute() {
+            return Err(ConfigError::Cgroup(self.startup.cgroup.display().to_string()));
         }
-        for name in self.interfaces.iter().chain(&self.redirect_interfaces) {
+        for name in self
+            .startup
+            .interfaces
+            .iter()
+            .chain(&self.startup.redirect_interfaces)
+        {
             let bad = name.is_empty()
                 || name.len() > 15
                 || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
@@ -312,41 +367,44 @@ impl Config {
             }
         }
         for (field, value) in [
-            ("timeouts.tcp_seconds", self.timeouts.tcp_seconds),
-            ("timeouts.tcp_close_seconds", self.timeouts.tcp_close_seconds),
-            ("timeouts.tcp_syn_seconds", self.timeouts.tcp_syn_seconds),
-            ("timeouts.udp_seconds", self.timeouts.udp_seconds),
-            ("timeouts.gc_interval_seconds", self.timeouts.gc_interval_seconds),
-            ("limits.max_mappings", u64::from(self.limits.max_mappings)),
+            ("timeouts.tcp_seconds", self.live.timeouts.tcp_seconds),
+            ("timeouts.tcp_close_seconds", self.live.timeouts.tcp_close_seconds),
+            ("timeouts.tcp_syn_seconds", self.live.timeouts.tcp_syn_seconds),
+            ("timeouts.udp_seconds", self.live.timeouts.udp_seconds),
+            (
+                "timeouts.gc_interval_seconds",
+                self.live.timeouts.gc_interval_seconds,
+            ),
+            ("limits.max_mappings", u64::from(self.startup.limits.max_mappings)),
             (
                 "limits.conntrack_entries",
-                u64::from(self.limits.conntrack_entries),
+                u64::from(self.startup.limits.conntrack_entries),
             ),
             (
                 "limits.conntrack_new_entries",
-                u64::from(self.limits.conntrack_new_entries),
+                u64::from(self.startup.limits.conntrack_new_entries),
             ),
-            ("limits.max_backends", u64::from(self.limits.max_backends)),
+            ("limits.max_backends", u64::from(self.startup.limits.max_backends)),
             (
                 "limits.max_backend_groups",
-                u64::from(self.limits.max_backend_groups),
+                u64::from(self.startup.limits.max_backend_groups),
             ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { field });
             }
         }
-        if let Some(range) = self.dynamic_ports
+        if let Some(range) = self.live.dynamic_ports
             && (range.start == 0 || range.end < range.start)
         {
             return Err(ConfigError::DynamicPorts(range));
         }
-        let mappings = parse_mappings(&self.mappings)?;
+        let mappings = parse_mappings(&self.live.mappings)?;
         let ports: u64 = mappings.iter().map(|m| u64::from(m.port_count())).sum();
-        if ports > u64::from(self.limits.max_mappings) {
+        if ports > u64::from(self.startup.limits.max_mappings) {
             return Err(ConfigError::TooManyMappings {
                 count: ports,
-                max: self.limits.max_mappings,
+                max: self.startup.limits.max_mappings,
             });
         }
         Ok(Valid {
@@ -387,5 +445,8 @@ impl Timeouts {
     }
 }
 
+mod keys;
 #[cfg(test)]
 mod tests;
+
+pub use self::keys::{known_keys, startup_changes};

@@ -14,14 +14,14 @@ udp_seconds = 30
 #[test]
 fn example_parses_with_defaults() {
     let valid = Config::from_toml(EXAMPLE).unwrap().validate().unwrap();
-    assert_eq!(valid.config.attach, AttachMode::Tc);
-    assert_eq!(valid.config.timeouts.udp_seconds, 30);
-    assert_eq!(valid.config.timeouts.tcp_seconds, 7440);
-    assert_eq!(valid.config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    assert_eq!(valid.config.startup.attach, AttachMode::Tc);
+    assert_eq!(valid.config.live.timeouts.udp_seconds, 30);
+    assert_eq!(valid.config.live.timeouts.tcp_seconds, 7440);
+    assert_eq!(valid.config.startup.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
     assert_eq!(valid.mappings.len(), 2);
     assert_eq!(valid.mappings[1].to_string(), "198.18.1.1:5353:198.18.2.2:53/udp");
     assert_eq!(
-        valid.config.dynamic_ports, None,
+        valid.config.live.dynamic_ports, None,
         "the kernel's, read by the daemon"
     );
 }
@@ -29,8 +29,8 @@ fn example_parses_with_defaults() {
 #[test]
 fn metrics_address_parses_and_a_bad_one_is_named() {
     let cfg = Config::from_toml("metrics = \"127.0.0.1:9464\"").unwrap();
-    assert_eq!(cfg.metrics, Some("127.0.0.1:9464".parse().unwrap()));
-    assert_eq!(Config::default().metrics, None);
+    assert_eq!(cfg.startup.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(Config::default().startup.metrics, None);
     let err = Config::from_toml("metrics = \"localhost\"")
         .unwrap_err()
         .to_string();
@@ -120,9 +120,14 @@ fn structured_mappings_round_trip_through_json_and_toml() {
     let json = serde_json::json!({ "interfaces": ["eth0"], "mappings": mappings }).to_string();
     let from_json = Config::from_json(&json).unwrap().validate().unwrap();
     let config = Config {
-        interfaces: vec!["eth0".into()],
-        mappings,
-        ..Config::default()
+        startup: Startup {
+            interfaces: vec!["eth0".into()],
+            ..Startup::default()
+        },
+        live: Live {
+            mappings,
+            ..Live::default()
+        },
     };
     let from_toml = Config::from_toml(&toml::to_string(&config).unwrap())
         .unwrap()
@@ -207,8 +212,63 @@ proptest::proptest! {
     #[test]
     fn config_shaped_text_parses_or_names_the_problem(s in config_like()) {
         match Config::from_toml(&s).and_then(Config::validate) {
-            Ok(valid) => proptest::prop_assert!(!valid.config.interfaces.is_empty()),
+            Ok(valid) => proptest::prop_assert!(!valid.config.startup.interfaces.is_empty()),
             Err(e) => proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}"),
         }
     }
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_line() {
+    let err = Config::from_toml("interfaces = [\"eth0\"]\n\nbogus = 1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 3") && err.contains("unknown field `bogus`"),
+        "{err}"
+    );
+    let err = Config::from_json("{\"interfaces\": [\"eth0\"],\n \"bogus\": 1}")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("line 2") && err.contains("unknown field `bogus`"),
+        "{err}"
+    );
+    // A type error inside one part keeps the parser's position and the key too.
+    let err = Config::from_toml("interfaces = [\"eth0\"]\npin_dir = 3")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 2") && err.contains("pin_dir"), "{err}");
+}
+
+#[test]
+fn known_keys_are_exactly_what_the_config_writes() {
+    let written = serde_json::to_value(Config {
+        startup: Startup {
+            cgroup_mount: Some("/m".into()),
+            metrics: Some("127.0.0.1:1".parse().unwrap()),
+            ..Startup::default()
+        },
+        live: Live {
+            dynamic_ports: Some(PortRange { start: 1, end: 2 }),
+            ..Live::default()
+        },
+    })
+    .unwrap();
+    let mut written: Vec<&str> = written.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut known = known_keys().to_vec();
+    written.sort_unstable();
+    known.sort_unstable();
+    assert_eq!(written, known);
+}
+
+#[test]
+fn a_reload_names_the_startup_keys_that_changed_and_no_live_one() {
+    let old = Config::from_toml("interfaces = [\"eth0\"]\nmetrics = \"127.0.0.1:9464\"").unwrap();
+    let new = Config::from_toml(
+        "interfaces = [\"eth0\"]\nmetrics = \"127.0.0.1:9465\"\n[limits]\nmax_mappings = 10\n[timeouts]\nudp_seconds = 5",
+    )
+    .unwrap();
+    assert_eq!(startup_changes(&old.startup, &new.startup), ["metrics", "limits"]);
+    assert!(startup_changes(&old.startup, &old.startup).is_empty());
 }

@@ -1,22 +1,26 @@
 //! `portmap run`: owns the datapath, applies mappings, serves the control socket, expires flows.
-//! One file per job: `serve` (the main loop and control connections), `changes` (requests that
-//! change or read the mappings), `flows` (flow-table fill), `saved` (the state file).
+//! One file per job: `serve` (the main loop, and the owner of the state it hands events to),
+//! `state` (the running state and what it does on its own), `requests` (the changes and reads
+//! clients ask for), `reload` (the config file applied again), `control_socket` (connections),
+//! `flows` (flow-table fill), `saved` (the state file).
 //!
 //! Stopping (SIGTERM, or a crash) leaves the datapath attached and forwarding; the next daemon
 //! adopts it: the pinned maps (flows, counters, mappings) as they are, the programs replaced in
 //! the same links, the mappings restored from the state file and the config applied as one diff.
 
-mod changes;
+mod control_socket;
 mod flows;
+mod reload;
+mod requests;
 mod saved;
 mod serve;
+mod state;
 
 pub use self::saved::files as state_files;
 
 use std::{
     collections::BTreeMap,
     fs,
-    net::IpAddr,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -24,17 +28,16 @@ use std::{
 use anyhow::{Context as _, bail};
 use log::{info, warn};
 
-use self::{changes::flush_stale_flows, flows::FlowTable, serve::status_line};
+use self::{flows::FlowTable, state::State};
 use crate::{
-    api::control,
-    api::notify,
+    api::{control, notify},
     config::{Config, Overrides, Valid},
     datapath::{self, Datapath},
-    host,
-    host::local_backends,
-    host::sockets,
-    model::mapping::PortRange,
-    model::table::{Capacity, Table},
+    host::{self, local_backends, sockets},
+    model::{
+        mapping::PortRange,
+        table::{Capacity, Table},
+    },
 };
 
 /// Where `reload` (and SIGHUP) read the configuration again from.
@@ -45,30 +48,9 @@ pub struct ReloadSource {
     pub overrides: Overrides,
 }
 
-/// The daemon's running state, shared by the control socket, signals and the GC tick.
-struct State {
-    dp: Datapath,
-    table: Table,
-    config: Config,
-    reload: Option<ReloadSource>,
-    flows: FlowTable,
-    saver: saved::Saver,
-    /// What `PM_LOCAL_BACKENDS` holds (for `stats`).
-    local_backends: BTreeMap<IpAddr, local_backends::Local>,
-}
-
-impl State {
-    /// Saves the changes to the mappings for the next daemon (after every change).
-    fn save(&mut self) -> anyhow::Result<()> {
-        self.saver
-            .append(&mut self.table)
-            .with_context(|| format!("saving the mappings to {}", self.config.state_file.display()))
-    }
-}
-
 /// Runs the daemon until SIGTERM/SIGINT. The datapath stays attached when it exits.
 pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<()> {
-    let cfg = valid.config.clone();
+    let cfg = valid.config.startup.clone();
     refuse_if_running(&cfg.socket)?;
     datapath::ensure_bpffs()?;
     datapath::check_pin_dir(&cfg.pin_dir)?;
@@ -78,35 +60,67 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
     // adopted as it found it (forwarding).
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.limits)?;
     let logger = dp.take_logger()?;
-    let capacity = Capacity {
-        ports: cfg.limits.max_mappings,
-        groups: cfg.limits.max_backend_groups,
-        backends: cfg.limits.max_backends,
-    };
-    let (dynamic, reserved) = host::dynamic_ports(cfg.dynamic_ports);
-    let (mut table, generation) = if dp.adopted() {
-        restore_table(&mut dp, &cfg, capacity, dynamic)?
-    } else {
-        (Table::new(capacity, dynamic), 0)
-    };
-    table.reserved = reserved;
-    let mut state = State {
-        table,
-        flows: FlowTable::new(&cfg.limits),
-        config: cfg.clone(),
-        reload,
-        saver: saved::Saver::new(&cfg.state_file, dp.id(), generation),
-        local_backends: BTreeMap::new(),
-        dp,
-    };
+    let mut state = load_state(dp, &valid.config, reload)?;
     // Local addresses first: wildcard mappings match only them, from the first packet on.
     let watch = host::address_watch()?;
     state.dp.sync_local_addrs(&host::addresses()?)?;
     let backends_watch = local_backends::watch()?;
-    serve::follow_local_backends(&mut state);
+    state.follow_local_backends();
     state
         .dp
         .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces, &cgroup_dir)?;
+    apply_config(&mut state, &valid)?;
+    let listener = control_socket::bind_socket(&cfg.socket)?;
+    let metrics = match cfg.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics: listening on {addr}"))?;
+            info!("serving Prometheus metrics at http://{addr}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
+    state.dp.keep_attached();
+    notify::ready(&state.status_line());
+    let served = serve::serve(state, listener, metrics, logger, [watch, backends_watch]).await;
+    let _ = fs::remove_file(&cfg.socket);
+    info!(
+        "exiting; the datapath stays attached in {} for the next daemon (`portmap cleanup` removes it)",
+        cfg.pin_dir.display()
+    );
+    served
+}
+
+/// The state around a loaded datapath: a new table, or the one an adopted datapath had.
+fn load_state(mut dp: Datapath, config: &Config, reload: Option<ReloadSource>) -> anyhow::Result<State> {
+    let limits = &config.startup.limits;
+    let capacity = Capacity {
+        ports: limits.max_mappings,
+        groups: limits.max_backend_groups,
+        backends: limits.max_backends,
+    };
+    let (dynamic, reserved) = host::dynamic_ports(config.live.dynamic_ports);
+    let (mut table, generation) = if dp.adopted() {
+        restore_table(&mut dp, config, capacity, dynamic)?
+    } else {
+        (Table::new(capacity, dynamic), 0)
+    };
+    table.reserved = reserved;
+    Ok(State {
+        table,
+        flows: FlowTable::new(limits),
+        config: config.clone(),
+        reload,
+        saver: saved::Saver::new(&config.startup.state_file, dp.id(), generation),
+        local_backends: BTreeMap::new(),
+        dp,
+    })
+}
+
+/// Applies the config's mappings as one diff, removes what an adopted datapath has beyond the
+/// table, and saves a snapshot.
+fn apply_config(state: &mut State, valid: &Valid) -> anyhow::Result<()> {
     let started = Instant::now();
     let plan = state
         .table
@@ -129,32 +143,8 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
             info!("removed {removed} map entries the saved state does not have");
         }
     }
-    flush_stale_flows(&mut state);
-    state
-        .saver
-        .snapshot(&mut state.table)
-        .with_context(|| format!("saving the mappings to {}", cfg.state_file.display()))?;
-    let listener = serve::bind_socket(&cfg.socket)?;
-    let metrics = match cfg.metrics {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics: listening on {addr}"))?,
-        ),
-        None => None,
-    };
-    if let Some(addr) = cfg.metrics {
-        info!("serving Prometheus metrics at http://{addr}/metrics");
-    }
-    state.dp.keep_attached();
-    notify::ready(&status_line(&state));
-    let served = serve::serve(state, listener, metrics, logger, [watch, backends_watch]).await;
-    let _ = fs::remove_file(&cfg.socket);
-    info!(
-        "exiting; the datapath stays attached in {} for the next daemon (`portmap cleanup` removes it)",
-        cfg.pin_dir.display()
-    );
-    served
+    state.flush_stale_flows();
+    state.save_snapshot()
 }
 
 /// The mappings of an adopted datapath, from the state file the previous daemon saved, written
@@ -166,7 +156,7 @@ fn restore_table(
     capacity: Capacity,
     dynamic: PortRange,
 ) -> anyhow::Result<(Table, u64)> {
-    let file = &cfg.state_file;
+    let file = &cfg.startup.state_file;
     let saved = saved::load(file, dp.id()).with_context(|| {
         format!(
             "the saved mappings in {} cannot be read: move the file away to start with the config's \
@@ -178,7 +168,7 @@ fn restore_table(
         warn!(
             "adopting the datapath in {} without saved mappings ({} is missing or belongs to another \
              datapath): established flows keep going; mappings added at run time are lost",
-            cfg.pin_dir.display(),
+            cfg.startup.pin_dir.display(),
             file.display()
         );
         return Ok((Table::new(capacity, dynamic), 0));
@@ -188,7 +178,7 @@ fn restore_table(
     table.rewrite(dp).context("writing the restored mappings")?;
     info!(
         "adopted the datapath in {}: {} mapping(s) restored from {}",
-        cfg.pin_dir.display(),
+        cfg.startup.pin_dir.display(),
         table.entries().len(),
         file.display()
     );

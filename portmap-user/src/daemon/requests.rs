@@ -1,0 +1,168 @@
+//! The requests that change or read the mappings (control socket, metrics scrapes), applied one
+//! at a time to the state by its owner. A reload is not among them: it runs beside the loop
+//! (`reload`).
+
+use std::time::Instant;
+
+use anyhow::Context as _;
+use log::{error, info};
+use portmap_common::Stat;
+
+use super::state::{State, View};
+use crate::{
+    api::control::{MappingStats, Request, Response, StatsReport},
+    datapath::Counters,
+    host::sockets,
+    model::{
+        mapping::Mapping,
+        spec,
+        table::{Origin, TableError},
+    },
+};
+
+/// Applies a change or answers a read. `Reload` never comes here: its owner runs it beside the
+/// loop (`Reloading`), so it is refused as a programming error, not applied twice.
+pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters) -> Response {
+    let started = Instant::now();
+    let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
+    let outcome: anyhow::Result<String> = match request {
+        Request::Add { spec } => changed(
+            "added",
+            parsed(&spec).and_then(|m| {
+                state
+                    .table
+                    .add_as(&mut state.dp, &m, &sockets::local_sockets(), Origin::Runtime)
+            }),
+            started,
+        ),
+        Request::Del { spec } => changed(
+            "deleted",
+            parsed(&spec).and_then(|m| state.table.remove(&mut state.dp, &m)),
+            started,
+        ),
+        Request::Update { spec } => changed(
+            "updated",
+            parsed(&spec).and_then(|m| state.table.update(&mut state.dp, &m)),
+            started,
+        ),
+        Request::Publish { owner, specs } => publish(state, owner, &specs),
+        Request::Unpublish { owner } => publish(state, owner, &[]),
+        Request::Containers => {
+            return Response::Containers {
+                containers: state.table.containers(),
+            };
+        }
+        Request::List | Request::Stats => return read(&View::of(state), counters, &request),
+        Request::Reload => {
+            return Response::Error {
+                message: "internal error: a reload is run by the main loop".into(),
+            };
+        }
+    };
+    respond(settle(state, outcome))
+}
+
+/// The answer to a change.
+pub(super) fn respond(result: anyhow::Result<String>) -> Response {
+    match result {
+        Ok(message) => Response::Ok { message },
+        Err(e) => Response::Error {
+            message: format!("{e:#}"),
+        },
+    }
+}
+
+/// Makes the mappings of the container `owner` exactly `specs` (none: removes them), all or
+/// nothing; answers with what changed.
+fn publish(state: &mut State, owner: String, specs: &[String]) -> anyhow::Result<String> {
+    let mappings = specs
+        .iter()
+        .map(|spec| spec::parse(spec).with_context(|| format!("'{spec}'")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let origin = Origin::Container(owner.clone());
+    let plan = state
+        .table
+        .apply_as(&mut state.dp, &origin, &mappings, &sockets::local_sockets())?;
+    let message = format!(
+        "container {owner}: {} added, {} updated, {} removed",
+        plan.add.len(),
+        plan.update.len(),
+        plan.remove.len()
+    );
+    if !plan.is_empty() {
+        info!("{message}");
+    }
+    Ok(message)
+}
+
+/// After a change (or a refused one): deletes the flows it made stale and saves the mappings for
+/// the next daemon. A change that was applied but could not be saved says so.
+pub(super) fn settle(state: &mut State, outcome: anyhow::Result<String>) -> anyhow::Result<String> {
+    state.flush_stale_flows();
+    let message = outcome?;
+    match state.save() {
+        Ok(()) => Ok(message),
+        Err(e) => {
+            error!("{e:#}");
+            Ok(format!(
+                "{message}; warning: {e:#}: a restarted daemon would not know this change"
+            ))
+        }
+    }
+}
+
+/// Logs a change with its duration and answers with its `docker port` lines.
+fn changed(verb: &str, result: Result<Mapping, TableError>, started: Instant) -> anyhow::Result<String> {
+    let m = result?;
+    info!("{verb} {m} in {:.1} µs", started.elapsed().as_secs_f64() * 1e6);
+    let indent = format!("\n{}", " ".repeat(verb.len() + 1));
+    Ok(format!("{verb} {}", m.docker_lines().join(&indent)))
+}
+
+/// Answers `list` or `stats` from `view` and the counter maps (an error for other requests).
+pub(super) fn read(view: &View, counters: &Counters, request: &Request) -> Response {
+    match request {
+        Request::List => Response::Mappings {
+            mappings: view.mappings.iter().map(|(m, _)| m.clone()).collect(),
+        },
+        Request::Stats => match stats(view, counters) {
+            Ok(stats) => Response::Stats { stats },
+            Err(e) => {
+                error!("reading counters: {e:#}");
+                Response::Error {
+                    message: format!("reading counters: {e:#}"),
+                }
+            }
+        },
+        _ => Response::Error {
+            message: "not a read request".into(),
+        },
+    }
+}
+
+fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
+    let all = counters.all_mappings()?;
+    let mappings = view
+        .mappings
+        .iter()
+        .map(|(mapping, slot)| MappingStats {
+            mapping: mapping.clone(),
+            counters: all.get(*slot as usize).copied().unwrap_or_default(),
+        })
+        .collect();
+    let counters = Stat::ALL
+        .iter()
+        .zip(counters.global()?)
+        .map(|(stat, value)| (stat.name().to_string(), value))
+        .collect();
+    Ok(StatsReport {
+        mappings,
+        counters,
+        active_flows: view.flows.assured,
+        flow_capacity: view.flows.assured_capacity,
+        new_flows: view.flows.new,
+        new_flow_capacity: view.flows.new_capacity,
+        interfaces: view.interfaces.clone(),
+        local_backends: view.local_backends.clone(),
+    })
+}

@@ -2,7 +2,7 @@
 //! destination-options headers) / TCP|UDP|SCTP parsing into [`Packet`].
 //!
 //! Outcomes for what is not a parseable packet of ours (documented in the README):
-//! - not IPv4/IPv6, not TCP/UDP/SCTP, QinQ, an IPv6 routing header or more than two extension
+//! - not IPv4/IPv6, not TCP/UDP/SCTP, QinQ, an IPv6 routing header or more than three extension
 //!   headers: pass untouched (`pass_not_ours`);
 //! - fragments: the first (offset 0) is parsed with its L4 header; later ones carry none and
 //!   are marked `FRAG_LATER` for `frag::ports` (IPv4 flags/offset, one IPv6 fragment header);
@@ -41,8 +41,8 @@ pub const FRAG_LATER: u8 = 2;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_DEST: u8 = 60;
 const NEXTHDR_FRAGMENT: u8 = 44;
-/// Extension headers followed before giving up (`pass_not_ours`): up to two hop-by-hop or
-/// destination-options headers and one fragment header.
+/// Extension headers followed before giving up (`pass_not_ours`): three, each a hop-by-hop or
+/// destination-options header or the (one) fragment header.
 const MAX_EXT_HEADERS: usize = 3;
 /// IPv6 traffic class and flow label: the first header word without the version.
 const IPV6_FLOWINFO_MASK: u32 = u32::from_be(0x0fff_ffff);

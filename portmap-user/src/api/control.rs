@@ -59,7 +59,7 @@ pub struct MappingStats {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatsReport {
     pub mappings: Vec<MappingStats>,
-    /// Global outcome counters (`portmap_common::stat::NAMES`), in code order.
+    /// Global outcome counters (`portmap_common::Stat::ALL`, each by `Stat::name`), in code order.
     pub counters: Vec<(String, u64)>,
     /// Assured flows in the conntrack table at the last expiry pass.
     pub active_flows: u64,

@@ -36,7 +36,8 @@ pub enum AttachMode {
     Auto,
     /// XDP on every interface (on a veth this turns off the peer's TSO/GSO).
     Xdp,
-    /// TC (tcx) on every interface.
+    /// TC on every interface: tcx links (kernel >= 6.6), or cls_bpf filters on a clsact qdisc
+    /// on older kernels (`PORTMAP_TC_NETLINK=1` forces those).
     Tc,
 }
 

@@ -7,20 +7,13 @@
 //! map has the type, key size, value size, capacity and flags this build would create; anything
 //! else is refused with a message naming `portmap cleanup`, never misread.
 
-use std::{
-    ffi::CString,
-    os::{
-        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
-    path::Path,
-};
+use std::path::Path;
 
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, Map, MapData, MapInfo};
 use portmap_common::{DatapathStamp, LAYOUT_VERSION, map_names};
 
-use super::{EBPF_OBJECT, pins};
+use super::{EBPF_OBJECT, hooks};
 use crate::config::Limits;
 
 /// What a pinned map must look like to be adopted.
@@ -100,12 +93,12 @@ const CLEANUP: &str = "to start afresh, run `portmap cleanup` (this drops the es
 pub(super) fn check_pinned(pin_dir: &Path, limits: &Limits) -> anyhow::Result<Option<DatapathStamp>> {
     let pinned: Vec<&str> = map_names::ALL
         .into_iter()
-        .filter(|name| pins::map_pin(pin_dir, name).exists())
+        .filter(|name| hooks::map_pin(pin_dir, name).exists())
         .collect();
     if pinned.is_empty() {
         return Ok(None);
     }
-    let stamp_pin = pins::map_pin(pin_dir, map_names::META);
+    let stamp_pin = hooks::map_pin(pin_dir, map_names::META);
     if !stamp_pin.exists() {
         bail!(
             "{} holds maps of a portmap without a layout stamp (an older version): they cannot be \
@@ -126,7 +119,7 @@ pub(super) fn check_pinned(pin_dir: &Path, limits: &Limits) -> anyhow::Result<Op
         if !pinned.contains(&name) {
             continue;
         }
-        let have = pinned_shape(&pins::map_pin(pin_dir, name))?;
+        let have = pinned_shape(&hooks::map_pin(pin_dir, name))?;
         if have != want {
             let hint = if configured_capacity(name, limits).is_some() && have.max_entries != want.max_entries
             {
@@ -176,45 +169,4 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     hasher.finish()
-}
-
-/// The `union bpf_attr` these calls fill: their fields at the start, zeroed beyond.
-const ATTR_SIZE: usize = 128;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-
-fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> std::io::Result<i64> {
-    // SAFETY: the callers fill only the fields of `cmd`, in kernel order, and the pointers they
-    // store (a path) outlive the call.
-    unsafe { super::sys::bpf(cmd, attr) }
-}
-
-/// Opens a pinned bpf object (`BPF_OBJ_GET`).
-pub(super) fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut attr = [0u8; ATTR_SIZE];
-    // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... }
-    attr[..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Replaces the program of a bpf_link atomically (`BPF_LINK_UPDATE`): packets see either the old
-/// or the new program, never none. Fails with ENOLINK when the link's device is gone.
-pub(super) fn replace_program(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result<()> {
-    let mut attr = [0u8; ATTR_SIZE];
-    // struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags; __u32 old_prog_fd; }
-    let fd = |fd: BorrowedFd<'_>| u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other);
-    attr[..4].copy_from_slice(&fd(link)?.to_ne_bytes());
-    attr[4..8].copy_from_slice(&fd(program)?.to_ne_bytes());
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
-}
-
-/// Replaces the program of the link pinned at `path`.
-pub(super) fn replace_pinned(path: &Path, program: &impl AsFd) -> std::io::Result<()> {
-    let link = open_pinned(path)?;
-    replace_program(link.as_fd(), program.as_fd())
 }

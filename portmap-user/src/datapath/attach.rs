@@ -1,70 +1,25 @@
-//! Attaching the programs: ingress (XDP or TC) and TC egress per client-facing interface, each
-//! as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6), or on older
-//! kernels as a cls_bpf filter on a clsact qdisc (`clsact`). A link an earlier daemon pinned (or
-//! a filter it left) for the same hook gets the new program in place (`adopt`), so traffic never
-//! sees the hook empty.
+//! Attaching the programs to the client-facing interfaces: ingress (XDP or TC) and TC egress on
+//! each, as a bpf_link pinned under the pin directory (XDP links; tcx links, kernel >= 6.6), or on
+//! older kernels as a cls_bpf filter on a clsact qdisc (`clsact`). A link an earlier daemon pinned
+//! (or a filter it left) for the same hook gets the new program in place (`links`), so traffic
+//! never sees the hook empty. Interfaces that disappear and come back are followed here too.
 
-use std::{
-    fs,
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::path::Path;
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     maps::DevMapHash,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink},
+    programs::{SchedClassifier, Xdp, XdpMode, links::FdLink},
 };
-use log::{info, warn};
+use log::info;
 use portmap_common::{map_names, prog_names};
 
-use super::{Datapath, adopt, clsact, pins};
+use super::{
+    Datapath, clsact,
+    hooks::{self, Hook},
+    links::{Anchor, Attachment},
+};
 use crate::config::AttachMode;
-
-/// Where a program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hook {
-    XdpIngress,
-    TcIngress,
-    TcEgress,
-}
-
-impl Hook {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::XdpIngress => "xdp_ingress",
-            Self::TcIngress => "tc_ingress",
-            Self::TcEgress => "tc_egress",
-        }
-    }
-
-    /// The program that runs at this hook.
-    #[must_use]
-    pub fn program_name(self) -> &'static str {
-        match self {
-            Self::XdpIngress => prog_names::XDP_INGRESS,
-            Self::TcIngress => prog_names::TC_INGRESS,
-            Self::TcEgress => prog_names::TC_EGRESS,
-        }
-    }
-}
-
-/// One attached program: a pinned link (attached while the pin exists) or a TC filter.
-pub(super) struct Attachment {
-    /// What is attached where, for messages ("h0 tc_ingress", "cgroup /x portmap_connect4").
-    label: String,
-    /// The interface it is attached to (`None`: the cgroup).
-    iface: Option<String>,
-    anchor: Anchor,
-}
-
-/// What keeps an attachment attached.
-pub(super) enum Anchor {
-    Pin(PathBuf),
-    /// portmap's cls_bpf filter for this hook on the attachment's interface.
-    Filter(Hook),
-}
 
 /// A client-facing interface and the device its programs are attached to.
 #[derive(Clone, Debug)]
@@ -110,43 +65,15 @@ impl Datapath {
             .attach_all(ifaces, mode, redirect_ifaces)
             .and_then(|()| self.attach_cgroup(cgroup_dir));
         match &result {
-            Ok(()) => self.remove_stale_links(),
+            Ok(()) => {
+                self.remove_stale_links();
+                self.remove_stale_filters();
+            }
             // What an earlier daemon attached stays: it works with the adopted maps.
             Err(_) if self.adopted => {}
             Err(_) => self.detach_all(),
         }
         result
-    }
-
-    /// Unpins (and so detaches) the links an earlier daemon pinned that this one did not take
-    /// over: interfaces, hooks or a cgroup no longer configured, devices that are gone.
-    fn remove_stale_links(&mut self) {
-        let Ok(pin_dir) = self.pin_dir() else { return };
-        let Ok(entries) = fs::read_dir(pin_dir.join("links")) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if self
-                .attachments
-                .iter()
-                .any(|a| matches!(&a.anchor, Anchor::Pin(p) if *p == path))
-            {
-                continue;
-            }
-            match fs::remove_file(&path) {
-                Ok(()) => info!("detached {} (not configured any more)", path.display()),
-                Err(e) => warn!("removing stale link {}: {e}", path.display()),
-            }
-        }
-        // Filters: on interfaces not configured any more, and all of them where tcx links
-        // replaced them (a newer kernel, or the fallback no longer forced).
-        let keep: Vec<String> = if self.tcx {
-            Vec::new()
-        } else {
-            self.ifaces.iter().map(|i| i.name.clone()).collect()
-        };
-        clsact::remove_except(&keep);
     }
 
     fn attach_all(
@@ -254,16 +181,6 @@ impl Datapath {
             .collect()
     }
 
-    /// Unpins the links of one interface.
-    fn detach_iface(&mut self, iface: &str) {
-        let (gone, kept) = self
-            .attachments
-            .drain(..)
-            .partition(|a| a.iface.as_deref() == Some(iface));
-        self.attachments = kept;
-        Self::unpin(gone);
-    }
-
     /// Lets the XDP program redirect into the device `ifindex` (`PM_REDIRECT_DEVS`).
     pub fn allow_xdp_redirect(&mut self, ifindex: u32) -> anyhow::Result<()> {
         let mut devs: DevMapHash<_> = DevMapHash::try_from(self.map_mut(map_names::REDIRECT_DEVS)?)?;
@@ -271,37 +188,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Gives the link pinned at `path` by an earlier daemon this load's `program`; false when
-    /// there is none, or it is defunct (its device or cgroup is gone: its pin is removed), and a
-    /// new link is needed.
-    pub(super) fn take_over(&mut self, path: &Path, program: &str, label: &str, iface: Option<&str>) -> bool {
-        if !path.exists() {
-            return false;
-        }
-        let replaced = self
-            .program_mut(program)
-            .and_then(|p| Ok(p.fd()?.as_fd().try_clone_to_owned()?))
-            .and_then(|fd| Ok(adopt::replace_pinned(path, &fd)?));
-        match replaced {
-            Ok(()) => {
-                info!("{label}: took over the attached link");
-                self.attachments.push(Attachment {
-                    label: label.to_owned(),
-                    iface: iface.map(str::to_owned),
-                    anchor: Anchor::Pin(path.to_path_buf()),
-                });
-                true
-            }
-            Err(e) => {
-                info!("{label}: the pinned link cannot be taken over ({e:#}): attaching anew");
-                let _ = fs::remove_file(path);
-                false
-            }
-        }
-    }
-
     fn attach_xdp(&mut self, iface: &str) -> anyhow::Result<()> {
-        let path = pins::link_pin(&self.pin_dir()?, iface, Hook::XdpIngress);
+        let path = hooks::link_pin(&self.pin_dir()?, iface, Hook::XdpIngress);
         if self.take_over(
             &path,
             prog_names::XDP_INGRESS,
@@ -336,15 +224,11 @@ impl Datapath {
             });
             return Ok(());
         }
-        let path = pins::link_pin(&self.pin_dir()?, iface, hook);
+        let path = hooks::link_pin(&self.pin_dir()?, iface, hook);
         if self.take_over(&path, name, &label, Some(iface)) {
             return Ok(());
         }
-        let kind = if hook == Hook::TcIngress {
-            TcAttachType::Ingress
-        } else {
-            TcAttachType::Egress
-        };
+        let kind = hook.tc_attach_type();
         let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
         // Kernel >= 6.6: a tcx bpf_link (no clsact qdisc, coexists with other tcx programs).
         let id = prog
@@ -357,53 +241,14 @@ impl Datapath {
         self.pin_link(iface, hook, fd)
     }
 
-    fn pin_link(&mut self, iface: &str, hook: Hook, fd: FdLink) -> anyhow::Result<()> {
-        let pin_dir = self.pin_dir()?;
-        let path = pins::link_pin(&pin_dir, iface, hook);
-        self.pin_link_at(&path, format!("{iface} {}", hook.as_str()), Some(iface), fd)
-    }
-
-    /// Pins `fd` at `path` and records it as attached.
-    pub(super) fn pin_link_at(
-        &mut self,
-        path: &Path,
-        label: String,
-        iface: Option<&str>,
-        fd: FdLink,
-    ) -> anyhow::Result<()> {
-        fd.pin(path)
-            .with_context(|| format!("pinning link {}", path.display()))?;
-        self.attachments.push(Attachment {
-            label,
-            iface: iface.map(str::to_owned),
-            anchor: Anchor::Pin(path.to_path_buf()),
-        });
-        Ok(())
-    }
-
-    pub(super) fn pin_dir(&self) -> anyhow::Result<PathBuf> {
-        self.pin_dir
-            .clone()
-            .context("a datapath loaded without a pin directory cannot be attached")
-    }
-
-    pub(super) fn detach_all(&mut self) {
-        let all = std::mem::take(&mut self.attachments);
-        Self::unpin(all);
-        self.ifaces.clear();
-    }
-
-    fn unpin(attachments: Vec<Attachment>) {
-        for a in attachments {
-            let detached = match (&a.anchor, &a.iface) {
-                // The pin holds the last reference: removing it detaches the link.
-                (Anchor::Pin(pin), _) => fs::remove_file(pin).map_err(anyhow::Error::from),
-                (Anchor::Filter(hook), Some(iface)) => clsact::detach(iface, *hook),
-                (Anchor::Filter(_), None) => Ok(()),
-            };
-            if let Err(e) = detached {
-                warn!("{}: detaching failed: {e:#}", a.label);
-            }
-        }
+    /// Removes portmap's TC filters on interfaces not configured any more, and all of them where
+    /// tcx links replaced them (a newer kernel, or the fallback no longer forced).
+    fn remove_stale_filters(&self) {
+        let keep: Vec<String> = if self.tcx {
+            Vec::new()
+        } else {
+            self.ifaces.iter().map(|i| i.name.clone()).collect()
+        };
+        clsact::remove_except(&keep);
     }
 }

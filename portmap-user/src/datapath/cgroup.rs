@@ -12,7 +12,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
 use log::info;
 use portmap_common::prog_names;
 
-use super::{Datapath, pins};
+use super::{Datapath, hooks};
 
 /// Every socket hook program.
 pub const SOCK_PROGRAMS: [&str; 10] = [
@@ -43,7 +43,7 @@ impl Datapath {
         let cgroup_id = cgroup.metadata()?.ino();
         let pin_dir = self.pin_dir()?;
         for name in SOCK_PROGRAMS {
-            let path = pins::cgroup_link_pin(&pin_dir, cgroup_id, name);
+            let path = hooks::cgroup_link_pin(&pin_dir, cgroup_id, name);
             let label = format!("cgroup {} {name}", dir.display());
             if self.take_over(&path, name, &label, None) {
                 continue;

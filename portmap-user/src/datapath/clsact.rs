@@ -6,33 +6,22 @@
 //! deletes the filters by program name on every interface.
 
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    SchedClassifier,
     tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle, qdisc_add_clsact, qdisc_detach_program},
 };
 use log::info;
 
-use super::attach::Hook;
+use super::hooks::Hook;
 
 /// Where portmap's filters sit in the clsact qdisc: their own priority (lower runs first), so
 /// they do not collide with other users' filters, and a fixed handle.
 pub const PRIORITY: u16 = 0x5050;
 pub const HANDLE: TcHandle = TcHandle::new(0, 1);
 
-/// The TC hooks portmap attaches, as netlink sees them.
-pub const HOOKS: [Hook; 2] = [Hook::TcIngress, Hook::TcEgress];
-
-pub(super) fn attach_type(hook: Hook) -> TcAttachType {
-    if hook == Hook::TcIngress {
-        TcAttachType::Ingress
-    } else {
-        TcAttachType::Egress
-    }
-}
-
 /// Attaches `prog` as portmap's filter for `hook` on `iface`: replaces the program of the filter
 /// an earlier daemon left there (true), or adds the clsact qdisc if needed and a new filter.
 pub(super) fn attach(prog: &mut SchedClassifier, iface: &str, hook: Hook) -> anyhow::Result<bool> {
-    let kind = attach_type(hook);
+    let kind = hook.tc_attach_type();
     let earlier = SchedClassifierLink::attached(iface, kind, PRIORITY, HANDLE, None)?;
     let (id, replaced) = match prog.attach_to_link(earlier) {
         Ok(id) => (id, true),
@@ -56,7 +45,7 @@ pub(super) fn attach(prog: &mut SchedClassifier, iface: &str, hook: Hook) -> any
 /// filters went with it).
 pub(super) fn detach(iface: &str, hook: Hook) -> anyhow::Result<()> {
     use aya::programs::links::Link as _;
-    let Ok(link) = SchedClassifierLink::attached(iface, attach_type(hook), PRIORITY, HANDLE, None) else {
+    let Ok(link) = SchedClassifierLink::attached(iface, hook.tc_attach_type(), PRIORITY, HANDLE, None) else {
         return Ok(());
     };
     link.detach()?;
@@ -76,8 +65,8 @@ pub fn remove_except(keep: &[String]) -> Vec<String> {
             continue;
         }
         let mut any = false;
-        for hook in HOOKS {
-            any |= qdisc_detach_program(&name, attach_type(hook), hook.program_name()).is_ok();
+        for hook in Hook::TC {
+            any |= qdisc_detach_program(&name, hook.tc_attach_type(), hook.program_name()).is_ok();
         }
         if any {
             info!("{name}: removed portmap's TC filters");

@@ -15,7 +15,7 @@ use crate::{config::Timeouts, model::table::FlowFlush};
 
 impl Datapath {
     /// The flow tables: (map, capacity, holds assured flows).
-    fn flow_tables(&self) -> [(&'static str, usize, bool); 2] {
+    pub(super) fn flow_tables(&self) -> [(&'static str, usize, bool); 2] {
         [
             (map_names::CONNTRACK, self.conntrack_entries as usize, true),
             (map_names::CT_NEW, self.conntrack_new_entries as usize, false),

@@ -18,7 +18,10 @@ use portmap_common::{
     MappingValue, PortKey, Stat, addr_words, map_names,
 };
 
-use super::Datapath;
+use super::{
+    Datapath,
+    sys::{lookup_all_percpu, update_batch},
+};
 use crate::model::table::Maps;
 
 impl Maps for Datapath {
@@ -35,20 +38,9 @@ impl Maps for Datapath {
     fn remove_mappings(&mut self, keys: &[MappingKey]) -> anyhow::Result<()> {
         let mut map: HashMap<_, MappingKey, MappingValue> =
             HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
-        let mut first_error = None;
-        for key in keys {
-            match map.remove(key) {
-                // Never written (the rollback of a batch that failed) is as good as removed.
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) if first_error.is_none() => {
-                    let port = u16::from_be(key.port_be);
-                    first_error = Some(anyhow!("removing the entry of host port {port}: {e}"));
-                }
-                _ => {}
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        remove_all(&mut map, keys, |key| {
+            format!("the entry of host port {}", u16::from_be(key.port_be))
+        })
     }
 
     fn set_backends(&mut self, slots: &[(u32, BackendValue)]) -> anyhow::Result<()> {
@@ -90,21 +82,32 @@ impl Maps for Datapath {
 
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
         let mut map: HashMap<_, PortKey, u8> = HashMap::try_from(self.map_mut(map_names::PUBLISHED_PORTS)?)?;
-        for key in ports {
-            match map.remove(key) {
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(anyhow!(
-                        "removing published port {}: {e}",
-                        u16::from_be(key.port_be)
-                    ));
-                }
-                Ok(()) => {}
-            }
-        }
-        Ok(())
+        remove_all(&mut map, ports, |key| {
+            format!("published port {}", u16::from_be(key.port_be))
+        })
     }
+}
+
+/// The one policy of multi-entry removals: every key is tried, whatever failed before (a
+/// half-done removal leaves as little behind as it can); a key that is not there (never written,
+/// as in the rollback of a batch that failed) is as good as removed; the first real failure is
+/// returned, naming its entry.
+fn remove_all<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, K, V>,
+    keys: &[K],
+    describe: impl Fn(&K) -> String,
+) -> anyhow::Result<()> {
+    let mut first_error = None;
+    for key in keys {
+        match map.remove(key) {
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) if first_error.is_none() => {
+                first_error = Some(anyhow!("removing {}: {e}", describe(key)));
+            }
+            _ => {}
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 impl Datapath {
@@ -273,89 +276,4 @@ fn local_addr_key(addr: IpAddr) -> LocalAddrKey {
         addr_words(addr),
         if addr.is_ipv6() { FAMILY_V6 } else { FAMILY_V4 },
     )
-}
-
-/// The `batch` member of `union bpf_attr`.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6) of a whole per-CPU array of `max_entries` values of
-/// `value_size` bytes: every slot's per-CPU values (`cpus` of them, each padded to 8 bytes), in
-/// a few system calls instead of one per slot. Returns (key, values) bytes per slot.
-fn lookup_all_percpu(
-    map_fd: RawFd,
-    max_entries: usize,
-    value_size: usize,
-    cpus: usize,
-) -> std::io::Result<(Vec<u32>, Vec<u8>)> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let stride = value_size.next_multiple_of(8) * cpus;
-    let mut keys = vec![0u32; max_entries];
-    let mut values = vec![0u8; max_entries * stride];
-    let (mut done, mut in_batch, mut out_batch) = (0usize, None::<u32>, 0u32);
-    while done < max_entries {
-        let mut attr = BatchAttr {
-            in_batch: in_batch.as_ref().map_or(0, |b| std::ptr::from_ref(b) as u64),
-            out_batch: (&raw mut out_batch) as u64,
-            keys: keys[done..].as_mut_ptr() as u64,
-            values: values[done * stride..].as_mut_ptr() as u64,
-            count: u32::try_from(max_entries - done).unwrap_or(u32::MAX),
-            map_fd: map_fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at room for `count`
-        // keys and values (`stride` bytes each) and at the batch cursors, all alive for the call.
-        let rc = unsafe { super::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        done += attr.count as usize;
-        match rc {
-            // ENOENT: the end of the map was reached (with `count` entries copied).
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Err(e) => return Err(e),
-            Ok(_) => {}
-        }
-        if attr.count == 0 {
-            break;
-        }
-        in_batch = Some(out_batch);
-    }
-    keys.truncate(done);
-    values.truncate(done * stride);
-    Ok((keys, values))
-}
-
-/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls
-/// as the kernel allows (aya 0.14 has no batch API).
-fn update_batch<K: Copy, V: Copy>(map_fd: RawFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let mut done = 0;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
-            map_fd: map_fd as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at `count` keys and
-        // values that live for the call; the kernel reads them and writes back only `count`.
-        unsafe { super::sys::bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
-        if attr.count == 0 {
-            return Err(std::io::Error::other("the kernel wrote no entry"));
-        }
-        done += attr.count as usize;
-    }
-    Ok(())
 }

@@ -1,15 +1,18 @@
 //! The loaded eBPF object: loading with the configured capacities, pinning, attaching, and
 //! typed access to its maps. One file per job:
 //!
-//! - `pins`: the pin directory (bpffs mount, layout, `portmap cleanup`);
-//! - `adopt`: checking and adopting what an earlier daemon pinned (layout stamp, link update);
-//! - `kernel`: what the running kernel must offer (checked at start; tcx or not);
-//! - `attach`: hooks, attaching and detaching (XDP / tcx links, pinned);
-//! - `clsact`: TC programs as cls_bpf filters on kernels without tcx (< 6.6);
+//! - `hooks`: where programs attach and what their pins are named (a leaf);
+//! - `links`: what keeps a program attached (pinned links, TC filters): take-over of an earlier
+//!   daemon's link, pinning, detaching, stale pins;
+//! - `attach`: the client-facing interfaces (XDP, tcx, or `clsact` filters on kernels without
+//!   tcx), followed when they disappear and come back;
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
+//! - `pins`: the pin directory (bpffs mount, `portmap cleanup`);
+//! - `adopt`: checking what an earlier daemon pinned (map shapes, layout stamp);
+//! - `kernel`: what the running kernel must offer (checked at start; tcx or not);
 //! - `maps`: the map writes of the mapping table ([`crate::model::table::Maps`]) and counter reads;
 //! - `expiry`: the flow-expiry pass (its decision is a pure function);
-//! - `sys`: the one `bpf(2)` wrapper for what aya lacks (batch map operations, link update);
+//! - `sys`: every `bpf(2)` call aya lacks (batch map operations, link update, object get), typed;
 //! - `test_run` (cargo feature `test-run`, for the tests and the benchmark only):
 //!   `BPF_PROG_TEST_RUN`, benchmark reference programs, program sizes and map memory.
 //!
@@ -18,12 +21,13 @@
 //! PIN_DIR/maps/PM_MAPPINGS, PM_BACKENDS, PM_MAGLEV, PM_CONNTRACK, PM_MAPPING_STATS,
 //!              PM_GLOBAL_STATS, PM_REDIRECT_DEVS, PM_LOCAL_ADDRS, PM_PUBLISHED_PORTS,
 //!              PM_SOCK_REVERSE, PM_CT_NEW, PM_FRAGMENTS, PM_ICMP_XDP, PM_ICMP_TC,
-//!              PM_META (the layout stamp), PM_LOCAL_BACKENDS         (map_names::ALL)
+//!              PM_META (the layout stamp), PM_LOCAL_BACKENDS, PM_LOCAL_DEVS
+//!                                                                        (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
 //! PIN_DIR/links/cgroup_ID_portmap_connect4 ... _portmap_bind6  (socket hooks; ID: the cgroup's)
 //! ```
 //! A pinned link keeps its program attached while no daemon runs (stopped, crashed, upgraded):
-//! the next daemon adopts the maps and replaces the programs in the links (`adopt`). Only
+//! the next daemon adopts the maps and replaces the programs in the links (`adopt`, `links`). Only
 //! `portmap cleanup` detaches and removes everything.
 
 mod adopt;
@@ -31,7 +35,9 @@ mod attach;
 mod cgroup;
 mod clsact;
 mod expiry;
+mod hooks;
 pub mod kernel;
+mod links;
 mod maps;
 mod pins;
 mod sys;
@@ -57,8 +63,9 @@ use portmap_common::{
 #[cfg(feature = "test-run")]
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
-    attach::{Hook, IfaceChange},
+    attach::IfaceChange,
     expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
+    hooks::Hook,
     maps::Counters,
     pins::{check_pin_dir, cleanup, ensure_bpffs},
 };
@@ -72,7 +79,7 @@ pub struct Datapath {
     /// Where maps and links are pinned; `None` for a datapath loaded only to be run through
     /// `BPF_PROG_TEST_RUN` (golden-packet tests, benchmarks), which can never be attached.
     pin_dir: Option<PathBuf>,
-    attachments: Vec<attach::Attachment>,
+    attachments: Vec<links::Attachment>,
     /// The client-facing interfaces and where they are attached (followed by
     /// `resync_interfaces`), and the mode to attach them again in.
     ifaces: Vec<attach::Iface>,
@@ -134,7 +141,7 @@ impl Datapath {
             }
             if let Some(dir) = pin_dir {
                 // aya opens the pinned map when there is one, else creates and pins it.
-                loader.map_pin_path(name, pins::map_pin(dir, name));
+                loader.map_pin_path(name, hooks::map_pin(dir, name));
             }
         }
         let ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
@@ -222,8 +229,9 @@ impl Datapath {
             .with_context(|| format!("program {name} missing from the object"))
     }
 
-    /// Takes the aya-log ring buffer for the daemon to drain (the datapath only logs on helper
-    /// failures, which would be bugs).
+    /// Takes the aya-log ring buffer for the daemon to drain. The packet programs never log
+    /// (they count); the socket hooks log one slow path beside its counter (a mapping whose
+    /// Maglev table is being replaced).
     pub fn take_logger(&mut self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("initialising aya-log")
     }
@@ -238,16 +246,14 @@ impl Datapath {
             pin_dir.display()
         );
         for name in map_names::ALL {
-            let path = pins::map_pin(pin_dir, name);
+            let path = hooks::map_pin(pin_dir, name);
             if path.exists()
                 && let Err(e) = fs::remove_file(&path)
             {
                 warn!("removing {}: {e}", path.display());
             }
         }
-        for dir in ["links", "maps", ""] {
-            let _ = fs::remove_dir(pin_dir.join(dir));
-        }
+        pins::remove_dirs(pin_dir);
     }
 
     pub(crate) fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {

@@ -1,5 +1,5 @@
-//! The pin directory: bpffs mounted, one directory for maps and one for links; `portmap
-//! cleanup`, which removes them.
+//! The pin directory (names: `hooks`): bpffs mounted, one directory for maps and one for links;
+//! `portmap cleanup`, which removes them.
 
 use std::{
     fs,
@@ -9,25 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use log::info;
 
-use super::Hook;
-
-pub(super) fn map_pin(pin_dir: &Path, name: &str) -> PathBuf {
-    pin_dir.join("maps").join(name)
-}
-
-/// bpffs refuses names containing '.', which interface names may have (eth0.100): those are
-/// percent-encoded, as is '%' itself.
-pub(super) fn link_pin(pin_dir: &Path, iface: &str, hook: Hook) -> PathBuf {
-    let iface = iface.replace('%', "%25").replace('.', "%2E");
-    pin_dir.join("links").join(format!("{iface}_{}", hook.as_str()))
-}
-
-/// The pin of a socket hook's link to the cgroup with inode number `cgroup_id`.
-pub(super) fn cgroup_link_pin(pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
-    pin_dir
-        .join("links")
-        .join(format!("cgroup_{cgroup_id}_{program}"))
-}
+use super::hooks::PIN_DIRS;
 
 /// Removes every pin under `pin_dir` (links first: unpinning a link detaches its program from
 /// its interface or cgroup; then maps) and returns what it removed.
@@ -62,9 +44,7 @@ pub fn cleanup(pin_dir: &Path, socket: &Path, state_files: &[PathBuf]) -> anyhow
     for iface in super::clsact::remove_except(&[]) {
         removed.push(PathBuf::from(format!("TC filters on {iface}")));
     }
-    for dir in ["links", "maps", ""] {
-        let _ = fs::remove_dir(pin_dir.join(dir));
-    }
+    remove_dirs(pin_dir);
     for file in state_files {
         if fs::remove_file(file).is_ok() {
             removed.push(file.clone());
@@ -73,6 +53,13 @@ pub fn cleanup(pin_dir: &Path, socket: &Path, state_files: &[PathBuf]) -> anyhow
     // A socket file nobody answers on is a stopped daemon's too.
     let _ = fs::remove_file(socket);
     Ok(removed)
+}
+
+/// Removes the pin directory's subdirectories and itself where they are empty.
+pub(super) fn remove_dirs(pin_dir: &Path) {
+    for dir in PIN_DIRS {
+        let _ = fs::remove_dir(pin_dir.join(dir));
+    }
 }
 
 fn is_bpffs(path: &Path) -> bool {

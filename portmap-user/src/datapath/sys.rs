@@ -1,5 +1,21 @@
-//! The `bpf(2)` calls aya 0.14 does not offer (batch map operations, link update, object get),
-//! through one wrapper.
+//! Every `bpf(2)` call aya 0.14 does not offer, typed: batch map operations, link update and
+//! object get, each with its `union bpf_attr` member as a `#[repr(C)]` struct, through one
+//! unsafe wrapper.
+
+use std::{
+    ffi::CString,
+    os::{
+        fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+// Command numbers of `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `bpf(cmd, attr, size_of::<T>())`; the return value, or the error.
 ///
@@ -7,7 +23,7 @@
 /// `T` must be laid out as the member of `union bpf_attr` that `cmd` reads (`#[repr(C)]`, kernel
 /// field order, zeroed where unused), and every pointer in it must be valid for what the kernel
 /// reads or writes through it during the call.
-pub(super) unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
     // SAFETY: the caller guarantees `attr`'s layout and pointers; the kernel reads at most
     // size_of::<T>() bytes of it.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
@@ -16,4 +32,143 @@ pub(super) unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<
     } else {
         Ok(ret)
     }
+}
+
+/// The `BPF_OBJ_*` member of `union bpf_attr`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// The `link_update` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+fn fd_u32(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
+    u32::try_from(fd.as_raw_fd()).map_err(std::io::Error::other)
+}
+
+/// Opens a pinned bpf object (`BPF_OBJ_GET`).
+pub(super) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: ObjAttr is the `BPF_OBJ_*` member; the path it points at outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Replaces the program of a bpf_link atomically (`BPF_LINK_UPDATE`): packets see either the old
+/// or the new program, never none. Fails with ENOLINK when the link's device is gone.
+pub(super) fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: fd_u32(link)?,
+        new_prog_fd: fd_u32(program)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: LinkUpdateAttr is the `link_update` member; it holds no pointers.
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
+}
+
+/// Replaces the program of the link pinned at `path`.
+pub(super) fn link_update_pinned(path: &Path, program: &impl AsFd) -> std::io::Result<()> {
+    let link = obj_get(path)?;
+    link_update(link.as_fd(), program.as_fd())
+}
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (kernel ≥ 5.6) of a whole per-CPU array of `max_entries` values of
+/// `value_size` bytes: every slot's per-CPU values (`cpus` of them, each padded to 8 bytes), in
+/// a few system calls instead of one per slot. Returns (key, values) bytes per slot.
+pub(super) fn lookup_all_percpu(
+    map_fd: RawFd,
+    max_entries: usize,
+    value_size: usize,
+    cpus: usize,
+) -> std::io::Result<(Vec<u32>, Vec<u8>)> {
+    let stride = value_size.next_multiple_of(8) * cpus;
+    let mut keys = vec![0u32; max_entries];
+    let mut values = vec![0u8; max_entries * stride];
+    let (mut done, mut in_batch, mut out_batch) = (0usize, None::<u32>, 0u32);
+    while done < max_entries {
+        let mut attr = BatchAttr {
+            in_batch: in_batch.as_ref().map_or(0, |b| std::ptr::from_ref(b) as u64),
+            out_batch: (&raw mut out_batch) as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done * stride..].as_mut_ptr() as u64,
+            count: u32::try_from(max_entries - done).unwrap_or(u32::MAX),
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at room for `count`
+        // keys and values (`stride` bytes each) and at the batch cursors, all alive for the call.
+        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        done += attr.count as usize;
+        match rc {
+            // ENOENT: the end of the map was reached (with `count` entries copied).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        if attr.count == 0 {
+            break;
+        }
+        in_batch = Some(out_batch);
+    }
+    keys.truncate(done);
+    values.truncate(done * stride);
+    Ok((keys, values))
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls
+/// as the kernel allows (aya 0.14 has no batch API).
+pub(super) fn update_batch<K: Copy, V: Copy>(map_fd: RawFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at `count` keys and
+        // values that live for the call; the kernel reads them and writes back only `count`.
+        unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
+        if attr.count == 0 {
+            return Err(std::io::Error::other("the kernel wrote no entry"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
 }

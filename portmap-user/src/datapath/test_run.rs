@@ -18,11 +18,8 @@ impl Datapath {
     /// assured flows.
     pub fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue, bool)>> {
         let mut all = Vec::new();
-        for (name, capacity, assured) in [
-            (map_names::CONNTRACK, self.conntrack_entries, true),
-            (map_names::CT_NEW, self.conntrack_new_entries, false),
-        ] {
-            let entries = self.table_entries(name, capacity as usize)?;
+        for (name, capacity, assured) in self.flow_tables() {
+            let entries = self.table_entries(name, capacity)?;
             all.extend(entries.into_iter().map(|(k, v)| (k, v, assured)));
         }
         Ok(all)
@@ -30,7 +27,7 @@ impl Datapath {
 
     /// Empties both flow tables.
     pub fn clear_flows(&mut self) -> anyhow::Result<()> {
-        for name in [map_names::CONNTRACK, map_names::CT_NEW] {
+        for (name, _, _) in self.flow_tables() {
             let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(name)?)?;
             let keys: Vec<FlowKey> = ct.keys().collect::<Result<_, _>>()?;
             for key in keys {
@@ -155,7 +152,7 @@ impl Datapath {
 
     /// Instruction counts of every loaded program, as the kernel reports them.
     pub fn program_sizes(&self) -> anyhow::Result<Vec<ProgramSize>> {
-        [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress]
+        [Hook::XdpIngress, Hook::TC[0], Hook::TC[1]]
             .into_iter()
             .map(Hook::program_name)
             .chain([

@@ -149,21 +149,7 @@ impl Table {
                 "saved with limits.{limit} = {saved}, configured {max}"
             );
         }
-        let mut by_seq: BTreeMap<u64, SavedEntry> =
-            snapshot.entries.into_iter().map(|e| (e.seq, e)).collect();
-        let mut draining = snapshot.draining;
-        for record in records {
-            match record {
-                Record::Put(entry) => {
-                    by_seq.insert(entry.seq, entry);
-                }
-                Record::Remove { seq, stats_slot } => {
-                    if by_seq.remove(&seq).is_some() {
-                        draining.push(stats_slot);
-                    }
-                }
-            }
-        }
+        let (by_seq, mut draining) = replay(snapshot.entries, snapshot.draining, records);
         let mut table = Self::new(capacity, dynamic);
         table.next_seq = by_seq
             .keys()
@@ -176,7 +162,7 @@ impl Table {
         } else {
             dynamic.start
         };
-        let (mut stats, mut groups, mut backends) = (HashSet::new(), HashSet::new(), HashSet::new());
+        let mut used = UsedSlots::default();
         for entry in by_seq.into_values().map(Entry::from) {
             let Some(key) = key_of(&entry.mapping) else {
                 bail!("saved mapping {} has no host ports", entry.mapping);
@@ -184,28 +170,7 @@ impl Table {
             if let Some(other) = table.overlapping(&entry.mapping) {
                 bail!("saved mappings {} and {} overlap", entry.mapping, other.mapping);
             }
-            let place = &entry.place;
-            ensure!(
-                place.stats_slot < capacity.ports && stats.insert(place.stats_slot),
-                "saved mapping {}: stats slot {} used twice or out of range",
-                entry.mapping,
-                place.stats_slot
-            );
-            if let Some(group) = &place.group {
-                ensure!(
-                    group.group < capacity.groups && groups.insert(group.group),
-                    "saved mapping {}: backend group {} used twice or out of range",
-                    entry.mapping,
-                    group.group
-                );
-                for slot in &group.backend_slots {
-                    ensure!(
-                        *slot < capacity.backends && backends.insert(*slot),
-                        "saved mapping {}: backend slot {slot} used twice or out of range",
-                        entry.mapping
-                    );
-                }
-            }
+            used.claim(&entry, capacity)?;
             table.count_ports(&entry.mapping, true);
             table.entries.insert(key, entry);
         }
@@ -215,14 +180,14 @@ impl Table {
             table.ports_used
         );
         // A drained slot may have been released and handed to a mapping since.
-        draining.retain(|slot| *slot < capacity.ports && !stats.contains(slot));
+        draining.retain(|slot| *slot < capacity.ports && !used.stats.contains(slot));
         draining.sort_unstable();
         draining.dedup();
-        stats.extend(draining.iter().copied());
+        used.stats.extend(draining.iter().copied());
         table.draining = draining;
-        table.slots = derived_pool(capacity.ports, &stats);
-        table.groups = derived_pool(capacity.groups, &groups);
-        table.backends = derived_pool(capacity.backends, &backends);
+        table.slots = derived_pool(capacity.ports, &used.stats);
+        table.groups = derived_pool(capacity.groups, &used.groups);
+        table.backends = derived_pool(capacity.backends, &used.backends);
         Ok(table)
     }
 
@@ -247,5 +212,65 @@ impl Table {
             .values()
             .flat_map(|e| mapping_keys(&e.mapping))
             .collect()
+    }
+}
+
+/// The saved entries by sequence number once `records` are replayed over the snapshot's, and
+/// the stats slots still draining (those of removed mappings).
+fn replay(
+    entries: Vec<SavedEntry>,
+    mut draining: Vec<u32>,
+    records: Vec<Record>,
+) -> (BTreeMap<u64, SavedEntry>, Vec<u32>) {
+    let mut by_seq: BTreeMap<u64, SavedEntry> = entries.into_iter().map(|e| (e.seq, e)).collect();
+    for record in records {
+        match record {
+            Record::Put(entry) => {
+                by_seq.insert(entry.seq, entry);
+            }
+            Record::Remove { seq, stats_slot } => {
+                if by_seq.remove(&seq).is_some() {
+                    draining.push(stats_slot);
+                }
+            }
+        }
+    }
+    (by_seq, draining)
+}
+
+/// The slots the restored entries use, each claimed once.
+#[derive(Default)]
+struct UsedSlots {
+    stats: HashSet<u32>,
+    groups: HashSet<u32>,
+    backends: HashSet<u32>,
+}
+
+impl UsedSlots {
+    /// Claims `entry`'s slots; fails on one out of range or already claimed.
+    fn claim(&mut self, entry: &Entry, capacity: Capacity) -> anyhow::Result<()> {
+        let place = &entry.place;
+        ensure!(
+            place.stats_slot < capacity.ports && self.stats.insert(place.stats_slot),
+            "saved mapping {}: stats slot {} used twice or out of range",
+            entry.mapping,
+            place.stats_slot
+        );
+        if let Some(group) = &place.group {
+            ensure!(
+                group.group < capacity.groups && self.groups.insert(group.group),
+                "saved mapping {}: backend group {} used twice or out of range",
+                entry.mapping,
+                group.group
+            );
+            for slot in &group.backend_slots {
+                ensure!(
+                    *slot < capacity.backends && self.backends.insert(*slot),
+                    "saved mapping {}: backend slot {slot} used twice or out of range",
+                    entry.mapping
+                );
+            }
+        }
+        Ok(())
     }
 }

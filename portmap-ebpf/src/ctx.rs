@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
-use portmap_common::{ICMP_SLOT_INGRESS, Stat, csum};
+use portmap_common::{Stat, csum};
 
 use crate::maps::{PM_ICMP_TC, PM_ICMP_XDP, PM_LOCAL_DEVS, PM_REDIRECT_DEVS};
 
@@ -75,7 +75,9 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
     /// The VLAN tag was stripped into metadata (skb only): forwarding is left to the kernel.
     fn vlan_offloaded(&self) -> bool;
     /// Tail-calls this ingress hook's ICMP-error program; returns only if the slot is empty.
-    fn tail_call_icmp_ingress(&self);
+    /// Tail-calls this hook's ICMP-error program in `slot` (`ICMP_SLOT_INGRESS`, or TC's
+    /// `ICMP_SLOT_EGRESS`); returns only if the slot is empty.
+    fn tail_call_icmp(&self, slot: u32);
     /// The raw context pointer for helpers that take it (`bpf_fib_lookup`).
     fn raw(&self) -> *mut c_void;
     /// `tot_len` for `bpf_fib_lookup`'s MTU check, given the packet's IPv4 total length.
@@ -147,10 +149,10 @@ impl<T> Header<T> {
 
 impl PacketCtx for XdpContext {
     #[inline(always)]
-    fn tail_call_icmp_ingress(&self) {
+    fn tail_call_icmp(&self, slot: u32) {
         // SAFETY: a tail call to an XDP program of the same hook; control only returns if the
         // slot is empty.
-        unsafe { PM_ICMP_XDP.tail_call(self, ICMP_SLOT_INGRESS) };
+        unsafe { PM_ICMP_XDP.tail_call(self, slot) };
     }
     #[inline(always)]
     fn data(&self) -> usize {
@@ -269,10 +271,10 @@ impl PacketCtx for XdpContext {
 
 impl PacketCtx for TcContext {
     #[inline(always)]
-    fn tail_call_icmp_ingress(&self) {
+    fn tail_call_icmp(&self, slot: u32) {
         // SAFETY: a tail call to a TC program of the same hook; control only returns if the slot
         // is empty.
-        unsafe { PM_ICMP_TC.tail_call(self, ICMP_SLOT_INGRESS) };
+        unsafe { PM_ICMP_TC.tail_call(self, slot) };
     }
     #[inline(always)]
     fn data(&self) -> usize {

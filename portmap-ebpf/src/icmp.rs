@@ -35,7 +35,7 @@ use crate::{
     ctx::{Header, L4Csum, PacketCtx, StoreError, Verdict, load},
     forward,
     nat::{self, IPV4_CHECK_OFF, Side},
-    parse::{ICMP_CHECK_OFF, ICMP_HDR_LEN, L4_DST_PORT_OFF, L4_SRC_PORT_OFF, Packet, words},
+    parse::{ICMP_CHECK_OFF, ICMP_HDR_LEN, Packet, ipv4_addrs, ipv6_addrs, ports},
     stats::{count, count_mapping},
 };
 
@@ -69,38 +69,28 @@ fn is_error<C: PacketCtx>(ctx: &C, pkt: &Packet) -> bool {
 #[inline(always)]
 fn embedded<C: PacketCtx>(ctx: &C, pkt: &Packet) -> Option<Embedded> {
     let l3_off = pkt.l4_off + ICMP_HDR_LEN;
-    let (l4_off, proto, saddr, daddr) = if pkt.family == FAMILY_V6 {
+    let (l4_off, proto, (saddr, daddr)) = if pkt.family == FAMILY_V6 {
         let ip = Header::<Ipv6Hdr>::at(ctx, l3_off)?;
-        (
-            l3_off + Ipv6Hdr::LEN,
-            ip.read(|h| &h.next_hdr),
-            words(ip.read(|h| &h.src_addr)),
-            words(ip.read(|h| &h.dst_addr)),
-        )
+        (l3_off + Ipv6Hdr::LEN, ip.read(|h| &h.next_hdr), ipv6_addrs(&ip))
     } else {
         let ip = Header::<Ipv4Hdr>::at(ctx, l3_off)?;
         let ihl = usize::from(ip.read(|h| &h.vihl) & 0x0f) * 4;
         if ihl < Ipv4Hdr::LEN {
             return None;
         }
-        (
-            l3_off + ihl,
-            ip.read(|h| &h.proto),
-            [u32::from_ne_bytes(ip.read(|h| &h.src_addr)), 0, 0, 0],
-            [u32::from_ne_bytes(ip.read(|h| &h.dst_addr)), 0, 0, 0],
-        )
+        (l3_off + ihl, ip.read(|h| &h.proto), ipv4_addrs(&ip))
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
-    let ports: [u8; 4] = load(ctx, l4_off)?;
+    let (sport, dport) = ports(ctx, l4_off)?;
     Some(Embedded {
         l3_off,
         l4_off,
         saddr,
         daddr,
-        sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        sport,
+        dport,
         proto,
     })
 }
@@ -142,28 +132,8 @@ fn translate_embedded<C: PacketCtx>(
     port: u16,
 ) -> Result<(), StoreError> {
     let v6 = pkt.family == FAMILY_V6;
-    let (old_addr, old_port, addr_off, port_off) = match side {
-        Side::Destination => (
-            inner.daddr,
-            inner.dport,
-            if v6 {
-                offset_of!(Ipv6Hdr, dst_addr)
-            } else {
-                offset_of!(Ipv4Hdr, dst_addr)
-            },
-            L4_DST_PORT_OFF,
-        ),
-        Side::Source => (
-            inner.saddr,
-            inner.sport,
-            if v6 {
-                offset_of!(Ipv6Hdr, src_addr)
-            } else {
-                offset_of!(Ipv4Hdr, src_addr)
-            },
-            L4_SRC_PORT_OFF,
-        ),
-    };
+    let (addr_off, port_off) = side.offsets(v6);
+    let (old_addr, old_port) = side.of((inner.saddr, inner.sport), (inner.daddr, inner.dport));
     let words = if v6 { 4 } else { 1 };
     // The embedded TCP/UDP checksum, if the error carries it: the address (pseudo-header) and
     // port changes applied to it; a UDP checksum of 0 ("none") stays 0.
@@ -174,18 +144,20 @@ fn translate_embedded<C: PacketCtx>(
             offset_of!(UdpHdr, check)
         };
     if let Some(old) = load::<C, u16>(ctx, check_off) {
-        let mut new = old;
-        for i in 0..4 {
-            if i < words {
-                new = csum::replace4(new, old_addr[i], addr[i]);
+        let update = |check: u16| {
+            let mut new = check;
+            for i in 0..4 {
+                if i < words {
+                    new = csum::replace4(new, old_addr[i], addr[i]);
+                }
             }
-        }
-        new = csum::replace2(new, old_port, port);
-        if inner.proto == PROTO_UDP && old == 0 {
-            new = 0;
-        } else if inner.proto == PROTO_UDP && new == 0 {
-            new = 0xffff;
-        }
+            csum::replace2(new, old_port, port)
+        };
+        let new = if inner.proto == PROTO_UDP {
+            csum::udp_mangled(old, update)
+        } else {
+            update(old)
+        };
         store_in_message(ctx, pkt, check_off, u32::from(old), u32::from(new), 2)?;
     }
     if !v6 {

@@ -24,29 +24,39 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use portmap_common::{DIR_FORWARD, DIR_REPLY, ICMP_SLOT_EGRESS, PROTO_ICMP, PROTO_ICMPV6, Stat};
+use portmap_common::{
+    DIR_FORWARD, DIR_REPLY, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, PROTO_ICMP, PROTO_ICMPV6, Stat,
+};
 
 use crate::{
     conntrack::Nat,
     ctx::{PacketCtx, Verdict},
-    maps::PM_ICMP_TC,
     nat::Side,
     parse::FRAG_LATER,
     stats::{count, count_mapping},
 };
 
+/// The first steps of both directions: parse, the ports of a later fragment, and ICMP handed to
+/// the hook's ICMP-error program in `icmp_slot` (if that returns, the slot is empty and the
+/// packet is not ours).
+#[inline(always)]
+fn parse_flow<C: PacketCtx>(ctx: &C, icmp_slot: u32) -> Result<parse::Packet, Verdict> {
+    let mut pkt = parse::parse(ctx)?;
+    frag::complete(&mut pkt)?;
+    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+        ctx.tail_call_icmp(icmp_slot);
+        return Err(Verdict::pass(Stat::PassNotOurs));
+    }
+    Ok(pkt)
+}
+
 /// Client → published address: find or create the flow, rewrite the destination, forward.
 #[inline(always)]
 fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
-    let pkt = match parse::parse(ctx).and_then(|mut pkt| frag::complete(&mut pkt).map(|()| pkt)) {
+    let pkt = match parse_flow(ctx, ICMP_SLOT_INGRESS) {
         Ok(pkt) => pkt,
         Err(verdict) => return verdict,
     };
-    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
-        // Only returns if the ICMP program is missing: then the packet is not ours.
-        ctx.tail_call_icmp_ingress();
-        return Verdict::pass(Stat::PassNotOurs);
-    }
     let key = conntrack::flow_key(&pkt);
     let now = conntrack::now_ns();
     let (nat, new_flow): (Nat, bool) = match conntrack::lookup(&key, DIR_FORWARD, pkt.tcp_flags, now) {
@@ -82,16 +92,10 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
 /// Backend → client, leaving through the client-facing interface: restore the published source.
 #[inline(always)]
 fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
-    let pkt = match parse::parse(ctx).and_then(|mut pkt| frag::complete(&mut pkt).map(|()| pkt)) {
+    let pkt = match parse_flow(ctx, ICMP_SLOT_EGRESS) {
         Ok(pkt) => pkt,
         Err(verdict) => return verdict,
     };
-    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
-        // SAFETY: a tail call to the TC egress ICMP-error program; control only returns if the
-        // slot is empty, and then the packet is not ours.
-        unsafe { PM_ICMP_TC.tail_call(ctx, ICMP_SLOT_EGRESS) };
-        return Verdict::pass(Stat::PassNotOurs);
-    }
     let key = conntrack::flow_key(&pkt);
     let Some(nat) = conntrack::lookup(&key, DIR_REPLY, pkt.tcp_flags, conntrack::now_ns()) else {
         return Verdict::pass(if pkt.frag == FRAG_LATER {

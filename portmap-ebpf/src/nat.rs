@@ -22,6 +22,28 @@ pub enum Side {
     Source,
 }
 
+impl Side {
+    /// This side's address offset in the IP header and port offset in the L4 header.
+    #[inline(always)]
+    pub fn offsets(self, v6: bool) -> (usize, usize) {
+        match (self, v6) {
+            (Self::Destination, true) => (offset_of!(Ipv6Hdr, dst_addr), L4_DST_PORT_OFF),
+            (Self::Destination, false) => (offset_of!(Ipv4Hdr, dst_addr), L4_DST_PORT_OFF),
+            (Self::Source, true) => (offset_of!(Ipv6Hdr, src_addr), L4_SRC_PORT_OFF),
+            (Self::Source, false) => (offset_of!(Ipv4Hdr, src_addr), L4_SRC_PORT_OFF),
+        }
+    }
+
+    /// This side's address and port of a packet whose ends are `src` and `dst`.
+    #[inline(always)]
+    pub fn of(self, src: (Addr, u16), dst: (Addr, u16)) -> (Addr, u16) {
+        match self {
+            Self::Destination => dst,
+            Self::Source => src,
+        }
+    }
+}
+
 /// Rewrites one side's address and port, updating the IPv4 header checksum and the TCP/UDP
 /// checksum (pseudo-header for the address, segment for the port) by RFC 1624 differences.
 /// IPv6 has no header checksum; SCTP's CRC32c covers no address, and its port never changes
@@ -35,28 +57,8 @@ pub fn rewrite<C: PacketCtx>(
     port: u16,
 ) -> Result<(), StoreError> {
     let v6 = pkt.family == FAMILY_V6;
-    let (addr_off, port_off, old_addr, old_port) = match side {
-        Side::Destination => (
-            if v6 {
-                offset_of!(Ipv6Hdr, dst_addr)
-            } else {
-                offset_of!(Ipv4Hdr, dst_addr)
-            },
-            L4_DST_PORT_OFF,
-            pkt.daddr,
-            pkt.dport,
-        ),
-        Side::Source => (
-            if v6 {
-                offset_of!(Ipv6Hdr, src_addr)
-            } else {
-                offset_of!(Ipv4Hdr, src_addr)
-            },
-            L4_SRC_PORT_OFF,
-            pkt.saddr,
-            pkt.sport,
-        ),
-    };
+    let (addr_off, port_off) = side.offsets(v6);
+    let (old_addr, old_port) = side.of((pkt.saddr, pkt.sport), (pkt.daddr, pkt.dport));
     let (addr_off, port_off) = (pkt.l3_off + addr_off, pkt.l4_off + port_off);
     let udp = pkt.proto == PROTO_UDP;
     let check_off = pkt.l4_check_off();

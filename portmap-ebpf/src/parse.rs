@@ -158,43 +158,11 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         PROTO_ICMPV6 if l3.family == FAMILY_V6 && l3.frag == FRAG_NONE => ICMP_HDR_LEN,
         _ => return Err(not_ours),
     };
-    let malformed = Verdict::pass(Stat::PassMalformedL4);
-    if l3.frag == FRAG_LATER {
-        return Ok(Packet {
-            family: l3.family,
-            l3_off,
-            l4_off: l3.l4_off,
-            saddr: l3.saddr,
-            daddr: l3.daddr,
-            sport: 0,
-            dport: 0,
-            proto: l3.proto,
-            ttl: l3.ttl,
-            tos: l3.tos,
-            flowinfo: l3.flowinfo,
-            tcp_flags: 0,
-            vlan,
-            frag: FRAG_LATER,
-            frag_id: l3.frag_id,
-            tot_len: (l3.end - l3_off) as u32,
-        });
-    }
-    if l3.l4_off + l4_len > l3.end {
-        return Err(malformed);
-    }
-    let ports: [u8; 4] = if l3.proto == PROTO_ICMP || l3.proto == PROTO_ICMPV6 {
-        [0; 4]
+    // A later fragment has no L4 header: its ports come from the first (`frag::complete`).
+    let (sport, dport, tcp_flags) = if l3.frag == FRAG_LATER {
+        (0, 0, 0)
     } else {
-        load(ctx, l3.l4_off + L4_SRC_PORT_OFF).ok_or(malformed)?
-    };
-    let tcp_flags = if l3.proto == PROTO_TCP {
-        let [doff, flags]: [u8; 2] = load(ctx, l3.l4_off + TCP_DOFF_FLAGS_OFF).ok_or(malformed)?;
-        if usize::from(doff >> 4) * 4 < TcpHdr::LEN {
-            return Err(malformed);
-        }
-        flags
-    } else {
-        0
+        parse_l4(ctx, &l3, l4_len)?
     };
     Ok(Packet {
         family: l3.family,
@@ -202,8 +170,8 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         l4_off: l3.l4_off,
         saddr: l3.saddr,
         daddr: l3.daddr,
-        sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        dport: u16::from_ne_bytes([ports[2], ports[3]]),
+        sport,
+        dport,
         proto: l3.proto,
         ttl: l3.ttl,
         tos: l3.tos,
@@ -214,6 +182,30 @@ pub fn parse<C: PacketCtx>(ctx: &C) -> Result<Packet, Verdict> {
         frag_id: l3.frag_id,
         tot_len: (l3.end - l3_off) as u32,
     })
+}
+
+/// The ports and TCP flags of a packet that carries its L4 header of `l4_len` bytes.
+#[inline(always)]
+fn parse_l4<C: PacketCtx>(ctx: &C, l3: &L3, l4_len: usize) -> Result<(u16, u16, u8), Verdict> {
+    let malformed = Verdict::pass(Stat::PassMalformedL4);
+    if l3.l4_off + l4_len > l3.end {
+        return Err(malformed);
+    }
+    let (sport, dport) = if l3.proto == PROTO_ICMP || l3.proto == PROTO_ICMPV6 {
+        (0, 0)
+    } else {
+        ports(ctx, l3.l4_off).ok_or(malformed)?
+    };
+    let tcp_flags = if l3.proto == PROTO_TCP {
+        let [doff, flags]: [u8; 2] = load(ctx, l3.l4_off + TCP_DOFF_FLAGS_OFF).ok_or(malformed)?;
+        if usize::from(doff >> 4) * 4 < TcpHdr::LEN {
+            return Err(malformed);
+        }
+        flags
+    } else {
+        0
+    };
+    Ok((sport, dport, tcp_flags))
 }
 
 #[inline(always)]
@@ -238,6 +230,7 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
     } else {
         FRAG_LATER
     };
+    let (saddr, daddr) = ipv4_addrs(&ip);
     Ok(L3 {
         family: FAMILY_V4,
         l4_off: l3_off + ihl_bytes,
@@ -248,9 +241,31 @@ fn parse_ipv4<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
         flowinfo: 0,
         frag,
         frag_id: u32::from(u16::from_be_bytes(ip.read(|h| &h.id))),
-        saddr: [u32::from_ne_bytes(ip.read(|h| &h.src_addr)), 0, 0, 0],
-        daddr: [u32::from_ne_bytes(ip.read(|h| &h.dst_addr)), 0, 0, 0],
+        saddr,
+        daddr,
     })
+}
+
+/// The source and destination addresses of an IPv4 header, as `Addr`s.
+#[inline(always)]
+pub fn ipv4_addrs(ip: &Header<Ipv4Hdr>) -> (Addr, Addr) {
+    (
+        [u32::from_ne_bytes(ip.read(|h| &h.src_addr)), 0, 0, 0],
+        [u32::from_ne_bytes(ip.read(|h| &h.dst_addr)), 0, 0, 0],
+    )
+}
+
+/// The source and destination addresses of an IPv6 header.
+#[inline(always)]
+pub fn ipv6_addrs(ip: &Header<Ipv6Hdr>) -> (Addr, Addr) {
+    (words(ip.read(|h| &h.src_addr)), words(ip.read(|h| &h.dst_addr)))
+}
+
+/// The source and destination ports (wire order) that open a TCP, UDP or SCTP header.
+#[inline(always)]
+pub fn ports<C: PacketCtx>(ctx: &C, l4_off: usize) -> Option<(u16, u16)> {
+    let p: [u8; 4] = load(ctx, l4_off + L4_SRC_PORT_OFF)?;
+    Some((u16::from_ne_bytes([p[0], p[1]]), u16::from_ne_bytes([p[2], p[3]])))
 }
 
 /// An IPv6 address's bytes as the words of an `Addr`.
@@ -298,6 +313,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
         next = nh;
         off += (usize::from(len) + 1) * 8;
     }
+    let (saddr, daddr) = ipv6_addrs(&ip);
     Ok(L3 {
         family: FAMILY_V6,
         l4_off: off,
@@ -308,7 +324,7 @@ fn parse_ipv6<C: PacketCtx>(ctx: &C, l3_off: usize) -> Result<L3, Verdict> {
         flowinfo: u32::from_ne_bytes(vcf) & IPV6_FLOWINFO_MASK,
         frag,
         frag_id,
-        saddr: words(ip.read(|h| &h.src_addr)),
-        daddr: words(ip.read(|h| &h.dst_addr)),
+        saddr,
+        daddr,
     })
 }

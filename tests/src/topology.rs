@@ -188,22 +188,39 @@ pub fn mode_args(topo: &Topology, mode: Mode) -> anyhow::Result<Vec<&'static str
     Ok(args)
 }
 
+/// The ids of the tcx programs on `iface` at `kind`, queried from the calling thread's network
+/// namespace. A failed query is an error — except on a kernel without tcx, where there are none
+/// (a query that fails otherwise must not read as "nothing attached").
+pub fn tcx_program_ids(iface: &str, kind: aya::programs::TcAttachType) -> anyhow::Result<Vec<u32>> {
+    use portmap::datapath::kernel;
+    match aya::programs::SchedClassifier::query_tcx(iface, kind) {
+        Ok((_, programs)) => Ok(programs.iter().map(aya::programs::ProgramInfo::id).collect()),
+        Err(_) if kernel::detect().is_ok_and(|k| k.version < (kernel::TCX.0, kernel::TCX.1, 0)) => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(anyhow::anyhow!("querying the tcx programs of {iface}: {e}")),
+    }
+}
+
 /// Programs on an interface of `ns`: TC (ingress, egress: tcx links, or cls_bpf filters on a
-/// kernel without tcx or with the fallback forced) and whether XDP is attached.
+/// kernel without tcx or with the fallback forced) and whether XDP is attached. Every query
+/// that fails is an error.
 pub fn attached(ns: &Netns, iface: &'static str) -> anyhow::Result<(usize, usize, bool)> {
-    use aya::programs::{SchedClassifier, TcAttachType};
+    use aya::programs::TcAttachType;
     let (tcx_ingress, tcx_egress) = ns.run(move || {
-        let count = |kind| SchedClassifier::query_tcx(iface, kind).map_or(0, |(_, p)| p.len());
-        Ok((count(TcAttachType::Ingress), count(TcAttachType::Egress)))
+        Ok((
+            tcx_program_ids(iface, TcAttachType::Ingress)?.len(),
+            tcx_program_ids(iface, TcAttachType::Egress)?.len(),
+        ))
     })?;
-    let filters = |direction: &str| {
-        ns.exec("tc", &["filter", "show", "dev", iface, direction])
-            .map_or(0, |out| out.matches("direct-action").count())
+    let filters = |direction: &str| -> anyhow::Result<usize> {
+        let out = ns.exec("tc", &["filter", "show", "dev", iface, direction])?;
+        Ok(out.matches("direct-action").count())
     };
     let link = ns.ip(&["-d", "link", "show", iface])?;
     Ok((
-        tcx_ingress + filters("ingress"),
-        tcx_egress + filters("egress"),
+        tcx_ingress + filters("ingress")?,
+        tcx_egress + filters("egress")?,
         link.contains("xdp"),
     ))
 }

@@ -246,7 +246,7 @@ fn published_ports_cannot_be_bound_on_the_host() -> anyhow::Result<()> {
 }
 
 #[test]
-fn changes_apply_to_host_local_clients_at_once_and_stop_detaches() -> anyhow::Result<()> {
+fn changes_apply_to_host_local_clients_at_once_and_stop_keeps_the_hooks() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Bridge)?;
     let container = topo.add_container("198.18.1.3".parse()?)?;
     let dir = TempDir::new("hl")?;

@@ -109,17 +109,9 @@ impl Load {
 /// The ids of the programs on the client-facing interface's TC egress (both modes have one):
 /// tcx links, or cls_bpf filters (`id N` in `tc filter show`).
 fn egress_program(ns: &Netns) -> anyhow::Result<Vec<u32>> {
-    use aya::programs::{SchedClassifier, TcAttachType};
-    let mut ids: Vec<u32> = ns.run(|| {
-        Ok(
-            SchedClassifier::query_tcx(HOST_CLIENT_IFACE, TcAttachType::Egress)
-                .map(|(_, programs)| programs.iter().map(aya::programs::ProgramInfo::id).collect())
-                .unwrap_or_default(),
-        )
-    })?;
-    let filters = ns
-        .exec("tc", &["filter", "show", "dev", HOST_CLIENT_IFACE, "egress"])
-        .unwrap_or_default();
+    let mut ids: Vec<u32> =
+        ns.run(|| portmap_tests::tcx_program_ids(HOST_CLIENT_IFACE, aya::programs::TcAttachType::Egress))?;
+    let filters = ns.exec("tc", &["filter", "show", "dev", HOST_CLIENT_IFACE, "egress"])?;
     let mut words = filters.split_whitespace();
     while let Some(word) = words.next() {
         if word == "id" {

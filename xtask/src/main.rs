@@ -11,7 +11,10 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
 
+mod tally;
 mod vmtest;
+
+use tally::Tally;
 
 /// bpf-linker release built by `setup` (against the nightly toolchain's own libLLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -325,10 +328,20 @@ fn test(fuzz_packets: Option<u64>, fuzz_seed: Option<u64>, args: &[String]) -> a
     setup()?;
     let bin = build_portmap()?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--exclude", "portmap-ebpf"])
-        .args(args)
-        .env("PORTMAP_BIN", &bin)
-        .stdout(Stdio::piped());
+    // Every binary runs, whatever failed before it; each is counted on its own.
+    cmd.args([
+        "test",
+        "--no-fail-fast",
+        "--workspace",
+        "--exclude",
+        "portmap-ebpf",
+    ])
+    .args(args)
+    .env("PORTMAP_BIN", &bin);
+    // One pipe for both streams, in order: cargo names each binary (`Running …`) on stderr, the
+    // binary prints its results on stdout.
+    let (output, writer) = std::io::pipe().context("a pipe for cargo test")?;
+    cmd.stdout(writer.try_clone()?).stderr(writer);
     if let Some(n) = fuzz_packets {
         cmd.env("PORTMAP_FUZZ_PACKETS", n.to_string());
     }
@@ -336,41 +349,36 @@ fn test(fuzz_packets: Option<u64>, fuzz_seed: Option<u64>, args: &[String]) -> a
         cmd.env("PORTMAP_FUZZ_SEED", seed.to_string());
     }
     let sizes = target_dir().join("tmp/program-sizes.txt");
-    let _ = std::fs::remove_file(&sizes);
+    let fuzz = target_dir().join("tmp/fuzz-run.txt");
+    for report in [&sizes, &fuzz] {
+        let _ = std::fs::remove_file(report);
+    }
     let mut child = cmd.spawn().context("running cargo test")?;
-    // Pass the output through and add up the "test result:" lines of every test binary, so the
-    // run ends with one total instead of the last binary's (often empty doc-test) line.
-    let (mut passed, mut failed) = (0u64, 0u64);
-    for line in BufReader::new(child.stdout.take().context("cargo test stdout")?).lines() {
+    // Our copies of the writing end go with `cmd`, so that the pipe ends with cargo.
+    drop(cmd);
+    // Pass the output through and count what each test binary ran, so the run ends with one
+    // total and names every binary that failed, crashed or ran nothing.
+    let mut tally = Tally::default();
+    for line in BufReader::new(output).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            passed += count_before(result, " passed");
-            failed += count_before(result, " failed");
-        }
+        tally.line(&line);
     }
     let status = child.wait()?;
     // Captured by the test harness; shown here so that growth is visible in every run.
-    if let Ok(table) = std::fs::read_to_string(&sizes) {
-        print!("\n{table}");
+    for report in [&sizes, &fuzz] {
+        if let Ok(table) = std::fs::read_to_string(report) {
+            print!("\n{table}");
+        }
     }
-    println!("{passed} passed, {failed} failed");
+    let verdict = tally.verdict(false);
+    match &verdict {
+        Ok(summary) | Err(summary) => println!("{summary}"),
+    }
     ensure!(status.success(), "cargo test failed: {status}");
-    Ok(())
-}
-
-/// In "ok. 12 passed; 0 failed; ...", the number before `label`.
-fn count_before(result: &str, label: &str) -> u64 {
-    result
-        .split(';')
-        .find_map(|part| {
-            part.trim()
-                .trim_start_matches("ok. ")
-                .trim_start_matches("FAILED. ")
-                .strip_suffix(label.trim_start())
-        })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    verdict
+        .map(drop)
+        .map_err(|_| anyhow::anyhow!("the test run is not good (see FAILED above)"))
 }
 
 fn bench(quick: bool, update_docs: bool) -> anyhow::Result<()> {
@@ -444,23 +452,4 @@ fn demo(attach: &str) -> anyhow::Result<()> {
         .args(["run", "--quiet", "-p", "portmap-tests", "--example", "demo", "--"])
         .args(["--attach", attach])
         .env("PORTMAP_BIN", &bin))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::count_before;
-
-    #[test]
-    fn counts_from_test_result_lines() {
-        let ok = "ok. 12 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 5.64s";
-        assert_eq!(
-            (count_before(ok, " passed"), count_before(ok, " failed")),
-            (12, 0)
-        );
-        let bad = "FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 9 filtered out; finished in 1.0s";
-        assert_eq!(
-            (count_before(bad, " passed"), count_before(bad, " failed")),
-            (3, 1)
-        );
-    }
 }

@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{cargo, count_before, run, say, target_dir, workspace_root};
+use crate::{cargo, run, say, tally::Tally, target_dir, workspace_root};
 
 /// How long the whole guest run may take before qemu is killed.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
@@ -83,18 +83,23 @@ pub fn vmtest(package: Option<String>, fuzz_packets: u64, filter: Option<&str>) 
     fs::set_permissions(&script_path, fs::Permissions::from_mode(0o755))?;
 
     let started = Instant::now();
-    let (passed, failed, kernel) = boot(&vmlinuz, &initrd, &script_path)?;
+    let (tally, kernel) = boot(&vmlinuz, &initrd, &script_path)?;
     println!(
         "vmtest: guest kernel {}, {:.0} s",
         kernel.as_deref().unwrap_or("unknown"),
         started.elapsed().as_secs_f64()
     );
-    println!("{passed} passed, {failed} failed");
+    // Without a filter every listed test binary must exit 0 having passed at least one test (a
+    // test renamed away from its `--exact` name would otherwise run nothing and pass).
+    let verdict = tally.verdict(filter.is_none());
+    match &verdict {
+        Ok(summary) | Err(summary) => println!("{summary}"),
+    }
     ensure!(
         kernel.is_some(),
         "the guest did not report its kernel (it did not boot)"
     );
-    ensure!(failed == 0 && passed > 0, "vmtest failed");
+    ensure!(verdict.is_ok(), "vmtest failed (see FAILED above)");
     Ok(())
 }
 
@@ -343,7 +348,8 @@ fn guest_script(
              chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \
              PORTMAP_BIN={portmap} PORTMAP_FUZZ_PACKETS={fuzz_packets} CARGO_TARGET_TMPDIR={tmp} \
              PORTMAP_TEST_SLOWDOWN=10 \
-             /bin/sh -c 'cd {workspace}/tests && exec {exe} {args}' 2>&1\n",
+             /bin/sh -c 'cd {workspace}/tests && exec {exe} {args}' 2>&1\n\
+             echo \"vmtest: exit {name} $?\"\n",
             portmap = portmap.display(),
             tmp = tmp.display(),
             workspace = workspace.display(),
@@ -354,8 +360,9 @@ fn guest_script(
     Ok(s)
 }
 
-/// Boots the guest and follows its console; returns (passed, failed, guest kernel).
-fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(u64, u64, Option<String>)> {
+/// Boots the guest and follows its console; returns what each test binary ran and the guest
+/// kernel.
+fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(Tally, Option<String>)> {
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "3072"])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
@@ -388,7 +395,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(u64, u6
         }
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
     });
-    let (mut passed, mut failed, mut kernel) = (0, 0, None);
+    let (mut tally, mut kernel) = (Tally::default(), None);
     let mut done = false;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
@@ -399,10 +406,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(u64, u6
         if let Some(at) = line.find("vmtest: kernel ") {
             kernel = Some(line[at + "vmtest: kernel ".len()..].to_owned());
         }
-        if let Some(result) = line.strip_prefix("test result: ") {
-            passed += count_before(result, " passed");
-            failed += count_before(result, " failed");
-        }
+        tally.line(line);
         done |= line == "vmtest: done";
     }
     let status = child.wait()?;
@@ -410,7 +414,7 @@ fn boot(vmlinuz: &Path, initrd: &Path, script: &Path) -> anyhow::Result<(u64, u6
     if !done {
         bail!("the guest stopped before the tests finished (qemu: {status}; killed after {GUEST_TIMEOUT:?})");
     }
-    Ok((passed, failed, kernel))
+    Ok((tally, kernel))
 }
 
 /// A newc ("070701") cpio archive, as the kernel unpacks an initramfs.

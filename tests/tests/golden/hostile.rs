@@ -465,7 +465,19 @@ fn env_number(name: &str) -> anyhow::Result<Option<u64>> {
 
 pub fn fuzz(g: &mut Golden) -> anyhow::Result<String> {
     let packets = env_number("PORTMAP_FUZZ_PACKETS")?.unwrap_or(100_000);
+    ensure!(
+        packets > 0,
+        "PORTMAP_FUZZ_PACKETS=0 would fuzz nothing: give at least 1 (default 100000)"
+    );
     let seed = env_number("PORTMAP_FUZZ_SEED")?.unwrap_or_else(rand::random);
+    // Recorded before the run, so that a failing or killed run still names its seed; `cargo
+    // xtask test` prints it after every run (the test's own output is captured when it passes).
+    std::fs::write(
+        concat!(env!("CARGO_TARGET_TMPDIR"), "/fuzz-run.txt"),
+        format!(
+            "fuzz: {packets} packets, seed {seed} (replay: cargo xtask test --fuzz-seed {seed} fuzzed_packets)\n"
+        ),
+    )?;
     let mut rng = StdRng::seed_from_u64(seed);
     let targets = Targets::new()?;
     let corpus: Vec<Vec<u8>> = fixtures::rows()

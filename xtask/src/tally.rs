@@ -106,6 +106,22 @@ impl Tally {
     }
 }
 
+impl Tally {
+    /// Prints the closing lines and fails when the run was not good.
+    pub fn report(&self, each_binary_must_pass: bool) -> anyhow::Result<()> {
+        match self.verdict(each_binary_must_pass) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(())
+            }
+            Err(summary) => {
+                println!("{summary}");
+                anyhow::bail!("the test run is not good (see FAILED above)")
+            }
+        }
+    }
+}
+
 /// The binary a `Running` line starts: `unittests src/lib.rs (target/debug/deps/NAME-HASH)`,
 /// `tests/e2e.rs (target/debug/deps/e2e-HASH)`, or vmtest's `vmtest: running NAME`.
 fn running_name(line: &str) -> Option<String> {

@@ -284,28 +284,28 @@ pub struct Overrides {
 
 impl Overrides {
     pub fn apply(&self, cfg: &mut Startup) {
+        /// A flag given on the command line replaces the file's value; one not given keeps it.
         fn set<T: Clone>(to: &mut T, from: Option<&T>) {
             if let Some(value) = from {
                 to.clone_from(value);
             }
         }
-        let list = |v: &Vec<String>| (!v.is_empty()).then_some(v.clone());
-        set(&mut cfg.interfaces, list(&self.interfaces).as_ref());
-        set(
-            &mut cfg.redirect_interfaces,
-            list(&self.redirect_interfaces).as_ref(),
-        );
+        /// A repeatable flag is given when it is given at least once.
+        fn list(v: &Vec<String>) -> Option<&Vec<String>> {
+            Some(v).filter(|v| !v.is_empty())
+        }
+        set(&mut cfg.interfaces, list(&self.interfaces));
+        set(&mut cfg.redirect_interfaces, list(&self.redirect_interfaces));
         set(&mut cfg.attach, self.attach.as_ref());
         set(&mut cfg.pin_dir, self.pin_dir.as_ref());
         set(&mut cfg.socket, self.socket.as_ref());
         set(&mut cfg.state_file, self.state_file.as_ref());
         set(&mut cfg.cgroup, self.cgroup.as_ref());
-        if self.cgroup_mount.is_some() {
-            cfg.cgroup_mount.clone_from(&self.cgroup_mount);
-        }
-        if self.metrics.is_some() {
-            cfg.metrics = self.metrics;
-        }
+        set(
+            &mut cfg.cgroup_mount,
+            self.cgroup_mount.is_some().then_some(&self.cgroup_mount),
+        );
+        set(&mut cfg.metrics, self.metrics.is_some().then_some(&self.metrics));
     }
 }
 

@@ -272,3 +272,26 @@ fn a_reload_names_the_startup_keys_that_changed_and_no_live_one() {
     assert_eq!(startup_changes(&old.startup, &new.startup), ["metrics", "limits"]);
     assert!(startup_changes(&old.startup, &old.startup).is_empty());
 }
+
+#[test]
+fn command_line_flags_replace_the_files_values_and_the_rest_stays() {
+    let mut cfg = Config::from_toml(
+        "interfaces = [\"eth0\"]\nredirect_interfaces = [\"v0\"]\ncgroup_mount = \"/m\"\nmetrics = \"127.0.0.1:1\"",
+    )
+    .unwrap()
+    .startup;
+    let flags = Overrides {
+        interfaces: vec!["eth1".into(), "eth2".into()],
+        attach: Some(AttachMode::Xdp),
+        metrics: Some("127.0.0.1:2".parse().unwrap()),
+        ..Overrides::default()
+    };
+    flags.apply(&mut cfg);
+    assert_eq!(cfg.interfaces, ["eth1", "eth2"]);
+    assert_eq!(cfg.attach, AttachMode::Xdp);
+    assert_eq!(cfg.metrics, Some("127.0.0.1:2".parse().unwrap()));
+    // Not given on the command line: the file's values.
+    assert_eq!(cfg.redirect_interfaces, ["v0"]);
+    assert_eq!(cfg.cgroup_mount, Some("/m".into()));
+    assert_eq!(cfg.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+}

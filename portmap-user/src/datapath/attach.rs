@@ -17,7 +17,6 @@ use portmap_common::{map_names, prog_names};
 use super::{
     Datapath, clsact,
     hooks::{self, Hook},
-    links::{Anchor, Attachment},
 };
 use crate::config::AttachMode;
 
@@ -217,11 +216,7 @@ impl Datapath {
             if replaced {
                 info!("{label}: took over the attached filter");
             }
-            self.attachments.push(Attachment {
-                label,
-                iface: Some(iface.to_owned()),
-                anchor: Anchor::Filter(hook),
-            });
+            self.record_filter(label, iface, hook);
             return Ok(());
         }
         let path = hooks::link_pin(&self.pin_dir()?, iface, hook);

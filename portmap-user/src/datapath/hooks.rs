@@ -64,6 +64,3 @@ pub(super) fn cgroup_link_pin(pin_dir: &Path, cgroup_id: u64, program: &str) -> 
         .join("links")
         .join(format!("cgroup_{cgroup_id}_{program}"))
 }
-
-/// The pin directory's subdirectories and itself, in the order they can be removed.
-pub(super) const PIN_DIRS: [&str; 3] = ["links", "maps", ""];

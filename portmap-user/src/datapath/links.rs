@@ -23,14 +23,14 @@ use super::{
 /// One attached program: a pinned link (attached while the pin exists) or a TC filter.
 pub(super) struct Attachment {
     /// What is attached where, for messages ("h0 tc_ingress", "cgroup /x portmap_connect4").
-    pub(super) label: String,
+    label: String,
     /// The interface it is attached to (`None`: the cgroup).
-    pub(super) iface: Option<String>,
-    pub(super) anchor: Anchor,
+    iface: Option<String>,
+    anchor: Anchor,
 }
 
 /// What keeps an attachment attached.
-pub(super) enum Anchor {
+enum Anchor {
     Pin(PathBuf),
     /// portmap's cls_bpf filter for this hook on the attachment's interface.
     Filter(Hook),
@@ -103,6 +103,15 @@ impl Datapath {
         let pin_dir = self.pin_dir()?;
         let path = hooks::link_pin(&pin_dir, iface, hook);
         self.pin_link_at(&path, format!("{iface} {}", hook.as_str()), Some(iface), fd)
+    }
+
+    /// Records portmap's TC filter for `hook` on `iface` (attached by `clsact`) as attached.
+    pub(super) fn record_filter(&mut self, label: String, iface: &str, hook: Hook) {
+        self.attachments.push(Attachment {
+            label,
+            iface: Some(iface.to_owned()),
+            anchor: Anchor::Filter(hook),
+        });
     }
 
     /// Pins `fd` at `path` and records it as attached.

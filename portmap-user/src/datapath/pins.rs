@@ -9,8 +9,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use log::info;
 
-use super::hooks::PIN_DIRS;
-
 /// Removes every pin under `pin_dir` (links first: unpinning a link detaches its program from
 /// its interface or cgroup; then maps) and returns what it removed.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -57,7 +55,7 @@ pub fn cleanup(pin_dir: &Path, socket: &Path, state_files: &[PathBuf]) -> anyhow
 
 /// Removes the pin directory's subdirectories and itself where they are empty.
 pub(super) fn remove_dirs(pin_dir: &Path) {
-    for dir in PIN_DIRS {
+    for dir in ["links", "maps", ""] {
         let _ = fs::remove_dir(pin_dir.join(dir));
     }
 }

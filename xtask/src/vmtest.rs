@@ -28,8 +28,18 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// Modules the guest loads before it can mount the host's filesystem (in the initramfs): the
 /// virtio PCI transport and 9p over it (all modules in Debian's kernel).
 const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
-/// Modules the tests need (loaded from the unpacked package once the host fs is mounted).
-const TEST_MODULES: [&str; 4] = ["veth", "bridge", "sch_ingress", "cls_bpf"];
+/// Modules the tests need (loaded from the unpacked package once the host fs is mounted);
+/// nf_tables so that the e2e check "portmap installed no netfilter rule" can list the ruleset
+/// (after crc32c_generic: libcrc32c, which nf_tables needs, has it as a soft dependency that
+/// modules.dep does not list, and fails to load without it).
+const TEST_MODULES: [&str; 6] = [
+    "veth",
+    "bridge",
+    "sch_ingress",
+    "cls_bpf",
+    "crc32c_generic",
+    "nf_tables",
+];
 
 /// The test binaries and filters run in the guest, with their arguments.
 const GUEST_TESTS: [(&str, &[&str]); 3] = [

@@ -184,20 +184,48 @@ fn config_like() -> impl proptest::strategy::Strategy<Value = String> {
     })
 }
 
-/// A config error names the problem: TOML errors give the line, the rest the field or value.
-fn names_the_problem(err: &ConfigError) -> bool {
+/// A config error names the problem in terms of the input: TOML and JSON errors a line the
+/// input has, the rest a value or key the input wrote (the message quoting it as well).
+fn names_the_problem(input: &str, err: &ConfigError) -> bool {
     let msg = err.to_string();
+    let quoted = |text: &str| msg.contains(text) && input.contains(text);
     match err {
-        ConfigError::Toml(_) => msg.contains("line "),
-        ConfigError::Json(_) => msg.contains("line "),
-        ConfigError::Spec { spec, .. } | ConfigError::Overlap { spec, .. } => msg.contains(spec.as_str()),
-        ConfigError::DynamicPorts(range) => msg.contains(&range.to_string()),
-        ConfigError::NoInterfaces => msg.contains("interfaces"),
-        ConfigError::Interface(name) => msg.contains(name.as_str()),
-        ConfigError::Zero { field } => msg.contains(field),
-        ConfigError::TooManyMappings { .. } => msg.contains("max_mappings"),
-        ConfigError::Cgroup(path) => msg.contains(&format!("'{path}'")),
+        ConfigError::Toml(_) | ConfigError::Json(_) => names_a_line_of(input, &msg),
+        ConfigError::Spec { spec, .. } | ConfigError::Overlap { spec, .. } => quoted(spec),
+        ConfigError::DynamicPorts(_) => quoted("dynamic_ports"),
+        ConfigError::NoInterfaces => msg.contains("interfaces") && !lists_interfaces(input),
+        ConfigError::Interface(name) => quoted(name),
+        // The field as the message names it (`limits.max_mappings`), its key as the input does.
+        ConfigError::Zero { field } => {
+            msg.contains(field) && field.rsplit('.').next().is_some_and(|key| input.contains(key))
+        }
+        ConfigError::TooManyMappings { .. } => {
+            msg.contains("limits.max_mappings") && input.contains("mappings")
+        }
+        ConfigError::Cgroup(path) => quoted(path) && input.contains("cgroup"),
     }
+}
+
+/// The input is a TOML document with a non-empty top-level `interfaces` list.
+fn lists_interfaces(input: &str) -> bool {
+    input.parse::<toml::Table>().is_ok_and(|doc| {
+        doc.get("interfaces")
+            .and_then(toml::Value::as_array)
+            .is_some_and(|l| !l.is_empty())
+    })
+}
+
+/// The message names `line N` for an N within the input (or one past its end, where a document
+/// ends too early).
+fn names_a_line_of(input: &str, msg: &str) -> bool {
+    let lines = input.lines().count().max(1) + 1;
+    msg.match_indices("line ").any(|(at, word)| {
+        let digits: String = msg[at + word.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<usize>().is_ok_and(|n| (1..=lines).contains(&n))
+    })
 }
 
 proptest::proptest! {
@@ -205,7 +233,7 @@ proptest::proptest! {
     #[test]
     fn any_text_parses_or_names_the_problem(s in "\\PC{0,200}") {
         if let Err(e) = Config::from_toml(&s).and_then(Config::validate) {
-            proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}");
+            proptest::prop_assert!(names_the_problem(&s, &e), "{s:?}: {e}");
         }
     }
 
@@ -213,7 +241,7 @@ proptest::proptest! {
     fn config_shaped_text_parses_or_names_the_problem(s in config_like()) {
         match Config::from_toml(&s).and_then(Config::validate) {
             Ok(valid) => proptest::prop_assert!(!valid.config.startup.interfaces.is_empty()),
-            Err(e) => proptest::prop_assert!(names_the_problem(&e), "{s:?}: {e}"),
+            Err(e) => proptest::prop_assert!(names_the_problem(&s, &e), "{s:?}: {e}"),
         }
     }
 }

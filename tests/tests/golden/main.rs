@@ -37,7 +37,7 @@ use portmap::{
     model::spec,
     model::table::{Capacity, Table},
 };
-use portmap_common::{DIR_FORWARD, FlowValue, LocalBackend, Stat, words_addr};
+use portmap_common::{DIR_FORWARD, FlowValue, LocalBackend, MappingCounters, Stat, words_addr};
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
@@ -96,6 +96,14 @@ const CONNTRACK_ENTRIES: u32 = 16_384;
 
 /// Builds the namespace and runs `f` on a thread inside it with a freshly loaded datapath.
 pub fn with_golden<T: Send + 'static>(
+    f: impl FnOnce(&mut Golden) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    with_golden_conntrack(CONNTRACK_ENTRIES, f)
+}
+
+/// `with_golden` with `assured` entries in `PM_CONNTRACK` (`PM_CT_NEW` keeps its size).
+pub fn with_golden_conntrack<T: Send + 'static>(
+    assured: u32,
     f: impl FnOnce(&mut Golden) -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let ns = Netns::new("g")?;
@@ -182,7 +190,7 @@ pub fn with_golden<T: Send + 'static>(
     ns.sysctl("net/ipv4/ip_forward", "1")?;
     ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
     let result = ns.run(move || {
-        let mut golden = Golden::load()?;
+        let mut golden = Golden::load(assured)?;
         f(&mut golden)
     });
     drop(ns);
@@ -197,18 +205,19 @@ pub struct Golden {
     pub client_ifindex: u32,
 }
 
-/// One program run: the verdict, the packet as the program left it, and which global counters
-/// moved (per `stat` code).
+/// One program run: the verdict, the packet as the program left it, which global counters
+/// moved (per `stat` code) and which mapping counters moved (per stats slot, only those that did).
 pub struct Run {
     pub output: TestRunOutput,
     pub counted: Vec<u64>,
+    pub mappings: Vec<(u32, MappingCounters)>,
 }
 
 impl Golden {
-    fn load() -> anyhow::Result<Self> {
+    fn load(assured_entries: u32) -> anyhow::Result<Self> {
         let limits = Limits {
             max_mappings: 64,
-            conntrack_entries: CONNTRACK_ENTRIES,
+            conntrack_entries: assured_entries,
             conntrack_new_entries: CONNTRACK_ENTRIES,
             max_backends: 64,
             max_backend_groups: 8,
@@ -253,14 +262,33 @@ impl Golden {
     }
 
     pub fn run(&self, hook: Hook, packet: &[u8]) -> anyhow::Result<Run> {
-        let before = self.dp.counters()?.global()?;
+        let counters = self.dp.counters()?;
+        let (before, mappings_before) = (counters.global()?, counters.all_mappings()?);
         let output = self
             .dp
             .test_run(hook, packet, self.client_ifindex, 1)
             .with_context(|| format!("BPF_PROG_TEST_RUN of {} ({} bytes)", hook.as_str(), packet.len()))?;
-        let after = self.dp.counters()?.global()?;
+        let (after, mappings_after) = (counters.global()?, counters.all_mappings()?);
         let counted = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        Ok(Run { output, counted })
+        let mappings = (0..)
+            .zip(mappings_after.iter().zip(&mappings_before))
+            .filter(|(_, (a, b))| a != b)
+            .map(|(slot, (a, b))| {
+                let moved = MappingCounters {
+                    fwd_packets: a.fwd_packets - b.fwd_packets,
+                    fwd_bytes: a.fwd_bytes - b.fwd_bytes,
+                    reply_packets: a.reply_packets - b.reply_packets,
+                    reply_bytes: a.reply_bytes - b.reply_bytes,
+                    flows: a.flows - b.flows,
+                };
+                (slot, moved)
+            })
+            .collect();
+        Ok(Run {
+            output,
+            counted,
+            mappings,
+        })
     }
 
     /// The conntrack table as readable, sorted entries.
@@ -377,6 +405,14 @@ fn golden_fixtures() -> anyhow::Result<()> {
     let report = with_golden(fixtures::run_all)?;
     println!("{report}");
     Ok(())
+}
+
+/// An assured flow that finds `PM_CONNTRACK` full stays in `PM_CT_NEW` and counts
+/// `ct_assured_full` (its packet is forwarded as any other).
+#[test]
+fn an_assured_flow_finding_the_table_full_stays_new() -> anyhow::Result<()> {
+    // Room for one flow's two entries.
+    with_golden_conntrack(2, fixtures::assured_table_full).map(|report| println!("{report}"))
 }
 
 /// Mapping 9 (two backends): new flows split about evenly; after `update` removes a backend,

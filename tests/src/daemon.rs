@@ -313,9 +313,9 @@ impl Notifications {
     }
 
     /// The next datagram that contains `needle`, skipping others (watchdog pings, status
-    /// updates); at most `wait`.
+    /// updates); at most `wait` (times `slowdown`).
     pub fn next_with_in(&self, needle: &str, wait: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + crate::slowdown(wait);
         let mut buf = vec![0u8; 4096];
         let mut seen = Vec::new();
         while Instant::now() < deadline {
@@ -326,7 +326,10 @@ impl Notifications {
             }
             seen.push(message);
         }
-        bail!("no notification with {needle} within {wait:?}; got {seen:?}")
+        bail!(
+            "no notification with {needle} within {:?}; got {seen:?}",
+            crate::slowdown(wait)
+        )
     }
 
     /// `next_with_in` 10 s.

@@ -50,3 +50,24 @@ pub fn slowdown(base: Duration) -> Duration {
         .max(1);
     base * factor
 }
+
+/// Polls `cond` (every 20 ms) until it holds, for at most `base` times `slowdown`; the error
+/// names `what` was waited for. For events, never for how fast anything is.
+pub fn wait_for(
+    what: &str,
+    base: Duration,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + slowdown(base);
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "timed out after {:?} waiting for {what}",
+            slowdown(base)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

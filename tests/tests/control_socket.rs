@@ -5,13 +5,13 @@
 //! changed mappings runs. Needs root (run through `cargo xtask test`).
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
     time::Duration,
 };
 
 use anyhow::{Context as _, ensure};
-use portmap_tests::{BackendLink, Daemon, Notifications, TempDir, Topology};
+use portmap_tests::{BackendLink, Daemon, Notifications, TempDir, Topology, wait_for};
 
 /// A daemon with `n` published ports, so that `list` answers with a few hundred KB.
 fn daemon_with(topo: &Topology, n: u16) -> anyhow::Result<(Daemon, TempDir)> {
@@ -54,7 +54,14 @@ fn silent_and_unread_clients_delay_no_other_request_and_no_signal() -> anyhow::R
         .collect::<Result<_, _>>()?;
     let mut unread = UnixStream::connect(&daemon.socket)?;
     unread.write_all(b"{\"request\":\"list\"}\n")?;
-    std::thread::sleep(Duration::from_millis(300));
+    // The daemon has begun the answer it cannot finish: its first bytes arrive (one is taken
+    // here, the rest stays unread).
+    unread.set_nonblocking(true)?;
+    wait_for(
+        "the daemon to begin answering the unread client",
+        Duration::from_secs(10),
+        || Ok(unread.read(&mut [0; 1]).is_ok_and(|n| n > 0)),
+    )?;
     let listed = daemon.cli_ok(&["list"])?;
     ensure!(
         listed.lines().count() == 5_000,
@@ -137,25 +144,22 @@ fn fifty_clients_changing_mappings_at_once_leave_a_consistent_table() -> anyhow:
 /// A reload that changes every one of 65,000 mappings does not hold up `list` and `stats`: asked
 /// after the reload began (RELOADING=1), they answer with the mappings as they were before it —
 /// a daemon that served them after the reload would show the new backend — and once it is done
-/// `list` shows the new backend everywhere.
+/// `list` shows the new backend everywhere. The reload reads its config from a FIFO the test
+/// writes only after both answers came, so it cannot finish first however fast it is.
 #[test]
 fn list_and_stats_answer_during_a_reload_of_65000_mappings() -> anyhow::Result<()> {
     const N: u32 = 65_000;
     let topo = Topology::new(BackendLink::Veth)?;
     let dir = TempDir::new("big-reload")?;
     let config = dir.path().join("portmap.toml");
-    let write = |backend: &str| -> anyhow::Result<()> {
+    let render = |backend: &str| {
         let mappings: Vec<String> = (0..N).map(|i| format!("\"{}:{backend}:80\"", 500 + i)).collect();
-        std::fs::write(
-            &config,
-            format!(
-                "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [{}]\n[limits]\nmax_mappings = {N}\n",
-                mappings.join(", ")
-            ),
-        )?;
-        Ok(())
+        format!(
+            "interfaces = [\"h0\"]\nattach = \"tc\"\nmappings = [{}]\n[limits]\nmax_mappings = {N}\n",
+            mappings.join(", ")
+        )
     };
-    write("198.18.1.2")?;
+    std::fs::write(&config, render("198.18.1.2"))?;
     let notifications = Notifications::bind(dir.path())?;
     let notify = notifications.path.to_str().context("utf-8")?.to_owned();
     let daemon = Daemon::start_with_env(
@@ -164,16 +168,24 @@ fn list_and_stats_answer_during_a_reload_of_65000_mappings() -> anyhow::Result<(
         &[("NOTIFY_SOCKET", &notify)],
     )?;
     notifications.next_with_in("READY=1", Duration::from_secs(60))?;
-    write("198.18.1.3")?;
+    std::fs::remove_file(&config)?;
+    nix::unistd::mkfifo(
+        &config,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )?;
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let reload = scope.spawn(|| daemon.cli_ok(&["reload"]));
         notifications.next_with_in("RELOADING=1", Duration::from_secs(60))?;
         // Both asked at once (each takes the CLI a while to print at this size).
         let list = scope.spawn(|| daemon.cli_ok(&["list", "--json"]));
-        let stats = daemon.stats()?;
-        let listed = list
+        let stats = daemon.stats();
+        let listed = list.join().map_err(|_| anyhow::anyhow!("list thread panicked"));
+        // Released whatever the answers were, so that the reload (and this scope) ends.
+        release_fifo(&config, &render("198.18.1.3"))?;
+        let message = reload
             .join()
-            .map_err(|_| anyhow::anyhow!("list thread panicked"))??;
+            .map_err(|_| anyhow::anyhow!("reload thread panicked"))??;
+        let (listed, stats) = (listed??, stats?);
         ensure!(
             !listed.contains("198.18.1.3") && listed.matches("198.18.1.2").count() == N as usize,
             "list answered after the reload, not during it"
@@ -186,9 +198,6 @@ fn list_and_stats_answer_during_a_reload_of_65000_mappings() -> anyhow::Result<(
                     .all(|m| m.mapping.to_string().contains("198.18.1.2")),
             "stats answered after the reload, not during it"
         );
-        let message = reload
-            .join()
-            .map_err(|_| anyhow::anyhow!("reload thread panicked"))??;
         ensure!(message.contains(&format!("{N} updated")), "{message}");
         Ok(())
     })?;
@@ -197,5 +206,24 @@ fn list_and_stats_answer_during_a_reload_of_65000_mappings() -> anyhow::Result<(
         listed.lines().count() == N as usize && listed.lines().all(|l| l.starts_with("198.18.1.3:80")),
         "after the reload"
     );
+    Ok(())
+}
+
+/// Writes `text` into the FIFO at `path` once its reader (the reloading daemon) has opened it.
+fn release_fifo(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut reader_present = None;
+    wait_for("the reload to open its config", Duration::from_secs(60), || {
+        // Without a reader a non-blocking open for writing fails (ENXIO) instead of waiting.
+        reader_present = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .ok();
+        Ok(reader_present.is_some())
+    })?;
+    let mut fifo = std::fs::OpenOptions::new().write(true).open(path)?;
+    drop(reader_present);
+    fifo.write_all(text.as_bytes())?;
     Ok(())
 }

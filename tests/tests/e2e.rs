@@ -6,7 +6,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4},
     path::Path,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, ensure};
@@ -163,15 +163,9 @@ fn lifecycle_xdp_bridge_backend() -> anyhow::Result<()> {
     lifecycle(Mode::Xdp, BackendLink::Bridge)
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if cond()? {
-            return Ok(());
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("timed out waiting for {what}")
+/// `portmap_tests::wait_for` with the 20 s an expiry pass may take.
+fn wait_for(what: &str, cond: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    portmap_tests::wait_for(what, Duration::from_secs(20), cond)
 }
 
 /// Closed TCP flows and idle UDP flows leave the table (both entries), and come back as new

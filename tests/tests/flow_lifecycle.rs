@@ -7,7 +7,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use portmap_tests::{BackendLink, EchoServer, HOST_IP, Mode, Netns, Topology, mapping_stats, start_daemon};
+use portmap_tests::{
+    BackendLink, EchoServer, HOST_IP, Mode, Netns, Topology, mapping_stats, start_daemon, wait_for,
+};
 
 /// A UDP server in `ns` on `port` answering every datagram with `name`, until `stop`.
 fn udp_namer(
@@ -47,18 +49,18 @@ fn udp_namer(
 /// (phase when sent, server that answered) of each answered datagram.
 type Replies = Vec<(u32, String)>;
 
-/// Sends datagrams from ONE socket (one 5-tuple, so one flow) until `stop`, recording which
-/// server answered each, tagged with the phase the test was in when it was sent.
+/// Sends datagrams from ONE socket (one 5-tuple, so one flow) until `stop`, recording in `seen`
+/// which server answered each, tagged with the phase the test was in when it was sent.
 fn udp_stream(
     ns: &Netns,
     to: SocketAddr,
     phase: Arc<AtomicU32>,
+    seen: Arc<Mutex<Replies>>,
     stop: Arc<AtomicBool>,
-) -> anyhow::Result<JoinHandle<anyhow::Result<Replies>>> {
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     ns.spawn(move || {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
         socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let mut seen = Vec::new();
         let mut buf = [0u8; 64];
         for _ in 0..2_000 {
             if stop.load(Ordering::Relaxed) {
@@ -72,18 +74,28 @@ fn udp_stream(
                 && sent_in.is_multiple_of(2)
                 && phase.load(Ordering::SeqCst) == sent_in
             {
-                seen.push((sent_in, String::from_utf8_lossy(&buf[..n]).into_owned()));
+                let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push((sent_in, reply));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(seen)
+        Ok(())
     })
 }
 
-/// Lets the stream send a number of datagrams in the current phase (no timing is asserted:
-/// every datagram sent after a change must reach the new backend).
-fn settle() {
-    std::thread::sleep(Duration::from_millis(400));
+/// Waits until the stream has five answers to datagrams sent in `phase` (every datagram sent
+/// after a change must reach the new backend; how soon is not judged).
+fn settle(seen: &Mutex<Replies>, phase: u32) -> anyhow::Result<()> {
+    wait_for(
+        &format!("5 answers in phase {phase}"),
+        Duration::from_secs(10),
+        || {
+            let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            Ok(seen.iter().filter(|(p, _)| *p == phase).count() >= 5)
+        },
+    )
 }
 
 #[test]
@@ -99,26 +111,29 @@ fn udp_streams_follow_a_remap_and_a_removed_backend_with_their_next_datagram() -
             udp_namer(&other, 53, "second", stop.clone())?,
         ];
         let phase = Arc::new(AtomicU32::new(0));
+        let seen = Arc::new(Mutex::new(Replies::new()));
         let stream = udp_stream(
             &topo.client,
             SocketAddr::from((HOST_IP, 5353)),
             phase.clone(),
+            seen.clone(),
             stop.clone(),
         )?;
-        settle();
+        settle(&seen, 0)?;
         // del + add to another backend (Docker flushes UDP conntrack on such a remap).
         phase.store(1, Ordering::SeqCst);
         daemon.cli_ok(&["del", "5353:198.18.1.2:53/udp"])?;
         daemon.cli_ok(&["add", "5353:198.18.1.3:53/udp"])?;
         phase.store(2, Ordering::SeqCst);
-        settle();
+        settle(&seen, 2)?;
         // update that removes the backend the stream uses.
         phase.store(3, Ordering::SeqCst);
         daemon.cli_ok(&["update", "5353:198.18.1.2:53/udp"])?;
         phase.store(4, Ordering::SeqCst);
-        settle();
+        settle(&seen, 4)?;
         stop.store(true, Ordering::Relaxed);
-        let seen = stream.join().map_err(|_| anyhow::anyhow!("stream panicked"))??;
+        stream.join().map_err(|_| anyhow::anyhow!("stream panicked"))??;
+        let seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         for s in servers {
             s.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
         }

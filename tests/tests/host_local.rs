@@ -2,13 +2,17 @@
 //! socket hooks in the daemon's own child cgroup, real processes (`pm-probe`) in it, backends
 //! behind a bridge as Docker sets them up. Needs root (run through `cargo xtask test`).
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
 
 use anyhow::{Context as _, ensure};
 use portmap_common::Stat;
 use portmap_tests::{
     BackendLink, Daemon, EchoServer, HOST_IP, Mode, Netns, ROUTED_MACHINE_IP, TempDir, Topology, counter,
     mapping_stats, payload, probe, start_daemon, tcp_exchange, tcp_server, tcp_server_n, udp_server,
+    wait_for,
 };
 use serde_json::Value;
 
@@ -28,18 +32,6 @@ fn tcp_reaches(ns: &Netns, daemon: &Daemon, addr: &str, reply: &str) -> anyhow::
     let peer: SocketAddr = r["peer"].as_str().unwrap_or_default().parse()?;
     ensure!(peer == addr.parse()?, "tcp {addr}: getpeername() reported {peer}");
     Ok(())
-}
-
-/// Polls `f` for up to 5 s.
-fn wait_until(mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<bool> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        if f()? {
-            return Ok(true);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Ok(false)
 }
 
 fn refused(r: &Value) -> bool {
@@ -114,8 +106,11 @@ fn host_processes_reach_published_ports_at_every_local_address() -> anyhow::Resu
     // An address added while the daemon runs is local at once (netlink), for host processes and
     // for clients on the wire; removed, it no longer is.
     topo.host.ip(&["addr", "add", "198.18.0.9/32", "dev", "h0"])?;
-    let added = wait_until(|| Ok(hooked(&topo.host, &daemon, &["tcp", "198.18.0.9:8080"])?["ok"] == true))?;
-    ensure!(added, "a new host address did not become a published address");
+    wait_for(
+        "a new host address to become a published address",
+        Duration::from_secs(5),
+        || Ok(hooked(&topo.host, &daemon, &["tcp", "198.18.0.9:8080"])?["ok"] == true),
+    )?;
     let data = payload(64, 3);
     let echoed = tcp_exchange(
         &topo.client,
@@ -124,9 +119,11 @@ fn host_processes_reach_published_ports_at_every_local_address() -> anyhow::Resu
     )?;
     ensure!(echoed == data, "wire client to the new address");
     topo.host.ip(&["addr", "del", "198.18.0.9/32", "dev", "h0"])?;
-    let removed =
-        wait_until(|| Ok(hooked(&topo.host, &daemon, &["tcp", "198.18.0.9:8080"])?["ok"] == false))?;
-    ensure!(removed, "a removed host address stayed published");
+    wait_for(
+        "a removed host address to be unpublished",
+        Duration::from_secs(5),
+        || Ok(hooked(&topo.host, &daemon, &["tcp", "198.18.0.9:8080"])?["ok"] == false),
+    )?;
 
     // Scope: a process outside the cgroup is not translated (nothing listens on the host).
     let outside = probe(&topo.host, None, &["tcp", "127.0.0.1:8080"])?;

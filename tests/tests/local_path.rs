@@ -6,16 +6,15 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use portmap::api::control::StatsReport;
 use portmap_common::Stat;
 use portmap_tests::{
     BRIDGE, BackendLink, CLIENT_IP, Daemon, HOST_BACKEND_IFACE, HOST_IP, Mode, Netns, Topology, counter,
-    payload, start_daemon, tcp_exchange, tcp_server, udp_exchange, udp_server,
+    payload, start_daemon, tcp_exchange, tcp_server, udp_exchange, udp_server, wait_for,
 };
 
 const BACKEND: &str = "198.18.1.2";
@@ -27,23 +26,19 @@ fn wait_local(
     want: &[&str],
     check: impl Fn(&portmap::api::control::LocalBackendReport) -> bool,
 ) -> anyhow::Result<StatsReport> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let stats = daemon.stats()?;
-        let ok = want.iter().all(|addr| {
+    let mut stats = daemon.stats()?;
+    let learnt = wait_for("local backends to be learnt", Duration::from_secs(5), || {
+        stats = daemon.stats()?;
+        Ok(want.iter().all(|addr| {
             stats
                 .local_backends
                 .iter()
                 .any(|b| b.addr.to_string() == *addr && check(b))
-        });
-        if ok {
-            return Ok(stats);
-        }
-        if Instant::now() > deadline {
-            bail!("local backends {want:?} not learnt: {:?}", stats.local_backends);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+        }))
+    });
+    learnt
+        .map(|()| stats.clone())
+        .with_context(|| format!("local backends {want:?}: {:?}", stats.local_backends))
 }
 
 /// The host resolves its containers' addresses (ARP, neighbour discovery), as any traffic to
@@ -168,24 +163,30 @@ fn what_the_fast_path_cannot_serve_takes_the_fib_path() -> anyhow::Result<()> {
     topo.enable_ipv6()?;
     let config = portmap_tests::TempDir::new("cfg")?;
     let path = config.path().join("portmap.toml");
-    std::fs::write(
-        &path,
-        "local_fast_path = false\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
-         \"5353:198.18.1.2:53/udp\"]\n",
-    )?;
+    let config_text = |fast: bool| {
+        format!(
+            "local_fast_path = {fast}\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
+             \"5353:198.18.1.2:53/udp\"]\n"
+        )
+    };
+    std::fs::write(&path, config_text(false))?;
+    // Resolved before the daemon starts, which reads the neighbour table before it is ready:
+    // what it learnt is settled when `stats` first answers.
+    resolve_neighbours(&topo)?;
     let mut daemon = start_daemon(
         &topo,
         Mode::Tc,
         &["--config", path.to_str().context("utf-8 path")?],
     )?;
-    resolve_neighbours(&topo)?;
-    // Long enough for a netlink burst to settle (20 ms) many times over.
-    thread::sleep(Duration::from_millis(300));
     let before = daemon.stats()?;
     ensure!(before.local_backends.is_empty(), "{:?}", before.local_backends);
     traffic(&topo, &topo.backend)?;
     let (local, redirect, _) = paths(&before, &daemon.stats()?);
     ensure!(local == 0 && redirect > 0, "local {local}, redirect {redirect}");
+    // The same neighbours are local backends as soon as the fast path is on again.
+    std::fs::write(&path, config_text(true))?;
+    daemon.cli_ok(&["reload"])?;
+    wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
     daemon.stop()?;
     daemon.cleanup().map(drop)
 }

@@ -13,8 +13,8 @@ use anyhow::{Context as _, ensure};
 use portmap_common::Stat;
 use portmap_tests::{
     BackendLink, Bound, CLIENT_IP, Daemon, EchoServer, HOST_CLIENT_IFACE, HOST_IP, Mode, TempDir, Topology,
-    counter, mapping_stats, payload, raw_recv, raw_sctp_socket, raw_send, sctp_crc_ok, sctp_packet,
-    start_daemon, tcp_exchange, tcp_server, tcp_server_n, udp_exchange, udp_server,
+    counter, mapping_stats, payload, raw_recv, raw_sctp_socket, raw_send, sctp_crc_ok, sctp_packet, slowdown,
+    start_daemon, tcp_exchange, tcp_server, tcp_server_n, udp_exchange, udp_server, wait_for,
 };
 use serde_json::Value;
 
@@ -338,16 +338,18 @@ fn sctp_keeps_its_port_and_checksum() -> anyhow::Result<()> {
     daemon.cli_ok(&["add", "9999:198.18.1.2:9999/sctp"])?;
 
     let (seen_tx, seen_rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
     let backend = topo.backend.spawn(move || {
         let fd = raw_sctp_socket()?;
+        ready_tx.send(())?;
         let (src, dst, sctp) = raw_recv(&fd)?;
         seen_tx.send(())?;
         let reply = sctp_packet(9999, u16::from_be_bytes([sctp[0], sctp[1]]), b"init-ack");
         raw_send(&fd, src, &reply)?;
         Ok((src, dst, sctp))
     })?;
-    // The backend's raw socket is open once it waits; give it a moment, then send.
-    std::thread::sleep(Duration::from_millis(200));
+    // Sent once the backend's raw socket is open (it sees every SCTP packet from then on).
+    ready_rx.recv_timeout(slowdown(Duration::from_secs(5)))?;
     let client = topo.client.run(move || {
         let fd = raw_sctp_socket()?;
         let init = sctp_packet(40_000, 9999, b"hello");
@@ -471,15 +473,10 @@ fn config_reloads_as_one_diff_and_list_json_round_trips() -> anyhow::Result<()> 
 
     write(r#""8080:198.18.1.2:80", "8084:198.18.1.2:84""#)?;
     daemon.signal(nix::sys::signal::Signal::SIGHUP)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon.cli_ok(&["list"])?.contains(":8084") {
-        ensure!(
-            Instant::now() < deadline,
-            "SIGHUP did not reload:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("SIGHUP to reload", Duration::from_secs(10), || {
+        Ok(daemon.cli_ok(&["list"])?.contains(":8084"))
+    })
+    .with_context(|| daemon.log())?;
 
     daemon.cli_ok(&["add", "9000-9001:[fd00:1::2]:9000-9001/udp"])?;
     daemon.cli_ok(&["add", "198.18.0.1:7000:198.18.1.2:70,198.18.1.3:70@3"])?;

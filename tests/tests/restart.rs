@@ -2,16 +2,18 @@
 //! stream exchanges a message every 10 ms through a config mapping and a new connection is made
 //! every 20 ms through a mapping added at run time (with a dynamic host port), the daemon is
 //! stopped and started, killed and started, replaced by another binary, and started with a
-//! changed config. The stream never breaks or stalls for 1 s, no new connection fails, `list
-//! --json` is the same after each restart, counters keep counting. TC and XDP mode. Needs root
-//! (run through `cargo xtask test`).
+//! changed config. The stream never breaks, no new connection fails, both keep going while no
+//! daemon runs (each phase waits for messages and connections made in it), `list --json` is the
+//! same after each restart, counters keep counting. TC and XDP mode. How long the stream waits
+//! across a restart is measured by `cargo xtask bench`. Needs root (run through `cargo xtask
+//! test`).
 
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpStream},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -20,16 +22,20 @@ use std::{
 use anyhow::{Context as _, ensure};
 use portmap_tests::{
     BackendLink, Daemon, EchoServer, HOST_CLIENT_IFACE, HOST_IP, Mode, Netns, TempDir, Topology, attached,
-    mapping_stats, mode_args, portmap_bin,
+    mapping_stats, mode_args, portmap_bin, slowdown, wait_for,
 };
 
-/// The longest a message of the stream may wait for its echo.
-const MAX_STALL: Duration = Duration::from_secs(1);
-
-/// What the stream saw: messages echoed and the longest wait for one.
+/// What the stream saw: messages echoed and the longest wait for one (reported, not judged).
 struct StreamReport {
     messages: u64,
     longest: Duration,
+}
+
+/// Messages the stream exchanged and connections that succeeded so far.
+#[derive(Default)]
+struct Progress {
+    messages: AtomicU64,
+    connected: AtomicU64,
 }
 
 /// New connections made and those that failed (with why).
@@ -41,6 +47,7 @@ struct ConnectReport {
 /// Traffic running while the daemon restarts.
 struct Load {
     stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
     stream: JoinHandle<anyhow::Result<StreamReport>>,
     connects: JoinHandle<anyhow::Result<ConnectReport>>,
 }
@@ -48,10 +55,11 @@ struct Load {
 impl Load {
     fn start(client: &Netns, stream_to: SocketAddr, connect_to: SocketAddr) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let halt = stop.clone();
+        let progress = Arc::new(Progress::default());
+        let (halt, seen) = (stop.clone(), progress.clone());
         let stream = client.spawn(move || {
-            let mut s = TcpStream::connect_timeout(&stream_to, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut s = TcpStream::connect_timeout(&stream_to, slowdown(Duration::from_secs(5)))?;
+            s.set_read_timeout(Some(slowdown(Duration::from_secs(5))))?;
             s.set_nodelay(true)?;
             let (mut messages, mut longest) = (0u64, Duration::ZERO);
             let mut buf = [0u8; 64];
@@ -65,17 +73,18 @@ impl Load {
                 ensure!(buf == message, "stream: message {messages} came back changed");
                 longest = longest.max(sent.elapsed());
                 messages += 1;
+                seen.messages.fetch_add(1, Ordering::Relaxed);
                 thread::sleep(Duration::from_millis(10));
             }
             Ok(StreamReport { messages, longest })
         })?;
-        let halt = stop.clone();
+        let (halt, seen) = (stop.clone(), progress.clone());
         let connects = client.spawn(move || {
             let (mut made, mut failed) = (0u64, Vec::new());
             while !halt.load(Ordering::Relaxed) {
                 let attempt = || -> anyhow::Result<()> {
-                    let mut s = TcpStream::connect_timeout(&connect_to, Duration::from_secs(2))?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut s = TcpStream::connect_timeout(&connect_to, slowdown(Duration::from_secs(2)))?;
+                    s.set_read_timeout(Some(slowdown(Duration::from_secs(2))))?;
                     s.write_all(b"new")?;
                     let mut buf = [0u8; 3];
                     s.read_exact(&mut buf)?;
@@ -83,8 +92,9 @@ impl Load {
                     Ok(())
                 };
                 made += 1;
-                if let Err(e) = attempt() {
-                    failed.push(format!("connection {made}: {e:#}"));
+                match attempt() {
+                    Ok(()) => _ = seen.connected.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => failed.push(format!("connection {made}: {e:#}")),
                 }
                 thread::sleep(Duration::from_millis(20));
             }
@@ -92,8 +102,25 @@ impl Load {
         })?;
         Ok(Self {
             stop,
+            progress,
             stream,
             connects,
+        })
+    }
+
+    /// Waits until the stream has exchanged and the connector has made a few more (the traffic
+    /// goes on now, e.g. while no daemon runs).
+    fn flowing(&self, now: &str) -> anyhow::Result<()> {
+        let count = || {
+            (
+                self.progress.messages.load(Ordering::Relaxed),
+                self.progress.connected.load(Ordering::Relaxed),
+            )
+        };
+        let (messages, connected) = count();
+        wait_for(&format!("traffic {now}"), Duration::from_secs(10), || {
+            let (m, c) = count();
+            Ok(m >= messages + 5 && c >= connected + 3)
         })
     }
 
@@ -160,14 +187,14 @@ fn restarts_are_invisible(mode: Mode, env: &[(&str, &str)]) -> anyhow::Result<()
         SocketAddrV4::new(HOST_IP, 8080).into(),
         SocketAddrV4::new(HOST_IP, dynamic).into(),
     )?;
-    thread::sleep(Duration::from_millis(300));
+    load.flowing("through both mappings")?;
     let listed = daemon.cli_ok(&["list", "--json"])?;
     let counted = mapping_stats(&daemon.stats()?, 8080).fwd_packets;
     let programs = egress_program(&topo.host)?;
 
-    // SIGTERM, a second without a daemon, start.
+    // SIGTERM, traffic without a daemon, start.
     daemon.stop()?;
-    thread::sleep(Duration::from_secs(1));
+    load.flowing("after SIGTERM, with no daemon")?;
     daemon.restart(&topo.host, &args)?;
     ensure!(
         daemon.cli_ok(&["list", "--json"])? == listed,
@@ -186,7 +213,7 @@ fn restarts_are_invisible(mode: Mode, env: &[(&str, &str)]) -> anyhow::Result<()
 
     // A crash.
     daemon.kill()?;
-    thread::sleep(Duration::from_secs(1));
+    load.flowing("after SIGKILL, with no daemon")?;
     daemon.restart(&topo.host, &args)?;
     ensure!(
         daemon.cli_ok(&["list", "--json"])? == listed,
@@ -231,16 +258,10 @@ fn restarts_are_invisible(mode: Mode, env: &[(&str, &str)]) -> anyhow::Result<()
         "the mapping added by the changed config: {via_new:?}"
     );
 
-    thread::sleep(Duration::from_millis(300));
+    load.flowing("after the last start")?;
     let (stream, connects) = load.finish()?;
     ensure!(
-        stream.longest < MAX_STALL,
-        "the stream stalled for {:?} ({} messages)",
-        stream.longest,
-        stream.messages
-    );
-    ensure!(
-        connects.failed.is_empty() && connects.made > 100,
+        connects.failed.is_empty(),
         "{} of {} new connections failed: {:?}",
         connects.failed.len(),
         connects.made,

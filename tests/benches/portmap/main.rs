@@ -10,6 +10,7 @@ mod flood;
 mod micro;
 mod plot;
 mod report;
+mod restart;
 mod results;
 mod setup;
 mod traffic;
@@ -64,6 +65,8 @@ struct Plan {
     offered_pps: f64,
     /// Spoofed flows of the flood measurement.
     flood_flows: u32,
+    /// Restarts of each kind under a TCP stream.
+    restarts: u32,
 }
 
 impl Plan {
@@ -86,6 +89,7 @@ impl Plan {
                 reply_repeats: 1,
                 offered_pps: 50_000.0,
                 flood_flows: 20_000,
+                restarts: 2,
             }
         } else {
             Self {
@@ -105,6 +109,7 @@ impl Plan {
                 reply_repeats: 3,
                 offered_pps: 100_000.0,
                 flood_flows: 600_000,
+                restarts: 5,
             }
         }
     }
@@ -136,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         flood: flood_runs(&plan)?,
         memory: micro::memory()?,
         daemon_memory: daemon_memory(&plan)?,
+        restarts: restart_stalls(&plan)?,
         seconds: started.elapsed().as_secs_f64(),
     };
     let report = report(&results);
@@ -428,6 +434,26 @@ fn daemon_memory(plan: &Plan) -> anyhow::Result<Vec<micro::DaemonMemory>> {
                 m.rss_mib, m.peak_mib
             ));
             Ok(m)
+        })
+        .collect()
+}
+
+fn restart_stalls(plan: &Plan) -> anyhow::Result<Vec<results::RestartRun>> {
+    say("a TCP stream across daemon restarts");
+    [portmap_tests::Mode::Tc, portmap_tests::Mode::Xdp]
+        .into_iter()
+        .map(|mode| {
+            let phases = restart::restart_stalls(mode, plan.restarts)?;
+            for p in &phases {
+                say(&format!(
+                    "  {mode:?}, {}: {} messages, longest wait {:.2} ms",
+                    p.phase, p.messages, p.longest_ms
+                ));
+            }
+            Ok(results::RestartRun {
+                mode: format!("{mode:?}"),
+                phases,
+            })
         })
         .collect()
 }

@@ -519,6 +519,27 @@ fn absolutes(s: &mut String, r: &Results) {
         let _ = writeln!(s, "| {} | {:.1} | {:.1} |", m.mappings, m.rss_mib, m.peak_mib);
     }
     flood_table(s, r);
+    restart_table(s, r);
+}
+
+/// The stream's longest wait across restarts.
+fn restart_table(s: &mut String, r: &Results) {
+    let _ = writeln!(
+        s,
+        "\n## A TCP stream across daemon restarts\n\nOne connection exchanges a 64-byte message every \
+         millisecond through a published port while the daemon is stopped and started again (the datapath \
+         stays and is adopted). A lost packet would show as a wait of 200 ms or more (TCP's minimum \
+         retransmission timeout).\n\n| mode | phase | messages | longest wait (ms) |\n| --- | --- | --- | --- |"
+    );
+    for run in &r.restarts {
+        for p in &run.phases {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2} |",
+                run.mode, p.phase, p.messages, p.longest_ms
+            );
+        }
+    }
 }
 
 /// Idle connections through a flood of spoofed flows.

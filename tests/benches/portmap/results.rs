@@ -113,5 +113,13 @@ pub struct Results {
     pub memory: micro::Memory,
     pub daemon_memory: Vec<micro::DaemonMemory>,
     pub flood: Vec<crate::flood::FloodRun>,
+    pub restarts: Vec<RestartRun>,
     pub seconds: f64,
+}
+
+/// A TCP stream through one attach mode across daemon restarts.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RestartRun {
+    pub mode: String,
+    pub phases: Vec<crate::restart::RestartPhase>,
 }

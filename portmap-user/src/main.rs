@@ -65,10 +65,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Del { spec } => simple(&socket, &Request::Del { spec }),
         Command::Reload => simple(&socket, &Request::Reload),
         Command::Cleanup { pin_dir, state_file } => cleanup(&socket, pin_dir, state_file),
-        Command::List { json: true } => print::json(&serde_json::json!({ "mappings": list(&socket)? })),
-        Command::List { json: false } => {
-            print::mappings(&list(&socket)?);
-            Ok(())
+        Command::List { json, owner } => {
+            let mut listed = list(&socket)?;
+            if let Some(owner) = &owner {
+                listed.retain(|l| l.owned_by(owner));
+            }
+            if json {
+                print::json(&serde_json::json!({ "mappings": listed }))
+            } else {
+                print::mappings(&listed);
+                Ok(())
+            }
         }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -118,7 +125,8 @@ fn cleanup(socket: &Path, pin_dir: Option<PathBuf>, state_file: Option<PathBuf>)
 /// `portmap port`, as `docker port`: a port nobody publishes is an error, no port at all is not.
 fn port(socket: &Path, backend: &str) -> anyhow::Result<()> {
     let query = spec::PortQuery::parse(backend)?;
-    let lines = spec::port_lines(&list(socket)?, &query);
+    let mappings: Vec<_> = list(socket)?.into_iter().map(|l| l.mapping).collect();
+    let lines = spec::port_lines(&mappings, &query);
     if let Some((port, protocol)) = query.port
         && lines.is_empty()
     {

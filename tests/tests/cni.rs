@@ -226,6 +226,18 @@ fn case_table(plugin: Plugin) -> anyhow::Result<Vec<(&'static str, String)>> {
     let mut row = |case: &'static str, what: String| rows.push((case, what));
 
     row("ADD c1 8080/tcp, 5353/udp", net.add("c1", &k1, &both)?);
+    if let Some(daemon) = &daemon {
+        // `list` names the container (NETWORK/CONTAINER_ID/IFNAME) and filters by it.
+        let owned = daemon.cli_ok(&["list", "--owner", "c1"])?;
+        anyhow::ensure!(
+            owned.lines().count() == 2 && owned.lines().all(|l| l.ends_with("  pmnet/c1/eth0")),
+            "list --owner c1: {owned:?}"
+        );
+        let json: Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
+        anyhow::ensure!(json["mappings"][0]["owner"] == "pmnet/c1/eth0", "{json}");
+        let others = daemon.cli_ok(&["list", "--owner", "c2"])?;
+        anyhow::ensure!(others.is_empty(), "list --owner c2: {others:?}");
+    }
     let (_w1, _w2) = (Whoami::start(&k1, "c1")?, Whoami::start(&k2, "c2")?);
     row("client -> :8080", reaches(&topo.client, 8080)?);
     let udp = udp_server(&k1, 53, 1)?;

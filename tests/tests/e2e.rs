@@ -40,7 +40,7 @@ fn lifecycle(mode: Mode, link: BackendLink) -> anyhow::Result<()> {
     daemon.cli_ok(&["add", "198.18.0.1:5353:198.18.1.2:53/udp"])?;
     assert_eq!(
         daemon.cli_ok(&["list"])?,
-        "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:53/udp -> 198.18.0.1:5353\n"
+        "198.18.1.2:80/tcp -> 0.0.0.0:8080  cli\n198.18.1.2:53/udp -> 198.18.0.1:5353  cli\n"
     );
     assert!(
         attached(&topo.host, HOST_CLIENT_IFACE)?.1 == 1,
@@ -123,7 +123,7 @@ fn lifecycle(mode: Mode, link: BackendLink) -> anyhow::Result<()> {
     );
     assert_eq!(
         daemon.cli_ok(&["list"])?,
-        "198.18.1.2:53/udp -> 198.18.0.1:5353\n"
+        "198.18.1.2:53/udp -> 198.18.0.1:5353  cli\n"
     );
 
     // SIGTERM: clean exit; the datapath stays attached for the next daemon, and `portmap
@@ -330,7 +330,10 @@ fn bad_requests_are_refused_and_change_nothing() -> anyhow::Result<()> {
             "{args:?}: {err:?} lacks {want:?}"
         );
     }
-    assert_eq!(daemon.cli_ok(&["list"])?, "198.18.1.2:80/tcp -> 0.0.0.0:8080\n");
+    assert_eq!(
+        daemon.cli_ok(&["list"])?,
+        "198.18.1.2:80/tcp -> 0.0.0.0:8080  cli\n"
+    );
     let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
     assert_eq!(json["mappings"][0]["backends"][0]["ip"], "198.18.1.2");
     Ok(())
@@ -386,7 +389,7 @@ fn config_file_mappings_are_applied() -> anyhow::Result<()> {
     )?;
     assert_eq!(
         daemon.cli_ok(&["list"])?,
-        "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:5353/udp -> 198.18.0.1:53\n"
+        "198.18.1.2:80/tcp -> 0.0.0.0:8080  config\n198.18.1.2:5353/udp -> 198.18.0.1:53  config\n"
     );
     // auto mode on a veth is TC: ingress and egress tcx programs, no XDP.
     assert_eq!(attached(&topo.host, HOST_CLIENT_IFACE)?, (1, 1, false));
@@ -454,7 +457,10 @@ fn crash_keeps_traffic_flowing_and_restart_adopts() -> anyhow::Result<()> {
         (1, 1, false),
         "one program per hook"
     );
-    assert_eq!(daemon.cli_ok(&["list"])?, "198.18.1.2:80/tcp -> 0.0.0.0:8080\n");
+    assert_eq!(
+        daemon.cli_ok(&["list"])?,
+        "198.18.1.2:80/tcp -> 0.0.0.0:8080  cli\n"
+    );
     assert_eq!(
         tcp_exchange(&topo.client, host(8080), b"?".to_vec())?,
         b"still here"

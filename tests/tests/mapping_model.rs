@@ -54,9 +54,9 @@ fn ipv6_end_to_end(mode: Mode) -> anyhow::Result<()> {
     assert_eq!(
         lines(&daemon.cli_ok(&["list"])?),
         [
-            "[fd00:1::2]:80/tcp -> [fd00::1]:8080",
-            "[fd00:1::2]:53/udp -> [::]:5353",
-            "198.18.1.2:81/tcp -> 0.0.0.0:8080"
+            "[fd00:1::2]:80/tcp -> [fd00::1]:8080  cli",
+            "[fd00:1::2]:53/udp -> [::]:5353  cli",
+            "198.18.1.2:81/tcp -> 0.0.0.0:8080  cli"
         ]
     );
 
@@ -111,8 +111,8 @@ fn specific_binding_wins_over_the_wildcard() -> anyhow::Result<()> {
     assert_eq!(
         lines(&daemon.cli_ok(&["list"])?),
         [
-            "198.18.1.2:80/tcp -> 0.0.0.0:8080",
-            "198.18.1.2:81/tcp -> 198.18.0.1:8080"
+            "198.18.1.2:80/tcp -> 0.0.0.0:8080  cli",
+            "198.18.1.2:81/tcp -> 198.18.0.1:8080  cli"
         ]
     );
     let (wild, specific) = (
@@ -147,7 +147,7 @@ fn port_ranges_map_port_by_port() -> anyhow::Result<()> {
     let listed = daemon.cli_ok(&["list"])?;
     assert_eq!(listed.lines().count(), 12, "{listed}");
     assert!(
-        listed.contains("198.18.1.2:7005/udp -> 0.0.0.0:9005\n"),
+        listed.contains("198.18.1.2:7005/udp -> 0.0.0.0:9005  cli\n"),
         "{listed}"
     );
 
@@ -265,7 +265,7 @@ fn several_backends_share_flows_and_removal_lets_flows_finish() -> anyhow::Resul
     ])?;
     assert_eq!(
         lines(&daemon.cli_ok(&["list"])?),
-        ["198.18.1.2:80,198.18.1.3:80,198.18.1.4:80/tcp -> 0.0.0.0:8080"]
+        ["198.18.1.2:80,198.18.1.3:80,198.18.1.4:80/tcp -> 0.0.0.0:8080  cli"]
     );
     let served = tcp_server_n(&topo.backend, 80, 60, b"ok".to_vec())?;
     for _ in 0..60 {
@@ -495,12 +495,22 @@ fn config_reloads_as_one_diff_and_list_json_round_trips() -> anyhow::Result<()> 
             "tc",
         ],
     )?;
-    let again: Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
-    assert_eq!(
-        again,
-        serde_json::from_str::<Value>(&json)?,
-        "list --json round-trips"
+    // The same mappings, now all the config's (it owns what it lists).
+    let (mut again, mut before): (Value, Value) = (
+        serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?,
+        serde_json::from_str(&json)?,
     );
+    let owners = |v: &mut Value| -> Vec<Value> {
+        v["mappings"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m.as_object_mut()?.remove("owner"))
+            .collect()
+    };
+    assert!(owners(&mut before).contains(&Value::from("cli")), "{before}");
+    assert!(owners(&mut again).iter().all(|o| o == "config"), "{again}");
+    assert_eq!(again, before, "list --json round-trips");
     let server = tcp_server(&topo.backend, 84, b"restored".to_vec())?;
     assert_eq!(tcp_exchange(&topo.client, host(8084), Vec::new())?, b"restored");
     server.join().expect("thread")?;

@@ -241,7 +241,7 @@ fn restarts_are_invisible(mode: Mode, env: &[(&str, &str)]) -> anyhow::Result<()
     let list = daemon.cli_ok(&["list"])?;
     ensure!(
         list == format!(
-            "198.18.1.2:80/tcp -> 0.0.0.0:8080\n198.18.1.2:81/tcp -> 0.0.0.0:{dynamic}\n198.18.1.2:81/tcp -> 0.0.0.0:8081\n"
+            "198.18.1.2:80/tcp -> 0.0.0.0:8080  config\n198.18.1.2:81/tcp -> 0.0.0.0:{dynamic}  cli\n198.18.1.2:81/tcp -> 0.0.0.0:8081  config\n"
         ),
         "after a changed config: {list}"
     );
@@ -401,7 +401,7 @@ fn a_restart_follows_interfaces_and_modes_changed_meanwhile() -> anyhow::Result<
     );
     ensure!(reaches()? == b"x", "in XDP mode");
     ensure!(
-        daemon.cli_ok(&["list"])? == "198.18.1.2:80/tcp -> 0.0.0.0:8080\n",
+        daemon.cli_ok(&["list"])? == "198.18.1.2:80/tcp -> 0.0.0.0:8080  cli\n",
         "the mapping was kept"
     );
     daemon.stop()

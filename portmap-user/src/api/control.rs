@@ -117,7 +117,7 @@ pub enum Response {
         message: String,
     },
     Mappings {
-        mappings: Vec<Mapping>,
+        mappings: Vec<Listed>,
     },
     Stats {
         stats: StatsReport,
@@ -125,6 +125,43 @@ pub enum Response {
     Containers {
         containers: std::collections::BTreeMap<String, Vec<Mapping>>,
     },
+}
+
+/// A mapping as `list` shows it: with its owner (`list --json` stays a valid config file: the
+/// config ignores `owner`, and owns what it lists).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub mapping: Mapping,
+    /// `config`, `cli`, or the container that published it (`Origin::owner`).
+    #[serde(default)]
+    pub owner: String,
+}
+
+impl Listed {
+    /// `--owner WANTED`: the owner as listed, or (a container's) a prefix of its container ID.
+    #[must_use]
+    pub fn owned_by(&self, wanted: &str) -> bool {
+        self.owner == wanted
+            || container_id(&self.owner).is_some_and(|id| !wanted.is_empty() && id.starts_with(wanted))
+    }
+
+    /// The owner as the `list` table shows it: container IDs cut to 12 characters, as Docker's.
+    #[must_use]
+    pub fn short_owner(&self) -> String {
+        match self.owner.split('/').collect::<Vec<_>>()[..] {
+            [network, id, ifname] => format!("{network}/{}/{ifname}", &id[..id.len().min(12)]),
+            _ => self.owner.clone(),
+        }
+    }
+}
+
+/// The container ID of a CNI owner (`NETWORK/CONTAINER_ID/IFNAME`).
+fn container_id(owner: &str) -> Option<&str> {
+    match owner.split('/').collect::<Vec<_>>()[..] {
+        [_, id, _] => Some(id),
+        _ => None,
+    }
 }
 
 /// A request line the daemon cannot read. The message says where and why (serde_json names the
@@ -187,6 +224,45 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listed(owner: &str) -> Listed {
+        Listed {
+            mapping: crate::model::spec::parse("8080:198.18.2.2:80").unwrap(),
+            owner: owner.into(),
+        }
+    }
+
+    #[test]
+    fn owners_filter_by_name_or_container_id_prefix() {
+        let container = listed("podman/0123456789abcdef0123/eth0");
+        assert!(container.owned_by("podman/0123456789abcdef0123/eth0"));
+        assert!(container.owned_by("0123456789ab"));
+        assert!(container.owned_by("0123456789abcdef0123"));
+        assert!(!container.owned_by("123"));
+        assert!(!container.owned_by(""));
+        assert!(!container.owned_by("podman"));
+        assert_eq!(container.short_owner(), "podman/0123456789ab/eth0");
+        assert!(listed("config").owned_by("config") && !listed("config").owned_by("cli"));
+        assert_eq!(listed("cli").short_owner(), "cli");
+    }
+
+    /// `list --json` carries the owner and stays a config file (the config ignores `owner`).
+    #[test]
+    fn listed_json_has_the_owner_and_is_a_config() {
+        let json = serde_json::json!({ "mappings": [listed("cli")] });
+        assert_eq!(json["mappings"][0]["owner"], "cli");
+        assert_eq!(json["mappings"][0]["protocol"], "tcp");
+        let config = crate::config::Config::from_json(&format!(
+            "{{\"interfaces\": [\"eth0\"], \"mappings\": {}}}",
+            json["mappings"]
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(config.mappings, vec![listed("cli").mapping]);
+        let back: Listed = serde_json::from_value(json["mappings"][0].clone()).unwrap();
+        assert_eq!(back, listed("cli"));
+    }
 
     #[test]
     fn wire_format_is_stable() {

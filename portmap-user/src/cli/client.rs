@@ -3,10 +3,7 @@
 
 use std::path::Path;
 
-use crate::{
-    api::control::{self, Request, Response, StatsReport},
-    model::mapping::Mapping,
-};
+use crate::api::control::{self, Listed, Request, Response, StatsReport};
 
 /// Sends a change and prints the daemon's answer.
 pub fn simple(socket: &Path, request: &Request) -> anyhow::Result<()> {
@@ -19,8 +16,8 @@ pub fn simple(socket: &Path, request: &Request) -> anyhow::Result<()> {
     }
 }
 
-/// The published mappings.
-pub fn list(socket: &Path) -> anyhow::Result<Vec<Mapping>> {
+/// The published mappings and their owners.
+pub fn list(socket: &Path) -> anyhow::Result<Vec<Listed>> {
     match control::call(socket, &Request::List)? {
         Response::Mappings { mappings } => Ok(mappings),
         other => Err(unexpected(other)),

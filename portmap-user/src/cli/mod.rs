@@ -55,11 +55,16 @@ pub enum Command {
     },
     /// Remove published ports (the spec as added, or as `list` shows it).
     Del { spec: String },
-    /// List published ports, one line per port in `docker port` style.
+    /// List published ports, one line per port in `docker port` style, with its owner:
+    /// `config`, `cli` (`portmap add`) or the container (NETWORK/CONTAINER_ID/IFNAME).
     List {
-        /// JSON: `{"mappings": [...]}`, which is also a valid config file (`--config x.json`).
+        /// JSON: `{"mappings": [...]}` with an `owner` field each, which is also a valid
+        /// config file (`--config x.json`; the config owns what it lists).
         #[arg(long)]
         json: bool,
+        /// Only the mappings of this owner: as listed, or a prefix of a container's ID.
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// Which host ports lead to a backend: BACKEND_IP[:PORT][/PROTO] (like `docker port`).
     Port { backend: String },

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{api::control::StatsReport, model::mapping::Mapping};
+use crate::api::control::{Listed, StatsReport};
 
 /// One line of output.
 pub fn line(text: &str) {
@@ -19,10 +19,12 @@ pub fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// `list`: each mapping's bindings as `docker port` prints them.
-pub fn mappings(mappings: &[Mapping]) {
-    for m in mappings {
-        for line in m.docker_lines() {
-            println!("{line}");
+/// `list`: one line per published port in `docker port` style, and its owner.
+pub fn mappings(mappings: &[Listed]) {
+    for listed in mappings {
+        let owner = listed.short_owner();
+        for line in listed.mapping.docker_lines() {
+            println!("{line}  {owner}");
         }
     }
 }

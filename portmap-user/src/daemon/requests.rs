@@ -10,7 +10,7 @@ use portmap_common::Stat;
 
 use super::state::{State, View};
 use crate::{
-    api::control::{MappingStats, Request, Response, StatsReport},
+    api::control::{Listed, MappingStats, Request, Response, StatsReport},
     datapath::Counters,
     host::sockets,
     model::{
@@ -123,7 +123,14 @@ fn changed(verb: &str, result: Result<Mapping, TableError>, started: Instant) ->
 pub(super) fn read(view: &View, counters: &Counters, request: &Request) -> Response {
     match request {
         Request::List => Response::Mappings {
-            mappings: view.mappings.iter().map(|(m, _)| m.clone()).collect(),
+            mappings: view
+                .mappings
+                .iter()
+                .map(|(mapping, _, owner)| Listed {
+                    mapping: mapping.clone(),
+                    owner: owner.clone(),
+                })
+                .collect(),
         },
         Request::Stats => match stats(view, counters) {
             Ok(stats) => Response::Stats { stats },
@@ -145,7 +152,7 @@ fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
     let mappings = view
         .mappings
         .iter()
-        .map(|(mapping, slot)| MappingStats {
+        .map(|(mapping, slot, _)| MappingStats {
             mapping: mapping.clone(),
             counters: all.get(*slot as usize).copied().unwrap_or_default(),
         })

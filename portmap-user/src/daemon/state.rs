@@ -161,7 +161,8 @@ pub(super) struct FlowFill {
 /// flow-table fill and interfaces. Taken from the state for each request, or once when a reload
 /// begins, to answer from while it runs.
 pub(super) struct View {
-    pub(super) mappings: Vec<(Mapping, u32)>,
+    /// Each mapping with its stats slot and owner.
+    pub(super) mappings: Vec<(Mapping, u32, String)>,
     pub(super) flows: FlowFill,
     pub(super) interfaces: Vec<(String, bool)>,
     pub(super) local_backends: Vec<LocalBackendReport>,
@@ -174,7 +175,13 @@ impl View {
                 .table
                 .entries()
                 .into_iter()
-                .map(|e| (e.mapping.clone(), e.place.stats_slot))
+                .map(|e| {
+                    (
+                        e.mapping.clone(),
+                        e.place.stats_slot,
+                        e.origin.owner().to_string(),
+                    )
+                })
                 .collect(),
             flows: FlowFill {
                 assured: state.flows.assured.active,

@@ -56,6 +56,19 @@ pub enum Origin {
     Container(String),
 }
 
+impl Origin {
+    /// Who owns the mapping, as `list` names it: `config`, `cli` (`portmap add`), or the
+    /// container (the CNI plugin's `NETWORK/CONTAINER_ID/IFNAME`).
+    #[must_use]
+    pub fn owner(&self) -> &str {
+        match self {
+            Self::Config => "config",
+            Self::Runtime => "cli",
+            Self::Container(owner) => owner,
+        }
+    }
+}
+
 /// One applied mapping.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {

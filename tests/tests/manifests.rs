@@ -207,7 +207,8 @@ fn unit_capabilities() -> anyhow::Result<BTreeSet<String>> {
 #[test]
 fn the_example_conflist_chains_portmap_cni_after_the_interface_plugin() -> anyhow::Result<()> {
     let path = repo("dist/cni/87-portmap-bridge.conflist");
-    let list: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let text = std::fs::read_to_string(&path)?;
+    let list: Value = serde_json::from_str(&text)?;
     let plugins = list["plugins"].as_array().context("plugins")?;
     let i = plugins
         .iter()
@@ -224,7 +225,7 @@ fn the_example_conflist_chains_portmap_cni_after_the_interface_plugin() -> anyho
     let parsed = NetConf::parse(conf.to_string().as_bytes()).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     ensure!(parsed.socket == DEFAULT_SOCKET, "socket {}", parsed.socket);
     ensure!(
-        install::chain(list.clone(), DEFAULT_SOCKET)? == list,
+        install::chain(&text, DEFAULT_SOCKET)?.is_none(),
         "`portmap-cni install` would change it"
     );
     Ok(())

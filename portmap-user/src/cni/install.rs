@@ -1,7 +1,8 @@
 //! `portmap-cni install`: puts the plugin in place on a node (the Kubernetes DaemonSet's init
-//! container runs it): copies the binary into the CNI bin directory and chains it into the
-//! node's network configuration — the first `.conflist` of the configuration directory in
-//! lexical order, the one container runtimes use — in place of the reference `portmap` plugin.
+//! container runs it): copies the binary into the CNI bin directory and chains it into every
+//! `.conflist` of the configuration directory (the default network and those podman and
+//! podman-compose created) in place of the reference `portmap` plugin, editing only the plugin
+//! list: the rest of each file stays as it was.
 
 use std::{
     fs,
@@ -11,6 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use jsonc_parser::{
+    ParseOptions,
+    cst::{CstInputValue, CstRootNode},
+};
 use serde_json::{Value, json};
 
 use crate::config::DEFAULT_SOCKET;
@@ -32,9 +37,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
-    /// Copy this binary into the CNI bin directory and chain it into the node's network
-    /// configuration (the first .conflist of --conf-dir), in place of the reference portmap
-    /// plugin. Running it again changes nothing.
+    /// Copy this binary into the CNI bin directory and chain it into every .conflist of
+    /// --conf-dir, in place of the reference portmap plugin (the rest of each file as it was).
+    /// Running it again changes nothing.
     Install {
         /// Where runtimes look for plugins.
         #[arg(long, default_value = "/opt/cni/bin")]
@@ -48,51 +53,97 @@ pub enum CliCommand {
     },
 }
 
-/// `conflist` with portmap-cni chained in: an entry of the reference `portmap` plugin is
-/// replaced in place (both would publish the same ports), an existing portmap-cni entry gets
-/// `socket`, otherwise the entry goes right after the first plugin (the interface plugin whose
-/// result it reads).
-pub fn chain(mut conflist: Value, socket: &str) -> anyhow::Result<Value> {
-    let Some(plugins) = conflist.get_mut("plugins").and_then(Value::as_array_mut) else {
+/// The plugin entry portmap-cni chains in, with the daemon's socket.
+fn entry(socket: &str) -> Value {
+    json!({
+        "type": PLUGIN_TYPE,
+        "capabilities": {"portMappings": true},
+        "socket": socket,
+    })
+}
+
+/// The same entry for the formatting-preserving editor.
+fn entry_input(socket: &str) -> CstInputValue {
+    CstInputValue::Object(vec![
+        ("type".into(), PLUGIN_TYPE.into()),
+        (
+            "capabilities".into(),
+            CstInputValue::Object(vec![("portMappings".into(), true.into())]),
+        ),
+        ("socket".into(), socket.into()),
+    ])
+}
+
+/// Where portmap-cni goes in a conflist's plugin list: in place of an entry of the reference
+/// `portmap` plugin (both would publish the same ports) or of an older portmap-cni entry, else
+/// right after the first plugin (the interface plugin whose result it reads).
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    Replace(usize),
+    Insert(usize),
+}
+
+/// Where portmap-cni goes in `conflist`, or `None` if it is chained there as wanted already.
+fn place(conflist: &Value, socket: &str) -> anyhow::Result<Option<Place>> {
+    let Some(plugins) = conflist.get("plugins").and_then(Value::as_array) else {
         bail!("not a conflist: no \"plugins\" list");
     };
     if plugins.is_empty() {
         bail!("the conflist has no plugin to chain after");
     }
-    let entry = json!({
-        "type": PLUGIN_TYPE,
-        "capabilities": {"portMappings": true},
-        "socket": socket,
-    });
     let kind = |p: &Value| p.get("type").and_then(Value::as_str).map(str::to_owned);
-    match plugins
-        .iter()
-        .position(|p| matches!(kind(p).as_deref(), Some(PLUGIN_TYPE | "portmap")))
-    {
-        Some(i) => plugins[i] = entry,
-        None => plugins.insert(1, entry),
-    }
-    Ok(conflist)
+    Ok(
+        match plugins
+            .iter()
+            .position(|p| matches!(kind(p).as_deref(), Some(PLUGIN_TYPE | "portmap")))
+        {
+            Some(i) if plugins[i] == entry(socket) => None,
+            Some(i) => Some(Place::Replace(i)),
+            None => Some(Place::Insert(1)),
+        },
+    )
 }
 
-/// The network configuration runtimes use: the first file of `conf_dir` in lexical order that
-/// ends in .conf, .conflist or .json.
-fn first_config(conf_dir: &Path) -> anyhow::Result<PathBuf> {
+/// `text` (a conflist) with portmap-cni chained in (see `place`), everything else as it was:
+/// key order, indentation and spacing; the file ends with a newline. `None`: already chained.
+pub fn chain(text: &str, socket: &str) -> anyhow::Result<Option<String>> {
+    let conflist: Value = serde_json::from_str(text)?;
+    let Some(place) = place(&conflist, socket)? else {
+        return Ok(None);
+    };
+    let root = CstRootNode::parse(text, &ParseOptions::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plugins = root
+        .object_value()
+        .and_then(|o| o.array_value("plugins"))
+        .context("no \"plugins\" list")?;
+    match place {
+        Place::Replace(i) => {
+            // Removed and inserted anew (the editor indents an insert as its neighbours).
+            let old = plugins.elements().into_iter().nth(i);
+            old.context("no such plugin entry")?.remove();
+            plugins.insert(i, entry_input(socket));
+        }
+        Place::Insert(i) => {
+            plugins.insert(i, entry_input(socket));
+        }
+    }
+    let mut chained = root.to_string();
+    if !chained.ends_with('\n') {
+        chained.push('\n');
+    }
+    Ok(Some(chained))
+}
+
+/// The conflists of `conf_dir`, in lexical order (runtimes take the first as the default
+/// network; podman and podman-compose add one per network they create).
+fn conflists(conf_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = fs::read_dir(conf_dir)
         .with_context(|| format!("reading {}", conf_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e == "conf" || e == "conflist" || e == "json")
-        })
+        .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
         .collect();
     files.sort();
-    files.into_iter().next().with_context(|| {
-        format!(
-            "no network configuration in {}: install the cluster's network plugin first",
-            conf_dir.display()
-        )
-    })
+    Ok(files)
 }
 
 /// Writes `bytes` to `path` through a temporary file renamed over it.
@@ -103,29 +154,58 @@ fn replace(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
-/// Installs the running binary and chains it; returns what it did, one line each.
+/// Each conflist of `conf_dir` and its text with portmap-cni chained in (`None`: already), all
+/// read and checked before anything is written; a directory without a conflist is an error.
+fn plan_dir(conf_dir: &Path, socket: &str) -> anyhow::Result<Vec<(PathBuf, Option<String>)>> {
+    let files = conflists(conf_dir)?;
+    if files.is_empty() {
+        bail!(
+            "no .conflist in {}: create the network first (podman network create, or the cluster's \
+             network plugin), then install",
+            conf_dir.display()
+        );
+    }
+    files
+        .into_iter()
+        .map(|file| {
+            let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let chained = chain(&text, socket).with_context(|| format!("{}", file.display()))?;
+            Ok((file, chained))
+        })
+        .collect()
+}
+
+/// Writes what `plan_dir` planned; one line per file.
+fn write_planned(planned: Vec<(PathBuf, Option<String>)>) -> anyhow::Result<Vec<String>> {
+    planned
+        .into_iter()
+        .map(|(file, chained)| match chained {
+            None => Ok(format!("{} already chains portmap-cni", file.display())),
+            Some(text) => {
+                let mode = fs::metadata(&file)?.permissions().mode() & 0o777;
+                replace(&file, text.as_bytes(), mode)?;
+                Ok(format!("chained portmap-cni into {}", file.display()))
+            }
+        })
+        .collect()
+}
+
+/// Chains portmap-cni into every conflist of `conf_dir`; returns what it did, one line each.
+pub fn chain_dir(conf_dir: &Path, socket: &str) -> anyhow::Result<Vec<String>> {
+    write_planned(plan_dir(conf_dir, socket)?)
+}
+
+/// Installs the running binary and chains it into every conflist of `conf_dir`; returns what it
+/// did, one line each. A directory without a conflist, or a conflist that cannot be read or
+/// parsed, is an error before anything is copied.
 pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &str) -> anyhow::Result<Vec<String>> {
+    let planned = plan_dir(conf_dir, socket)?;
     let exe = std::env::current_exe().context("finding this binary")?;
     let target = bin_dir.join(PLUGIN_TYPE);
     fs::create_dir_all(bin_dir).with_context(|| format!("creating {}", bin_dir.display()))?;
     replace(&target, &fs::read(&exe)?, 0o755)?;
     let mut done = vec![format!("installed {}", target.display())];
-    let conf = first_config(conf_dir)?;
-    if conf.extension().is_none_or(|e| e != "conflist") {
-        bail!(
-            "{} is a single-plugin configuration: portmap-cni needs a .conflist to chain into",
-            conf.display()
-        );
-    }
-    let text = fs::read(&conf).with_context(|| format!("reading {}", conf.display()))?;
-    let list: Value = serde_json::from_slice(&text).with_context(|| format!("reading {}", conf.display()))?;
-    let chained = chain(list.clone(), socket).with_context(|| format!("{}", conf.display()))?;
-    if chained == list {
-        done.push(format!("{} already chains portmap-cni", conf.display()));
-    } else {
-        replace(&conf, serde_json::to_string_pretty(&chained)?.as_bytes(), 0o644)?;
-        done.push(format!("chained portmap-cni into {}", conf.display()));
-    }
+    done.extend(write_planned(planned)?);
     Ok(done)
 }
 
@@ -133,28 +213,107 @@ pub fn install(bin_dir: &Path, conf_dir: &Path, socket: &str) -> anyhow::Result<
 mod tests {
     use super::*;
 
-    fn list(plugins: Value) -> Value {
-        json!({"cniVersion": "1.0.0", "name": "k8s", "plugins": plugins})
+    /// A conflist as `podman network create` writes it (keys not in alphabetical order, its own
+    /// indentation, no newline at the end).
+    const PODMAN: &str = r#"{
+   "cniVersion": "0.4.0",
+   "name": "pm",
+   "plugins": [
+      {
+         "type": "bridge",
+         "bridge": "cni-podman1",
+         "isGateway": true,
+         "ipMasq": true
+      },
+      {
+         "type": "portmap",
+         "capabilities": {
+            "portMappings": true
+         }
+      },
+      {
+         "type": "firewall",
+         "backend": ""
+      }
+   ]
+}"#;
+
+    #[test]
+    fn chaining_replaces_the_reference_plugin_and_keeps_the_rest_of_the_file() {
+        let chained = chain(PODMAN, "/s").unwrap().unwrap();
+        let expected = PODMAN.replace(
+            r#""type": "portmap",
+         "capabilities": {
+            "portMappings": true
+         }"#,
+            r#""type": "portmap-cni",
+         "capabilities": {
+            "portMappings": true
+         },
+         "socket": "/s""#,
+        ) + "\n";
+        assert_eq!(chained, expected);
+        // Without a port plugin: inserted after the interface plugin, indented as its neighbours.
+        let bare = PODMAN.replace(
+            r#"      {
+         "type": "portmap",
+         "capabilities": {
+            "portMappings": true
+         }
+      },
+"#,
+            "",
+        );
+        assert_eq!(chain(&bare, "/s").unwrap().unwrap(), expected);
+        // Again: nothing changes.
+        assert_eq!(chain(&chained, "/s").unwrap(), None);
+        // Another socket: the entry is rewritten.
+        let moved: Value = serde_json::from_str(&chain(&chained, "/t").unwrap().unwrap()).unwrap();
+        assert_eq!(moved["plugins"][1], entry("/t"));
     }
 
     #[test]
-    fn chaining_replaces_the_reference_plugin_or_follows_the_interface_plugin() {
-        let ours = json!({"type": "portmap-cni", "capabilities": {"portMappings": true}, "socket": "/s"});
-        let bridge = json!({"type": "bridge"});
-        let reference = json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true});
-        let tuning = json!({"type": "tuning"});
+    fn chaining_without_a_port_plugin_follows_the_interface_plugin() {
+        let text = "{\"cniVersion\": \"1.0.0\", \"name\": \"k8s\",\n \"plugins\": [{\"type\": \"bridge\"}, {\"type\": \"tuning\"}]}\n";
+        let chained = chain(text, "/s").unwrap().unwrap();
+        let value: Value = serde_json::from_str(&chained).unwrap();
         assert_eq!(
-            chain(list(json!([bridge, reference, tuning])), "/s").unwrap(),
-            list(json!([bridge, ours, tuning]))
+            value["plugins"],
+            json!([{"type": "bridge"}, entry("/s"), {"type": "tuning"}])
         );
-        assert_eq!(
-            chain(list(json!([bridge, tuning])), "/s").unwrap(),
-            list(json!([bridge, ours, tuning]))
+        assert!(chained.starts_with("{\"cniVersion\": \"1.0.0\", \"name\": \"k8s\",\n"));
+        assert!(chained.ends_with("}\n") && !chained.ends_with("\n\n"));
+        assert!(chain("{\"type\": \"bridge\"}", "/s").is_err());
+        assert!(chain("{\"plugins\": []}", "/s").is_err());
+        assert!(chain("{\"plugins\": [", "/s").is_err());
+    }
+
+    #[test]
+    fn every_conflist_is_chained_and_an_empty_directory_is_refused_before_any_copy() {
+        let dir = std::env::temp_dir().join(format!("portmap-cni-install-{}", std::process::id()));
+        let (conf, bin) = (dir.join("net.d"), dir.join("bin"));
+        fs::create_dir_all(&conf).unwrap();
+        let err = install(&bin, &conf, "/s").unwrap_err().to_string();
+        assert!(err.contains("no .conflist"), "{err}");
+        assert!(!bin.exists(), "copied before refusing");
+        fs::write(conf.join("10-a.conflist"), PODMAN).unwrap();
+        fs::write(conf.join("20-b.conflist"), PODMAN.replace("\"pm\"", "\"pm2\"")).unwrap();
+        fs::write(conf.join("99-broken.conflist"), "{").unwrap();
+        assert!(install(&bin, &conf, "/s").is_err());
+        assert!(!bin.exists(), "copied although a conflist is broken");
+        fs::remove_file(conf.join("99-broken.conflist")).unwrap();
+        let done = chain_dir(&conf, "/s").unwrap();
+        assert_eq!(done.len(), 2, "{done:?}");
+        for name in ["10-a.conflist", "20-b.conflist"] {
+            let value: Value = serde_json::from_str(&fs::read_to_string(conf.join(name)).unwrap()).unwrap();
+            assert_eq!(value["plugins"][1], entry("/s"), "{name}");
+        }
+        assert!(
+            chain_dir(&conf, "/s")
+                .unwrap()
+                .iter()
+                .all(|l| l.contains("already"))
         );
-        // Again: nothing changes.
-        let once = chain(list(json!([bridge, tuning])), "/s").unwrap();
-        assert_eq!(chain(once.clone(), "/s").unwrap(), once);
-        assert!(chain(json!({"type": "bridge"}), "/s").is_err());
-        assert!(chain(list(json!([])), "/s").is_err());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -119,9 +119,15 @@ fn version(stdin: &[u8]) -> Value {
 /// One request to the daemon; not running is "try again later" (11).
 fn call(conf: &NetConf, request: &Request) -> Result<Response, CniError> {
     control::call(Path::new(&conf.socket), request).map_err(|e| match e {
-        ClientError::NotRunning { .. } => {
-            CniError::new(11, "the portmap daemon is not running".to_owned(), e)
-        }
+        // Said once, in the plugin's terms: the conflist's `socket` key, not the CLI's --socket.
+        ClientError::NotRunning { path } => CniError::new(
+            11,
+            "the portmap daemon is not running".to_owned(),
+            format!(
+                "no control socket at {path}: start the daemon (`portmap run`, or its systemd unit), or \
+                 set this plugin's \"socket\" key in the conflist to the socket it listens on"
+            ),
+        ),
         _ => CniError::new(5, "cannot reach the portmap daemon".to_owned(), e),
     })
 }
@@ -248,4 +254,28 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a daemon the plugin says so once, and how to fix it in CNI terms.
+    #[test]
+    fn a_missing_daemon_is_named_once_with_the_conflist_key() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion": "1.0.0", "name": "n", "type": "portmap-cni", "socket": "/nonexistent/pm.sock"}"#,
+        )
+        .unwrap();
+        let err = call(&conf, &Request::List).unwrap_err();
+        let text = format!("{}: {}", err.msg, err.details);
+        assert_eq!(err.code, 11, "{text}");
+        assert_eq!(text.matches("not running").count(), 1, "{text}");
+        assert!(
+            text.contains("/nonexistent/pm.sock")
+                && text.contains("\"socket\" key")
+                && !text.contains("--socket"),
+            "{text}"
+        );
+    }
 }

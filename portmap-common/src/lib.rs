@@ -196,10 +196,18 @@ pub struct MappingValue {
     pub stats_slot: u32,
     /// Of the backend(s); always that of the key (no NAT between families).
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// `MAPPING_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 }
 const _: () = assert!(size_of::<MappingValue>() == 32);
+
+/// `MappingValue::flags`: a container runtime owns the port and holds a socket on it as its
+/// reservation (podman's conmon, dockerd, after CNI ADD): the bind hook lets binds of it through,
+/// and the runtime's own socket refuses the others (EADDRINUSE). Ports published with
+/// `portmap add` or the config file lack it: the bind hook refuses their binds (EPERM).
+pub const MAPPING_F_RUNTIME_RESERVES: u8 = 1;
 
 map_layout! {
 /// Value of `PM_BACKENDS` (an array indexed by what Maglev tables hold). A slot no mapping

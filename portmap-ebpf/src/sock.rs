@@ -8,7 +8,8 @@
 //!   (`PM_SOCK_REVERSE`, keyed by the socket's cookie), so UDP replies appear to come from the
 //!   address the client sent to.
 //! - bind() of a published port is refused (EPERM) in the host's network namespace, as Docker's
-//!   held port refuses it with EADDRINUSE.
+//!   held port refuses it with EADDRINUSE — unless a container runtime owns the port
+//!   (`MAPPING_F_RUNTIME_RESERVES`): its own reservation socket binds, and refuses the others.
 //!
 //! Which destinations match (`lb::lookup`): a mapping's own address; for a wildcard mapping, the
 //! host's addresses. Loopback destinations (and mappings bound to loopback) only for sockets of
@@ -24,7 +25,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use portmap_common::{
-    Addr, FAMILY_V4, FAMILY_V6, MappingValue, PortKey, SockRevKey, SockRevValue, Stat, flow_hash,
+    Addr, FAMILY_V4, FAMILY_V6, MAPPING_F_RUNTIME_RESERVES, MappingValue, PortKey, SockRevKey, SockRevValue,
+    Stat, flow_hash,
 };
 
 use crate::{
@@ -253,18 +255,23 @@ pub fn bind(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let proto = sock_addr(ctx).protocol as u8;
     let unspecified = at.addr == [0; 4];
-    let published = if unspecified {
+    // The mapping of this address (or the wildcard one); its runtime reserves the port itself.
+    let reserved = || {
+        lb::lookup(&at.addr, at.port_be, proto, at.family, || true)
+            .map(|m| m.flags & MAPPING_F_RUNTIME_RESERVES != 0)
+    };
+    let refused = if unspecified {
         let key = PortKey {
             port_be: at.port_be,
             proto,
             _pad: 0,
         };
         // SAFETY: only the presence of the entry is read.
-        unsafe { PM_PUBLISHED_PORTS.get(key) }.is_some()
+        unsafe { PM_PUBLISHED_PORTS.get(key) }.is_some() && reserved() != Some(true)
     } else {
-        lb::lookup(&at.addr, at.port_be, proto, at.family, || true).is_some()
+        reserved() == Some(false)
     };
-    if published {
+    if refused {
         count(Stat::SockBindRefused);
         return REJECT;
     }

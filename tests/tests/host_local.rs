@@ -239,6 +239,35 @@ fn published_ports_cannot_be_bound_on_the_host() -> anyhow::Result<()> {
     daemon.cli_ok(&["del", "8080:198.18.1.2:80"])?;
     let r = bind(&topo.host, "tcp", "0.0.0.0:8080")?;
     ensure!(r["ok"] == true, "after del: {r}");
+
+    // A container's port (published as the CNI plugin does): its runtime's reservation binds,
+    // and it refuses every other bind (EADDRINUSE), at the wildcard and at a host address.
+    const EADDRINUSE: i64 = 98;
+    let published = portmap::api::control::call(
+        &daemon.socket,
+        &portmap::api::control::Request::Publish {
+            owner: "pmnet/c1/eth0".into(),
+            specs: vec![
+                "9999:198.18.1.2:80".into(),
+                "198.18.0.1:9998:198.18.1.2:81".into(),
+            ],
+        },
+    )?;
+    ensure!(
+        matches!(published, portmap::api::control::Response::Ok { .. }),
+        "{published:?}"
+    );
+    for addr in ["0.0.0.0:9999", "198.18.0.1:9999", "198.18.0.1:9998"] {
+        let r = hooked(&topo.host, &daemon, &["reserve", addr])?;
+        ensure!(
+            r["ok"] == true && r["second"]["errno"] == EADDRINUSE,
+            "a runtime's reservation of {addr}: {r}"
+        );
+    }
+    // A wildcard bind of a port the container publishes on one address only is refused: it would
+    // take that address too (the runtime binds the address itself).
+    let r = bind(&topo.host, "tcp", "0.0.0.0:9998")?;
+    ensure!(r["ok"] == false && r["errno"] == EPERM, "bind 0.0.0.0:9998: {r}");
     daemon.stop()
 }
 

@@ -65,6 +65,17 @@ fn bind(proto: &str, addr: SocketAddr) -> std::io::Result<Value> {
     Ok(json!({"ok": true}))
 }
 
+/// A runtime's reservation: listens on `addr`, then reports what a second bind of it gets.
+fn reserve(addr: SocketAddr) -> std::io::Result<Value> {
+    let held = TcpListener::bind(addr)?;
+    let second = match TcpListener::bind(addr) {
+        Ok(_) => json!({"ok": true}),
+        Err(e) => failed(&e),
+    };
+    drop(held);
+    Ok(json!({"ok": true, "second": second}))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parse =
@@ -73,7 +84,10 @@ fn main() {
         ["tcp", addr] => tcp(parse(addr)),
         ["udp", addr, mode] => udp(parse(addr), *mode == "connected"),
         ["bind", proto, addr] => bind(proto, parse(addr)),
-        _ => panic!("pm-probe: usage: tcp ADDR | udp ADDR connected|unconnected | bind tcp|udp ADDR"),
+        ["reserve", addr] => reserve(parse(addr)),
+        _ => panic!(
+            "pm-probe: usage: tcp ADDR | udp ADDR connected|unconnected | bind tcp|udp ADDR | reserve ADDR"
+        ),
     };
     println!("{}", result.unwrap_or_else(|e| failed(&e)));
 }

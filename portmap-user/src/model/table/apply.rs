@@ -137,7 +137,7 @@ impl Table {
                 undo("a config diff", maps.set_backends(&backends));
                 undo("a config diff", maps.set_maglev(group.group, &table));
             }
-            entries.extend(mapping_entries(&e.mapping, &e.place));
+            entries.extend(mapping_entries(&e.mapping, &e.place, e.origin.runtime_reserves()));
         }
         undo("a config diff", maps.set_mappings(&entries));
         let (old_ports, now_ports) = (self.published_ports(), now.published_ports());

@@ -67,6 +67,13 @@ impl Origin {
             Self::Container(owner) => owner,
         }
     }
+
+    /// Whether the owner's runtime holds a socket on each published port as its reservation
+    /// (container runtimes do, after CNI ADD), so the bind hook lets binds of them through.
+    #[must_use]
+    pub fn runtime_reserves(&self) -> bool {
+        matches!(self, Self::Container(_))
+    }
 }
 
 /// One applied mapping.
@@ -142,6 +149,7 @@ fn write_mapping<M: Maps + ?Sized>(
     maps: &mut M,
     mapping: &Mapping,
     place: &Placement,
+    origin: &Origin,
     reset_stats: bool,
 ) -> anyhow::Result<()> {
     if reset_stats {
@@ -153,7 +161,7 @@ fn write_mapping<M: Maps + ?Sized>(
         maps.set_backends(&backends)?;
         maps.set_maglev(group.group, &table)?;
     }
-    maps.set_mappings(&mapping_entries(mapping, place))
+    maps.set_mappings(&mapping_entries(mapping, place, origin.runtime_reserves()))
 }
 
 /// Best effort, after a failed write: a warning for what could not be undone either.
@@ -333,7 +341,7 @@ impl Table {
         let (mapping, next_dynamic) = self.resolve(requested, sockets)?;
         let (place, taken) = self.place(&mapping, None)?;
         let new_ports = self.port_changes(&mapping, true);
-        let written = write_mapping(maps, &mapping, &place, taken.reset_stats())
+        let written = write_mapping(maps, &mapping, &place, &origin, taken.reset_stats())
             .and_then(|()| maps.publish_ports(&new_ports));
         if let Err(e) = written {
             undo("an add", maps.remove_mappings(&mapping_keys(&mapping)));
@@ -411,7 +419,11 @@ impl Table {
         if let Err(e) = removed {
             undo(
                 "a removal",
-                maps.set_mappings(&mapping_entries(&entry.mapping, &entry.place)),
+                maps.set_mappings(&mapping_entries(
+                    &entry.mapping,
+                    &entry.place,
+                    entry.origin.runtime_reserves(),
+                )),
             );
             undo("a removal", maps.publish_ports(&freed_ports));
             return Err(TableError::Datapath(e));
@@ -442,10 +454,13 @@ impl Table {
             .cloned()
             .ok_or_else(|| TableError::NoSuchBinding(spec.to_string()))?;
         let (place, taken) = self.place(spec, Some(&old))?;
-        if let Err(e) = write_mapping(maps, spec, &place, false) {
+        if let Err(e) = write_mapping(maps, spec, &place, &old.origin, false) {
             // The old version in full (its table and backends were never freed), then clear
             // what only the new one used.
-            undo("an update", write_mapping(maps, &old.mapping, &old.place, false));
+            undo(
+                "an update",
+                write_mapping(maps, &old.mapping, &old.place, &old.origin, false),
+            );
             let fresh: Vec<u32> = taken.backends.iter().map(|(id, _)| *id).collect();
             undo("an update", clear_backends(maps, &fresh));
             if let Some((group, _)) = taken.group {

@@ -198,7 +198,7 @@ impl Table {
     pub fn rewrite<M: Maps + ?Sized>(&self, maps: &mut M) -> anyhow::Result<()> {
         let mut batch = Batch::new(maps);
         for entry in self.entries.values() {
-            write_mapping(&mut batch, &entry.mapping, &entry.place, false)?;
+            write_mapping(&mut batch, &entry.mapping, &entry.place, &entry.origin, false)?;
         }
         let ports: Vec<_> = self.published_ports().into_iter().collect();
         batch.publish_ports(&ports)?;

@@ -74,7 +74,12 @@ fn expected_contents(table: &Table) -> MapContents {
             want.set_backends(&backends).unwrap();
             want.set_maglev(group.group, &maglev).unwrap();
         }
-        want.set_mappings(&mapping_entries(&e.mapping, &e.place)).unwrap();
+        want.set_mappings(&mapping_entries(
+            &e.mapping,
+            &e.place,
+            e.origin.runtime_reserves(),
+        ))
+        .unwrap();
     }
     want.published_ports = table.published_ports();
     want
@@ -295,6 +300,7 @@ fn an_uncommitted_batch_writes_no_entry() {
             stats_slot: 0,
             group: None,
         },
+        false,
     )[0]
     .1;
     {
@@ -564,4 +570,36 @@ fn a_host_range_with_one_backend_port_publishes_one_free_port_of_it() {
     }];
     let dynamic = table.add(&mut maps, &m("198.18.2.40:80"), &NoSockets).unwrap();
     assert_eq!(dynamic.host_ports, Some(PortRange::single(40005)));
+}
+
+/// A container's ports are marked as reserved by its runtime in `PM_MAPPINGS` (the bind hook
+/// lets its reservation socket through), through every write path; other owners' are not.
+#[test]
+fn container_ports_are_marked_as_reserved_by_their_runtime() {
+    let (mut table, mut maps) = populated();
+    let container = Origin::Container("n/c1/eth0".into());
+    table
+        .apply_as(
+            &mut maps,
+            &container,
+            &[m("9999:198.18.2.9:80"), m("9998:198.18.2.9:81,198.18.2.8:81")],
+            &NoSockets,
+        )
+        .unwrap();
+    table
+        .update(&mut maps, &m("9998:198.18.2.9:81,198.18.2.7:81"))
+        .unwrap();
+    let flags = |maps: &FlakyMaps, port: u16| -> Vec<u8> {
+        maps.contents
+            .mappings
+            .iter()
+            .filter(|(k, _)| u16::from_be(k.port_be) == port)
+            .map(|(_, v)| v.flags)
+            .collect()
+    };
+    assert_eq!(flags(&maps, 9999), [portmap_common::MAPPING_F_RUNTIME_RESERVES]);
+    assert_eq!(flags(&maps, 9998), [portmap_common::MAPPING_F_RUNTIME_RESERVES]);
+    assert_eq!(flags(&maps, 8080), [0]);
+    // The maps are what the table says (rewritten from it, as at a restart).
+    assert_eq!(maps.contents, expected_contents(&table));
 }

@@ -9,7 +9,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use portmap_common::{
-    BackendValue, MAGLEV_SIZE, MaglevTable, MappingKey, MappingValue, NO_GROUP, PortKey, addr_words,
+    BackendValue, MAGLEV_SIZE, MAPPING_F_RUNTIME_RESERVES, MaglevTable, MappingKey, MappingValue, NO_GROUP,
+    PortKey, addr_words,
 };
 
 use crate::{model::maglev, model::mapping::Mapping};
@@ -129,9 +130,20 @@ pub fn mapping_keys(mapping: &Mapping) -> Vec<MappingKey> {
 }
 
 /// The `PM_MAPPINGS` entries of a mapping placed at `place`: the first backend inline (the only
-/// one, or unused beside a Maglev group), the port offset of each host port in a range.
+/// one, or unused beside a Maglev group), the port offset of each host port in a range; a
+/// container's ports are marked as reserved by its runtime (`runtime_reserves`: see
+/// `Origin::runtime_reserves`).
 #[must_use]
-pub fn mapping_entries(mapping: &Mapping, place: &Placement) -> Vec<(MappingKey, MappingValue)> {
+pub fn mapping_entries(
+    mapping: &Mapping,
+    place: &Placement,
+    runtime_reserves: bool,
+) -> Vec<(MappingKey, MappingValue)> {
+    let flags = if runtime_reserves {
+        MAPPING_F_RUNTIME_RESERVES
+    } else {
+        0
+    };
     let Some(ports) = mapping.host_ports else {
         return Vec::new();
     };
@@ -149,7 +161,8 @@ pub fn mapping_entries(mapping: &Mapping, place: &Placement) -> Vec<(MappingKey,
                 group,
                 stats_slot: place.stats_slot,
                 family: mapping.family(),
-                _pad: [0; 3],
+                flags,
+                _pad: [0; 2],
             };
             (mapping.map_key(port), value)
         })

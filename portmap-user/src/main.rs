@@ -112,7 +112,10 @@ fn run(config: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
 fn cleanup(socket: &Path, pin_dir: Option<PathBuf>, state_file: Option<PathBuf>) -> anyhow::Result<()> {
     let pin_dir = pin_dir.unwrap_or_else(|| config::DEFAULT_PIN_DIR.into());
     let state_file = state_file.unwrap_or_else(|| config::DEFAULT_STATE_FILE.into());
-    let removed = portmap::datapath::cleanup(&pin_dir, socket, &daemon::state_files(&state_file))?;
+    // The saved state, and the removals recorded for a daemon that will not adopt anything now.
+    let [state, journal] = daemon::state_files(&state_file);
+    let files = [state, journal, portmap::api::pending::path_for(socket)];
+    let removed = portmap::datapath::cleanup(&pin_dir, socket, &files)?;
     if removed.is_empty() {
         print::line(&format!("nothing to clean up in {}", pin_dir.display()));
     }

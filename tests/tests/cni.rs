@@ -350,3 +350,47 @@ const EXPECT_REFERENCE: [&str; 18] = [
     "error 3: missing containerID",
     "c2",
 ];
+
+/// A container deleted while no daemon runs loses its ports when the next daemon starts: DEL
+/// records the removal beside the control socket and succeeds; the daemon unpublishes it before
+/// it answers, and another container takes the port.
+#[test]
+fn a_container_deleted_while_no_daemon_runs_loses_its_ports_at_start() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("cni-down")?;
+    let args = mode_args(&topo, Mode::Tc)?;
+    let mut daemon = Daemon::start(&topo.host, &args)?;
+    let net = Network {
+        topo: &topo,
+        plugin: Plugin::PortmapCni,
+        bin: portmap_cni_bin()?,
+        dir: dir.path(),
+        bridge: format!("pmd{}", std::process::id() % 100_000),
+        socket: Some(daemon.socket.to_str().context("utf-8")?.to_owned()),
+        results: std::cell::RefCell::default(),
+    };
+    let (k1, k2) = (Netns::new("k1")?, Netns::new("k2")?);
+    let web = json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]);
+    anyhow::ensure!(net.add("c1", &k1, &web)? == "ok", "ADD c1");
+    daemon.stop()?;
+    let deleted = net.command("DEL", "1.0.0", "c1", &k1, &web)?;
+    anyhow::ensure!(deleted == "ok", "DEL with no daemon: {deleted}");
+    daemon.restart(&topo.host, &args)?;
+    let listed = daemon.cli_ok(&["list"])?;
+    anyhow::ensure!(listed.is_empty(), "still published after the start: {listed}");
+    anyhow::ensure!(
+        daemon.log().contains("removed while no daemon ran"),
+        "{}",
+        daemon.log()
+    );
+    let added = net.add("c2", &k2, &web)?;
+    anyhow::ensure!(added == "ok", "ADD c2 of the freed port: {added}");
+    let _w2 = Whoami::start(&k2, "c2")?;
+    let reached = reaches(&topo.client, 8080)?;
+    anyhow::ensure!(reached == "c2", "client -> :8080: {reached}");
+    // Applied once: a restart keeps c2's port.
+    daemon.stop()?;
+    daemon.restart(&topo.host, &args)?;
+    anyhow::ensure!(daemon.cli_ok(&["list", "--owner", "c2"])?.lines().count() == 1);
+    daemon.stop()
+}

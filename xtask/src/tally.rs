@@ -97,7 +97,7 @@ impl Tally {
             };
             let _ = writeln!(out, "FAILED: {}: {why}", b.name);
         }
-        if self.passed() == 0 {
+        if self.passed() + self.failed() == 0 {
             bad = true;
             let _ = writeln!(out, "FAILED: no test ran");
         }

@@ -17,8 +17,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use self::conf::{NetConf, SUPPORTED_VERSIONS, container_ips, specs};
+
+/// CNI error code 11: try again later (the daemon is not running).
+const NOT_RUNNING: u32 = 11;
 use crate::{
-    api::control::{self, ClientError, Request, Response},
+    api::{
+        control::{self, ClientError, Request, Response},
+        pending,
+    },
     model::mapping::Mapping,
 };
 
@@ -121,7 +127,7 @@ fn call(conf: &NetConf, request: &Request) -> Result<Response, CniError> {
     control::call(Path::new(&conf.socket), request).map_err(|e| match e {
         // Said once, in the plugin's terms: the conflist's `socket` key, not the CLI's --socket.
         ClientError::NotRunning { path } => CniError::new(
-            11,
+            NOT_RUNNING,
             "the portmap daemon is not running".to_owned(),
             format!(
                 "no control socket at {path}: start the daemon (`portmap run`, or its systemd unit), or \
@@ -185,11 +191,28 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<Value, CniError> {
     Ok(result)
 }
 
+/// Removes the container's ports; with no daemon running, records the removal for the next
+/// one (`api::pending`) and succeeds, as DEL must once nothing is left to do now.
 fn del(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     let owner = inv.owner(conf)?;
-    match call(conf, &Request::Unpublish { owner })? {
-        Response::Ok { .. } => Ok(()),
-        other => Err(refused("cannot remove the container's ports".to_owned(), other)),
+    match call(conf, &Request::Unpublish { owner: owner.clone() }) {
+        Ok(Response::Ok { .. }) => Ok(()),
+        Ok(other) => Err(refused("cannot remove the container's ports".to_owned(), other)),
+        Err(e) if e.code == NOT_RUNNING => {
+            pending::record(Path::new(&conf.socket), &owner).map_err(|io| {
+                CniError::new(
+                    5,
+                    "the portmap daemon is not running and the removal could not be recorded for it"
+                        .to_owned(),
+                    format!("{}: {io}", pending::path_for(Path::new(&conf.socket)).display()),
+                )
+            })?;
+            // A daemon that started meanwhile may have read the record already: ask it too
+            // (removing what is gone is no change; the record is applied again harmlessly).
+            let _ = call(conf, &Request::Unpublish { owner });
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

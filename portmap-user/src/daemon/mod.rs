@@ -71,6 +71,9 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
         .attach(&cfg.interfaces, cfg.attach, &cfg.redirect_interfaces, &cgroup_dir)?;
     apply_config(&mut state, &valid)?;
     let listener = control_socket::bind_socket(&cfg.socket)?;
+    // After the socket exists: a plugin that found no daemon recorded its removal before this
+    // reads it, or finds the socket when it tries again (its request waits in the backlog).
+    requests::apply_pending_removals(&mut state, &cfg.socket)?;
     let metrics = match cfg.metrics {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -2,7 +2,7 @@
 //! at a time to the state by its owner. A reload is not among them: it runs beside the loop
 //! (`reload`).
 
-use std::time::Instant;
+use std::{path::Path, time::Instant};
 
 use anyhow::Context as _;
 use log::{error, info};
@@ -10,7 +10,10 @@ use portmap_common::Stat;
 
 use super::state::{State, View};
 use crate::{
-    api::control::{Listed, MappingStats, Request, Response, StatsReport},
+    api::{
+        control::{Listed, MappingStats, Request, Response, StatsReport},
+        pending,
+    },
     datapath::Counters,
     host::sockets,
     model::{
@@ -93,6 +96,26 @@ fn publish(state: &mut State, owner: String, specs: &[String]) -> anyhow::Result
         info!("{message}");
     }
     Ok(message)
+}
+
+/// Unpublishes the containers the CNI plugin recorded as removed while no daemon ran
+/// (`api::pending`), then saves the state; the record is emptied only once that is saved, so a
+/// crash in between applies it again at the next start (removing nothing twice).
+pub(super) fn apply_pending_removals(state: &mut State, socket: &Path) -> anyhow::Result<()> {
+    let path = pending::path_for(socket);
+    let pending = pending::Pending::take(socket).with_context(|| format!("reading {}", path.display()))?;
+    if pending.owners.is_empty() {
+        return Ok(());
+    }
+    for owner in &pending.owners {
+        let message = publish(state, owner.clone(), &[])?;
+        info!("{message} (the container was removed while no daemon ran)");
+    }
+    state.flush_stale_flows();
+    state.save()?;
+    pending
+        .done()
+        .with_context(|| format!("emptying {}", path.display()))
 }
 
 /// After a change (or a refused one): deletes the flows it made stale and saves the mappings for

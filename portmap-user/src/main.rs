@@ -48,7 +48,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             mut overrides,
         } => {
             overrides.socket = cli.socket;
-            run(config, overrides)
+            run(config, *overrides)
         }
         Command::Add { spec, backends } => simple(
             &socket,

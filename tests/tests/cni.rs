@@ -394,3 +394,49 @@ fn a_container_deleted_while_no_daemon_runs_loses_its_ports_at_start() -> anyhow
     anyhow::ensure!(daemon.cli_ok(&["list", "--owner", "c2"])?.lines().count() == 1);
     daemon.stop()
 }
+
+/// `--cni-conf-dir`: the daemon chains portmap-cni into the conflists there at start and into
+/// one written later (as `podman network create` writes it), keeping the rest of each file.
+#[test]
+fn the_daemon_chains_conflists_that_appear_in_its_cni_conf_dir() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("cni-conf")?;
+    let conf = dir.path().join("net.d");
+    std::fs::create_dir(&conf)?;
+    let podman = |name: &str| {
+        format!(
+            "{{\n   \"cniVersion\": \"0.4.0\",\n   \"name\": \"{name}\",\n   \"plugins\": [\n      {{\n         \
+             \"type\": \"bridge\",\n         \"bridge\": \"cni-{name}\",\n         \"ipMasq\": true\n      }},\n      \
+             {{\n         \"type\": \"portmap\",\n         \"capabilities\": {{\n            \"portMappings\": true\n         \
+             }}\n      }},\n      {{\n         \"type\": \"firewall\"\n      }}\n   ]\n}}"
+        )
+    };
+    std::fs::write(conf.join("87-podman.conflist"), podman("podman"))?;
+    let mut args = mode_args(&topo, Mode::Tc)?;
+    let conf_arg = conf.to_str().context("utf-8")?.to_owned();
+    args.extend(["--cni-conf-dir", &conf_arg]);
+    let mut daemon = Daemon::start(&topo.host, &args)?;
+    let socket = daemon.socket.to_str().context("utf-8")?.to_owned();
+    let chained = |name: &str| -> anyhow::Result<bool> {
+        let text = std::fs::read_to_string(conf.join(name))?;
+        let value: Value = serde_json::from_str(&text)?;
+        Ok(value["plugins"][1]["type"] == "portmap-cni" && value["plugins"][1]["socket"] == socket.as_str())
+    };
+    anyhow::ensure!(chained("87-podman.conflist")?, "not chained at start");
+    // A network created while the daemon runs: written to a temporary name and renamed, as
+    // podman does, and one written in place.
+    std::fs::write(conf.join(".tmp-net"), podman("pm1"))?;
+    std::fs::rename(conf.join(".tmp-net"), conf.join("pm1.conflist"))?;
+    std::fs::write(conf.join("pm2.conflist"), podman("pm2"))?;
+    portmap_tests::wait_for("the new conflists to be chained", Duration::from_secs(10), || {
+        Ok(chained("pm1.conflist")? && chained("pm2.conflist")?)
+    })?;
+    // Only the plugin list changed: the rest keeps podman's formatting, and a newline ends it.
+    let text = std::fs::read_to_string(conf.join("pm1.conflist"))?;
+    anyhow::ensure!(
+        text.starts_with("{\n   \"cniVersion\": \"0.4.0\",\n   \"name\": \"pm1\",\n")
+            && text.ends_with("   ]\n}\n"),
+        "{text}"
+    );
+    daemon.stop()
+}

@@ -35,7 +35,7 @@ pub enum Command {
         config: Option<PathBuf>,
         /// Settings that replace the config file's.
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Box<Overrides>,
     },
     /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
     /// Without a host port one is allocated from the dynamic range and printed.

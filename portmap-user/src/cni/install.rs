@@ -190,6 +190,19 @@ fn write_planned(planned: Vec<(PathBuf, Option<String>)>) -> anyhow::Result<Vec<
         .collect()
 }
 
+/// Chains portmap-cni into the conflist `file`; returns what it did.
+pub fn chain_file(file: &Path, socket: &str) -> anyhow::Result<String> {
+    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let chained = chain(&text, socket).with_context(|| format!("{}", file.display()))?;
+    let mut done = write_planned(vec![(file.to_owned(), chained)])?;
+    Ok(done.remove(0))
+}
+
+/// The conflists of `conf_dir` (for the daemon's `cni_conf_dir`).
+pub fn conflists_of(conf_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    conflists(conf_dir)
+}
+
 /// Chains portmap-cni into every conflist of `conf_dir`; returns what it did, one line each.
 pub fn chain_dir(conf_dir: &Path, socket: &str) -> anyhow::Result<Vec<String>> {
     write_planned(plan_dir(conf_dir, socket)?)

@@ -164,6 +164,10 @@ pub struct Startup {
     pub cgroup_mount: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`GET /metrics`), `"ADDR:PORT"`; off when absent.
     pub metrics: Option<SocketAddr>,
+    /// A CNI configuration directory (podman's `/etc/cni/net.d`): portmap-cni is chained into
+    /// every `.conflist` there (in place of the reference `portmap` plugin), at start and
+    /// whenever one appears or changes, so networks created later publish through portmap.
+    pub cni_conf_dir: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -179,6 +183,7 @@ impl Default for Startup {
             cgroup: DEFAULT_CGROUP.into(),
             cgroup_mount: None,
             metrics: None,
+            cni_conf_dir: None,
             limits: Limits::default(),
         }
     }
@@ -280,6 +285,10 @@ pub struct Overrides {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics; replaces `metrics`.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Chain portmap-cni into every .conflist of DIR, now and whenever one appears or changes;
+    /// replaces `cni_conf_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -306,6 +315,10 @@ impl Overrides {
             self.cgroup_mount.is_some().then_some(&self.cgroup_mount),
         );
         set(&mut cfg.metrics, self.metrics.is_some().then_some(&self.metrics));
+        set(
+            &mut cfg.cni_conf_dir,
+            self.cni_conf_dir.is_some().then_some(&self.cni_conf_dir),
+        );
     }
 }
 

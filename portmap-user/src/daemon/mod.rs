@@ -8,6 +8,7 @@
 //! adopts it: the pinned maps (flows, counters, mappings) as they are, the programs replaced in
 //! the same links, the mappings restored from the state file and the config applied as one diff.
 
+mod conflists;
 mod control_socket;
 mod flows;
 mod reload;
@@ -74,6 +75,9 @@ pub async fn run(valid: Valid, reload: Option<ReloadSource>) -> anyhow::Result<(
     // After the socket exists: a plugin that found no daemon recorded its removal before this
     // reads it, or finds the socket when it tries again (its request waits in the backlog).
     requests::apply_pending_removals(&mut state, &cfg.socket)?;
+    if let Some(dir) = &cfg.cni_conf_dir {
+        conflists::follow(dir.clone(), &cfg.socket)?;
+    }
     let metrics = match cfg.metrics {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

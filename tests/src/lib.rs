@@ -15,13 +15,15 @@
 //! - `servers`: TCP/UDP servers and clients inside namespaces;
 //! - `sctp`: raw SCTP packets (the kernel here has no SCTP module);
 //! - `flood`: spoofed TCP flows from a raw socket;
-//! - `cni`: CNI plugins invoked as a container runtime invokes them.
+//! - `cni`: CNI plugins invoked as a container runtime invokes them;
+//! - `podman`: real podman with a private configuration, its conmon in the daemon's cgroup.
 
 mod cgroup;
 mod cni;
 mod daemon;
 mod flood;
 mod netns;
+mod podman;
 mod probe;
 mod sctp;
 mod servers;
@@ -30,7 +32,7 @@ mod topology;
 use std::time::Duration;
 
 pub use self::{
-    cgroup::*, cni::*, daemon::*, flood::*, netns::*, probe::*, sctp::*, servers::*, topology::*,
+    cgroup::*, cni::*, daemon::*, flood::*, netns::*, podman::*, probe::*, sctp::*, servers::*, topology::*,
 };
 
 /// How long a socket operation of a test may block (10 s, times `slowdown`).

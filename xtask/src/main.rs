@@ -30,7 +30,7 @@ const VMTEST_PACKAGES: [(&str, &str); 3] = [
 
 /// What the tests, the demo and the benchmark need from Debian: a command or file that shows the
 /// package is there, and the package.
-const APT_PACKAGES: [(&str, &str); 10] = [
+const APT_PACKAGES: [(&str, &str); 15] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("systemd-analyze", "systemd"),
@@ -40,6 +40,13 @@ const APT_PACKAGES: [(&str, &str); 10] = [
     ("pkg-config", "pkg-config"),
     // The CNI tests: bridge and host-local before portmap-cni, and the reference portmap plugin.
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    // The podman tests (issue 23): podman 4.3 with runc (crun refuses this machine's hybrid
+    // cgroups) and conmon; images come from busybox-static's /bin/busybox (no registry).
+    ("podman", "podman"),
+    ("podman-compose", "podman-compose"),
+    ("runc", "runc"),
+    ("conmon", "conmon"),
+    ("/bin/busybox", "busybox-static"),
     // plotters (benchmark plots) renders text through fontconfig.
     ("/usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
     (

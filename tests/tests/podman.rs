@@ -1,0 +1,128 @@
+//! Real podman through portmap-cni (issue 23): the daemon chains its plugin into the network
+//! `podman network create` writes (`--cni-conf-dir`), `podman run -p` publishes through it
+//! (conmon's reservation of the port is not refused, and refuses other binds), host processes
+//! reach the container at 127.0.0.1 and the host's address, `list` names the container,
+//! `podman stop` / `start` / `rm` follow, and a container removed while no daemon runs loses its
+//! port at the next start. Needs root and podman (run through `cargo xtask test`).
+
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use portmap_common::Stat;
+use portmap_tests::{
+    BackendLink, Daemon, Mode, PODMAN_IMAGE, Podman, Topology, counter, mode_args, probe, start_daemon,
+    wait_for,
+};
+use serde_json::Value;
+
+const EADDRINUSE: i64 = 98;
+
+/// A TCP exchange from a host process in the daemon's cgroup reaches busybox httpd (which
+/// answers the probe's line with an HTTP error: it is the container that answered).
+fn reaches_httpd(reply: &Value) -> bool {
+    reply["ok"] == true
+        && reply["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("HTTP/1.1 400"))
+}
+
+/// A host process in the daemon's cgroup.
+fn hooked(topo: &Topology, daemon: &Daemon, args: &[&str]) -> anyhow::Result<Value> {
+    probe(&topo.host, Some(&daemon.cgroup), args)
+}
+
+#[test]
+fn podman_run_publishes_through_portmap_and_its_lifecycle_follows() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    // The daemon's cgroup is where podman and its conmon run (see `Podman`).
+    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    let podman = Podman::new(&topo.host, &daemon.cgroup)?;
+    let conf_dir = podman.conf_dir.to_str().context("utf-8")?.to_owned();
+    daemon.stop()?;
+    let mut args = mode_args(&topo, Mode::Tc)?;
+    args.extend(["--cni-conf-dir", &conf_dir]);
+    daemon.restart(&topo.host, &args)?;
+
+    podman.ok(&["network", "create", "pmnet", "--subnet", "198.18.71.0/24"])?;
+    let conflist = podman.conf_dir.join("pmnet.conflist");
+    wait_for(
+        "the daemon to chain the new network",
+        Duration::from_secs(10),
+        || Ok(std::fs::read_to_string(&conflist)?.contains("\"portmap-cni\"")),
+    )?;
+
+    let run = |name: &str| {
+        podman.ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "pmnet",
+            "-p",
+            "9999:8000",
+            PODMAN_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "8000",
+            "-h",
+            "/",
+        ])
+    };
+    let id = run("web")?;
+    let listed = daemon.cli_ok(&["list"])?;
+    ensure!(
+        listed.lines().count() == 1
+            && listed.contains("-> 0.0.0.0:9999  pmnet/")
+            && listed.contains(&id[..12]),
+        "list after podman run: {listed}"
+    );
+    ensure!(
+        daemon.cli_ok(&["list", "--owner", &id[..12]])? == listed,
+        "list --owner ID"
+    );
+    for addr in ["127.0.0.1:9999", "198.18.0.1:9999"] {
+        let r = hooked(&topo, &daemon, &["tcp", addr])?;
+        ensure!(reaches_httpd(&r), "host process -> {addr}: {r}");
+    }
+    // conmon holds the port (its reservation was not refused) and refuses other binds.
+    let r = hooked(&topo, &daemon, &["bind", "tcp", "0.0.0.0:9999"])?;
+    ensure!(r["errno"] == EADDRINUSE, "another bind of 9999: {r}");
+    ensure!(
+        counter(&daemon.stats()?, Stat::SockBindRefused) == 0,
+        "a bind was refused: {}",
+        daemon.log()
+    );
+
+    // stop unpublishes (CNI DEL), start publishes again (CNI ADD, a new address maybe).
+    podman.ok(&["stop", "-t", "0", "web"])?;
+    ensure!(
+        daemon.cli_ok(&["list"])?.is_empty(),
+        "published after podman stop"
+    );
+    podman.ok(&["start", "web"])?;
+    let r = hooked(&topo, &daemon, &["tcp", "127.0.0.1:9999"])?;
+    ensure!(reaches_httpd(&r), "after podman start: {r}");
+
+    // Removed while no daemon runs: unpublished at the next start, and the port is free again.
+    daemon.stop()?;
+    podman.ok(&["rm", "-f", "-t", "0", "web"])?;
+    daemon.restart(&topo.host, &args)?;
+    let listed = daemon.cli_ok(&["list"])?;
+    ensure!(
+        listed.is_empty(),
+        "after podman rm with no daemon and a start: {listed}"
+    );
+    let again = run("web2")?;
+    ensure!(
+        daemon.cli_ok(&["list", "--owner", &again[..12]])?.lines().count() == 1,
+        "a new container takes the port"
+    );
+    let r = hooked(&topo, &daemon, &["tcp", "127.0.0.1:9999"])?;
+    ensure!(reaches_httpd(&r), "the new container: {r}");
+    podman.ok(&["rm", "-f", "-t", "0", "web2"])?;
+    ensure!(daemon.cli_ok(&["list"])?.is_empty(), "after podman rm");
+    drop(podman);
+    daemon.stop()
+}

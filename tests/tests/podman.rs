@@ -126,3 +126,56 @@ fn podman_run_publishes_through_portmap_and_its_lifecycle_follows() -> anyhow::R
     drop(podman);
     daemon.stop()
 }
+
+/// The seed's example: a compose file with one service and `ports: - 9999:8000`; `podman-compose
+/// up -d` creates the project's network (chained by the daemon as it appears) and publishes
+/// through portmap; `podman-compose down` unpublishes.
+#[test]
+fn podman_compose_up_publishes_through_portmap_and_down_unpublishes() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    let podman = Podman::new(&topo.host, &daemon.cgroup)?;
+    let conf_dir = podman.conf_dir.to_str().context("utf-8")?.to_owned();
+    daemon.stop()?;
+    let mut args = mode_args(&topo, Mode::Tc)?;
+    args.extend(["--cni-conf-dir", &conf_dir]);
+    daemon.restart(&topo.host, &args)?;
+    let project = podman.dir().join("web");
+    std::fs::create_dir(&project)?;
+    std::fs::write(
+        project.join("compose.yml"),
+        format!(
+            "services:\n  web:\n    image: {PODMAN_IMAGE}\n    command: httpd -f -p 8000 -h /\n    ports:\n      - 9999:8000\n"
+        ),
+    )?;
+    let compose = |args: &[&str]| -> anyhow::Result<String> {
+        let out = podman
+            .command("podman-compose", args)
+            .current_dir(&project)
+            .output()
+            .context("podman-compose (package podman-compose; `cargo xtask setup` installs it)")?;
+        ensure!(
+            out.status.success(),
+            "podman-compose {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    compose(&["up", "-d"])?;
+    let listed = daemon.cli_ok(&["list"])?;
+    ensure!(
+        listed.lines().count() == 1 && listed.contains("-> 0.0.0.0:9999  web_default/"),
+        "list after podman-compose up: {listed}\n{}",
+        daemon.log()
+    );
+    let r = hooked(&topo, &daemon, &["tcp", "127.0.0.1:9999"])?;
+    ensure!(reaches_httpd(&r), "host process -> 127.0.0.1:9999: {r}");
+    compose(&["down"])?;
+    ensure!(
+        daemon.cli_ok(&["list"])?.is_empty(),
+        "published after podman-compose down"
+    );
+    drop(podman);
+    daemon.stop()
+}

@@ -94,6 +94,9 @@ pub mod prog_names {
     pub const TC_INGRESS: &str = "portmap_tc_ingress";
     /// TC (tcx) egress, client-facing: reverse NAT of backend replies.
     pub const TC_EGRESS: &str = "portmap_tc_egress";
+    /// TC (tcx) ingress of a local backend's veth (its host side): replies reverse-NATed and
+    /// sent to the client past the host's netfilter.
+    pub const TC_FROM_BACKEND: &str = "portmap_tc_from_backend";
     /// ICMP errors about flows, reached by tail call from the program of the same hook (their
     /// work would not fit the 512-byte stack beside the datapath): slot `ICMP_SLOT_INGRESS` of
     /// `PM_ICMP_XDP`, slots `ICMP_SLOT_INGRESS` and `ICMP_SLOT_EGRESS` of `PM_ICMP_TC`.
@@ -158,6 +161,12 @@ pub const ICMP_SLOTS: u32 = 2;
 /// Datagrams in flight in fragments (`PM_FRAGMENTS`, an LRU): the first fragment's ports, for the
 /// fragments that follow.
 pub const MAX_FRAGMENTED_DATAGRAMS: u32 = 8_192;
+
+/// The skb mark bit the reply hook sets on a reply it sent on from a local backend's veth, so
+/// that the client-facing TC egress, which it reaches next, clears it and lets it leave without
+/// a second lookup or count (Cilium marks its own packets the same way). Bit 22: clear of
+/// kube-proxy's 0x4000/0x8000 and Docker's and podman's (none).
+pub const MARK_REPLY_SENT: u32 = 1 << 22;
 
 /// Name of the load-time global holding the cookie of the daemon's network namespace (the
 /// host's): loopback destinations and bind protection apply only to sockets there.

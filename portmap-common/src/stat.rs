@@ -104,6 +104,15 @@ stats! {
     SockNoBackend = "sock_no_backend", Socket;
     /// A bind() of a published port refused (EPERM) in the host's network namespace.
     SockBindRefused = "sock_bind_refused", Socket;
+    /// Backend → client, caught at the backend's own veth (TC ingress of its host side): source
+    /// rewritten to the published address and sent straight to the client's device (FIB lookup,
+    /// then a redirect, or `bpf_redirect_neigh` while the next hop is unresolved), so that the
+    /// host's netfilter never sees it and no masquerade rule rewrites it.
+    ReplyRedirect = "reply_redirect", Forward;
+    /// A reply at its backend's veth that cannot be sent from there (no route, forwarding off on
+    /// the veth, MTU exceeded, TTL expiring, VLAN): left untouched to the kernel, and the
+    /// client-facing interface's TC egress reverse-NATs it (`reply_nat`).
+    PassReply = "pass_reply", Pass;
 }
 
 impl Stat {

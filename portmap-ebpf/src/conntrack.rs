@@ -145,6 +145,32 @@ fn nat_of(v: &FlowValue, assured: bool) -> Nat {
     }
 }
 
+/// A flow's reply entry found but not refreshed yet: a reply that may still be left to the
+/// kernel (and be counted where it leaves) must not mark its flow replied (a flood of spoofed
+/// SYNs whose answers lead nowhere would otherwise get assured).
+pub struct Reply {
+    entry: *mut FlowValue,
+    pub nat: Nat,
+}
+
+/// The reply entry for `key`, not refreshed until `Reply::seen`.
+#[inline(always)]
+pub fn find_reply(key: &FlowKey) -> Option<Reply> {
+    locate(key, DIR_REPLY).map(|(entry, v, assured)| Reply {
+        entry,
+        nat: nat_of(&v, assured),
+    })
+}
+
+impl Reply {
+    /// The reply goes on to the client: refresh the entry as `lookup` does.
+    #[inline(always)]
+    pub fn seen(&self, tcp_flags: u8, now: u64) {
+        let mark = if self.nat.assured { 0 } else { FLOW_F_REPLIED };
+        touch(self.entry, tcp_flags, now, mark);
+    }
+}
+
 /// The flow entry for `key` in direction `dir`, read only (no refresh, no marks).
 #[inline(always)]
 pub fn find(key: &FlowKey, dir: u8) -> Option<Nat> {

@@ -2,16 +2,19 @@
 //! straight into it from the addresses cached in `PM_LOCAL_BACKENDS` (Cilium's local-endpoint
 //! delivery); any other backend, or a local one the cache cannot serve, gets a FIB lookup, then
 //! TTL/hop-limit decrement, MAC rewrite and redirect when the egress device takes redirects;
-//! otherwise the kernel's routing.
+//! otherwise the kernel's routing. Replies caught at a local backend's veth leave for the client
+//! the same way (`reply_to_client`).
 
 use core::mem::offset_of;
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_REDIRECT, bpf_fib_lookup as FibParams,
+        bpf_redir_neigh as RedirNeigh,
     },
-    helpers::generated::bpf_fib_lookup,
+    helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh},
+    programs::TcContext,
 };
 use network_types::{
     eth::EthHdr,
@@ -20,9 +23,10 @@ use network_types::{
 use portmap_common::{Addr, FAMILY_V6, LocalAddrKey, Stat};
 
 use crate::{
+    conntrack::Nat,
     ctx::{Action, PacketCtx, StoreError, Verdict},
     maps::PM_LOCAL_BACKENDS,
-    nat::IPV4_CHECK_OFF,
+    nat::{self, IPV4_CHECK_OFF, Side},
     parse::Packet,
 };
 
@@ -45,29 +49,9 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
     if let Some(verdict) = to_local_backend(ctx, pkt, daddr) {
         return verdict;
     }
-    // SAFETY: a read of a static (zero from read-only data, not a `memset` call: see
-    // `lb::ZERO_ADDR`).
-    let mut fib: FibParams = unsafe { core::ptr::read_volatile(&raw const FIB_ZERO) };
-    fib.l4_protocol = pkt.proto;
-    fib.sport = pkt.sport;
-    fib.dport = dport;
-    fib.__bindgen_anon_1.tot_len = mtu_len(ctx, pkt);
-    fib.ifindex = ctx.hook_ifindex();
-    // TOS / flow info as xdp-forward passes them, so that policy routing by them applies.
-    if pkt.family == FAMILY_V6 {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_2.flowinfo = pkt.flowinfo;
-        fib.__bindgen_anon_3.ipv6_src = pkt.saddr;
-        fib.__bindgen_anon_4.ipv6_dst = *daddr;
-    } else {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_2.tos = pkt.tos;
-        fib.__bindgen_anon_3.ipv4_src = pkt.saddr[0];
-        fib.__bindgen_anon_4.ipv4_dst = daddr[0];
-    }
-    // SAFETY: the context is the program's own and `fib` a parameter block of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.raw(), &raw mut fib, size_of::<FibParams>() as i32, 0) };
-    match rc as u32 {
+    let mut fib = fib_zero();
+    let rc = fib_lookup(ctx, &mut fib, pkt, &pkt.saddr, daddr, dport);
+    match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             return Verdict::drop(Stat::DropNoRoute);
@@ -87,6 +71,108 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
         stat: Stat::FwdRedirect,
         action: Action::Redirected(code),
     }
+}
+
+/// A reply at its backend's veth (TC ingress of the host side), its flow's published address and
+/// port in `nat`: sent to the client as the kernel would route it from there, but past the
+/// host's netfilter (Cilium's from-container path), whose masquerade rules would otherwise take
+/// it for a new flow of the container subnet and rewrite its source. A FIB lookup from the
+/// published address to the client first; then the reverse NAT, TTL, MACs and a redirect to the
+/// device the route leaves by, or `bpf_redirect_neigh` when the next hop's neighbour is not
+/// resolved (requests came in past the host's stack, which then never learnt the client's).
+/// `None` leaves the packet untouched to the kernel (`pass_reply`): any other lookup result,
+/// a VLAN, an expiring TTL.
+#[inline(always)]
+pub fn reply_to_client(ctx: &mut TcContext, pkt: &Packet, nat: &Nat) -> Option<Verdict> {
+    if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
+        return None;
+    }
+    let mut fib = fib_zero();
+    let rc = fib_lookup(ctx, &mut fib, pkt, &nat.addr, &pkt.daddr, pkt.dport);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return None;
+    }
+    if nat::rewrite(ctx, pkt, Side::Source, nat.addr, nat.port).is_err() || decrement_ttl(ctx, pkt).is_err() {
+        return Some(Verdict::drop(Stat::DropError));
+    }
+    let code = if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        if set_macs(ctx, fib.dmac, fib.smac).is_err() {
+            return Some(Verdict::drop(Stat::DropError));
+        }
+        ctx.redirect(fib.ifindex)
+    } else {
+        redirect_neigh(&fib, pkt.family)
+    };
+    // Rewritten already: a refused redirect (the device went) is a drop, not a pass.
+    Some(match code {
+        Some(code) => Verdict {
+            stat: Stat::ReplyRedirect,
+            action: Action::Redirected(code),
+        },
+        None => Verdict::drop(Stat::DropError),
+    })
+}
+
+/// `bpf_redirect_neigh` to the device and next hop a FIB lookup found (`fib.ifindex`, and the
+/// gateway or the destination in `fib`'s destination): the kernel's neighbour layer resolves the
+/// next hop, queues the packet meanwhile and fills in the MACs.
+#[inline(always)]
+fn redirect_neigh(fib: &FibParams, family: u8) -> Option<u32> {
+    // SAFETY: an all-zero bpf_redir_neigh is a valid value (integers and a union of them).
+    let mut nh: RedirNeigh = unsafe { core::mem::zeroed() };
+    // SAFETY: the union member read is the one the lookup's family wrote.
+    unsafe {
+        if family == FAMILY_V6 {
+            nh.nh_family = u32::from(AF_INET6);
+            nh.__bindgen_anon_1.ipv6_nh = fib.__bindgen_anon_4.ipv6_dst;
+        } else {
+            nh.nh_family = u32::from(AF_INET);
+            nh.__bindgen_anon_1.ipv4_nh = fib.__bindgen_anon_4.ipv4_dst;
+        }
+    }
+    // SAFETY: `nh` is a parameter block of the size passed; the skb is the program's own.
+    let code =
+        unsafe { bpf_redirect_neigh(fib.ifindex, &raw mut nh, size_of::<RedirNeigh>() as i32, 0) } as u32;
+    (code == TC_ACT_REDIRECT as u32).then_some(code)
+}
+
+#[inline(always)]
+fn fib_zero() -> FibParams {
+    // SAFETY: a read of a static (zero from read-only data, not a `memset` call: see
+    // `lb::ZERO_ADDR`).
+    unsafe { core::ptr::read_volatile(&raw const FIB_ZERO) }
+}
+
+/// `bpf_fib_lookup` for a packet of `pkt`'s flow from `saddr` to `daddr`:`dport`, entering at the
+/// hook's interface; the TOS / flow info as xdp-forward passes them, so that policy routing by
+/// them applies. Returns the helper's `BPF_FIB_LKUP_RET_*`.
+#[inline(always)]
+fn fib_lookup<C: PacketCtx>(
+    ctx: &C,
+    fib: &mut FibParams,
+    pkt: &Packet,
+    saddr: &Addr,
+    daddr: &Addr,
+    dport: u16,
+) -> u32 {
+    fib.l4_protocol = pkt.proto;
+    fib.sport = pkt.sport;
+    fib.dport = dport;
+    fib.__bindgen_anon_1.tot_len = mtu_len(ctx, pkt);
+    fib.ifindex = ctx.hook_ifindex();
+    if pkt.family == FAMILY_V6 {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_2.flowinfo = pkt.flowinfo;
+        fib.__bindgen_anon_3.ipv6_src = *saddr;
+        fib.__bindgen_anon_4.ipv6_dst = *daddr;
+    } else {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_2.tos = pkt.tos;
+        fib.__bindgen_anon_3.ipv4_src = saddr[0];
+        fib.__bindgen_anon_4.ipv4_dst = daddr[0];
+    }
+    // SAFETY: the context is the program's own and `fib` a parameter block of the size passed.
+    unsafe { bpf_fib_lookup(ctx.raw(), fib, size_of::<FibParams>() as i32, 0) as u32 }
 }
 
 /// A backend behind a veth of this host: routed as the kernel would (TTL, the host's MAC as

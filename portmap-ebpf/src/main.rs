@@ -1,6 +1,8 @@
 //! portmap datapath: the entry points. Each is a pipeline of small named steps shared by the
 //! XDP and TC hooks through `ctx::PacketCtx`: parse → conntrack lookup → (mapping lookup →
-//! backend choice → flow creation) → rewrite → forward, and count the outcome.
+//! backend choice → flow creation) → rewrite → forward, and count the outcome. Replies are
+//! reverse-NATed where they leave (TC egress of the client-facing interface) or, from a local
+//! backend, where they enter the host (TC ingress of its veth).
 //!
 //! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`, `frag`
 //! (ports of later fragments), `icmp` (errors about flows), `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
@@ -20,17 +22,19 @@ mod parse;
 mod sock;
 mod stats;
 
+use aya_ebpf::bindings::TC_ACT_OK;
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use portmap_common::{
-    DIR_FORWARD, DIR_REPLY, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, PROTO_ICMP, PROTO_ICMPV6, Stat,
+    DIR_FORWARD, DIR_REPLY, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, MARK_REPLY_SENT, PROTO_ICMP, PROTO_ICMPV6,
+    Stat,
 };
 
 use crate::{
     conntrack::Nat,
-    ctx::{PacketCtx, Verdict},
+    ctx::{Action, PacketCtx, Verdict},
     nat::Side,
     parse::FRAG_LATER,
     stats::{count, count_mapping},
@@ -112,6 +116,37 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
     Verdict::pass(Stat::ReplyNat)
 }
 
+/// Backend → client at the backend's own interface (TC ingress of a local backend's veth, its
+/// host side), before the host's netfilter: a reply of a flow is reverse-NATed and sent to the
+/// client from here (`forward::reply_to_client`); anything else goes on to the kernel untouched
+/// (the container's own traffic, ICMP: errors are translated at the client-facing interface).
+#[inline(always)]
+fn from_backend(ctx: &mut TcContext) -> Verdict {
+    let mut pkt = match parse::parse(ctx) {
+        Ok(pkt) => pkt,
+        Err(verdict) => return verdict,
+    };
+    if let Err(verdict) = frag::complete(&mut pkt) {
+        return verdict;
+    }
+    if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+        return Verdict::pass(Stat::PassNotOurs);
+    }
+    let Some(reply) = conntrack::find_reply(&conntrack::flow_key(&pkt)) else {
+        return Verdict::pass(Stat::PassNoMapping);
+    };
+    // Left to the kernel: refreshed (and counted) by the client-facing egress, if it gets there.
+    let Some(verdict) = forward::reply_to_client(ctx, &pkt, &reply.nat) else {
+        return Verdict::pass(Stat::PassReply);
+    };
+    if matches!(verdict.action, Action::Redirected(_)) {
+        reply.seen(pkt.tcp_flags, conntrack::now_ns());
+        frag::remember(&pkt);
+        count_mapping(reply.nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
+    }
+    verdict
+}
+
 /// Records the outcome and turns it into the hook's return code. The packet path does not log:
 /// aya-log's call would be a BPF-to-BPF call, which the kernel refuses beside the tail calls to
 /// the ICMP programs with frames of this size; helper failures show as `drop_error`.
@@ -149,9 +184,37 @@ pub fn portmap_tc_ingress(mut ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn portmap_tc_egress(mut ctx: TcContext) -> i32 {
+    if sent_from_backend_veth(&ctx) {
+        return TC_ACT_OK;
+    }
     pull_headers(&ctx);
     let verdict = egress(&mut ctx);
     finish(&ctx, verdict) as i32
+}
+
+#[classifier]
+pub fn portmap_tc_from_backend(mut ctx: TcContext) -> i32 {
+    pull_headers(&ctx);
+    let verdict = from_backend(&mut ctx);
+    if matches!(verdict.action, Action::Redirected(_)) {
+        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(mark | MARK_REPLY_SENT);
+    }
+    finish(&ctx, verdict) as i32
+}
+
+/// A reply the reply hook already translated and sent on (`MARK_REPLY_SENT`, counted there):
+/// the mark is cleared and the packet leaves as it is.
+#[inline(always)]
+fn sent_from_backend_veth(ctx: &TcContext) -> bool {
+    // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & MARK_REPLY_SENT == 0 {
+        return false;
+    }
+    ctx.set_mark(mark & !MARK_REPLY_SENT);
+    true
 }
 
 /// ICMP errors (tail-called from the program of the same hook): parse again, translate.

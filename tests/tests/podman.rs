@@ -1,7 +1,8 @@
 //! Real podman through portmap-cni (issue 23): the daemon chains its plugin into the network
 //! `podman network create` writes (`--cni-conf-dir`), `podman run -p` publishes through it
 //! (conmon's reservation of the port is not refused, and refuses other binds), host processes
-//! reach the container at 127.0.0.1 and the host's address, `list` names the container,
+//! reach the container at 127.0.0.1, [::1] and the host's address, a wire client does past the
+//! network's masquerade rule, `list` names the container,
 //! `podman stop` / `start` / `rm` follow, and a container removed while no daemon runs loses its
 //! port at the next start. Needs root and podman (run through `cargo xtask test`).
 
@@ -82,10 +83,23 @@ fn podman_run_publishes_through_portmap_and_its_lifecycle_follows() -> anyhow::R
         daemon.cli_ok(&["list", "--owner", &id[..12]])? == listed,
         "list --owner ID"
     );
-    for addr in ["127.0.0.1:9999", "198.18.0.1:9999"] {
+    for addr in ["127.0.0.1:9999", "[::1]:9999", "198.18.0.1:9999"] {
         let r = hooked(&topo, &daemon, &["tcp", addr])?;
         ensure!(reaches_httpd(&r), "host process -> {addr}: {r}");
     }
+    // A wire client (through TC on h0): the container's replies leave its veth for the client
+    // past the masquerade rule the network's bridge plugin installed (ipMasq).
+    let nat = topo.host.exec("iptables", &["-t", "nat", "-S", "POSTROUTING"])?;
+    ensure!(
+        nat.contains("CNI-"),
+        "no masquerade chain of podman's network: {nat}"
+    );
+    let r = probe(&topo.client, None, &["tcp", "198.18.0.1:9999"])?;
+    ensure!(reaches_httpd(&r), "wire client -> 198.18.0.1:9999: {r}");
+    ensure!(
+        counter(&daemon.stats()?, Stat::ReplyRedirect) > 0,
+        "no reply sent from the container's veth"
+    );
     // conmon holds the port (its reservation was not refused) and refuses other binds.
     let r = hooked(&topo, &daemon, &["bind", "tcp", "0.0.0.0:9999"])?;
     ensure!(r["errno"] == EADDRINUSE, "another bind of 9999: {r}");

@@ -32,17 +32,23 @@ const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
 /// nf_tables so that the e2e check "portmap installed no netfilter rule" can list the ruleset
 /// (after crc32c_generic: libcrc32c, which nf_tables needs, has it as a soft dependency that
 /// modules.dep does not list, and fails to load without it).
-const TEST_MODULES: [&str; 6] = [
+/// nf_conntrack, nf_nat, nft_chain_nat and nft_masq for the masquerade test's rules
+/// (iptables-nft's MASQUERADE).
+const TEST_MODULES: [&str; 10] = [
     "veth",
     "bridge",
     "sch_ingress",
     "cls_bpf",
     "crc32c_generic",
     "nf_tables",
+    "nf_conntrack",
+    "nf_nat",
+    "nft_chain_nat",
+    "nft_masq",
 ];
 
 /// The test binaries and filters run in the guest, with their arguments.
-const GUEST_TESTS: [(&str, &[&str]); 3] = [
+const GUEST_TESTS: [(&str, &[&str]); 4] = [
     ("golden", &["--test-threads=1"]),
     (
         "e2e",
@@ -55,6 +61,7 @@ const GUEST_TESTS: [(&str, &[&str]); 3] = [
         ],
     ),
     ("local_path", &["--test-threads=1", "tc_reaches"]),
+    ("masquerade", &["--test-threads=1", "tc_replies"]),
 ];
 
 pub fn vmtest(package: Option<String>, fuzz_packets: u64, filter: Option<&str>) -> anyhow::Result<()> {

@@ -101,22 +101,36 @@ impl State {
     }
 
     /// Makes `PM_LOCAL_BACKENDS` match the kernel's view of the containers on this host (or
-    /// empties it when `local_fast_path` is off). A failure leaves the previous entries: the
-    /// datapath falls back to the FIB path for any device that went.
+    /// empties it when `local_fast_path` is off), and puts the reply hook on every veth but the
+    /// client-facing interfaces. A failure leaves the previous entries: the datapath falls back
+    /// to the FIB path for any device that went.
     pub(super) fn follow_local_backends(&mut self) {
-        let read = if self.config.live.local_fast_path {
-            local_backends::read()
-        } else {
-            Ok(BTreeMap::new())
+        let found = match local_backends::read() {
+            Ok(found) => found,
+            Err(e) => {
+                error!("following the local backends: {e:#}");
+                return;
+            }
         };
-        let synced = read.and_then(|local| {
-            let changed = self
-                .dp
-                .sync_local_backends(local.iter().map(|(addr, l)| (*addr, &l.backend)))?;
-            Ok((local, changed))
-        });
-        match synced {
-            Ok((local, changed)) => {
+        let configured = &self.config.startup.interfaces;
+        let veths = found
+            .veths
+            .into_iter()
+            .filter(|(name, _)| !configured.contains(name))
+            .collect();
+        if self.dp.sync_backend_veths(&veths) > 0 {
+            info!("reply hook on {} veth(s)", veths.len());
+        }
+        let local = if self.config.live.local_fast_path {
+            found.local
+        } else {
+            BTreeMap::new()
+        };
+        match self
+            .dp
+            .sync_local_backends(local.iter().map(|(addr, l)| (*addr, &l.backend)))
+        {
+            Ok(changed) => {
                 if changed > 0 {
                     info!("local backends (fast path): {}", local.len());
                 }

@@ -206,7 +206,7 @@ impl Datapath {
         self.pin_link(iface, Hook::XdpIngress, fd)
     }
 
-    fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
+    pub(super) fn attach_tc(&mut self, iface: &str, hook: Hook) -> anyhow::Result<()> {
         let name = hook.program_name();
         let label = format!("{iface} {}", hook.as_str());
         if !self.tcx {
@@ -236,13 +236,14 @@ impl Datapath {
         self.pin_link(iface, hook, fd)
     }
 
-    /// Removes portmap's TC filters on interfaces not configured any more, and all of them where
+    /// Removes portmap's TC filters on interfaces not configured (nor local backends' veths) any more, and all of them where
     /// tcx links replaced them (a newer kernel, or the fallback no longer forced).
     fn remove_stale_filters(&self) {
         let keep: Vec<String> = if self.tcx {
             Vec::new()
         } else {
-            self.ifaces.iter().map(|i| i.name.clone()).collect()
+            let configured = self.ifaces.iter().map(|i| i.name.clone());
+            configured.chain(self.backend_veths.keys().cloned()).collect()
         };
         clsact::remove_except(&keep);
     }

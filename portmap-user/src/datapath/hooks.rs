@@ -6,17 +6,19 @@ use std::path::{Path, PathBuf};
 use aya::programs::TcAttachType;
 use portmap_common::prog_names;
 
-/// Where a program is attached on a client-facing interface.
+/// Where a program is attached: on a client-facing interface, or on the veth of a local backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     XdpIngress,
     TcIngress,
     TcEgress,
+    /// TC ingress of a local backend's veth (its host side): replies sent to the client there.
+    TcFromBackend,
 }
 
 impl Hook {
     /// The TC hooks, as netlink's clsact filters and tcx links name them.
-    pub const TC: [Self; 2] = [Self::TcIngress, Self::TcEgress];
+    pub const TC: [Self; 3] = [Self::TcIngress, Self::TcEgress, Self::TcFromBackend];
 
     #[must_use]
     pub fn as_str(self) -> &'static str {
@@ -24,6 +26,7 @@ impl Hook {
             Self::XdpIngress => "xdp_ingress",
             Self::TcIngress => "tc_ingress",
             Self::TcEgress => "tc_egress",
+            Self::TcFromBackend => "tc_from_backend",
         }
     }
 
@@ -34,12 +37,13 @@ impl Hook {
             Self::XdpIngress => prog_names::XDP_INGRESS,
             Self::TcIngress => prog_names::TC_INGRESS,
             Self::TcEgress => prog_names::TC_EGRESS,
+            Self::TcFromBackend => prog_names::TC_FROM_BACKEND,
         }
     }
 
     /// The TC attach point (`XdpIngress` has none: it is not a TC hook).
     pub(super) fn tc_attach_type(self) -> TcAttachType {
-        if self == Self::TcIngress {
+        if matches!(self, Self::TcIngress | Self::TcFromBackend) {
             TcAttachType::Ingress
         } else {
             TcAttachType::Egress

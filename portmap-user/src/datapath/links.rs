@@ -142,6 +142,7 @@ impl Datapath {
         let all = std::mem::take(&mut self.attachments);
         Self::unpin(all);
         self.ifaces.clear();
+        self.backend_veths.clear();
     }
 
     fn unpin(attachments: Vec<Attachment>) {

@@ -6,6 +6,8 @@
 //!   daemon's link, pinning, detaching, stale pins;
 //! - `attach`: the client-facing interfaces (XDP, tcx, or `clsact` filters on kernels without
 //!   tcx), followed when they disappear and come back;
+//! - `backend_veths`: the reply hook on the veths of local backends (replies sent to the client
+//!   past the host's netfilter), following the local backends;
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
 //! - `pins`: the pin directory (bpffs mount, `portmap cleanup`);
 //! - `adopt`: checking what an earlier daemon pinned (map shapes, layout stamp);
@@ -24,6 +26,7 @@
 //!              PM_META (the layout stamp), PM_LOCAL_BACKENDS, PM_LOCAL_DEVS
 //!                                                                        (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
+//! PIN_DIR/links/VETH_tc_from_backend     (the reply hook on a local backend's veth)
 //! PIN_DIR/links/cgroup_ID_portmap_connect4 ... _portmap_bind6  (socket hooks; ID: the cgroup's)
 //! ```
 //! A pinned link keeps its program attached while no daemon runs (stopped, crashed, upgraded):
@@ -32,6 +35,7 @@
 
 mod adopt;
 mod attach;
+mod backend_veths;
 mod cgroup;
 mod clsact;
 mod expiry;
@@ -84,6 +88,8 @@ pub struct Datapath {
     /// `resync_interfaces`), and the mode to attach them again in.
     ifaces: Vec<attach::Iface>,
     mode: crate::config::AttachMode,
+    /// The veths of local backends with the reply hook (`backend_veths`): name → ifindex.
+    backend_veths: std::collections::BTreeMap<String, u32>,
     /// The stamp of the pinned maps (`PM_META`).
     stamp: DatapathStamp,
     /// The maps were pinned by an earlier daemon and adopted.
@@ -150,6 +156,7 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_path_buf),
             attachments: Vec::new(),
             ifaces: Vec::new(),
+            backend_veths: std::collections::BTreeMap::new(),
             mode: crate::config::AttachMode::Auto,
             stamp: adopt::new_stamp(),
             adopted: false,
@@ -165,6 +172,7 @@ impl Datapath {
         for name in [
             prog_names::TC_INGRESS,
             prog_names::TC_EGRESS,
+            prog_names::TC_FROM_BACKEND,
             prog_names::TC_ICMP_INGRESS,
             prog_names::TC_ICMP_EGRESS,
         ] {

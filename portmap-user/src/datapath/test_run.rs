@@ -152,8 +152,9 @@ impl Datapath {
 
     /// Instruction counts of every loaded program, as the kernel reports them.
     pub fn program_sizes(&self) -> anyhow::Result<Vec<ProgramSize>> {
-        [Hook::XdpIngress, Hook::TC[0], Hook::TC[1]]
+        [Hook::XdpIngress]
             .into_iter()
+            .chain(Hook::TC)
             .map(Hook::program_name)
             .chain([
                 prog_names::XDP_ICMP,

@@ -275,21 +275,40 @@ fn route_oif(netlink: &mut Netlink, addr: IpAddr) -> Option<u32> {
     oif
 }
 
-/// The local backends of the calling thread's network namespace now.
-pub fn read() -> anyhow::Result<BTreeMap<IpAddr, Local>> {
+/// Every veth of `net` (name → ifindex): the host sides of containers, where the reply hook
+/// goes. Not only those of backends known now: a container's neighbour entry may come late or
+/// expire while its flows last, and its replies must never take the host's path.
+pub fn veths(net: &HostNet) -> BTreeMap<String, u32> {
+    net.links
+        .iter()
+        .filter(|(_, l)| l.kind == LinkKind::Veth)
+        .map(|(index, l)| (l.name.clone(), *index))
+        .collect()
+}
+
+/// What `read` found: the local backends (for the fast path) and the veths (for replies).
+#[derive(Clone, Debug, Default)]
+pub struct HostBackends {
+    pub local: BTreeMap<IpAddr, Local>,
+    pub veths: BTreeMap<String, u32>,
+}
+
+/// The local backends and the veths of the calling thread's network namespace now.
+pub fn read() -> anyhow::Result<HostBackends> {
     let mut netlink = Netlink::new(NETLINK_ROUTE).context("opening an rtnetlink socket")?;
     let net = read_net(&mut netlink).context("reading links, neighbours and bridge entries")?;
+    let veths = veths(&net);
     let netlink = std::cell::RefCell::new(netlink);
-    let local = resolve(&net, |addr| route_oif(&mut netlink.borrow_mut(), addr));
+    let mut local = resolve(&net, |addr| route_oif(&mut netlink.borrow_mut(), addr));
     let max = portmap_common::MAX_LOCAL_BACKENDS as usize;
     if local.len() > max {
         log::warn!(
             "{} local backends, the fast path holds {max}: the others take the FIB path",
             local.len()
         );
-        return Ok(local.into_iter().take(max).collect());
+        local = local.into_iter().take(max).collect();
     }
-    Ok(local)
+    Ok(HostBackends { local, veths })
 }
 
 /// Becomes readable when links, neighbours (bridge forwarding entries included) or routes change.
@@ -466,5 +485,21 @@ mod tests {
         assert!(!unicast("224.0.0.1".parse().expect("addr")));
         assert!(!unicast("fe80::1".parse().expect("addr")));
         assert!(unicast("fd00::5".parse().expect("addr")));
+    }
+
+    #[test]
+    fn every_veth_gets_the_reply_hook_whether_or_not_a_backend_is_known_behind_it() {
+        let mut net = net();
+        // No neighbour at all: a container whose entry expired, or that never answered yet.
+        net.neighbours.clear();
+        let veths = veths(&net);
+        assert_eq!(
+            veths,
+            BTreeMap::from([
+                ("if12".to_string(), VETH_A),
+                ("if13".to_string(), VETH_B),
+                ("if14".to_string(), ROUTED),
+            ])
+        );
     }
 }

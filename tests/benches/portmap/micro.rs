@@ -114,7 +114,7 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
         let xdp = time(&|| Ok(dp.test_run(Hook::XdpIngress, &ack, ifindex, repeat)?.duration))?;
         let tc = time(&|| Ok(dp.test_run(Hook::TcIngress, &ack, ifindex, repeat)?.duration))?;
         // As the daemon learns it: the sink's (permanent) neighbour entry on its veth.
-        let local = portmap::host::local_backends::read()?;
+        let local = portmap::host::local_backends::read()?.local;
         anyhow::ensure!(
             local.contains_key(&std::net::IpAddr::V4(SINK)),
             "the sink is not a local backend: {local:?}"

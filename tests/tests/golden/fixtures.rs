@@ -21,6 +21,7 @@ use crate::{
 
 pub const INGRESS: &[Hook] = &[Hook::XdpIngress, Hook::TcIngress];
 pub const EGRESS: &[Hook] = &[Hook::TcEgress];
+pub const FROM_BACKEND: &[Hook] = &[Hook::TcFromBackend];
 
 /// The largest frame an XDP program without multi-buffer support sees whole: a 4 KiB page less
 /// XDP headroom and `skb_shared_info`. Drivers refuse such programs at larger MTUs.
@@ -138,7 +139,7 @@ impl Row {
             flows: u64::from(self.new_flow),
             ..MappingCounters::default()
         };
-        if self.stat == Stat::ReplyNat {
+        if matches!(self.stat, Stat::ReplyNat | Stat::ReplyRedirect) {
             (moved.reply_packets, moved.reply_bytes) = (1, bytes);
         } else {
             (moved.fwd_packets, moved.fwd_bytes) = (1, bytes);
@@ -922,6 +923,7 @@ pub fn rows() -> Vec<Row> {
     rows.extend(ipv6_rows());
     rows.extend(sctp_range_and_maglev_rows());
     rows.extend(local_backend_rows());
+    rows.extend(backend_veth_rows());
     for ihl in 6..=15 {
         rows.push(
             Row::rewritten(
@@ -1016,6 +1018,53 @@ fn local_backend_rows() -> Vec<Row> {
         )
         .new_flow(Flow::tcp(8089, (not_redirectable, 80), 15).entries())
         .through(15),
+    ]
+}
+
+/// Replies caught at the backend's own veth (`portmap_tc_from_backend`), where they enter the
+/// host: sent to the client from there, so that no netfilter rule (a runtime's masquerade of its
+/// container subnet) ever sees them.
+fn backend_veth_rows() -> Vec<Row> {
+    let syn_ack = || Frame::tcp(from_backend(80), client(), SYN | ACK).entering_from_backend();
+    let client6 = (CLIENT6, CLIENT_PORT);
+    let syn_ack6 = || Frame::tcp((BACKEND6, 80), client6, SYN | ACK);
+    let web6_flow = || Flow::new(6, client6, (HOST6, TCP_PORT), (BACKEND6, 80), 6);
+    vec![
+        Row::rewritten(
+            "tcp SYN-ACK at the backend's veth, the client's neighbour unresolved: source restored, TTL - 1, bpf_redirect_neigh to the client's device (the neighbour layer writes the MACs)",
+            FROM_BACKEND,
+            syn_ack().build(),
+            Stat::ReplyRedirect,
+            syn_ack().snat(HOST, TCP_PORT).ttl(63).build(),
+        )
+        .after(vec![web(SYN).build()])
+        .leaves(Flow::web().replied().entries())
+        .through(0),
+        Row::rewritten(
+            "IPv6 tcp SYN-ACK at the backend's veth: source restored, hop limit - 1, the client's MACs from the FIB lookup, redirected",
+            FROM_BACKEND,
+            syn_ack6().entering_from_backend().build(),
+            Stat::ReplyRedirect,
+            syn_ack6().sent_by_backend().snat(HOST6, TCP_PORT).ttl(63).build(),
+        )
+        .after(vec![Frame::tcp(client6, (HOST6, TCP_PORT), SYN).build()])
+        .leaves(web6_flow().replied().entries())
+        .through(6),
+        Row::untouched(
+            "tcp at the backend's veth that is no reply of a flow (the container's own traffic): left to the kernel",
+            FROM_BACKEND,
+            syn_ack().build(),
+            Stat::PassNoMapping,
+        ),
+        Row::untouched(
+            "tcp reply at the backend's veth with TTL 1: left to the kernel (its Time Exceeded); the client-facing egress restores what it sends on",
+            FROM_BACKEND,
+            syn_ack().ttl(1).build(),
+            Stat::PassReply,
+        )
+        .after(vec![web(SYN).build()])
+        // Not marked replied: the client-facing egress does that if the reply gets there.
+        .leaves(Flow::web().entries()),
     ]
 }
 

@@ -1,13 +1,14 @@
 //! Hostile input: every prefix of every fixture, and random, mutated and generated packets, each
-//! run through all three programs and checked against the datapath's invariants:
+//! run through all four programs (the reply hook on the backend's veth too) and checked against the datapath's invariants:
 //!
 //! 1. the verdict is the one its counter implies (never XDP_ABORTED or XDP_TX), and exactly one
 //!    outcome counter moves (plus `flow_new` only for a forwarded new flow, ingress only);
 //! 2. the frame keeps its length;
-//! 3. a packet not counted as rewritten (`fwd_*`, `reply_nat`, or `drop_no_route`, which drops an
+//! 3. a packet not counted as rewritten (`fwd_*`, `reply_*`, or `drop_no_route`, which drops an
 //!    already rewritten packet) leaves byte for byte as it came;
 //! 4. a rewritten packet changes only its destination (ingress) or source (egress) address and
-//!    port, the two checksums, and when redirected the MACs and TTL (by exactly one); the new
+//!    port, the two checksums, and when redirected the MACs and TTL (by exactly one; a reply sent
+//!    on from the backend's veth keeps its MACs for the neighbour layer or gets the client's); the new
 //!    address is a configured backend (ingress) or port a published one (egress);
 //! 5. rewriting never turns a verifying checksum into a failing one, nor the reverse.
 //!
@@ -31,7 +32,12 @@ use crate::{
     packets::{ETH_LEN, Fragment, Frame, backend_macs, checksums, fix_checksums, layout},
 };
 
-const HOOKS: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
+const HOOKS: [Hook; 4] = [
+    Hook::XdpIngress,
+    Hook::TcIngress,
+    Hook::TcEgress,
+    Hook::TcFromBackend,
+];
 
 /// What the configured mappings allow a rewrite to produce.
 struct Targets {
@@ -91,7 +97,8 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
         ret == expected_action(hook, code),
         "returned {ret} for a packet counted as {name}"
     );
-    let egress = hook == Hook::TcEgress;
+    // Replies: rewritten on their source side, never a flow's first packet.
+    let egress = matches!(hook, Hook::TcEgress | Hook::TcFromBackend);
     ensure!(
         !new_flow
             || (!egress
@@ -119,7 +126,12 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
     );
     let rewritten = matches!(
         code,
-        Stat::FwdRedirect | Stat::FwdLocal | Stat::FwdStack | Stat::ReplyNat | Stat::DropNoRoute
+        Stat::FwdRedirect
+            | Stat::FwdLocal
+            | Stat::FwdStack
+            | Stat::ReplyNat
+            | Stat::ReplyRedirect
+            | Stat::DropNoRoute
     );
     if !rewritten {
         ensure!(out == input, "a packet counted as {name} was modified");
@@ -138,7 +150,7 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
         None if l.later_fragment => usize::MAX - 4,
         None => bail!("rewrote a packet without a complete L4 header"),
     };
-    let redirected = matches!(code, Stat::FwdRedirect | Stat::FwdLocal);
+    let redirected = matches!(code, Stat::FwdRedirect | Stat::FwdLocal | Stat::ReplyRedirect);
     let (src, dst, addr_len) = l.addrs();
     let (addr_off, port_off) = if egress { (src, l4) } else { (dst, l4 + 2) };
     let check = l.l4_check();
@@ -176,7 +188,22 @@ fn check_invariants(hook: Hook, input: &[u8], run: &Run, targets: &Targets) -> a
             "destination {target:?} is no backend"
         );
     }
-    if redirected {
+    if code == Stat::ReplyRedirect {
+        // The neighbour layer's to write (unresolved), or the destination's neighbour entry.
+        let dst_addr = addr_at(out, dst, addr_len);
+        let routed = if dst_addr == IpAddr::from(CLIENT6) {
+            Some((crate::packets::CLIENT_MAC, crate::packets::HOST_CLIENT_SIDE_MAC))
+        } else {
+            backend_macs(dst_addr)
+        };
+        let routed = routed.map(|(dmac, smac)| [dmac, smac].concat());
+        ensure!(
+            out[..12] == input[..12] || routed.is_some_and(|r| out[..12] == r[..]),
+            "a reply redirected with MACs {}",
+            hex(&out[..12])
+        );
+        ensure!(out[l.ttl()] + 1 == input[l.ttl()], "TTL not decremented by one");
+    } else if redirected {
         let (dmac, smac) = backend_macs(target.0).context("redirected to a backend without a neighbour")?;
         // `ip rule tos 0x10` (golden namespace) takes the policy route through h2. The kernel
         // matches IPv4 TOS under IPTOS_RT_MASK (0x1c) and IPv6 on the whole DSCP.
@@ -318,7 +345,7 @@ fn run_checked_or_runt(
     targets: &Targets,
     tally: &mut Tally,
 ) -> anyhow::Result<bool> {
-    if kernel_may_refuse(hook, input) && g.dp.test_run(hook, input, g.client_ifindex, 1).is_err() {
+    if kernel_may_refuse(hook, input) && g.dp.test_run(hook, input, g.ifindex(hook), 1).is_err() {
         return Ok(false);
     }
     run_checked(g, hook, input, targets, tally)?;

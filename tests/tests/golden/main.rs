@@ -144,6 +144,8 @@ pub fn with_golden_conntrack<T: Send + 'static>(
         ("fd00:1::2", &backend, "h1"),
         ("198.18.2.2", &backend2, "h2"),
         ("fd00:2::2", &backend2, "h2"),
+        // The IPv6 client's, for replies the reply hook routes (the IPv4 client stays unresolved).
+        ("fd00::2", &mac(packets::CLIENT_MAC), "h0"),
     ] {
         ns.ip(&[
             "neigh",
@@ -201,8 +203,10 @@ pub struct Golden {
     pub dp: Datapath,
     /// The daemon's table that placed `MAPPINGS` (for updates).
     pub table: Table,
-    /// The client-facing device every program runs on.
+    /// The client-facing device the programs run on (h0)...
     pub client_ifindex: u32,
+    /// ... but the reply hook, which runs on the backend's veth (h1).
+    pub backend_ifindex: u32,
 }
 
 /// One program run: the verdict, the packet as the program left it, which global counters
@@ -258,7 +262,17 @@ impl Golden {
             dp,
             table,
             client_ifindex: index("h0")?,
+            backend_ifindex: index("h1")?,
         })
+    }
+
+    /// The device `hook` runs on.
+    pub fn ifindex(&self, hook: Hook) -> u32 {
+        if hook == Hook::TcFromBackend {
+            self.backend_ifindex
+        } else {
+            self.client_ifindex
+        }
     }
 
     pub fn run(&self, hook: Hook, packet: &[u8]) -> anyhow::Result<Run> {
@@ -266,7 +280,7 @@ impl Golden {
         let (before, mappings_before) = (counters.global()?, counters.all_mappings()?);
         let output = self
             .dp
-            .test_run(hook, packet, self.client_ifindex, 1)
+            .test_run(hook, packet, self.ifindex(hook), 1)
             .with_context(|| format!("BPF_PROG_TEST_RUN of {} ({} bytes)", hook.as_str(), packet.len()))?;
         let (after, mappings_after) = (counters.global()?, counters.all_mappings()?);
         let counted = after.iter().zip(&before).map(|(a, b)| a - b).collect();
@@ -340,7 +354,7 @@ pub fn expected_action(hook: Hook, code: Stat) -> u32 {
     let xdp = hook == Hook::XdpIngress;
     match code {
         Stat::FwdRedirect | Stat::FwdLocal if xdp => XDP_REDIRECT,
-        Stat::FwdRedirect | Stat::FwdLocal => TC_ACT_REDIRECT,
+        Stat::FwdRedirect | Stat::FwdLocal | Stat::ReplyRedirect => TC_ACT_REDIRECT,
         _ if code.is_drop() && xdp => XDP_DROP,
         _ if code.is_drop() => TC_ACT_SHOT,
         _ if xdp => XDP_PASS,

@@ -163,6 +163,13 @@ impl Frame {
         self
     }
 
+    /// A backend's packet as it enters the host from the backend's veth (the backend's MACs).
+    pub fn entering_from_backend(mut self) -> Self {
+        self.src_mac = BACKEND_MAC;
+        self.dst_mac = HOST_BACKEND_SIDE_MAC;
+        self
+    }
+
     /// A backend's packet on its way out of the client-facing interface (MACs as routed).
     pub fn sent_by_backend(mut self) -> Self {
         self.src_mac = HOST_CLIENT_SIDE_MAC;

@@ -32,9 +32,9 @@ const BOOT_MODULES: [&str; 3] = ["virtio_pci", "9pnet_virtio", "9p"];
 /// nf_tables so that the e2e check "portmap installed no netfilter rule" can list the ruleset
 /// (after crc32c_generic: libcrc32c, which nf_tables needs, has it as a soft dependency that
 /// modules.dep does not list, and fails to load without it).
-/// nf_conntrack, nf_nat, nft_chain_nat and nft_masq for the masquerade test's rules
-/// (iptables-nft's MASQUERADE).
-const TEST_MODULES: [&str; 10] = [
+/// nf_conntrack, nf_nat, nft_chain_nat, nft_compat and xt_MASQUERADE for the masquerade test's
+/// rules (iptables-nft runs the MASQUERADE target through nft_compat).
+const TEST_MODULES: [&str; 11] = [
     "veth",
     "bridge",
     "sch_ingress",
@@ -44,7 +44,8 @@ const TEST_MODULES: [&str; 10] = [
     "nf_conntrack",
     "nf_nat",
     "nft_chain_nat",
-    "nft_masq",
+    "nft_compat",
+    "xt_MASQUERADE",
 ];
 
 /// The test binaries and filters run in the guest, with their arguments.

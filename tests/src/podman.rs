@@ -7,8 +7,8 @@
 //! mounts podman needs) from a shell that first moves itself into the given cgroup: conmon, which
 //! podman forks and which binds every published host port as its reservation, stays there, so
 //! the daemon's socket hooks on that cgroup see it exactly as they see it on a host whose daemon
-//! serves every process (`cgroup = "/"`). Dropping it removes every container, network and
-//! image it made.
+//! serves every process (`cgroup = "/"`); containers get a cgroup parent inside it for the same
+//! reason. Dropping it removes every container, network, image and cgroup it made.
 
 use std::{
     fs,
@@ -26,9 +26,13 @@ pub const PODMAN_IMAGE: &str = "pm-busybox";
 
 pub struct Podman {
     dir: TempDir,
-    /// The cgroup parent of this podman's containers (`podman run --cgroup-parent`), removed
-    /// from every hierarchy on drop (podman's default, /libpod_parent, would stay behind).
+    /// The cgroup parent of this podman's containers (`podman run --cgroup-parent`): inside the
+    /// daemon's cgroup, so that container processes are served by its socket hooks as on a host
+    /// whose daemon serves every process; removed from every hierarchy on drop (podman's
+    /// default, /libpod_parent, would stay behind).
     parent: String,
+    /// The daemon's cgroup, which the parent's creation makes in the v1 hierarchies too.
+    daemon_cgroup: String,
     netns: PathBuf,
     procs: PathBuf,
     /// The network configuration directory (`network_config_dir`): conflists land here.
@@ -91,7 +95,8 @@ impl Podman {
             &["-C", &path("rootfs"), "-cf", tar.to_str().context("utf-8")?, "."],
         )?;
         let podman = Self {
-            parent: format!("/{}", crate::unique("podman")),
+            parent: format!("{}/{}", cgroup.path.display(), crate::unique("podman")),
+            daemon_cgroup: cgroup.path.display().to_string(),
             dir,
             netns: host.path(),
             procs: cgroup.procs(),
@@ -142,9 +147,17 @@ impl Podman {
 
     /// `podman run ARGS` (detached, in this podman's cgroup parent); the container's ID.
     pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.run_with(&["-d"], args)
+    }
+
+    /// `podman run --rm ARGS` in the foreground (in this podman's cgroup parent); its output.
+    pub fn run_once(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.run_with(&["--rm"], args)
+    }
+
+    fn run_with(&self, how: &[&str], args: &[&str]) -> anyhow::Result<String> {
         let parent = format!("--cgroup-parent={}", self.parent);
-        let mut all = vec!["run", "-d", &parent];
-        all.extend_from_slice(args);
+        let all = [&["run", &parent][..], how, args].concat();
         self.ok(&all)
     }
 
@@ -161,15 +174,25 @@ impl Drop for Podman {
         let _ = self.output(&["rm", "--all", "--force", "--time", "0"]);
         let _ = self.output(&["network", "prune", "--force"]);
         let _ = self.output(&["system", "reset", "--force"]);
-        // The containers' cgroup parent, and conmon's (libpod_parent/conmon: podman's, shared,
-        // removed when empty), in the cgroup2 tree and in each v1 hierarchy.
+        // The containers' cgroup parent and its conmon directory, and podman's default ones
+        // (libpod_parent/conmon: shared, removed when empty), in the cgroup2 tree and in each v1
+        // hierarchy.
         let parent = self.parent.trim_start_matches('/');
+        let daemon_cgroup = self.daemon_cgroup.trim_start_matches('/');
         let mut trees = vec![PathBuf::from("/sys/fs/cgroup")];
         if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
             trees.extend(hierarchies.flatten().map(|h| h.path()));
         }
         for tree in trees {
-            for dir in [parent, "libpod_parent/conmon", "libpod_parent"] {
+            // (The daemon's own cgroup2 directory is not empty yet: only its v1 copies go here.)
+            let conmon = format!("{parent}/conmon");
+            for dir in [
+                &conmon,
+                parent,
+                daemon_cgroup,
+                "libpod_parent/conmon",
+                "libpod_parent",
+            ] {
                 let _ = fs::remove_dir(tree.join(dir));
             }
         }

@@ -1,8 +1,9 @@
 //! Real podman through portmap-cni (issue 23): the daemon chains its plugin into the network
 //! `podman network create` writes (`--cni-conf-dir`), `podman run -p` publishes through it
 //! (conmon's reservation of the port is not refused, and refuses other binds), host processes
-//! reach the container at 127.0.0.1, [::1] and the host's address, a wire client does past the
-//! network's masquerade rule, `list` names the container,
+//! reach the container at 127.0.0.1, [::1] and the host's address, other containers and the
+//! container itself (hairpin) at the host's address, a wire client past the network's masquerade
+//! rule, `list` names the container,
 //! `podman stop` / `start` / `rm` follow, and a container removed while no daemon runs loses its
 //! port at the next start. Needs root and podman (run through `cargo xtask test`).
 
@@ -53,9 +54,7 @@ fn podman_run_publishes_through_portmap_and_its_lifecycle_follows() -> anyhow::R
     )?;
 
     let run = |name: &str| {
-        podman.ok(&[
-            "run",
-            "-d",
+        podman.run(&[
             "--name",
             name,
             "--network",
@@ -87,6 +86,19 @@ fn podman_run_publishes_through_portmap_and_its_lifecycle_follows() -> anyhow::R
         let r = hooked(&topo, &daemon, &["tcp", addr])?;
         ensure!(reaches_httpd(&r), "host process -> {addr}: {r}");
     }
+    // Other containers reach it at the host's address, and so does the container itself
+    // (hairpin): the socket hooks serve them in their own network namespaces.
+    let nc = ["sh", "-c", "echo GET / | timeout 10 nc 198.18.0.1 9999"];
+    let other = podman.run_once(&[&["--network", "pmnet", PODMAN_IMAGE][..], &nc].concat())?;
+    ensure!(
+        other.starts_with("HTTP/1.1 400"),
+        "another container -> 198.18.0.1:9999: {other:?}"
+    );
+    let itself = podman.ok(&[&["exec", "web"][..], &nc].concat())?;
+    ensure!(
+        itself.starts_with("HTTP/1.1 400"),
+        "the container itself -> 198.18.0.1:9999: {itself:?}"
+    );
     // A wire client (through TC on h0): the container's replies leave its veth for the client
     // past the masquerade rule the network's bridge plugin installed (ipMasq).
     let nat = topo.host.exec("iptables", &["-t", "nat", "-S", "POSTROUTING"])?;

@@ -405,7 +405,7 @@ fn absolutes(s: &mut String, r: &Results) {
          \"sent\" is what the generator managed: where forwarded ≈ sent, the generator was the bottleneck. \
          Rows marked (replies) measure the other direction: after one packet per flow from the client, the sink \
          answers every flow (generator in the sink's namespace, the router's receive on h1 steered to CPU 1, the \
-         client dropping the answers at ingress); portmap reverse-NATs them on TC egress. \
+         client dropping the answers at ingress); portmap reverse-NATs them at the sink's veth and redirects them to the client (the reply hook). \
          IPVS and nftables flowtables would be the next peers, but this kernel is built without CONFIG_IP_VS and \
          CONFIG_NF_FLOW_TABLE. The sink is a container behind a veth of the router: portmap TC and XDP reach it \
          on the local fast path (TC: `bpf_redirect_peer` into its namespace; XDP: cached addresses and a devmap \

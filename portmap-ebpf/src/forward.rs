@@ -50,7 +50,7 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
         return verdict;
     }
     let mut fib = fib_zero();
-    let rc = fib_lookup(ctx, &mut fib, pkt, &pkt.saddr, daddr, dport);
+    let rc = fib_lookup(ctx, &mut fib, pkt, (&pkt.saddr, pkt.sport), (daddr, dport));
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
@@ -88,7 +88,7 @@ pub fn reply_to_client(ctx: &mut TcContext, pkt: &Packet, nat: &Nat) -> Option<V
         return None;
     }
     let mut fib = fib_zero();
-    let rc = fib_lookup(ctx, &mut fib, pkt, &nat.addr, &pkt.daddr, pkt.dport);
+    let rc = fib_lookup(ctx, &mut fib, pkt, (&nat.addr, nat.port), (&pkt.daddr, pkt.dport));
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
@@ -143,7 +143,7 @@ fn fib_zero() -> FibParams {
     unsafe { core::ptr::read_volatile(&raw const FIB_ZERO) }
 }
 
-/// `bpf_fib_lookup` for a packet of `pkt`'s flow from `saddr` to `daddr`:`dport`, entering at the
+/// `bpf_fib_lookup` for a packet of `pkt`'s flow from `src` to `dst` (address, port), entering at the
 /// hook's interface; the TOS / flow info as xdp-forward passes them, so that policy routing by
 /// them applies. Returns the helper's `BPF_FIB_LKUP_RET_*`.
 #[inline(always)]
@@ -151,12 +151,11 @@ fn fib_lookup<C: PacketCtx>(
     ctx: &C,
     fib: &mut FibParams,
     pkt: &Packet,
-    saddr: &Addr,
-    daddr: &Addr,
-    dport: u16,
+    (saddr, sport): (&Addr, u16),
+    (daddr, dport): (&Addr, u16),
 ) -> u32 {
     fib.l4_protocol = pkt.proto;
-    fib.sport = pkt.sport;
+    fib.sport = sport;
     fib.dport = dport;
     fib.__bindgen_anon_1.tot_len = mtu_len(ctx, pkt);
     fib.ifindex = ctx.hook_ifindex();

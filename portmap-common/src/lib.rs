@@ -94,8 +94,8 @@ pub mod prog_names {
     pub const TC_INGRESS: &str = "portmap_tc_ingress";
     /// TC (tcx) egress, client-facing: reverse NAT of backend replies.
     pub const TC_EGRESS: &str = "portmap_tc_egress";
-    /// TC (tcx) ingress of a local backend's veth (its host side): replies reverse-NATed and
-    /// sent to the client past the host's netfilter.
+    /// TC (tcx) ingress of every veth of the host but the client-facing ones (a container's
+    /// host side): replies reverse-NATed and sent to the client past the host's netfilter.
     pub const TC_FROM_BACKEND: &str = "portmap_tc_from_backend";
     /// ICMP errors about flows, reached by tail call from the program of the same hook (their
     /// work would not fit the 512-byte stack beside the datapath): slot `ICMP_SLOT_INGRESS` of

@@ -22,8 +22,8 @@ mod parse;
 mod sock;
 mod stats;
 
-use aya_ebpf::bindings::TC_ACT_OK;
 use aya_ebpf::{
+    bindings::TC_ACT_OK,
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
@@ -118,7 +118,8 @@ fn egress<C: PacketCtx>(ctx: &mut C) -> Verdict {
 
 /// Backend → client at the backend's own interface (TC ingress of a local backend's veth, its
 /// host side), before the host's netfilter: a reply of a flow is reverse-NATed and sent to the
-/// client from here (`forward::reply_to_client`); anything else goes on to the kernel untouched
+/// client from here (`forward::reply_to_client`), marked `MARK_REPLY_SENT` for the client-facing
+/// egress it reaches next; anything else goes on to the kernel untouched
 /// (the container's own traffic, ICMP: errors are translated at the client-facing interface).
 #[inline(always)]
 fn from_backend(ctx: &mut TcContext) -> Verdict {
@@ -143,8 +144,15 @@ fn from_backend(ctx: &mut TcContext) -> Verdict {
         reply.seen(pkt.tcp_flags, conntrack::now_ns());
         frag::remember(&pkt);
         count_mapping(reply.nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
+        ctx.set_mark(skb_mark(ctx) | MARK_REPLY_SENT);
     }
     verdict
+}
+
+#[inline(always)]
+fn skb_mark(ctx: &TcContext) -> u32 {
+    // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
+    unsafe { (*ctx.skb.skb).mark }
 }
 
 /// Records the outcome and turns it into the hook's return code. The packet path does not log:
@@ -196,11 +204,6 @@ pub fn portmap_tc_egress(mut ctx: TcContext) -> i32 {
 pub fn portmap_tc_from_backend(mut ctx: TcContext) -> i32 {
     pull_headers(&ctx);
     let verdict = from_backend(&mut ctx);
-    if matches!(verdict.action, Action::Redirected(_)) {
-        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
-        let mark = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark(mark | MARK_REPLY_SENT);
-    }
     finish(&ctx, verdict) as i32
 }
 
@@ -208,8 +211,7 @@ pub fn portmap_tc_from_backend(mut ctx: TcContext) -> i32 {
 /// the mark is cleared and the packet leaves as it is.
 #[inline(always)]
 fn sent_from_backend_veth(ctx: &TcContext) -> bool {
-    // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
-    let mark = unsafe { (*ctx.skb.skb).mark };
+    let mark = skb_mark(ctx);
     if mark & MARK_REPLY_SENT == 0 {
         return false;
     }

@@ -236,8 +236,9 @@ impl Datapath {
         self.pin_link(iface, hook, fd)
     }
 
-    /// Removes portmap's TC filters on interfaces not configured (nor local backends' veths) any more, and all of them where
-    /// tcx links replaced them (a newer kernel, or the fallback no longer forced).
+    /// Removes portmap's TC filters on interfaces neither configured nor carrying the reply hook
+    /// any more, and all of them where tcx links replaced them (a newer kernel, or the fallback
+    /// no longer forced).
     fn remove_stale_filters(&self) {
         let keep: Vec<String> = if self.tcx {
             Vec::new()

@@ -1,11 +1,11 @@
-//! The reply hook on the veths of local backends (`portmap_tc_from_backend` on their TC ingress,
+//! The reply hook on the veths of the host (`portmap_tc_from_backend` on their TC ingress,
 //! Cilium's from-container hook): a container's replies are reverse-NATed where they enter the
 //! host and sent to the client from there, so that the host's netfilter never sees them — on a
 //! host whose runtime masquerades its container subnet (Docker's and podman's defaults), it
 //! would take them for new flows of that subnet, rewrite their source, and the client would
-//! reset the connection. The set of veths follows the local backends (`host::local_backends`);
-//! attachments are pinned links (tcx) or filters (clsact) like any other, taken over by the next
-//! daemon.
+//! reset the connection. The set is every veth but the client-facing interfaces, read with the
+//! local backends (`host::local_backends::read`) whenever links change; attachments are pinned
+//! links (tcx) or filters (clsact) like any other, taken over by the next daemon.
 
 use std::collections::BTreeMap;
 
@@ -37,7 +37,7 @@ impl Datapath {
             }
             match self.attach_tc(name, Hook::TcFromBackend) {
                 Ok(()) => {
-                    info!("{name}: attached the reply hook (tc ingress of a local backend's veth)");
+                    info!("{name}: attached the reply hook (tc ingress of the veth)");
                     self.backend_veths.insert(name.clone(), *index);
                     changed += 1;
                 }

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use aya::programs::TcAttachType;
 use portmap_common::prog_names;
 
-/// Where a program is attached: on a client-facing interface, or on the veth of a local backend.
+/// Where a program is attached: on a client-facing interface, or on a veth of the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     XdpIngress,
     TcIngress,
     TcEgress,
-    /// TC ingress of a local backend's veth (its host side): replies sent to the client there.
+    /// TC ingress of a veth's host side (a container's uplink): replies sent to the client there.
     TcFromBackend,
 }
 

@@ -6,8 +6,8 @@
 //!   daemon's link, pinning, detaching, stale pins;
 //! - `attach`: the client-facing interfaces (XDP, tcx, or `clsact` filters on kernels without
 //!   tcx), followed when they disappear and come back;
-//! - `backend_veths`: the reply hook on the veths of local backends (replies sent to the client
-//!   past the host's netfilter), following the local backends;
+//! - `backend_veths`: the reply hook on the host's veths (containers' replies sent to the client
+//!   past the host's netfilter), following the veths as they come and go;
 //! - `cgroup`: the socket hooks of host-local clients (cgroup links, pinned);
 //! - `pins`: the pin directory (bpffs mount, `portmap cleanup`);
 //! - `adopt`: checking what an earlier daemon pinned (map shapes, layout stamp);
@@ -26,7 +26,7 @@
 //!              PM_META (the layout stamp), PM_LOCAL_BACKENDS, PM_LOCAL_DEVS
 //!                                                                        (map_names::ALL)
 //! PIN_DIR/links/IFACE_xdp_ingress | IFACE_tc_ingress | IFACE_tc_egress   ('.' in IFACE as %2E)
-//! PIN_DIR/links/VETH_tc_from_backend     (the reply hook on a local backend's veth)
+//! PIN_DIR/links/VETH_tc_from_backend     (the reply hook on each veth but the client-facing ones)
 //! PIN_DIR/links/cgroup_ID_portmap_connect4 ... _portmap_bind6  (socket hooks; ID: the cgroup's)
 //! ```
 //! A pinned link keeps its program attached while no daemon runs (stopped, crashed, upgraded):
@@ -49,6 +49,7 @@ mod sys;
 mod test_run;
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
 };
@@ -88,8 +89,8 @@ pub struct Datapath {
     /// `resync_interfaces`), and the mode to attach them again in.
     ifaces: Vec<attach::Iface>,
     mode: crate::config::AttachMode,
-    /// The veths of local backends with the reply hook (`backend_veths`): name → ifindex.
-    backend_veths: std::collections::BTreeMap<String, u32>,
+    /// The veths with the reply hook (`backend_veths`): name → ifindex.
+    backend_veths: BTreeMap<String, u32>,
     /// The stamp of the pinned maps (`PM_META`).
     stamp: DatapathStamp,
     /// The maps were pinned by an earlier daemon and adopted.
@@ -156,7 +157,7 @@ impl Datapath {
             pin_dir: pin_dir.map(Path::to_path_buf),
             attachments: Vec::new(),
             ifaces: Vec::new(),
-            backend_veths: std::collections::BTreeMap::new(),
+            backend_veths: BTreeMap::new(),
             mode: crate::config::AttachMode::Auto,
             stamp: adopt::new_stamp(),
             adopted: false,

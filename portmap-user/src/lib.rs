@@ -17,5 +17,6 @@ pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod docker;
 pub mod host;
 pub mod model;

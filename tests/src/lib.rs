@@ -21,6 +21,8 @@
 mod cgroup;
 mod cni;
 mod daemon;
+mod docker;
+mod engine;
 mod flood;
 mod netns;
 mod podman;
@@ -32,7 +34,8 @@ mod topology;
 use std::time::Duration;
 
 pub use self::{
-    cgroup::*, cni::*, daemon::*, flood::*, netns::*, podman::*, probe::*, sctp::*, servers::*, topology::*,
+    cgroup::*, cni::*, daemon::*, docker::*, engine::*, flood::*, netns::*, podman::*, probe::*, sctp::*,
+    servers::*, topology::*,
 };
 
 /// How long a socket operation of a test may block (10 s, times `slowdown`).

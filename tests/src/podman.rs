@@ -12,17 +12,18 @@
 
 use std::{
     fs,
-    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
 
 use anyhow::{Context as _, ensure};
 
-use crate::{Cgroup, Netns, TempDir, portmap_cni_bin};
+use crate::{
+    BUSYBOX_IMAGE, Cgroup, Netns, TempDir, busybox_rootfs_tar, portmap_cni_bin, remove_cgroups, unmount_under,
+};
 
 /// The image every container runs: busybox (sh, httpd, nc, ...).
-pub const PODMAN_IMAGE: &str = "pm-busybox";
+pub const PODMAN_IMAGE: &str = BUSYBOX_IMAGE;
 
 pub struct Podman {
     dir: TempDir,
@@ -46,16 +47,7 @@ impl Podman {
         let root = dir.path().to_owned();
         let conf_dir = root.join("net.d");
         let plugins = root.join("cni-bin");
-        for sub in [
-            "net.d",
-            "cni-bin",
-            "run",
-            "graph",
-            "tmp",
-            "static",
-            "volumes",
-            "rootfs/bin",
-        ] {
+        for sub in ["net.d", "cni-bin", "run", "graph", "tmp", "static", "volumes"] {
             fs::create_dir_all(root.join(sub))?;
         }
         fs::copy(portmap_cni_bin()?, plugins.join("portmap-cni"))?;
@@ -84,16 +76,7 @@ impl Podman {
                 path("graph"),
             ),
         )?;
-        fs::copy("/bin/busybox", root.join("rootfs/bin/busybox"))
-            .context("/bin/busybox (package busybox-static; `cargo xtask setup` installs it)")?;
-        for tool in ["sh", "httpd", "nc", "sleep", "cat", "echo"] {
-            symlink("busybox", root.join("rootfs/bin").join(tool))?;
-        }
-        let tar = root.join("rootfs.tar");
-        crate::sh(
-            "tar",
-            &["-C", &path("rootfs"), "-cf", tar.to_str().context("utf-8")?, "."],
-        )?;
+        let tar = busybox_rootfs_tar(&root)?;
         let podman = Self {
             parent: format!("{}/{}", cgroup.path.display(), crate::unique("podman")),
             daemon_cgroup: cgroup.path.display().to_string(),
@@ -176,38 +159,16 @@ impl Drop for Podman {
         let _ = self.output(&["system", "reset", "--force"]);
         // The containers' cgroup parent and its conmon directory, and podman's default ones
         // (libpod_parent/conmon: shared, removed when empty), in the cgroup2 tree and in each v1
-        // hierarchy.
-        let parent = self.parent.trim_start_matches('/');
-        let daemon_cgroup = self.daemon_cgroup.trim_start_matches('/');
-        let mut trees = vec![PathBuf::from("/sys/fs/cgroup")];
-        if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
-            trees.extend(hierarchies.flatten().map(|h| h.path()));
-        }
-        for tree in trees {
-            // (The daemon's own cgroup2 directory is not empty yet: only its v1 copies go here.)
-            let conmon = format!("{parent}/conmon");
-            for dir in [
-                &conmon,
-                parent,
-                daemon_cgroup,
-                "libpod_parent/conmon",
-                "libpod_parent",
-            ] {
-                let _ = fs::remove_dir(tree.join(dir));
-            }
-        }
+        // hierarchy (the daemon's own cgroup2 directory is not empty yet: only its v1 copies go).
+        let conmon = format!("{}/conmon", self.parent);
+        remove_cgroups(&[
+            &conmon,
+            &self.parent,
+            &self.daemon_cgroup,
+            "libpod_parent/conmon",
+            "libpod_parent",
+        ]);
         // Whatever is still mounted under the directory (overlay layers, shm) goes with it.
-        if let Ok(mounts) = fs::read_to_string("/proc/self/mountinfo") {
-            let root = self.dir.path().display().to_string();
-            let mut points: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .filter(|p| p.starts_with(&root))
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for point in points {
-                let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        unmount_under(self.dir.path());
     }
 }

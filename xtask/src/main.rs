@@ -30,7 +30,7 @@ const VMTEST_PACKAGES: [(&str, &str); 3] = [
 
 /// What the tests, the demo and the benchmark need from Debian: a command or file that shows the
 /// package is there, and the package.
-const APT_PACKAGES: [(&str, &str); 15] = [
+const APT_PACKAGES: [(&str, &str); 17] = [
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
     ("systemd-analyze", "systemd"),
@@ -47,6 +47,10 @@ const APT_PACKAGES: [(&str, &str); 15] = [
     ("runc", "runc"),
     ("conmon", "conmon"),
     ("/bin/busybox", "busybox-static"),
+    // The Docker tests (issue 24): Debian's dockerd 20.10 (its containerd comes with it) and
+    // docker-compose 1.29; each test starts and stops a private dockerd of its own.
+    ("dockerd", "docker.io"),
+    ("docker-compose", "docker-compose"),
     // plotters (benchmark plots) renders text through fontconfig.
     ("/usr/include/fontconfig/fontconfig.h", "libfontconfig1-dev"),
     (
@@ -312,10 +316,25 @@ fn ensure_packages(packages: &[(&str, &str)]) -> anyhow::Result<()> {
     run(Command::new("apt-get")
         .args(["update", "-q"])
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
+    // No package may start its service (dockerd, containerd) in the machine's own namespace:
+    // invoke-rc.d asks policy-rc.d first, and 101 means "not now".
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# cargo xtask setup: no service starts during the install\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if own_policy {
+        std::fs::remove_file(policy)?;
+    }
+    installed
 }
 
 fn build_portmap() -> anyhow::Result<PathBuf> {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use portmap_common::MappingCounters;
 
-use crate::model::mapping::Mapping;
+use crate::model::{mapping::Mapping, table::DockerContainer};
 
 /// Longest request line the daemon reads (a longer one is refused with an error line).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -46,6 +46,31 @@ pub enum Request {
     },
     /// The mappings of every container, by owner.
     Containers,
+    /// From the daemon's Docker follower; never read from the control socket.
+    #[serde(skip)]
+    Docker(DockerChange),
+}
+
+/// What the Docker follower tells the daemon's main loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DockerChange {
+    /// The containers that run (after a connect): every other Docker container's mappings go.
+    Running(std::collections::BTreeSet<String>),
+    /// A container's mappings as Docker publishes them now (none: it stopped or went).
+    Container(DockerContainer, Vec<Mapping>),
+    /// Connected to dockerd, or not (and why).
+    Status(DockerStatus),
+}
+
+/// The Docker follower's connection, as `stats` and the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerStatus {
+    /// The `docker` setting.
+    pub url: String,
+    pub connected: bool,
+    /// Why it is not connected (retried every few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Counters of one mapping, summed over CPUs (their fields inline in the JSON).
@@ -77,6 +102,9 @@ pub struct StatsReport {
     /// others take a FIB lookup per packet).
     #[serde(default)]
     pub local_backends: Vec<LocalBackendReport>,
+    /// The Docker follower (absent unless `docker` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerStatus>,
 }
 
 /// A backend on the local fast path: its address, the host-side veth it is sent into, and its MAC.
@@ -139,27 +167,39 @@ pub struct Listed {
 }
 
 impl Listed {
-    /// `--owner WANTED`: the owner as listed, or (a container's) a prefix of its container ID.
+    /// `--owner WANTED`: the owner as listed, or a container's ID prefix, or a Docker
+    /// container's name.
     #[must_use]
     pub fn owned_by(&self, wanted: &str) -> bool {
         self.owner == wanted
             || container_id(&self.owner).is_some_and(|id| !wanted.is_empty() && id.starts_with(wanted))
+            || matches!(owner_parts(&self.owner)[..], [DOCKER, name, _] if name == wanted)
     }
 
     /// The owner as the `list` table shows it: container IDs cut to 12 characters, as Docker's.
     #[must_use]
     pub fn short_owner(&self) -> String {
-        match self.owner.split('/').collect::<Vec<_>>()[..] {
-            [network, id, ifname] => format!("{network}/{}/{ifname}", &id[..id.len().min(12)]),
+        let short = |id: &str| id[..id.len().min(12)].to_owned();
+        match owner_parts(&self.owner)[..] {
+            [DOCKER, name, id] => format!("{DOCKER}/{name}/{}", short(id)),
+            [network, id, ifname] => format!("{network}/{}/{ifname}", short(id)),
             _ => self.owner.clone(),
         }
     }
 }
 
-/// The container ID of a CNI owner (`NETWORK/CONTAINER_ID/IFNAME`).
+/// The first part of a Docker container's owner (`docker/NAME/ID`, `Origin::owner`).
+const DOCKER: &str = "docker";
+
+fn owner_parts(owner: &str) -> Vec<&str> {
+    owner.split('/').collect()
+}
+
+/// The container ID of a container's owner (CNI's `NETWORK/CONTAINER_ID/IFNAME`, Docker's
+/// `docker/NAME/ID`).
 fn container_id(owner: &str) -> Option<&str> {
-    match owner.split('/').collect::<Vec<_>>()[..] {
-        [_, id, _] => Some(id),
+    match owner_parts(owner)[..] {
+        [DOCKER, _, id] | [_, id, _] => Some(id),
         _ => None,
     }
 }
@@ -244,6 +284,14 @@ mod tests {
         assert_eq!(container.short_owner(), "podman/0123456789ab/eth0");
         assert!(listed("config").owned_by("config") && !listed("config").owned_by("cli"));
         assert_eq!(listed("cli").short_owner(), "cli");
+        let docker = listed("docker/web/fedcba9876543210fedcba");
+        assert!(
+            docker.owned_by("web")
+                && docker.owned_by("fedcba98")
+                && docker.owned_by("docker/web/fedcba9876543210fedcba")
+        );
+        assert!(!docker.owned_by("docker") && !docker.owned_by("we"));
+        assert_eq!(docker.short_owner(), "docker/web/fedcba987654");
     }
 
     /// `list --json` carries the owner and stays a config file (the config ignores `owner`).

@@ -153,7 +153,7 @@ fn register_datapath(registry: &mut Registry, report: &StatsReport) {
     registry.register("flow_capacity", "Flows a flow table holds", capacity);
 }
 
-/// Interfaces, local backends, the build.
+/// Interfaces, local backends, the Docker follower, the build.
 fn register_host(registry: &mut Registry, report: &StatsReport) {
     let up = Family::<InterfaceLabels, Gauge>::default();
     for (interface, attached) in &report.interfaces {
@@ -174,6 +174,15 @@ fn register_host(registry: &mut Registry, report: &StatsReport) {
         "Backends behind a veth of this host that the datapath sends to directly (the fast path)",
         local,
     );
+    if let Some(docker) = &report.docker {
+        let connected = Gauge::<i64>::default();
+        connected.set(i64::from(docker.connected));
+        registry.register(
+            "docker_connected",
+            "1 while the Docker follower is connected to dockerd (`docker` set)",
+            connected,
+        );
+    }
     registry.register(
         "build",
         "The portmap build",
@@ -280,6 +289,11 @@ mod tests {
                 device: "veth1".into(),
                 mac: "02:00:00:00:00:02".into(),
             }],
+            docker: Some(crate::api::control::DockerStatus {
+                url: "unix:///var/run/docker.sock".into(),
+                connected: false,
+                error: Some("no Docker socket".into()),
+            }),
         };
         let text = encode(&report).unwrap();
         let labels =
@@ -293,6 +307,7 @@ mod tests {
             "portmap_flow_capacity{table=\"new\"} 32768".to_string(),
             "portmap_interface_attached{interface=\"eth1\"} 0".to_string(),
             "portmap_local_backends 1".to_string(),
+            "portmap_docker_connected 0".to_string(),
             format!(
                 "portmap_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")

@@ -93,4 +93,10 @@ pub fn stats(stats: &StatsReport) {
     for b in &stats.local_backends {
         println!("local backend {} via {} ({})", b.addr, b.device, b.mac);
     }
+    if let Some(docker) = &stats.docker {
+        match &docker.error {
+            None => println!("docker {} connected", docker.url),
+            Some(error) => println!("docker {} DISCONNECTED: {error}", docker.url),
+        }
+    }
 }

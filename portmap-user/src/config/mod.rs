@@ -168,7 +168,49 @@ pub struct Startup {
     /// every `.conflist` there (in place of the reference `portmap` plugin), at start and
     /// whenever one appears or changes, so networks created later publish through portmap.
     pub cni_conf_dir: Option<PathBuf>,
+    /// Docker Engine's API (`unix:///var/run/docker.sock`): the daemon publishes what every
+    /// container's `-p`/`-P` (and Compose `ports:`) publish, and follows their lifecycle. Off
+    /// when absent.
+    pub docker: Option<DockerUrl>,
     pub limits: Limits,
+}
+
+/// Where dockerd's API is: `unix:///PATH`, or `tcp://HOST:PORT` / `http://HOST:PORT` (no TLS).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DockerUrl(pub String);
+
+impl std::str::FromStr for DockerUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let ok = url.strip_prefix("unix://").is_some_and(|p| p.starts_with('/'))
+            || ["tcp://", "http://"]
+                .iter()
+                .any(|s| url.strip_prefix(s).is_some_and(|rest| rest.contains(':')));
+        if ok {
+            Ok(Self(url.to_owned()))
+        } else {
+            Err(format!(
+                "docker = \"{url}\": expected unix:///PATH (e.g. unix:///var/run/docker.sock) or \
+                 tcp://HOST:PORT"
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for DockerUrl {
+    type Error = String;
+
+    fn try_from(url: String) -> Result<Self, String> {
+        url.parse()
+    }
+}
+
+impl From<DockerUrl> for String {
+    fn from(url: DockerUrl) -> Self {
+        url.0
+    }
 }
 
 impl Default for Startup {
@@ -184,6 +226,7 @@ impl Default for Startup {
             cgroup_mount: None,
             metrics: None,
             cni_conf_dir: None,
+            docker: None,
             limits: Limits::default(),
         }
     }
@@ -289,6 +332,10 @@ pub struct Overrides {
     /// replaces `cni_conf_dir`.
     #[arg(long, value_name = "DIR")]
     pub cni_conf_dir: Option<PathBuf>,
+    /// Follow Docker Engine at URL (unix:///var/run/docker.sock): publish its containers'
+    /// ports; replaces `docker`.
+    #[arg(long, value_name = "URL")]
+    pub docker: Option<DockerUrl>,
 }
 
 impl Overrides {
@@ -319,6 +366,7 @@ impl Overrides {
             &mut cfg.cni_conf_dir,
             self.cni_conf_dir.is_some().then_some(&self.cni_conf_dir),
         );
+        set(&mut cfg.docker, self.docker.is_some().then_some(&self.docker));
     }
 }
 

@@ -2,7 +2,7 @@
 //! One file per job: `serve` (the main loop, and the owner of the state it hands events to),
 //! `state` (the running state and what it does on its own), `requests` (the changes and reads
 //! clients ask for), `reload` (the config file applied again), `control_socket` (connections),
-//! `flows` (flow-table fill), `saved` (the state file).
+//! `flows` (flow-table fill), `saved` (the state file), `docker` (the Docker follower's changes).
 //!
 //! Stopping (SIGTERM, or a crash) leaves the datapath attached and forwarding; the next daemon
 //! adopts it: the pinned maps (flows, counters, mappings) as they are, the programs replaced in
@@ -10,6 +10,7 @@
 
 mod conflists;
 mod control_socket;
+mod docker;
 mod flows;
 mod reload;
 mod requests;
@@ -31,7 +32,10 @@ use log::{info, warn};
 
 use self::{flows::FlowTable, state::State};
 use crate::{
-    api::{control, notify},
+    api::{
+        control::{self, DockerStatus},
+        notify,
+    },
     config::{Config, Overrides, Valid},
     datapath::{self, Datapath},
     host::{self, local_backends, sockets},
@@ -121,6 +125,11 @@ fn load_state(mut dp: Datapath, config: &Config, reload: Option<ReloadSource>) -
         reload,
         saver: saved::Saver::new(&config.startup.state_file, dp.id(), generation),
         local_backends: BTreeMap::new(),
+        docker: config.startup.docker.as_ref().map(|url| DockerStatus {
+            url: url.0.clone(),
+            connected: false,
+            error: Some("not connected yet".into()),
+        }),
         dp,
     })
 }

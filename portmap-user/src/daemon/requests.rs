@@ -8,10 +8,13 @@ use anyhow::Context as _;
 use log::{error, info};
 use portmap_common::Stat;
 
-use super::state::{State, View};
+use super::{
+    docker,
+    state::{State, View},
+};
 use crate::{
     api::{
-        control::{Listed, MappingStats, Request, Response, StatsReport},
+        control::{DockerChange, Listed, MappingStats, Request, Response, StatsReport},
         pending,
     },
     datapath::Counters,
@@ -50,6 +53,14 @@ pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters)
         ),
         Request::Publish { owner, specs } => publish(state, owner, &specs),
         Request::Unpublish { owner } => publish(state, owner, &[]),
+        Request::Docker(change) => match change {
+            DockerChange::Status(status) => {
+                state.docker = Some(status);
+                return respond(Ok(String::new()));
+            }
+            DockerChange::Running(ids) => docker::unpublish_gone(state, &ids),
+            DockerChange::Container(container, mappings) => docker::publish(state, container, &mappings),
+        },
         Request::Containers => {
             return Response::Containers {
                 containers: state.table.containers(),
@@ -194,5 +205,6 @@ fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
         new_flow_capacity: view.flows.new_capacity,
         interfaces: view.interfaces.clone(),
         local_backends: view.local_backends.clone(),
+        docker: view.docker.clone(),
     })
 }

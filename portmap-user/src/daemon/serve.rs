@@ -134,6 +134,9 @@ pub(super) async fn serve(
     if let Some(metrics) = metrics {
         tokio::spawn(crate::api::metrics::serve(metrics, requests_tx.clone()));
     }
+    if let Some(url) = &state.config.startup.docker {
+        tokio::spawn(crate::docker::follow(url.0.clone(), requests_tx.clone()));
+    }
     let counters = state.dp.counters()?;
     let mut owner = Owner {
         state: Some(state),

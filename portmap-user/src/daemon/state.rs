@@ -9,7 +9,10 @@ use log::{error, info, warn};
 
 use super::{ReloadSource, flows::FlowTable, saved};
 use crate::{
-    api::{control::LocalBackendReport, notify},
+    api::{
+        control::{DockerStatus, LocalBackendReport},
+        notify,
+    },
     config::Config,
     datapath::{self, Datapath},
     host::{self, local_backends},
@@ -26,6 +29,8 @@ pub(super) struct State {
     pub(super) saver: saved::Saver,
     /// What `PM_LOCAL_BACKENDS` holds (for `stats`).
     pub(super) local_backends: BTreeMap<IpAddr, local_backends::Local>,
+    /// The Docker follower's connection (None unless `docker` is set).
+    pub(super) docker: Option<DockerStatus>,
 }
 
 impl State {
@@ -150,8 +155,13 @@ impl State {
             .into_iter()
             .map(|(name, up)| if up { name } else { format!("{name} (missing)") })
             .collect();
+        let docker = match &self.docker {
+            Some(d) if d.connected => "; docker connected",
+            Some(_) => "; docker disconnected",
+            None => "",
+        };
         format!(
-            "{} mapping(s) on {}; flows {}/{} assured, {}/{} new",
+            "{} mapping(s) on {}; flows {}/{} assured, {}/{} new{docker}",
             self.table.entries().len(),
             ifaces.join(", "),
             assured.active,
@@ -180,6 +190,7 @@ pub(super) struct View {
     pub(super) flows: FlowFill,
     pub(super) interfaces: Vec<(String, bool)>,
     pub(super) local_backends: Vec<LocalBackendReport>,
+    pub(super) docker: Option<DockerStatus>,
 }
 
 impl View {
@@ -213,6 +224,7 @@ impl View {
                     mac: l.backend.dmac.map(|b| format!("{b:02x}")).join(":"),
                 })
                 .collect(),
+            docker: state.docker.clone(),
         }
     }
 }

@@ -18,7 +18,7 @@ mod tests;
 pub mod writes;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -43,8 +43,8 @@ use crate::{
 
 /// Who asked for a mapping, and so who may take it away: a config diff (start, reload) adds,
 /// updates and removes only the config's own mappings; those added at run time stay until they
-/// are deleted; a container's (the CNI plugin's, by container) are replaced and removed as a
-/// whole by its owner.
+/// are deleted; a container's (the CNI plugin's, by container, or the Docker follower's) are
+/// replaced and removed as a whole by its owner.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
@@ -54,25 +54,44 @@ pub enum Origin {
     Runtime,
     /// A container, as the CNI plugin names it (container ID and interface).
     Container(String),
+    /// A Docker container, followed by the daemon (`docker`): its full ID and its name.
+    Docker(DockerContainer),
+}
+
+/// A Docker container that owns mappings: identified by its ID (its name can change).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DockerContainer {
+    pub id: String,
+    pub name: String,
+}
+
+impl DockerContainer {
+    /// The owner as `list` shows it: `docker/NAME/ID`.
+    #[must_use]
+    pub fn owner(&self) -> String {
+        format!("docker/{}/{}", self.name, self.id)
+    }
 }
 
 impl Origin {
     /// Who owns the mapping, as `list` names it: `config`, `cli` (`portmap add`), or the
-    /// container (the CNI plugin's `NETWORK/CONTAINER_ID/IFNAME`).
+    /// container (the CNI plugin's `NETWORK/CONTAINER_ID/IFNAME`, Docker's `docker/NAME/ID`).
     #[must_use]
-    pub fn owner(&self) -> &str {
+    pub fn owner(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Self::Config => "config",
-            Self::Runtime => "cli",
-            Self::Container(owner) => owner,
+            Self::Config => "config".into(),
+            Self::Runtime => "cli".into(),
+            Self::Container(owner) => owner.into(),
+            Self::Docker(container) => container.owner().into(),
         }
     }
 
     /// Whether the owner's runtime holds a socket on each published port as its reservation
-    /// (container runtimes do, after CNI ADD), so the bind hook lets binds of them through.
+    /// (container runtimes do: conmon after CNI ADD, dockerd before the container starts), so
+    /// the bind hook lets binds of them through.
     #[must_use]
     pub fn runtime_reserves(&self) -> bool {
-        matches!(self, Self::Container(_))
+        matches!(self, Self::Container(_) | Self::Docker(_))
     }
 }
 
@@ -250,6 +269,39 @@ impl Table {
             }
         }
         owned
+    }
+
+    /// Every Docker container that owns mappings.
+    #[must_use]
+    pub fn docker_containers(&self) -> BTreeSet<DockerContainer> {
+        self.entries
+            .values()
+            .filter_map(|e| match &e.origin {
+                Origin::Docker(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Gives the mappings of the Docker container `container.id` its current name (after `docker
+    /// rename`); nothing in the maps changes.
+    pub fn rename_docker(&mut self, container: &DockerContainer) {
+        for (key, entry) in &mut self.entries {
+            if let Origin::Docker(c) = &mut entry.origin
+                && c.id == container.id
+                && c.name != container.name
+            {
+                c.name.clone_from(&container.name);
+                self.changes.push(snapshot::Change::Put(*key));
+            }
+        }
+    }
+
+    /// The owner of the applied mapping that shares a published port with `mapping`, if any.
+    #[must_use]
+    pub fn owner_overlapping(&self, mapping: &Mapping) -> Option<(Mapping, String)> {
+        self.overlapping(mapping)
+            .map(|e| (e.mapping.clone(), e.origin.owner().into_owned()))
     }
 
     /// The applied mapping that shares a published port with `mapping`, if any.

@@ -532,6 +532,57 @@ fn containers_own_their_mappings() {
     assert_eq!(maps.contents, expected_contents(&table));
 }
 
+/// A Docker container's mappings: the config's diff leaves them, the first owner of a port keeps
+/// it (named), a rename keeps the mappings (journalled), and they survive the state file.
+#[test]
+fn docker_containers_own_their_mappings_by_id() {
+    let (mut table, mut maps) = populated();
+    let web = DockerContainer {
+        id: "0123456789abcdef".into(),
+        name: "web".into(),
+    };
+    let published = [m("9000:198.18.60.2:8000"), m("[::]:9000:[fd00:60::2]:8000")];
+    table
+        .apply_as(&mut maps, &Origin::Docker(web.clone()), &published, &NoSockets)
+        .unwrap();
+    let config = table.requested();
+    table.apply(&mut maps, &config[1..], &NoSockets).unwrap();
+    assert_eq!(table.docker_containers(), BTreeSet::from([web.clone()]));
+    let (existing, owner) = table.owner_overlapping(&m("9000:198.18.60.9:80")).unwrap();
+    assert_eq!(
+        (existing.to_string(), owner),
+        (published[0].to_string(), web.owner())
+    );
+    let taken = config[1].clone();
+    let other = Origin::Docker(DockerContainer {
+        id: "fedcba".into(),
+        name: "other".into(),
+    });
+    assert!(matches!(
+        table.apply_as(&mut maps, &other, &[taken], &NoSockets),
+        Err(TableError::Allocated { .. })
+    ));
+    table.take_changes();
+    let renamed = DockerContainer {
+        name: "web2".into(),
+        ..web.clone()
+    };
+    table.rename_docker(&renamed);
+    assert_eq!(table.take_changes().len(), 2, "both mappings journalled");
+    let json = serde_json::to_string(&table.snapshot()).unwrap();
+    let restored = Table::from_snapshot(
+        SMALL,
+        table.dynamic,
+        serde_json::from_str(&json).unwrap(),
+        Vec::new(),
+    )
+    .unwrap();
+    assert_same_table(&restored, &table);
+    assert_eq!(restored.docker_containers(), BTreeSet::from([renamed.clone()]));
+    assert!(Origin::Docker(renamed).runtime_reserves());
+    assert_eq!(maps.contents, expected_contents(&table));
+}
+
 /// Docker's `-p 8000-8002:80`: each such mapping gets one free port of the range (published or
 /// reserved ones skipped), and a full range is an error that names it.
 #[test]

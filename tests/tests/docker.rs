@@ -207,7 +207,8 @@ fn run_publish_follow(mode: Mode, iptables: bool) -> anyhow::Result<()> {
         );
         ensure!(
             docker_dnat_packets(&s, 8080)? > 0,
-            "Docker's DNAT rule took no packet"
+            "Docker's DNAT rule took no packet (something of portmap's still forwards): {}",
+            s.topo.host.exec("iptables", &["-t", "nat", "-L", "-nvx"])?,
         );
         return Ok(());
     }

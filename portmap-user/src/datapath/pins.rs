@@ -9,8 +9,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use log::info;
 
-/// Removes every pin under `pin_dir` (links first: unpinning a link detaches its program from
-/// its interface or cgroup; then maps) and returns what it removed.
+/// Removes every pin under `pin_dir` (links first, each detached from its interface or cgroup
+/// before its pin goes; then maps) and returns what it removed.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for sub in ["links", "maps"] {
@@ -18,6 +18,14 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let Ok(entries) = fs::read_dir(&dir) else { continue };
         for entry in entries {
             let path = entry?.path();
+            if sub == "links" {
+                // Detached now: removing the pin alone detaches the link a moment later (its
+                // program would still see the next packets after `cleanup` returned).
+                // Detaching a link whose device is gone fails; the pin goes all the same.
+                if let Ok(link) = super::sys::obj_get(&path) {
+                    let _ = super::sys::link_detach(std::os::fd::AsFd::as_fd(&link));
+                }
+            }
             fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
             removed.push(path);
         }

@@ -1,5 +1,5 @@
 //! Every `bpf(2)` call aya 0.14 does not offer, typed: batch map operations, link update and
-//! object get, each with its `union bpf_attr` member as a `#[repr(C)]` struct, through one
+//! detach, object get, each with its `union bpf_attr` member as a `#[repr(C)]` struct, through one
 //! unsafe wrapper.
 
 use std::{
@@ -16,6 +16,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `bpf(cmd, attr, size_of::<T>())`; the return value, or the error.
 ///
@@ -69,6 +70,23 @@ pub(super) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
     // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The `link_detach` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Detaches a bpf_link now (`BPF_LINK_DETACH`, kernel 5.9+): its program stops running before the
+/// call returns, however many references the link still has (the last reference going, as when
+/// its pin is removed, detaches it only later, from a workqueue).
+pub(super) fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: fd_u32(link)?,
+    };
+    // SAFETY: LinkDetachAttr is the `link_detach` member.
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 /// Replaces the program of a bpf_link atomically (`BPF_LINK_UPDATE`): packets see either the old

@@ -42,7 +42,12 @@ pub async fn follow(url: String, requests: mpsc::Sender<Pending>) {
     let to_loop = Loop { requests };
     let mut last_error = String::new();
     loop {
-        let ended = session(&url, &to_loop).await;
+        let mut connected = false;
+        let ended = session(&url, &to_loop, &mut connected).await;
+        if connected {
+            // A new outage is reported even if it looks like the last one.
+            last_error.clear();
+        }
         let error = match ended {
             Ok(()) => "dockerd closed the event stream".to_owned(),
             Err(e) => format!("{e:#}"),
@@ -86,8 +91,8 @@ impl Loop {
 }
 
 /// One connection: the running containers published, then events followed until the stream
-/// ends or fails.
-async fn session(url: &str, to_loop: &Loop) -> anyhow::Result<()> {
+/// ends or fails (`connected` once it got that far).
+async fn session(url: &str, to_loop: &Loop, connected: &mut bool) -> anyhow::Result<()> {
     let docker = connect(url).await?;
     // Events from a moment before the list on: none is missed between the two (a repeated one
     // changes nothing).
@@ -117,6 +122,7 @@ async fn session(url: &str, to_loop: &Loop) -> anyhow::Result<()> {
     if !to_loop.send(DockerChange::Status(status)).await {
         return Ok(());
     }
+    *connected = true;
     let mut events = docker.events(Some(EventsOptions {
         since: Some(since.to_string()),
         until: None,

@@ -134,10 +134,12 @@ fn load_state(mut dp: Datapath, config: &Config, reload: Option<ReloadSource>) -
     })
 }
 
-/// Applies the config's mappings as one diff, removes what an adopted datapath has beyond the
-/// table, and saves a snapshot.
+/// Applies the config's mappings as one diff, saves a snapshot, and then removes what an adopted
+/// datapath has beyond the table. A snapshot that cannot be written (a full disk) undoes the
+/// diff: the start fails with the datapath as it was found.
 fn apply_config(state: &mut State, valid: &Valid) -> anyhow::Result<()> {
     let started = Instant::now();
+    let undo = state.undo_point();
     let plan = state
         .table
         .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
@@ -149,6 +151,10 @@ fn apply_config(state: &mut State, valid: &Valid) -> anyhow::Result<()> {
         plan.remove.len(),
         started.elapsed().as_secs_f64() * 1e3
     );
+    if let Err(e) = state.save_snapshot() {
+        state.undo(undo);
+        return Err(e.context("the datapath was left as it was found"));
+    }
     if state.dp.adopted() {
         // Only now, so that no mapping is missing in between: what the maps have beyond the
         // table (a change the previous daemon did not live to save).
@@ -160,7 +166,7 @@ fn apply_config(state: &mut State, valid: &Valid) -> anyhow::Result<()> {
         }
     }
     state.flush_stale_flows();
-    state.save_snapshot()
+    Ok(())
 }
 
 /// The mappings of an adopted datapath, from the state file the previous daemon saved, written

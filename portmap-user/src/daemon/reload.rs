@@ -11,7 +11,7 @@ use tokio::{sync::oneshot, task::JoinHandle};
 
 use super::{
     requests::{respond, settle},
-    state::{State, View},
+    state::{State, Undo, View},
 };
 use crate::{
     api::{
@@ -36,9 +36,12 @@ pub(super) enum Waiting {
     Reload(Asker),
 }
 
+/// A finished reload: the state, where it is undone to if it cannot be saved, and its outcome.
+pub(super) type Reloaded = (State, Undo, anyhow::Result<String>);
+
 /// A reload running on the blocking pool, with the state lent to it.
 pub(super) struct Reloading {
-    task: JoinHandle<(State, anyhow::Result<String>)>,
+    task: JoinHandle<Reloaded>,
     /// What `list` and `stats` are answered from meanwhile.
     pub(super) view: View,
     asker: Asker,
@@ -53,8 +56,9 @@ impl Reloading {
         let view = View::of(&state);
         let task = tokio::task::spawn_blocking(move || {
             let mut state = state;
+            let undo = state.undo_point();
             let result = reload(&mut state);
-            (state, result)
+            (state, undo, result)
         });
         Self {
             task,
@@ -65,17 +69,17 @@ impl Reloading {
     }
 
     /// Waits until the reload is done.
-    pub(super) async fn done(&mut self) -> anyhow::Result<(State, anyhow::Result<String>)> {
+    pub(super) async fn done(&mut self) -> anyhow::Result<Reloaded> {
         Ok((&mut self.task).await?)
     }
 
     /// Takes the state back once the reload is `done`: saves it, tells systemd (`READY=1` also
     /// after a failed reload: the previous configuration keeps running) and whoever asked.
     /// Returns the state and what waited.
-    pub(super) fn finish(self, done: (State, anyhow::Result<String>)) -> (State, VecDeque<Waiting>) {
-        let (mut state, result) = done;
+    pub(super) fn finish(self, done: Reloaded) -> (State, VecDeque<Waiting>) {
+        let (mut state, undo, result) = done;
+        let result = settle(&mut state, undo, result);
         notify::ready(&state.status_line());
-        let result = settle(&mut state, result);
         match self.asker {
             Asker::Client(reply) => {
                 let _ = reply.send(respond(result));

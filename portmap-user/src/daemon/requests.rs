@@ -10,7 +10,7 @@ use portmap_common::Stat;
 
 use super::{
     docker,
-    state::{State, View},
+    state::{State, Undo, View},
 };
 use crate::{
     api::{
@@ -30,6 +30,11 @@ use crate::{
 /// loop (`Reloading`), so it is refused as a programming error, not applied twice.
 pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters) -> Response {
     let started = Instant::now();
+    let undo = match &request {
+        Request::List | Request::Stats | Request::Containers | Request::Reload => None,
+        Request::Docker(DockerChange::Status(_)) => None,
+        _ => Some(state.undo_point()),
+    };
     let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
     let outcome: anyhow::Result<String> = match request {
         Request::Add { spec } => changed(
@@ -73,7 +78,10 @@ pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters)
             };
         }
     };
-    respond(settle(state, outcome))
+    match undo {
+        Some(undo) => respond(settle(state, undo, outcome)),
+        None => respond(outcome),
+    }
 }
 
 /// The answer to a change.
@@ -118,31 +126,50 @@ pub(super) fn apply_pending_removals(state: &mut State, socket: &Path) -> anyhow
     if pending.owners.is_empty() {
         return Ok(());
     }
-    for owner in &pending.owners {
+    let undo = state.undo_point();
+    let removed = pending.owners.iter().try_for_each(|owner| {
         let message = publish(state, owner.clone(), &[])?;
         info!("{message} (the container was removed while no daemon ran)");
+        Ok::<_, anyhow::Error>(())
+    });
+    if let Err(e) = removed.and_then(|()| state.save()) {
+        // The record stays: the next start applies it again.
+        state.undo(undo);
+        error!(
+            "{:#}",
+            e.context(format!(
+                "unpublishing the containers {} records: undone, tried again at the next start",
+                path.display()
+            ))
+        );
+        return Ok(());
     }
     state.flush_stale_flows();
-    state.save()?;
     pending
         .done()
         .with_context(|| format!("emptying {}", path.display()))
 }
 
-/// After a change (or a refused one): deletes the flows it made stale and saves the mappings for
-/// the next daemon. A change that was applied but could not be saved says so.
-pub(super) fn settle(state: &mut State, outcome: anyhow::Result<String>) -> anyhow::Result<String> {
-    state.flush_stale_flows();
-    let message = outcome?;
-    match state.save() {
-        Ok(()) => Ok(message),
+/// After a change (or a refused one): saves the mappings for the next daemon, then deletes the
+/// flows the change made stale. Nothing is answered as done that a restarted daemon would not
+/// know: a change that cannot be saved (a full disk) is undone, in the table and the kernel, to
+/// `undo`, and refused with the reason.
+pub(super) fn settle(state: &mut State, undo: Undo, outcome: anyhow::Result<String>) -> anyhow::Result<String> {
+    let message = match outcome {
+        Ok(message) => message,
         Err(e) => {
-            error!("{e:#}");
-            Ok(format!(
-                "{message}; warning: {e:#}: a restarted daemon would not know this change"
-            ))
+            state.flush_stale_flows();
+            return Err(e);
         }
+    };
+    if let Err(e) = state.save() {
+        state.undo(undo);
+        let e = e.context("not changed: the change could not be saved for the next daemon, so it was undone");
+        error!("{e:#}");
+        return Err(e);
     }
+    state.flush_stale_flows();
+    Ok(message)
 }
 
 /// Logs a change with its duration and answers with its `docker port` lines.

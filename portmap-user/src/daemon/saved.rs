@@ -12,12 +12,12 @@
 
 use std::{
     fs::{self, File},
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Seek as _, Write as _},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ struct SavedSnapshot {
     table: Snapshot,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Line {
     /// The generation this change makes.
     n: u64,
@@ -95,58 +95,82 @@ impl Saver {
 
     /// Writes a snapshot of the whole table and empties the journal.
     pub(super) fn snapshot(&mut self, table: &mut Table) -> anyhow::Result<()> {
-        self.generation += table.take_changes().len() as u64;
+        let changes = table.take_changes().len() as u64;
+        self.write_snapshot(table, self.generation + changes)
+    }
+
+    /// Writes a snapshot of `table` as generation `generation`. On failure nothing changed: the
+    /// old snapshot stays (the new one is written beside it and renamed over it), and so does
+    /// the saver's generation.
+    fn write_snapshot(&mut self, table: &Table, generation: u64) -> anyhow::Result<()> {
         let saved = SavedSnapshot {
             format: FORMAT,
             datapath: self.datapath,
-            generation: self.generation,
+            generation,
             table: table.snapshot(),
         };
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let tmp = with_suffix(&self.path, ".tmp");
-        let mut file = create(&tmp)?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
-        serde_json::to_writer(&mut out, &saved)?;
-        out.flush()?;
-        drop(out);
-        fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
-        self.journal = Some(create(&self.journal_path)?);
+        let written = (|| {
+            let mut file = create(&tmp)?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+            serde_json::to_writer(&mut out, &saved)?;
+            out.flush()?;
+            drop(out);
+            fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
+        })();
+        if let Err(e) = written {
+            // What it took of a full disk is given back.
+            let _ = fs::remove_file(&tmp);
+            return Err(e.context(format!("writing {}", self.path.display())));
+        }
+        self.generation = generation;
+        // Lines of the old journal are all in the snapshot now (a reader skips them): if the
+        // journal cannot be emptied, the next change writes a snapshot again.
+        self.journal = create(&self.journal_path).ok();
         self.journal_lines = 0;
         Ok(())
     }
 
     /// Appends the table's changes since the last save to the journal (one write), or writes a
-    /// snapshot once the journal is as long as the table.
+    /// snapshot once the journal is as long as the table (or cannot be appended to). A failed
+    /// append leaves the journal as it was: what it wrote of a line is cut off again, or, if
+    /// even that fails, the journal is given up and the next save writes a snapshot.
     pub(super) fn append(&mut self, table: &mut Table) -> anyhow::Result<()> {
         let pending = table.take_changes();
         if pending.is_empty() {
             return Ok(());
         }
-        let Some(journal) = self.journal.as_mut() else {
-            bail!("no snapshot written yet");
+        let too_long = self.journal_lines + pending.len() > MIN_JOURNAL.max(table.entries().len());
+        let Some(journal) = self.journal.as_mut().filter(|_| !too_long) else {
+            return self.write_snapshot(table, self.generation + pending.len() as u64);
         };
-        if self.journal_lines + pending.len() > MIN_JOURNAL.max(table.entries().len()) {
-            self.generation += pending.len() as u64;
-            return self.snapshot(table);
-        }
         let mut text = Vec::new();
-        for record in pending {
-            self.generation += 1;
-            serde_json::to_writer(
-                &mut text,
-                &Line {
-                    n: self.generation,
-                    record,
-                },
-            )?;
+        for (i, record) in pending.into_iter().enumerate() {
+            let line = Line {
+                n: self.generation + i as u64 + 1,
+                record,
+            };
+            serde_json::to_writer(&mut text, &line)?;
             text.push(b'\n');
-            self.journal_lines += 1;
         }
-        journal
-            .write_all(&text)
-            .with_context(|| format!("appending to {}", self.journal_path.display()))
+        let lines = text.iter().filter(|b| **b == b'\n').count();
+        let length = journal.metadata().map(|m| m.len());
+        if let Err(e) = journal.write_all(&text) {
+            let cut = length.and_then(|length| {
+                journal.set_len(length)?;
+                journal.seek(std::io::SeekFrom::Start(length)).map(drop)
+            });
+            if cut.is_err() {
+                self.journal = None;
+            }
+            return Err(e).with_context(|| format!("appending to {}", self.journal_path.display()));
+        }
+        self.generation += lines as u64;
+        self.journal_lines += lines;
+        Ok(())
     }
 }
 
@@ -179,22 +203,62 @@ pub(super) fn load(path: &Path, datapath: u64) -> anyhow::Result<Option<(Snapsho
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", journal_path.display())),
     };
-    let last = lines.len().saturating_sub(1);
     for (i, text) in lines.iter().enumerate() {
-        let line: Line = match serde_json::from_str(text) {
-            Ok(line) => line,
-            Err(e) if i == last => {
-                warn!("{}: ignoring a torn last line ({e})", journal_path.display());
-                break;
-            }
-            Err(e) => return Err(e).with_context(|| format!("{} line {}", journal_path.display(), i + 1)),
-        };
+        let read = read_line(text).with_context(|| format!("{} line {}", journal_path.display(), i + 1))?;
+        if read.torn {
+            warn!(
+                "{} line {}: ignoring a torn record (a write cut short){}",
+                journal_path.display(),
+                i + 1,
+                if read.line.is_some() { "; the record after it on the line is kept" } else { "" }
+            );
+        }
+        let Some(line) = read.line else { continue };
         if line.n > generation {
             generation = line.n;
             records.push(line.record);
         }
     }
     Ok(Some((saved.table, records, generation)))
+}
+
+/// What a journal line holds.
+#[derive(Debug)]
+struct ReadLine {
+    /// Its record, if it has a complete one.
+    line: Option<Line>,
+    /// It starts with a torn record (a write cut short: the JSON ends early).
+    torn: bool,
+}
+
+/// Reads one journal line. A torn record that later appends continued on the same line (an
+/// earlier version appended after a failed write) is followed by the complete record of that
+/// append, which is kept. A line that is complete but not a record is an error: it was not
+/// torn, it is wrong.
+fn read_line(text: &str) -> anyhow::Result<ReadLine> {
+    const RECORD_START: &str = "{\"n\":";
+    let e = match serde_json::from_str::<Line>(text) {
+        Ok(line) => {
+            return Ok(ReadLine {
+                line: Some(line),
+                torn: false,
+            });
+        }
+        Err(e) => e,
+    };
+    if let Some(start) = text.rfind(RECORD_START).filter(|start| *start > 0)
+        && let Ok(line) = serde_json::from_str::<Line>(&text[start..])
+    {
+        return Ok(ReadLine {
+            line: Some(line),
+            torn: true,
+        });
+    }
+    if e.classify() == serde_json::error::Category::Eof {
+        Ok(ReadLine { line: None, torn: true })
+    } else {
+        Err(e.into())
+    }
 }
 
 #[cfg(test)]
@@ -268,5 +332,29 @@ mod tests {
         let (again, _) = restore(&path, 7);
         assert_eq!(again.mappings(), table.mappings());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A torn record in the middle of the journal (a full disk cut a write short, and an earlier
+    /// version appended after it on the same line) loses nothing written after it; a complete
+    /// line that is no record is an error that names its line.
+    #[test]
+    fn a_torn_record_is_told_from_a_bad_one_and_what_follows_it_is_kept() {
+        let mut table = Table::new(CAPACITY, DYNAMIC);
+        let m = crate::model::spec::parse("8080:198.18.2.2:80").unwrap();
+        table
+            .add_as(&mut MapContents::default(), &m, &NoSockets, Origin::Runtime)
+            .unwrap();
+        let record = table.take_changes().pop().unwrap();
+        let put = serde_json::to_string(&Line { n: 5, record }).unwrap();
+        let put = put.as_str();
+        let read = read_line(put).unwrap();
+        assert_eq!((read.line.map(|l| l.n), read.torn), (Some(5), false));
+        let read = read_line(r#"{"n":4,"record":{"put":{"mapp"#).unwrap();
+        assert!(read.line.is_none() && read.torn, "torn");
+        let continued = format!(r#"{{"n":4,"record":{{"put":{{"ma{put}"#);
+        let read = read_line(&continued).unwrap();
+        assert_eq!((read.line.map(|l| l.n), read.torn), (Some(5), true), "torn, then a record");
+        let bad = read_line(r#"{"n":4,"record":{"nope":1}}"#).unwrap_err();
+        assert!(format!("{bad:#}").contains("unknown variant"), "{bad:#}");
     }
 }

@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     control_socket,
-    reload::{Asker, Reloading, Waiting},
+    reload::{Asker, Reloaded, Reloading, Waiting},
     requests::{dispatch, read},
     state::State,
 };
@@ -82,7 +82,7 @@ impl Owner {
 
     /// The running reload is done: the state comes back, and what waited is applied in order
     /// until the next reload among it.
-    fn reload_done(&mut self, done: anyhow::Result<(State, anyhow::Result<String>)>) -> anyhow::Result<()> {
+    fn reload_done(&mut self, done: anyhow::Result<Reloaded>) -> anyhow::Result<()> {
         let Some(reloading) = self.reloading.take() else {
             return Ok(());
         };
@@ -101,7 +101,7 @@ impl Owner {
     }
 
     /// Waits for the running reload (forever without one).
-    async fn reloaded(&mut self) -> anyhow::Result<(State, anyhow::Result<String>)> {
+    async fn reloaded(&mut self) -> anyhow::Result<Reloaded> {
         match self.reloading.as_mut() {
             Some(r) => r.done().await,
             None => std::future::pending().await,

@@ -13,7 +13,7 @@ use crate::{
         control::{DockerStatus, LocalBackendReport},
         notify,
     },
-    config::Config,
+    config::{Config, Live},
     datapath::{self, Datapath},
     host::{self, local_backends},
     model::{mapping::Mapping, table::Table},
@@ -33,7 +33,28 @@ pub(super) struct State {
     pub(super) docker: Option<DockerStatus>,
 }
 
+/// What a change is undone to when it cannot be saved for the next daemon: the table (with the
+/// dynamic port range) and the live settings as they were before it.
+pub(super) struct Undo {
+    table: Table,
+    live: Live,
+}
+
 impl State {
+    /// Where a change about to be made can be undone to (`undo`).
+    pub(super) fn undo_point(&self) -> Undo {
+        Undo {
+            table: self.table.clone(),
+            live: self.config.live.clone(),
+        }
+    }
+
+    /// Undoes everything changed since `to` was taken, in the table and the maps.
+    pub(super) fn undo(&mut self, to: Undo) {
+        self.table.roll_back(&mut self.dp, to.table);
+        self.config.live = to.live;
+    }
+
     /// Saves the changes to the mappings for the next daemon (after every change).
     pub(super) fn save(&mut self) -> anyhow::Result<()> {
         let file = &self.config.startup.state_file;

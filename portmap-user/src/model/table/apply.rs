@@ -90,6 +90,25 @@ impl Table {
     /// Rolls back a failed `apply`: the table becomes `before` again, and the maps get back what
     /// `before` had for the mappings the diff touched (what only the failed state used is
     /// removed or zeroed, what `before` used is written again).
+    /// Undoes every change since `before` (a clone taken then), in the table and the maps: for a
+    /// change that was applied but cannot be saved for the next daemon.
+    pub fn roll_back<M: Maps + ?Sized>(&mut self, maps: &mut M, before: Table) {
+        let mut touched: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|(key, entry)| before.entries.get(key) != Some(entry))
+            .map(|(key, _)| *key)
+            .collect();
+        touched.extend(
+            before
+                .entries
+                .keys()
+                .filter(|key| !self.entries.contains_key(key))
+                .copied(),
+        );
+        self.restore(maps, before, &touched);
+    }
+
     fn restore<M: Maps + ?Sized>(&mut self, maps: &mut M, before: Table, touched: &[Key]) {
         let now = std::mem::replace(self, before);
         let keys: HashSet<&Key> = touched.iter().collect();

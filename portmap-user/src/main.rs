@@ -22,6 +22,15 @@ use portmap::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_daemon = matches!(cli.command, Command::Run { .. });
+    if !is_daemon {
+        // A command whose output is cut short (`portmap list | head -1`) ends quietly, as a Unix
+        // tool does, instead of panicking in println!. The daemon keeps SIGPIPE ignored: a
+        // client that went away must not stop it.
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if is_daemon {
         "info"
     } else {

@@ -110,3 +110,24 @@ fn man_pages_cover_every_subcommand() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A command whose reader went away (`portmap completions bash | head -1`) ends by SIGPIPE, as a
+/// Unix tool does: no panic, no backtrace.
+#[test]
+fn a_command_whose_output_is_cut_short_ends_quietly() -> anyhow::Result<()> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (read, write) = nix::unistd::pipe()?;
+    drop(read);
+    let out = Command::new(portmap_bin()?)
+        .args(["completions", "bash"])
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.signal() == Some(libc::SIGPIPE) && stderr.is_empty(),
+        "status {:?}, stderr: {stderr}",
+        out.status
+    );
+    Ok(())
+}

@@ -156,7 +156,8 @@ fn every_change_on_a_full_disk_is_refused_and_undone_and_what_was_acknowledged_s
     };
     cni(&daemon, &container("net/c1/eth0", 8082))?.map_err(anyhow::Error::msg)?;
     expected.insert(8082);
-    let spare_containers: Vec<(String, u16)> = (0..20).map(|i| (format!("net/s{i:02}/eth0"), 8300 + i)).collect();
+    let spare_containers: Vec<(String, u16)> =
+        (0..20).map(|i| (format!("net/s{i:02}/eth0"), 8300 + i)).collect();
     for (owner, port) in &spare_containers {
         cni(&daemon, &container(owner, *port))?.map_err(anyhow::Error::msg)?;
         expected.insert(*port);
@@ -186,7 +187,10 @@ fn every_change_on_a_full_disk_is_refused_and_undone_and_what_was_acknowledged_s
         if on_full_disk(&daemon, &["del", &format!("{port}:{BACKEND}:80")])? {
             expected.remove(port);
         } else {
-            ensure!(forwards(&topo, *port)?, "the refused del of {port} took its port away");
+            ensure!(
+                forwards(&topo, *port)?,
+                "the refused del of {port} took its port away"
+            );
             refused_del = true;
             break;
         }
@@ -225,7 +229,10 @@ fn every_change_on_a_full_disk_is_refused_and_undone_and_what_was_acknowledged_s
         answer.as_ref().is_err_and(|m| m.contains("could not be saved")),
         "CNI DEL on a full disk: {answer:?}"
     );
-    ensure!(forwards(&topo, 8082)?, "the container's port went although DEL was refused");
+    ensure!(
+        forwards(&topo, 8082)?,
+        "the container's port went although DEL was refused"
+    );
     disk.free()?;
 
     // Everything acknowledged is there after a restart, and nothing else; it forwards.
@@ -234,11 +241,24 @@ fn every_change_on_a_full_disk_is_refused_and_undone_and_what_was_acknowledged_s
     let listed: BTreeSet<u16> = daemon
         .cli_ok(&["list"])?
         .lines()
-        .filter_map(|l| l.split("-> 0.0.0.0:").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("-> 0.0.0.0:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
-    ensure!(listed == expected, "after the restart: {listed:?}, acknowledged: {expected:?}");
+    ensure!(
+        listed == expected,
+        "after the restart: {listed:?}, acknowledged: {expected:?}"
+    );
     for port in [8080, 8082] {
-        ensure!(forwards(&topo, port)?, "{port} does not forward after the restart");
+        ensure!(
+            forwards(&topo, port)?,
+            "{port} does not forward after the restart"
+        );
     }
     Ok(())
 }
@@ -280,7 +300,10 @@ fn a_start_that_cannot_save_leaves_the_adopted_datapath_as_it_found_it() -> anyh
         listed.contains("0.0.0.0:8080") && listed.contains("0.0.0.0:9090"),
         "{listed}"
     );
-    ensure!(forwards(&topo, 8080)? && forwards(&topo, 9090)?, "after the start");
+    ensure!(
+        forwards(&topo, 8080)? && forwards(&topo, 9090)?,
+        "after the start"
+    );
     Ok(())
 }
 

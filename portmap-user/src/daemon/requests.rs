@@ -154,7 +154,11 @@ pub(super) fn apply_pending_removals(state: &mut State, socket: &Path) -> anyhow
 /// flows the change made stale. Nothing is answered as done that a restarted daemon would not
 /// know: a change that cannot be saved (a full disk) is undone, in the table and the kernel, to
 /// `undo`, and refused with the reason.
-pub(super) fn settle(state: &mut State, undo: Undo, outcome: anyhow::Result<String>) -> anyhow::Result<String> {
+pub(super) fn settle(
+    state: &mut State,
+    undo: Undo,
+    outcome: anyhow::Result<String>,
+) -> anyhow::Result<String> {
     let message = match outcome {
         Ok(message) => message,
         Err(e) => {

@@ -210,7 +210,11 @@ pub(super) fn load(path: &Path, datapath: u64) -> anyhow::Result<Option<(Snapsho
                 "{} line {}: ignoring a torn record (a write cut short){}",
                 journal_path.display(),
                 i + 1,
-                if read.line.is_some() { "; the record after it on the line is kept" } else { "" }
+                if read.line.is_some() {
+                    "; the record after it on the line is kept"
+                } else {
+                    ""
+                }
             );
         }
         let Some(line) = read.line else { continue };
@@ -255,7 +259,10 @@ fn read_line(text: &str) -> anyhow::Result<ReadLine> {
         });
     }
     if e.classify() == serde_json::error::Category::Eof {
-        Ok(ReadLine { line: None, torn: true })
+        Ok(ReadLine {
+            line: None,
+            torn: true,
+        })
     } else {
         Err(e.into())
     }
@@ -353,7 +360,11 @@ mod tests {
         assert!(read.line.is_none() && read.torn, "torn");
         let continued = format!(r#"{{"n":4,"record":{{"put":{{"ma{put}"#);
         let read = read_line(&continued).unwrap();
-        assert_eq!((read.line.map(|l| l.n), read.torn), (Some(5), true), "torn, then a record");
+        assert_eq!(
+            (read.line.map(|l| l.n), read.torn),
+            (Some(5), true),
+            "torn, then a record"
+        );
         let bad = read_line(r#"{"n":4,"record":{"nope":1}}"#).unwrap_err();
         assert!(format!("{bad:#}").contains("unknown variant"), "{bad:#}");
     }

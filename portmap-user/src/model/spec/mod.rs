@@ -235,8 +235,8 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
         _ => return Err(SpecError::Shape(spec.to_string())),
     };
     let host_ports = match host_ports {
-        // Docker: host port 0 means "any free port".
-        Some("" | "0") | None => None,
+        // Docker: host port 0 (or the range 0-0) means "any free port".
+        Some("" | "0" | "0-0") | None => None,
         Some(p) => Some(parse_ports("host port", p)?),
     };
     let mut backends = vec![parse_backend(first_backend.0, first_backend.1)?];

@@ -67,6 +67,8 @@ fn good_specs() {
         // Docker's forms: host port 0, an empty host address, an empty protocol, an
         // IPv4-mapped host address.
         ("0:198.18.2.2:80", m(Protocol::Tcp, "0.0.0.0", None, web())),
+        // Docker reads the range 0-0 as port 0: any free port.
+        ("0-0:198.18.2.2:80", m(Protocol::Tcp, "0.0.0.0", None, web())),
         (
             ":8084:198.18.2.2:80",
             m(Protocol::Tcp, "0.0.0.0", Some((8084, 8084)), web()),

@@ -395,6 +395,53 @@ fn a_container_deleted_while_no_daemon_runs_loses_its_ports_at_start() -> anyhow
     daemon.stop()
 }
 
+/// A malformed prevResult (its `ips` a string, an address without a prefix) is a CNI error
+/// (code 7, the field named) for ADD and CHECK, and nothing is published: a plugin that
+/// publishes nothing never says it succeeded.
+#[test]
+fn a_malformed_prev_result_is_an_error_and_publishes_nothing() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = Daemon::start(&topo.host, &mode_args(&topo, Mode::Tc)?)?;
+    let k1 = Netns::new("k1")?;
+    let web = json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]);
+    for (prev, field) in [
+        (
+            json!({"cniVersion": "1.0.0", "ips": "198.18.50.2/24"}),
+            "prevResult.ips",
+        ),
+        (
+            json!({"cniVersion": "1.0.0", "ips": [{"address": "198.18.50.2"}]}),
+            "prevResult.ips[0].address",
+        ),
+        (json!({"cniVersion": "1.0.0", "ips": []}), "no container address"),
+    ] {
+        let conf = json!({
+            "cniVersion": "1.0.0",
+            "name": "pmnet",
+            "type": "portmap-cni",
+            "runtimeConfig": {"portMappings": web},
+            "prevResult": prev,
+            "socket": daemon.socket,
+        });
+        for command in ["ADD", "CHECK"] {
+            let answer = cni_invoke(&topo.host, &portmap_cni_bin()?, command, "c1", &k1, &conf)?;
+            let error = answer
+                .err()
+                .with_context(|| format!("{command} with {prev} succeeded"))?;
+            anyhow::ensure!(
+                error["code"] == 7 && error["msg"].as_str().is_some_and(|m| m.contains(field)),
+                "{command} with {prev}: {error}"
+            );
+        }
+    }
+    anyhow::ensure!(
+        daemon.cli_ok(&["list"])?.is_empty(),
+        "published: {}",
+        daemon.cli_ok(&["list"])?
+    );
+    daemon.stop()
+}
+
 /// `--cni-conf-dir`: the daemon chains portmap-cni into the conflists there at start and into
 /// one written later (as `podman network create` writes it), keeping the rest of each file.
 #[test]

@@ -91,25 +91,37 @@ impl NetConf {
     }
 }
 
-/// The container's first IPv4 and first IPv6 address in `prevResult.ips`.
+/// The container's first IPv4 and first IPv6 address in `prevResult.ips`. Every entry must be
+/// as the CNI spec has it (an object whose `address` is `IP/PREFIX`): anything else is an error
+/// (code 7) that names the field, never a result without the container's addresses.
 pub fn container_ips(prev_result: &Value) -> Result<(Option<IpAddr>, Option<IpAddr>), CniError> {
+    let bad = |field: String, why: String| CniError::new(7, format!("prevResult.{field}: {why}"), "");
     let mut v4 = None;
     let mut v6 = None;
-    let ips = prev_result.get("ips").and_then(Value::as_array);
-    for ip in ips.into_iter().flatten() {
-        let Some(address) = ip.get("address").and_then(Value::as_str) else {
-            continue;
+    let ips = match prev_result.get("ips") {
+        None | Some(Value::Null) => return Ok((None, None)),
+        Some(Value::Array(ips)) => ips,
+        Some(other) => return Err(bad("ips".into(), format!("expected a list, found {other}"))),
+    };
+    for (i, ip) in ips.iter().enumerate() {
+        let address = match ip.get("address") {
+            Some(Value::String(address)) => address,
+            Some(other) => {
+                return Err(bad(
+                    format!("ips[{i}].address"),
+                    format!("expected a string, found {other}"),
+                ));
+            }
+            None => return Err(bad(format!("ips[{i}]"), format!("no address in {ip}"))),
         };
-        let addr: IpAddr = address
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|e| {
-                CniError::new(
-                    7,
-                    format!("prevResult address '{address}' is not an IP address"),
-                    e,
+        let addr = address
+            .split_once('/')
+            .filter(|(_, prefix)| prefix.parse::<u8>().is_ok())
+            .and_then(|(addr, _)| addr.parse::<IpAddr>().ok())
+            .ok_or_else(|| {
+                bad(
+                    format!("ips[{i}].address"),
+                    format!("'{address}' is not an address with a prefix length (IP/PREFIX)"),
                 )
             })?;
         match addr {
@@ -235,6 +247,39 @@ mod tests {
         for spec in &specs {
             crate::model::spec::parse(spec).unwrap();
         }
+    }
+
+    /// Every malformed `prevResult.ips` is an error (code 7) naming the field, never a result
+    /// without the container's addresses.
+    #[test]
+    fn a_malformed_prev_result_names_the_field() {
+        for (prev, field) in [
+            (
+                serde_json::json!({"ips": "10.88.0.5/16"}),
+                "prevResult.ips: expected a list",
+            ),
+            (
+                serde_json::json!({"ips": [{"address": 5}]}),
+                "prevResult.ips[0].address: expected a string",
+            ),
+            (
+                serde_json::json!({"ips": [{"gateway": "10.88.0.1"}]}),
+                "prevResult.ips[0]: no address",
+            ),
+            (
+                serde_json::json!({"ips": [{"address": "10.88.0.5"}]}),
+                "prevResult.ips[0].address: '10.88.0.5'",
+            ),
+            (
+                serde_json::json!({"ips": [{"address": "10.88.0.5/16"}, "x"]}),
+                "prevResult.ips[1]: no address",
+            ),
+        ] {
+            let e = container_ips(&prev).unwrap_err();
+            assert_eq!(e.code, 7, "{prev}");
+            assert!(e.msg.starts_with(field), "{prev}: {}", e.msg);
+        }
+        assert_eq!(container_ips(&serde_json::json!({})).unwrap(), (None, None));
     }
 
     #[test]

@@ -154,7 +154,17 @@ fn wanted(conf: &NetConf) -> Result<(Vec<String>, &Value), CniError> {
             "list it after an interface plugin such as bridge in a conflist",
         )
     })?;
-    let specs = specs(&conf.runtime_config.port_mappings, container_ips(prev)?)?;
+    let ips = container_ips(prev)?;
+    let specs = specs(&conf.runtime_config.port_mappings, ips)?;
+    if specs.is_empty() && !conf.runtime_config.port_mappings.is_empty() {
+        // Asked to publish and nothing to publish to: never a success.
+        return Err(CniError::new(
+            7,
+            "prevResult has no container address for the portMappings".to_owned(),
+            "the interface plugin before portmap-cni gave the container no IPv4 or IPv6 address \
+             of the families the mappings ask for",
+        ));
+    }
     Ok((specs, prev))
 }
 

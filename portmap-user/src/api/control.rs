@@ -2,7 +2,7 @@
 //! root-only Unix socket.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader},
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
@@ -243,7 +243,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         path: path.clone(),
         error,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
             ClientError::NotRunning { path: path.clone() }
         }
@@ -255,10 +255,26 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         .map_err(io)?;
     let mut line = serde_json::to_string(request).map_err(ClientError::Protocol)?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    send_all(&stream, line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
     serde_json::from_str(&answer).map_err(ClientError::Protocol)
+}
+
+/// Writes `bytes` to the daemon with `MSG_NOSIGNAL`: a daemon that closed the connection is an
+/// error (EPIPE) the command reports, not a SIGPIPE that ends it without a word (the CLI has
+/// SIGPIPE at its default, for its standard output).
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{MsgFlags, send};
+    use std::os::fd::AsRawFd as _;
+    while !bytes.is_empty() {
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -337,6 +337,50 @@ fn a_torn_record_in_the_middle_of_the_journal_loses_nothing_after_it() -> anyhow
     Ok(())
 }
 
+/// Slots of removed mappings drain at the next expiry pass (here an hour away): with
+/// `max_mappings = 100`, a reload 60 → 30 → 60 and then 40 adds fit exactly, and only the 101st
+/// mapping is refused as the table being full.
+#[test]
+fn removed_mappings_never_make_the_table_look_full() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let dir = TempDir::new("capacity")?;
+    let config = dir.path().join("portmap.toml");
+    let write = |count: u16| {
+        let mappings: Vec<String> = (0..count)
+            .map(|i| format!("\"{}:{BACKEND}:80\"", 9000 + i))
+            .collect();
+        fs::write(
+            &config,
+            format!(
+                "mappings = [{}]\n[limits]\nmax_mappings = 100\n[timeouts]\ngc_interval_seconds = 3600\n",
+                mappings.join(", ")
+            ),
+        )
+    };
+    write(60)?;
+    let config_arg = config.to_str().context("utf-8")?;
+    let mut args = mode_args(&topo, Mode::Tc)?;
+    args.extend(["--config", config_arg]);
+    let daemon = Daemon::start(&topo.host, &args)?;
+    write(30)?;
+    daemon.cli_ok(&["reload"])?;
+    write(60)?;
+    daemon.cli_ok(&["reload"])?;
+    for i in 0..40 {
+        daemon
+            .cli_ok(&["add", &format!("{}:{BACKEND}:80", 9500 + i)])
+            .with_context(|| format!("add {} of 40 with 60 mappings of 100", i + 1))?;
+    }
+    let out = daemon.cli(&["add", &format!("9600:{BACKEND}:80")])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("full (100, limits.max_mappings)"),
+        "the 101st mapping: {stderr}"
+    );
+    ensure!(daemon.cli_ok(&["list"])?.lines().count() == 100, "listed");
+    Ok(())
+}
+
 fn journal_of(state_file: &Path) -> PathBuf {
     let mut name = state_file.file_name().unwrap_or_default().to_os_string();
     name.push(".journal");

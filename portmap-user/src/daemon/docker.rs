@@ -57,7 +57,13 @@ pub(super) fn publish(
                 taken.join(", ")
             );
         }
-        Err(e) => bail!("container {} ({}): {e}", container.name, short(&container.id)),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "container {} ({})",
+                container.name,
+                short(&container.id)
+            )));
+        }
     };
     let message = format!(
         "docker container {} ({}): {} added, {} updated, {} removed",

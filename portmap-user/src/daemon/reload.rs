@@ -20,6 +20,7 @@ use crate::{
     },
     config::{Config, startup_changes},
     host::{self, sockets},
+    model::table::TableError,
 };
 
 /// Who asked for a reload: a client, to be answered, or SIGHUP, logged.
@@ -101,7 +102,7 @@ impl Reloading {
 fn reload(state: &mut State) -> anyhow::Result<String> {
     let source = state
         .reload
-        .as_ref()
+        .clone()
         .context("the daemon was started without a config file: nothing to reload")?;
     let mut config = Config::read(&source.path)?;
     source.overrides.apply(&mut config.startup);
@@ -109,10 +110,26 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
         .validate()
         .with_context(|| format!("{}", source.path.display()))?;
     let started = Instant::now();
-    let plan = state
-        .table
-        .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
-        .with_context(|| format!("{}: nothing was changed", source.path.display()))?;
+    let apply = |state: &mut State| {
+        state
+            .table
+            .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
+    };
+    let mut plan = apply(state);
+    if state.table.is_draining()
+        && matches!(
+            plan,
+            Err(TableError::Full {
+                limit: "max_mappings",
+                ..
+            })
+        )
+    {
+        // Stats slots of mappings removed a moment ago (their flows may be gone): freed now.
+        state.expire_flows();
+        plan = apply(state);
+    }
+    let plan = plan.with_context(|| format!("{}: nothing was changed", source.path.display()))?;
     let pending = startup_changes(&state.config.startup, &valid.config.startup);
     (state.table.dynamic, state.table.reserved) = host::dynamic_ports(valid.config.live.dynamic_ports);
     let message = format!(

@@ -29,17 +29,56 @@ use crate::{
 /// Applies a change or answers a read. `Reload` never comes here: its owner runs it beside the
 /// loop (`Reloading`), so it is refused as a programming error, not applied twice.
 pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters) -> Response {
+    match request {
+        Request::Containers => Response::Containers {
+            containers: state.table.containers(),
+        },
+        Request::List | Request::Stats => read(&View::of(state), counters, &request),
+        Request::Reload => Response::Error {
+            message: "internal error: a reload is run by the main loop".into(),
+        },
+        Request::Docker(DockerChange::Status(status)) => {
+            state.docker = Some(status);
+            respond(Ok(String::new()))
+        }
+        change => {
+            let undo = state.undo_point();
+            let mut outcome = apply(&change, state);
+            if needs_drained_slots(&outcome, state) {
+                state.expire_flows();
+                outcome = apply(&change, state);
+            }
+            respond(settle(state, undo, outcome))
+        }
+    }
+}
+
+/// A change refused because every stats slot is taken while some belong to removed mappings
+/// whose flows may be gone: an expiry pass now (instead of at its interval) gives those back,
+/// and the change is tried once more. Removed mappings never make the table look full.
+fn needs_drained_slots(outcome: &anyhow::Result<String>, state: &State) -> bool {
+    state.table.is_draining()
+        && outcome.as_ref().is_err_and(|e| {
+            e.chain().any(|cause| {
+                matches!(
+                    cause.downcast_ref::<TableError>(),
+                    Some(TableError::Full {
+                        limit: "max_mappings",
+                        ..
+                    })
+                )
+            })
+        })
+}
+
+/// Applies one change to the state (the table and the maps); what it changed, or why not.
+fn apply(change: &Request, state: &mut State) -> anyhow::Result<String> {
     let started = Instant::now();
-    let undo = match &request {
-        Request::List | Request::Stats | Request::Containers | Request::Reload => None,
-        Request::Docker(DockerChange::Status(_)) => None,
-        _ => Some(state.undo_point()),
-    };
     let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
-    let outcome: anyhow::Result<String> = match request {
+    match change {
         Request::Add { spec } => changed(
             "added",
-            parsed(&spec).and_then(|m| {
+            parsed(spec).and_then(|m| {
                 state
                     .table
                     .add_as(&mut state.dp, &m, &sockets::local_sockets(), Origin::Runtime)
@@ -48,39 +87,25 @@ pub(super) fn dispatch(request: Request, state: &mut State, counters: &Counters)
         ),
         Request::Del { spec } => changed(
             "deleted",
-            parsed(&spec).and_then(|m| state.table.remove(&mut state.dp, &m)),
+            parsed(spec).and_then(|m| state.table.remove(&mut state.dp, &m)),
             started,
         ),
         Request::Update { spec } => changed(
             "updated",
-            parsed(&spec).and_then(|m| state.table.update(&mut state.dp, &m)),
+            parsed(spec).and_then(|m| state.table.update(&mut state.dp, &m)),
             started,
         ),
-        Request::Publish { owner, specs } => publish(state, owner, &specs),
-        Request::Unpublish { owner } => publish(state, owner, &[]),
-        Request::Docker(change) => match change {
-            DockerChange::Status(status) => {
-                state.docker = Some(status);
-                return respond(Ok(String::new()));
-            }
-            DockerChange::Running(ids) => docker::unpublish_gone(state, &ids),
-            DockerChange::Container(container, mappings) => docker::publish(state, container, &mappings),
-        },
-        Request::Containers => {
-            return Response::Containers {
-                containers: state.table.containers(),
-            };
+        Request::Publish { owner, specs } => publish(state, owner.clone(), specs),
+        Request::Unpublish { owner } => publish(state, owner.clone(), &[]),
+        Request::Docker(DockerChange::Running(ids)) => docker::unpublish_gone(state, ids),
+        Request::Docker(DockerChange::Container(container, mappings)) => {
+            docker::publish(state, container.clone(), mappings)
         }
-        Request::List | Request::Stats => return read(&View::of(state), counters, &request),
-        Request::Reload => {
-            return Response::Error {
-                message: "internal error: a reload is run by the main loop".into(),
-            };
-        }
-    };
-    match undo {
-        Some(undo) => respond(settle(state, undo, outcome)),
-        None => respond(outcome),
+        Request::Docker(DockerChange::Status(_))
+        | Request::Containers
+        | Request::List
+        | Request::Stats
+        | Request::Reload => anyhow::bail!("internal error: not a change"),
     }
 }
 

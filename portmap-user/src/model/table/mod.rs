@@ -222,6 +222,12 @@ impl Table {
         free.len()
     }
 
+    /// Whether stats slots of removed mappings wait for their flows to go (`release_drained`).
+    #[must_use]
+    pub fn is_draining(&self) -> bool {
+        !self.draining.is_empty()
+    }
+
     /// The flows that successful changes made stale since the last call: UDP flows of removed
     /// mappings and of removed backends (the daemon deletes them at once).
     pub fn take_flushes(&mut self) -> Vec<FlowFlush> {

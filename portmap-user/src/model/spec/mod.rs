@@ -59,6 +59,19 @@ pub enum SpecError {
     BackendAddress(IpAddr),
     #[error("host address {0} cannot be published (broadcast or multicast)")]
     HostAddress(IpAddr),
+    #[error(
+        "backend {backend} is a loopback address, which packets from the wire never reach (the kernel \
+         drops a loopback destination arriving on an interface): publish it on {loopback} for host \
+         processes only ('{loopback_spec}'), or give an address of this host the service listens \
+         on, as iptables' REDIRECT does ('{port}:HOST_ADDRESS:{backend_port}')"
+    )]
+    LoopbackBackend {
+        backend: String,
+        loopback: String,
+        loopback_spec: String,
+        port: String,
+        backend_port: String,
+    },
     #[error("'{0}' mixes IPv4 and IPv6 addresses; a mapping stays within one family")]
     MixedFamilies(String),
     #[error("weight '{0}' is not a number from 0 to {max}", max = MAX_WEIGHT)]
@@ -298,6 +311,19 @@ pub fn check(mapping: &Mapping, spec: &str) -> Result<(), SpecError> {
     };
     if bad_host {
         return Err(SpecError::HostAddress(mapping.host_ip));
+    }
+    if let Some(b) = backends.iter().find(|b| b.ip.is_loopback())
+        && !mapping.host_ip.is_loopback()
+    {
+        let loopback = if v6 { "[::1]" } else { "127.0.0.1" };
+        let port = mapping.host_ports.map_or_else(String::new, |p| p.to_string());
+        return Err(SpecError::LoopbackBackend {
+            backend: b.to_string(),
+            loopback: loopback.to_owned(),
+            loopback_spec: format!("{loopback}:{port}:{b}"),
+            port,
+            backend_port: b.ports.to_string(),
+        });
     }
     if backends.iter().all(|b| b.weight == 0) {
         return Err(SpecError::AllWeightsZero(spec.to_string()));

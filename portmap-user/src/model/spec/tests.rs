@@ -176,6 +176,13 @@ fn bad_specs_name_the_problem() {
         ("8080:198.18.2.2:80,198.18.2.2:80", "same backend twice"),
         ("8080:198.18.2.2:80/sctp", "SCTP mapping must keep the port"),
         (":198.18.2.2:80/sctp", "SCTP mapping must keep the port"),
+        // Published where no packet can reach it: a loopback backend from the wire.
+        (
+            "8082:127.0.0.1:8080",
+            "publish it on 127.0.0.1 for host processes only ('127.0.0.1:8082:127.0.0.1:8080')",
+        ),
+        ("198.18.0.1:8082:127.0.0.5:8080", "('8082:HOST_ADDRESS:8080')"),
+        ("8082:[::1]:8080", "('[::1]:8082:[::1]:8080')"),
     ];
     for (spec, want) in cases {
         let err = parse(spec).expect_err(spec).to_string();
@@ -186,6 +193,15 @@ fn bad_specs_name_the_problem() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("41 backends"), "{err}");
+}
+
+/// A loopback backend is fine where only host processes reach the mapping: on a loopback host
+/// address (the socket hooks serve it, as iptables' OUTPUT REDIRECT).
+#[test]
+fn a_loopback_backend_on_a_loopback_host_address_is_accepted() {
+    for spec in ["127.0.0.1:8082:127.0.0.1:8080", "[::1]:8082:[::1]:8080"] {
+        parse(spec).unwrap();
+    }
 }
 
 #[test]
@@ -394,7 +410,9 @@ fn names_the_problem(input: &str, err: &SpecError) -> bool {
         | SpecError::ReversedRange { value, .. }
         | SpecError::Address { value, .. }
         | SpecError::Ipv6Brackets { value, .. } => value.clone(),
-        SpecError::RangeLength { backend, .. } => return err.to_string().contains(backend.as_str()),
+        SpecError::RangeLength { backend, .. } | SpecError::LoopbackBackend { backend, .. } => {
+            return err.to_string().contains(backend.as_str());
+        }
         SpecError::PortRange { value, .. } => value.to_string(),
         SpecError::BackendAddress(a) | SpecError::HostAddress(a) => a.to_string(),
     };

@@ -178,7 +178,8 @@ pub(super) fn apply_pending_removals(state: &mut State, socket: &Path) -> anyhow
 /// After a change (or a refused one): saves the mappings for the next daemon, then deletes the
 /// flows the change made stale. Nothing is answered as done that a restarted daemon would not
 /// know: a change that cannot be saved (a full disk) is undone, in the table and the kernel, to
-/// `undo`, and refused with the reason.
+/// `undo`, and refused with the reason; so is a refused change of several steps (a Docker
+/// reconnect's removals) whose first steps were applied.
 pub(super) fn settle(
     state: &mut State,
     undo: Undo,
@@ -187,7 +188,7 @@ pub(super) fn settle(
     let message = match outcome {
         Ok(message) => message,
         Err(e) => {
-            state.flush_stale_flows();
+            state.undo(undo);
             return Err(e);
         }
     };

@@ -62,15 +62,15 @@ pub enum SpecError {
     #[error(
         "backend {backend} is a loopback address, which packets from the wire never reach (the kernel \
          drops a loopback destination arriving on an interface): publish it on {loopback} for host \
-         processes only ('{loopback_spec}'), or give an address of this host the service listens \
-         on, as iptables' REDIRECT does ('{port}:HOST_ADDRESS:{backend_port}')"
+         processes only ('{loopback}:{port}:{backend}'), or give an address of this host the service \
+         listens on, as iptables' REDIRECT does ('{port}:HOST_ADDRESS:{backend_port}')",
+        loopback = if backend.ip.is_ipv6() { "[::1]" } else { "127.0.0.1" },
+        port = host_ports.map_or_else(String::new, |p| p.to_string()),
+        backend_port = backend.ports,
     )]
     LoopbackBackend {
-        backend: String,
-        loopback: String,
-        loopback_spec: String,
-        port: String,
-        backend_port: String,
+        backend: crate::model::mapping::Backend,
+        host_ports: Option<PortRange>,
     },
     #[error("'{0}' mixes IPv4 and IPv6 addresses; a mapping stays within one family")]
     MixedFamilies(String),
@@ -315,14 +315,9 @@ pub fn check(mapping: &Mapping, spec: &str) -> Result<(), SpecError> {
     if let Some(b) = backends.iter().find(|b| b.ip.is_loopback())
         && !mapping.host_ip.is_loopback()
     {
-        let loopback = if v6 { "[::1]" } else { "127.0.0.1" };
-        let port = mapping.host_ports.map_or_else(String::new, |p| p.to_string());
         return Err(SpecError::LoopbackBackend {
-            backend: b.to_string(),
-            loopback: loopback.to_owned(),
-            loopback_spec: format!("{loopback}:{port}:{b}"),
-            port,
-            backend_port: b.ports.to_string(),
+            backend: *b,
+            host_ports: mapping.host_ports,
         });
     }
     if backends.iter().all(|b| b.weight == 0) {

@@ -410,8 +410,9 @@ fn names_the_problem(input: &str, err: &SpecError) -> bool {
         | SpecError::ReversedRange { value, .. }
         | SpecError::Address { value, .. }
         | SpecError::Ipv6Brackets { value, .. } => value.clone(),
-        SpecError::RangeLength { backend, .. } | SpecError::LoopbackBackend { backend, .. } => {
-            return err.to_string().contains(backend.as_str());
+        SpecError::RangeLength { backend, .. } => return err.to_string().contains(backend.as_str()),
+        SpecError::LoopbackBackend { backend, .. } => {
+            return err.to_string().contains(&backend.to_string());
         }
         SpecError::PortRange { value, .. } => value.to_string(),
         SpecError::BackendAddress(a) | SpecError::HostAddress(a) => a.to_string(),

@@ -381,6 +381,79 @@ fn removed_mappings_never_make_the_table_look_full() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The state file gone while the datapath stays (deleted by hand, or another datapath's): the
+/// next start rebuilds the mappings from the pinned maps, and they keep forwarding, listed as
+/// owned by `unknown` (`unknown-container` for a container's); the config asking for one takes it
+/// over, and what was rebuilt is saved for the start after.
+#[test]
+fn a_lost_state_file_is_rebuilt_from_the_pinned_maps() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", &format!("8080:{BACKEND}:80")])?;
+    daemon.cli_ok(&["add", &format!("8081:{BACKEND}:80")])?;
+    daemon.cli_ok(&["add", &format!("8082:{BACKEND}:80,198.18.1.3:80@3")])?;
+    cni(
+        &daemon,
+        &Request::Publish {
+            owner: "net/c1/eth0".into(),
+            specs: vec![format!("8083:{BACKEND}:80")],
+        },
+    )?
+    .map_err(anyhow::Error::msg)?;
+    daemon.stop()?;
+    for file in [daemon.state_file.clone(), journal_of(&daemon.state_file)] {
+        fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+    }
+    ensure!(forwards(&topo, 8081)?, "no daemon: the datapath forwards");
+
+    let dir = TempDir::new("lost")?;
+    let config = dir.path().join("portmap.toml");
+    fs::write(&config, format!("mappings = [\"8080:{BACKEND}:80\"]\n"))?;
+    let mut args = mode_args(&topo, Mode::Tc)?;
+    args.extend(["--config", config.to_str().context("utf-8")?]);
+    daemon.restart(&topo.host, &args)?;
+    ensure!(
+        daemon.log().contains("rebuilt from the pinned maps"),
+        "{}",
+        daemon.log()
+    );
+    let expect = |listed: &str| -> anyhow::Result<()> {
+        for (port, owner) in [
+            (8080, "config"),
+            (8081, "unknown"),
+            (8082, "unknown"),
+            (8083, "unknown-container"),
+        ] {
+            ensure!(
+                listed
+                    .lines()
+                    .any(|l| l.contains(&format!("0.0.0.0:{port} ")) && l.ends_with(&format!(" {owner}"))),
+                "{port} owned by {owner}: {listed}"
+            );
+        }
+        Ok(())
+    };
+    expect(&daemon.cli_ok(&["list"])?)?;
+    let json: serde_json::Value = serde_json::from_str(&daemon.cli_ok(&["list", "--json"])?)?;
+    let weights: Vec<u64> = json["mappings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["host_ports"]["start"] == 8082)
+        .and_then(|m| m["backends"].as_array())
+        .map(|b| b.iter().filter_map(|b| b["weight"].as_u64()).collect())
+        .unwrap_or_default();
+    ensure!(weights == [1, 3], "the rebuilt weights: {weights:?}");
+    for port in [8080, 8081, 8083] {
+        ensure!(forwards(&topo, port)?, "{port} after the rebuild");
+    }
+    daemon.stop()?;
+    daemon.restart(&topo.host, &args)?;
+    expect(&daemon.cli_ok(&["list"])?)?;
+    Ok(())
+}
+
 fn journal_of(state_file: &Path) -> PathBuf {
     let mut name = state_file.file_name().unwrap_or_default().to_os_string();
     name.push(".journal");

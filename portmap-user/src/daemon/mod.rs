@@ -181,19 +181,28 @@ fn restore_table(
     let file = &cfg.startup.state_file;
     let saved = saved::load(file, dp.id()).with_context(|| {
         format!(
-            "the saved mappings in {} cannot be read: move the file away to start with the config's \
-             mappings only (mappings added at run time are then lost), or run `portmap cleanup`",
+            "the saved mappings in {} cannot be read: move the file away (the daemon then rebuilds the \
+             mappings from the pinned maps, their owners unknown), or run `portmap cleanup`",
             file.display()
         )
     })?;
     let Some((snapshot, records, generation)) = saved else {
+        let contents = dp.mapping_contents().context("reading the pinned mappings")?;
+        let (table, skipped) = Table::recover(capacity, dynamic, &contents)
+            .context("rebuilding the mappings from the pinned maps")?;
+        for entry in &skipped {
+            warn!("not rebuilt from the pinned maps (removed): {entry}");
+        }
         warn!(
             "adopting the datapath in {} without saved mappings ({} is missing or belongs to another \
-             datapath): established flows keep going; mappings added at run time are lost",
+             datapath): {} mapping(s) rebuilt from the pinned maps keep forwarding, listed as owned by \
+             'unknown' (the config, a CNI container or a Docker container that asks for the same \
+             mapping takes it over; `portmap del` removes one)",
             cfg.startup.pin_dir.display(),
-            file.display()
+            file.display(),
+            table.entries().len()
         );
-        return Ok((Table::new(capacity, dynamic), 0));
+        return Ok((table, 0));
     };
     let table = Table::from_snapshot(capacity, dynamic, snapshot, records)
         .with_context(|| format!("restoring the mappings saved in {}", file.display()))?;

@@ -22,7 +22,7 @@ use super::{
     Datapath,
     sys::{lookup_all_percpu, update_batch},
 };
-use crate::model::table::Maps;
+use crate::model::table::{MapContents, Maps};
 
 impl Maps for Datapath {
     fn set_mappings(&mut self, entries: &[(MappingKey, MappingValue)]) -> anyhow::Result<()> {
@@ -111,6 +111,44 @@ fn remove_all<K: aya::Pod, V: aya::Pod>(
 }
 
 impl Datapath {
+    /// What the mapping maps hold (`PM_MAPPINGS`, the Maglev tables and backend slots they use,
+    /// `PM_PUBLISHED_PORTS`): for a table rebuilt from an adopted datapath without saved state.
+    pub fn mapping_contents(&self) -> anyhow::Result<MapContents> {
+        let mut contents = MapContents::default();
+        let mappings: HashMap<_, MappingKey, MappingValue> =
+            HashMap::try_from(self.map(map_names::MAPPINGS)?)?;
+        for entry in mappings.iter() {
+            let (key, value) = entry.context("reading PM_MAPPINGS")?;
+            contents.mappings.insert(key, value);
+        }
+        let groups: BTreeSet<u32> = contents
+            .mappings
+            .values()
+            .map(|v| v.group)
+            .filter(|g| *g != portmap_common::NO_GROUP)
+            .collect();
+        let tables: Array<_, MaglevTable> = Array::try_from(self.map(map_names::MAGLEV)?)?;
+        let backends: Array<_, BackendValue> = Array::try_from(self.map(map_names::BACKENDS)?)?;
+        for group in groups {
+            let table = tables
+                .get(&group, 0)
+                .with_context(|| format!("reading Maglev table {group}"))?;
+            for slot in &table.backends {
+                if let std::collections::hash_map::Entry::Vacant(e) = contents.backends.entry(*slot) {
+                    e.insert(
+                        backends
+                            .get(slot, 0)
+                            .with_context(|| format!("reading backend slot {slot}"))?,
+                    );
+                }
+            }
+            contents.maglev.insert(group, table.backends.to_vec());
+        }
+        let ports: HashMap<_, PortKey, u8> = HashMap::try_from(self.map(map_names::PUBLISHED_PORTS)?)?;
+        contents.published_ports = ports.keys().filter_map(Result::ok).collect();
+        Ok(contents)
+    }
+
     /// Removes the `PM_MAPPINGS` entries outside `keep` and the `PM_PUBLISHED_PORTS` entries
     /// outside `published` (what an adopted datapath has that the restored table does not: a
     /// change the previous daemon wrote but did not live to save, or no saved state at all).

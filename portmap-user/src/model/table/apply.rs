@@ -38,9 +38,7 @@ impl Table {
         sockets: &dyn Sockets,
     ) -> Result<Plan, TableError> {
         let before = self.clone();
-        if *origin == Origin::Config {
-            self.adopt_runtime(desired);
-        }
+        self.adopt(origin, desired);
         let plan = plan(&self.requested_by(origin), desired);
         let mut touched: Vec<Key> = Vec::new();
         let result = (|| {
@@ -68,20 +66,26 @@ impl Table {
         Ok(plan)
     }
 
-    /// A config mapping that a mapping added at run time already publishes, as requested or as
-    /// applied (a `list --json` saved as the config), takes that one over: it becomes the
-    /// config's, with no change to the maps, instead of conflicting with it.
-    fn adopt_runtime(&mut self, desired: &[Mapping]) {
+    /// A mapping of `desired` that another entry already publishes, as requested or as applied,
+    /// takes that entry over instead of conflicting with it, with no change to the maps: for the
+    /// config, one added at run time (a `list --json` saved as the config); for any owner, one
+    /// rebuilt from the pinned maps (`Origin::Unknown`) whose reservation flag is the owner's.
+    fn adopt(&mut self, origin: &Origin, desired: &[Mapping]) {
         let desired: HashSet<&Mapping> = desired.iter().collect();
         for (key, entry) in &mut self.entries {
-            if entry.origin != Origin::Runtime {
+            let takes = match &entry.origin {
+                Origin::Runtime => *origin == Origin::Config,
+                Origin::Unknown { .. } => entry.origin.runtime_reserves() == origin.runtime_reserves(),
+                _ => false,
+            };
+            if !takes {
                 continue;
             }
             if desired.contains(&entry.mapping) {
                 entry.requested = entry.mapping.clone();
             }
             if desired.contains(&entry.requested) {
-                entry.origin = Origin::Config;
+                entry.origin = origin.clone();
                 self.changes.push(snapshot::Change::Put(*key));
             }
         }

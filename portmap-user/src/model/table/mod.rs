@@ -12,6 +12,7 @@ mod error;
 mod place;
 mod plan;
 mod pool;
+mod recover;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -56,6 +57,9 @@ pub enum Origin {
     Container(String),
     /// A Docker container, followed by the daemon (`docker`): its full ID and its name.
     Docker(DockerContainer),
+    /// Rebuilt from the pinned maps after the state file was lost: who added it is unknown;
+    /// `reserved`: a container runtime reserved its ports (it was a container's).
+    Unknown { reserved: bool },
 }
 
 /// A Docker container that owns mappings: identified by its ID (its name can change).
@@ -74,8 +78,9 @@ impl DockerContainer {
 }
 
 impl Origin {
-    /// Who owns the mapping, as `list` names it: `config`, `cli` (`portmap add`), or the
-    /// container (the CNI plugin's `NETWORK/CONTAINER_ID/IFNAME`, Docker's `docker/NAME/ID`).
+    /// Who owns the mapping, as `list` names it: `config`, `cli` (`portmap add`), the container
+    /// (the CNI plugin's `NETWORK/CONTAINER_ID/IFNAME`, Docker's `docker/NAME/ID`), or
+    /// `unknown` / `unknown-container` (rebuilt from the pinned maps).
     #[must_use]
     pub fn owner(&self) -> std::borrow::Cow<'_, str> {
         match self {
@@ -83,6 +88,8 @@ impl Origin {
             Self::Runtime => "cli".into(),
             Self::Container(owner) => owner.into(),
             Self::Docker(container) => container.owner().into(),
+            Self::Unknown { reserved: false } => "unknown".into(),
+            Self::Unknown { reserved: true } => "unknown-container".into(),
         }
     }
 
@@ -91,7 +98,10 @@ impl Origin {
     /// the bind hook lets binds of them through.
     #[must_use]
     pub fn runtime_reserves(&self) -> bool {
-        matches!(self, Self::Container(_) | Self::Docker(_))
+        matches!(
+            self,
+            Self::Container(_) | Self::Docker(_) | Self::Unknown { reserved: true }
+        )
     }
 }
 

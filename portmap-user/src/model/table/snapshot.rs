@@ -42,6 +42,34 @@ pub struct SavedEntry {
     seq: u64,
 }
 
+impl SavedEntry {
+    /// An entry rebuilt from the pinned maps (`recover`): requested as applied.
+    pub(super) fn recovered(mapping: Mapping, place: Placement, origin: Origin, seq: u64) -> Self {
+        Self {
+            mapping,
+            requested: None,
+            place,
+            origin,
+            seq,
+        }
+    }
+}
+
+impl Snapshot {
+    /// A snapshot of `entries` (in order) for maps of `capacity`, nothing draining.
+    pub(super) fn of_entries(entries: Vec<SavedEntry>, capacity: Capacity) -> Self {
+        Self {
+            next_seq: entries.len() as u64,
+            next_dynamic: 0,
+            draining: Vec::new(),
+            max_mappings: capacity.ports,
+            max_backend_groups: capacity.groups,
+            max_backends: capacity.backends,
+            entries,
+        }
+    }
+}
+
 fn is_config(origin: &Origin) -> bool {
     *origin == Origin::Config
 }

@@ -583,6 +583,72 @@ fn docker_containers_own_their_mappings_by_id() {
     assert_eq!(maps.contents, expected_contents(&table));
 }
 
+/// The pinned maps alone give the mappings back (the state file lost): each with its slots, the
+/// weights as their Maglev shares, owned by `unknown` (a container's reservation kept), and the
+/// config or the container asking for one again takes it over without a change to the maps.
+#[test]
+fn the_pinned_maps_alone_give_the_mappings_back() {
+    let (mut table, mut maps) = populated();
+    table
+        .add(&mut maps, &m("8084:198.18.2.7:80,198.18.2.8:80@3"), &NoSockets)
+        .unwrap();
+    let container = Origin::Container("net/c1/eth0".into());
+    let published = [m("8090:198.18.2.20:80")];
+    table
+        .apply_as(&mut maps, &container, &published, &NoSockets)
+        .unwrap();
+    let capacity = Capacity {
+        ports: 64,
+        groups: 4,
+        backends: 16,
+    };
+    let (mut recovered, skipped) = Table::recover(capacity, table.dynamic, &maps.contents).unwrap();
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let sorted = |t: &Table| {
+        let mut all: Vec<(Mapping, Placement)> = t
+            .entries()
+            .into_iter()
+            .map(|e| (e.mapping.clone(), e.place.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    };
+    assert_eq!(sorted(&recovered), sorted(&table));
+    let owners: BTreeSet<String> = recovered
+        .entries()
+        .iter()
+        .map(|e| e.origin.owner().into_owned())
+        .collect();
+    assert_eq!(
+        owners,
+        BTreeSet::from(["unknown".into(), "unknown-container".into()])
+    );
+    let mut fresh = FlakyMaps::default();
+    recovered.rewrite(&mut fresh).unwrap();
+    assert_eq!(
+        fresh.contents, maps.contents,
+        "the same maps, Maglev tables included"
+    );
+
+    let writes = maps.writes;
+    let config = table.requested();
+    assert!(
+        recovered
+            .apply(&mut maps, &config, &NoSockets)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        recovered
+            .apply_as(&mut maps, &container, &published, &NoSockets)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(maps.writes, writes, "taken over without a map write");
+    assert_eq!(recovered.requested(), config);
+    assert_eq!(recovered.containers()["net/c1/eth0"], published.to_vec());
+}
+
 /// Docker's `-p 8000-8002:80`: each such mapping gets one free port of the range (published or
 /// reserved ones skipped), and a full range is an error that names it.
 #[test]

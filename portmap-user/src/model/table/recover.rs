@@ -1,0 +1,147 @@
+//! The table rebuilt from the pinned maps alone, for a daemon that adopts a datapath whose state
+//! file is gone (deleted, or another datapath's): every mapping the maps hold comes back with the
+//! slots it has there, so that it keeps forwarding and counting, owned by `Origin::Unknown` (who
+//! added it cannot be known; whether a container runtime reserved its ports can). The config, a
+//! CNI container or a Docker container that asks for the same mapping takes it over.
+//!
+//! What the maps say: `PM_MAPPINGS` entries of one mapping share its stats slot (a range's ports
+//! too), their values hold the backend (one backend) or the Maglev table (several); a Maglev
+//! table lists each backend's `PM_BACKENDS` slot in proportion to its weight. Weights come back
+//! as those proportions (exact for equal weights and small ratios); a backend of weight 0 holds
+//! no slot of the table and does not come back.
+
+use std::collections::BTreeMap;
+
+use portmap_common::{MappingKey, MappingValue, NO_GROUP, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+
+use super::{
+    Capacity, GroupPlacement, Origin, Placement, Table,
+    snapshot::{SavedEntry, Snapshot},
+    writes::MapContents,
+};
+use crate::model::mapping::{Backend, MAX_WEIGHT, Mapping, PortRange, Protocol};
+
+impl Table {
+    /// The table the maps `pinned` describe, and a line for each group of entries it could not
+    /// make a mapping of (left out: the daemon removes them from the maps, as it does with
+    /// entries no saved state has).
+    pub fn recover(
+        capacity: Capacity,
+        dynamic: PortRange,
+        pinned: &MapContents,
+    ) -> anyhow::Result<(Self, Vec<String>)> {
+        let mut by_slot: BTreeMap<u32, Vec<(MappingKey, MappingValue)>> = BTreeMap::new();
+        for (key, value) in &pinned.mappings {
+            by_slot.entry(value.stats_slot).or_default().push((*key, *value));
+        }
+        let mut entries = Vec::new();
+        let mut skipped = Vec::new();
+        for (slot, mut ports) in by_slot {
+            ports.sort_by_key(|(key, _)| u16::from_be(key.port_be));
+            match recover_one(slot, &ports, pinned) {
+                Ok((mapping, place, reserved)) => entries.push(SavedEntry::recovered(
+                    mapping,
+                    place,
+                    Origin::Unknown { reserved },
+                    entries.len() as u64 + 1,
+                )),
+                Err(why) => skipped.push(format!("stats slot {slot}: {why}")),
+            }
+        }
+        let snapshot = Snapshot::of_entries(entries, capacity);
+        Ok((
+            Self::from_snapshot(capacity, dynamic, snapshot, Vec::new())?,
+            skipped,
+        ))
+    }
+}
+
+/// One mapping from its `PM_MAPPINGS` entries (sorted by port), with where it is placed and
+/// whether its ports are a runtime's reservation.
+fn recover_one(
+    stats_slot: u32,
+    ports: &[(MappingKey, MappingValue)],
+    pinned: &MapContents,
+) -> Result<(Mapping, Placement, bool), String> {
+    let (first_key, first) = ports.first().ok_or("no entries")?;
+    let protocol = match first_key.proto {
+        PROTO_TCP => Protocol::Tcp,
+        PROTO_UDP => Protocol::Udp,
+        PROTO_SCTP => Protocol::Sctp,
+        other => return Err(format!("protocol {other}")),
+    };
+    let ip = |words: portmap_common::Addr| portmap_common::words_addr(first_key.family, words);
+    let start = u16::from_be(first_key.port_be);
+    let same_mapping = ports.iter().enumerate().all(|(i, (k, v))| {
+        k.proto == first_key.proto
+            && k.family == first_key.family
+            && k.addr == first_key.addr
+            && usize::from(u16::from_be(k.port_be)) == usize::from(start) + i
+            && v.group == first.group
+            && v.flags == first.flags
+    });
+    if !same_mapping {
+        return Err("its entries are not one run of ports on one address".into());
+    }
+    let count = ports.len() as u16;
+    let host_ports = PortRange {
+        start,
+        end: start + (count - 1),
+    };
+    let ranged = count > 1;
+    let (backends, group) = if first.group == NO_GROUP {
+        let port = u16::from_be(first.backend_port_be);
+        let ports = PortRange {
+            start: port,
+            end: port + if ranged { count - 1 } else { 0 },
+        };
+        let backend = Backend {
+            ip: ip(first.backend_addr),
+            ports,
+            weight: 1,
+        };
+        (vec![backend], None)
+    } else {
+        let table = pinned
+            .maglev
+            .get(&first.group)
+            .ok_or_else(|| format!("Maglev table {} is empty", first.group))?;
+        // Each backend slot with how many table slots it has, in slot order.
+        let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
+        for slot in table.iter().take(portmap_common::MAGLEV_SIZE) {
+            *shares.entry(*slot).or_default() += 1;
+        }
+        let least = shares.values().copied().min().ok_or("an empty Maglev table")?;
+        let mut backends = Vec::new();
+        for (slot, share) in &shares {
+            let value = pinned
+                .backends
+                .get(slot)
+                .ok_or_else(|| format!("backend slot {slot} is empty"))?;
+            let port = u16::from_be(value.port_be);
+            backends.push(Backend {
+                ip: ip(value.addr),
+                ports: PortRange {
+                    start: port,
+                    end: port + if ranged { count - 1 } else { 0 },
+                },
+                weight: u16::try_from(((share + least / 2) / least).min(u32::from(MAX_WEIGHT)))
+                    .unwrap_or(MAX_WEIGHT),
+            });
+        }
+        let group = GroupPlacement {
+            group: first.group,
+            backend_slots: shares.keys().copied().collect(),
+        };
+        (backends, Some(group))
+    };
+    let mapping = Mapping {
+        protocol,
+        host_ip: ip(first_key.addr),
+        host_ports: Some(host_ports),
+        backends,
+    };
+    crate::model::spec::check(&mapping, &mapping.to_string()).map_err(|e| e.to_string())?;
+    let reserved = first.flags & portmap_common::MAPPING_F_RUNTIME_RESERVES != 0;
+    Ok((mapping, Placement { stats_slot, group }, reserved))
+}

@@ -9,7 +9,10 @@ use super::{
     Batch, Entry, GroupPlacement, Key, Maps, Origin, Plan, Table, TableError, key_of, plan, snapshot, undo,
     writes::{clear_backends, group_contents, mapping_entries, mapping_keys},
 };
-use crate::{host::sockets::Sockets, model::mapping::Mapping};
+use crate::{
+    host::sockets::Sockets,
+    model::mapping::{Mapping, Protocol},
+};
 
 impl Table {
     /// Makes the config's applied mappings equal `desired` (runtime ones stay), all or nothing: on any failure the table is
@@ -72,21 +75,27 @@ impl Table {
     /// rebuilt from the pinned maps (`Origin::Unknown`) whose reservation flag is the owner's.
     fn adopt(&mut self, origin: &Origin, desired: &[Mapping]) {
         let desired: HashSet<&Mapping> = desired.iter().collect();
-        for (key, entry) in &mut self.entries {
-            let takes = match &entry.origin {
+        let candidates: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| match &entry.origin {
                 Origin::Runtime => *origin == Origin::Config,
                 Origin::Unknown { .. } => entry.origin.runtime_reserves() == origin.runtime_reserves(),
                 _ => false,
-            };
-            if !takes {
+            })
+            .filter(|(_, entry)| desired.contains(&entry.mapping) || desired.contains(&entry.requested))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in candidates {
+            let Some(entry) = self.entries.get_mut(&key) else {
                 continue;
-            }
+            };
             if desired.contains(&entry.mapping) {
                 entry.requested = entry.mapping.clone();
             }
             if desired.contains(&entry.requested) {
                 entry.origin = origin.clone();
-                self.changes.push(snapshot::Change::Put(*key));
+                self.changes.push(snapshot::Change::Put(key));
             }
         }
     }
@@ -97,19 +106,16 @@ impl Table {
     /// Undoes every change since `before` (a clone taken then), in the table and the maps: for a
     /// change that was applied but cannot be saved for the next daemon.
     pub fn roll_back<M: Maps + ?Sized>(&mut self, maps: &mut M, before: Table) {
-        let mut touched: Vec<Key> = self
+        // The persistent maps share what did not change: the diff visits only what did.
+        let touched: Vec<Key> = self
             .entries
-            .iter()
-            .filter(|(key, entry)| before.entries.get(key) != Some(entry))
-            .map(|(key, _)| *key)
+            .diff(&before.entries)
+            .map(|item| match item {
+                imbl::ordmap::DiffItem::Add(key, _)
+                | imbl::ordmap::DiffItem::Update { new: (key, _), .. }
+                | imbl::ordmap::DiffItem::Remove(key, _) => *key,
+            })
             .collect();
-        touched.extend(
-            before
-                .entries
-                .keys()
-                .filter(|key| !self.entries.contains_key(key))
-                .copied(),
-        );
         self.restore(maps, before, &touched);
     }
 
@@ -163,9 +169,23 @@ impl Table {
             entries.extend(mapping_entries(&e.mapping, &e.place, e.origin.runtime_reserves()));
         }
         undo("a config diff", maps.set_mappings(&entries));
-        let (old_ports, now_ports) = (self.published_ports(), now.published_ports());
-        let gone: Vec<PortKey> = now_ports.difference(&old_ports).copied().collect();
-        let back: Vec<PortKey> = old_ports.difference(&now_ports).copied().collect();
+        // Only the ports of the touched entries can have changed their published state.
+        let affected: HashSet<(Protocol, u16)> = now_entries
+            .iter()
+            .chain(&old_entries)
+            .flat_map(|e| e.mapping.bindings().map(|b| (b.protocol, b.host_port)))
+            .collect();
+        let published = |t: &Table, key: &(Protocol, u16)| t.port_users.contains_key(key);
+        let gone: Vec<PortKey> = affected
+            .iter()
+            .filter(|k| published(&now, k) && !published(self, k))
+            .map(|&(proto, port)| super::place::port_key(proto, port))
+            .collect();
+        let back: Vec<PortKey> = affected
+            .iter()
+            .filter(|k| published(self, k) && !published(&now, k))
+            .map(|&(proto, port)| super::place::port_key(proto, port))
+            .collect();
         undo("a config diff", maps.unpublish_ports(&gone));
         undo("a config diff", maps.publish_ports(&back));
     }

@@ -19,7 +19,7 @@ mod tests;
 pub mod writes;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
 };
 
@@ -149,10 +149,12 @@ fn key_of(mapping: &Mapping) -> Option<Key> {
 /// check that a failed change left it exactly as it was.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
-    entries: BTreeMap<Key, Entry>,
+    /// Persistent (imbl): a clone shares the structure, so that every change can keep the table
+    /// it is undone to (`Table::roll_back`) in O(1), and a diff visits only what differs.
+    entries: imbl::OrdMap<Key, Entry>,
     /// How many mappings publish each (protocol, port) on any address: dynamic allocation skips
     /// ports in use anywhere.
-    port_users: HashMap<(Protocol, u16), u32>,
+    port_users: imbl::HashMap<(Protocol, u16), u32>,
     next_seq: u64,
     slots: Pool,
     groups: Pool,
@@ -204,8 +206,8 @@ impl Table {
     #[must_use]
     pub fn new(capacity: Capacity, dynamic: PortRange) -> Self {
         Self {
-            entries: BTreeMap::new(),
-            port_users: HashMap::new(),
+            entries: imbl::OrdMap::new(),
+            port_users: imbl::HashMap::new(),
             next_seq: 0,
             slots: Pool::new(capacity.ports),
             groups: Pool::new(capacity.groups),
@@ -302,13 +304,16 @@ impl Table {
     /// Gives the mappings of the Docker container `container.id` its current name (after `docker
     /// rename`); nothing in the maps changes.
     pub fn rename_docker(&mut self, container: &DockerContainer) {
-        for (key, entry) in &mut self.entries {
-            if let Origin::Docker(c) = &mut entry.origin
-                && c.id == container.id
-                && c.name != container.name
-            {
-                c.name.clone_from(&container.name);
-                self.changes.push(snapshot::Change::Put(*key));
+        let renamed: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(&e.origin, Origin::Docker(c) if c.id == container.id && c.name != container.name))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in renamed {
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.origin = Origin::Docker(container.clone());
+                self.changes.push(snapshot::Change::Put(key));
             }
         }
     }

@@ -83,18 +83,31 @@ fn recover_one(
     if !same_mapping {
         return Err("its entries are not one run of ports on one address".into());
     }
-    let count = ports.len() as u16;
-    let host_ports = PortRange {
-        start,
-        end: start + (count - 1),
+    let count = u16::try_from(ports.len()).map_err(|_| "more entries than ports")?;
+    let host_ports = run(start, count)?;
+    let (backends, group) = backends_of(first, count, pinned, ip)?;
+    let mapping = Mapping {
+        protocol,
+        host_ip: ip(first_key.addr),
+        host_ports: Some(host_ports),
+        backends,
     };
-    let ranged = count > 1;
-    let (backends, group) = if first.group == NO_GROUP {
-        let port = u16::from_be(first.backend_port_be);
-        let ports = PortRange {
-            start: port,
-            end: port + if ranged { count - 1 } else { 0 },
-        };
+    crate::model::spec::check(&mapping, &mapping.to_string()).map_err(|e| e.to_string())?;
+    let reserved = first.flags & portmap_common::MAPPING_F_RUNTIME_RESERVES != 0;
+    Ok((mapping, Placement { stats_slot, group }, reserved))
+}
+
+/// The backends of a mapping of `count` ports whose first entry is `first`: its own backend, or
+/// those of its Maglev group (weights from their shares of the table), with the group's
+/// placement.
+fn backends_of(
+    first: &MappingValue,
+    count: u16,
+    pinned: &MapContents,
+    ip: impl Fn(portmap_common::Addr) -> std::net::IpAddr,
+) -> Result<(Vec<Backend>, Option<GroupPlacement>), String> {
+    Ok(if first.group == NO_GROUP {
+        let ports = run(u16::from_be(first.backend_port_be), count)?;
         let backend = Backend {
             ip: ip(first.backend_addr),
             ports,
@@ -118,13 +131,9 @@ fn recover_one(
                 .backends
                 .get(slot)
                 .ok_or_else(|| format!("backend slot {slot} is empty"))?;
-            let port = u16::from_be(value.port_be);
             backends.push(Backend {
                 ip: ip(value.addr),
-                ports: PortRange {
-                    start: port,
-                    end: port + if ranged { count - 1 } else { 0 },
-                },
+                ports: run(u16::from_be(value.port_be), count)?,
                 weight: u16::try_from(((share + least / 2) / least).min(u32::from(MAX_WEIGHT)))
                     .unwrap_or(MAX_WEIGHT),
             });
@@ -134,14 +143,14 @@ fn recover_one(
             backend_slots: shares.keys().copied().collect(),
         };
         (backends, Some(group))
-    };
-    let mapping = Mapping {
-        protocol,
-        host_ip: ip(first_key.addr),
-        host_ports: Some(host_ports),
-        backends,
-    };
-    crate::model::spec::check(&mapping, &mapping.to_string()).map_err(|e| e.to_string())?;
-    let reserved = first.flags & portmap_common::MAPPING_F_RUNTIME_RESERVES != 0;
-    Ok((mapping, Placement { stats_slot, group }, reserved))
+    })
+}
+
+/// `count` ports from `start` (at least one).
+fn run(start: u16, count: u16) -> Result<PortRange, String> {
+    let end = count
+        .checked_sub(1)
+        .and_then(|more| start.checked_add(more))
+        .ok_or_else(|| format!("{count} ports from {start} are no port range"))?;
+    Ok(PortRange { start, end })
 }

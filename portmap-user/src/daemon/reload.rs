@@ -57,7 +57,7 @@ impl Reloading {
         let view = View::of(&state);
         let task = tokio::task::spawn_blocking(move || {
             let mut state = state;
-            let undo = state.undo_point();
+            let undo = state.undo_point_with_live();
             let result = reload(&mut state);
             (state, undo, result)
         });

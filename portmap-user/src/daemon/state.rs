@@ -34,25 +34,37 @@ pub(super) struct State {
 }
 
 /// What a change is undone to when it cannot be saved for the next daemon: the table (with the
-/// dynamic port range) and the live settings as they were before it.
+/// dynamic port range; a persistent structure, so taking it costs O(1)) and, for a reload, the
+/// live settings as they were before it.
 pub(super) struct Undo {
     table: Table,
-    live: Live,
+    live: Option<Live>,
 }
 
 impl State {
-    /// Where a change about to be made can be undone to (`undo`).
+    /// Where a change of the mappings about to be made can be undone to (`undo`).
     pub(super) fn undo_point(&self) -> Undo {
         Undo {
             table: self.table.clone(),
-            live: self.config.live.clone(),
+            live: None,
+        }
+    }
+
+    /// `undo_point` for a reload, which also changes the live settings (the config's mappings
+    /// among them: a clone as large as the config).
+    pub(super) fn undo_point_with_live(&self) -> Undo {
+        Undo {
+            table: self.table.clone(),
+            live: Some(self.config.live.clone()),
         }
     }
 
     /// Undoes everything changed since `to` was taken, in the table and the maps.
     pub(super) fn undo(&mut self, to: Undo) {
         self.table.roll_back(&mut self.dp, to.table);
-        self.config.live = to.live;
+        if let Some(live) = to.live {
+            self.config.live = live;
+        }
     }
 
     /// Saves the changes to the mappings for the next daemon (after every change).

@@ -455,7 +455,7 @@ fn docker_dual_stack_bindings_publish_both_families() -> anyhow::Result<()> {
     s.run("web", &["-p", "8080:8000"])?;
     let ports = s.docker.ok(&["port", "web", "8000/tcp"])?;
     ensure!(
-        ports.contains("0.0.0.0:8080") && ports.contains("[::]:8080"),
+        ports.contains("0.0.0.0:8080") && (ports.contains("[::]:8080") || ports.contains(":::8080")),
         "docker port: {ports}"
     );
     let listed = s.wait_list("both families published", |l| {

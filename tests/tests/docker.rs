@@ -17,6 +17,13 @@ use portmap_tests::{
 };
 use serde_json::Value;
 
+/// Docker's default: its NAT, firewall and masquerade rules (with `userland-proxy: false`).
+const WITH_IPTABLES: DockerdOptions = DockerdOptions {
+    iptables: true,
+    ipv6: false,
+    outside_daemon_cgroup: false,
+};
+
 /// How long the follower may take to publish or unpublish after a docker command returns.
 const FOLLOW: Duration = Duration::from_secs(10);
 
@@ -245,13 +252,7 @@ fn docker_run_p_is_published_and_followed_with_docker_iptables_xdp() -> anyhow::
 /// picks.
 #[test]
 fn docker_bindings_as_docker_means_them() -> anyhow::Result<()> {
-    let s = Setup::new(
-        Mode::Tc,
-        DockerdOptions {
-            iptables: true,
-            ..DockerdOptions::default()
-        },
-    )?;
+    let s = Setup::new(Mode::Tc, WITH_IPTABLES)?;
     // The first port of the range dockerd's -P takes from, published by portmap first.
     let range = s
         .topo
@@ -400,13 +401,7 @@ fn docker_restarts_of_either_daemon_are_reconciled() -> anyhow::Result<()> {
 /// network; `docker-compose up -d` publishes through portmap, `down` unpublishes.
 #[test]
 fn docker_compose_up_publishes_through_portmap_and_down_unpublishes() -> anyhow::Result<()> {
-    let s = Setup::new(
-        Mode::Tc,
-        DockerdOptions {
-            iptables: true,
-            ..DockerdOptions::default()
-        },
-    )?;
+    let s = Setup::new(Mode::Tc, WITH_IPTABLES)?;
     let project = s.docker.dir().join("web");
     std::fs::create_dir(&project)?;
     std::fs::write(

@@ -66,12 +66,9 @@ pub(super) fn publish(
         }
     };
     let message = format!(
-        "docker container {} ({}): {} added, {} updated, {} removed",
+        "docker container {} ({}): {plan}",
         container.name,
-        short(&container.id),
-        plan.add.len(),
-        plan.update.len(),
-        plan.remove.len()
+        short(&container.id)
     );
     if !plan.is_empty() {
         info!("{message}");

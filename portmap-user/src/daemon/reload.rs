@@ -133,11 +133,8 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
     let pending = startup_changes(&state.config.startup, &valid.config.startup);
     (state.table.dynamic, state.table.reserved) = host::dynamic_ports(valid.config.live.dynamic_ports);
     let message = format!(
-        "reloaded {}: {} added, {} updated, {} removed in {:.3} ms{}",
+        "reloaded {}: {plan} in {:.3} ms{}",
         source.path.display(),
-        plan.add.len(),
-        plan.update.len(),
-        plan.remove.len(),
         started.elapsed().as_secs_f64() * 1e3,
         if pending.is_empty() {
             String::new()

@@ -130,12 +130,7 @@ fn publish(state: &mut State, owner: String, specs: &[String]) -> anyhow::Result
     let plan = state
         .table
         .apply_as(&mut state.dp, &origin, &mappings, &sockets::local_sockets())?;
-    let message = format!(
-        "container {owner}: {} added, {} updated, {} removed",
-        plan.add.len(),
-        plan.update.len(),
-        plan.remove.len()
-    );
+    let message = format!("container {owner}: {plan}");
     if !plan.is_empty() {
         info!("{message}");
     }

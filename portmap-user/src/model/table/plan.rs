@@ -53,6 +53,19 @@ impl Plan {
     }
 }
 
+/// `N added, N updated, N removed`, as the daemon's answers and logs say what a diff did.
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} added, {} updated, {} removed",
+            self.add.len(),
+            self.update.len(),
+            self.remove.len()
+        )
+    }
+}
+
 pub(super) fn same_ports(a: &Mapping, b: &Mapping) -> bool {
     a.host_ports.is_some()
         && a.protocol == b.protocol

@@ -190,11 +190,18 @@ const _: () = assert!(size_of::<MappingKey>() == 20);
 /// `MappingValue::group` of a mapping with a single backend.
 pub const NO_GROUP: u32 = u32::MAX;
 
+/// `MappingValue::backend_addr` of a mapping to a port of the host itself: the destination
+/// address of each flow is kept, only its port changes (a mapping spec's `0.0.0.0` / `[::]`
+/// backend). Never in a Maglev group: such a mapping has that one backend.
+pub const DESTINATION_BACKEND: Addr = [0; 4];
+
 map_layout! {
 /// Value of `PM_MAPPINGS`: where the traffic goes. A single backend is stored inline; several
 /// are a Maglev table (`group`, an index into `PM_MAGLEV`) of `PM_BACKENDS` indices.
 pub struct MappingValue {
-    /// The backend when `group == NO_GROUP`.
+    /// The backend when `group == NO_GROUP`; all zeros (`DESTINATION_BACKEND`, the unspecified
+    /// address) stands for the packet's own destination address: a port of the host itself,
+    /// reached at the address the packet came to (iptables' `REDIRECT`; only the port changes).
     pub backend_addr: Addr,
     pub backend_port_be: u16,
     /// Added to the chosen group backend's port (host order): the position of this port in a

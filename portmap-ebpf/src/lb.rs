@@ -7,7 +7,8 @@
 //! destinations never match a packet from the wire (moby#45610); the socket hooks serve them.
 
 use portmap_common::{
-    Addr, FAMILY_V6, LocalAddrKey, MappingKey, MappingValue, NO_GROUP, Stat, flow_hash, maglev_slot,
+    Addr, DESTINATION_BACKEND, FAMILY_V6, LocalAddrKey, MappingKey, MappingValue, NO_GROUP, Stat, flow_hash,
+    maglev_slot,
 };
 
 use crate::{
@@ -89,13 +90,24 @@ pub fn packet_hash(pkt: &Packet) -> u32 {
     flow_hash(&pkt.saddr, pkt.sport, pkt.proto)
 }
 
-/// The backend a new flow through `mapping` goes to: the inline one, or for several backends the
-/// one the mapping's Maglev table gives `hash`. `Err(drop_no_backend)` if the table or the
-/// backend is missing (the daemon is replacing them) or of another family.
+/// The backend a new flow to `dst` through `mapping` goes to: the inline one (`dst` itself for
+/// `DESTINATION_BACKEND`, a port of the host), or for several backends the one the mapping's
+/// Maglev table gives `hash`. `Err(drop_no_backend)` if the table or the backend is missing (the
+/// daemon is replacing them) or of another family.
 #[inline(always)]
-pub fn choose_backend(mapping: &MappingValue, family: u8, hash: u32) -> Result<(Addr, u16), Stat> {
+pub fn choose_backend(
+    mapping: &MappingValue,
+    dst: &Addr,
+    family: u8,
+    hash: u32,
+) -> Result<(Addr, u16), Stat> {
     if mapping.group == NO_GROUP {
-        return Ok((mapping.backend_addr, mapping.backend_port_be));
+        let addr = if mapping.backend_addr == DESTINATION_BACKEND {
+            *dst
+        } else {
+            mapping.backend_addr
+        };
+        return Ok((addr, mapping.backend_port_be));
     }
     let table = PM_MAGLEV.get(mapping.group).ok_or(Stat::DropNoBackend)?;
     let slot = maglev_slot(hash);

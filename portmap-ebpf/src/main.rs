@@ -74,7 +74,7 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
             let Some(mapping) = lb::find_mapping(&pkt) else {
                 return Verdict::pass(Stat::PassNoMapping);
             };
-            let created = lb::choose_backend(mapping, pkt.family, lb::packet_hash(&pkt))
+            let created = lb::choose_backend(mapping, &pkt.daddr, pkt.family, lb::packet_hash(&pkt))
                 .and_then(|backend| conntrack::create(&pkt, &key, backend, mapping.stats_slot, now));
             match created {
                 Ok(nat) => (nat, true),

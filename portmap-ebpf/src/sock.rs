@@ -169,7 +169,7 @@ pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
     let Some(mapping) = found else { return };
     let cookie = socket_cookie(ctx);
     let hash = flow_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0], 0, proto);
-    let Ok((backend, port_be)) = lb::choose_backend(mapping, lookup.family, hash) else {
+    let Ok((backend, port_be)) = lb::choose_backend(mapping, &lookup.addr, lookup.family, hash) else {
         // A slow path (a mapping's Maglev table being replaced): logged as well as counted.
         count(Stat::SockNoBackend);
         warn!(

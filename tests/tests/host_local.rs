@@ -11,8 +11,8 @@ use anyhow::{Context as _, ensure};
 use portmap_common::Stat;
 use portmap_tests::{
     BackendLink, Daemon, EchoServer, HOST_IP, Mode, Netns, ROUTED_MACHINE_IP, TempDir, Topology, counter,
-    mapping_stats, payload, probe, start_daemon, tcp_exchange, tcp_server, tcp_server_n, udp_server,
-    wait_for,
+    mapping_stats, payload, probe, start_daemon, tcp_connect_result, tcp_exchange, tcp_server, tcp_server_n,
+    udp_server, wait_for,
 };
 use serde_json::Value;
 
@@ -321,4 +321,92 @@ fn changes_apply_to_host_local_clients_at_once_and_stop_keeps_the_hooks() -> any
         daemon.pin_dir.display()
     );
     Ok(())
+}
+
+/// iptables' `REDIRECT --to-port 9080`: `8082:0.0.0.0:9080` and `8082:[::]:9080` publish a port of
+/// the host itself. A client on the wire (TC and XDP) reaches the host's service at the very
+/// address it addressed, a host process too (at loopback as well); a service that listens on
+/// loopback only serves host processes, and the wire gets the kernel's refusal, as with REDIRECT.
+#[test]
+fn a_port_of_the_host_itself_is_reached_at_the_address_each_packet_came_to() -> anyhow::Result<()> {
+    for mode in [Mode::Tc, Mode::Xdp] {
+        redirect_to_the_host(mode).with_context(|| format!("{mode:?}"))?;
+    }
+    Ok(())
+}
+
+fn redirect_to_the_host(mode: Mode) -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    topo.enable_ipv6()?;
+    topo.host.ip(&["addr", "add", "198.18.0.9/32", "dev", "h0"])?;
+    let mut daemon = start_daemon(&topo, mode, &[])?;
+    for spec in ["8082:0.0.0.0:9080", "8082:[::]:9080", "8083:0.0.0.0:9081"] {
+        daemon.cli_ok(&["add", spec])?;
+    }
+    ensure!(
+        daemon.cli_ok(&["list"])?
+            == "0.0.0.0:9080/tcp -> 0.0.0.0:8082  cli\n[::]:9080/tcp -> [::]:8082  cli\n\
+                0.0.0.0:9081/tcp -> 0.0.0.0:8083  cli\n",
+        "list"
+    );
+    let service = EchoServer::start(&topo.host, 9080)?;
+    let wire: [SocketAddr; 3] = [
+        "198.18.0.1:8082".parse()?,
+        "198.18.0.9:8082".parse()?,
+        "[fd00::1]:8082".parse()?,
+    ];
+    for (i, addr) in wire.iter().enumerate() {
+        let data = payload(2048, i as u8);
+        let echoed =
+            tcp_exchange(&topo.client, *addr, data.clone()).with_context(|| format!("wire {addr}"))?;
+        ensure!(echoed == data, "wire client to {addr}: echo differs");
+    }
+    tcp_reaches(&topo.host, &daemon, "127.0.0.1:8082", "hello\n")?;
+    tcp_reaches(&topo.host, &daemon, "198.18.0.9:8082", "hello\n")?;
+    let reached: Vec<String> = service.reached().iter().map(ToString::to_string).collect();
+    ensure!(
+        reached
+            == [
+                "198.18.0.1:9080",
+                "198.18.0.9:9080",
+                "[fd00::1]:9080",
+                "127.0.0.1:9080",
+                "198.18.0.9:9080"
+            ],
+        "the host's service was reached at {reached:?}"
+    );
+
+    // A loopback-only service: host processes reach it; from the wire, the kernel refuses.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let loopback_only = topo.host.spawn(move || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:9081");
+        let _ = ready_tx.send(listener.as_ref().map(drop).map_err(ToString::to_string));
+        let (mut stream, _) = listener?.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut request = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut request)?;
+        std::io::Write::write_all(&mut stream, b"loopback only\n")?;
+        anyhow::Ok(request)
+    })?;
+    ready_rx
+        .recv()?
+        .map_err(|e| anyhow::anyhow!("binding 127.0.0.1:9081: {e}"))?;
+    let from_wire = tcp_connect_result(&topo.client, SocketAddrV4::new(HOST_IP, 8083))?;
+    ensure!(
+        from_wire == Err(std::io::ErrorKind::ConnectionRefused),
+        "wire to a loopback-only service: {from_wire:?}"
+    );
+    tcp_reaches(&topo.host, &daemon, "127.0.0.1:8083", "loopback only\n")?;
+    let request = loopback_only
+        .join()
+        .map_err(|_| anyhow::anyhow!("loopback server panicked"))??;
+    ensure!(request == b"hello\n", "loopback-only service got {request:?}");
+
+    // Four flows on the wire (the refused one included), four sockets translated.
+    let stats = daemon.stats()?;
+    ensure!(
+        counter(&stats, Stat::FlowNew) >= 4 && counter(&stats, Stat::SockTranslated) >= 3,
+        "{stats:?}"
+    );
+    daemon.stop()
 }

@@ -440,8 +440,14 @@ fn lint() -> anyhow::Result<()> {
     setup()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo().current_dir(workspace_root().join("portmap-ebpf")).args([
-        "+nightly",
+    // `rustup run`, not `cargo +nightly`: inside `cargo xtask`, $CARGO is the toolchain's own
+    // cargo, which does not take a `+toolchain` argument.
+    let mut nightly = Command::new("rustup");
+    nightly.current_dir(workspace_root().join("portmap-ebpf"));
+    run(nightly.args([
+        "run",
+        "nightly",
+        "cargo",
         "clippy",
         "--target",
         "bpfel-unknown-none",

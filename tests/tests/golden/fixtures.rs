@@ -39,7 +39,7 @@ pub struct Row {
     pub name: String,
     pub hooks: &'static [Hook],
     /// Run through TC ingress first (they must be forwarded), e.g. to establish a flow.
-    /// Packets run first, each on its hook (ingress packets must be forwarded, egress ones
+    /// Packets run first, each on its hook (ingress packets must be forwarded, by a redirect or the kernel; egress ones
     /// reverse-NATed).
     pub setup: Vec<(Hook, Vec<u8>)>,
     pub input: Vec<u8>,
@@ -924,6 +924,7 @@ pub fn rows() -> Vec<Row> {
     rows.extend(sctp_range_and_maglev_rows());
     rows.extend(local_backend_rows());
     rows.extend(backend_veth_rows());
+    rows.extend(host_itself_rows());
     for ihl in 6..=15 {
         rows.push(
             Row::rewritten(
@@ -938,6 +939,79 @@ pub fn rows() -> Vec<Row> {
         );
     }
     rows
+}
+
+/// Mappings 16 and 17 (`8092:0.0.0.0:9080`, `8092:[::]:9080`): a port of the host itself, as
+/// iptables' `REDIRECT --to-port 9080`. Only the port changes, to whichever of the host's
+/// addresses the packet came to; the packet goes up the host's own stack (a FIB lookup of a
+/// local address is not forwarded), and the reply leaving the host gets its port back.
+fn host_itself_rows() -> Vec<Row> {
+    const PORT: u16 = 8092;
+    const TARGET: u16 = 9080;
+    let second: Ipv4Addr = "198.18.0.77".parse().expect("address");
+    let client6 = (CLIENT6, CLIENT_PORT);
+    let syn_to = |addr: Ipv4Addr| Frame::tcp(client(), (addr, PORT), SYN);
+    let flow_at = |addr: Ipv4Addr| Flow::tcp(PORT, (addr, TARGET), 16);
+    vec![
+        Row::rewritten(
+            "tcp SYN to a port of the host itself (8092:0.0.0.0:9080): only the port changes, up the host's stack",
+            INGRESS,
+            syn_to(HOST).build(),
+            Stat::FwdStack,
+            syn_to(HOST).dnat(HOST, TARGET).build(),
+        )
+        .new_flow(flow_at(HOST).entries())
+        .through(16),
+        Row::rewritten(
+            "tcp SYN to a port of the host itself at its second address: that address is kept",
+            INGRESS,
+            syn_to(second).build(),
+            Stat::FwdStack,
+            syn_to(second).dnat(second, TARGET).build(),
+        )
+        .new_flow(
+            Flow {
+                host: (second.into(), PORT),
+                ..flow_at(second)
+            }
+            .entries(),
+        )
+        .through(16),
+        Row::rewritten(
+            "tcp SYN-ACK of the host's own service (port 9080) leaving for the client: the published port restored",
+            EGRESS,
+            Frame::tcp((second, TARGET), client(), SYN | ACK).sent_by_backend().build(),
+            Stat::ReplyNat,
+            Frame::tcp((second, TARGET), client(), SYN | ACK)
+                .sent_by_backend()
+                .snat(second, PORT)
+                .build(),
+        )
+        .after(vec![syn_to(second).build()])
+        .leaves(
+            Flow {
+                host: (second.into(), PORT),
+                ..flow_at(second).replied()
+            }
+            .entries(),
+        )
+        .through(16),
+        Row::rewritten(
+            "IPv6 tcp SYN to a port of the host itself (8092:[::]:9080): only the port changes, up the host's stack",
+            INGRESS,
+            Frame::tcp(client6, (HOST6, PORT), SYN).build(),
+            Stat::FwdStack,
+            Frame::tcp(client6, (HOST6, PORT), SYN).dnat(HOST6, TARGET).build(),
+        )
+        .new_flow(Flow::new(6, client6, (HOST6, PORT), (HOST6, TARGET), 17).entries())
+        .through(17),
+        Row::untouched(
+            "tcp to the port of the host itself at an address that is not the host's: untouched",
+            INGRESS,
+            syn_to(BACKEND).build(),
+            Stat::PassNoMapping,
+        ),
+    ]
 }
 
 /// The local fast path: backends cached in `PM_LOCAL_BACKENDS` (`LOCAL_BACKENDS`), for which the
@@ -1357,7 +1431,7 @@ fn check(g: &mut Golden, row: &Row, hook: Hook) -> anyhow::Result<()> {
         let want: &[Stat] = if *setup_hook == Hook::TcEgress {
             &[Stat::ReplyNat]
         } else {
-            &[Stat::FwdRedirect, Stat::FwdLocal]
+            &[Stat::FwdRedirect, Stat::FwdLocal, Stat::FwdStack]
         };
         anyhow::ensure!(
             want.contains(&code),

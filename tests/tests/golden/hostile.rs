@@ -56,10 +56,11 @@ impl Targets {
             .iter()
             .map(|s| spec::parse(s))
             .collect::<Result<_, _>>()?;
+        let local = portmap::host::addresses()?;
         let mut targets = Self {
             backends: BTreeSet::new(),
             host_ports: BTreeSet::new(),
-            host_addrs: portmap::host::addresses()?,
+            host_addrs: local.clone(),
         };
         for m in &mappings {
             targets.host_addrs.insert(m.host_ip);
@@ -67,7 +68,22 @@ impl Targets {
             for (offset, port) in ports.ports().enumerate() {
                 targets.host_ports.insert(port);
                 for b in &m.backends {
-                    targets.backends.insert((b.ip, b.port_at(offset as u16)));
+                    let port = b.port_at(offset as u16);
+                    if b.ip.is_unspecified() {
+                        // A port of the host itself: at whichever host address the packet came to.
+                        let at = if m.host_ip.is_unspecified() {
+                            local
+                                .iter()
+                                .copied()
+                                .filter(|a| a.is_ipv6() == b.ip.is_ipv6())
+                                .collect()
+                        } else {
+                            vec![m.host_ip]
+                        };
+                        targets.backends.extend(at.into_iter().map(|a| (a, port)));
+                    } else {
+                        targets.backends.insert((b.ip, port));
+                    }
                 }
             }
         }

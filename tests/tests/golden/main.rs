@@ -41,7 +41,7 @@ use portmap_common::{DIR_FORWARD, FlowValue, LocalBackend, MappingCounters, Stat
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
-pub const MAPPINGS: [&str; 16] = [
+pub const MAPPINGS: [&str; 18] = [
     // 0: bound to one host address.
     "198.18.0.1:8080:198.18.1.2:80/tcp",
     // 1: bound to every address (0.0.0.0).
@@ -73,6 +73,9 @@ pub const MAPPINGS: [&str; 16] = [
     "198.18.0.1:8088:198.18.1.5:80/tcp",
     // 15: a local backend cached on c0 (no redirect target for XDP), behind the blackhole.
     "198.18.0.1:8089:198.18.9.5:80/tcp",
+    // 16, 17: a port of the host itself at the address the packet came to (iptables' REDIRECT).
+    "8092:0.0.0.0:9080/tcp",
+    "8092:[::]:9080/tcp",
 ];
 
 /// `PM_LOCAL_BACKENDS` of the golden datapath: (address, device, MTU, the host's MAC there).

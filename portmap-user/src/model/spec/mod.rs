@@ -12,7 +12,9 @@
 //! - ranges: `8000-8099:198.18.2.2:9000-9099` maps port by port; a host range with single-port
 //!   backends (`8000-8010:198.18.2.2:80`) publishes ONE free port of the range, as Docker does;
 //! - an empty protocol (`80/`) is tcp;
-//! - several backends are balanced per flow with Maglev, in proportion to their weights.
+//! - several backends are balanced per flow with Maglev, in proportion to their weights;
+//! - the backend address `0.0.0.0` / `[::]` is the host itself at the address each packet came to
+//!   (`8082:0.0.0.0:8080`, iptables' `REDIRECT --to-port 8080`): only the port changes.
 //!
 //! Parsing is a pure function with typed errors that name the bad part.
 
@@ -55,16 +57,32 @@ pub enum SpecError {
     Address { what: &'static str, value: String },
     #[error("{what} '{value}' looks like IPv6: write IPv6 addresses in brackets, e.g. [fd00::2]")]
     Ipv6Brackets { what: &'static str, value: String },
-    #[error("backend address {0} cannot be a destination (unspecified, broadcast or multicast)")]
+    #[error("backend address {0} cannot be a destination (broadcast or multicast)")]
     BackendAddress(IpAddr),
+    #[error(
+        "'{0}': the backend {unspecified} (the host itself, at the address each packet came to) \
+         cannot be balanced with other backends",
+        unspecified = if *.1 { "[::]" } else { "0.0.0.0" }
+    )]
+    DestinationWithOthers(String, bool),
+    #[error(
+        "'{spec}' has no backend address: for a port of this host itself (iptables' REDIRECT \
+         --to-port {port}) write '{host}:0.0.0.0:{port}' (IPv4) or '{host}:[::]:{port}' (IPv6)"
+    )]
+    NoBackendAddress {
+        spec: String,
+        host: String,
+        port: String,
+    },
     #[error("host address {0} cannot be published (broadcast or multicast)")]
     HostAddress(IpAddr),
     #[error(
         "backend {backend} is a loopback address, which packets from the wire never reach (the kernel \
          drops a loopback destination arriving on an interface): publish it on {loopback} for host \
-         processes only ('{loopback}:{port}:{backend}'), or give an address of this host the service \
-         listens on, as iptables' REDIRECT does ('{port}:HOST_ADDRESS:{backend_port}')",
+         processes only ('{loopback}:{port}:{backend}'), or publish a port of this host itself at \
+         the address each packet came to, as iptables' REDIRECT does ('{port}:{any}:{backend_port}')",
         loopback = if backend.ip.is_ipv6() { "[::1]" } else { "127.0.0.1" },
+        any = if backend.ip.is_ipv6() { "[::]" } else { "0.0.0.0" },
         port = host_ports.map_or_else(String::new, |p| p.to_string()),
         backend_port = backend.ports,
     )]
@@ -214,6 +232,11 @@ fn parse_backend(ip: &str, ports: &str) -> Result<Backend, SpecError> {
     Ok(Backend { ip, ports, weight })
 }
 
+/// A port or a port range, as written (`8080`, `8000-8010`).
+fn is_ports(field: &str) -> bool {
+    !field.is_empty() && field.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+}
+
 fn looks_like_bare_ipv6(field: &str) -> bool {
     !field.starts_with('[') && field.contains(|c: char| c.is_ascii_hexdigit() && c.is_ascii_alphabetic())
 }
@@ -242,6 +265,14 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
         });
     }
     let (host_ip, host_ports, first_backend) = match first.as_slice() {
+        // Docker's HOST_PORT:CONTAINER_PORT, without a container to give the address.
+        [hp, bp] if is_ports(hp) && is_ports(bp.split_once('@').map_or(bp, |(p, _)| p)) => {
+            return Err(SpecError::NoBackendAddress {
+                spec: spec.to_string(),
+                host: (*hp).to_string(),
+                port: (*bp).to_string(),
+            });
+        }
         [bip, bp] => (None, None, (*bip, *bp)),
         [hp, bip, bp] => (None, Some(*hp), (*bip, *bp)),
         [hip, hp, bip, bp] => (parse_host_addr(hip)?, Some(*hp), (*bip, *bp)),
@@ -298,12 +329,15 @@ pub fn check(mapping: &Mapping, spec: &str) -> Result<(), SpecError> {
     }
     for b in backends {
         let bad = match b.ip {
-            IpAddr::V4(a) => a.is_unspecified() || a.is_broadcast() || a.is_multicast(),
-            IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+            IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),
+            IpAddr::V6(a) => a.is_multicast(),
         };
         if bad {
             return Err(SpecError::BackendAddress(b.ip));
         }
+    }
+    if backends.len() > 1 && backends.iter().any(|b| b.ip.is_unspecified()) {
+        return Err(SpecError::DestinationWithOthers(spec.to_string(), v6));
     }
     let bad_host = match mapping.host_ip {
         IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),

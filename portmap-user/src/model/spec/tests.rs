@@ -126,6 +126,34 @@ fn good_specs() {
                 vec![backend("198.18.2.2", 9999, 9999, 1)],
             ),
         ),
+        // A port of the host itself (REDIRECT): the unspecified backend address.
+        (
+            "8082:0.0.0.0:8080",
+            m(
+                Protocol::Tcp,
+                "0.0.0.0",
+                Some((8082, 8082)),
+                vec![backend("0.0.0.0", 8080, 8080, 1)],
+            ),
+        ),
+        (
+            "[::1]:5353:[::]:53/udp",
+            m(
+                Protocol::Udp,
+                "::1",
+                Some((5353, 5353)),
+                vec![backend("::", 53, 53, 1)],
+            ),
+        ),
+        (
+            "8000-8001:0.0.0.0:9000-9001",
+            m(
+                Protocol::Tcp,
+                "0.0.0.0",
+                Some((8000, 8001)),
+                vec![backend("0.0.0.0", 9000, 9001, 1)],
+            ),
+        ),
     ];
     for (spec, want) in cases {
         assert_eq!(parse(spec), Ok(want), "{spec}");
@@ -161,9 +189,24 @@ fn bad_specs_name_the_problem() {
         ("8099-8000:198.18.2.2:80", "ends before it starts"),
         ("8000-8009:198.18.2.2:90-91", "has 2 ports for 10 host ports"),
         (
-            "8080:0.0.0.0:80",
-            "backend address 0.0.0.0 cannot be a destination",
+            "8080:255.255.255.255:80",
+            "backend address 255.255.255.255 cannot be a destination",
         ),
+        (
+            "8080:[ff02::1]:80",
+            "backend address ff02::1 cannot be a destination",
+        ),
+        (
+            "8080:0.0.0.0:80,198.18.2.2:80",
+            "the backend 0.0.0.0 (the host itself, at the address each packet came to) cannot be balanced",
+        ),
+        ("8080:198.18.2.2:80,[::]:80", "mixes IPv4 and IPv6"),
+        (
+            "8082:8080",
+            "'8082:8080' has no backend address: for a port of this host itself (iptables' REDIRECT \
+             --to-port 8080) write '8082:0.0.0.0:8080' (IPv4) or '8082:[::]:8080' (IPv6)",
+        ),
+        ("8000-8010:9000-9010/udp", "write '8000-8010:0.0.0.0:9000-9010'"),
         (
             "224.0.0.1:8080:198.18.2.2:80",
             "host address 224.0.0.1 cannot be published",
@@ -181,8 +224,15 @@ fn bad_specs_name_the_problem() {
             "8082:127.0.0.1:8080",
             "publish it on 127.0.0.1 for host processes only ('127.0.0.1:8082:127.0.0.1:8080')",
         ),
-        ("198.18.0.1:8082:127.0.0.5:8080", "('8082:HOST_ADDRESS:8080')"),
-        ("8082:[::1]:8080", "('[::1]:8082:[::1]:8080')"),
+        (
+            "198.18.0.1:8082:127.0.0.5:8080",
+            "as iptables' REDIRECT does ('8082:0.0.0.0:8080')",
+        ),
+        (
+            "8082:[::1]:8080",
+            "('[::1]:8082:[::1]:8080'), or publish a port of this host itself",
+        ),
+        ("8082:[::1]:8080", "('8082:[::]:8080')"),
     ];
     for (spec, want) in cases {
         let err = parse(spec).expect_err(spec).to_string();
@@ -405,6 +455,8 @@ fn names_the_problem(input: &str, err: &SpecError) -> bool {
         | SpecError::AllWeightsZero(s)
         | SpecError::DuplicateBackend(s)
         | SpecError::SctpPortChange(s)
+        | SpecError::DestinationWithOthers(s, _)
+        | SpecError::NoBackendAddress { spec: s, .. }
         | SpecError::TooManyBackends { spec: s, .. } => s.clone(),
         SpecError::Port { value, .. }
         | SpecError::ReversedRange { value, .. }

@@ -117,10 +117,29 @@ pub mod prog_names {
     pub const BIND4: &str = "portmap_bind4";
     pub const BIND6: &str = "portmap_bind6";
     /// Benchmark references (`cargo xtask bench`), never attached by the daemon: a no-op XDP
-    /// program, and parse + forward without conntrack or rewrite.
+    /// program, parse + forward without conntrack or rewrite, and a TC program that only
+    /// redirects into a veth's peer (`BENCH_REDIRECT_IFINDEX_GLOBAL`).
     pub const BENCH_XDP_NOOP: &str = "bench_xdp_noop";
     pub const BENCH_XDP_FORWARD: &str = "bench_xdp_forward";
+    pub const BENCH_TC_REDIRECT_PEER: &str = "bench_tc_redirect_peer";
+    /// The established-flow path of the XDP and TC ingress programs cut after each step (parse,
+    /// conntrack lookup, rewrite, counters); the full program adds the forwarding.
+    pub const BENCH_XDP_STEPS: [&str; 4] = [
+        "bench_xdp_parse",
+        "bench_xdp_lookup",
+        "bench_xdp_rewrite",
+        "bench_xdp_count",
+    ];
+    pub const BENCH_TC_STEPS: [&str; 4] = [
+        "bench_tc_parse",
+        "bench_tc_lookup",
+        "bench_tc_rewrite",
+        "bench_tc_count",
+    ];
 }
+
+/// The global of `bench_tc_redirect_peer`: the ifindex it redirects to.
+pub const BENCH_REDIRECT_IFINDEX_GLOBAL: &str = "BENCH_REDIRECT_IFINDEX";
 
 /// Default capacities; the daemon may override them at load time (`EbpfLoader::set_max_entries`).
 /// One entry per published port (a range of N ports takes N).

@@ -6,10 +6,12 @@
 //!
 //! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`, `frag`
 //! (ports of later fragments), `icmp` (errors about flows), `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
-//! + redirect), `stats` (counters), `sock` (cgroup socket hooks for host-local clients).
+//! + redirect), `stats` (counters), `sock` (cgroup socket hooks for host-local clients), `bench`
+//! (reference programs and the ingress path cut after each step, for `cargo xtask bench` only).
 #![no_std]
 #![no_main]
 
+mod bench;
 mod conntrack;
 mod ctx;
 mod forward;
@@ -44,7 +46,7 @@ use crate::{
 /// the hook's ICMP-error program in `icmp_slot` (if that returns, the slot is empty and the
 /// packet is not ours).
 #[inline(always)]
-fn parse_flow<C: PacketCtx>(ctx: &C, icmp_slot: u32) -> Result<parse::Packet, Verdict> {
+pub(crate) fn parse_flow<C: PacketCtx>(ctx: &C, icmp_slot: u32) -> Result<parse::Packet, Verdict> {
     let mut pkt = parse::parse(ctx)?;
     frag::complete(&mut pkt)?;
     if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
@@ -169,7 +171,7 @@ fn finish<C: PacketCtx>(ctx: &C, verdict: Verdict) -> u32 {
 /// extension headers of up to 118 bytes before a 60-byte TCP header. Headers beyond the linear
 /// part are `pass_malformed_l4`.
 #[inline(always)]
-fn pull_headers(ctx: &TcContext) {
+pub(crate) fn pull_headers(ctx: &TcContext) {
     const WANT: u32 = 256;
     let want = if ctx.len() < WANT { ctx.len() } else { WANT };
     if ctx.data_end() - ctx.data() < want as usize {
@@ -305,25 +307,6 @@ pub fn portmap_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn portmap_bind6(ctx: SockAddrContext) -> i32 {
     sock::bind(&ctx, true)
-}
-
-/// Benchmark reference, never attached by the daemon: the cheapest XDP program (`cargo xtask
-/// bench` runs it beside the datapath to show the fixed cost of a program run).
-#[xdp]
-pub fn bench_xdp_noop(_ctx: XdpContext) -> u32 {
-    aya_ebpf::bindings::xdp_action::XDP_PASS
-}
-
-/// Benchmark reference, never attached by the daemon: the same parse and forwarding (FIB lookup,
-/// TTL, MACs, redirect) as the datapath, without conntrack or any rewrite: the floor of an XDP
-/// forwarder on the same path.
-#[xdp]
-pub fn bench_xdp_forward(mut ctx: XdpContext) -> u32 {
-    let verdict = match parse::parse(&ctx) {
-        Ok(pkt) => forward::forward(&mut ctx, &pkt, &pkt.daddr, pkt.dport),
-        Err(verdict) => verdict,
-    };
-    ctx.verdict(verdict.action)
 }
 
 #[cfg(not(test))]

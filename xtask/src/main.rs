@@ -99,6 +99,10 @@ enum Task {
         /// Copy the report and plots to docs/BENCHMARKS.md and docs/bench/.
         #[arg(long)]
         update_docs: bool,
+        /// Only these sections (comma-separated: new-flows, throughput, packets, replies,
+        /// programs, control, flood, memory, restarts); not with --update-docs.
+        #[arg(long, conflicts_with = "update_docs")]
+        only: Option<String>,
     },
     /// The golden-packet suite and end-to-end tests on Debian 12's kernel 6.1 under qemu (TCG;
     /// installs qemu and busybox, downloads the kernel package; needs root).
@@ -131,7 +135,11 @@ fn main() -> anyhow::Result<()> {
             args,
         } => test(fuzz_packets, fuzz_seed, &args),
         Task::Lint => lint(),
-        Task::Bench { quick, update_docs } => bench(quick, update_docs),
+        Task::Bench {
+            quick,
+            update_docs,
+            only,
+        } => bench(quick, update_docs, only.as_deref()),
         Task::Vmtest {
             package,
             fuzz_packets,
@@ -402,7 +410,7 @@ fn test(fuzz_packets: Option<u64>, fuzz_seed: Option<u64>, args: &[String]) -> a
     judged
 }
 
-fn bench(quick: bool, update_docs: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, update_docs: bool, only: Option<&str>) -> anyhow::Result<()> {
     ensure!(
         is_root(),
         "cargo xtask bench needs root: it builds network namespaces, netfilter rules and BPF programs"
@@ -417,6 +425,9 @@ fn bench(quick: bool, update_docs: bool) -> anyhow::Result<()> {
         .env("PORTMAP_BIN", target_dir().join("release/portmap"));
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(only) = only {
+        cmd.args(["--only", only]);
     }
     run(&mut cmd)?;
     if update_docs {

@@ -62,7 +62,8 @@ use aya::{
 };
 use log::{info, warn};
 use portmap_common::{
-    DatapathStamp, HOST_NETNS_COOKIE_GLOBAL, ICMP_SLOT_EGRESS, ICMP_SLOT_INGRESS, map_names, prog_names,
+    BENCH_REDIRECT_IFINDEX_GLOBAL, DatapathStamp, HOST_NETNS_COOKIE_GLOBAL, ICMP_SLOT_EGRESS,
+    ICMP_SLOT_INGRESS, map_names, prog_names,
 };
 
 #[cfg(feature = "test-run")]
@@ -117,7 +118,7 @@ impl Datapath {
                 .with_context(|| format!("creating pin directory {}", pin_dir.join(dir).display()))?;
         }
         let found = adopt::check_pinned(pin_dir, limits)?;
-        let mut dp = Self::load_with(limits, Some(pin_dir))?;
+        let mut dp = Self::load_with(limits, Some(pin_dir), 0)?;
         dp.tcx = kernel.tcx;
         if let Some(stamp) = found {
             dp.stamp = stamp;
@@ -135,13 +136,19 @@ impl Datapath {
     /// run through `BPF_PROG_TEST_RUN` (tests, benchmarks) and cannot be attached. The socket
     /// hooks take the calling thread's network namespace as the host's.
     pub fn load_unpinned(limits: &Limits) -> anyhow::Result<Self> {
-        Self::load_with(limits, None)
+        Self::load_with(limits, None, 0)
     }
 
-    fn load_with(limits: &Limits, pin_dir: Option<&Path>) -> anyhow::Result<Self> {
+    /// `bench_redirect_ifindex`: the device of the benchmark's TC redirect floor (0 otherwise).
+    pub(super) fn load_with(
+        limits: &Limits,
+        pin_dir: Option<&Path>,
+        bench_redirect_ifindex: u32,
+    ) -> anyhow::Result<Self> {
         let netns_cookie = host::netns_cookie()?;
         let mut loader = EbpfLoader::new();
         loader.override_global(HOST_NETNS_COOKIE_GLOBAL, &netns_cookie, true);
+        loader.override_global(BENCH_REDIRECT_IFINDEX_GLOBAL, &bench_redirect_ifindex, true);
         for name in map_names::ALL {
             if let Some(entries) = adopt::configured_capacity(name, limits) {
                 loader.map_max_entries(name, entries);

@@ -93,30 +93,52 @@ impl Datapath {
         })
     }
 
-    /// Loads a benchmark reference XDP program (`prog_names::BENCH_*`) and, with `iface`,
-    /// attaches it there (in the calling thread's network namespace; detached when the datapath
-    /// is dropped). Never used by the daemon.
-    pub fn load_bench_xdp(&mut self, name: &str, iface: Option<&str>) -> anyhow::Result<()> {
-        let prog: &mut Xdp = self.program_mut(name)?.try_into()?;
+    /// Loads the datapath unpinned, with the benchmark's TC redirect floor
+    /// (`prog_names::BENCH_TC_REDIRECT_PEER`) sending every packet into the peer of `ifindex`.
+    pub fn load_unpinned_bench(
+        limits: &crate::config::Limits,
+        redirect_ifindex: u32,
+    ) -> anyhow::Result<Self> {
+        Self::load_with(limits, None, redirect_ifindex)
+    }
+
+    /// Loads a benchmark program (`prog_names::BENCH_*`, XDP or TC) and, with `iface`, attaches
+    /// it there (XDP in driver mode, TC at ingress; in the calling thread's network namespace;
+    /// detached when the datapath is dropped). Never used by the daemon.
+    pub fn load_bench(&mut self, name: &str, iface: Option<&str>) -> anyhow::Result<()> {
+        let program = self.program_mut(name)?;
+        if let Ok(prog) = <&mut Xdp>::try_from(&mut *program) {
+            if prog.info().is_err() {
+                prog.load().with_context(|| format!("verifier rejected {name}"))?;
+            }
+            if let Some(iface) = iface {
+                prog.attach(iface, XdpMode::Driver)
+                    .with_context(|| format!("{iface}: attaching {name}"))?;
+            }
+            return Ok(());
+        }
+        let prog: &mut SchedClassifier = program.try_into()?;
         if prog.info().is_err() {
             prog.load().with_context(|| format!("verifier rejected {name}"))?;
         }
         if let Some(iface) = iface {
-            prog.attach(iface, XdpMode::Driver)
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            prog.attach(iface, aya::programs::TcAttachType::Ingress)
                 .with_context(|| format!("{iface}: attaching {name}"))?;
         }
         Ok(())
     }
 
-    /// Runs a loaded benchmark reference XDP program like `test_run`.
-    pub fn test_run_bench_xdp(
+    /// Runs a loaded benchmark program like `test_run` (`xdp`: an XDP program, else TC).
+    pub fn test_run_bench(
         &self,
         name: &str,
+        xdp: bool,
         packet: &[u8],
         ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunOutput, ProgramError> {
-        self.run_program(name, true, packet, ifindex, repeat)
+        self.run_program(name, xdp, packet, ifindex, repeat)
     }
 
     /// Kernel memory of each map (its `memlock` in fdinfo) and its capacity.

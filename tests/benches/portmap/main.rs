@@ -35,9 +35,27 @@ struct Args {
     /// Where results.json, report.md and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Only these sections (comma-separated: new-flows, throughput, packets, replies, programs,
+    /// control, flood, memory, restarts), for working on one of them; the report leaves the
+    /// others empty. Never for docs/BENCHMARKS.md, which comes from a full run.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// Runs section `name` unless `--only` leaves it out (then its result is empty).
+fn section<T: Default>(
+    args: &Args,
+    name: &str,
+    run: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    if args.only.is_empty() || args.only.iter().any(|o| o == name) {
+        run()
+    } else {
+        Ok(T::default())
+    }
 }
 
 /// Sizes and durations of one run.
@@ -59,8 +77,8 @@ struct Plan {
     max_secs: f64,
     /// Interleaved repeats of the packet measurements.
     packet_repeats: usize,
-    /// Flows and repeats of the reply-direction measurement.
-    reply_flows: u16,
+    /// Flow counts and repeats of the reply-direction measurement.
+    reply_flows: Vec<u16>,
     reply_repeats: usize,
     offered_pps: f64,
     /// Spoofed flows of the flood measurement.
@@ -85,7 +103,7 @@ impl Plan {
                 packet_secs: 1.0,
                 max_secs: 1.0,
                 packet_repeats: 1,
-                reply_flows: 100,
+                reply_flows: vec![100],
                 reply_repeats: 1,
                 offered_pps: 50_000.0,
                 flood_flows: 20_000,
@@ -105,7 +123,7 @@ impl Plan {
                 packet_secs: 10.0,
                 max_secs: 3.0,
                 packet_repeats: 5,
-                reply_flows: 1_000,
+                reply_flows: vec![1, 10_000],
                 reply_repeats: 3,
                 offered_pps: 100_000.0,
                 flood_flows: 600_000,
@@ -132,16 +150,16 @@ fn main() -> anyhow::Result<()> {
     let results = Results {
         machine: machine(args.quick)?,
         quick: args.quick,
-        new_flows: new_flows(&plan)?,
-        per_variant: throughput_and_latency(&plan)?,
-        packets: packet_costs(&plan)?,
-        replies: reply_costs(&plan)?,
-        programs: program_costs(&plan)?,
-        control: control_plane(&plan)?,
-        flood: flood_runs(&plan)?,
-        memory: micro::memory()?,
-        daemon_memory: daemon_memory(&plan)?,
-        restarts: restart_stalls(&plan)?,
+        new_flows: section(&args, "new-flows", || new_flows(&plan))?,
+        per_variant: section(&args, "throughput", || throughput_and_latency(&plan))?,
+        packets: section(&args, "packets", || packet_costs(&plan))?,
+        replies: section(&args, "replies", || reply_costs(&plan))?,
+        programs: section(&args, "programs", || program_costs(&plan))?,
+        control: section(&args, "control", || control_plane(&plan))?,
+        flood: section(&args, "flood", || flood_runs(&plan))?,
+        memory: section(&args, "memory", micro::memory)?,
+        daemon_memory: section(&args, "memory", || daemon_memory(&plan))?,
+        restarts: section(&args, "restarts", || restart_stalls(&plan))?,
         seconds: started.elapsed().as_secs_f64(),
     };
     let report = report(&results);
@@ -292,7 +310,7 @@ fn packet_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
 /// ways, interleaved like the forward measurement.
 fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
     say(&format!(
-        "reply direction: the sink answers {} flows, 64-byte UDP, CPU per packet at {:.0} kpps and the maximum rate; \
+        "reply direction: the sink answers {:?} flows, 64-byte UDP, CPU per packet at {:.0} kpps and the maximum rate; \
          {} interleaved repeat(s)",
         plan.reply_flows,
         plan.offered_pps / 1e3,
@@ -307,32 +325,37 @@ fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
         Variant::PortmapXdp,
     ];
     let beds = packet_beds(&variants)?;
-    let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len()];
+    let counts = &plan.reply_flows;
+    let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len() * counts.len()];
     for repeat in 0..plan.reply_repeats {
-        for k in 0..beds.len() {
-            let i = (k + repeat) % beds.len();
-            let (variant, bed) = &beds[i];
-            let dst = target(*variant, 0, true);
-            let flows = plan.reply_flows;
-            let fixed = traffic::reply_run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
-            let max = traffic::reply_run(&bed.topo, dst, flows, None, plan.max_secs)?;
-            say(&format!(
-                "  [{}/{}] {:<28} replies: {:>6.0} ns CPU/packet; max {:.0} kpps (sent {:.0})",
-                repeat + 1,
-                plan.reply_repeats,
-                variant.name(),
-                fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
-                max.forwarded_pps / 1e3,
-                max.sent_pps / 1e3
-            ));
-            runs[i].push((fixed, max));
+        for (f, &flows) in counts.iter().enumerate() {
+            for k in 0..beds.len() {
+                let i = (k + repeat) % beds.len();
+                let (variant, bed) = &beds[i];
+                let dst = target(*variant, 0, true);
+                let fixed =
+                    traffic::reply_run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
+                let max = traffic::reply_run(&bed.topo, dst, flows, None, plan.max_secs)?;
+                say(&format!(
+                    "  [{}/{}] {:<28} {flows:>5} flows, replies: {:>6.0} ns CPU/packet; max {:.0} kpps (sent {:.0})",
+                    repeat + 1,
+                    plan.reply_repeats,
+                    variant.name(),
+                    fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
+                    max.forwarded_pps / 1e3,
+                    max.sent_pps / 1e3
+                ));
+                runs[i * counts.len() + f].push((fixed, max));
+            }
         }
     }
-    Ok(beds
-        .iter()
-        .zip(runs)
-        .map(|((variant, _), runs)| summarize(*variant, plan.reply_flows, &runs))
-        .collect())
+    let mut replies = Vec::new();
+    for (i, (variant, _)) in beds.iter().enumerate() {
+        for (f, &flows) in counts.iter().enumerate() {
+            replies.push(summarize(*variant, flows, &runs[i * counts.len() + f]));
+        }
+    }
+    Ok(replies)
 }
 
 /// One bed per variant for the packet measurements, all set up at once; the sink (and the

@@ -90,9 +90,9 @@ fn ratios(s: &mut String, r: &Results) {
     );
     let _ = writeln!(
         s,
-        "| metric | vs routing | vs iptables-nft | vs nftables map | vs nftables stateless | vs XDP floor |"
+        "| metric | vs routing | vs iptables-nft | vs nftables map | vs nftables stateless | vs XDP floor | vs TC redirect_peer floor |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
     let spread = |v, f, key: fn(&Packets) -> Option<Spread>| packets_of(r, v, f).and_then(key);
     let peers = [
         Variant::Routing,
@@ -100,6 +100,7 @@ fn ratios(s: &mut String, r: &Results) {
         Variant::Nftables,
         Variant::NftStateless,
         Variant::XdpFloor,
+        Variant::TcFloor,
     ];
     for (label, v) in [
         ("TC", Variant::PortmapTc),
@@ -126,30 +127,40 @@ fn ratios(s: &mut String, r: &Results) {
             }
         }
     }
-    let reply = |v| r.replies.iter().find(|p| p.variant == v).and_then(|p| p.cpu_ns);
-    for (label, v) in [("TC", Variant::PortmapTc), ("XDP", Variant::PortmapXdp)] {
-        let cells: Vec<String> = peers
+    let reply = |v, flows| {
+        r.replies
             .iter()
-            .map(|peer| {
-                if *peer == Variant::XdpFloor {
-                    String::new()
-                } else {
-                    spread_ratio(reply(v), reply(*peer))
-                }
-            })
-            .collect();
-        let _ = writeln!(
-            s,
-            "| CPU per reply packet (sink → client), portmap {label} | {} |",
-            cells.join(" | ")
-        );
+            .find(|p| p.variant == v && p.flows == flows)
+            .and_then(|p| p.cpu_ns)
+    };
+    let mut reply_flows: Vec<u16> = r.replies.iter().map(|p| p.flows).collect();
+    reply_flows.sort_unstable();
+    reply_flows.dedup();
+    for flows in reply_flows {
+        for (label, v) in [("TC", Variant::PortmapTc), ("XDP", Variant::PortmapXdp)] {
+            let cells: Vec<String> = peers
+                .iter()
+                .map(|peer| {
+                    if matches!(peer, Variant::XdpFloor | Variant::TcFloor) {
+                        String::new()
+                    } else {
+                        spread_ratio(reply(v, flows), reply(*peer, flows))
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "| CPU per reply packet (sink → client), portmap {label}, {flows} flow(s) | {} |",
+                cells.join(" | ")
+            );
+        }
     }
     let last_n = r.new_flows.iter().map(|f| f.mappings).max().unwrap_or(1);
     for n in [1, last_n] {
         let p = new_flows_of(r, Variant::PortmapTc, n);
         let _ = writeln!(
             s,
-            "| new flows/s, portmap TC, {n} mappings | {} | {} | {} | | |",
+            "| new flows/s, portmap TC, {n} mappings | {} | {} | {} | | | |",
             ratio(p, new_flows_of(r, Variant::Routing, n)),
             ratio(p, new_flows_of(r, Variant::Iptables, n)),
             ratio(p, new_flows_of(r, Variant::Nftables, n)),
@@ -167,7 +178,7 @@ fn ratios(s: &mut String, r: &Results) {
         for (mode, v) in [("TC", Variant::PortmapTc), ("XDP", Variant::PortmapXdp)] {
             let _ = writeln!(
                 s,
-                "| {label}, portmap {mode} | {} | {} | {} | | |",
+                "| {label}, portmap {mode} | {} | {} | {} | | | |",
                 ratio(pv(v, f), pv(Variant::Routing, f)),
                 ratio(pv(v, f), pv(Variant::Iptables, f)),
                 ratio(pv(v, f), pv(Variant::Nftables, f)),
@@ -261,6 +272,73 @@ fn targets(s: &mut String, r: &Results) {
             Some(last.established_xdp_ns / first.established_xdp_ns),
             "×",
             &|v| (0.9..=1.1).contains(&v),
+        );
+    }
+    // Round 3 (issue 26): every direction and every backend below routing.
+    let reply_cpu = |v, flows| {
+        r.replies
+            .iter()
+            .find(|p| p.variant == v && p.flows == flows)
+            .and_then(|p| p.cpu_ns.map(|c| c.median))
+    };
+    let (tc, fib, routing) = (Variant::PortmapTc, Variant::PortmapTcFib, Variant::Routing);
+    let rows: [(&str, Option<f64>, f64); 7] = [
+        (
+            "local backend (TC, redirect_peer): CPU per packet ≤ 0.75× routing (1 flow)",
+            over(cpu(tc, 1), cpu(routing, 1)),
+            0.75,
+        ),
+        (
+            "local backend (TC): CPU per packet ≤ 1.15× the TC redirect_peer floor (1 flow)",
+            over(cpu(tc, 1), cpu(Variant::TcFloor, 1)),
+            1.15,
+        ),
+        (
+            "local backend (TC): CPU per packet ≤ 0.8× routing (10,000 flows)",
+            over(cpu(tc, 10_000), cpu(routing, 10_000)),
+            0.8,
+        ),
+        (
+            "local backend (TC): 10,000 flows within 10 % of 1 flow (CPU per packet)",
+            over(cpu(tc, 10_000), cpu(tc, 1)),
+            1.1,
+        ),
+        (
+            "backend on another machine (TC, FIB path): CPU per packet ≤ 1.0× routing (1 flow)",
+            over(cpu(fib, 1), cpu(routing, 1)),
+            1.0,
+        ),
+        (
+            "backend on another machine (TC, FIB path): CPU per packet ≤ 0.8× iptables (1 flow)",
+            over(cpu(fib, 1), cpu(Variant::Iptables, 1)),
+            0.8,
+        ),
+        (
+            "backend on another machine (TC, FIB path): CPU per packet ≤ 1.1× routing (10,000 flows)",
+            over(cpu(fib, 10_000), cpu(routing, 10_000)),
+            1.1,
+        ),
+    ];
+    for (what, measured, limit) in rows {
+        check(what, measured, "×", &|v| v <= limit);
+    }
+    let mut reply_flows: Vec<u16> = r.replies.iter().map(|p| p.flows).collect();
+    reply_flows.sort_unstable();
+    reply_flows.dedup();
+    for flows in reply_flows {
+        check(
+            &format!("replies from a local backend (TC): CPU per packet ≤ 0.8× routing ({flows} flow(s))"),
+            over(reply_cpu(tc, flows), reply_cpu(routing, flows)),
+            "×",
+            &|v| v <= 0.8,
+        );
+    }
+    for n in [1, last_n] {
+        check(
+            &format!("new TCP connections/s ≥ 0.95× routing (portmap TC, {n} mappings)"),
+            over(new_flows_of(r, tc, n), new_flows_of(r, routing, n)),
+            "×",
+            &|v| v >= 0.95,
         );
     }
     check(
@@ -471,6 +549,7 @@ fn absolutes(s: &mut String, r: &Results) {
             p.new_flow_xdp_ns
         );
     }
+    step_table(s, r);
     let _ = writeln!(s, "\n## Control plane (ms)\n");
     let _ = writeln!(
         s,
@@ -523,6 +602,41 @@ fn absolutes(s: &mut String, r: &Results) {
 }
 
 /// The stream's longest wait across restarts.
+/// The established-flow packet step by step (1 mapping): what each step adds to the one before
+/// (parse over the no-op program; forward = the full program over the cut after the counters).
+fn step_table(s: &mut String, r: &Results) {
+    let Some(p) = r.programs.first() else { return };
+    let _ = writeln!(
+        s,
+        "\n### eBPF cost per step of an established-flow packet ({} mapping(s); ns each step adds)\n",
+        p.mappings
+    );
+    let _ = writeln!(
+        s,
+        "| program | run (no-op) | parse | conntrack lookup | rewrite | counters | forward | total | ÷ no-op |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let rows = [
+        ("XDP, FIB path", p.xdp_steps_ns, p.established_xdp_ns),
+        ("XDP, local backend", p.xdp_steps_ns, p.established_xdp_local_ns),
+        ("TC, FIB path", p.tc_steps_ns, p.established_tc_ns),
+        ("TC, local backend", p.tc_steps_ns, p.established_tc_local_ns),
+    ];
+    for (name, steps, full) in rows {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {full:.0} | {:.1}× |",
+            p.noop_ns,
+            steps[0] - p.noop_ns,
+            steps[1] - steps[0],
+            steps[2] - steps[1],
+            steps[3] - steps[2],
+            full - steps[3],
+            full / p.noop_ns
+        );
+    }
+}
+
 fn restart_table(s: &mut String, r: &Results) {
     let _ = writeln!(
         s,

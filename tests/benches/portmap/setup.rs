@@ -38,11 +38,14 @@ pub enum Variant {
     PortmapXdp,
     /// XDP parse + FIB lookup + redirect, no conntrack, no rewrite (`bench_xdp_forward`).
     XdpFloor,
+    /// TC ingress that only `bpf_redirect_peer`s every packet into the sink's namespace
+    /// (`bench_tc_redirect_peer`): the floor of portmap TC's local fast path.
+    TcFloor,
 }
 
 impl Variant {
     /// Every variant, in report order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Routing,
         Self::Iptables,
         Self::Nftables,
@@ -51,9 +54,10 @@ impl Variant {
         Self::PortmapTcFib,
         Self::PortmapXdp,
         Self::XdpFloor,
+        Self::TcFloor,
     ];
     /// The variants measured with real connections (new flows, throughput, latency); the XDP
-    /// floor is a packet-rate reference only.
+    /// floors are packet-rate references only.
     pub const STACK: [Self; 5] = [
         Self::Routing,
         Self::Iptables,
@@ -72,12 +76,13 @@ impl Variant {
             Self::PortmapTcFib => "portmap TC, FIB path",
             Self::PortmapXdp => "portmap XDP",
             Self::XdpFloor => "XDP redirect, no rewrite",
+            Self::TcFloor => "TC redirect_peer, no rewrite",
         }
     }
 
     /// Whether the variant publishes ports (traffic goes to the router's address).
     pub fn nat(self) -> bool {
-        !matches!(self, Self::Routing | Self::XdpFloor)
+        !matches!(self, Self::Routing | Self::XdpFloor | Self::TcFloor)
     }
 }
 
@@ -284,32 +289,49 @@ pub fn bed(variant: Variant, n: u32) -> anyhow::Result<Bed> {
         }
         Variant::XdpFloor => {
             topo.prepare_for_xdp()?;
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-            let netns = std::fs::File::open(topo.host.path())?;
-            let handle = std::thread::spawn(move || {
-                let attached = (|| {
-                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                    let mut dp = Datapath::load_unpinned(&Limits::default())?;
-                    dp.load_bench_xdp(prog_names::BENCH_XDP_FORWARD, Some(HOST_CLIENT_IFACE))?;
-                    dp.allow_xdp_redirect(nix::net::if_::if_nametoindex(HOST_BACKEND_IFACE)?)?;
-                    Ok::<_, anyhow::Error>(dp)
-                })();
-                match attached {
-                    Ok(dp) => {
-                        let _ = ready_tx.send(Ok(()));
-                        let _ = stop_rx.recv();
-                        drop(dp);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(format!("{e:#}")));
-                    }
-                }
-            });
-            ready_rx.recv()?.map_err(|e| anyhow::anyhow!("XDP floor: {e}"))?;
-            bed.floor = Some(handle);
-            bed.floor_stop = Some(stop_tx);
+            hold_floor(&mut bed, || {
+                let mut dp = Datapath::load_unpinned(&Limits::default())?;
+                dp.load_bench(prog_names::BENCH_XDP_FORWARD, Some(HOST_CLIENT_IFACE))?;
+                dp.allow_xdp_redirect(nix::net::if_::if_nametoindex(HOST_BACKEND_IFACE)?)?;
+                Ok(dp)
+            })?;
         }
+        Variant::TcFloor => hold_floor(&mut bed, || {
+            let sink_veth = nix::net::if_::if_nametoindex(HOST_BACKEND_IFACE)?;
+            let mut dp = Datapath::load_unpinned_bench(&Limits::default(), sink_veth)?;
+            dp.load_bench(prog_names::BENCH_TC_REDIRECT_PEER, Some(HOST_CLIENT_IFACE))?;
+            Ok(dp)
+        })?,
     }
     Ok(bed)
+}
+
+/// Loads and attaches a floor's datapath (`load`, run in the router's namespace) on a thread
+/// that holds it until the bed is dropped.
+fn hold_floor(
+    bed: &mut Bed,
+    load: impl FnOnce() -> anyhow::Result<Datapath> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let netns = std::fs::File::open(bed.topo.host.path())?;
+    let handle = std::thread::spawn(move || {
+        let attached = nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| load());
+        match attached {
+            Ok(dp) => {
+                let _ = ready_tx.send(Ok(()));
+                let _ = stop_rx.recv();
+                drop(dp);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(format!("{e:#}")));
+            }
+        }
+    });
+    ready_rx.recv()?.map_err(|e| anyhow::anyhow!("floor: {e}"))?;
+    bed.floor = Some(handle);
+    bed.floor_stop = Some(stop_tx);
+    Ok(())
 }

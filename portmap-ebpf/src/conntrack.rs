@@ -14,7 +14,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use portmap_common::{
     Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowValue,
@@ -37,10 +37,13 @@ pub struct Nat {
     pub assured: bool,
 }
 
+/// CLOCK_MONOTONIC at the last tick (`bpf_ktime_get_coarse_ns`, kernel >= 5.11): a flow's
+/// timestamps only need the resolution of its timeouts (seconds), and the coarse clock is a read
+/// of the tick's time instead of the clocksource (in a VM, a paravirtual clock read).
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

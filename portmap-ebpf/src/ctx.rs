@@ -117,6 +117,40 @@ pub fn ptr_at<C: PacketCtx, T>(ctx: &C, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// Writes `v` at `off` straight into the packet (bounds checked).
+#[inline(always)]
+fn direct_store<C: PacketCtx, T: Copy>(ctx: &C, off: usize, v: T) -> Result<(), StoreError> {
+    let p = ptr_at::<_, T>(ctx, off).ok_or(StoreError)?;
+    // SAFETY: bounds checked by ptr_at; the linear data of an XDP frame or a TC skb is
+    // writable (for TC, made so by the verifier's prologue).
+    unsafe { p.write_unaligned(v) };
+    Ok(())
+}
+
+/// RFC 1624 update of the 16-bit checksum at `check_off` for a `size`-byte (2 or 4) field that
+/// changed from `from` to `to`, in place.
+#[inline(always)]
+fn direct_l3_csum_replace<C: PacketCtx>(
+    ctx: &C,
+    check_off: usize,
+    from: u32,
+    to: u32,
+    size: u8,
+) -> Result<(), StoreError> {
+    let p = ptr_at::<_, u16>(ctx, check_off).ok_or(StoreError)?;
+    // SAFETY: as in `direct_store`.
+    unsafe {
+        let check = p.read_unaligned();
+        let new = if size == 2 {
+            csum::replace2(check, from as u16, to as u16)
+        } else {
+            csum::replace4(check, from, to)
+        };
+        p.write_unaligned(new);
+    }
+    Ok(())
+}
+
 /// Copies the `T` at `off` out of the packet, if it lies entirely inside the linear data (for
 /// small values: a few header bytes).
 #[inline(always)]
@@ -192,26 +226,12 @@ impl PacketCtx for XdpContext {
 
     #[inline(always)]
     fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError> {
-        let p = ptr_at::<_, T>(self, off).ok_or(StoreError)?;
-        // SAFETY: bounds checked by ptr_at; XDP packet memory is writable.
-        unsafe { p.write_unaligned(v) };
-        Ok(())
+        direct_store(self, off, v)
     }
 
     #[inline(always)]
     fn l3_csum_replace(&mut self, check_off: usize, from: u32, to: u32, size: u8) -> Result<(), StoreError> {
-        let p = ptr_at::<_, u16>(self, check_off).ok_or(StoreError)?;
-        // SAFETY: bounds checked by ptr_at; XDP packet memory is writable.
-        unsafe {
-            let check = p.read_unaligned();
-            let new = if size == 2 {
-                csum::replace2(check, from as u16, to as u16)
-            } else {
-                csum::replace4(check, from, to)
-            };
-            p.write_unaligned(new);
-        }
-        Ok(())
+        direct_l3_csum_replace(self, check_off, from, to, size)
     }
 
     #[inline(always)]
@@ -314,15 +334,20 @@ impl PacketCtx for TcContext {
         if gso { 0 } else { ip_tot_len }
     }
 
+    /// A direct write: the verifier's prologue of a TC program that writes packet data unclones
+    /// a cloned skb first, as `bpf_skb_store_bytes` would, and no store here touches
+    /// `skb->csum` (the L4 checksum helper below keeps it).
     #[inline(always)]
     fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError> {
-        TcContext::store(self, off, &v, 0).map_err(|_| StoreError)
+        direct_store(self, off, v)
     }
 
+    /// The IPv4 header checksum is never offloaded (no CHECKSUM_PARTIAL covers it) and a field
+    /// changed with its checksum leaves the header's sum, which `skb->csum` of a
+    /// CHECKSUM_COMPLETE skb includes, unchanged: computed here, as for XDP, without a helper call.
     #[inline(always)]
     fn l3_csum_replace(&mut self, check_off: usize, from: u32, to: u32, size: u8) -> Result<(), StoreError> {
-        TcContext::l3_csum_replace(self, check_off, u64::from(from), u64::from(to), u64::from(size))
-            .map_err(|_| StoreError)
+        direct_l3_csum_replace(self, check_off, from, to, size)
     }
 
     #[inline(always)]

@@ -40,10 +40,18 @@ struct Args {
     /// others empty. Never for docs/BENCHMARKS.md, which comes from a full run.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these variants in the packet and reply sections (comma-separated: routing,
+    /// iptables, nftables, nft-stateless, portmap-tc, portmap-tc-fib, portmap-xdp, xdp-floor,
+    /// tc-floor), e.g. to profile one of them.
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
 }
+
+/// `--variants`, for `packet_beds`.
+static VARIANTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 /// Runs section `name` unless `--only` leaves it out (then its result is empty).
 fn section<T: Default>(
@@ -144,6 +152,14 @@ fn main() -> anyhow::Result<()> {
         "the benchmark needs root (run cargo xtask bench)"
     );
     let plan = Plan::new(args.quick);
+    if let Some(unknown) = args
+        .variants
+        .iter()
+        .find(|v| !Variant::ALL.iter().any(|a| a.slug() == v.as_str()))
+    {
+        anyhow::bail!("--variants: unknown variant '{unknown}'");
+    }
+    let _ = VARIANTS.set(args.variants.clone());
     let started = Instant::now();
     std::fs::create_dir_all(&args.out)?;
 
@@ -361,8 +377,10 @@ fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
 /// One bed per variant for the packet measurements, all set up at once; the sink (and the
 /// client, for replies) drop the benchmark's UDP at ingress.
 fn packet_beds(variants: &[Variant]) -> anyhow::Result<Vec<(Variant, setup::Bed)>> {
+    let chosen = VARIANTS.get().map_or(&[][..], Vec::as_slice);
     variants
         .iter()
+        .filter(|v| chosen.is_empty() || chosen.iter().any(|c| c == v.slug()))
         .map(|&variant| {
             let bed = setup::bed(variant, 1)?;
             traffic::sink_drops_udp(&bed.topo)?;

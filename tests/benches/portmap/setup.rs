@@ -80,6 +80,21 @@ impl Variant {
         }
     }
 
+    /// The variant's name on the command line (`--variants`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::Routing => "routing",
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+            Self::NftStateless => "nft-stateless",
+            Self::PortmapTc => "portmap-tc",
+            Self::PortmapTcFib => "portmap-tc-fib",
+            Self::PortmapXdp => "portmap-xdp",
+            Self::XdpFloor => "xdp-floor",
+            Self::TcFloor => "tc-floor",
+        }
+    }
+
     /// Whether the variant publishes ports (traffic goes to the router's address).
     pub fn nat(self) -> bool {
         !matches!(self, Self::Routing | Self::XdpFloor | Self::TcFloor)

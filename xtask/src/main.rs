@@ -11,6 +11,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use clap::{Parser, Subcommand};
 
+mod package;
 mod tally;
 mod vmtest;
 
@@ -123,6 +124,9 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The Debian package (cargo-deb): target/debian/portmap_VERSION_amd64.deb with the
+    /// binaries, the systemd unit, the CNI plugin, man pages, completions and the docs.
+    Package,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -154,13 +158,20 @@ fn main() -> anyhow::Result<()> {
             vmtest::vmtest(package, fuzz_packets, filter.as_deref())
         }
         Task::Man { out } => {
-            let out = out.unwrap_or_else(|| target_dir().join("man"));
             setup()?;
-            run(cargo()
-                .args(["run", "-q", "-p", "portmap-user", "--example", "man", "--"])
-                .arg(&out))
+            man_pages(&out.unwrap_or_else(|| target_dir().join("man")))
+        }
+        Task::Package => {
+            setup()?;
+            package::build().map(drop)
         }
     }
+}
+
+fn man_pages(out: &Path) -> anyhow::Result<()> {
+    run(cargo()
+        .args(["run", "-q", "-p", "portmap-user", "--example", "man", "--"])
+        .arg(out))
 }
 
 fn workspace_root() -> PathBuf {
@@ -295,7 +306,8 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn ensure_apt_tools() -> anyhow::Result<()> {
-    ensure_packages(&APT_PACKAGES)
+    ensure_packages(&APT_PACKAGES)?;
+    ensure_packages(&package::PACKAGES)
 }
 
 /// Installs the packages of `packages` whose command or file is missing.
@@ -361,7 +373,16 @@ fn test(fuzz_packets: Option<u64>, fuzz_seed: Option<u64>, args: &[String]) -> a
     );
     setup()?;
     let bin = build_portmap()?;
+    // The package test's input; built unless the run names only other tests.
+    let deb = if args.is_empty() || args.iter().any(|a| a.contains("package")) {
+        Some(package::build()?)
+    } else {
+        None
+    };
     let mut cmd = cargo();
+    if let Some(deb) = &deb {
+        cmd.env("PORTMAP_DEB", deb);
+    }
     // Every binary runs, whatever failed before it; each is counted on its own.
     cmd.args([
         "test",

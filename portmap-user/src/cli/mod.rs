@@ -38,7 +38,9 @@ pub enum Command {
         overrides: Box<Overrides>,
     },
     /// Publish ports: [HOST_IP:][HOST_PORT[-END]]:BACKEND_IP:PORT[-END][,BACKEND...][/tcp|udp|sctp].
-    /// Without a host port one is allocated from the dynamic range and printed.
+    /// Without a host port one is allocated from the dynamic range and printed. BACKEND_IP 0.0.0.0
+    /// or [::] is the host itself at the address each packet came to (iptables' REDIRECT:
+    /// 8082:0.0.0.0:8080).
     Add {
         spec: String,
         /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable); flows are balanced with Maglev.

@@ -339,6 +339,22 @@ impl FlowKey {
             _pad: [0; 2],
         }
     }
+
+    /// The inverse of `reply`: the forward key of the flow whose replies carry `self` (backend →
+    /// client) and are rewritten to `nat_addr`:`nat_port_be` (the published address).
+    #[inline(always)]
+    #[must_use]
+    pub fn forward(&self, nat_addr: Addr, nat_port_be: u16) -> Self {
+        Self {
+            src: self.dst,
+            dst: nat_addr,
+            src_port_be: self.dst_port_be,
+            dst_port_be: nat_port_be,
+            proto: self.proto,
+            family: self.family,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// `FlowValue::direction` codes.
@@ -348,8 +364,10 @@ pub const DIR_REPLY: u8 = 1;
 /// `FlowValue::flags` bits.
 /// A FIN or RST was seen in this entry's direction: the flow ends after the close grace.
 pub const FLOW_F_CLOSING: u8 = 1;
-/// On the reply entry of an unassured flow: the backend answered. The client's next packet
-/// (for TCP one without SYN: the handshake's ACK) then makes the flow assured.
+/// On both entries of an unassured flow: the backend answered (set on the reply entry by every
+/// answer, on the forward entry by the first). The client's next packet (for TCP one without
+/// SYN: the handshake's ACK) then makes the flow assured; a flow the backend never answers is
+/// told so by its forward entry alone, without a look at its reply entry per packet.
 pub const FLOW_F_REPLIED: u8 = 2;
 
 map_layout! {

@@ -35,6 +35,8 @@ pub struct Nat {
     pub stats_slot: u32,
     /// The flow is in `PM_CONNTRACK` (else in `PM_CT_NEW`).
     pub assured: bool,
+    /// The entry found carried `FLOW_F_REPLIED`: for a forward entry, the backend has answered.
+    pub replied: bool,
 }
 
 /// CLOCK_MONOTONIC at the last tick (`bpf_ktime_get_coarse_ns`, kernel >= 5.11): a flow's
@@ -120,7 +122,27 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
         0
     };
     touch(entry, tcp_flags, now, mark);
-    Some(nat_of(&v, assured))
+    let nat = nat_of(&v, assured);
+    if mark != 0 && !nat.replied {
+        mark_forward_replied(key, &nat);
+    }
+    Some(nat)
+}
+
+/// The first answer of an unassured flow (`reply_key`, rewritten to `nat`): its forward entry is
+/// marked too, so that the client's packets learn it from their own entry (`Nat::replied`) and
+/// `assure` looks at the reply entry only then, not on every packet of a flow never answered.
+#[inline(always)]
+fn mark_forward_replied(reply_key: &FlowKey, nat: &Nat) {
+    mark_replied(&reply_key.forward(nat.addr, nat.port));
+}
+
+#[inline(always)]
+fn mark_replied(forward: &FlowKey) {
+    if let Some(entry) = PM_CT_NEW.get_ptr_mut(forward) {
+        // SAFETY: pointer from a successful lookup; a racy flag store is harmless (as `touch`).
+        unsafe { (*entry).flags |= FLOW_F_REPLIED };
+    }
 }
 
 /// The entry for `key` (assured flows first) if it is one of direction `dir`: its pointer, a
@@ -145,6 +167,7 @@ fn nat_of(v: &FlowValue, assured: bool) -> Nat {
         port: v.nat_port_be,
         stats_slot: v.stats_slot,
         assured,
+        replied: v.flags & FLOW_F_REPLIED != 0,
     }
 }
 
@@ -168,9 +191,23 @@ pub fn find_reply(key: &FlowKey) -> Option<Reply> {
 impl Reply {
     /// The reply goes on to the client: refresh the entry as `lookup` does.
     #[inline(always)]
-    pub fn seen(&self, tcp_flags: u8, now: u64) {
+    pub fn seen(&self, pkt: &Packet, now: u64) {
         let mark = if self.nat.assured { 0 } else { FLOW_F_REPLIED };
-        touch(self.entry, tcp_flags, now, mark);
+        touch(self.entry, pkt.tcp_flags, now, mark);
+        if mark != 0 && !self.nat.replied {
+            // The forward key straight from the packet (backend → client), not from a reply key
+            // kept across the FIB lookup: the reply hook's stack has no room for both.
+            let forward = FlowKey {
+                src: pkt.daddr,
+                dst: self.nat.addr,
+                src_port_be: pkt.dport,
+                dst_port_be: self.nat.port,
+                proto: pkt.proto,
+                family: pkt.family,
+                _pad: [0; 2],
+            };
+            mark_replied(&forward);
+        }
     }
 }
 
@@ -180,11 +217,11 @@ pub fn find(key: &FlowKey, dir: u8) -> Option<Nat> {
     locate(key, dir).map(|(_, v, assured)| nat_of(&v, assured))
 }
 
-/// After a forward packet of an unassured flow: if the backend has answered and this packet
-/// completes the exchange (anything but a TCP SYN), moves both entries to `PM_CONNTRACK`.
+/// After a forward packet of an unassured flow: if the backend has answered (the forward entry's
+/// mark, then the reply entry's) and this packet completes the exchange (anything but a TCP SYN), moves both entries to `PM_CONNTRACK`.
 #[inline(always)]
 pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
-    if nat.assured || (key.proto == PROTO_TCP && tcp_flags & TCP_SYN != 0) {
+    if nat.assured || !nat.replied || (key.proto == PROTO_TCP && tcp_flags & TCP_SYN != 0) {
         return;
     }
     let reply_key = key.reply(nat.addr, nat.port);
@@ -282,5 +319,6 @@ pub fn create(
         port: backend_port,
         stats_slot,
         assured: false,
+        replied: false,
     })
 }

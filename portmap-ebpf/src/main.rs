@@ -5,9 +5,10 @@
 //! backend, where they enter the host (TC ingress of its veth).
 //!
 //! Modules: `maps` (every map), `ctx` (the XDP/TC seam, bounds-checked loads), `parse`, `frag`
-//! (ports of later fragments), `icmp` (errors about flows), `conntrack`, `lb` (mapping lookup, Maglev), `nat` (rewrite + checksums), `forward` (FIB lookup
-//! + redirect), `stats` (counters), `sock` (cgroup socket hooks for host-local clients), `bench`
-//! (reference programs and the ingress path cut after each step, for `cargo xtask bench` only).
+//! (ports of later fragments), `icmp` (errors about flows), `conntrack`, `lb` (mapping lookup,
+//! Maglev), `nat` (rewrite and checksums), `forward` (FIB lookup and redirect), `stats`
+//! (counters), `sock` (cgroup socket hooks for host-local clients), `bench` (reference programs
+//! and the ingress path cut after each step, for `cargo xtask bench` only).
 #![no_std]
 #![no_main]
 
@@ -143,7 +144,7 @@ fn from_backend(ctx: &mut TcContext) -> Verdict {
         return Verdict::pass(Stat::PassReply);
     };
     if matches!(verdict.action, Action::Redirected(_)) {
-        reply.seen(pkt.tcp_flags, conntrack::now_ns());
+        reply.seen(&pkt, conntrack::now_ns());
         frag::remember(&pkt);
         count_mapping(reply.nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
         ctx.set_mark(skb_mark(ctx) | MARK_REPLY_SENT);

@@ -167,7 +167,7 @@ struct Flow {
     slot: u32,
     closing_forward: bool,
     closing_reply: bool,
-    /// The backend answered (`FLOW_F_REPLIED` on the reply entry, kept when assured).
+    /// The backend answered (`FLOW_F_REPLIED` on both entries, kept when assured).
     replied: bool,
     assured: bool,
 }
@@ -251,7 +251,7 @@ impl Flow {
                 proto: self.proto,
                 nat: self.backend,
                 forward: true,
-                flags: u8::from(self.closing_forward),
+                flags: u8::from(self.closing_forward) | if self.replied { FLOW_F_REPLIED } else { 0 },
                 stats_slot: self.slot,
                 assured: self.assured,
             },

@@ -288,35 +288,62 @@ fn packet_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
         plan.packet_repeats
     ));
     let beds = packet_beds(&Variant::ALL)?;
-    let flow_counts = [1u16, 10_000];
-    let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len() * flow_counts.len()];
-    for repeat in 0..plan.packet_repeats {
-        for (f, &flows) in flow_counts.iter().enumerate() {
+    interleaved(
+        &beds,
+        &[1, 10_000],
+        plan.packet_repeats,
+        plan,
+        "",
+        traffic::packet_run,
+    )
+}
+
+/// One packet measurement (`traffic::packet_run`, `traffic::reply_run`): topology, destination,
+/// flows, offered rate (None: flat out), seconds.
+type PacketRunFn = fn(
+    &portmap_tests::Topology,
+    (std::net::Ipv4Addr, u16),
+    u16,
+    Option<f64>,
+    f64,
+) -> anyhow::Result<PacketRun>;
+
+/// Runs `run` (a fixed-load run, then a flat-out one) for every bed and flow count, `repeats`
+/// times, a different bed first in each repeat; one summary per (bed, flow count).
+fn interleaved(
+    beds: &[(Variant, setup::Bed)],
+    counts: &[u16],
+    repeats: usize,
+    plan: &Plan,
+    what: &str,
+    run: PacketRunFn,
+) -> anyhow::Result<Vec<Packets>> {
+    let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len() * counts.len()];
+    for repeat in 0..repeats {
+        for (f, &flows) in counts.iter().enumerate() {
             for k in 0..beds.len() {
                 let i = (k + repeat) % beds.len();
                 let (variant, bed) = &beds[i];
                 let dst = target(*variant, 0, true);
-                let fixed =
-                    traffic::packet_run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
-                let max = traffic::packet_run(&bed.topo, dst, flows, None, plan.max_secs)?;
+                let fixed = run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
+                let max = run(&bed.topo, dst, flows, None, plan.max_secs)?;
                 say(&format!(
-                    "  [{}/{}] {:<28} {flows:>5} flows: {:>6.0} ns CPU/packet (steal {:.1} %); max {:.0} kpps (sent {:.0})",
+                    "  [{}/{repeats}] {:<28} {flows:>5} flows{what}: {:>6.0} ns CPU/packet (steal {:.1} %); max {:.0} kpps (sent {:.0})",
                     repeat + 1,
-                    plan.packet_repeats,
                     variant.name(),
                     fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
                     fixed.steal_percent,
                     max.forwarded_pps / 1e3,
                     max.sent_pps / 1e3
                 ));
-                runs[i * flow_counts.len() + f].push((fixed, max));
+                runs[i * counts.len() + f].push((fixed, max));
             }
         }
     }
     let mut packets = Vec::new();
     for (i, (variant, _)) in beds.iter().enumerate() {
-        for (f, &flows) in flow_counts.iter().enumerate() {
-            packets.push(summarize(*variant, flows, &runs[i * flow_counts.len() + f]));
+        for (f, &flows) in counts.iter().enumerate() {
+            packets.push(summarize(*variant, flows, &runs[i * counts.len() + f]));
         }
     }
     Ok(packets)
@@ -341,37 +368,14 @@ fn reply_costs(plan: &Plan) -> anyhow::Result<Vec<Packets>> {
         Variant::PortmapXdp,
     ];
     let beds = packet_beds(&variants)?;
-    let counts = &plan.reply_flows;
-    let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len() * counts.len()];
-    for repeat in 0..plan.reply_repeats {
-        for (f, &flows) in counts.iter().enumerate() {
-            for k in 0..beds.len() {
-                let i = (k + repeat) % beds.len();
-                let (variant, bed) = &beds[i];
-                let dst = target(*variant, 0, true);
-                let fixed =
-                    traffic::reply_run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
-                let max = traffic::reply_run(&bed.topo, dst, flows, None, plan.max_secs)?;
-                say(&format!(
-                    "  [{}/{}] {:<28} {flows:>5} flows, replies: {:>6.0} ns CPU/packet; max {:.0} kpps (sent {:.0})",
-                    repeat + 1,
-                    plan.reply_repeats,
-                    variant.name(),
-                    fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
-                    max.forwarded_pps / 1e3,
-                    max.sent_pps / 1e3
-                ));
-                runs[i * counts.len() + f].push((fixed, max));
-            }
-        }
-    }
-    let mut replies = Vec::new();
-    for (i, (variant, _)) in beds.iter().enumerate() {
-        for (f, &flows) in counts.iter().enumerate() {
-            replies.push(summarize(*variant, flows, &runs[i * counts.len() + f]));
-        }
-    }
-    Ok(replies)
+    interleaved(
+        &beds,
+        &plan.reply_flows,
+        plan.reply_repeats,
+        plan,
+        ", replies",
+        traffic::reply_run,
+    )
 }
 
 /// One bed per variant for the packet measurements, all set up at once; the sink (and the

@@ -30,6 +30,21 @@ fn cpu_of(r: &Results, variant: Variant, flows: u16) -> Option<f64> {
     packets_of(r, variant, flows).and_then(|p| p.cpu_ns.map(|c| c.median))
 }
 
+/// The reply-direction measurement of `variant` at `flows`.
+fn reply_of(r: &Results, variant: Variant, flows: u16) -> Option<&Packets> {
+    r.replies
+        .iter()
+        .find(|p| p.variant == variant && p.flows == flows)
+}
+
+/// The flow counts the reply direction was measured at, ascending.
+fn reply_flow_counts(r: &Results) -> Vec<u16> {
+    let mut counts: Vec<u16> = r.replies.iter().map(|p| p.flows).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    counts
+}
+
 /// Maximum forwarded packets per second (median over the repeats).
 fn max_of(r: &Results, variant: Variant, flows: u16) -> Option<f64> {
     packets_of(r, variant, flows).and_then(|p| p.max_pps.map(|m| m.median))
@@ -127,16 +142,8 @@ fn ratios(s: &mut String, r: &Results) {
             }
         }
     }
-    let reply = |v, flows| {
-        r.replies
-            .iter()
-            .find(|p| p.variant == v && p.flows == flows)
-            .and_then(|p| p.cpu_ns)
-    };
-    let mut reply_flows: Vec<u16> = r.replies.iter().map(|p| p.flows).collect();
-    reply_flows.sort_unstable();
-    reply_flows.dedup();
-    for flows in reply_flows {
+    let reply = |v, flows| reply_of(r, v, flows).and_then(|p| p.cpu_ns);
+    for flows in reply_flow_counts(r) {
         for (label, v) in [("TC", Variant::PortmapTc), ("XDP", Variant::PortmapXdp)] {
             let cells: Vec<String> = peers
                 .iter()
@@ -275,12 +282,7 @@ fn targets(s: &mut String, r: &Results) {
         );
     }
     // Round 3 (issue 26): every direction and every backend below routing.
-    let reply_cpu = |v, flows| {
-        r.replies
-            .iter()
-            .find(|p| p.variant == v && p.flows == flows)
-            .and_then(|p| p.cpu_ns.map(|c| c.median))
-    };
+    let reply_cpu = |v, flows| reply_of(r, v, flows).and_then(|p| p.cpu_ns.map(|c| c.median));
     let (tc, fib, routing) = (Variant::PortmapTc, Variant::PortmapTcFib, Variant::Routing);
     let rows: [(&str, Option<f64>, f64); 7] = [
         (
@@ -322,10 +324,7 @@ fn targets(s: &mut String, r: &Results) {
     for (what, measured, limit) in rows {
         check(what, measured, "×", &|v| v <= limit);
     }
-    let mut reply_flows: Vec<u16> = r.replies.iter().map(|p| p.flows).collect();
-    reply_flows.sort_unstable();
-    reply_flows.dedup();
-    for flows in reply_flows {
+    for flows in reply_flow_counts(r) {
         check(
             &format!("replies from a local backend (TC): CPU per packet ≤ 0.8× routing ({flows} flow(s))"),
             over(reply_cpu(tc, flows), reply_cpu(routing, flows)),

@@ -64,8 +64,12 @@ pub mod map_names {
     pub const META: &str = "PM_META";
     pub const LOCAL_BACKENDS: &str = "PM_LOCAL_BACKENDS";
     pub const LOCAL_DEVS: &str = "PM_LOCAL_DEVS";
+    /// Source allow-lists of mappings (an LPM trie, [`crate::AllowKey`]).
+    pub const ALLOW: &str = "PM_ALLOW";
+    /// New flows each mapping refused by its allow-list (per-CPU u64 by stats slot).
+    pub const MAPPING_DENIED: &str = "PM_MAPPING_DENIED";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -83,6 +87,8 @@ pub mod map_names {
         META,
         LOCAL_BACKENDS,
         LOCAL_DEVS,
+        ALLOW,
+        MAPPING_DENIED,
     ];
 }
 
@@ -233,10 +239,65 @@ pub struct MappingValue {
     pub family: u8,
     /// `MAPPING_F_*`.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// The mapping's source allow-list in `PM_ALLOW` ([`AllowKey::list`]); `NO_ALLOW_LIST`:
+    /// every source may start a flow. (Was padding in earlier versions, always 0: maps pinned
+    /// by them read as mappings without a list.)
+    pub allow_list: u16,
 }
 }
 const _: () = assert!(size_of::<MappingValue>() == 32);
+
+/// `MappingValue::allow_list` of a mapping that every source may reach.
+pub const NO_ALLOW_LIST: u16 = 0;
+/// Most prefixes one allow-list holds (per family).
+pub const MAX_ALLOW_PREFIXES: usize = 1_024;
+/// Prefixes `PM_ALLOW` holds, all lists together (lists with the same prefixes are one list).
+pub const MAX_ALLOW_ENTRIES: u32 = 65_536;
+
+map_layout! {
+/// The data of a `PM_ALLOW` key (an LPM trie key is the prefix length in bits, then this): a
+/// list and an address. An entry's prefix length covers the whole `list_be` (32 bits) and then
+/// the prefix of the address, so a lookup with the mapping's list and the client's address
+/// (prefix length 32 + 32 for IPv4, 32 + 128 for IPv6) finds whether any prefix of that list
+/// holds the client. A list holds prefixes of one family, which `list_be` carries beside the
+/// list (so that the daemon reads the entries back as prefixes); the daemon makes one list per
+/// (family, set of prefixes) and shares it between the mappings that have it. The value is 1.
+pub struct AllowKey {
+    /// `family << 16 | MappingValue::allow_list`, big-endian (the trie matches bits in memory
+    /// order).
+    pub list_be: u32,
+    pub addr: Addr,
+}
+}
+const _: () = assert!(size_of::<AllowKey>() == 20);
+
+impl AllowKey {
+    /// Bits of `list_be`, the part of every prefix length before the address's.
+    pub const LIST_BITS: u32 = 32;
+
+    #[inline(always)]
+    #[must_use]
+    pub fn new(list: u16, family: u8, addr: Addr) -> Self {
+        Self {
+            list_be: (u32::from(family) << 16 | u32::from(list)).to_be(),
+            addr,
+        }
+    }
+
+    /// The list and family of the key (`new`'s inverse).
+    #[must_use]
+    pub fn list(&self) -> (u16, u8) {
+        let word = u32::from_be(self.list_be);
+        (word as u16, (word >> 16) as u8)
+    }
+
+    /// The prefix length of a lookup of a whole address of `family`.
+    #[inline(always)]
+    #[must_use]
+    pub fn full_len(family: u8) -> u32 {
+        Self::LIST_BITS + if family == FAMILY_V6 { 128 } else { 32 }
+    }
+}
 
 /// `MappingValue::flags`: a container runtime owns the port and holds a socket on it as its
 /// reservation (podman's conmon, dockerd, after CNI ADD): the bind hook lets binds of it through,
@@ -598,7 +659,8 @@ mod pod {
         super::SockRevValue,
         super::FragKey,
         super::FragPorts,
-        super::DatapathStamp
+        super::DatapathStamp,
+        super::AllowKey
     );
 }
 

@@ -113,6 +113,13 @@ stats! {
     /// the veth, MTU exceeded, TTL expiring, VLAN): left untouched to the kernel, and the
     /// client-facing interface's TC egress reverse-NATs it (`reply_nat`).
     PassReply = "pass_reply", Pass;
+    /// A new flow from a source outside its mapping's allow-list (`portmap add --allow`, the
+    /// config's `allow`): dropped, and counted per mapping too.
+    DropDenied = "drop_denied", Drop;
+    /// A connect() or sendmsg() of a host-local client refused (EPERM) by the mapping's
+    /// allow-list: the client's address is outside it, or cannot be known (a socket of another
+    /// network namespace, a container's, not bound to an address).
+    SockDenied = "sock_denied", Socket;
 }
 
 impl Stat {

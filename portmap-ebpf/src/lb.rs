@@ -6,13 +6,14 @@
 //! does, so a host that routes for others never takes their traffic to a mapped port. Loopback
 //! destinations never match a packet from the wire (moby#45610); the socket hooks serve them.
 
+use aya_ebpf::maps::lpm_trie::Key;
 use portmap_common::{
-    Addr, DESTINATION_BACKEND, FAMILY_V6, LocalAddrKey, MappingKey, MappingValue, NO_GROUP, Stat, flow_hash,
-    maglev_slot,
+    Addr, AllowKey, DESTINATION_BACKEND, FAMILY_V6, LocalAddrKey, MappingKey, MappingValue, NO_ALLOW_LIST,
+    NO_GROUP, Stat, flow_hash, maglev_slot,
 };
 
 use crate::{
-    maps::{PM_BACKENDS, PM_LOCAL_ADDRS, PM_MAGLEV, PM_MAPPINGS},
+    maps::{PM_ALLOW, PM_BACKENDS, PM_LOCAL_ADDRS, PM_MAGLEV, PM_MAPPINGS},
     parse::Packet,
 };
 
@@ -81,6 +82,22 @@ pub fn find_mapping(pkt: &Packet) -> Option<&'static MappingValue> {
     lookup(&pkt.daddr, pkt.dport, pkt.proto, pkt.family, || {
         is_local(&pkt.daddr, pkt.family)
     })
+}
+
+/// Whether a new flow from `src` (of `family`, the mapping's) may use `mapping`: it has no
+/// allow-list, or a prefix of its list holds `src` (one LPM lookup). Asked only where a flow
+/// starts: established flows and replies never pay for it. Shared by the packet path and the
+/// socket hooks.
+#[inline(always)]
+pub fn allowed(mapping: &MappingValue, src: &Addr, family: u8) -> bool {
+    if mapping.allow_list == NO_ALLOW_LIST {
+        return true;
+    }
+    let key = Key::new(
+        AllowKey::full_len(family),
+        AllowKey::new(mapping.allow_list, family, *src),
+    );
+    PM_ALLOW.get(&key).is_some()
 }
 
 /// The flow hash of a packet: every packet of a flow (and a client's retransmitted SYN) picks

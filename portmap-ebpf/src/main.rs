@@ -1,6 +1,6 @@
 //! portmap datapath: the entry points. Each is a pipeline of small named steps shared by the
 //! XDP and TC hooks through `ctx::PacketCtx`: parse → conntrack lookup → (mapping lookup →
-//! backend choice → flow creation) → rewrite → forward, and count the outcome. Replies are
+//! allow-list → backend choice → flow creation) → rewrite → forward, and count the outcome. Replies are
 //! reverse-NATed where they leave (TC egress of the client-facing interface) or, from a local
 //! backend, where they enter the host (TC ingress of its veth).
 //!
@@ -40,7 +40,7 @@ use crate::{
     ctx::{Action, PacketCtx, Verdict},
     nat::Side,
     parse::FRAG_LATER,
-    stats::{count, count_mapping},
+    stats::{count, count_denied, count_mapping},
 };
 
 /// The first steps of both directions: parse, the ports of a later fragment, and ICMP handed to
@@ -77,6 +77,10 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
             let Some(mapping) = lb::find_mapping(&pkt) else {
                 return Verdict::pass(Stat::PassNoMapping);
             };
+            if !lb::allowed(mapping, &pkt.saddr, pkt.family) {
+                count_denied(mapping.stats_slot);
+                return Verdict::drop(Stat::DropDenied);
+            }
             let created = lb::choose_backend(mapping, &pkt.daddr, pkt.family, lb::packet_hash(&pkt))
                 .and_then(|backend| conntrack::create(&pkt, &key, backend, mapping.stats_slot, now));
             match created {
@@ -254,26 +258,22 @@ pub fn portmap_tc_icmp_out(mut ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn portmap_connect4(mut ctx: SockAddrContext) -> i32 {
-    sock::translate(&mut ctx, false, false);
-    sock::PROCEED
+    sock::translate(&mut ctx, false, false)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn portmap_connect6(mut ctx: SockAddrContext) -> i32 {
-    sock::translate(&mut ctx, true, false);
-    sock::PROCEED
+    sock::translate(&mut ctx, true, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn portmap_sendmsg4(mut ctx: SockAddrContext) -> i32 {
-    sock::translate(&mut ctx, false, true);
-    sock::PROCEED
+    sock::translate(&mut ctx, false, true)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn portmap_sendmsg6(mut ctx: SockAddrContext) -> i32 {
-    sock::translate(&mut ctx, true, true);
-    sock::PROCEED
+    sock::translate(&mut ctx, true, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -3,14 +3,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use portmap_common::{
-    BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES, DEFAULT_MAX_BACKEND_GROUPS,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES, DatapathStamp, FlowKey,
-    FlowValue, FragKey, FragPorts, GLOBAL_STATS_SLOTS, ICMP_SLOTS, LocalAddrKey, LocalBackend,
-    MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_LOCAL_BACKENDS, MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS,
-    MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey, SockRevKey, SockRevValue,
+    AllowKey, BackendValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_CONNTRACK_NEW_ENTRIES,
+    DEFAULT_MAX_BACKEND_GROUPS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_MAPPINGS, DEFAULT_SOCK_REVERSE_ENTRIES,
+    DatapathStamp, FlowKey, FlowValue, FragKey, FragPorts, GLOBAL_STATS_SLOTS, ICMP_SLOTS, LocalAddrKey,
+    LocalBackend, MAX_ALLOW_ENTRIES, MAX_FRAGMENTED_DATAGRAMS, MAX_LOCAL_ADDRS, MAX_LOCAL_BACKENDS,
+    MAX_PUBLISHED_PORTS, MAX_REDIRECT_DEVS, MaglevTable, MappingCounters, MappingKey, MappingValue, PortKey,
+    SockRevKey, SockRevValue,
 };
 
 /// (proto, host address, host port) → backend. Written by the daemon only.
@@ -91,3 +92,13 @@ pub static PM_ICMP_TC: ProgramArray = ProgramArray::with_max_entries(ICMP_SLOTS,
 /// No program reads it: it tells the next daemon whether it can adopt these maps.
 #[map]
 pub static PM_META: Array<DatapathStamp> = Array::with_max_entries(1, 0);
+
+/// Source allow-lists of mappings (`MappingValue::allow_list`): (list, prefix) → 1. Written by
+/// the daemon only; read where a flow starts (`lb::allowed`). (aya adds `BPF_F_NO_PREALLOC`,
+/// which an LPM trie requires.)
+#[map]
+pub static PM_ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_ALLOW_ENTRIES, 0);
+
+/// New flows and host-local connects each mapping's allow-list refused, by stats slot.
+#[map]
+pub static PM_MAPPING_DENIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);

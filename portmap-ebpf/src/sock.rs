@@ -7,6 +7,12 @@
 //! - recvmsg() and getpeername() report the published address back instead of the backend
 //!   (`PM_SOCK_REVERSE`, keyed by the socket's cookie), so UDP replies appear to come from the
 //!   address the client sent to.
+//! - a mapping's allow-list applies to the client's address where the hook can know it: the
+//!   address the socket is bound to (or a datagram's chosen source), else, in the host's network
+//!   namespace, the address the kernel will send from — the host address connected to, or
+//!   127.0.0.1 / ::1 for loopback. A socket of another network namespace (a container) that is
+//!   not bound has no address the hook can know, and is refused: no path around the list.
+//!   A refusal is EPERM (`sock_denied`).
 //! - bind() of a published port is refused (EPERM) in the host's network namespace, as Docker's
 //!   held port refuses it with EADDRINUSE — unless a container runtime owns the port
 //!   (`MAPPING_F_RUNTIME_RESERVES`): its own reservation socket binds, and refuses the others.
@@ -32,7 +38,7 @@ use portmap_common::{
 use crate::{
     lb,
     maps::{PM_PUBLISHED_PORTS, PM_SOCK_REVERSE},
-    stats::{count, count_flow},
+    stats::{count, count_denied, count_flow},
 };
 
 /// Return codes of cgroup sock_addr programs.
@@ -146,10 +152,50 @@ fn mapping_for(dst: &SockAddr, proto: u8, host: bool) -> Option<&'static Mapping
     })
 }
 
-/// connect() and sendmsg() (`sendmsg` true): translates a destination that is a published
-/// address into a backend, and remembers the published address for the replies.
+/// The address the client sends from, as far as the hook can know it (see the module docs), in
+/// the family of `dst` (the published address, already unmapped).
 #[inline(always)]
-pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
+fn client_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool, dst: &SockAddr, host: bool) -> Option<Addr> {
+    let sa = sock_addr(ctx);
+    // SAFETY: `sk` of a sock_addr context is the socket of the call, never null.
+    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
+    let chosen = |addr: Addr| {
+        let at = SockAddr {
+            addr,
+            port_be: 0,
+            family: if v6 { FAMILY_V6 } else { FAMILY_V4 },
+        }
+        .unmapped();
+        (at.family == dst.family && at.addr != [0; 4]).then_some(at.addr)
+    };
+    let word4 = |w: u32| [w, 0, 0, 0];
+    let bound = if v6 { sk.src_ip6 } else { word4(sk.src_ip4) };
+    if let Some(addr) = chosen(bound) {
+        return Some(addr);
+    }
+    if sendmsg {
+        let src = if v6 { sa.msg_src_ip6 } else { word4(sa.msg_src_ip4) };
+        if let Some(addr) = chosen(src) {
+            return Some(addr);
+        }
+    }
+    if !host {
+        return None;
+    }
+    Some(if !lb::is_loopback(&dst.addr, dst.family) {
+        dst.addr
+    } else if dst.family == FAMILY_V6 {
+        V6_LOOPBACK
+    } else {
+        V4_LOOPBACK
+    })
+}
+
+/// connect() and sendmsg() (`sendmsg` true): translates a destination that is a published
+/// address into a backend, and remembers the published address for the replies; returns the
+/// hook's verdict (`REJECT`: the mapping's allow-list refuses the client).
+#[inline(always)]
+pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) -> i32 {
     let proto = sock_addr(ctx).protocol as u8;
     let dst = read(ctx, v6);
     let host = host_netns(ctx);
@@ -166,7 +212,16 @@ pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
         };
         found = mapping_for(&lookup, proto, host);
     }
-    let Some(mapping) = found else { return };
+    let Some(mapping) = found else { return PROCEED };
+    if mapping.allow_list != portmap_common::NO_ALLOW_LIST {
+        let admitted = client_addr(ctx, v6, sendmsg, &lookup, host)
+            .is_some_and(|client| lb::allowed(mapping, &client, lookup.family));
+        if !admitted {
+            count(Stat::SockDenied);
+            count_denied(mapping.stats_slot);
+            return REJECT;
+        }
+    }
     let cookie = socket_cookie(ctx);
     let hash = flow_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0], 0, proto);
     let Ok((backend, port_be)) = lb::choose_backend(mapping, &lookup.addr, lookup.family, hash) else {
@@ -176,7 +231,7 @@ pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
             ctx,
             "portmap: a host-local client reached a mapping whose backend is missing"
         );
-        return;
+        return PROCEED;
     };
     // An IPv6 socket reaches an IPv4 backend through its v4-mapped address.
     let to = if dst.family == FAMILY_V6 && lookup.family == FAMILY_V4 {
@@ -197,6 +252,7 @@ pub fn translate(ctx: &mut SockAddrContext, v6: bool, sendmsg: bool) {
     if remember(cookie, &to, &dst) {
         count_flow(mapping.stats_slot);
     }
+    PROCEED
 }
 
 /// Records that the socket's traffic to `to` was addressed to `published`; true for a new

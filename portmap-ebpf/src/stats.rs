@@ -3,7 +3,7 @@
 
 use portmap_common::{DIR_FORWARD, Stat};
 
-use crate::maps::{PM_GLOBAL_STATS, PM_MAPPING_STATS};
+use crate::maps::{PM_GLOBAL_STATS, PM_MAPPING_DENIED, PM_MAPPING_STATS};
 
 #[inline(always)]
 pub fn count(stat: Stat) {
@@ -40,5 +40,14 @@ pub fn count_flow(slot: u32) {
     if let Some(c) = PM_MAPPING_STATS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot from a successful lookup; no other writer runs on this CPU.
         unsafe { (*c).flows += 1 };
+    }
+}
+
+/// A new flow (or a host-local connect) the allow-list of the mapping at `slot` refused.
+#[inline(always)]
+pub fn count_denied(slot: u32) {
+    if let Some(c) = PM_MAPPING_DENIED.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot from a successful lookup; no other writer runs on this CPU.
+        unsafe { *c += 1 };
     }
 }

@@ -59,16 +59,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             overrides.socket = cli.socket;
             run(config, *overrides)
         }
-        Command::Add { spec, backends } => simple(
+        Command::Add {
+            spec,
+            backends,
+            allow,
+        } => simple(
             &socket,
             &Request::Add {
                 spec: with_backends(&spec, &backends)?,
+                allow,
             },
         ),
-        Command::Update { spec, backends } => simple(
+        Command::Update {
+            spec,
+            backends,
+            allow,
+            allow_all,
+        } => simple(
             &socket,
             &Request::Update {
                 spec: with_backends(&spec, &backends)?,
+                allow: (allow_all || !allow.is_empty()).then_some(allow),
             },
         ),
         Command::Del { spec } => simple(&socket, &Request::Del { spec }),

@@ -153,6 +153,7 @@ fn every_change_on_a_full_disk_is_refused_and_undone_and_what_was_acknowledged_s
     let container = |owner: &str, port: u16| Request::Publish {
         owner: owner.into(),
         specs: vec![format!("{port}:{BACKEND}:80")],
+        allow: vec![],
     };
     cni(&daemon, &container("net/c1/eth0", 8082))?.map_err(anyhow::Error::msg)?;
     expected.insert(8082);
@@ -398,6 +399,7 @@ fn a_lost_state_file_is_rebuilt_from_the_pinned_maps() -> anyhow::Result<()> {
         &Request::Publish {
             owner: "net/c1/eth0".into(),
             specs: vec![format!("8083:{BACKEND}:80")],
+            allow: vec![],
         },
     )?
     .map_err(anyhow::Error::msg)?;

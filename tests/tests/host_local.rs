@@ -251,6 +251,7 @@ fn published_ports_cannot_be_bound_on_the_host() -> anyhow::Result<()> {
                 "9999:198.18.1.2:80".into(),
                 "198.18.0.1:9998:198.18.1.2:81".into(),
             ],
+            allow: vec![],
         },
     )?;
     ensure!(

@@ -22,6 +22,9 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub enum Request {
     Add {
         spec: String,
+        /// The mapping's own source allow-list (prefixes of its family); none: the host's.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow: Vec<ipnet::IpNet>,
     },
     Del {
         spec: String,
@@ -29,6 +32,9 @@ pub enum Request {
     /// Replace the backends of the mapping with the spec's host ports.
     Update {
         spec: String,
+        /// Its own allow-list from now on (empty: none, the host's applies); absent: kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow: Option<Vec<ipnet::IpNet>>,
     },
     /// Read the config file again and apply it as one diff.
     Reload,
@@ -39,6 +45,11 @@ pub enum Request {
     Publish {
         owner: String,
         specs: Vec<String>,
+        /// The container's source allow-list (the CNI network's `allow`), of either family:
+        /// each mapping takes the prefixes of its own, and a binding of a family the list does
+        /// not name is not published. Empty: the host's list applies.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        allow: Vec<ipnet::IpNet>,
     },
     /// Remove every mapping of the container `owner` (none is not an error).
     Unpublish {
@@ -79,6 +90,10 @@ pub struct MappingStats {
     pub mapping: Mapping,
     #[serde(flatten)]
     pub counters: MappingCounters,
+    /// New flows refused by the mapping's allow-list (`drop_denied` of the global counters,
+    /// per mapping; the socket hooks' refusals included).
+    #[serde(default)]
+    pub drop_denied: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +347,7 @@ mod tests {
     fn wire_format_is_stable() {
         let r = Request::Add {
             spec: "8080:198.18.2.2:80".into(),
+            allow: vec![],
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),

@@ -78,6 +78,7 @@ fn register_mappings(registry: &mut Registry, report: &StatsReport) {
     let packets = Family::<DirectionLabels, Counter>::default();
     let bytes = Family::<DirectionLabels, Counter>::default();
     let flows = Family::<MappingLabels, Counter>::default();
+    let denied = Family::<MappingLabels, Counter>::default();
     for m in &report.mappings {
         let labels = MappingLabels {
             protocol: m.mapping.protocol.to_string(),
@@ -104,6 +105,7 @@ fn register_mappings(registry: &mut Registry, report: &StatsReport) {
             bytes.get_or_create(&key).inc_by(b);
         }
         flows.get_or_create(&labels).inc_by(c.flows);
+        denied.get_or_create(&labels).inc_by(m.drop_denied);
     }
     registry.register(
         "mapping_packets",
@@ -116,6 +118,11 @@ fn register_mappings(registry: &mut Registry, report: &StatsReport) {
         bytes,
     );
     registry.register("mapping_flows", "Flows created through a mapping", flows);
+    registry.register(
+        "mapping_denied",
+        "New flows a mapping's source allow-list refused",
+        denied,
+    );
 }
 
 /// The global counters and the flow tables' fill.
@@ -277,6 +284,7 @@ mod tests {
                     reply_bytes: 4000,
                     flows: 2,
                 },
+                drop_denied: 5,
             }],
             counters: vec![("forwarded".into(), 18), ("drop_no_mapping".into(), 3)],
             active_flows: 2,
@@ -302,6 +310,7 @@ mod tests {
             format!("portmap_mapping_packets_total{{{labels},direction=\"forward\"}} 10"),
             format!("portmap_mapping_bytes_total{{{labels},direction=\"reply\"}} 4000"),
             format!("portmap_mapping_flows_total{{{labels}}} 2"),
+            format!("portmap_mapping_denied_total{{{labels}}} 5"),
             "portmap_datapath_total{counter=\"drop_no_mapping\"} 3".to_string(),
             "portmap_flows{table=\"assured\"} 2".to_string(),
             "portmap_flow_capacity{table=\"new\"} 32768".to_string(),

@@ -46,14 +46,27 @@ pub enum Command {
         /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable); flows are balanced with Maglev.
         #[arg(long = "backend")]
         backends: Vec<String>,
+        /// Only clients from this prefix may start flows (ADDR/LEN or one address, of the
+        /// mapping's family; repeatable or comma-separated). Default: the config's `allow`, or
+        /// everyone.
+        #[arg(long = "allow", value_name = "PREFIX", value_delimiter = ',', value_parser = parse_allow)]
+        allow: Vec<ipnet::IpNet>,
     },
     /// Replace the backends of a published port (same host address and ports); its established
-    /// flows keep their backend until they end.
+    /// flows keep their backend until they end. Its allow-list stays unless --allow or
+    /// --allow-all is given; flows of clients a narrowed list leaves out end at once.
     Update {
         spec: String,
         /// A further backend, IP:PORT[-END][@WEIGHT] (repeatable).
         #[arg(long = "backend")]
         backends: Vec<String>,
+        /// The mapping's allow-list from now on, replacing its own (repeatable or
+        /// comma-separated).
+        #[arg(long = "allow", value_name = "PREFIX", value_delimiter = ',', value_parser = parse_allow)]
+        allow: Vec<ipnet::IpNet>,
+        /// Remove the mapping's own allow-list (the config's `allow` applies, or none).
+        #[arg(long, conflicts_with = "allow")]
+        allow_all: bool,
     },
     /// Remove published ports (the spec as added, or as `list` shows it).
     Del { spec: String },
@@ -105,6 +118,11 @@ pub enum Command {
         #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
     },
+}
+
+/// One `--allow` prefix (`model::allow::parse_prefix`).
+pub fn parse_allow(text: &str) -> Result<ipnet::IpNet, String> {
+    crate::model::allow::parse_prefix(text).map_err(|e| e.to_string())
 }
 
 pub fn parse_interval(text: &str) -> Result<Duration, String> {

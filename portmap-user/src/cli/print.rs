@@ -18,13 +18,19 @@ pub fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `list`: each mapping's bindings as `docker port` prints them.
-/// `list`: one line per published port in `docker port` style, and its owner.
+/// `list`: one line per published port in `docker port` style, its owner, and its own
+/// allow-list if it has one (`allow 198.18.1.0/24,198.18.3.7/32`).
 pub fn mappings(mappings: &[Listed]) {
     for listed in mappings {
         let owner = listed.short_owner();
+        let allow = if listed.mapping.allow.is_empty() {
+            String::new()
+        } else {
+            let prefixes: Vec<String> = listed.mapping.allow.iter().map(ToString::to_string).collect();
+            format!("  allow {}", prefixes.join(","))
+        };
         for line in listed.mapping.docker_lines() {
-            println!("{line}  {owner}");
+            println!("{line}  {owner}{allow}");
         }
     }
 }
@@ -59,18 +65,19 @@ pub fn watch_stats(socket: &Path, json: bool, interval: Duration, count: Option<
 
 pub fn stats(stats: &StatsReport) {
     println!(
-        "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",
-        "MAPPING (spec)", "FWD_PKTS", "FWD_BYTES", "REPLY_PKTS", "REPLY_BYTES", "FLOWS"
+        "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8} {:>8}",
+        "MAPPING (spec)", "FWD_PKTS", "FWD_BYTES", "REPLY_PKTS", "REPLY_BYTES", "FLOWS", "DENIED"
     );
     for m in &stats.mappings {
         println!(
-            "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8}",
+            "{:<40} {:>12} {:>14} {:>12} {:>14} {:>8} {:>8}",
             m.mapping.to_string(),
             m.counters.fwd_packets,
             m.counters.fwd_bytes,
             m.counters.reply_packets,
             m.counters.reply_bytes,
-            m.counters.flows
+            m.counters.flows,
+            m.drop_denied
         );
     }
     println!();

@@ -147,6 +147,7 @@ mod tests {
                         reply_bytes: n * 50,
                         flows: n / 10,
                     },
+                    drop_denied: 0,
                 })
                 .collect(),
             counters: vec![("forwarded".into(), 7), ("dropped".into(), dropped)],

@@ -24,6 +24,10 @@ pub struct NetConf {
     pub socket: String,
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
+    /// The network's source allow-list (`model::allow`): prefixes of either family, as text so
+    /// that a bad one is named (`allow_list`). Empty: the host's list applies.
+    #[serde(default)]
+    pub allow: Vec<String>,
     /// The result of the plugins before this one, passed through unchanged.
     #[serde(default)]
     pub prev_result: Option<Value>,

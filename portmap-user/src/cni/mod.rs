@@ -25,7 +25,7 @@ use crate::{
         control::{self, ClientError, Request, Response},
         pending,
     },
-    model::mapping::Mapping,
+    model::{allow, mapping::Mapping},
 };
 
 /// A CNI error result.
@@ -168,8 +168,22 @@ fn wanted(conf: &NetConf) -> Result<(Vec<String>, &Value), CniError> {
     Ok((specs, prev))
 }
 
+/// The network's `allow`, parsed and checked; a bad prefix is an invalid network config (7).
+fn allow_list(conf: &NetConf) -> Result<Vec<ipnet::IpNet>, CniError> {
+    let invalid = |e: allow::AllowError| CniError::new(7, format!("network {}: {e}", conf.name), "");
+    let list = conf
+        .allow
+        .iter()
+        .map(|text| allow::parse_prefix(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    allow::check_list(&list).map_err(invalid)?;
+    Ok(list)
+}
+
 fn add(inv: &Invocation, conf: &NetConf) -> Result<Value, CniError> {
     let owner = inv.owner(conf)?;
+    let allow = allow_list(conf)?;
     let (specs, prev) = wanted(conf)?;
     let ports: BTreeSet<String> = conf
         .runtime_config
@@ -184,7 +198,7 @@ fn add(inv: &Invocation, conf: &NetConf) -> Result<Value, CniError> {
             )
         })
         .collect();
-    match call(conf, &Request::Publish { owner, specs })? {
+    match call(conf, &Request::Publish { owner, specs, allow })? {
         Response::Ok { .. } => {}
         other => {
             let ports: Vec<String> = ports.into_iter().collect();
@@ -236,10 +250,14 @@ fn containers(conf: &NetConf) -> Result<std::collections::BTreeMap<String, Vec<M
 fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
     let owner = inv.owner(conf)?;
     let (specs, _) = wanted(conf)?;
-    let want = specs
+    let parsed = specs
         .iter()
         .map(|s| crate::model::spec::parse(s).map_err(|e| CniError::new(7, format!("'{s}': {e}"), "")))
-        .collect::<Result<BTreeSet<Mapping>, _>>()?;
+        .collect::<Result<Vec<Mapping>, _>>()?;
+    let want: BTreeSet<Mapping> = allow::for_container(parsed, &allow_list(conf)?)
+        .0
+        .into_iter()
+        .collect();
     let have: BTreeSet<Mapping> = containers(conf)?
         .remove(&owner)
         .unwrap_or_default()

@@ -115,7 +115,7 @@ impl MappingEntry {
     fn parse(&self) -> Result<Mapping, SpecError> {
         match self {
             Self::Spec(text) => spec::parse(text),
-            Self::Structured(m) => spec::check(m, &m.to_string()).map(|()| m.clone()),
+            Self::Structured(m) => spec::check(m, &m.to_string()).map(|()| m.with_allow(m.allow.clone())),
         }
     }
 
@@ -245,6 +245,10 @@ pub struct Live {
     /// Send packets for containers of this host straight into their veth (README, "Local
     /// backends"); off: the FIB path (the bridge and host-side veth see every packet).
     pub local_fast_path: bool,
+    /// The host's source allow-list (README, "Restricting who reaches a port"): every mapping
+    /// without its own `allow` admits new flows only from these prefixes (of its family; one
+    /// family named alone admits nobody of the other). Empty: everyone.
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 impl Default for Live {
@@ -254,6 +258,7 @@ impl Default for Live {
             dynamic_ports: None,
             timeouts: Timeouts::default(),
             local_fast_path: true,
+            allow: Vec::new(),
         }
     }
 }
@@ -278,6 +283,8 @@ pub enum ConfigError {
         other_index: usize,
         other: String,
     },
+    #[error("allow: {0}")]
+    Allow(#[from] crate::model::allow::AllowError),
     #[error("no interface to attach to: list them in `interfaces` or pass --iface")]
     NoInterfaces,
     #[error("interface name '{0}' is not valid (1-15 characters, no '/', ':' or whitespace)")]
@@ -461,6 +468,7 @@ impl Config {
         {
             return Err(ConfigError::DynamicPorts(range));
         }
+        crate::model::allow::check_list(&self.live.allow)?;
         let mappings = parse_mappings(&self.live.mappings)?;
         let ports: u64 = mappings.iter().map(|m| u64::from(m.port_count())).sum();
         if ports > u64::from(self.startup.limits.max_mappings) {

@@ -203,6 +203,7 @@ fn names_the_problem(input: &str, err: &ConfigError) -> bool {
             msg.contains("limits.max_mappings") && input.contains("mappings")
         }
         ConfigError::Cgroup(path) => quoted(path) && input.contains("cgroup"),
+        ConfigError::Allow(_) => msg.contains("allow") && input.contains("allow"),
     }
 }
 

@@ -140,12 +140,17 @@ fn load_state(mut dp: Datapath, config: &Config, reload: Option<ReloadSource>) -
 fn apply_config(state: &mut State, valid: &Valid) -> anyhow::Result<()> {
     let started = Instant::now();
     let undo = state.undo_point();
-    let plan = state
+    let (plan, relisted) = state
         .table
-        .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
+        .apply_config(
+            &mut state.dp,
+            &valid.config.live.allow,
+            &valid.mappings,
+            &sockets::local_sockets(),
+        )
         .context("applying the configured mappings")?;
     info!(
-        "config: {} mapping(s) added, {} updated, {} removed in {:.3} ms",
+        "config: {} mapping(s) added, {} updated, {} removed, {relisted} under a new host allow-list in {:.3} ms",
         plan.add.len(),
         plan.update.len(),
         plan.remove.len(),
@@ -158,9 +163,11 @@ fn apply_config(state: &mut State, valid: &Valid) -> anyhow::Result<()> {
     if state.dp.adopted() {
         // Only now, so that no mapping is missing in between: what the maps have beyond the
         // table (a change the previous daemon did not live to save).
-        let removed = state
-            .dp
-            .retain_mappings(&state.table.mapping_keys(), &state.table.published_ports())?;
+        let removed = state.dp.retain_mappings(
+            &state.table.mapping_keys(),
+            &state.table.published_ports(),
+            &state.table.allow_entries(),
+        )?;
         if removed > 0 {
             info!("removed {removed} map entries the saved state does not have");
         }

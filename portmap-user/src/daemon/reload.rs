@@ -111,9 +111,12 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
         .with_context(|| format!("{}", source.path.display()))?;
     let started = Instant::now();
     let apply = |state: &mut State| {
-        state
-            .table
-            .apply(&mut state.dp, &valid.mappings, &sockets::local_sockets())
+        state.table.apply_config(
+            &mut state.dp,
+            &valid.config.live.allow,
+            &valid.mappings,
+            &sockets::local_sockets(),
+        )
     };
     let mut plan = apply(state);
     if state.table.is_draining()
@@ -129,12 +132,17 @@ fn reload(state: &mut State) -> anyhow::Result<String> {
         state.expire_flows();
         plan = apply(state);
     }
-    let plan = plan.with_context(|| format!("{}: nothing was changed", source.path.display()))?;
+    let (plan, relisted) = plan.with_context(|| format!("{}: nothing was changed", source.path.display()))?;
     let pending = startup_changes(&state.config.startup, &valid.config.startup);
     (state.table.dynamic, state.table.reserved) = host::dynamic_ports(valid.config.live.dynamic_ports);
     let message = format!(
-        "reloaded {}: {plan} in {:.3} ms{}",
+        "reloaded {}: {plan}{} in {:.3} ms{}",
         source.path.display(),
+        if relisted > 0 {
+            format!(", {relisted} under the new host allow-list")
+        } else {
+            String::new()
+        },
         started.elapsed().as_secs_f64() * 1e3,
         if pending.is_empty() {
             String::new()

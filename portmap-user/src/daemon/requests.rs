@@ -5,7 +5,7 @@
 use std::{path::Path, time::Instant};
 
 use anyhow::Context as _;
-use log::{error, info};
+use log::{error, info, warn};
 use portmap_common::Stat;
 
 use super::{
@@ -20,6 +20,7 @@ use crate::{
     datapath::Counters,
     host::sockets,
     model::{
+        allow,
         mapping::Mapping,
         spec,
         table::{Origin, TableError},
@@ -76,9 +77,9 @@ fn apply(change: &Request, state: &mut State) -> anyhow::Result<String> {
     let started = Instant::now();
     let parsed = |spec: &str| spec::parse(spec).map_err(TableError::from);
     match change {
-        Request::Add { spec } => changed(
+        Request::Add { spec, allow } => changed(
             "added",
-            parsed(spec).and_then(|m| {
+            own_listed(spec, allow.clone()).and_then(|m| {
                 state
                     .table
                     .add_as(&mut state.dp, &m, &sockets::local_sockets(), Origin::Runtime)
@@ -90,13 +91,20 @@ fn apply(change: &Request, state: &mut State) -> anyhow::Result<String> {
             parsed(spec).and_then(|m| state.table.remove(&mut state.dp, &m)),
             started,
         ),
-        Request::Update { spec } => changed(
+        Request::Update { spec, allow } => changed(
             "updated",
-            parsed(spec).and_then(|m| state.table.update(&mut state.dp, &m)),
+            parsed(spec).and_then(|m| {
+                // No list in the request: the mapping keeps its own.
+                let allow = allow
+                    .clone()
+                    .unwrap_or_else(|| state.table.own_allow(&m).unwrap_or_default());
+                let m = own_listed(spec, allow)?;
+                state.table.update(&mut state.dp, &m)
+            }),
             started,
         ),
-        Request::Publish { owner, specs } => publish(state, owner.clone(), specs),
-        Request::Unpublish { owner } => publish(state, owner.clone(), &[]),
+        Request::Publish { owner, specs, allow } => publish(state, owner.clone(), specs, allow),
+        Request::Unpublish { owner } => publish(state, owner.clone(), &[], &[]),
         Request::Docker(DockerChange::Running(ids)) => docker::unpublish_gone(state, ids),
         Request::Docker(DockerChange::Container(container, mappings)) => {
             docker::publish(state, container.clone(), mappings)
@@ -119,18 +127,36 @@ pub(super) fn respond(result: anyhow::Result<String>) -> Response {
     }
 }
 
-/// Makes the mappings of the container `owner` exactly `specs` (none: removes them), all or
-/// nothing; answers with what changed.
-fn publish(state: &mut State, owner: String, specs: &[String]) -> anyhow::Result<String> {
+/// The spec with `allow` as its own list, checked (prefixes of its family).
+fn own_listed(spec: &str, allow: Vec<ipnet::IpNet>) -> Result<Mapping, TableError> {
+    let mapping = spec::parse(spec)?.with_allow(allow);
+    spec::check(&mapping, spec)?;
+    Ok(mapping)
+}
+
+/// Makes the mappings of the container `owner` exactly `specs` (none: removes them) under its
+/// allow-list `allow` (`allow::for_container`), all or nothing; answers with what changed.
+fn publish(
+    state: &mut State,
+    owner: String,
+    specs: &[String],
+    allow: &[ipnet::IpNet],
+) -> anyhow::Result<String> {
+    allow::check_list(allow).context("the container's allow-list")?;
     let mappings = specs
         .iter()
         .map(|spec| spec::parse(spec).with_context(|| format!("'{spec}'")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let (mappings, left_out) = allow::for_container(mappings, allow);
     let origin = Origin::Container(owner.clone());
     let plan = state
         .table
         .apply_as(&mut state.dp, &origin, &mappings, &sockets::local_sockets())?;
-    let message = format!("container {owner}: {plan}");
+    let mut message = format!("container {owner}: {plan}");
+    if let Some(why) = allow::left_out_message(&left_out) {
+        warn!("container {owner}: {why}");
+        message = format!("{message}; {why}");
+    }
     if !plan.is_empty() {
         info!("{message}");
     }
@@ -148,7 +174,7 @@ pub(super) fn apply_pending_removals(state: &mut State, socket: &Path) -> anyhow
     }
     let undo = state.undo_point();
     let removed = pending.owners.iter().try_for_each(|owner| {
-        let message = publish(state, owner.clone(), &[])?;
+        let message = publish(state, owner.clone(), &[], &[])?;
         info!("{message} (the container was removed while no daemon ran)");
         Ok::<_, anyhow::Error>(())
     });
@@ -235,12 +261,14 @@ pub(super) fn read(view: &View, counters: &Counters, request: &Request) -> Respo
 
 fn stats(view: &View, counters: &Counters) -> anyhow::Result<StatsReport> {
     let all = counters.all_mappings()?;
+    let denied = counters.all_denied()?;
     let mappings = view
         .mappings
         .iter()
         .map(|(mapping, slot, _)| MappingStats {
             mapping: mapping.clone(),
             counters: all.get(*slot as usize).copied().unwrap_or_default(),
+            drop_denied: denied.get(*slot as usize).copied().unwrap_or_default(),
         })
         .collect();
     let counters = Stat::ALL

@@ -83,15 +83,16 @@ impl State {
             .with_context(|| format!("saving the mappings to {}", file.display()))
     }
 
-    /// Deletes the UDP flows the last changes made stale (of removed mappings and backends), so
-    /// an ongoing UDP stream takes the new path with its next datagram. TCP flows finish where
-    /// they are.
+    /// Deletes the flows the last changes made stale: UDP flows of removed mappings and backends,
+    /// so an ongoing UDP stream takes the new path with its next datagram (TCP flows finish
+    /// where they are), and flows of every protocol from clients a narrowed allow-list no
+    /// longer admits.
     pub(super) fn flush_stale_flows(&mut self) {
         let flushes = self.table.take_flushes();
-        match self.dp.flush_udp_flows(&flushes) {
+        match self.dp.flush_flows(&flushes) {
             Ok(0) => {}
-            Ok(n) => info!("removed {n} UDP flow(s) of removed mappings or backends"),
-            Err(e) => error!("removing stale UDP flows: {e:#}"),
+            Ok(n) => info!("removed {n} flow(s) of removed mappings or backends, or no longer allowed"),
+            Err(e) => error!("removing stale flows: {e:#}"),
         }
     }
 

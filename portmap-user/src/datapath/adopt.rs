@@ -39,7 +39,10 @@ impl std::fmt::Display for Shape {
 /// The capacity `limits` gives a map (the others keep the object's).
 pub(super) fn configured_capacity(name: &str, limits: &Limits) -> Option<u32> {
     Some(match name {
-        map_names::MAPPINGS | map_names::MAPPING_STATS | map_names::PUBLISHED_PORTS => limits.max_mappings,
+        map_names::MAPPINGS
+        | map_names::MAPPING_STATS
+        | map_names::MAPPING_DENIED
+        | map_names::PUBLISHED_PORTS => limits.max_mappings,
         map_names::BACKENDS => limits.max_backends,
         map_names::MAGLEV => limits.max_backend_groups,
         map_names::CONNTRACK => limits.conntrack_entries,

@@ -57,15 +57,16 @@ impl Datapath {
         Ok(total)
     }
 
-    /// Deletes the UDP flows `flushes` select (`plan_udp_flush`) in both tables; returns how many
-    /// flows.
-    pub fn flush_udp_flows(&mut self, flushes: &[FlowFlush]) -> anyhow::Result<usize> {
+    /// Deletes the flows `flushes` select (`plan_flush`: UDP flows of removed mappings and
+    /// backends, flows from clients outside a narrowed allow-list) in both tables; returns how
+    /// many flows.
+    pub fn flush_flows(&mut self, flushes: &[FlowFlush]) -> anyhow::Result<usize> {
         if flushes.is_empty() {
             return Ok(0);
         }
         let mut flows = 0;
         for (name, capacity, _) in self.flow_tables() {
-            let delete = plan_udp_flush(&self.table_entries(name, capacity)?, flushes);
+            let delete = plan_flush(&self.table_entries(name, capacity)?, flushes);
             self.delete_entries(name, &delete)?;
             flows += delete.len() / 2;
         }
@@ -86,22 +87,28 @@ pub struct ExpiryPlan {
     pub slots_in_use: HashSet<u32>,
 }
 
-/// The UDP conntrack entries (both of each flow) that `flushes` select: after a mapping is
-/// removed or remapped, or loses a backend, its UDP flows go (Docker flushes UDP conntrack
-/// then), so the next datagram of a stream takes the new path. TCP flows are left to end.
+/// The conntrack entries (both of each flow) that `flushes` select: after a mapping is removed
+/// or remapped, or loses a backend, its UDP flows go (Docker flushes UDP conntrack then), so
+/// the next datagram of a stream takes the new path, and TCP flows are left to end; after its
+/// allow-list narrowed, its flows of every protocol from clients outside the list go (their
+/// next packet is a new flow, which the list refuses).
 #[must_use]
-pub fn plan_udp_flush(entries: &[(FlowKey, FlowValue)], flushes: &[FlowFlush]) -> Vec<FlowKey> {
+pub fn plan_flush(entries: &[(FlowKey, FlowValue)], flushes: &[FlowFlush]) -> Vec<FlowKey> {
     let mut delete = Vec::new();
-    for (key, value) in entries
-        .iter()
-        .filter(|(k, v)| v.direction == DIR_FORWARD && k.proto == PROTO_UDP)
-    {
+    for (key, value) in entries.iter().filter(|(_, v)| v.direction == DIR_FORWARD) {
         let backend = words_addr(key.family, value.nat_addr);
+        let client = words_addr(key.family, key.src);
         let port = u16::from_be(value.nat_port_be);
         let selected = flushes.iter().any(|f| {
             f.stats_slot == value.stats_slot
-                && f.backend
-                    .is_none_or(|(ip, ports)| ip == backend && ports.contains(port))
+                && match &f.outside {
+                    Some(list) => !crate::model::allow::admits(list, client),
+                    None => {
+                        key.proto == PROTO_UDP
+                            && f.backend
+                                .is_none_or(|(ip, ports)| ip == backend && ports.contains(port))
+                    }
+                }
         });
         if selected {
             delete.push(*key);
@@ -282,22 +289,60 @@ mod tests {
         let whole = FlowFlush {
             stats_slot: 1,
             backend: None,
+            outside: None,
         };
-        assert_eq!(plan_udp_flush(&entries, &[whole]), vec![a[0].0, a[1].0]);
+        assert_eq!(plan_flush(&entries, &[whole]), vec![a[0].0, a[1].0]);
         // Flows to another backend of the mapping stay.
         let other_backend = FlowFlush {
             stats_slot: 2,
             backend: Some(("0.0.0.4".parse().unwrap(), PortRange::single(u16::from_be(80)))),
+            outside: None,
         };
-        assert!(plan_udp_flush(&entries, &[other_backend]).is_empty());
+        assert!(plan_flush(&entries, &[other_backend]).is_empty());
         let its_backend = FlowFlush {
             stats_slot: 2,
             backend: Some((
                 words_addr(portmap_common::FAMILY_V4, [3, 0, 0, 0]),
                 PortRange::single(u16::from_be(80)),
             )),
+            outside: None,
         };
-        assert_eq!(plan_udp_flush(&entries, &[its_backend]), vec![b[0].0, b[1].0]);
+        assert_eq!(plan_flush(&entries, &[its_backend]), vec![b[0].0, b[1].0]);
+    }
+
+    #[test]
+    fn a_narrowed_allow_list_takes_the_flows_of_every_protocol_from_outside_it() {
+        let from = |mut f: [(FlowKey, FlowValue); 2], client: [u8; 4]| {
+            let client = u32::from_ne_bytes(client);
+            f[0].0.src = [client, 0, 0, 0];
+            f[1] = (f[0].0.reply(f[0].1.nat_addr, f[0].1.nat_port_be), f[1].1);
+            f
+        };
+        let inside = from(flow(PROTO_TCP, 1, 0, 0, 0), [198, 18, 1, 5]);
+        let outside_tcp = from(flow(PROTO_TCP, 2, 0, 0, 0), [198, 18, 9, 5]);
+        let outside_udp = from(flow(PROTO_UDP, 3, 0, 0, 0), [198, 18, 9, 6]);
+        let entries: Vec<_> = [inside, outside_tcp, outside_udp].into_iter().flatten().collect();
+        let narrowed = FlowFlush {
+            stats_slot: 0,
+            backend: None,
+            outside: Some(vec!["198.18.1.0/24".parse().unwrap()]),
+        };
+        let got = plan_flush(&entries, std::slice::from_ref(&narrowed));
+        assert_eq!(
+            got,
+            vec![
+                outside_tcp[0].0,
+                outside_tcp[1].0,
+                outside_udp[0].0,
+                outside_udp[1].0
+            ]
+        );
+        // Another mapping's flows stay.
+        let other = FlowFlush {
+            stats_slot: 7,
+            ..narrowed
+        };
+        assert!(plan_flush(&entries, &[other]).is_empty());
     }
 
     #[test]

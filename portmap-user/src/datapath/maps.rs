@@ -5,7 +5,10 @@ use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     util::nr_cpus,
 };
 use std::{
@@ -14,15 +17,31 @@ use std::{
 };
 
 use portmap_common::{
-    BackendValue, FAMILY_V4, FAMILY_V6, LocalAddrKey, LocalBackend, MaglevTable, MappingCounters, MappingKey,
-    MappingValue, PortKey, Stat, addr_words, map_names,
+    AllowKey, BackendValue, FAMILY_V4, FAMILY_V6, LocalAddrKey, LocalBackend, MaglevTable, MappingCounters,
+    MappingKey, MappingValue, PortKey, Stat, addr_words, map_names,
 };
 
 use super::{
     Datapath,
     sys::{lookup_all_percpu, update_batch},
 };
-use crate::model::table::{MapContents, Maps};
+use crate::model::table::{AllowPlacement, MapContents, Maps};
+
+/// The `PM_ALLOW` key of one prefix of a list.
+fn allow_key(list: &AllowPlacement, net: &ipnet::IpNet) -> Key<AllowKey> {
+    Key::new(
+        AllowKey::LIST_BITS + u32::from(net.prefix_len()),
+        AllowKey::new(list.list, list.family, addr_words(net.addr())),
+    )
+}
+
+/// A `PM_ALLOW` key back as (list, prefix).
+fn allow_prefix(key: &Key<AllowKey>) -> Option<(u16, ipnet::IpNet)> {
+    let (list, family) = key.data().list();
+    let len = key.prefix_len().checked_sub(AllowKey::LIST_BITS)?;
+    let addr = portmap_common::words_addr(family, key.data().addr);
+    Some((list, ipnet::IpNet::new(addr, u8::try_from(len).ok()?).ok()?))
+}
 
 impl Maps for Datapath {
     fn set_mappings(&mut self, entries: &[(MappingKey, MappingValue)]) -> anyhow::Result<()> {
@@ -61,14 +80,17 @@ impl Maps for Datapath {
     }
 
     fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         let mut stats: PerCpuArray<_, MappingCounters> =
             PerCpuArray::try_from(self.map_mut(map_names::MAPPING_STATS)?)?;
-        let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         stats.set(
             slot,
             PerCpuValues::try_from(vec![MappingCounters::default(); cpus])?,
             0,
         )?;
+        let mut denied: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map_mut(map_names::MAPPING_DENIED)?)?;
+        denied.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         Ok(())
     }
 
@@ -85,6 +107,32 @@ impl Maps for Datapath {
         remove_all(&mut map, ports, |key| {
             format!("published port {}", u16::from_be(key.port_be))
         })
+    }
+
+    fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<_, AllowKey, u8> = LpmTrie::try_from(self.map_mut(map_names::ALLOW)?)?;
+        for net in &list.prefixes {
+            trie.insert(&allow_key(list, net), 1, 0)
+                .with_context(|| format!("writing {net} of allow-list {}", list.list))?;
+        }
+        Ok(())
+    }
+
+    /// Keeps going past a failure and reports the first.
+    fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        let mut trie: LpmTrie<_, AllowKey, u8> = LpmTrie::try_from(self.map_mut(map_names::ALLOW)?)?;
+        let mut first_error = None;
+        for net in &list.prefixes {
+            match trie.remove(&allow_key(list, net)) {
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if first_error.is_none() => {
+                    first_error = Some(anyhow!("removing {net} of allow-list {}: {e}", list.list));
+                }
+                _ => {}
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -146,18 +194,34 @@ impl Datapath {
         }
         let ports: HashMap<_, PortKey, u8> = HashMap::try_from(self.map(map_names::PUBLISHED_PORTS)?)?;
         contents.published_ports = ports.keys().filter_map(Result::ok).collect();
+        let trie: LpmTrie<_, AllowKey, u8> = LpmTrie::try_from(self.map(map_names::ALLOW)?)?;
+        contents.allow = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| allow_prefix(&k))
+            .collect();
         Ok(contents)
     }
 
-    /// Removes the `PM_MAPPINGS` entries outside `keep` and the `PM_PUBLISHED_PORTS` entries
-    /// outside `published` (what an adopted datapath has that the restored table does not: a
+    /// Removes the `PM_MAPPINGS` entries outside `keep`, the `PM_PUBLISHED_PORTS` entries
+    /// outside `published` and the `PM_ALLOW` entries outside `allow` (what an adopted datapath has that the restored table does not: a
     /// change the previous daemon wrote but did not live to save, or no saved state at all).
     /// Returns how many entries it removed.
     pub fn retain_mappings(
         &mut self,
         keep: &std::collections::HashSet<MappingKey>,
         published: &BTreeSet<PortKey>,
+        allow: &BTreeSet<(u16, ipnet::IpNet)>,
     ) -> anyhow::Result<usize> {
+        let mut trie: LpmTrie<_, AllowKey, u8> = LpmTrie::try_from(self.map_mut(map_names::ALLOW)?)?;
+        let stale_allow: Vec<Key<AllowKey>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| allow_prefix(k).is_none_or(|entry| !allow.contains(&entry)))
+            .collect();
+        for key in &stale_allow {
+            let _ = trie.remove(key);
+        }
         let map: HashMap<_, MappingKey, MappingValue> = HashMap::try_from(self.map(map_names::MAPPINGS)?)?;
         let stale: Vec<MappingKey> = map
             .keys()
@@ -172,7 +236,7 @@ impl Datapath {
             .collect();
         self.remove_mappings(&stale)?;
         self.unpublish_ports(&stale_ports)?;
-        Ok(stale.len() + stale_ports.len())
+        Ok(stale.len() + stale_ports.len() + stale_allow.len())
     }
 
     /// Makes `PM_LOCAL_ADDRS` hold exactly `addrs` (the host's addresses): wildcard mappings
@@ -249,48 +313,51 @@ impl Datapath {
             };
             Ok(Map::PerCpuArray(MapData::from_fd(fd)?))
         };
-        let stats = open(map_names::MAPPING_STATS)?;
-        let (mappings_fd, mappings_max) = match &stats {
-            Map::PerCpuArray(data) => (
-                data.fd().as_fd().try_clone_to_owned()?,
-                data.info()?.max_entries() as usize,
-            ),
-            _ => bail!("{} is not a per-CPU array", map_names::MAPPING_STATS),
-        };
-        drop(stats);
+        let slots = |name: &str| SlotArray::open(self.map(name)?, name);
         Ok(Counters {
-            mappings_fd,
-            mappings_max,
+            mappings: slots(map_names::MAPPING_STATS)?,
+            denied: slots(map_names::MAPPING_DENIED)?,
             global: PerCpuArray::try_from(open(map_names::GLOBAL_STATS)?)?,
         })
     }
 }
 
-/// The counters as `portmap stats` and the metrics read them.
-pub struct Counters {
-    /// `PM_MAPPING_STATS`, read in batches, and its size.
-    mappings_fd: std::os::fd::OwnedFd,
-    mappings_max: usize,
-    global: PerCpuArray<MapData, u64>,
+/// A per-CPU array indexed by stats slot, read whole in batches (a few system calls however
+/// many mappings there are), with a file descriptor of its own.
+struct SlotArray {
+    fd: std::os::fd::OwnedFd,
+    max: usize,
 }
 
-impl Counters {
-    /// Every stats slot's counters summed over CPUs, indexed by slot: one batch read of the
-    /// whole map (a few system calls) however many mappings there are.
-    pub fn all_mappings(&self) -> anyhow::Result<Vec<MappingCounters>> {
+impl SlotArray {
+    fn open(map: &Map, name: &str) -> anyhow::Result<Self> {
+        match map {
+            Map::PerCpuArray(data) => Ok(Self {
+                fd: data.fd().as_fd().try_clone_to_owned()?,
+                max: data.info()?.max_entries() as usize,
+            }),
+            _ => bail!("{name} is not a per-CPU array"),
+        }
+    }
+
+    /// Every slot's values summed over CPUs, indexed by slot.
+    fn sum_all<T>(&self, what: &str) -> anyhow::Result<Vec<T>>
+    where
+        T: aya::Pod + Default + std::iter::Sum,
+    {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
-        let size = size_of::<MappingCounters>();
-        let (keys, values) = lookup_all_percpu(self.mappings_fd.as_raw_fd(), self.mappings_max, size, cpus)
-            .context("reading the mapping counters (BPF_MAP_LOOKUP_BATCH)")?;
+        let size = size_of::<T>();
+        let (keys, values) = lookup_all_percpu(self.fd.as_raw_fd(), self.max, size, cpus)
+            .with_context(|| format!("reading {what} (BPF_MAP_LOOKUP_BATCH)"))?;
         let stride = size.next_multiple_of(8) * cpus;
-        let mut all = vec![MappingCounters::default(); self.mappings_max];
+        let mut all = vec![T::default(); self.max];
         for (key, chunk) in keys.iter().zip(values.chunks_exact(stride)) {
             let total = chunk
                 .chunks_exact(size.next_multiple_of(8))
                 .map(|bytes| {
-                    // SAFETY: `bytes` holds at least size_of::<MappingCounters>() bytes, and
-                    // MappingCounters is plain integers (FromBytes): any bytes are a value.
-                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MappingCounters>()) }
+                    // SAFETY: `bytes` holds at least size_of::<T>() bytes (the kernel's per-CPU
+                    // stride rounds it up), and T is Pod: any bytes are a value.
+                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
                 })
                 .sum();
             if let Some(slot) = all.get_mut(*key as usize) {
@@ -298,6 +365,27 @@ impl Counters {
             }
         }
         Ok(all)
+    }
+}
+
+/// The counters as `portmap stats` and the metrics read them.
+pub struct Counters {
+    /// `PM_MAPPING_STATS`.
+    mappings: SlotArray,
+    /// `PM_MAPPING_DENIED`.
+    denied: SlotArray,
+    global: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    /// Every stats slot's counters summed over CPUs, indexed by slot.
+    pub fn all_mappings(&self) -> anyhow::Result<Vec<MappingCounters>> {
+        self.mappings.sum_all("the mapping counters")
+    }
+
+    /// Every stats slot's new flows refused by its allow-list, summed over CPUs, by slot.
+    pub fn all_denied(&self) -> anyhow::Result<Vec<u64>> {
+        self.denied.sum_all("the allow-list counters")
     }
 
     /// Global counters summed over CPUs, in `Stat` code order.

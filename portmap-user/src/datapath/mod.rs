@@ -70,7 +70,7 @@ use portmap_common::{
 pub use self::test_run::{MapMemory, ProgramSize, TestRunOutput};
 pub use self::{
     attach::IfaceChange,
-    expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_udp_flush},
+    expiry::{ExpiryPlan, monotonic_ns, plan_expiry, plan_flush},
     hooks::Hook,
     maps::Counters,
     pins::{check_pin_dir, cleanup, ensure_bpffs},

@@ -8,6 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use bollard::models::{ContainerInspectResponse, EndpointSettings};
 
 use crate::model::{
+    allow,
     mapping::{Backend, Mapping, PortRange, Protocol},
     table::DockerContainer,
 };
@@ -113,8 +114,38 @@ pub fn published(inspect: &ContainerInspectResponse) -> Published {
             singles.insert((protocol, host_ip, host_port), (backend, container_port));
         }
     }
-    out.mappings = merge_runs(singles);
+    let mappings = merge_runs(singles);
+    match allow_label(inspect) {
+        Ok(list) => {
+            let (kept, left_out) = allow::for_container(mappings, &list);
+            out.skipped.extend(allow::left_out_message(&left_out));
+            out.mappings = kept;
+        }
+        // Closed, not open: a list that cannot be read publishes nothing.
+        Err(e) => out
+            .skipped
+            .push(format!("label {ALLOW_LABEL}: {e}: no port published")),
+    }
     out
+}
+
+/// The container label that gives its mappings a source allow-list: prefixes of either family,
+/// comma-separated (`model::allow::for_container`).
+pub const ALLOW_LABEL: &str = "portmap.allow";
+
+/// The container's `portmap.allow` list, checked (none: empty).
+fn allow_label(inspect: &ContainerInspectResponse) -> Result<Vec<ipnet::IpNet>, allow::AllowError> {
+    let Some(text) = inspect
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.as_ref())
+        .and_then(|labels| labels.get(ALLOW_LABEL))
+    else {
+        return Ok(Vec::new());
+    };
+    let list = allow::parse_list(text)?;
+    allow::check_list(&list)?;
+    Ok(list)
 }
 
 /// The network whose address the bindings lead to: the container's primary network (its network
@@ -182,6 +213,7 @@ fn merge_runs(singles: BTreeMap<(Protocol, IpAddr, u16), (IpAddr, u16)>) -> Vec<
                 ports: PortRange::single(port),
                 weight: 1,
             }],
+            allow: Vec::new(),
         });
     }
     out
@@ -203,6 +235,44 @@ mod tests {
             "NetworkSettings": {"Ports": ports, "Networks": networks},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_allow_label_lists_each_familys_sources_and_a_bad_one_publishes_nothing() {
+        let ports = json!({"8000/tcp": [
+            {"HostIp": "0.0.0.0", "HostPort": "8080"},
+            {"HostIp": "::", "HostPort": "8080"}
+        ]});
+        let labelled = |label: &str| {
+            let mut i = inspect(
+                ports.clone(),
+                bridge("198.18.60.2", "fd00:60::2"),
+                "default",
+                true,
+            );
+            i.config = Some(bollard::models::ContainerConfig {
+                labels: Some([(ALLOW_LABEL.to_owned(), label.to_owned())].into()),
+                ..Default::default()
+            });
+            published(&i)
+        };
+        let v4_only = labelled("198.18.1.0/24, 198.18.3.7");
+        assert_eq!(v4_only.mappings.len(), 1);
+        assert_eq!(
+            v4_only.mappings[0].allow,
+            vec!["198.18.1.0/24".parse().unwrap(), "198.18.3.7/32".parse().unwrap()]
+        );
+        assert!(
+            v4_only.skipped[0].contains("names no prefix of their family"),
+            "{:?}",
+            v4_only.skipped
+        );
+        let both = labelled("198.18.1.0/24,fd00:1::/64");
+        assert_eq!(both.mappings.len(), 2);
+        assert!(both.skipped.is_empty());
+        let bad = labelled("198.18.1.1/24");
+        assert!(bad.mappings.is_empty());
+        assert!(bad.skipped[0].contains("host bits set"), "{:?}", bad.skipped);
     }
 
     fn bridge(v4: &str, v6: &str) -> Value {

@@ -157,6 +157,10 @@ pub struct Mapping {
     /// `None`: to be allocated by the daemon from its dynamic port pool.
     pub host_ports: Option<PortRange>,
     pub backends: Vec<Backend>,
+    /// The mapping's own source allow-list (`model::allow`: prefixes of its family); empty: the
+    /// host's list applies (the config's `allow`), or none, and everyone may reach it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 /// What identifies a published port: two mappings must not share one.
@@ -237,6 +241,28 @@ impl Mapping {
             port_be: port.to_be(),
             proto: self.protocol.number(),
             family: self.family(),
+        }
+    }
+
+    /// The same mapping, its own allow-list aside: `del` and `update` name a mapping by its
+    /// spec, which has no list.
+    #[must_use]
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.protocol == other.protocol
+            && self.host_ip == other.host_ip
+            && self.host_ports == other.host_ports
+            && self.backends == other.backends
+    }
+
+    /// The mapping with its own allow-list replaced, sorted and without duplicates (the form
+    /// the table compares, shares and reads back from the maps).
+    #[must_use]
+    pub fn with_allow(&self, mut allow: Vec<ipnet::IpNet>) -> Self {
+        allow.sort_unstable();
+        allow.dedup();
+        Self {
+            allow,
+            ..self.clone()
         }
     }
 

@@ -19,6 +19,8 @@ use crate::{
     },
 };
 
+mod allow_rows;
+
 pub const INGRESS: &[Hook] = &[Hook::XdpIngress, Hook::TcIngress];
 pub const EGRESS: &[Hook] = &[Hook::TcEgress];
 pub const FROM_BACKEND: &[Hook] = &[Hook::TcFromBackend];
@@ -52,6 +54,8 @@ pub struct Row {
     pub through: Option<u32>,
     pub output: Vec<u8>,
     pub flows: Vec<FlowEntry>,
+    /// The stats slot of the mapping whose allow-list refuses the input (`PM_MAPPING_DENIED`).
+    pub denied_by: Option<u32>,
 }
 
 impl Row {
@@ -68,6 +72,7 @@ impl Row {
             events: Vec::new(),
             through: None,
             flows: Vec::new(),
+            denied_by: None,
         }
     }
 
@@ -107,6 +112,12 @@ impl Row {
     /// The input is counted by the mapping with stats slot `slot` (its index in `MAPPINGS`).
     fn through(mut self, slot: u32) -> Self {
         self.through = Some(slot);
+        self
+    }
+
+    /// The allow-list of the mapping with stats slot `slot` refuses the input.
+    fn denied_by(mut self, slot: u32) -> Self {
+        self.denied_by = Some(slot);
         self
     }
 
@@ -925,6 +936,7 @@ pub fn rows() -> Vec<Row> {
     rows.extend(local_backend_rows());
     rows.extend(backend_veth_rows());
     rows.extend(host_itself_rows());
+    rows.extend(allow_rows::rows());
     for ihl in 6..=15 {
         rows.push(
             Row::rewritten(
@@ -1453,6 +1465,12 @@ fn check(g: &mut Golden, row: &Row, hook: Hook) -> anyhow::Result<()> {
         run.mappings == want,
         "mapping counters moved {:?}, expected {want:?}",
         run.mappings
+    );
+    let want: Vec<(u32, u64)> = row.denied_by.map(|slot| (slot, 1)).into_iter().collect();
+    anyhow::ensure!(
+        run.denied == want,
+        "allow-list refusals moved {:?}, expected {want:?}",
+        run.denied
     );
     let want = expected_action(hook, row.stat);
     anyhow::ensure!(

@@ -41,7 +41,7 @@ use portmap_common::{DIR_FORWARD, FlowValue, LocalBackend, MappingCounters, Stat
 use portmap_tests::Netns;
 
 /// The mappings every golden run installs; a mapping's stats slot is its index here.
-pub const MAPPINGS: [&str; 18] = [
+pub const MAPPINGS: [&str; 23] = [
     // 0: bound to one host address.
     "198.18.0.1:8080:198.18.1.2:80/tcp",
     // 1: bound to every address (0.0.0.0).
@@ -76,6 +76,22 @@ pub const MAPPINGS: [&str; 18] = [
     // 16, 17: a port of the host itself at the address the packet came to (iptables' REDIRECT).
     "8092:0.0.0.0:9080/tcp",
     "8092:[::]:9080/tcp",
+    // 18-22: with source allow-lists (`ALLOW`).
+    "198.18.0.1:8093:198.18.1.2:80/tcp",
+    "198.18.0.1:8094:198.18.1.2:80/tcp",
+    "[fd00::1]:8093:[fd00:1::2]:80/tcp",
+    "[fd00::1]:8094:[fd00:1::2]:80/tcp",
+    "198.18.0.1:8095:198.18.1.2:80/tcp",
+];
+
+/// The own allow-lists of mappings of `MAPPINGS`, by index: 18 and 20 admit the client (`CLIENT`,
+/// `CLIENT6`), 19 and 21 do not, 22's is empty (everyone).
+pub const ALLOW: [(usize, &[&str]); 5] = [
+    (18, &["198.18.0.0/30", "198.18.7.0/24"]),
+    (19, &["198.18.0.128/25", "198.18.7.0/24"]),
+    (20, &["fd00::/64"]),
+    (21, &["fd00:7::/48", "fd00::3/128"]),
+    (22, &[]),
 ];
 
 /// `PM_LOCAL_BACKENDS` of the golden datapath: (address, device, MTU, the host's MAC there).
@@ -218,6 +234,8 @@ pub struct Run {
     pub output: TestRunOutput,
     pub counted: Vec<u64>,
     pub mappings: Vec<(u32, MappingCounters)>,
+    /// New flows refused by an allow-list (`PM_MAPPING_DENIED`), per stats slot that moved.
+    pub denied: Vec<(u32, u64)>,
 }
 
 impl Golden {
@@ -231,10 +249,17 @@ impl Golden {
         };
         let mut dp = Datapath::load_unpinned(&limits)?;
         // The daemon's own table places the mappings (stats slot = index in MAPPINGS).
-        let mappings = MAPPINGS
+        let mut mappings = MAPPINGS
             .iter()
             .map(|s| spec::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
+        for (index, prefixes) in ALLOW {
+            let list = prefixes
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<Vec<_>, _>>()?;
+            mappings[index] = mappings[index].with_allow(list);
+        }
         let capacity = Capacity {
             ports: limits.max_mappings,
             groups: limits.max_backend_groups,
@@ -281,11 +306,17 @@ impl Golden {
     pub fn run(&self, hook: Hook, packet: &[u8]) -> anyhow::Result<Run> {
         let counters = self.dp.counters()?;
         let (before, mappings_before) = (counters.global()?, counters.all_mappings()?);
+        let denied_before = counters.all_denied()?;
         let output = self
             .dp
             .test_run(hook, packet, self.ifindex(hook), 1)
             .with_context(|| format!("BPF_PROG_TEST_RUN of {} ({} bytes)", hook.as_str(), packet.len()))?;
         let (after, mappings_after) = (counters.global()?, counters.all_mappings()?);
+        let denied = (0..)
+            .zip(counters.all_denied()?.iter().zip(&denied_before))
+            .filter(|(_, (a, b))| a != b)
+            .map(|(slot, (a, b))| (slot, a - b))
+            .collect();
         let counted = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         let mappings = (0..)
             .zip(mappings_after.iter().zip(&mappings_before))
@@ -305,6 +336,7 @@ impl Golden {
             output,
             counted,
             mappings,
+            denied,
         })
     }
 

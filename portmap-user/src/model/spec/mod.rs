@@ -90,6 +90,8 @@ pub enum SpecError {
         backend: crate::model::mapping::Backend,
         host_ports: Option<PortRange>,
     },
+    #[error(transparent)]
+    Allow(#[from] crate::model::allow::AllowError),
     #[error("'{0}' mixes IPv4 and IPv6 addresses; a mapping stays within one family")]
     MixedFamilies(String),
     #[error("weight '{0}' is not a number from 0 to {max}", max = MAX_WEIGHT)]
@@ -306,6 +308,7 @@ pub fn parse(spec: &str) -> Result<Mapping, SpecError> {
         host_ip,
         host_ports,
         backends,
+        allow: Vec::new(),
     };
     check(&mapping, spec)?;
     Ok(mapping)
@@ -327,6 +330,7 @@ pub fn check(mapping: &Mapping, spec: &str) -> Result<(), SpecError> {
     if backends.iter().any(|b| b.ip.is_ipv6() != v6) {
         return Err(SpecError::MixedFamilies(spec.to_string()));
     }
+    crate::model::allow::check_own(&mapping.allow, mapping.family())?;
     for b in backends {
         let bad = match b.ip {
             IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),

@@ -22,6 +22,7 @@ fn m(proto: Protocol, host: &str, ports: Option<(u16, u16)>, backends: Vec<Backe
         host_ip: ip(host),
         host_ports: ports.map(|(start, end)| PortRange { start, end }),
         backends,
+        allow: Vec::new(),
     }
 }
 
@@ -440,6 +441,8 @@ fn spec_like() -> impl proptest::strategy::Strategy<Value = String> {
 fn names_the_problem(input: &str, err: &SpecError) -> bool {
     let piece = match err {
         SpecError::Empty => return input.trim().is_empty(),
+        // A spec string carries no allow-list: this comes only from a mapping's `allow`.
+        SpecError::Allow(_) => return false,
         SpecError::Missing { .. } => {
             // `parse` trims the spec first (" :0" is missing its backend address).
             return input
@@ -497,6 +500,7 @@ proptest::proptest! {
             host_ip: if bind { IpAddr::from([198, 18, 1, a]) } else { IpAddr::from([0, 0, 0, 0]) },
             host_ports: Some(PortRange::single(hp)),
             backends: vec![Backend { ip: IpAddr::from([198, 18, 2, a]), ports: PortRange::single(bp), weight: 1 }],
+            allow: Vec::new(),
         };
         proptest::prop_assert_eq!(parse(&mapping.to_string()), Ok(mapping));
     }

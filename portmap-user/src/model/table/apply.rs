@@ -31,6 +31,27 @@ impl Table {
         self.apply_as(maps, &Origin::Config, desired, sockets)
     }
 
+    /// A configuration as one change: the host's allow-list `policy` (`set_policy`), then its
+    /// mappings (`apply`); all or nothing. Returns the plan and how many mappings the new
+    /// policy gave another list.
+    pub fn apply_config<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        policy: &[ipnet::IpNet],
+        desired: &[Mapping],
+        sockets: &dyn Sockets,
+    ) -> Result<(Plan, usize), TableError> {
+        let before = self.clone();
+        let relisted = self.set_policy(maps, policy)?;
+        match self.apply(maps, desired, sockets) {
+            Ok(plan) => Ok((plan, relisted)),
+            Err(e) => {
+                self.roll_back(maps, before);
+                Err(e)
+            }
+        }
+    }
+
     /// Makes the applied mappings of `origin` equal `desired`, the others untouched, all or
     /// nothing (as [`Table::apply`] for the config).
     pub fn apply_as<M: Maps + ?Sized>(
@@ -52,8 +73,15 @@ impl Table {
                 self.remove(maps, &applied)?;
             }
             for (old, new) in &plan.update {
-                touched.push(self.find(old)?);
-                self.update(maps, new)?;
+                let key = self.find(old)?;
+                touched.push(key);
+                if new.host_ports.is_some() {
+                    self.update(maps, new)?;
+                } else {
+                    // A dynamic mapping with a new allow-list keeps its allocated ports.
+                    let applied = self.entries[&key].mapping.with_allow(new.allow.clone());
+                    self.replace(maps, key, applied, new.clone())?;
+                }
             }
             let mut batch = Batch::new(maps);
             for m in &plan.add {
@@ -74,7 +102,9 @@ impl Table {
     /// config, one added at run time (a `list --json` saved as the config); for any owner, one
     /// rebuilt from the pinned maps (`Origin::Unknown`) whose reservation flag is the owner's.
     fn adopt(&mut self, origin: &Origin, desired: &[Mapping]) {
-        let desired: HashSet<&Mapping> = desired.iter().collect();
+        // By all but the allow-list: a recovered mapping's list is whatever the maps held.
+        let wanted: HashSet<Mapping> = desired.iter().map(|m| m.with_allow(Vec::new())).collect();
+        let wants = |m: &Mapping| wanted.contains(&m.with_allow(Vec::new()));
         let candidates: Vec<Key> = self
             .entries
             .iter()
@@ -83,17 +113,17 @@ impl Table {
                 Origin::Unknown { .. } => entry.origin.runtime_reserves() == origin.runtime_reserves(),
                 _ => false,
             })
-            .filter(|(_, entry)| desired.contains(&entry.mapping) || desired.contains(&entry.requested))
+            .filter(|(_, entry)| wants(&entry.mapping) || wants(&entry.requested))
             .map(|(key, _)| *key)
             .collect();
         for key in candidates {
             let Some(entry) = self.entries.get_mut(&key) else {
                 continue;
             };
-            if desired.contains(&entry.mapping) {
+            if wants(&entry.mapping) {
                 entry.requested = entry.mapping.clone();
             }
-            if desired.contains(&entry.requested) {
+            if wants(&entry.requested) {
                 entry.origin = origin.clone();
                 self.changes.push(snapshot::Change::Put(key));
             }
@@ -121,6 +151,7 @@ impl Table {
 
     fn restore<M: Maps + ?Sized>(&mut self, maps: &mut M, before: Table, touched: &[Key]) {
         let now = std::mem::replace(self, before);
+        self.allow.write_back(&now.allow, maps);
         let keys: HashSet<&Key> = touched.iter().collect();
         let now_entries: Vec<&Entry> = keys.iter().filter_map(|k| now.entries.get(*k)).collect();
         let old_entries: Vec<&Entry> = keys.iter().filter_map(|k| self.entries.get(*k)).collect();
@@ -188,5 +219,6 @@ impl Table {
             .collect();
         undo("a config diff", maps.unpublish_ports(&gone));
         undo("a config diff", maps.publish_ports(&back));
+        self.allow.clear_extra(&now.allow, maps);
     }
 }

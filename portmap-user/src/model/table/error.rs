@@ -39,6 +39,11 @@ pub enum TableError {
         max: u32,
         limit: &'static str,
     },
+    #[error(
+        "the allow-list map is full ({max} prefixes in all lists together; mappings with the same \
+         list share it): use fewer or shorter lists"
+    )]
+    AllowFull { max: u32 },
     #[error("kernel map update failed: {0:#}")]
     Datapath(anyhow::Error),
 }

@@ -7,6 +7,7 @@
 //! `tests.rs` fail each write of each operation against a fake). The maps are reached only
 //! through the [`Maps`] trait; the decisions (diff, port allocation, conflicts) are pure.
 
+mod allow_lists;
 mod apply;
 mod error;
 mod place;
@@ -30,9 +31,10 @@ pub use self::{
     error::TableError,
     plan::{Plan, find_free_run, plan},
     snapshot::{Record, Snapshot},
-    writes::{Batch, GroupPlacement, MapContents, Maps, Placement},
+    writes::{AllowPlacement, Batch, GroupPlacement, MapContents, Maps, Placement},
 };
 use self::{
+    place::{clear_new_list, write_new_list},
     plan::same_ports,
     pool::Pool,
     writes::{clear_backends, clear_group, group_contents, mapping_entries, mapping_keys},
@@ -118,13 +120,16 @@ pub struct Entry {
     seq: u64,
 }
 
-/// Flows of a mapping (its stats slot, unique while any of its flows live) to delete, all of
-/// them or only those to one backend.
+/// Flows of a mapping (its stats slot, unique while any of its flows live) to delete: its UDP
+/// flows, all of them or only those to one backend; or, after its allow-list narrowed, its
+/// flows of any protocol from clients outside the list (a firewall change drops them too).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowFlush {
     pub stats_slot: u32,
     /// Only flows to this backend address and port range.
     pub backend: Option<(IpAddr, PortRange)>,
+    /// Flows of every protocol whose client is outside these prefixes (`backend` aside).
+    pub outside: Option<Vec<ipnet::IpNet>>,
 }
 
 /// Capacities of the maps, from the config's `[limits]`.
@@ -172,6 +177,10 @@ pub struct Table {
     flushes: Vec<FlowFlush>,
     /// Entries added, updated and removed since the daemon last saved (`take_changes`).
     changes: Vec<snapshot::Change>,
+    /// The lists of `PM_ALLOW`, shared by the mappings that enforce the same one.
+    allow: allow_lists::AllowLists,
+    /// The host's allow-list (the config's `allow`): every mapping without its own enforces it.
+    policy: Vec<ipnet::IpNet>,
 }
 
 /// Writes a placed mapping's map contents: counters zeroed (`reset_stats`), backends and Maglev
@@ -220,7 +229,21 @@ impl Table {
             draining: Vec::new(),
             flushes: Vec::new(),
             changes: Vec::new(),
+            allow: allow_lists::AllowLists::default(),
+            policy: Vec::new(),
         }
+    }
+
+    /// The host's allow-list as the table enforces it.
+    #[must_use]
+    pub fn policy(&self) -> &[ipnet::IpNet] {
+        &self.policy
+    }
+
+    /// The allow-list `entry` enforces (`None`: everyone).
+    #[must_use]
+    pub fn enforced(entry: &Entry) -> Option<&[ipnet::IpNet]> {
+        entry.place.allow.as_ref().map(|a| a.prefixes.as_slice())
     }
 
     /// Hands back to the pool the drained stats slots that no flow counts into any more (the
@@ -414,7 +437,8 @@ impl Table {
         let (mapping, next_dynamic) = self.resolve(requested, sockets)?;
         let (place, taken) = self.place(&mapping, None)?;
         let new_ports = self.port_changes(&mapping, true);
-        let written = write_mapping(maps, &mapping, &place, &origin, taken.reset_stats())
+        let written = write_new_list(maps, &taken)
+            .and_then(|()| write_mapping(maps, &mapping, &place, &origin, taken.reset_stats()))
             .and_then(|()| maps.publish_ports(&new_ports));
         if let Err(e) = written {
             undo("an add", maps.remove_mappings(&mapping_keys(&mapping)));
@@ -422,6 +446,7 @@ impl Table {
             if let Some(group) = &place.group {
                 undo("an add", clear_group(maps, group));
             }
+            undo("an add", clear_new_list(maps, &taken));
             self.untake(taken);
             return Err(TableError::Datapath(e));
         }
@@ -450,7 +475,7 @@ impl Table {
     fn find(&self, spec: &Mapping) -> Result<Key, TableError> {
         let exact = key_of(spec).and_then(|k| self.entries.get(&k).map(|e| (k, e)));
         if let Some((key, entry)) = exact {
-            if entry.mapping == *spec || entry.requested == *spec {
+            if entry.mapping.same_as(spec) || entry.requested.same_as(spec) {
                 return Ok(key);
             }
             if same_ports(&entry.mapping, spec) {
@@ -463,7 +488,7 @@ impl Table {
         let matches: Vec<(&Key, &Entry)> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.requested == *spec)
+            .filter(|(_, e)| e.requested.same_as(spec))
             .collect();
         match matches.as_slice() {
             [] => Err(TableError::NotFound(spec.to_string())),
@@ -511,25 +536,52 @@ impl Table {
         self.flushes.push(FlowFlush {
             stats_slot: entry.place.stats_slot,
             backend: None,
+            outside: None,
         });
         Ok(entry.mapping)
     }
 
-    /// Replaces the backends of the mapping that publishes `spec`'s host ports. Established
-    /// flows keep their backend (also a removed one) until they end; new flows follow the new
-    /// Maglev table, of which only about the changed backends' share differs.
+    /// Replaces the backends (and the allow-list) of the mapping that publishes `spec`'s host
+    /// ports. Established flows keep their backend (also a removed one) until they end; new
+    /// flows follow the new Maglev table, of which only about the changed backends' share
+    /// differs. Flows from clients a narrowed allow-list no longer admits go at once.
     pub fn update<M: Maps + ?Sized>(&mut self, maps: &mut M, spec: &Mapping) -> Result<Mapping, TableError> {
         let key = key_of(spec).ok_or_else(|| TableError::UpdateNeedsPorts(spec.to_string()))?;
-        let old = self
-            .entries
+        self.entries
             .get(&key)
             .filter(|e| same_ports(&e.mapping, spec))
-            .cloned()
             .ok_or_else(|| TableError::NoSuchBinding(spec.to_string()))?;
-        let (place, taken) = self.place(spec, Some(&old))?;
-        if let Err(e) = write_mapping(maps, spec, &place, &old.origin, false) {
-            // The old version in full (its table and backends were never freed), then clear
-            // what only the new one used.
+        self.replace(maps, key, spec.clone(), spec.clone())?;
+        Ok(spec.clone())
+    }
+
+    /// The own allow-list of the mapping that publishes `spec`'s host ports (what `update`
+    /// keeps when the request names none); `None` when no mapping publishes them.
+    #[must_use]
+    pub fn own_allow(&self, spec: &Mapping) -> Option<Vec<ipnet::IpNet>> {
+        self.entries
+            .get(&key_of(spec)?)
+            .filter(|e| same_ports(&e.mapping, spec))
+            .map(|e| e.mapping.allow.clone())
+    }
+
+    /// Makes the entry at `key` `mapping` (same host ports), requested as `requested`: placed
+    /// anew (its stats slot kept), its map contents written, what only the old version used
+    /// freed; all or nothing.
+    fn replace<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        key: Key,
+        mapping: Mapping,
+        requested: Mapping,
+    ) -> Result<(), TableError> {
+        let old = self.entries[&key].clone();
+        let (place, taken) = self.place(&mapping, Some(&old))?;
+        let written = write_new_list(maps, &taken)
+            .and_then(|()| write_mapping(maps, &mapping, &place, &old.origin, false));
+        if let Err(e) = written {
+            // The old version in full (its table, backends and list were never freed), then
+            // clear what only the new one used.
             undo(
                 "an update",
                 write_mapping(maps, &old.mapping, &old.place, &old.origin, false),
@@ -542,6 +594,7 @@ impl Table {
                     maps.set_maglev(group, &portmap_common::MaglevTable::ZERO),
                 );
             }
+            undo("an update", clear_new_list(maps, &taken));
             self.untake(taken);
             return Err(TableError::Datapath(e));
         }
@@ -551,23 +604,75 @@ impl Table {
             old.mapping
                 .backends
                 .iter()
-                .filter(|b| !spec.backends.iter().any(|n| n.ip == b.ip && n.ports == b.ports))
+                .filter(|b| {
+                    !mapping
+                        .backends
+                        .iter()
+                        .any(|n| n.ip == b.ip && n.ports == b.ports)
+                })
                 .map(|b| FlowFlush {
                     stats_slot,
                     backend: Some((b.ip, b.ports)),
+                    outside: None,
                 }),
         );
+        let narrowed = place.allow.as_ref().filter(|new| {
+            old.place
+                .allow
+                .as_ref()
+                .is_none_or(|was| was.prefixes != new.prefixes)
+        });
+        if let Some(list) = narrowed {
+            self.flushes.push(FlowFlush {
+                stats_slot,
+                backend: None,
+                outside: Some(list.prefixes.clone()),
+            });
+        }
         self.entries.insert(
             key,
             Entry {
-                requested: spec.clone(),
-                mapping: spec.clone(),
+                requested,
+                mapping,
                 place,
                 origin: old.origin.clone(),
                 seq: old.seq,
             },
         );
         self.changes.push(snapshot::Change::Put(key));
-        Ok(spec.clone())
+        Ok(())
+    }
+
+    /// Makes `policy` the host's allow-list: every mapping without its own list enforces it
+    /// from now on (flows from clients it no longer admits go). All or nothing: on a failure
+    /// the table and the maps are as before. Returns how many mappings changed their list.
+    pub fn set_policy<M: Maps + ?Sized>(
+        &mut self,
+        maps: &mut M,
+        policy: &[ipnet::IpNet],
+    ) -> Result<usize, TableError> {
+        if self.policy == policy {
+            return Ok(0);
+        }
+        let before = self.clone();
+        self.policy = policy.to_vec();
+        let affected: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                let want = crate::model::allow::effective(&e.mapping.allow, &self.policy, e.mapping.family());
+                want.as_deref() != Self::enforced(e)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in &affected {
+            let entry = &self.entries[key];
+            let (mapping, requested) = (entry.mapping.clone(), entry.requested.clone());
+            if let Err(e) = self.replace(maps, *key, mapping, requested) {
+                self.roll_back(maps, before);
+                return Err(e);
+            }
+        }
+        Ok(affected.len())
     }
 }

@@ -1,16 +1,21 @@
-//! Where the table puts a mapping: its stats slot, Maglev table and backend slots taken from the
-//! pools (and given back exactly on failure), freed slots zeroed and drained, and the published
-//! (protocol, port) accounting behind `PM_PUBLISHED_PORTS`.
+//! Where the table puts a mapping: its stats slot, Maglev table, backend slots and allow-list
+//! taken from the pools (and given back exactly on failure), freed slots zeroed and drained, and
+//! the published (protocol, port) accounting behind `PM_PUBLISHED_PORTS`.
 
 use std::collections::BTreeSet;
 
 use portmap_common::PortKey;
 
 use super::{
-    Entry, GroupPlacement, Maps, Placement, Table, TableError, undo,
+    Entry, GroupPlacement, Maps, Placement, Table, TableError,
+    allow_lists::{AllowPlacement, ListTaken},
+    undo,
     writes::{clear_backends, clear_group},
 };
-use crate::model::mapping::{Mapping, Protocol};
+use crate::model::{
+    allow,
+    mapping::{Mapping, Protocol},
+};
 
 /// What `place` took from the pools (id, and whether it was used before), so that a failure
 /// gives exactly that back.
@@ -19,6 +24,7 @@ pub(super) struct Taken {
     pub(super) stats: Option<(u32, bool)>,
     pub(super) group: Option<(u32, bool)>,
     pub(super) backends: Vec<(u32, bool)>,
+    pub(super) list: Option<(AllowPlacement, ListTaken)>,
 }
 
 impl Taken {
@@ -26,6 +32,24 @@ impl Taken {
     pub(super) fn reset_stats(&self) -> bool {
         self.stats.is_some_and(|(_, reused)| reused)
     }
+
+    /// The allow-list made for this mapping, whose prefixes are still to be written.
+    fn new_list(&self) -> Option<&AllowPlacement> {
+        self.list
+            .as_ref()
+            .filter(|(_, taken)| taken.created.is_some())
+            .map(|(list, _)| list)
+    }
+}
+
+/// Writes the prefixes of the allow-list `place` made for the mapping, if it made one.
+pub(super) fn write_new_list<M: Maps + ?Sized>(maps: &mut M, taken: &Taken) -> anyhow::Result<()> {
+    taken.new_list().map_or(Ok(()), |list| maps.set_allow(list))
+}
+
+/// Removes them again (a failed change).
+pub(super) fn clear_new_list<M: Maps + ?Sized>(maps: &mut M, taken: &Taken) -> anyhow::Result<()> {
+    taken.new_list().map_or(Ok(()), |list| maps.clear_allow(list))
 }
 
 pub(super) fn port_key(protocol: Protocol, port: u16) -> PortKey {
@@ -37,9 +61,31 @@ pub(super) fn port_key(protocol: Protocol, port: u16) -> PortKey {
 }
 
 impl Table {
-    /// Takes stats slot, Maglev table and backend slots for `mapping` (reusing `reuse`'s stats
-    /// slot and table where an update keeps them). Nothing is taken when this fails.
+    /// Takes stats slot, Maglev table, backend slots and allow-list for `mapping` (reusing
+    /// `reuse`'s stats slot and table where an update keeps them). Nothing is taken when this
+    /// fails.
     pub(super) fn place(
+        &mut self,
+        mapping: &Mapping,
+        reuse: Option<&Entry>,
+    ) -> Result<(Placement, Taken), TableError> {
+        let (mut place, mut taken) = self.place_slots(mapping, reuse)?;
+        if let Some(prefixes) = allow::effective(&mapping.allow, &self.policy, mapping.family()) {
+            match self.allow.take(mapping.family(), prefixes) {
+                Ok((list, list_taken)) => {
+                    place.allow = Some(list.clone());
+                    taken.list = Some((list, list_taken));
+                }
+                Err(e) => {
+                    self.untake(taken);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((place, taken))
+    }
+
+    fn place_slots(
         &mut self,
         mapping: &Mapping,
         reuse: Option<&Entry>,
@@ -61,6 +107,7 @@ impl Table {
             let place = Placement {
                 stats_slot,
                 group: None,
+                allow: None,
             };
             return Ok((place, taken));
         }
@@ -94,12 +141,16 @@ impl Table {
         let place = Placement {
             stats_slot,
             group: Some(GroupPlacement { group, backend_slots }),
+            allow: None,
         };
         Ok((place, taken))
     }
 
     /// Gives back exactly what `place` took (in reverse order).
     pub(super) fn untake(&mut self, taken: Taken) {
+        if let Some((list, list_taken)) = &taken.list {
+            self.allow.untake(list, *list_taken);
+        }
         for (id, reused) in taken.backends.into_iter().rev() {
             self.backends.untake(id, reused);
         }
@@ -121,6 +172,12 @@ impl Table {
     ) {
         if keep.is_none_or(|k| k.stats_slot != place.stats_slot) {
             self.draining.push(place.stats_slot);
+        }
+        // `keep` took its list (the same one, or another) before: this use of it goes.
+        if let Some(list) = &place.allow
+            && self.allow.give(list)
+        {
+            undo("a freed allow-list", maps.clear_allow(list));
         }
         let Some(g) = &place.group else { return };
         let kept = keep.and_then(|k| k.group.as_ref());

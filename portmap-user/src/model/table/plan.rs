@@ -36,8 +36,8 @@ pub fn find_free_run(
 }
 
 /// What applying a new list of mappings changes: an exact match stays; a mapping with the same
-/// published ports but other backends is updated in place (its flows keep going); the rest is
-/// removed or added.
+/// published ports but other backends or allow-list (or a dynamic one with another allow-list)
+/// is updated in place (its flows keep going); the rest is removed or added.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub remove: Vec<Mapping>,
@@ -81,6 +81,8 @@ pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
     let mut left: Vec<Option<&Mapping>> = current.iter().map(Some).collect();
     let mut exact: HashMap<&Mapping, VecDeque<usize>> = HashMap::new();
     let mut by_ports: HashMap<(Protocol, IpAddr, PortRange), VecDeque<usize>> = HashMap::new();
+    // Dynamic ones (no host ports) by all but their allow-list: a new list keeps the port.
+    let mut dynamic: HashMap<Mapping, VecDeque<usize>> = HashMap::new();
     for (i, c) in current.iter().enumerate() {
         exact.entry(c).or_default().push_back(i);
         if let Some(ports) = c.host_ports {
@@ -88,6 +90,8 @@ pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
                 .entry((c.protocol, c.host_ip, ports))
                 .or_default()
                 .push_back(i);
+        } else {
+            dynamic.entry(c.with_allow(Vec::new())).or_default().push_back(i);
         }
     }
     let mut plan = Plan::default();
@@ -99,11 +103,14 @@ pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
         }
     }
     for want in pending {
-        // `same_ports`: an unchanged binding whose mapping is still left (not matched exactly).
-        let same = want
-            .host_ports
-            .and_then(|ports| by_ports.get_mut(&(want.protocol, want.host_ip, ports)))
-            .and_then(|queue| std::iter::from_fn(|| queue.pop_front()).find(|&i| left[i].is_some()));
+        // `same_ports`: an unchanged binding whose mapping is still left (not matched exactly);
+        // a dynamic one that differs only in its allow-list.
+        let queue = match want.host_ports {
+            Some(ports) => by_ports.get_mut(&(want.protocol, want.host_ip, ports)),
+            None => dynamic.get_mut(&want.with_allow(Vec::new())),
+        };
+        let same =
+            queue.and_then(|queue| std::iter::from_fn(|| queue.pop_front()).find(|&i| left[i].is_some()));
         match same {
             Some(i) => {
                 let old = left[i].take().expect("still left");

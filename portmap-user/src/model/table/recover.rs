@@ -79,6 +79,7 @@ fn recover_one(
             && usize::from(u16::from_be(k.port_be)) == usize::from(start) + i
             && v.group == first.group
             && v.flags == first.flags
+            && v.allow_list == first.allow_list
     });
     if !same_mapping {
         return Err("its entries are not one run of ports on one address".into());
@@ -91,10 +92,30 @@ fn recover_one(
         host_ip: ip(first_key.addr),
         host_ports: Some(host_ports),
         backends,
+        allow: Vec::new(),
     };
     crate::model::spec::check(&mapping, &mapping.to_string()).map_err(|e| e.to_string())?;
     let reserved = first.flags & portmap_common::MAPPING_F_RUNTIME_RESERVES != 0;
-    Ok((mapping, Placement { stats_slot, group }, reserved))
+    // Its list comes back as its own (whether it was the host's cannot be known): the owner
+    // that takes the mapping over sets it again.
+    let allow = (first.allow_list != portmap_common::NO_ALLOW_LIST).then(|| super::AllowPlacement {
+        list: first.allow_list,
+        family: first_key.family,
+        prefixes: pinned.allow_list(first.allow_list),
+    });
+    let mapping = Mapping {
+        allow: allow.as_ref().map(|a| a.prefixes.clone()).unwrap_or_default(),
+        ..mapping
+    };
+    Ok((
+        mapping,
+        Placement {
+            stats_slot,
+            group,
+            allow,
+        },
+        reserved,
+    ))
 }
 
 /// The backends of a mapping of `count` ports whose first entry is `first`: its own backend, or

@@ -112,13 +112,13 @@ pub(super) enum Change {
 #[serde(rename_all = "lowercase")]
 pub enum Record {
     /// An entry added or updated (the whole entry, as it is now).
-    Put(SavedEntry),
+    Put(Box<SavedEntry>),
     /// The entry with this sequence number was removed; its stats slot drains.
     Remove { seq: u64, stats_slot: u32 },
 }
 
 /// The pool of `max` ids of which `used` are in use: the others are free (reused first).
-fn derived_pool(max: u32, used: &HashSet<u32>) -> Pool {
+pub(super) fn derived_pool(max: u32, used: &HashSet<u32>) -> Pool {
     let next = used.iter().max().map_or(0, |m| m + 1);
     let mut pool = Pool::new(max);
     for _ in 0..next {
@@ -150,7 +150,7 @@ impl Table {
         std::mem::take(&mut self.changes)
             .into_iter()
             .filter_map(|change| match change {
-                Change::Put(key) => self.entries.get(&key).map(|e| Record::Put(e.into())),
+                Change::Put(key) => self.entries.get(&key).map(|e| Record::Put(Box::new(e.into()))),
                 Change::Removed { seq, stats_slot } => Some(Record::Remove { seq, stats_slot }),
             })
             .collect()
@@ -213,6 +213,9 @@ impl Table {
         draining.dedup();
         used.stats.extend(draining.iter().copied());
         table.draining = draining;
+        table.allow = super::allow_lists::AllowLists::restored(
+            table.entries.values().filter_map(|e| e.place.allow.as_ref()),
+        )?;
         table.slots = derived_pool(capacity.ports, &used.stats);
         table.groups = derived_pool(capacity.groups, &used.groups);
         table.backends = derived_pool(capacity.backends, &used.backends);
@@ -224,6 +227,9 @@ impl Table {
     /// write and saving its state. Writing an entry with the value it has is invisible to
     /// traffic. Entries the table does not know are left to [`Table::mapping_keys`]' caller.
     pub fn rewrite<M: Maps + ?Sized>(&self, maps: &mut M) -> anyhow::Result<()> {
+        for list in self.allow.all() {
+            maps.set_allow(&list)?;
+        }
         let mut batch = Batch::new(maps);
         for entry in self.entries.values() {
             write_mapping(&mut batch, &entry.mapping, &entry.place, &entry.origin, false)?;
@@ -231,6 +237,15 @@ impl Table {
         let ports: Vec<_> = self.published_ports().into_iter().collect();
         batch.publish_ports(&ports)?;
         batch.commit()
+    }
+
+    /// Every `PM_ALLOW` entry the applied mappings' lists have.
+    #[must_use]
+    pub fn allow_entries(&self) -> std::collections::BTreeSet<(u16, ipnet::IpNet)> {
+        self.allow
+            .all()
+            .flat_map(|list| list.prefixes.into_iter().map(move |net| (list.list, net)))
+            .collect()
     }
 
     /// Every `PM_MAPPINGS` key the applied mappings have.
@@ -254,7 +269,7 @@ fn replay(
     for record in records {
         match record {
             Record::Put(entry) => {
-                by_seq.insert(entry.seq, entry);
+                by_seq.insert(entry.seq, *entry);
             }
             Record::Remove { seq, stats_slot } => {
                 if by_seq.remove(&seq).is_some() {

@@ -63,6 +63,21 @@ impl Maps for FlakyMaps {
         self.write()?;
         self.contents.unpublish_ports(ports)
     }
+    fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        if let Err(e) = self.write() {
+            let half = AllowPlacement {
+                prefixes: list.prefixes[..list.prefixes.len() / 2].to_vec(),
+                ..list.clone()
+            };
+            self.contents.set_allow(&half)?;
+            return Err(e);
+        }
+        self.contents.set_allow(list)
+    }
+    fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        self.write()?;
+        self.contents.clear_allow(list)
+    }
 }
 
 /// What the maps must hold for `table`'s mappings, and nothing else.
@@ -82,11 +97,21 @@ fn expected_contents(table: &Table) -> MapContents {
         .unwrap();
     }
     want.published_ports = table.published_ports();
+    want.allow = table.allow_entries();
     want
 }
 
 fn m(spec: &str) -> Mapping {
     parse(spec).unwrap()
+}
+
+/// `spec` with its own allow-list.
+fn ma(spec: &str, allow: &[&str]) -> Mapping {
+    m(spec).with_allow(nets(allow))
+}
+
+fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
 /// A table with single-backend, Maglev and range mappings, and freed slots waiting for reuse.
@@ -112,6 +137,14 @@ fn populated() -> (Table, FlakyMaps) {
         "8083:198.18.2.6:80",
     ] {
         table.add(&mut maps, &m(spec), &NoSockets).unwrap();
+    }
+    // Two mappings that share one allow-list, and one with a list of its own.
+    for (spec, allow) in [
+        ("8084:198.18.2.6:80", &["198.18.1.0/24", "198.18.3.0/24"][..]),
+        ("8085:198.18.2.6:81", &["198.18.3.0/24", "198.18.1.0/24"][..]),
+        ("8086:198.18.2.6:82", &["198.18.4.4/32"][..]),
+    ] {
+        table.add(&mut maps, &ma(spec, allow), &NoSockets).unwrap();
     }
     table
         .remove(&mut maps, &m("8082:198.18.2.4:80,198.18.2.5:80@3"))
@@ -182,6 +215,7 @@ fn fails_cleanly_at_every_write(
                 for (slot, backend) in &want.backends {
                     assert_eq!(fm.contents.backends.get(slot), Some(backend), "{context}");
                 }
+                assert!(want.allow.is_subset(&fm.contents.allow), "{context}: allow-lists");
                 outcomes.after_commit += 1;
             }
         }
@@ -235,6 +269,131 @@ fn rollback_of_update_failing_on_any_write_leaves_table_and_maps_as_before() {
 }
 
 #[test]
+fn rollback_of_allow_list_changes_failing_on_any_write_leaves_table_and_maps_as_before() {
+    let o = fails_cleanly_at_every_write("add with a new list", |t, maps| {
+        t.add(
+            maps,
+            &ma("7070:198.18.2.9:80", &["198.18.5.0/24", "198.18.6.0/24"]),
+            &NoSockets,
+        )
+        .map(drop)
+    });
+    assert_eq!(o.refused, o.writes);
+    fails_cleanly_at_every_write("add with a shared list", |t, maps| {
+        t.add(
+            maps,
+            &ma("7070:198.18.2.9:80", &["198.18.3.0/24", "198.18.1.0/24"]),
+            &NoSockets,
+        )
+        .map(drop)
+    });
+    for allow in [&["198.18.1.0/24"][..], &[][..], &["198.18.4.4/32"][..]] {
+        fails_cleanly_at_every_write("update of a list", |t, maps| {
+            t.update(maps, &ma("8084:198.18.2.6:80", allow)).map(drop)
+        });
+    }
+    fails_cleanly_at_every_write("a new host list", |t, maps| {
+        t.set_policy(maps, &nets(&["198.18.9.0/24", "fd00:9::/64"]))
+            .map(drop)
+    });
+    let desired = vec![
+        m("8080:198.18.2.2:80"),
+        ma("8081:198.18.2.2:81,198.18.2.3:81", &["198.18.7.0/24"]),
+    ];
+    fails_cleanly_at_every_write("a config with a host list", |t, maps| {
+        t.apply_config(maps, &nets(&["198.18.8.0/24"]), &desired, &NoSockets)
+            .map(drop)
+    });
+}
+
+#[test]
+fn mappings_with_the_same_list_share_it_and_the_host_list_applies_to_the_others() {
+    let (mut table, mut maps) = populated();
+    let lists = |t: &Table| {
+        t.entries()
+            .iter()
+            .map(|e| {
+                (
+                    e.mapping.host_ports.unwrap().start,
+                    e.place.allow.as_ref().map(|a| a.list),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = lists(&table);
+    assert_eq!(before[&8084], before[&8085]);
+    assert_ne!(before[&8084], before[&8086]);
+    assert_eq!(before[&8080], None);
+    // One list of 2 prefixes and one of 1.
+    assert_eq!(maps.contents.allow.len(), 3);
+    // The host's list: every mapping without its own takes it (IPv4 part only), one list.
+    table.take_flushes();
+    let changed = table
+        .set_policy(&mut maps, &nets(&["198.18.9.0/24", "fd00:9::/64"]))
+        .unwrap();
+    assert_eq!(changed, 3, "8080, 8081 and the range");
+    let after = lists(&table);
+    assert!(after[&8080].is_some() && after[&8080] == after[&9000] && after[&8081] == after[&8080]);
+    assert_eq!(after[&8084], before[&8084]);
+    assert_eq!(maps.contents, expected_contents(&table));
+    assert!(
+        maps.contents
+            .allow
+            .iter()
+            .any(|(_, n)| *n == nets(&["198.18.9.0/24"])[0])
+    );
+    assert!(!maps.contents.allow.iter().any(|(_, n)| n.addr().is_ipv6()));
+    // Their flows from outside the new list go.
+    let flushes = table.take_flushes();
+    assert_eq!(flushes.len(), 3, "{flushes:?}");
+    assert!(
+        flushes
+            .iter()
+            .all(|f| f.outside == Some(nets(&["198.18.9.0/24"])))
+    );
+    // The host list goes: so do its list and its entries; own lists stay.
+    table.set_policy(&mut maps, &[]).unwrap();
+    assert_eq!(lists(&table), before);
+    assert_eq!(maps.contents, expected_contents(&table));
+    // The last user of a list takes its entries with it.
+    table.remove(&mut maps, &m("8086:198.18.2.6:82")).unwrap();
+    assert_eq!(maps.contents.allow.len(), 2);
+    table.remove(&mut maps, &m("8084:198.18.2.6:80")).unwrap();
+    assert_eq!(maps.contents.allow.len(), 2, "8085 still uses it");
+    table.remove(&mut maps, &m("8085:198.18.2.6:81")).unwrap();
+    assert!(maps.contents.allow.is_empty());
+}
+
+#[test]
+fn a_dynamic_mapping_keeps_its_port_when_its_list_changes() {
+    let (mut table, mut maps) = populated();
+    table
+        .apply(&mut maps, &[m(":198.18.2.9:80")], &NoSockets)
+        .unwrap();
+    let port = |t: &Table| {
+        t.mappings()
+            .iter()
+            .find(|x| x.backends[0].ip.to_string() == "198.18.2.9")
+            .unwrap()
+            .host_ports
+    };
+    let before = port(&table);
+    let plan = table
+        .apply(&mut maps, &[ma(":198.18.2.9:80", &["198.18.1.0/24"])], &NoSockets)
+        .unwrap();
+    assert_eq!((plan.add.len(), plan.update.len(), plan.remove.len()), (0, 1, 0));
+    assert_eq!(port(&table), before);
+    assert_eq!(maps.contents, expected_contents(&table));
+}
+
+#[test]
+fn del_names_a_mapping_without_its_list() {
+    let (mut table, mut maps) = populated();
+    let removed = table.remove(&mut maps, &m("8084:198.18.2.6:80")).unwrap();
+    assert_eq!(removed.allow, nets(&["198.18.1.0/24", "198.18.3.0/24"]));
+}
+
+#[test]
 fn rollback_of_remove_failing_leaves_table_and_maps_as_before() {
     fails_cleanly_at_every_write("del", |t, maps| {
         t.remove(maps, &m("8081:198.18.2.2:81,198.18.2.3:81")).map(drop)
@@ -282,11 +441,11 @@ fn freed_slots_are_zeroed_and_reused() {
     let (mut table, mut maps) = populated();
     // The Maglev table and backend slots of the removed 8082 are zero and taken again.
     table
-        .add(&mut maps, &m("8084:198.18.2.6:80,198.18.2.7:80"), &NoSockets)
+        .add(&mut maps, &m("8094:198.18.2.6:80,198.18.2.7:80"), &NoSockets)
         .unwrap();
     table.update(&mut maps, &m("8081:198.18.2.2:81")).unwrap();
     assert_eq!(maps.contents, expected_contents(&table));
-    assert_eq!(maps.contents.maglev.len(), 1, "only 8084 keeps a Maglev table");
+    assert_eq!(maps.contents.maglev.len(), 1, "only 8094 keeps a Maglev table");
     assert_eq!(maps.contents.backends.len(), 2);
 }
 
@@ -299,6 +458,7 @@ fn an_uncommitted_batch_writes_no_entry() {
         &Placement {
             stats_slot: 0,
             group: None,
+            allow: None,
         },
         false,
     )[0]
@@ -331,7 +491,8 @@ fn a_removed_mappings_stats_slot_is_not_reused_while_its_flows_live() {
         table.take_flushes(),
         vec![FlowFlush {
             stats_slot: old,
-            backend: None
+            backend: None,
+            outside: None,
         }]
     );
     // Until an expiry pass finds no flow counting into it, the slot stays out of the pool (the
@@ -590,7 +751,7 @@ fn docker_containers_own_their_mappings_by_id() {
 fn the_pinned_maps_alone_give_the_mappings_back() {
     let (mut table, mut maps) = populated();
     table
-        .add(&mut maps, &m("8084:198.18.2.7:80,198.18.2.8:80@3"), &NoSockets)
+        .add(&mut maps, &m("8094:198.18.2.7:80,198.18.2.8:80@3"), &NoSockets)
         .unwrap();
     let container = Origin::Container("net/c1/eth0".into());
     let published = [m("8090:198.18.2.20:80")];

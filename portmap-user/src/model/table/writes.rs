@@ -9,10 +9,11 @@
 use std::collections::{BTreeSet, HashMap};
 
 use portmap_common::{
-    BackendValue, MAGLEV_SIZE, MAPPING_F_RUNTIME_RESERVES, MaglevTable, MappingKey, MappingValue, NO_GROUP,
-    PortKey, addr_words,
+    BackendValue, MAGLEV_SIZE, MAPPING_F_RUNTIME_RESERVES, MaglevTable, MappingKey, MappingValue,
+    NO_ALLOW_LIST, NO_GROUP, PortKey, addr_words,
 };
 
+pub use super::allow_lists::AllowPlacement;
 use crate::{model::maglev, model::mapping::Mapping};
 
 /// Where the table placed a mapping in the maps.
@@ -22,6 +23,9 @@ pub struct Placement {
     pub stats_slot: u32,
     /// For a mapping with several backends: its Maglev table and backend slots.
     pub group: Option<GroupPlacement>,
+    /// For a mapping with an allow-list (its own or the host's): its `PM_ALLOW` list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<AllowPlacement>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -50,6 +54,10 @@ pub trait Maps {
     fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()>;
     /// Removes `PM_PUBLISHED_PORTS` entries; a port that is not there counts as removed.
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()>;
+    /// Writes the `PM_ALLOW` entries of a list.
+    fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()>;
+    /// Removes the `PM_ALLOW` entries of a list; one that is not there counts as removed.
+    fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()>;
 }
 
 /// Collects `PM_MAPPINGS` and `PM_PUBLISHED_PORTS` writes and sends them to the kernel together
@@ -116,6 +124,14 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
         self.ports.retain(|p| !ports.contains(p));
         self.maps.unpublish_ports(ports)
     }
+
+    fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        self.maps.set_allow(list)
+    }
+
+    fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        self.maps.clear_allow(list)
+    }
 }
 
 /// The `PM_MAPPINGS` keys of a mapping (one per host port; none while unallocated).
@@ -162,7 +178,7 @@ pub fn mapping_entries(
                 stats_slot: place.stats_slot,
                 family: mapping.family(),
                 flags,
-                _pad: [0; 2],
+                allow_list: place.allow.as_ref().map_or(NO_ALLOW_LIST, |a| a.list),
             };
             (mapping.map_key(port), value)
         })
@@ -232,6 +248,20 @@ pub struct MapContents {
     /// Non-zero `PM_MAGLEV` tables.
     pub maglev: HashMap<u32, Vec<u32>>,
     pub published_ports: BTreeSet<PortKey>,
+    /// `PM_ALLOW`: (list, prefix) pairs.
+    pub allow: BTreeSet<(u16, ipnet::IpNet)>,
+}
+
+impl MapContents {
+    /// The prefixes of `PM_ALLOW` list `list`.
+    #[must_use]
+    pub fn allow_list(&self, list: u16) -> Vec<ipnet::IpNet> {
+        self.allow
+            .range((list, ipnet::IpNet::V4(ipnet::Ipv4Net::default()))..)
+            .take_while(|(l, _)| *l == list)
+            .map(|(_, net)| *net)
+            .collect()
+    }
 }
 
 impl Maps for MapContents {
@@ -280,6 +310,19 @@ impl Maps for MapContents {
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
         for p in ports {
             self.published_ports.remove(p);
+        }
+        Ok(())
+    }
+
+    fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        self.allow
+            .extend(list.prefixes.iter().map(|net| (list.list, *net)));
+        Ok(())
+    }
+
+    fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        for net in &list.prefixes {
+            self.allow.remove(&(list.list, *net));
         }
         Ok(())
     }

@@ -49,7 +49,7 @@ const TEST_MODULES: [&str; 11] = [
 ];
 
 /// The test binaries and filters run in the guest, with their arguments.
-const GUEST_TESTS: [(&str, &[&str]); 4] = [
+const GUEST_TESTS: [(&str, &[&str]); 5] = [
     ("golden", &["--test-threads=1"]),
     (
         "e2e",
@@ -63,6 +63,7 @@ const GUEST_TESTS: [(&str, &[&str]); 4] = [
     ),
     ("local_path", &["--test-threads=1", "tc_reaches"]),
     ("masquerade", &["--test-threads=1", "tc_replies"]),
+    ("allow_lists", &["--test-threads=1", "drops_outside_tc"]),
 ];
 
 pub fn vmtest(package: Option<String>, fuzz_packets: u64, filter: Option<&str>) -> anyhow::Result<()> {

@@ -103,25 +103,51 @@ pub const DEFAULT_DYNAMIC_PORTS: PortRange = PortRange {
     end: 60999,
 };
 
-/// A mapping in the config: a spec string, or the structured form `portmap list --json` prints.
+/// A mapping in the config: a spec string, a spec with its allow-list
+/// (`{ spec = "5432:198.18.2.2:5432", allow = ["198.18.1.0/24"] }`), or the structured form
+/// `portmap list --json` prints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum MappingEntry {
     Spec(String),
+    WithAllow(SpecWithAllow),
     Structured(Mapping),
+}
+
+/// A spec string and the mapping's own source allow-list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecWithAllow {
+    pub spec: String,
+    /// As written (a bad prefix is named by `parse`, which an untagged enum's error cannot).
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 impl MappingEntry {
     fn parse(&self) -> Result<Mapping, SpecError> {
+        let checked = |m: Mapping| {
+            let m = m.with_allow(m.allow.clone());
+            spec::check(&m, &m.to_string()).map(|()| m)
+        };
         match self {
             Self::Spec(text) => spec::parse(text),
-            Self::Structured(m) => spec::check(m, &m.to_string()).map(|()| m.with_allow(m.allow.clone())),
+            Self::WithAllow(entry) => {
+                let allow = entry
+                    .allow
+                    .iter()
+                    .map(|p| crate::model::allow::parse_prefix(p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                checked(spec::parse(&entry.spec)?.with_allow(allow))
+            }
+            Self::Structured(m) => checked(m.clone()),
         }
     }
 
     fn text(&self) -> String {
         match self {
             Self::Spec(text) => text.clone(),
+            Self::WithAllow(entry) => entry.spec.clone(),
             Self::Structured(m) => m.to_string(),
         }
     }
@@ -248,6 +274,7 @@ pub struct Live {
     /// The host's source allow-list (README, "Restricting who reaches a port"): every mapping
     /// without its own `allow` admits new flows only from these prefixes (of its family; one
     /// family named alone admits nobody of the other). Empty: everyone.
+    #[serde(deserialize_with = "crate::model::allow::deserialize_list")]
     pub allow: Vec<ipnet::IpNet>,
 }
 

@@ -85,6 +85,14 @@ fn errors_name_the_problem() {
             "interfaces = [\"eth0\"]\nmappings = [\"1:198.18.2.2:1\", \"2:198.18.2.2:1\"]\n[limits]\nmax_mappings = 1",
             "2 published ports exceed limits.max_mappings = 1",
         ),
+        (
+            "interfaces = [\"eth0\"]\nmappings = [{ spec = \"5432:198.18.2.2:5432\", allow = [\"fd00:1::/64\"] }]",
+            "allow fd00:1::/64 is IPv6, the mapping is IPv4",
+        ),
+        (
+            "interfaces = [\"eth0\"]\nallow = [\"198.18.1.1/24\"]",
+            "allow 198.18.1.1/24 has host bits set: write 198.18.1.0/24",
+        ),
     ];
     for (text, want) in cases {
         let err = Config::from_toml(text)
@@ -93,6 +101,22 @@ fn errors_name_the_problem() {
             .to_string();
         assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
     }
+}
+
+#[test]
+fn allow_lists_parse_on_mappings_and_for_the_host() {
+    let text = "interfaces = [\"eth0\"]\nallow = [\"198.18.1.0/24\", \"fd00:1::/64\"]\nmappings = [\
+                { spec = \"5432:198.18.2.2:5432\", allow = [\"198.18.3.7\", \"198.18.1.0/24\"] }, \"8080:198.18.2.2:80\"]";
+    let valid = Config::from_toml(text).unwrap().validate().unwrap();
+    let nets = |l: &[&str]| {
+        l.iter()
+            .map(|s| s.parse().unwrap())
+            .collect::<Vec<ipnet::IpNet>>()
+    };
+    assert_eq!(valid.config.live.allow, nets(&["198.18.1.0/24", "fd00:1::/64"]));
+    // Sorted, a bare address a /32.
+    assert_eq!(valid.mappings[0].allow, nets(&["198.18.1.0/24", "198.18.3.7/32"]));
+    assert!(valid.mappings[1].allow.is_empty());
 }
 
 #[test]

@@ -72,6 +72,16 @@ pub fn parse_list(text: &str) -> Result<Vec<IpNet>, AllowError> {
         .collect()
 }
 
+/// A list as serde reads it (the config's `allow`): each item as [`parse_prefix`] reads it, a
+/// bad one named in the parser's error (with its position).
+pub fn deserialize_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    let items = <Vec<String> as serde::Deserialize>::deserialize(deserializer)?;
+    items
+        .iter()
+        .map(|text| parse_prefix(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
 /// Checks a list that applies to mappings of either family (the host's, a label's, a
 /// network's): every prefix a network, at most `MAX_ALLOW_PREFIXES` of each family.
 pub fn check_list(list: &[IpNet]) -> Result<(), AllowError> {

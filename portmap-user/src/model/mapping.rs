@@ -159,7 +159,11 @@ pub struct Mapping {
     pub backends: Vec<Backend>,
     /// The mapping's own source allow-list (`model::allow`: prefixes of its family); empty: the
     /// host's list applies (the config's `allow`), or none, and everyone may reach it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::model::allow::deserialize_list"
+    )]
     pub allow: Vec<ipnet::IpNet>,
 }
 

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! pm-probe tcp ADDR                    connect, send "hello\n", half-close, read the reply
+//! pm-probe tcp ADDR from SRC           the same from a socket bound to SRC (port 0) first
 //! pm-probe udp ADDR connected|unconnected   send "hello\n", receive one answer and its source
 //! pm-probe bind tcp|udp ADDR           bind (and listen, for TCP)
 //! ```
@@ -22,8 +23,20 @@ fn failed(e: &std::io::Error) -> Value {
     json!({"ok": false, "error": format!("{:?}", e.kind()), "errno": e.raw_os_error(), "message": e.to_string()})
 }
 
-fn tcp(addr: SocketAddr) -> std::io::Result<Value> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+fn tcp(addr: SocketAddr, from: Option<SocketAddr>) -> std::io::Result<Value> {
+    let mut stream: TcpStream = match from {
+        None => TcpStream::connect_timeout(&addr, TIMEOUT)?,
+        Some(src) => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.bind(&src.into())?;
+            socket.connect_timeout(&addr.into(), TIMEOUT)?;
+            socket.into()
+        }
+    };
     stream.set_read_timeout(Some(TIMEOUT))?;
     let peer = stream.peer_addr()?;
     stream.write_all(b"hello\n")?;
@@ -81,12 +94,13 @@ fn main() {
     let parse =
         |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|e| panic!("pm-probe: address {s}: {e}")) };
     let result = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["tcp", addr] => tcp(parse(addr)),
+        ["tcp", addr] => tcp(parse(addr), None),
+        ["tcp", addr, "from", src] => tcp(parse(addr), Some(parse(src))),
         ["udp", addr, mode] => udp(parse(addr), *mode == "connected"),
         ["bind", proto, addr] => bind(proto, parse(addr)),
         ["reserve", addr] => reserve(parse(addr)),
         _ => panic!(
-            "pm-probe: usage: tcp ADDR | udp ADDR connected|unconnected | bind tcp|udp ADDR | reserve ADDR"
+            "pm-probe: usage: tcp ADDR [from SRC] | udp ADDR connected|unconnected | bind tcp|udp ADDR | reserve ADDR"
         ),
     };
     println!("{}", result.unwrap_or_else(|e| failed(&e)));

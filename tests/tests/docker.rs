@@ -465,3 +465,69 @@ fn docker_dual_stack_bindings_publish_both_families() -> anyhow::Result<()> {
     s.host_reaches("[::1]:8080")?;
     Ok(())
 }
+
+/// The `portmap.allow` label (issue 27): a container's ports admit new flows only from its
+/// prefixes, each family's mapping taking its own; a binding of a family the label names no
+/// prefix of is not published (rather than published to everyone); `list` shows the lists.
+#[test]
+fn docker_allow_label_restricts_the_containers_ports() -> anyhow::Result<()> {
+    let s = Setup::new(
+        Mode::Tc,
+        DockerdOptions {
+            ipv6: true,
+            ..WITH_IPTABLES
+        },
+    )?;
+    s.run(
+        "inside",
+        &["-p", "8080:8000", "--label", "portmap.allow=198.18.0.0/24"],
+    )?;
+    s.run(
+        "outside",
+        &[
+            "-p",
+            "8081:8000",
+            "--label",
+            "portmap.allow=198.18.9.0/24,fd00:9::/64",
+        ],
+    )?;
+    let listed = s.wait_list("the labelled containers published", |l| {
+        l.contains("-> 0.0.0.0:8080") && l.contains("-> 0.0.0.0:8081") && l.contains("-> [::]:8081")
+    })?;
+    ensure!(
+        !listed.contains("-> [::]:8080"),
+        "a family the label does not name was published: {listed}"
+    );
+    ensure!(
+        listed
+            .lines()
+            .any(|l| l.contains("-> 0.0.0.0:8080") && l.ends_with("allow 198.18.0.0/24"))
+            && listed
+                .lines()
+                .any(|l| l.contains("-> [::]:8081") && l.ends_with("allow fd00:9::/64")),
+        "list: {listed}"
+    );
+    ensure!(
+        s.daemon
+            .log()
+            .contains("the allow-list names no prefix of their family"),
+        "no warning about the unpublished binding: {}",
+        s.daemon.log()
+    );
+    s.wire_reaches(8080)?;
+    let r = probe(&s.topo.client, None, &["tcp", "198.18.0.1:8081"])?;
+    ensure!(
+        r["ok"] == false && r["error"] == "TimedOut",
+        "wire client outside the label's list: {r}"
+    );
+    let stats = s.daemon.stats()?;
+    let denied = stats
+        .mapping_on_port(8081)
+        .map(|m| m.drop_denied)
+        .unwrap_or_default();
+    ensure!(
+        denied > 0 && counter(&stats, Stat::DropDenied) == denied,
+        "drop_denied: {stats:?}"
+    );
+    Ok(())
+}

@@ -205,3 +205,104 @@ fn podman_compose_up_publishes_through_portmap_and_down_unpublishes() -> anyhow:
     drop(podman);
     daemon.stop()
 }
+
+/// The network's `allow` on portmap-cni's entry (issue 27): its containers' ports admit new
+/// flows only from the list — a wire client outside it is dropped, a host process judged by
+/// its address — `list` shows the list, the daemon's re-chaining keeps the key, and a bad prefix
+/// fails `podman run` with the network and the prefix named.
+#[test]
+fn podman_network_allow_restricts_its_containers_ports() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    let podman = Podman::new(&topo.host, &daemon.cgroup)?;
+    let conf_dir = podman.conf_dir.to_str().context("utf-8")?.to_owned();
+    daemon.stop()?;
+    let mut args = mode_args(&topo, Mode::Tc)?;
+    args.extend(["--cni-conf-dir", &conf_dir]);
+    daemon.restart(&topo.host, &args)?;
+    podman.ok(&["network", "create", "pmallow", "--subnet", "198.18.72.0/24"])?;
+    let conflist = podman.conf_dir.join("pmallow.conflist");
+    wait_for(
+        "the daemon to chain the new network",
+        Duration::from_secs(10),
+        || Ok(std::fs::read_to_string(&conflist)?.contains("\"portmap-cni\"")),
+    )?;
+    let set_allow = |allow: &[&str]| -> anyhow::Result<()> {
+        let mut value: Value = serde_json::from_str(&std::fs::read_to_string(&conflist)?)?;
+        let plugins = value["plugins"].as_array_mut().context("plugins")?;
+        let entry = plugins
+            .iter_mut()
+            .find(|p| p["type"] == "portmap-cni")
+            .context("no portmap-cni entry")?;
+        entry["allow"] = serde_json::json!(allow);
+        std::fs::write(&conflist, serde_json::to_string_pretty(&value)?)?;
+        Ok(())
+    };
+    let run = |name: &str, port: &str| {
+        podman.output(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "pmallow",
+            "-p",
+            port,
+            PODMAN_IMAGE,
+            "httpd",
+            "-f",
+            "-p",
+            "8000",
+            "-h",
+            "/",
+        ])
+    };
+
+    set_allow(&["198.18.1.1/24"])?;
+    let bad = run("bad", "9997:8000")?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    ensure!(
+        !bad.status.success() && stderr.contains("network pmallow: allow 198.18.1.1/24 has host bits set"),
+        "podman run with a bad allow: {stderr}"
+    );
+    ensure!(
+        daemon.cli_ok(&["list"])?.is_empty(),
+        "published despite the bad list"
+    );
+    podman.ok(&["rm", "-f", "-t", "0", "bad"])?;
+
+    // The wire client (198.18.0.2) and the host's address (a host process unbound) are outside.
+    set_allow(&["198.18.9.0/24", "127.0.0.1"])?;
+    let out = run("guarded", "9998:8000")?;
+    ensure!(
+        out.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = daemon.cli_ok(&["list"])?;
+    ensure!(
+        listed.contains("-> 0.0.0.0:9998  pmallow/") && listed.contains("allow 127.0.0.1/32,198.18.9.0/24"),
+        "list: {listed}"
+    );
+    let r = probe(&topo.client, None, &["tcp", "198.18.0.1:9998"])?;
+    ensure!(
+        r["ok"] == false && r["error"] == "TimedOut",
+        "wire client outside the list: {r}"
+    );
+    ensure!(counter(&daemon.stats()?, Stat::DropDenied) > 0, "no drop_denied");
+    let r = hooked(&topo, &daemon, &["tcp", "198.18.0.1:9998"])?;
+    ensure!(
+        r["error"] == "PermissionDenied",
+        "host process at 198.18.0.1: {r}"
+    );
+    let r = hooked(&topo, &daemon, &["tcp", "127.0.0.1:9998"])?;
+    ensure!(reaches_httpd(&r), "host process at 127.0.0.1 (in the list): {r}");
+    // The daemon's conflist follower left the key in place.
+    ensure!(
+        std::fs::read_to_string(&conflist)?.contains("198.18.9.0/24"),
+        "the allow key was removed"
+    );
+    podman.ok(&["rm", "-f", "-t", "0", "guarded"])?;
+    drop(podman);
+    daemon.stop()
+}

@@ -62,16 +62,34 @@ fn entry(socket: &str) -> Value {
     })
 }
 
-/// The same entry for the formatting-preserving editor.
-fn entry_input(socket: &str) -> CstInputValue {
-    CstInputValue::Object(vec![
+/// The same entry for the formatting-preserving editor, with the operator's `allow` of the
+/// entry it replaces (a portmap-cni entry of another socket).
+fn entry_input(socket: &str, allow: Option<&Value>) -> CstInputValue {
+    let mut fields = vec![
         ("type".into(), PLUGIN_TYPE.into()),
         (
             "capabilities".into(),
             CstInputValue::Object(vec![("portMappings".into(), true.into())]),
         ),
         ("socket".into(), socket.into()),
-    ])
+    ];
+    if let Some(list) = allow.and_then(Value::as_array) {
+        let items = list
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|p| CstInputValue::String(p.to_owned()))
+            .collect();
+        fields.push(("allow".into(), CstInputValue::Array(items)));
+    }
+    CstInputValue::Object(fields)
+}
+
+/// A portmap-cni entry as [`entry`] writes it, keys the operator added (`allow`) aside.
+fn chained_as_wanted(plugin: &Value, socket: &str) -> bool {
+    let wanted = entry(socket);
+    ["type", "capabilities", "socket"]
+        .iter()
+        .all(|key| plugin.get(key) == wanted.get(key))
 }
 
 /// Where portmap-cni goes in a conflist's plugin list: in place of an entry of the reference
@@ -97,7 +115,7 @@ fn place(conflist: &Value, socket: &str) -> anyhow::Result<Option<Place>> {
             .iter()
             .position(|p| matches!(kind(p).as_deref(), Some(PLUGIN_TYPE | "portmap")))
         {
-            Some(i) if plugins[i] == entry(socket) => None,
+            Some(i) if chained_as_wanted(&plugins[i], socket) => None,
             Some(i) => Some(Place::Replace(i)),
             None => Some(Place::Insert(1)),
         },
@@ -121,10 +139,14 @@ pub fn chain(text: &str, socket: &str) -> anyhow::Result<Option<String>> {
             // Removed and inserted anew (the editor indents an insert as its neighbours).
             let old = plugins.elements().into_iter().nth(i);
             old.context("no such plugin entry")?.remove();
-            plugins.insert(i, entry_input(socket));
+            let replaced = &conflist["plugins"][i];
+            let allow = (replaced.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE))
+                .then(|| replaced.get("allow"))
+                .flatten();
+            plugins.insert(i, entry_input(socket, allow));
         }
         Place::Insert(i) => {
-            plugins.insert(i, entry_input(socket));
+            plugins.insert(i, entry_input(socket, None));
         }
     }
     let mut chained = root.to_string();
@@ -283,6 +305,14 @@ mod tests {
         // Another socket: the entry is rewritten.
         let moved: Value = serde_json::from_str(&chain(&chained, "/t").unwrap().unwrap()).unwrap();
         assert_eq!(moved["plugins"][1], entry("/t"));
+        // The operator's `allow` on the entry stays, also when the socket moves.
+        let mut listed: Value = serde_json::from_str(&chained).unwrap();
+        listed["plugins"][1]["allow"] = json!(["198.18.1.0/24"]);
+        let listed = serde_json::to_string_pretty(&listed).unwrap();
+        assert_eq!(chain(&listed, "/s").unwrap(), None);
+        let moved: Value = serde_json::from_str(&chain(&listed, "/t").unwrap().unwrap()).unwrap();
+        assert_eq!(moved["plugins"][1]["allow"], json!(["198.18.1.0/24"]));
+        assert_eq!(moved["plugins"][1]["socket"], "/t");
     }
 
     #[test]

@@ -153,7 +153,8 @@ impl Datapath {
                     | aya::maps::Map::Array(d)
                     | aya::maps::Map::PerCpuArray(d)
                     | aya::maps::Map::DevMapHash(d)
-                    | aya::maps::Map::ProgramArray(d) => d,
+                    | aya::maps::Map::ProgramArray(d)
+                    | aya::maps::Map::LpmTrie(d) => d,
                     _ => bail!("{name}: unexpected map type"),
                 };
                 let fd = data.fd().as_fd().as_raw_fd();

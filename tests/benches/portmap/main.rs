@@ -6,6 +6,7 @@
 //! figures with the machine; writes `results.json` (raw samples included), `report.md` and a PNG
 //! per scaling curve to the output directory. Nothing here asserts a timing.
 
+mod allow;
 mod flood;
 mod micro;
 mod plot;
@@ -41,8 +42,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Only these variants in the packet and reply sections (comma-separated: routing,
-    /// iptables, nftables, nft-stateless, portmap-tc, portmap-tc-fib, portmap-xdp, xdp-floor,
-    /// tc-floor), e.g. to profile one of them.
+    /// iptables, nftables, nft-stateless, portmap-tc, portmap-tc-fib, portmap-tc-allow,
+    /// portmap-xdp, xdp-floor, tc-floor), e.g. to profile one of them.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
     /// Passed by `cargo bench`; ignored.
@@ -203,7 +204,7 @@ fn new_flows(plan: &Plan) -> anyhow::Result<Vec<NewFlows>> {
     ));
     for &n in &plan.flow_mappings {
         // Routing is measured at every size too: it shows the run-to-run noise.
-        for variant in Variant::STACK {
+        for variant in Variant::NEW_FLOWS {
             let bed = setup::bed(variant, n)?;
             let (ip, port) = target(variant, n - 1, false);
             let mut samples = (0..plan.repetitions)
@@ -432,6 +433,17 @@ fn program_costs(plan: &Plan) -> anyhow::Result<Vec<micro::ProgramCost>> {
                 cost.established_tc_local_ns,
                 cost.new_flow_xdp_ns
             ));
+            if let Some(a) = &cost.allow {
+                say(&format!(
+                    "  {n:>8} mappings, {} allow prefixes: established XDP {:.1} ns / TC {:.1} ns, new flow {:.1} ns, \
+                     refused new flow {:.1} ns",
+                    allow::PREFIXES,
+                    a.established_xdp_ns,
+                    a.established_tc_ns,
+                    a.new_flow_xdp_ns,
+                    a.new_flow_refused_xdp_ns
+                ));
+            }
             programs.push(cost);
         }
     }

@@ -15,7 +15,10 @@ use portmap::{
 use portmap_common::prog_names;
 use portmap_tests::{Daemon, HOST_CLIENT_IFACE, TempDir, Topology};
 
-use crate::setup::{self, BASE_PORT, ROUTER, SINK, Variant};
+use crate::{
+    allow::{self, AllowCost},
+    setup::{self, BASE_PORT, ROUTER, SINK, Variant},
+};
 
 /// ns per run of one program on one packet, as the kernel times `repeat` runs.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -35,12 +38,21 @@ pub struct ProgramCost {
     /// add the forwarding.
     pub xdp_steps_ns: [f64; 4],
     pub tc_steps_ns: [f64; 4],
+    /// The same with `allow::PREFIXES` prefixes on the measured mapping.
+    pub allow: Option<AllowCost>,
 }
 
 fn tcp_frame(src_port: u16, dst: (Ipv4Addr, u16), flags_syn: bool) -> Vec<u8> {
+    tcp_frame_from(GENERATOR, src_port, dst, flags_syn)
+}
+
+/// The generator's address (the client of every frame but the refused ones).
+const GENERATOR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+fn tcp_frame_from(src: Ipv4Addr, src_port: u16, dst: (Ipv4Addr, u16), flags_syn: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let step = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-        .ipv4([198, 18, 0, 2], dst.0.octets(), 64)
+        .ipv4(src.octets(), dst.0.octets(), 64)
         .tcp(src_port, dst.1, 1, 64240);
     let step = if flags_syn { step.syn() } else { step.ack(1) };
     step.write(&mut out, &[0u8; 16]).expect("buildable");
@@ -89,6 +101,7 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
         );
         const RUN: u32 = 50_000;
         let mut last = (ROUTER, BASE_PORT);
+        let mut last_spec = None;
         let mut last_backend_port = 80;
         let mut left = mappings;
         let mut address = 0u8;
@@ -102,7 +115,9 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
                 u32::from(BASE_PORT) + n - 1,
                 80 + n - 1
             );
-            let placed = table.add(&mut dp, &spec::parse(&spec)?, &NoSockets)?;
+            let mapping = spec::parse(&spec)?;
+            let placed = table.add(&mut dp, &mapping, &NoSockets)?;
+            last_spec = Some(mapping);
             anyhow::ensure!(
                 placed.host_ports.is_some_and(|p| p.count() == n),
                 "{spec} placed as {placed}"
@@ -162,13 +177,40 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
         let xdp_local = cost(&dp, xdp_prog, true, &ack)?;
         let tc_local = cost(&dp, tc_prog, false, &ack)?;
         dp.sync_local_backends([])?;
-        // New flows: one run per client port.
-        let mut new_total = 0.0;
+        // New flows: one run per client port (a fresh port range for each measurement).
         let new_runs = 2_000u16;
-        for port in 0..new_runs {
-            let frame = tcp_frame(1_000 + port, last, true);
-            new_total += ns(dp.test_run(Hook::XdpIngress, &frame, ifindex, 1)?.duration) - overhead;
-        }
+        // XDP_DROP for the refused ones, anything else for the rest.
+        const XDP_DROP: u32 = 1;
+        let new_flow =
+            |dp: &Datapath, src: Ipv4Addr, first_port: u16, refused: bool| -> anyhow::Result<f64> {
+                let mut total = 0.0;
+                for port in 0..new_runs {
+                    let frame = tcp_frame_from(src, first_port + port, last, true);
+                    let run = dp.test_run(Hook::XdpIngress, &frame, ifindex, 1)?;
+                    anyhow::ensure!(
+                        (run.return_value == XDP_DROP) == refused,
+                        "a new flow from {src}: XDP verdict {} (refused expected: {refused})",
+                        run.return_value
+                    );
+                    total += ns(run.duration) - overhead;
+                }
+                Ok(total / f64::from(new_runs))
+            };
+        let new_flow_xdp = new_flow(&dp, GENERATOR, 1_000, false)?;
+        // The allow-list on the measured mapping: the same established flow, then new ones
+        // from a listed client and from one outside the list.
+        let list = allow::prefixes()
+            .iter()
+            .map(|p| portmap::model::allow::parse_prefix(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let listed = last_spec.context("no mapping")?.with_allow(list);
+        table.update(&mut dp, &listed)?;
+        let allow = AllowCost {
+            established_xdp_ns: cost(&dp, xdp_prog, true, &ack)?,
+            established_tc_ns: cost(&dp, tc_prog, false, &ack)?,
+            new_flow_xdp_ns: new_flow(&dp, GENERATOR, 1_000 + new_runs, false)?,
+            new_flow_refused_xdp_ns: new_flow(&dp, allow::OUTSIDE, 1_000, true)?,
+        };
         Ok(ProgramCost {
             mappings,
             noop_ns: noop,
@@ -177,9 +219,10 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
             established_tc_ns: tc,
             established_xdp_local_ns: xdp_local,
             established_tc_local_ns: tc_local,
-            new_flow_xdp_ns: new_total / f64::from(new_runs),
+            new_flow_xdp_ns: new_flow_xdp,
             xdp_steps_ns: xdp_steps,
             tc_steps_ns: tc_steps,
+            allow: Some(allow),
         })
     })
 }
@@ -426,8 +469,9 @@ pub fn memory() -> anyhow::Result<Memory> {
             .find(|m| m.name == name)
             .map_or(0.0, |m| m.bytes as f64 / (f64::from(m.max_entries) / divisor))
     };
-    let mapping =
-        per(portmap_common::map_names::MAPPINGS, 1.0) + per(portmap_common::map_names::MAPPING_STATS, 1.0);
+    let mapping = per(portmap_common::map_names::MAPPINGS, 1.0)
+        + per(portmap_common::map_names::MAPPING_STATS, 1.0)
+        + per(portmap_common::map_names::MAPPING_DENIED, 1.0);
     let flow = per(portmap_common::map_names::CONNTRACK, 2.0);
     Ok(Memory {
         maps: maps

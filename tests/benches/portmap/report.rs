@@ -273,6 +273,15 @@ fn targets(s: &mut String, r: &Results) {
         );
         check(
             &format!(
+                "with a {}-prefix allow-list, an established packet costs no more (eBPF, XDP, ≤ 1.05× without a list)",
+                crate::allow::PREFIXES
+            ),
+            crate::allow::established_ratio(first),
+            "×",
+            &|v| v <= 1.05,
+        );
+        check(
+            &format!(
                 "eBPF cost flat within 10 % from {} to {} mappings",
                 first.mappings, last.mappings
             ),
@@ -549,6 +558,7 @@ fn absolutes(s: &mut String, r: &Results) {
         );
     }
     step_table(s, r);
+    crate::allow::table(s, r);
     let _ = writeln!(s, "\n## Control plane (ms)\n");
     let _ = writeln!(
         s,

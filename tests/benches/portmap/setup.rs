@@ -33,6 +33,9 @@ pub enum Variant {
     /// portmap in TC mode with `local_fast_path = false`: a FIB lookup and `bpf_redirect` per
     /// packet, as for a backend on another machine.
     PortmapTcFib,
+    /// `PortmapTc` with the config's top-level `allow` set to `allow::PREFIXES` prefixes (the
+    /// generator's address among them): what a source allow-list costs.
+    PortmapTcAllow,
     /// portmap in XDP mode (the sink's veth is a redirect target: the fast path's cached
     /// addresses and a devmap redirect).
     PortmapXdp,
@@ -45,13 +48,14 @@ pub enum Variant {
 
 impl Variant {
     /// Every variant, in report order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Routing,
         Self::Iptables,
         Self::Nftables,
         Self::NftStateless,
         Self::PortmapTc,
         Self::PortmapTcFib,
+        Self::PortmapTcAllow,
         Self::PortmapXdp,
         Self::XdpFloor,
         Self::TcFloor,
@@ -65,6 +69,15 @@ impl Variant {
         Self::PortmapTc,
         Self::PortmapXdp,
     ];
+    /// The variants whose new connections per second are measured: `STACK` and the allow-list.
+    pub const NEW_FLOWS: [Self; 6] = [
+        Self::Routing,
+        Self::Iptables,
+        Self::Nftables,
+        Self::PortmapTc,
+        Self::PortmapTcAllow,
+        Self::PortmapXdp,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -74,6 +87,7 @@ impl Variant {
             Self::NftStateless => "nftables stateless (notrack)",
             Self::PortmapTc => "portmap TC",
             Self::PortmapTcFib => "portmap TC, FIB path",
+            Self::PortmapTcAllow => "portmap TC, allow-list",
             Self::PortmapXdp => "portmap XDP",
             Self::XdpFloor => "XDP redirect, no rewrite",
             Self::TcFloor => "TC redirect_peer, no rewrite",
@@ -89,6 +103,7 @@ impl Variant {
             Self::NftStateless => "nft-stateless",
             Self::PortmapTc => "portmap-tc",
             Self::PortmapTcFib => "portmap-tc-fib",
+            Self::PortmapTcAllow => "portmap-tc-allow",
             Self::PortmapXdp => "portmap-xdp",
             Self::XdpFloor => "xdp-floor",
             Self::TcFloor => "tc-floor",
@@ -283,7 +298,7 @@ pub fn bed(variant: Variant, n: u32) -> anyhow::Result<Bed> {
             std::fs::write(&file, nft_stateless_ruleset(n))?;
             timed_in(topo, "nft", &["-f", file.to_str().context("utf-8")?], None)?;
         }
-        Variant::PortmapTc | Variant::PortmapTcFib | Variant::PortmapXdp => {
+        Variant::PortmapTc | Variant::PortmapTcFib | Variant::PortmapTcAllow | Variant::PortmapXdp => {
             let (mode, attach) = if variant == Variant::PortmapXdp {
                 (Mode::Xdp, "xdp")
             } else {
@@ -291,7 +306,11 @@ pub fn bed(variant: Variant, n: u32) -> anyhow::Result<Bed> {
             };
             let file = bed._dir.path().join("portmap.toml");
             let fast = variant != Variant::PortmapTcFib;
-            std::fs::write(&file, portmap_config_with(n, attach, true, fast))?;
+            let mut text = portmap_config_with(n, attach, true, fast);
+            if variant == Variant::PortmapTcAllow {
+                text.insert_str(0, &crate::allow::config_line());
+            }
+            std::fs::write(&file, text)?;
             let config = file.to_str().context("utf-8")?.to_string();
             let daemon = start_daemon(topo, mode, &["--config", &config])?;
             // Its expiry passes stay off CPU 1, where the packet measurements count busy time.

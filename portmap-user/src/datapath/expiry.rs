@@ -94,21 +94,26 @@ pub struct ExpiryPlan {
 /// next packet is a new flow, which the list refuses).
 #[must_use]
 pub fn plan_flush(entries: &[(FlowKey, FlowValue)], flushes: &[FlowFlush]) -> Vec<FlowKey> {
+    // A list change flushes every mapping on the list at once: by slot, not one scan per flush.
+    let mut by_slot: StdHashMap<u32, Vec<&FlowFlush>> = StdHashMap::new();
+    for flush in flushes {
+        by_slot.entry(flush.stats_slot).or_default().push(flush);
+    }
     let mut delete = Vec::new();
     for (key, value) in entries.iter().filter(|(_, v)| v.direction == DIR_FORWARD) {
+        let Some(slot_flushes) = by_slot.get(&value.stats_slot) else {
+            continue;
+        };
         let backend = words_addr(key.family, value.nat_addr);
         let client = words_addr(key.family, key.src);
         let port = u16::from_be(value.nat_port_be);
-        let selected = flushes.iter().any(|f| {
-            f.stats_slot == value.stats_slot
-                && match &f.outside {
-                    Some(list) => !crate::model::allow::admits(list, client),
-                    None => {
-                        key.proto == PROTO_UDP
-                            && f.backend
-                                .is_none_or(|(ip, ports)| ip == backend && ports.contains(port))
-                    }
-                }
+        let selected = slot_flushes.iter().any(|f| match &f.outside {
+            Some(list) => !crate::model::allow::admits(list, client),
+            None => {
+                key.proto == PROTO_UDP
+                    && f.backend
+                        .is_none_or(|(ip, ports)| ip == backend && ports.contains(port))
+            }
         });
         if selected {
             delete.push(*key);
@@ -325,7 +330,7 @@ mod tests {
         let narrowed = FlowFlush {
             stats_slot: 0,
             backend: None,
-            outside: Some(vec!["198.18.1.0/24".parse().unwrap()]),
+            outside: Some(vec!["198.18.1.0/24".parse().unwrap()].into()),
         };
         let got = plan_flush(&entries, std::slice::from_ref(&narrowed));
         assert_eq!(

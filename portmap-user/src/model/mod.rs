@@ -6,5 +6,6 @@
 pub mod allow;
 pub mod maglev;
 pub mod mapping;
+pub mod prefixes;
 pub mod spec;
 pub mod table;

@@ -9,20 +9,43 @@ use portmap_common::{MAX_ALLOW_ENTRIES, NO_ALLOW_LIST};
 use serde::{Deserialize, Serialize};
 
 use super::{Maps, TableError, pool::Pool};
+use crate::model::prefixes::Prefixes;
 
 /// Where a mapping's allow-list is: its `PM_ALLOW` list and what that list holds.
+///
+/// Saved without the prefixes: a state file holds each list once ([`SavedList`]), not once
+/// per mapping that uses it, and restoring fills them in.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AllowPlacement {
     /// `MappingValue::allow_list` (never `NO_ALLOW_LIST`).
     pub list: u16,
     /// `FAMILY_V4` or `FAMILY_V6`, the mapping's.
     pub family: u8,
-    /// Sorted, of `family`; empty: the list admits nobody.
+    /// Sorted, of `family`; empty: the list admits nobody. Shared by every mapping on the list.
+    #[serde(skip)]
+    pub prefixes: Prefixes,
+}
+
+/// One list as saved: its id, family and prefixes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedList {
+    pub list: u16,
+    pub family: u8,
     pub prefixes: Vec<IpNet>,
 }
 
+impl From<AllowPlacement> for SavedList {
+    fn from(p: AllowPlacement) -> Self {
+        Self {
+            list: p.list,
+            family: p.family,
+            prefixes: p.prefixes.to_vec(),
+        }
+    }
+}
+
 /// Lists are found by what they hold.
-type ListKey = (u8, Vec<IpNet>);
+type ListKey = (u8, Prefixes);
 
 /// What `take` did, for `untake` to give back exactly.
 #[derive(Clone, Copy, Debug, Default)]
@@ -58,7 +81,7 @@ impl AllowLists {
     pub(super) fn take(
         &mut self,
         family: u8,
-        prefixes: Vec<IpNet>,
+        prefixes: Prefixes,
     ) -> Result<(AllowPlacement, ListTaken), TableError> {
         let key = (family, prefixes);
         if let Some((list, users)) = self.by_set.get_mut(&key) {
@@ -145,6 +168,11 @@ impl AllowLists {
         lists.ids = super::snapshot::derived_pool(u32::from(u16::MAX), &used);
         lists.entries = sets.values().map(|(_, p)| p.len() as u32).sum();
         Ok(lists)
+    }
+
+    /// List `list` with its contents, if it is in use.
+    pub(super) fn content(&self, list: u16) -> Option<AllowPlacement> {
+        self.all().find(|p| p.list == list)
     }
 
     /// Every list, with its contents.

@@ -41,7 +41,10 @@ use self::{
 };
 use crate::{
     host::sockets::Sockets,
-    model::mapping::{Mapping, PortRange, Protocol},
+    model::{
+        mapping::{Mapping, PortRange, Protocol},
+        prefixes::Prefixes,
+    },
 };
 
 /// Who asked for a mapping, and so who may take it away: a config diff (start, reload) adds,
@@ -129,7 +132,7 @@ pub struct FlowFlush {
     /// Only flows to this backend address and port range.
     pub backend: Option<(IpAddr, PortRange)>,
     /// Flows of every protocol whose client is outside these prefixes (`backend` aside).
-    pub outside: Option<Vec<ipnet::IpNet>>,
+    pub outside: Option<Prefixes>,
 }
 
 /// Capacities of the maps, from the config's `[limits]`.
@@ -181,6 +184,9 @@ pub struct Table {
     allow: allow_lists::AllowLists,
     /// The host's allow-list (the config's `allow`): every mapping without its own enforces it.
     policy: Vec<ipnet::IpNet>,
+    /// `policy`'s IPv4 and IPv6 prefixes, normalized: the one list every mapping of the family
+    /// without its own shares.
+    policy_lists: [Prefixes; 2],
 }
 
 /// Writes a placed mapping's map contents: counters zeroed (`reset_stats`), backends and Maglev
@@ -231,7 +237,18 @@ impl Table {
             changes: Vec::new(),
             allow: allow_lists::AllowLists::default(),
             policy: Vec::new(),
+            policy_lists: [Prefixes::default(), Prefixes::default()],
         }
+    }
+
+    /// The list `mapping` enforces (`allow::effective`), sharing the host's where it applies.
+    pub(super) fn effective_list(&self, mapping: &Mapping) -> Option<Prefixes> {
+        let family = mapping.family();
+        if !mapping.allow.is_empty() {
+            return Some(crate::model::allow::of_family(&mapping.allow, family).into());
+        }
+        let v6 = usize::from(family == portmap_common::FAMILY_V6);
+        (!self.policy.is_empty()).then(|| self.policy_lists[v6].clone())
     }
 
     /// The host's allow-list as the table enforces it.
@@ -243,7 +260,7 @@ impl Table {
     /// The allow-list `entry` enforces (`None`: everyone).
     #[must_use]
     pub fn enforced(entry: &Entry) -> Option<&[ipnet::IpNet]> {
-        entry.place.allow.as_ref().map(|a| a.prefixes.as_slice())
+        entry.place.allow.as_ref().map(|a| &*a.prefixes)
     }
 
     /// Hands back to the pool the drained stats slots that no flow counts into any more (the
@@ -466,8 +483,17 @@ impl Table {
                 seq: self.next_seq,
             },
         );
-        self.changes.push(snapshot::Change::Put(key));
+        self.note_put(key, &taken);
         Ok(mapping)
+    }
+
+    /// Notes that the entry at `key` was placed (`taken`) and written: a list made for it is
+    /// saved before it.
+    fn note_put(&mut self, key: Key, taken: &place::Taken) {
+        if let Some((list, allow_lists::ListTaken { created: Some(_) })) = &taken.list {
+            self.changes.push(snapshot::Change::List(list.list));
+        }
+        self.changes.push(snapshot::Change::Put(key));
     }
 
     /// Finds the entry `spec` names: by its applied form, or by its requested form if that is
@@ -639,7 +665,7 @@ impl Table {
                 seq: old.seq,
             },
         );
-        self.changes.push(snapshot::Change::Put(key));
+        self.note_put(key, &taken);
         Ok(())
     }
 
@@ -656,12 +682,13 @@ impl Table {
         }
         let before = self.clone();
         self.policy = policy.to_vec();
+        self.policy_lists = [portmap_common::FAMILY_V4, portmap_common::FAMILY_V6]
+            .map(|family| crate::model::allow::of_family(policy, family).into());
         let affected: Vec<Key> = self
             .entries
             .iter()
             .filter(|(_, e)| {
-                let want = crate::model::allow::effective(&e.mapping.allow, &self.policy, e.mapping.family());
-                want.as_deref() != Self::enforced(e)
+                self.effective_list(&e.mapping).as_ref() != e.place.allow.as_ref().map(|a| &a.prefixes)
             })
             .map(|(key, _)| *key)
             .collect();

@@ -12,10 +12,7 @@ use super::{
     undo,
     writes::{clear_backends, clear_group},
 };
-use crate::model::{
-    allow,
-    mapping::{Mapping, Protocol},
-};
+use crate::model::mapping::{Mapping, Protocol};
 
 /// What `place` took from the pools (id, and whether it was used before), so that a failure
 /// gives exactly that back.
@@ -70,7 +67,7 @@ impl Table {
         reuse: Option<&Entry>,
     ) -> Result<(Placement, Taken), TableError> {
         let (mut place, mut taken) = self.place_slots(mapping, reuse)?;
-        if let Some(prefixes) = allow::effective(&mapping.allow, &self.policy, mapping.family()) {
+        if let Some(prefixes) = self.effective_list(mapping) {
             match self.allow.take(mapping.family(), prefixes) {
                 Ok((list, list_taken)) => {
                     place.allow = Some(list.clone());

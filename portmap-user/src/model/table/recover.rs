@@ -16,6 +16,7 @@ use portmap_common::{MappingKey, MappingValue, NO_GROUP, PROTO_SCTP, PROTO_TCP, 
 
 use super::{
     Capacity, GroupPlacement, Origin, Placement, Table,
+    allow_lists::SavedList,
     snapshot::{SavedEntry, Snapshot},
     writes::MapContents,
 };
@@ -36,9 +37,10 @@ impl Table {
         }
         let mut entries = Vec::new();
         let mut skipped = Vec::new();
+        let mut lists = BTreeMap::new();
         for (slot, mut ports) in by_slot {
             ports.sort_by_key(|(key, _)| u16::from_be(key.port_be));
-            match recover_one(slot, &ports, pinned) {
+            match recover_one(slot, &ports, pinned, &mut lists) {
                 Ok((mapping, place, reserved)) => entries.push(SavedEntry::recovered(
                     mapping,
                     place,
@@ -48,7 +50,7 @@ impl Table {
                 Err(why) => skipped.push(format!("stats slot {slot}: {why}")),
             }
         }
-        let snapshot = Snapshot::of_entries(entries, capacity);
+        let snapshot = Snapshot::of_entries(entries, lists.into_values().collect(), capacity);
         Ok((
             Self::from_snapshot(capacity, dynamic, snapshot, Vec::new())?,
             skipped,
@@ -57,11 +59,13 @@ impl Table {
 }
 
 /// One mapping from its `PM_MAPPINGS` entries (sorted by port), with where it is placed and
-/// whether its ports are a runtime's reservation.
+/// whether its ports are a runtime's reservation; the list it names joins `lists` (each list
+/// read from the maps once).
 fn recover_one(
     stats_slot: u32,
     ports: &[(MappingKey, MappingValue)],
     pinned: &MapContents,
+    lists: &mut BTreeMap<u16, SavedList>,
 ) -> Result<(Mapping, Placement, bool), String> {
     let (first_key, first) = ports.first().ok_or("no entries")?;
     let protocol = match first_key.proto {
@@ -97,14 +101,29 @@ fn recover_one(
     crate::model::spec::check(&mapping, &mapping.to_string()).map_err(|e| e.to_string())?;
     let reserved = first.flags & portmap_common::MAPPING_F_RUNTIME_RESERVES != 0;
     // Its list comes back as its own (whether it was the host's cannot be known): the owner
-    // that takes the mapping over sets it again.
-    let allow = (first.allow_list != portmap_common::NO_ALLOW_LIST).then(|| super::AllowPlacement {
-        list: first.allow_list,
-        family: first_key.family,
-        prefixes: pinned.allow_list(first.allow_list),
-    });
+    // that takes the mapping over sets it again. The mapping holds a copy of it (as a mapping
+    // with its own list does); the placement's prefixes are filled in, shared, on restore.
+    let mut allow = None;
+    let mut own = Vec::new();
+    if first.allow_list != portmap_common::NO_ALLOW_LIST {
+        let list = first.allow_list;
+        let saved = lists.entry(list).or_insert_with(|| SavedList {
+            list,
+            family: first_key.family,
+            prefixes: pinned.allow_list(list),
+        });
+        if saved.family != first_key.family {
+            return Err(format!("allow list {list} is used by both address families"));
+        }
+        own.clone_from(&saved.prefixes);
+        allow = Some(super::AllowPlacement {
+            list,
+            family: saved.family,
+            prefixes: Default::default(),
+        });
+    }
     let mapping = Mapping {
-        allow: allow.as_ref().map(|a| a.prefixes.clone()).unwrap_or_default(),
+        allow: own,
         ..mapping
     };
     Ok((

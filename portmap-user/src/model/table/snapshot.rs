@@ -11,15 +11,21 @@ use portmap_common::MappingKey;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, Capacity, Entry, Key, Maps, Origin, Placement, Table, key_of, pool::Pool, write_mapping,
-    writes::mapping_keys,
+    Batch, Capacity, Entry, Key, Maps, Origin, Placement, Table, allow_lists::SavedList, key_of, pool::Pool,
+    write_mapping, writes::mapping_keys,
 };
-use crate::model::mapping::{Mapping, PortRange};
+use crate::model::{
+    mapping::{Mapping, PortRange},
+    prefixes::Prefixes,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// In the order they were added.
     entries: Vec<SavedEntry>,
+    /// The allow-lists the entries use, each once (an entry names its list by id).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    allow_lists: Vec<SavedList>,
     next_seq: u64,
     next_dynamic: u16,
     draining: Vec<u32>,
@@ -56,9 +62,15 @@ impl SavedEntry {
 }
 
 impl Snapshot {
-    /// A snapshot of `entries` (in order) for maps of `capacity`, nothing draining.
-    pub(super) fn of_entries(entries: Vec<SavedEntry>, capacity: Capacity) -> Self {
+    /// A snapshot of `entries` (in order) using `allow_lists` for maps of `capacity`, nothing
+    /// draining.
+    pub(super) fn of_entries(
+        entries: Vec<SavedEntry>,
+        allow_lists: Vec<SavedList>,
+        capacity: Capacity,
+    ) -> Self {
         Self {
+            allow_lists,
             next_seq: entries.len() as u64,
             next_dynamic: 0,
             draining: Vec::new(),
@@ -105,6 +117,8 @@ pub(super) enum Change {
     Put(Key),
     /// The entry with this sequence number went; its stats slot drains.
     Removed { seq: u64, stats_slot: u32 },
+    /// This allow-list was made (for the entries that will name it).
+    List(u16),
 }
 
 /// One change as saved after the snapshot.
@@ -115,6 +129,9 @@ pub enum Record {
     Put(Box<SavedEntry>),
     /// The entry with this sequence number was removed; its stats slot drains.
     Remove { seq: u64, stats_slot: u32 },
+    /// An allow-list made (its id may have held another list before): entries saved after it
+    /// that name its id use it.
+    List(SavedList),
 }
 
 /// The pool of `max` ids of which `used` are in use: the others are free (reused first).
@@ -135,6 +152,7 @@ impl Table {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             entries: self.entries().into_iter().map(SavedEntry::from).collect(),
+            allow_lists: self.allow.all().map(SavedList::from).collect(),
             next_seq: self.next_seq,
             next_dynamic: self.next_dynamic,
             draining: self.draining.clone(),
@@ -152,6 +170,7 @@ impl Table {
             .filter_map(|change| match change {
                 Change::Put(key) => self.entries.get(&key).map(|e| Record::Put(Box::new(e.into()))),
                 Change::Removed { seq, stats_slot } => Some(Record::Remove { seq, stats_slot }),
+                Change::List(list) => self.allow.content(list).map(|p| Record::List(p.into())),
             })
             .collect()
     }
@@ -177,21 +196,22 @@ impl Table {
                 "saved with limits.{limit} = {saved}, configured {max}"
             );
         }
-        let (by_seq, mut draining) = replay(snapshot.entries, snapshot.draining, records);
+        let (next_seq, next_dynamic) = (snapshot.next_seq, snapshot.next_dynamic);
+        let Replayed {
+            by_seq,
+            mut draining,
+            lists,
+        } = replay(snapshot, records);
         let mut table = Self::new(capacity, dynamic);
-        table.next_seq = by_seq
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
-            .max(snapshot.next_seq);
-        table.next_dynamic = if dynamic.contains(snapshot.next_dynamic) {
-            snapshot.next_dynamic
+        table.next_seq = by_seq.keys().next_back().copied().unwrap_or(0).max(next_seq);
+        table.next_dynamic = if dynamic.contains(next_dynamic) {
+            next_dynamic
         } else {
             dynamic.start
         };
         let mut used = UsedSlots::default();
-        for entry in by_seq.into_values().map(Entry::from) {
+        for mut entry in by_seq.into_values().map(Entry::from) {
+            lists.fill(&mut entry)?;
             let Some(key) = key_of(&entry.mapping) else {
                 bail!("saved mapping {} has no host ports", entry.mapping);
             };
@@ -242,10 +262,11 @@ impl Table {
     /// Every `PM_ALLOW` entry the applied mappings' lists have.
     #[must_use]
     pub fn allow_entries(&self) -> std::collections::BTreeSet<(u16, ipnet::IpNet)> {
-        self.allow
-            .all()
-            .flat_map(|list| list.prefixes.into_iter().map(move |net| (list.list, net)))
-            .collect()
+        let mut entries = std::collections::BTreeSet::new();
+        for list in self.allow.all() {
+            entries.extend(list.prefixes.iter().map(|net| (list.list, *net)));
+        }
+        entries
     }
 
     /// Every `PM_MAPPINGS` key the applied mappings have.
@@ -258,14 +279,23 @@ impl Table {
     }
 }
 
-/// The saved entries by sequence number once `records` are replayed over the snapshot's, and
-/// the stats slots still draining (those of removed mappings).
-fn replay(
-    entries: Vec<SavedEntry>,
-    mut draining: Vec<u32>,
-    records: Vec<Record>,
-) -> (BTreeMap<u64, SavedEntry>, Vec<u32>) {
-    let mut by_seq: BTreeMap<u64, SavedEntry> = entries.into_iter().map(|e| (e.seq, e)).collect();
+/// What `records` replayed over a snapshot leave.
+struct Replayed {
+    /// The saved entries by sequence number.
+    by_seq: BTreeMap<u64, SavedEntry>,
+    /// The stats slots still draining (those of removed mappings).
+    draining: Vec<u32>,
+    /// The allow-lists by id, each as it was last made.
+    lists: ListsById,
+}
+
+fn replay(snapshot: Snapshot, records: Vec<Record>) -> Replayed {
+    let mut by_seq: BTreeMap<u64, SavedEntry> = snapshot.entries.into_iter().map(|e| (e.seq, e)).collect();
+    let mut draining = snapshot.draining;
+    let mut lists = ListsById::default();
+    for list in snapshot.allow_lists {
+        lists.insert(list);
+    }
     for record in records {
         match record {
             Record::Put(entry) => {
@@ -276,9 +306,46 @@ fn replay(
                     draining.push(stats_slot);
                 }
             }
+            Record::List(list) => lists.insert(list),
         }
     }
-    (by_seq, draining)
+    Replayed {
+        by_seq,
+        draining,
+        lists,
+    }
+}
+
+/// Saved allow-lists by id, each one shared [`Prefixes`] for every entry that names it.
+#[derive(Default)]
+struct ListsById(std::collections::HashMap<u16, (u8, Prefixes)>);
+
+impl ListsById {
+    fn insert(&mut self, list: SavedList) {
+        self.0.insert(list.list, (list.family, list.prefixes.into()));
+    }
+
+    /// Gives `entry`'s allow placement the prefixes of the list it names.
+    fn fill(&self, entry: &mut Entry) -> anyhow::Result<()> {
+        let Some(place) = entry.place.allow.as_mut() else {
+            return Ok(());
+        };
+        let Some((family, prefixes)) = self.0.get(&place.list) else {
+            bail!(
+                "saved mapping {} names allow list {}, which is not saved",
+                entry.mapping,
+                place.list
+            );
+        };
+        ensure!(
+            *family == place.family,
+            "saved mapping {} names allow list {} of the other address family",
+            entry.mapping,
+            place.list
+        );
+        place.prefixes = prefixes.clone();
+        Ok(())
+    }
 }
 
 /// The slots the restored entries use, each claimed once.

@@ -66,7 +66,7 @@ impl Maps for FlakyMaps {
     fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
         if let Err(e) = self.write() {
             let half = AllowPlacement {
-                prefixes: list.prefixes[..list.prefixes.len() / 2].to_vec(),
+                prefixes: list.prefixes[..list.prefixes.len() / 2].to_vec().into(),
                 ..list.clone()
             };
             self.contents.set_allow(&half)?;
@@ -349,7 +349,7 @@ fn mappings_with_the_same_list_share_it_and_the_host_list_applies_to_the_others(
     assert!(
         flushes
             .iter()
-            .all(|f| f.outside == Some(nets(&["198.18.9.0/24"])))
+            .all(|f| f.outside == Some(nets(&["198.18.9.0/24"]).into()))
     );
     // The host list goes: so do its list and its entries; own lists stay.
     table.set_policy(&mut maps, &[]).unwrap();
@@ -614,6 +614,75 @@ fn a_snapshot_and_its_journal_restore_the_same_table() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("limits.max_mappings"), "{err}");
+}
+
+/// The host's list on many mappings is saved once, not once per mapping, in the snapshot and in
+/// the journal (a new list is a record of its own before the entries that name it), and the
+/// restored mappings share one copy of it.
+#[test]
+fn a_shared_list_is_saved_once_and_restored_shared() {
+    let (mut table, mut maps) = populated();
+    let host: Vec<ipnet::IpNet> = (0..200)
+        .map(|i| format!("198.19.{i}.0/24").parse().unwrap())
+        .collect();
+    table.set_policy(&mut maps, &host).unwrap();
+    table.take_changes();
+    let json = serde_json::to_string(&table.snapshot()).unwrap();
+    assert_eq!(
+        json.matches("198.19.199.0/24").count(),
+        1,
+        "the list once in {json}"
+    );
+    let dynamic = table.dynamic;
+    let restore = |records: Vec<Record>| {
+        Table::from_snapshot(SMALL, dynamic, serde_json::from_str(&json).unwrap(), records).unwrap()
+    };
+    let shared = |t: &Table| {
+        let on_host: Vec<*const ipnet::IpNet> = t
+            .entries()
+            .iter()
+            .filter(|e| e.mapping.allow.is_empty())
+            .map(|e| e.place.allow.as_ref().unwrap().prefixes.as_ptr())
+            .collect();
+        assert_eq!(on_host.len(), 3, "8080, 8081 and the range");
+        on_host.windows(2).all(|w| w[0] == w[1])
+    };
+    let restored = restore(Vec::new());
+    assert_same_table(&restored, &table);
+    assert!(shared(&restored));
+
+    // Another host list, then a mapping with a list of its own: the journal holds each new
+    // list once and the entries that name them.
+    table.set_policy(&mut maps, &host[..100]).unwrap();
+    table
+        .add(
+            &mut maps,
+            &ma("8091:198.18.2.9:80", &["198.18.5.0/24"]),
+            &NoSockets,
+        )
+        .unwrap();
+    let lines: Vec<String> = table
+        .take_changes()
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with("{\"list\"")).count(),
+        2,
+        "{lines:?}"
+    );
+    assert_eq!(lines.iter().filter(|l| l.contains("198.19.99.0/24")).count(), 1);
+    let restored = restore(lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect());
+    assert_same_table(&restored, &table);
+    assert!(shared(&restored));
+    assert_eq!(restored.allow_entries(), table.allow_entries());
+
+    // An entry that names a list no record holds is refused, naming it.
+    let mut value = serde_json::to_value(table.snapshot()).unwrap();
+    value["allow_lists"] = serde_json::json!([]);
+    let err =
+        Table::from_snapshot(SMALL, dynamic, serde_json::from_value(value).unwrap(), Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("which is not saved"), "{err}");
 }
 
 /// A snapshot whose mappings share a stats slot is refused rather than restored.

@@ -1,6 +1,7 @@
 //! Source allow-lists (issue 27) end to end: two client namespaces, one inside a mapping's list
 //! and one outside it, on TC and XDP; `update` and a reload that narrow the list while a flow
-//! from the left-out client is open; host processes and containers through the socket hooks.
+//! from the left-out client is open; lists across a killed daemon and a restart; host processes
+//! and containers through the socket hooks.
 //! Needs root (run through `cargo xtask test`).
 
 use std::{
@@ -225,6 +226,66 @@ fn a_reload_narrowing_the_host_list_drops_the_left_out_flows() -> anyhow::Result
     );
     ensure!(denied(&daemon.stats()?, 8080)? >= 1, "no refusal counted");
     Ok(())
+}
+
+/// The lists survive restarts: the host's list (from the config) and a mapping's own one added
+/// at run time (saved in the journal, as its own record before the mapping's) after the daemon
+/// is killed, then both from the snapshot the next start writes; each port admits and refuses
+/// the same clients as before.
+#[test]
+fn lists_survive_a_killed_daemon_and_a_restart() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let outside = outside_client(&topo, Mode::Tc)?;
+    let dir = TempDir::new("cfg")?;
+    let config = dir.path().join("portmap.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"h0\", \"{OUTSIDE_IFACE}\"]\nallow = [\"198.18.0.0/24\"]\nmappings = [\"8080:198.18.1.2:80\"]\n"
+        ),
+    )?;
+    let args = ["--config", config.to_str().context("non-UTF-8 temp path")?];
+    let mut daemon = Daemon::start(&topo.host, &args)?;
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    daemon.cli_ok(&["add", "8081:198.18.1.2:80", "--allow", "198.18.4.0/24"])?;
+    daemon.cli_ok(&["add", "8082:198.18.1.2:80"])?;
+    let before = daemon.cli_ok(&["list", "--json"])?;
+    let from_outside = |port| SocketAddrV4::new(OUTSIDE_HOST_IP, port);
+    let check = |when: &str| -> anyhow::Result<()> {
+        Open::connect(&topo.client, published(8080)).with_context(|| format!("{when}: inside -> 8080"))?;
+        ensure!(
+            dropped(&outside, from_outside(8080))?,
+            "{when}: outside reached 8080"
+        );
+        Open::connect(&outside, from_outside(8081)).with_context(|| format!("{when}: outside -> 8081"))?;
+        ensure!(
+            dropped(&topo.client, published(8081))?,
+            "{when}: inside reached 8081"
+        );
+        ensure!(
+            dropped(&outside, from_outside(8082))?,
+            "{when}: outside reached 8082"
+        );
+        Ok(())
+    };
+    check("before")?;
+    daemon.kill()?;
+    daemon.restart(&topo.host, &args)?;
+    ensure!(
+        daemon.cli_ok(&["list", "--json"])? == before,
+        "after the kill: {}",
+        daemon.log()
+    );
+    check("after the kill")?;
+    daemon.stop()?;
+    daemon.restart(&topo.host, &args)?;
+    ensure!(
+        daemon.cli_ok(&["list", "--json"])? == before,
+        "after the restart: {}",
+        daemon.log()
+    );
+    check("after the restart")?;
+    daemon.stop()
 }
 
 /// A probe in the daemon's cgroup (subject to the socket hooks).

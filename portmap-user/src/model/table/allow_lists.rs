@@ -59,6 +59,8 @@ pub(super) struct ListTaken {
 pub(super) struct AllowLists {
     /// Every list in use: its id and how many mappings use it.
     by_set: imbl::HashMap<ListKey, (u16, u32)>,
+    /// The same lists by id.
+    by_id: imbl::HashMap<u16, ListKey>,
     /// Ids less one (`NO_ALLOW_LIST` is 0).
     ids: Pool,
     /// Prefixes `PM_ALLOW` holds.
@@ -69,6 +71,7 @@ impl Default for AllowLists {
     fn default() -> Self {
         Self {
             by_set: imbl::HashMap::new(),
+            by_id: imbl::HashMap::new(),
             ids: Pool::new(u32::from(u16::MAX)),
             entries: 0,
         }
@@ -104,6 +107,7 @@ impl AllowLists {
         let list = id as u16 + 1;
         self.entries += count;
         self.by_set.insert(key.clone(), (list, 1));
+        self.by_id.insert(list, key.clone());
         let place = AllowPlacement {
             list,
             family,
@@ -123,6 +127,7 @@ impl AllowLists {
         match taken.created {
             Some(reused) => {
                 self.by_set.remove(&key);
+                self.by_id.remove(&place.list);
                 self.entries -= place.prefixes.len() as u32;
                 self.ids.untake(u32::from(place.list - 1), reused);
             }
@@ -146,6 +151,7 @@ impl AllowLists {
             return false;
         }
         self.by_set.remove(&key);
+        self.by_id.remove(&place.list);
         self.entries -= place.prefixes.len() as u32;
         self.ids.give(u32::from(place.list - 1));
         true
@@ -167,12 +173,17 @@ impl AllowLists {
         let used: std::collections::HashSet<u32> = sets.keys().map(|l| u32::from(l - 1)).collect();
         lists.ids = super::snapshot::derived_pool(u32::from(u16::MAX), &used);
         lists.entries = sets.values().map(|(_, p)| p.len() as u32).sum();
+        lists.by_id = sets.into_iter().collect();
         Ok(lists)
     }
 
     /// List `list` with its contents, if it is in use.
     pub(super) fn content(&self, list: u16) -> Option<AllowPlacement> {
-        self.all().find(|p| p.list == list)
+        self.by_id.get(&list).map(|(family, prefixes)| AllowPlacement {
+            list,
+            family: *family,
+            prefixes: prefixes.clone(),
+        })
     }
 
     /// Every list, with its contents.

@@ -122,15 +122,25 @@ pub fn of_family(list: &[IpNet], family: u8) -> Vec<IpNet> {
     normalized(list.iter().filter(|n| n.addr().is_ipv6() == v6))
 }
 
-/// The list a mapping of `family` enforces: its own if it has one, else the host's (`policy`),
-/// of its family; `None` (everyone) when neither has one. `Some` of an empty list admits
-/// nobody (a host list that names only the other family).
+/// Whose list a mapping enforces (its prefixes of the mapping's family, `of_family`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Its own.
+    Own,
+    /// The host's (`policy`): its own is empty. Of a family the host's list names none of,
+    /// it admits nobody.
+    Host,
+}
+
+/// The list a mapping with `own` enforces: its own if it has one, else the host's (`policy`);
+/// `None` (everyone) when neither has one.
 #[must_use]
-pub fn effective(own: &[IpNet], policy: &[IpNet], family: u8) -> Option<Vec<IpNet>> {
+pub fn source(own: &[IpNet], policy: &[IpNet]) -> Option<Source> {
     if !own.is_empty() {
-        return Some(of_family(own, family));
+        Some(Source::Own)
+    } else {
+        (!policy.is_empty()).then_some(Source::Host)
     }
-    (!policy.is_empty()).then(|| of_family(policy, family))
 }
 
 /// Whether `addr` is in `list` (what the datapath's lookup answers).
@@ -235,9 +245,14 @@ mod tests {
     fn the_effective_list_is_the_own_one_else_the_hosts_of_the_family() {
         let host = nets(&["198.18.1.0/24", "fd00:1::/64"]);
         let own = nets(&["198.18.3.0/24", "198.18.3.0/24"]);
+        let effective = |own: &[IpNet], host: &[IpNet], family| {
+            source(own, host).map(|s| of_family(if s == Source::Own { own } else { host }, family))
+        };
+        assert_eq!(source(&own, &host), Some(Source::Own));
         assert_eq!(effective(&own, &host, FAMILY_V4), Some(nets(&["198.18.3.0/24"])));
+        assert_eq!(source(&[], &host), Some(Source::Host));
         assert_eq!(effective(&[], &host, FAMILY_V6), Some(nets(&["fd00:1::/64"])));
-        assert_eq!(effective(&[], &[], FAMILY_V4), None);
+        assert_eq!(source(&[], &[]), None);
         // A host list of one family admits nobody of the other.
         assert_eq!(effective(&[], &host[..1], FAMILY_V6), Some(vec![]));
         assert!(admits(&host, "198.18.1.9".parse().unwrap()));

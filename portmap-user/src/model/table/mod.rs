@@ -241,14 +241,14 @@ impl Table {
         }
     }
 
-    /// The list `mapping` enforces (`allow::effective`), sharing the host's where it applies.
+    /// The list `mapping` enforces (`allow::source`): the host's is the one shared copy.
     pub(super) fn effective_list(&self, mapping: &Mapping) -> Option<Prefixes> {
+        use crate::model::allow::{Source, of_family, source};
         let family = mapping.family();
-        if !mapping.allow.is_empty() {
-            return Some(crate::model::allow::of_family(&mapping.allow, family).into());
-        }
-        let v6 = usize::from(family == portmap_common::FAMILY_V6);
-        (!self.policy.is_empty()).then(|| self.policy_lists[v6].clone())
+        Some(match source(&mapping.allow, &self.policy)? {
+            Source::Own => of_family(&mapping.allow, family).into(),
+            Source::Host => self.policy_lists[usize::from(family == portmap_common::FAMILY_V6)].clone(),
+        })
     }
 
     /// The host's allow-list as the table enforces it.

@@ -68,8 +68,12 @@ pub mod map_names {
     pub const ALLOW: &str = "PM_ALLOW";
     /// New flows each mapping refused by its allow-list (per-CPU u64 by stats slot).
     pub const MAPPING_DENIED: &str = "PM_MAPPING_DENIED";
+    /// The generation of the host's routes as the daemon saw them (one u32, [`crate::FlowRoute`]).
+    pub const ROUTE_GEN: &str = "PM_ROUTE_GEN";
+    /// Per-CPU scratch space of the programs (`bpf_fib_lookup`'s parameter block).
+    pub const FIB_SCRATCH: &str = "PM_FIB_SCRATCH";
     /// Every map, in the order `portmap` pins them.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 21] = [
         MAPPINGS,
         BACKENDS,
         MAGLEV,
@@ -89,6 +93,8 @@ pub mod map_names {
         LOCAL_DEVS,
         ALLOW,
         MAPPING_DENIED,
+        ROUTE_GEN,
+        FIB_SCRATCH,
     ];
 }
 
@@ -446,9 +452,56 @@ pub struct FlowValue {
     /// `FLOW_F_*` bits.
     pub flags: u8,
     pub stats_slot: u32,
+    /// Where this entry's packets leave after the rewrite, cached by the datapath.
+    pub route: FlowRoute,
 }
 }
-const _: () = assert!(size_of::<FlowValue>() == 32);
+const _: () = assert!(size_of::<FlowValue>() == 56);
+
+/// `FlowRoute::kind`: nothing cached, a local backend's veth (`PM_LOCAL_BACKENDS`), the egress
+/// device a FIB lookup found.
+pub const ROUTE_NONE: u8 = 0;
+pub const ROUTE_LOCAL: u8 = 1;
+pub const ROUTE_FIB: u8 = 2;
+
+/// A cached route is stale once the clock's epoch (`now >> ROUTE_EPOCH_SHIFT`, ~1 s) moves on,
+/// whatever the daemon saw: the bound on how long a route change it misses (or makes while no
+/// daemon runs) keeps being followed.
+pub const ROUTE_EPOCH_SHIFT: u32 = 30;
+
+map_layout! {
+/// The forwarding decision of a flow entry's packets (Cilium and Katran keep it per flow too):
+/// the egress device and the MACs, so that an established packet skips `bpf_fib_lookup` (and
+/// the `PM_LOCAL_BACKENDS` lookup). Valid while `stamp` equals `PM_ROUTE_GEN` plus the clock's
+/// epoch (the daemon bumps the generation on every link, address, neighbour and route change and
+/// whenever it rewrites `PM_LOCAL_BACKENDS`), and only for packets up to `max_len`.
+#[derive(Default)]
+pub struct FlowRoute {
+    /// Egress device (`kind` says how it is reached).
+    pub ifindex: u32,
+    /// `route_stamp(generation, now)` when cached.
+    pub stamp: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The largest IP packet known to fit: a local backend's MTU, or the largest packet a FIB
+    /// lookup of this flow accepted (a larger one takes the lookup, which checks the route's MTU).
+    pub max_len: u16,
+    /// `ROUTE_*`.
+    pub kind: u8,
+    /// The IPv4 TOS or IPv6 traffic class the lookup was made with: policy routing may choose
+    /// by it (`ip rule tos`), so a packet with another takes the lookup.
+    pub tos: u8,
+}
+}
+const _: () = assert!(size_of::<FlowRoute>() == 24);
+
+/// The stamp a route cached now carries: it changes whenever the daemon's generation or the
+/// clock's epoch does (both only grow, so their sum does too, up to wrapping).
+#[inline(always)]
+#[must_use]
+pub fn route_stamp(generation: u32, now_ns: u64) -> u32 {
+    generation.wrapping_add((now_ns >> ROUTE_EPOCH_SHIFT) as u32)
+}
 
 map_layout! {
 /// An address, as the key of `PM_LOCAL_ADDRS` and `PM_LOCAL_BACKENDS`.
@@ -577,7 +630,7 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 1 << 30;
 /// carries this version and each map has the type, key, value and size this build creates;
 /// bump it when the meaning of a map's contents changes without its sizes changing (a field
 /// reordered or reused), so that a new daemon refuses the old maps instead of misreading them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 map_layout! {
 /// The single entry of `PM_META`: which layout the pinned maps have and which datapath they

@@ -17,8 +17,8 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use portmap_common::{
-    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowValue,
-    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, Stat,
+    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowRoute, FlowValue,
+    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, ROUTE_NONE, Stat,
 };
 
 use crate::{
@@ -37,6 +37,8 @@ pub struct Nat {
     pub assured: bool,
     /// The entry found carried `FLOW_F_REPLIED`: for a forward entry, the backend has answered.
     pub replied: bool,
+    /// The entry's cached route, in place (null for a flow created by this packet).
+    pub route: *mut FlowRoute,
 }
 
 /// CLOCK_MONOTONIC at the last tick (`bpf_ktime_get_coarse_ns`, kernel >= 5.11): a flow's
@@ -110,9 +112,12 @@ fn is_syn(tcp_flags: u8) -> bool {
 /// removed and the caller creates a fresh flow.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
-    let (entry, v, assured) = locate(key, dir)?;
-    if dir == DIR_FORWARD && is_syn(tcp_flags) && v.flags & FLOW_F_CLOSING != 0 {
-        remove(&key.reply(v.nat_addr, v.nat_port_be), assured);
+    let (entry, assured) = locate(key, dir)?;
+    // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
+    if dir == DIR_FORWARD && is_syn(tcp_flags) && unsafe { (*entry).flags } & FLOW_F_CLOSING != 0 {
+        // SAFETY: as above.
+        let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port_be) };
+        remove(&key.reply(addr, port), assured);
         remove(key, assured);
         return None;
     }
@@ -121,8 +126,8 @@ pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
     } else {
         0
     };
+    let nat = nat_of(entry, assured);
     touch(entry, tcp_flags, now, mark);
-    let nat = nat_of(&v, assured);
     if mark != 0 && !nat.replied {
         mark_forward_replied(key, &nat);
     }
@@ -145,29 +150,35 @@ fn mark_replied(forward: &FlowKey) {
     }
 }
 
-/// The entry for `key` (assured flows first) if it is one of direction `dir`: its pointer, a
-/// copy of it, and whether it is assured.
+/// The entry for `key` (assured flows first) if it is one of direction `dir`: its pointer and
+/// whether it is assured. Entries are read in place, never copied whole: a copy would cost the
+/// ingress programs stack they do not have.
 #[inline(always)]
-fn locate(key: &FlowKey, dir: u8) -> Option<(*mut FlowValue, FlowValue, bool)> {
+fn locate(key: &FlowKey, dir: u8) -> Option<(*mut FlowValue, bool)> {
     for assured in [true, false] {
         let Some(entry) = entry(key, assured) else {
             continue;
         };
         // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
-        let v = unsafe { *entry };
-        return (v.direction == dir).then_some((entry, v, assured));
+        let direction = unsafe { (*entry).direction };
+        return (direction == dir).then_some((entry, assured));
     }
     None
 }
 
+/// What a packet of the flow of `entry` (a lookup's, read in place) is rewritten with.
 #[inline(always)]
-fn nat_of(v: &FlowValue, assured: bool) -> Nat {
-    Nat {
-        addr: v.nat_addr,
-        port: v.nat_port_be,
-        stats_slot: v.stats_slot,
-        assured,
-        replied: v.flags & FLOW_F_REPLIED != 0,
+fn nat_of(entry: *mut FlowValue, assured: bool) -> Nat {
+    // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
+    unsafe {
+        Nat {
+            addr: (*entry).nat_addr,
+            port: (*entry).nat_port_be,
+            stats_slot: (*entry).stats_slot,
+            assured,
+            replied: (*entry).flags & FLOW_F_REPLIED != 0,
+            route: &raw mut (*entry).route,
+        }
     }
 }
 
@@ -182,9 +193,9 @@ pub struct Reply {
 /// The reply entry for `key`, not refreshed until `Reply::seen`.
 #[inline(always)]
 pub fn find_reply(key: &FlowKey) -> Option<Reply> {
-    locate(key, DIR_REPLY).map(|(entry, v, assured)| Reply {
+    locate(key, DIR_REPLY).map(|(entry, assured)| Reply {
         entry,
-        nat: nat_of(&v, assured),
+        nat: nat_of(entry, assured),
     })
 }
 
@@ -214,7 +225,7 @@ impl Reply {
 /// The flow entry for `key` in direction `dir`, read only (no refresh, no marks).
 #[inline(always)]
 pub fn find(key: &FlowKey, dir: u8) -> Option<Nat> {
-    locate(key, dir).map(|(_, v, assured)| nat_of(&v, assured))
+    locate(key, dir).map(|(entry, assured)| nat_of(entry, assured))
 }
 
 /// After a forward packet of an unassured flow: if the backend has answered (the forward entry's
@@ -225,15 +236,16 @@ pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
         return;
     }
     let reply_key = key.reply(nat.addr, nat.port);
-    // SAFETY: values copied out before any other map operation.
-    let Some(reply) = (unsafe { PM_CT_NEW.get(reply_key) }).copied() else {
+    // SAFETY: both entries stay readable for the program's run (RCU), also once removed below;
+    // they are inserted into `PM_CONNTRACK` from where they are, not copied to the stack.
+    let Some(reply) = (unsafe { PM_CT_NEW.get(reply_key) }) else {
         return;
     };
     if reply.flags & FLOW_F_REPLIED == 0 {
         return;
     }
     // SAFETY: as above.
-    let Some(forward) = (unsafe { PM_CT_NEW.get(key) }).copied() else {
+    let Some(forward) = (unsafe { PM_CT_NEW.get(key) }) else {
         return;
     };
     if PM_CONNTRACK
@@ -261,19 +273,36 @@ fn clashes(reply_key: &FlowKey, pkt: &Packet, assured: bool) -> bool {
     let Some(old) = entry(reply_key, assured) else {
         return false;
     };
-    // SAFETY: pointer from a successful lookup.
-    let old = unsafe { *old };
-    if old.direction != DIR_REPLY || old.nat_addr != pkt.daddr || old.nat_port_be != pkt.dport {
+    // SAFETY: pointer from a successful lookup, read in place.
+    let same_flow = unsafe {
+        (*old).direction == DIR_REPLY && (*old).nat_addr == pkt.daddr && (*old).nat_port_be == pkt.dport
+    };
+    if !same_flow {
         return true;
     }
     remove(reply_key, assured);
     false
 }
 
+/// A new entry's route: nothing cached (its packets after the first fill it in, `forward`).
+const NO_ROUTE: FlowRoute = FlowRoute {
+    ifindex: 0,
+    stamp: 0,
+    dmac: [0; 6],
+    smac: [0; 6],
+    max_len: 0,
+    kind: ROUTE_NONE,
+    tos: 0,
+};
+
 /// Records a new flow to `backend` through `mapping` in `PM_CT_NEW`: the reply entry first (it
 /// may clash with another flow), then the forward entry; if the forward insert fails the reply
 /// entry is removed again, so the two are only ever present together.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, each insert would copy the 56-byte entry to the stack, which the ingress programs lack on 6.1"
+)]
 pub fn create(
     pkt: &Packet,
     key: &FlowKey,
@@ -291,26 +320,24 @@ pub fn create(
     } else {
         0
     };
-    let reply = FlowValue {
+    // One value on the stack for both entries (the ingress programs have no room for two).
+    let mut value = FlowValue {
         last_seen_ns: now,
         nat_addr: pkt.daddr,
         nat_port_be: pkt.dport,
         direction: DIR_REPLY,
         flags: 0,
         stats_slot,
+        route: NO_ROUTE,
     };
-    if PM_CT_NEW.insert(reply_key, reply, u64::from(BPF_ANY)).is_err() {
+    if PM_CT_NEW.insert(reply_key, &value, u64::from(BPF_ANY)).is_err() {
         return Err(Stat::DropCtFull);
     }
-    let forward = FlowValue {
-        last_seen_ns: now,
-        nat_addr: backend_addr,
-        nat_port_be: backend_port,
-        direction: DIR_FORWARD,
-        flags: closing,
-        stats_slot,
-    };
-    if PM_CT_NEW.insert(key, forward, u64::from(BPF_ANY)).is_err() {
+    value.nat_addr = backend_addr;
+    value.nat_port_be = backend_port;
+    value.direction = DIR_FORWARD;
+    value.flags = closing;
+    if PM_CT_NEW.insert(key, &value, u64::from(BPF_ANY)).is_err() {
         let _ = PM_CT_NEW.remove(reply_key);
         return Err(Stat::DropCtFull);
     }
@@ -320,5 +347,6 @@ pub fn create(
         stats_slot,
         assured: false,
         replied: false,
+        route: core::ptr::null_mut(),
     })
 }

@@ -4,6 +4,11 @@
 //! TTL/hop-limit decrement, MAC rewrite and redirect when the egress device takes redirects;
 //! otherwise the kernel's routing. Replies caught at a local backend's veth leave for the client
 //! the same way (`reply_to_client`).
+//!
+//! Either decision is cached in the flow's entry (`FlowRoute`): the flow's next packets go
+//! straight to the device and MACs it holds, without the `PM_LOCAL_BACKENDS` or FIB lookup,
+//! until the daemon's route generation (`PM_ROUTE_GEN`) or the clock's epoch moves on, or a
+//! packet is larger than any the lookup accepted.
 
 use core::mem::offset_of;
 
@@ -20,12 +25,14 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use portmap_common::{Addr, FAMILY_V6, LocalAddrKey, Stat};
+use portmap_common::{
+    Addr, FAMILY_V6, FlowRoute, LocalAddrKey, ROUTE_FIB, ROUTE_LOCAL, ROUTE_NONE, Stat, route_stamp,
+};
 
 use crate::{
     conntrack::Nat,
     ctx::{Action, PacketCtx, StoreError, Verdict},
-    maps::PM_LOCAL_BACKENDS,
+    maps::{PM_FIB_SCRATCH, PM_LOCAL_BACKENDS, PM_ROUTE_GEN},
     nat::{self, IPV4_CHECK_OFF, Side},
     parse::Packet,
 };
@@ -36,21 +43,49 @@ static FIB_ZERO: FibParams = unsafe { core::mem::zeroed() };
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// Sends a packet of a flow whose destination was just rewritten to `nat` on its way: the way its
+/// flow's cached route says, else as `forward` does, caching what that finds.
+#[inline(always)]
+pub fn forward_flow<C: PacketCtx>(ctx: &mut C, pkt: &Packet, nat: &Nat, now: u64) -> Verdict {
+    forward_via(ctx, pkt, (&nat.addr, nat.port), nat.route, now)
+}
+
 /// Sends a packet whose destination was just rewritten to `daddr` on its way: into the veth of a
 /// local backend, or after a FIB lookup TTL/hop-limit decrement + MAC rewrite + redirect when the
 /// egress device accepts redirects; otherwise it is handed to the kernel's routing (which
 /// forwards it without netfilter rules being involved).
 #[inline(always)]
 pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16) -> Verdict {
+    forward_via(ctx, pkt, (daddr, dport), core::ptr::null_mut(), 0)
+}
+
+/// `forward`, with the flow entry's route cache `route` (null: none) followed and filled.
+#[inline(always)]
+fn forward_via<C: PacketCtx>(
+    ctx: &mut C,
+    pkt: &Packet,
+    (daddr, dport): (&Addr, u16),
+    route: *mut FlowRoute,
+    now: u64,
+) -> Verdict {
     // Tagged frames belong to a VLAN device; an expiring TTL needs the kernel's ICMP Time Exceeded.
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return Verdict::pass(Stat::FwdStack);
     }
-    if let Some(verdict) = to_local_backend(ctx, pkt, daddr) {
+    let stamp = if route.is_null() { 0 } else { current_stamp(now) };
+    if let Some(cached) = cached(ctx, pkt, route, stamp)
+        // SAFETY: `cached` checked the pointer; read in place (RCU).
+        && let Some(verdict) = unsafe { follow(ctx, pkt, &*cached) }
+    {
         return verdict;
     }
-    let mut fib = fib_zero();
-    let rc = fib_lookup(ctx, &mut fib, pkt, (&pkt.saddr, pkt.sport), (daddr, dport));
+    if let Some(verdict) = to_local_backend(ctx, pkt, daddr, route, stamp) {
+        return verdict;
+    }
+    let Some(fib) = fib_scratch() else {
+        return Verdict::pass(Stat::FwdStack);
+    };
+    let rc = fib_lookup(ctx, fib, pkt, (&pkt.saddr, pkt.sport), (daddr, dport));
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
@@ -67,50 +102,188 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
     if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, fib.dmac, fib.smac).is_err() {
         return Verdict::drop(Stat::DropError);
     }
+    remember(route, pkt, stamp, fib, mtu_len(ctx, pkt));
     Verdict {
         stat: Stat::FwdRedirect,
         action: Action::Redirected(code),
     }
 }
 
+/// The stamp a route cached now carries (`route_stamp`).
+#[inline(always)]
+fn current_stamp(now: u64) -> u32 {
+    let generation = PM_ROUTE_GEN.get(0).copied().unwrap_or(0);
+    route_stamp(generation, now)
+}
+
+/// The flow's cached route if it is current (`stamp`: `current_stamp`) and the packet fits it.
+/// A TC GSO packet's length is 0 (`mtu_len`), so it always fits: its segments were checked
+/// against the route's MTU by the lookup that filled the cache with one of the flow's packets,
+/// a flow's segment size does not grow, and an MTU change is a link event (a new generation).
+#[inline(always)]
+fn cached<C: PacketCtx>(ctx: &C, pkt: &Packet, route: *mut FlowRoute, stamp: u32) -> Option<*mut FlowRoute> {
+    if route.is_null() {
+        return None;
+    }
+    // SAFETY: a field of a flow entry a lookup returned, valid for the program's run (RCU);
+    // other CPUs store the same flow's route (a torn read at a route change lasts one packet).
+    let (kind, cached_stamp, max_len, tos) =
+        unsafe { ((*route).kind, (*route).stamp, (*route).max_len, (*route).tos) };
+    let current = kind != ROUTE_NONE && cached_stamp == stamp && tos == route_tos(pkt);
+    (current && mtu_len(ctx, pkt) <= max_len).then_some(route)
+}
+
+/// What of the packet's header a FIB lookup routes by besides its addresses (`fib_lookup`):
+/// the IPv4 TOS, the IPv6 traffic class.
+#[inline(always)]
+fn route_tos(pkt: &Packet) -> u8 {
+    if pkt.family == FAMILY_V6 {
+        // The header's first two bytes: version, traffic class, the flow label's top bits.
+        let b = pkt.flowinfo.to_ne_bytes();
+        ((b[0] & 0x0f) << 4) | (b[1] >> 4)
+    } else {
+        pkt.tos
+    }
+}
+
+/// A forward packet along its flow's cached route: TTL, MACs and the redirect the lookups it
+/// caches would have made. `None` when the redirect is refused (the device went): the packet is
+/// untouched and takes the lookups.
+#[inline(always)]
+fn follow<C: PacketCtx>(ctx: &mut C, pkt: &Packet, route: &FlowRoute) -> Option<Verdict> {
+    let (code, stat) = if route.kind == ROUTE_LOCAL {
+        (ctx.redirect_local(route.ifindex)?, Stat::FwdLocal)
+    } else {
+        (ctx.redirect(route.ifindex)?, Stat::FwdRedirect)
+    };
+    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, route.dmac, route.smac).is_err() {
+        return Some(Verdict::drop(Stat::DropError));
+    }
+    Some(Verdict {
+        stat,
+        action: Action::Redirected(code),
+    })
+}
+
+/// Caches a successful FIB lookup's device and MACs in the flow's entry, for packets up to
+/// `len` (or the largest one the lookup accepted under the same stamp).
+#[inline(always)]
+fn remember(route: *mut FlowRoute, pkt: &Packet, stamp: u32, fib: &FibParams, len: u16) {
+    if route.is_null() {
+        return;
+    }
+    // SAFETY: as in `cached`.
+    unsafe {
+        let max_len = if (*route).kind == ROUTE_FIB && (*route).stamp == stamp && (*route).max_len > len {
+            (*route).max_len
+        } else {
+            len
+        };
+        store_route(
+            route,
+            pkt,
+            ROUTE_FIB,
+            fib.ifindex,
+            (fib.dmac, fib.smac),
+            max_len,
+            stamp,
+        );
+    }
+}
+
+/// Writes the route of `pkt`'s lookups into its flow entry's cache, the stamp last.
+///
+/// # Safety
+/// `route` points into a flow entry a lookup returned.
+#[inline(always)]
+unsafe fn store_route(
+    route: *mut FlowRoute,
+    pkt: &Packet,
+    kind: u8,
+    ifindex: u32,
+    macs: ([u8; 6], [u8; 6]),
+    max_len: u16,
+    stamp: u32,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        (*route).kind = kind;
+        (*route).ifindex = ifindex;
+        (*route).dmac = macs.0;
+        (*route).smac = macs.1;
+        (*route).max_len = max_len;
+        (*route).tos = route_tos(pkt);
+        (*route).stamp = stamp;
+    }
+}
+
 /// A reply at its backend's veth (TC ingress of the host side), its flow's published address and
 /// port in `nat`: sent to the client as the kernel would route it from there, but past the
 /// host's netfilter (Cilium's from-container path), whose masquerade rules would otherwise take
-/// it for a new flow of the container subnet and rewrite its source. A FIB lookup from the
-/// published address to the client first; then the reverse NAT, TTL, MACs and a redirect to the
-/// device the route leaves by, or `bpf_redirect_neigh` when the next hop's neighbour is not
-/// resolved (requests came in past the host's stack, which then never learnt the client's).
-/// `None` leaves the packet untouched to the kernel (`pass_reply`): any other lookup result,
-/// a VLAN, an expiring TTL.
+/// it for a new flow of the container subnet and rewrite its source. The flow's cached route, or
+/// a FIB lookup from the published address to the client first; then the reverse NAT, TTL, MACs
+/// and a redirect to the device the route leaves by, or `bpf_redirect_neigh` when the next hop's
+/// neighbour is not resolved (requests came in past the host's stack, which then never learnt
+/// the client's). `None` leaves the packet untouched to the kernel (`pass_reply`): any other
+/// lookup result, a VLAN, an expiring TTL.
 #[inline(always)]
-pub fn reply_to_client(ctx: &mut TcContext, pkt: &Packet, nat: &Nat) -> Option<Verdict> {
+pub fn reply_to_client(ctx: &mut TcContext, pkt: &Packet, nat: &Nat, now: u64) -> Option<Verdict> {
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return None;
     }
-    let mut fib = fib_zero();
-    let rc = fib_lookup(ctx, &mut fib, pkt, (&nat.addr, nat.port), (&pkt.daddr, pkt.dport));
+    let stamp = current_stamp(now);
+    if let Some(route) = cached(ctx, pkt, nat.route, stamp) {
+        if translate_reply(ctx, pkt, nat).is_err() {
+            return Some(Verdict::drop(Stat::DropError));
+        }
+        // SAFETY: `cached` checked the pointer; read in place (RCU).
+        let (ifindex, dmac, smac) = unsafe { ((*route).ifindex, (*route).dmac, (*route).smac) };
+        if set_macs(ctx, dmac, smac).is_err() {
+            return Some(Verdict::drop(Stat::DropError));
+        }
+        return Some(reply_sent(ctx.redirect(ifindex)));
+    }
+    let fib = fib_scratch()?;
+    let rc = fib_lookup(ctx, fib, pkt, (&nat.addr, nat.port), (&pkt.daddr, pkt.dport));
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
-    if nat::rewrite(ctx, pkt, Side::Source, nat.addr, nat.port).is_err() || decrement_ttl(ctx, pkt).is_err() {
+    if translate_reply(ctx, pkt, nat).is_err() {
         return Some(Verdict::drop(Stat::DropError));
     }
     let code = if rc == BPF_FIB_LKUP_RET_SUCCESS {
         if set_macs(ctx, fib.dmac, fib.smac).is_err() {
             return Some(Verdict::drop(Stat::DropError));
         }
-        ctx.redirect(fib.ifindex)
+        let code = ctx.redirect(fib.ifindex);
+        if code.is_some() {
+            remember(nat.route, pkt, stamp, fib, mtu_len(ctx, pkt));
+        }
+        code
     } else {
-        redirect_neigh(&fib, pkt.family)
+        redirect_neigh(fib, pkt.family)
     };
-    // Rewritten already: a refused redirect (the device went) is a drop, not a pass.
-    Some(match code {
+    Some(reply_sent(code))
+}
+
+/// The reply's reverse NAT (source back to the published address) and TTL.
+#[inline(always)]
+fn translate_reply(ctx: &mut TcContext, pkt: &Packet, nat: &Nat) -> Result<(), StoreError> {
+    nat::rewrite(ctx, pkt, Side::Source, nat.addr, nat.port)?;
+    decrement_ttl(ctx, pkt)
+}
+
+/// A translated reply's verdict: rewritten already, so a refused redirect (the device went) is
+/// a drop, not a pass.
+#[inline(always)]
+fn reply_sent(code: Option<u32>) -> Verdict {
+    match code {
         Some(code) => Verdict {
             stat: Stat::ReplyRedirect,
             action: Action::Redirected(code),
         },
         None => Verdict::drop(Stat::DropError),
-    })
+    }
 }
 
 /// `bpf_redirect_neigh` to the device and next hop a FIB lookup found (`fib.ifindex`, and the
@@ -136,11 +309,16 @@ fn redirect_neigh(fib: &FibParams, family: u8) -> Option<u32> {
     (code == TC_ACT_REDIRECT as u32).then_some(code)
 }
 
+/// This CPU's `bpf_fib_lookup` parameter block (`PM_FIB_SCRATCH`), zeroed.
 #[inline(always)]
-fn fib_zero() -> FibParams {
-    // SAFETY: a read of a static (zero from read-only data, not a `memset` call: see
-    // `lb::ZERO_ADDR`).
-    unsafe { core::ptr::read_volatile(&raw const FIB_ZERO) }
+fn fib_scratch() -> Option<&'static mut FibParams> {
+    let fib = PM_FIB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the element is this CPU's and only this program run uses it (see the map); the
+    // zeroes are copied from read-only data (not a `memset` call: see `lb::ZERO_ADDR`).
+    unsafe {
+        core::ptr::copy_nonoverlapping(&raw const FIB_ZERO, fib, 1);
+        Some(&mut *fib)
+    }
 }
 
 /// `bpf_fib_lookup` for a packet of `pkt`'s flow from `src` to `dst` (address, port), entering at the
@@ -180,7 +358,13 @@ fn fib_lookup<C: PacketCtx>(
 /// cached MTU (the kernel fragments it or answers Frag Needed), or the hook cannot redirect to
 /// the device (XDP: a veth not in `PM_REDIRECT_DEVS`; a cached device that has gone).
 #[inline(always)]
-fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr) -> Option<Verdict> {
+fn to_local_backend<C: PacketCtx>(
+    ctx: &mut C,
+    pkt: &Packet,
+    daddr: &Addr,
+    route: *mut FlowRoute,
+    stamp: u32,
+) -> Option<Verdict> {
     let key = LocalAddrKey::new(*daddr, pkt.family);
     // SAFETY: the element stays readable for the program's run (RCU); read in place, no copy:
     // the XDP program's stack is at the limit of 6.1's verifier.
@@ -191,6 +375,25 @@ fn to_local_backend<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr) -> Op
     let code = ctx.redirect_local(local.ifindex)?;
     if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, local.dmac, local.smac).is_err() {
         return Some(Verdict::drop(Stat::DropError));
+    }
+    if !route.is_null() {
+        let max_len = if local.mtu > 0xffff {
+            0xffff
+        } else {
+            local.mtu as u16
+        };
+        // SAFETY: `route` points into the flow's entry (`Nat::route`).
+        unsafe {
+            store_route(
+                route,
+                pkt,
+                ROUTE_LOCAL,
+                local.ifindex,
+                (local.dmac, local.smac),
+                max_len,
+                stamp,
+            )
+        };
     }
     Some(Verdict {
         stat: Stat::FwdLocal,

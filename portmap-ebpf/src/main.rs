@@ -97,7 +97,7 @@ fn ingress<C: PacketCtx>(ctx: &mut C) -> Verdict {
         return Verdict::drop(Stat::DropError);
     }
     count_mapping(nat.stats_slot, DIR_FORWARD, pkt.tot_len, new_flow);
-    forward::forward(ctx, &pkt, &nat.addr, nat.port)
+    forward::forward_flow(ctx, &pkt, &nat, now)
 }
 
 /// Backend → client, leaving through the client-facing interface: restore the published source.
@@ -143,12 +143,13 @@ fn from_backend(ctx: &mut TcContext) -> Verdict {
     let Some(reply) = conntrack::find_reply(&conntrack::flow_key(&pkt)) else {
         return Verdict::pass(Stat::PassNoMapping);
     };
+    let now = conntrack::now_ns();
     // Left to the kernel: refreshed (and counted) by the client-facing egress, if it gets there.
-    let Some(verdict) = forward::reply_to_client(ctx, &pkt, &reply.nat) else {
+    let Some(verdict) = forward::reply_to_client(ctx, &pkt, &reply.nat, now) else {
         return Verdict::pass(Stat::PassReply);
     };
     if matches!(verdict.action, Action::Redirected(_)) {
-        reply.seen(&pkt, conntrack::now_ns());
+        reply.seen(&pkt, now);
         frag::remember(&pkt);
         count_mapping(reply.nat.stats_slot, DIR_REPLY, pkt.tot_len, false);
         ctx.set_mark(skb_mark(ctx) | MARK_REPLY_SENT);

@@ -2,6 +2,7 @@
 //! live in `portmap_common`; the daemon overrides the capacities at load time.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
@@ -102,3 +103,15 @@ pub static PM_ALLOW: LpmTrie<AllowKey, u8> = LpmTrie::with_max_entries(MAX_ALLOW
 /// New flows and host-local connects each mapping's allow-list refused, by stats slot.
 #[map]
 pub static PM_MAPPING_DENIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(DEFAULT_MAX_MAPPINGS, 0);
+
+/// The generation of the host's links, addresses, neighbours and routes (entry 0): bumped by the
+/// daemon on each change it sees and each rewrite of `PM_LOCAL_BACKENDS`; a flow's cached route
+/// (`FlowRoute::stamp`) is followed only while it has not moved.
+#[map]
+pub static PM_ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `bpf_fib_lookup`'s 64-byte parameter block, one per CPU: the ingress programs' stacks have no
+/// room for it beside the packet, the flow key and the flow (6.1's verifier, 512 bytes). A
+/// program runs to its end on its CPU, so the one block is never used by two at once.
+#[map]
+pub static PM_FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);

@@ -160,8 +160,11 @@ pub(super) async fn serve(
             }
             guard = backends.readable_mut() => {
                 let mut guard = guard?;
-                if guard.get_inner_mut().drain() && backends_changed.is_none() {
-                    backends_changed = Some(tokio::time::Instant::now() + BACKENDS_SETTLE);
+                if guard.get_inner_mut().drain() {
+                    owner.with_state(State::routes_changed);
+                    if backends_changed.is_none() {
+                        backends_changed = Some(tokio::time::Instant::now() + BACKENDS_SETTLE);
+                    }
                 }
                 guard.clear_ready();
             }

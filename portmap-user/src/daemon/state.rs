@@ -112,11 +112,20 @@ impl State {
     /// The host's addresses or links changed: wildcard mappings follow the addresses, the
     /// client-facing interfaces are attached again where they came back.
     pub(super) fn follow_addresses(&mut self) {
+        self.routes_changed();
         match host::addresses().and_then(|a| self.dp.sync_local_addrs(&a).map(|()| a.len())) {
             Ok(n) => info!("host addresses or links changed: {n} local addresses"),
             Err(e) => error!("syncing local addresses: {e:#}"),
         }
         self.follow_interfaces();
+    }
+
+    /// A link, address, neighbour or route changed: flows look their route up again (at once,
+    /// not after the local backends' settle delay).
+    pub(super) fn routes_changed(&mut self) {
+        if let Err(e) = self.dp.invalidate_routes() {
+            error!("{e:#}");
+        }
     }
 
     /// Detaches from client-facing interfaces that disappeared and attaches to those that came

@@ -219,6 +219,7 @@ mod tests {
             direction: DIR_FORWARD,
             flags,
             stats_slot: 0,
+            route: portmap_common::FlowRoute::default(),
         };
         let rkey = fkey.reply(fval.nat_addr, fval.nat_port_be);
         let rval = FlowValue {

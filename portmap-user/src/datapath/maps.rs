@@ -293,7 +293,28 @@ impl Datapath {
                 log::info!("local backend device {dev}: {e}");
             }
         }
+        if changed > 0 {
+            self.invalidate_routes()?;
+        }
         Ok(changed)
+    }
+
+    /// Moves the route generation (`PM_ROUTE_GEN`) on: every flow's cached route
+    /// (`FlowRoute`) is looked up again at the flow's next packet. Called on every link, address,
+    /// neighbour and route change the daemon is told of, and when `PM_LOCAL_BACKENDS` changes.
+    pub fn invalidate_routes(&mut self) -> anyhow::Result<()> {
+        let mut generation: Array<_, u32> = Array::try_from(self.map_mut(map_names::ROUTE_GEN)?)?;
+        let now = generation.get(&0, 0)?;
+        generation
+            .set(0, now.wrapping_add(1), 0)
+            .context("moving the route generation on")?;
+        Ok(())
+    }
+
+    /// The route generation (`PM_ROUTE_GEN`).
+    pub fn route_generation(&self) -> anyhow::Result<u32> {
+        let generation: Array<_, u32> = Array::try_from(self.map(map_names::ROUTE_GEN)?)?;
+        Ok(generation.get(&0, 0)?)
     }
 
     fn hash_map_fd(&self, name: &str) -> anyhow::Result<RawFd> {

@@ -19,10 +19,12 @@
 //!
 //! - `fixtures`: the table of rows (input, expected verdict, counter, output bytes, conntrack).
 //! - `hostile`: every prefix of every fixture, and the fuzzer, checked against the invariants.
+//! - `route_cache`: a flow's cached route, followed and refreshed.
 
 mod fixtures;
 mod hostile;
 mod packets;
+mod route_cache;
 
 use std::{
     fmt::Write as _,
@@ -376,7 +378,9 @@ pub struct FlowEntry {
     pub assured: bool,
 }
 
-const _: () = assert!(size_of::<FlowValue>() == 32, "FlowEntry mirrors FlowValue");
+// FlowEntry mirrors FlowValue but its route cache (`FlowRoute`, 24 bytes): where packets left is
+// what the rows' output bytes and verdicts check, and `route_cache` tests the cache itself.
+const _: () = assert!(size_of::<FlowValue>() == 32 + 24, "FlowEntry mirrors FlowValue");
 
 /// The hook's return code for a packet counted under `code`: one table for fixtures and fuzzer.
 pub fn expected_action(hook: Hook, code: Stat) -> u32 {
@@ -601,9 +605,11 @@ fn program_sizes_are_recorded() -> anyhow::Result<()> {
             change(s.verified_insns, base(s.name, 2)),
             s.jited_bytes,
         );
-        // The kernel rejects programs past 1M processed instructions; stay far below.
+        // The kernel rejects programs past 1M processed instructions. The route cache's second
+        // way out of every path took XDP ingress to 310k here and 652k on 6.1 (vmtest): the
+        // ceiling keeps the margin that is left, and any growth past it fails here first.
         ensure!(
-            s.verified_insns > 0 && s.verified_insns < 250_000,
+            s.verified_insns > 0 && s.verified_insns < 700_000,
             "{}: verifier processed {} instructions",
             s.name,
             s.verified_insns

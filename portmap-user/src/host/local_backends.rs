@@ -311,17 +311,26 @@ pub fn read() -> anyhow::Result<HostBackends> {
     Ok(HostBackends { local, veths })
 }
 
-/// Becomes readable when links, neighbours (bridge forwarding entries included) or routes change.
+/// Becomes readable when links, neighbours (bridge forwarding entries included), routes or policy
+/// rules (`ip rule`: they choose the table a flow's cached route came from) change.
 pub fn watch() -> anyhow::Result<Watch> {
     const RTMGRP_LINK: u32 = 0x1;
     const RTMGRP_NEIGH: u32 = 0x4;
     const RTMGRP_IPV4_ROUTE: u32 = 0x40;
     const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+    // The legacy bind mask has bit `group - 1` for each multicast group below 32.
+    const RTMGRP_IPV4_RULE: u32 = 1 << (libc::RTNLGRP_IPV4_RULE - 1);
+    const RTMGRP_IPV6_RULE: u32 = 1 << (libc::RTNLGRP_IPV6_RULE - 1);
     Watch::new(
         NETLINK_ROUTE,
-        RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE,
+        RTMGRP_LINK
+            | RTMGRP_NEIGH
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_ROUTE
+            | RTMGRP_IPV4_RULE
+            | RTMGRP_IPV6_RULE,
     )
-    .context("subscribing to link, neighbour and route changes (netlink)")
+    .context("subscribing to link, neighbour, route and rule changes (netlink)")
 }
 
 #[cfg(test)]

@@ -301,3 +301,37 @@ fn replies_at_the_backends_veth_follow_the_cached_route() -> anyhow::Result<()> 
         Ok(())
     })
 }
+
+/// The daemon's watch that moves the route generation (`local_backends::watch`) hears policy
+/// rule changes too: an `ip rule` can send a flow's packets to another table than the one its
+/// cached route came from.
+#[test]
+fn a_policy_rule_change_reaches_the_daemons_route_watch() -> anyhow::Result<()> {
+    with_golden(|_| {
+        let mut watch = portmap::host::local_backends::watch()?;
+        // The new namespace settles first (IPv6 duplicate address detection, neighbours): what
+        // is heard after the rule change must be the rule's own notification.
+        let quiet = |watch: &mut portmap::host::netlink::Watch| {
+            let settled = (0..50).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                !watch.drain()
+            });
+            ensure!(settled, "the namespace never went quiet for 200 ms");
+            anyhow::Ok(())
+        };
+        for family in ["-4", "-6"] {
+            quiet(&mut watch)?;
+            let rule = [family, "rule", "add", "priority", "777", "table", "main"];
+            ip(&rule)?;
+            let heard = (0..100).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                watch.drain()
+            });
+            let mut del = rule;
+            del[2] = "del";
+            ip(&del)?;
+            ensure!(heard, "ip {family} rule add was not heard by the route watch");
+        }
+        Ok(())
+    })
+}

@@ -9,6 +9,11 @@
 //! straight to the device and MACs it holds, without the `PM_LOCAL_BACKENDS` or FIB lookup,
 //! until the daemon's route generation (`PM_ROUTE_GEN`) or the clock's epoch moves on, or a
 //! packet is larger than any the lookup accepted.
+//!
+//! Whichever of the three ways (cache, local backend, FIB) takes a packet leaves its device's
+//! MACs in this CPU's `bpf_fib_lookup` block (`PM_FIB_SCRATCH`), and the TTL and MAC writes
+//! follow once: inlined once per way, they tripled the work of the verifier, which walks each
+//! copy for every path that reaches it.
 
 use core::mem::offset_of;
 
@@ -60,11 +65,15 @@ pub fn forward<C: PacketCtx>(ctx: &mut C, pkt: &Packet, daddr: &Addr, dport: u16
 }
 
 /// `forward`, with the flow entry's route cache `route` (null: none) followed and filled.
+///
+/// Three ways to choose from (`choose_way`), one way out: the chosen way's device has taken the
+/// redirect and its MACs are in this CPU's `PM_FIB_SCRATCH` block, whichever found them; the
+/// TTL and MAC writes follow once (the verifier walks them once, not once per way).
 #[inline(always)]
 fn forward_via<C: PacketCtx>(
     ctx: &mut C,
     pkt: &Packet,
-    (daddr, dport): (&Addr, u16),
+    dst: (&Addr, u16),
     route: *mut FlowRoute,
     now: u64,
 ) -> Verdict {
@@ -72,41 +81,62 @@ fn forward_via<C: PacketCtx>(
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return Verdict::pass(Stat::FwdStack);
     }
+    let Some(way) = scratch() else {
+        return Verdict::pass(Stat::FwdStack);
+    };
+    let (stat, code) = match choose_way(ctx, pkt, dst, route, now, way) {
+        Ok(chosen) => chosen,
+        Err(verdict) => return verdict,
+    };
+    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, way.dmac, way.smac).is_err() {
+        return Verdict::drop(Stat::DropError);
+    }
+    Verdict {
+        stat,
+        action: Action::Redirected(code),
+    }
+}
+
+/// The first way that takes the packet, in order: the flow's cached route, a local backend's
+/// veth (`PM_LOCAL_BACKENDS`), the FIB. The chosen device has taken the redirect (its return
+/// code is returned, with the stat of the way) and `way` holds its MACs; a lookup's way is
+/// cached in the flow entry. `Err` when none does: the kernel's routing, or a drop for a route
+/// that refuses the destination.
+#[inline(always)]
+fn choose_way<C: PacketCtx>(
+    ctx: &mut C,
+    pkt: &Packet,
+    (daddr, dport): (&Addr, u16),
+    route: *mut FlowRoute,
+    now: u64,
+    way: &mut FibParams,
+) -> Result<(Stat, u32), Verdict> {
     let stamp = if route.is_null() { 0 } else { current_stamp(now) };
     if let Some(cached) = cached(ctx, pkt, route, stamp)
         // SAFETY: `cached` checked the pointer; read in place (RCU).
-        && let Some(verdict) = unsafe { follow(ctx, pkt, &*cached) }
+        && let Some(chosen) = unsafe { follow(ctx, &*cached, way) }
     {
-        return verdict;
+        return Ok(chosen);
     }
-    if let Some(verdict) = to_local_backend(ctx, pkt, daddr, route, stamp) {
-        return verdict;
+    if let Some(code) = to_local_backend(ctx, pkt, daddr, route, stamp, way) {
+        return Ok((Stat::FwdLocal, code));
     }
-    let Some(fib) = fib_scratch() else {
-        return Verdict::pass(Stat::FwdStack);
-    };
-    let rc = fib_lookup(ctx, fib, pkt, (&pkt.saddr, pkt.sport), (daddr, dport));
-    match rc {
+    clear(way);
+    match fib_lookup(ctx, way, pkt, (&pkt.saddr, pkt.sport), (daddr, dport)) {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Verdict::drop(Stat::DropNoRoute);
+            return Err(Verdict::drop(Stat::DropNoRoute));
         }
         // No neighbour entry yet, MTU exceeded, forwarding disabled, local destination, ...: the
         // kernel resolves, fragments or refuses it exactly as it would any routed packet.
-        _ => return Verdict::pass(Stat::FwdStack),
+        _ => return Err(Verdict::pass(Stat::FwdStack)),
     }
     // Redirect first: a device that refuses it leaves the packet as the kernel expects it.
-    let Some(code) = ctx.redirect(fib.ifindex) else {
-        return Verdict::pass(Stat::FwdStack);
+    let Some(code) = ctx.redirect(way.ifindex) else {
+        return Err(Verdict::pass(Stat::FwdStack));
     };
-    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, fib.dmac, fib.smac).is_err() {
-        return Verdict::drop(Stat::DropError);
-    }
-    remember(route, pkt, stamp, fib, mtu_len(ctx, pkt));
-    Verdict {
-        stat: Stat::FwdRedirect,
-        action: Action::Redirected(code),
-    }
+    remember(route, pkt, stamp, way, mtu_len(ctx, pkt));
+    Ok((Stat::FwdRedirect, code))
 }
 
 /// The stamp a route cached now carries (`route_stamp`).
@@ -146,23 +176,19 @@ fn route_tos(pkt: &Packet) -> u8 {
     }
 }
 
-/// A forward packet along its flow's cached route: TTL, MACs and the redirect the lookups it
-/// caches would have made. `None` when the redirect is refused (the device went): the packet is
-/// untouched and takes the lookups.
+/// A forward packet along its flow's cached route: its device takes the redirect and its MACs go
+/// to `way`, for the way out. `None` when the redirect is refused (the device went): the packet
+/// is untouched and takes the lookups.
 #[inline(always)]
-fn follow<C: PacketCtx>(ctx: &mut C, pkt: &Packet, route: &FlowRoute) -> Option<Verdict> {
-    let (code, stat) = if route.kind == ROUTE_LOCAL {
-        (ctx.redirect_local(route.ifindex)?, Stat::FwdLocal)
+fn follow<C: PacketCtx>(ctx: &mut C, route: &FlowRoute, way: &mut FibParams) -> Option<(Stat, u32)> {
+    let chosen = if route.kind == ROUTE_LOCAL {
+        (Stat::FwdLocal, ctx.redirect_local(route.ifindex)?)
     } else {
-        (ctx.redirect(route.ifindex)?, Stat::FwdRedirect)
+        (Stat::FwdRedirect, ctx.redirect(route.ifindex)?)
     };
-    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, route.dmac, route.smac).is_err() {
-        return Some(Verdict::drop(Stat::DropError));
-    }
-    Some(Verdict {
-        stat,
-        action: Action::Redirected(code),
-    })
+    way.dmac = route.dmac;
+    way.smac = route.smac;
+    Some(chosen)
 }
 
 /// Caches a successful FIB lookup's device and MACs in the flow's entry, for packets up to
@@ -231,39 +257,39 @@ pub fn reply_to_client(ctx: &mut TcContext, pkt: &Packet, nat: &Nat, now: u64) -
     if pkt.vlan || ctx.vlan_offloaded() || pkt.ttl <= 1 {
         return None;
     }
+    let way = scratch()?;
     let stamp = current_stamp(now);
-    if let Some(route) = cached(ctx, pkt, nat.route, stamp) {
-        if translate_reply(ctx, pkt, nat).is_err() {
-            return Some(Verdict::drop(Stat::DropError));
-        }
+    // The cached way, or a lookup's (cached: TC's redirect cannot be refused): its device and
+    // MACs in `way`; unresolved: the lookup found no neighbour entry for the next hop.
+    let unresolved = if let Some(route) = cached(ctx, pkt, nat.route, stamp) {
         // SAFETY: `cached` checked the pointer; read in place (RCU).
-        let (ifindex, dmac, smac) = unsafe { ((*route).ifindex, (*route).dmac, (*route).smac) };
-        if set_macs(ctx, dmac, smac).is_err() {
-            return Some(Verdict::drop(Stat::DropError));
+        unsafe {
+            way.ifindex = (*route).ifindex;
+            way.dmac = (*route).dmac;
+            way.smac = (*route).smac;
         }
-        return Some(reply_sent(ctx.redirect(ifindex)));
-    }
-    let fib = fib_scratch()?;
-    let rc = fib_lookup(ctx, fib, pkt, (&nat.addr, nat.port), (&pkt.daddr, pkt.dport));
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return None;
-    }
+        false
+    } else {
+        clear(way);
+        match fib_lookup(ctx, way, pkt, (&nat.addr, nat.port), (&pkt.daddr, pkt.dport)) {
+            BPF_FIB_LKUP_RET_SUCCESS => {
+                remember(nat.route, pkt, stamp, way, mtu_len(ctx, pkt));
+                false
+            }
+            BPF_FIB_LKUP_RET_NO_NEIGH => true,
+            _ => return None,
+        }
+    };
     if translate_reply(ctx, pkt, nat).is_err() {
         return Some(Verdict::drop(Stat::DropError));
     }
-    let code = if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        if set_macs(ctx, fib.dmac, fib.smac).is_err() {
-            return Some(Verdict::drop(Stat::DropError));
-        }
-        let code = ctx.redirect(fib.ifindex);
-        if code.is_some() {
-            remember(nat.route, pkt, stamp, fib, mtu_len(ctx, pkt));
-        }
-        code
-    } else {
-        redirect_neigh(fib, pkt.family)
-    };
-    Some(reply_sent(code))
+    if unresolved {
+        return Some(reply_sent(redirect_neigh(way, pkt.family)));
+    }
+    if set_macs(ctx, way.dmac, way.smac).is_err() {
+        return Some(Verdict::drop(Stat::DropError));
+    }
+    Some(reply_sent(ctx.redirect(way.ifindex)))
 }
 
 /// The reply's reverse NAT (source back to the published address) and TTL.
@@ -309,16 +335,21 @@ fn redirect_neigh(fib: &FibParams, family: u8) -> Option<u32> {
     (code == TC_ACT_REDIRECT as u32).then_some(code)
 }
 
-/// This CPU's `bpf_fib_lookup` parameter block (`PM_FIB_SCRATCH`), zeroed.
+/// This CPU's `bpf_fib_lookup` parameter block (`PM_FIB_SCRATCH`), as the last use left it: the
+/// way out of a packet (device, MACs), whichever way found it; `clear` before a lookup.
 #[inline(always)]
-fn fib_scratch() -> Option<&'static mut FibParams> {
+fn scratch() -> Option<&'static mut FibParams> {
     let fib = PM_FIB_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: the element is this CPU's and only this program run uses it (see the map); the
-    // zeroes are copied from read-only data (not a `memset` call: see `lb::ZERO_ADDR`).
-    unsafe {
-        core::ptr::copy_nonoverlapping(&raw const FIB_ZERO, fib, 1);
-        Some(&mut *fib)
-    }
+    // SAFETY: the element is this CPU's and only this program run uses it (see the map).
+    Some(unsafe { &mut *fib })
+}
+
+/// Zeroes a parameter block for a lookup, from read-only data (not a `memset` call: see
+/// `lb::ZERO_ADDR`).
+#[inline(always)]
+fn clear(fib: &mut FibParams) {
+    // SAFETY: both are valid, distinct `FibParams`.
+    unsafe { core::ptr::copy_nonoverlapping(&raw const FIB_ZERO, fib, 1) };
 }
 
 /// `bpf_fib_lookup` for a packet of `pkt`'s flow from `src` to `dst` (address, port), entering at the
@@ -354,9 +385,10 @@ fn fib_lookup<C: PacketCtx>(
 
 /// A backend behind a veth of this host: routed as the kernel would (TTL, the host's MAC as
 /// source, the backend's as destination), but with the addresses the daemon cached and straight
-/// into the veth. `None` (the FIB path) when the address is not cached, the packet exceeds the
-/// cached MTU (the kernel fragments it or answers Frag Needed), or the hook cannot redirect to
-/// the device (XDP: a veth not in `PM_REDIRECT_DEVS`; a cached device that has gone).
+/// into the veth: its redirect's return code, its MACs in `way`, the flow's route cached.
+/// `None` (the FIB path) when the address is not cached, the packet exceeds the cached MTU (the
+/// kernel fragments it or answers Frag Needed), or the hook cannot redirect to the device (XDP:
+/// a veth not in `PM_REDIRECT_DEVS`; a cached device that has gone).
 #[inline(always)]
 fn to_local_backend<C: PacketCtx>(
     ctx: &mut C,
@@ -364,7 +396,8 @@ fn to_local_backend<C: PacketCtx>(
     daddr: &Addr,
     route: *mut FlowRoute,
     stamp: u32,
-) -> Option<Verdict> {
+    way: &mut FibParams,
+) -> Option<u32> {
     let key = LocalAddrKey::new(*daddr, pkt.family);
     // SAFETY: the element stays readable for the program's run (RCU); read in place, no copy:
     // the XDP program's stack is at the limit of 6.1's verifier.
@@ -373,9 +406,8 @@ fn to_local_backend<C: PacketCtx>(
         return None;
     }
     let code = ctx.redirect_local(local.ifindex)?;
-    if decrement_ttl(ctx, pkt).is_err() || set_macs(ctx, local.dmac, local.smac).is_err() {
-        return Some(Verdict::drop(Stat::DropError));
-    }
+    way.dmac = local.dmac;
+    way.smac = local.smac;
     if !route.is_null() {
         let max_len = if local.mtu > 0xffff {
             0xffff
@@ -395,10 +427,7 @@ fn to_local_backend<C: PacketCtx>(
             )
         };
     }
-    Some(Verdict {
-        stat: Stat::FwdLocal,
-        action: Action::Redirected(code),
-    })
+    Some(code)
 }
 
 /// The length a route's MTU is checked against: the IP packet's (0 for a GSO skb, whose

@@ -605,11 +605,11 @@ fn program_sizes_are_recorded() -> anyhow::Result<()> {
             change(s.verified_insns, base(s.name, 2)),
             s.jited_bytes,
         );
-        // The kernel rejects programs past 1M processed instructions. The route cache's second
-        // way out of every path took XDP ingress to 310k here and 652k on 6.1 (vmtest): the
-        // ceiling keeps the margin that is left, and any growth past it fails here first.
+        // The kernel rejects programs past 1M processed instructions. XDP ingress, the largest,
+        // takes 231k here and 448k on 6.1 (vmtest) since the route cache's ways share one way
+        // out: the ceiling keeps that margin, and any growth past it fails here first.
         ensure!(
-            s.verified_insns > 0 && s.verified_insns < 700_000,
+            s.verified_insns > 0 && s.verified_insns < 500_000,
             "{}: verifier processed {} instructions",
             s.name,
             s.verified_insns

@@ -156,9 +156,10 @@ pub const BENCH_REDIRECT_IFINDEX_GLOBAL: &str = "BENCH_REDIRECT_IFINDEX";
 /// Default capacities; the daemon may override them at load time (`EbpfLoader::set_max_entries`).
 /// One entry per published port (a range of N ports takes N).
 pub const DEFAULT_MAX_MAPPINGS: u32 = 65_536;
-/// Conntrack holds two entries per flow (forward and reply). `PM_CONNTRACK` holds assured flows
-/// (never evicted: when full, flows stay unassured); `PM_CT_NEW`, an LRU, holds flows until
-/// they are assured, so a flood of new flows only ever sheds other new flows.
+/// Conntrack holds two entries per flow (forward and reply). `PM_CT_NEW`, an LRU, holds every
+/// active flow: new flows, and a cached copy of each assured one, so that a packet looks in one
+/// table. `PM_CONNTRACK` keeps the assured flows (never evicted: when full, flows stay
+/// unassured), so a flood of new flows only ever sheds other new flows and caches.
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const DEFAULT_CONNTRACK_NEW_ENTRIES: u32 = 131_072;
 /// Backends of mappings with more than one backend (`PM_BACKENDS`).
@@ -436,6 +437,10 @@ pub const FLOW_F_CLOSING: u8 = 1;
 /// SYN: the handshake's ACK) then makes the flow assured; a flow the backend never answers is
 /// told so by its forward entry alone, without a look at its reply entry per packet.
 pub const FLOW_F_REPLIED: u8 = 2;
+/// On both entries of an assured flow, in both tables: the flow has a copy in `PM_CONNTRACK`
+/// (which the LRU never sheds) and its entries in `PM_CT_NEW` are that copy's cache, read first
+/// by every packet (one lookup per packet for every active flow).
+pub const FLOW_F_ASSURED: u8 = 4;
 
 map_layout! {
 /// Value of `PM_CONNTRACK`. A flow is two entries inserted together: the forward entry (key =

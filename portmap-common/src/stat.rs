@@ -94,9 +94,10 @@ stats! {
     /// counted in addition to their outcome (`reply_nat` towards the client, `fwd_*` towards the
     /// backend).
     IcmpErrorNat = "icmp_error_nat", Event;
-    /// Flows that became assured (moved from `PM_CT_NEW` to `PM_CONNTRACK`).
+    /// Flows that became assured (copied from `PM_CT_NEW` to `PM_CONNTRACK`).
     FlowAssured = "flow_assured", Event;
-    /// An assured flow found `PM_CONNTRACK` full: it stays in `PM_CT_NEW`, which may shed it.
+    /// An assured flow found `PM_CONNTRACK` full: it stays unassured in `PM_CT_NEW`, which may
+    /// shed it.
     CtAssuredFull = "ct_assured_full", Event;
     /// A connect() or sendmsg() of a host-local client translated to a backend.
     SockTranslated = "sock_translated", Socket;

@@ -1,11 +1,19 @@
 //! Flow table: find, create (forward + reply entries together), refresh and assure flows.
 //!
-//! Two maps, as netfilter tells assured connections from the rest: a new flow goes into
-//! `PM_CT_NEW`, an LRU, and moves to `PM_CONNTRACK`, a hash that never evicts, once it is
-//! assured: the backend answered (the reply entry is marked `FLOW_F_REPLIED`) and the client
-//! then sent a packet that is not a SYN (for TCP, the handshake's ACK). A flood of spoofed SYNs
-//! (or of any new flows) therefore only ever sheds other unassured flows; established flows stay.
-//! When `PM_CONNTRACK` is full an assured flow stays in `PM_CT_NEW` (`ct_assured_full`).
+//! Two maps, as netfilter tells assured connections from the rest, used as a cache and its
+//! backing store. `PM_CT_NEW`, an LRU, holds every active flow: a new flow's two entries, and a
+//! copy of each assured flow's (marked `FLOW_F_ASSURED`), so that a packet of any active flow
+//! costs one lookup (a miss in a second table costs a cold bucket per packet: 200 ns at 10,000
+//! flows, docs/bench/notes.md). `PM_CONNTRACK`, a hash that never evicts, keeps the assured
+//! flows: the backend answered (the reply entry is marked `FLOW_F_REPLIED`) and the client then
+//! sent a packet that is not a SYN (for TCP, the handshake's ACK). A flood of spoofed SYNs (or of
+//! any new flows) therefore only ever sheds unassured flows and cached copies; an assured flow
+//! whose copy was shed is found in `PM_CONNTRACK` and cached again by its next packet. When
+//! `PM_CONNTRACK` is full an assured flow stays unassured (`ct_assured_full`).
+//!
+//! The copy in `PM_CONNTRACK` follows its cache where that matters to expiry: a refresh of
+//! `last_seen_ns` (at most once per `LAST_SEEN_GRANULARITY_NS`) and a new mark are written to
+//! both, so the store is never staler than that when the LRU sheds the cache.
 //!
 //! Expiry is the daemon's job (it walks both maps, pairs the two entries of a flow and deletes
 //! both once idle past the protocol's timeout, the handshake timeout for unassured TCP, or the
@@ -17,8 +25,8 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use portmap_common::{
-    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowRoute, FlowValue,
-    LAST_SEEN_GRANULARITY_NS, PROTO_TCP, ROUTE_NONE, Stat,
+    Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_ASSURED, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowRoute,
+    FlowValue, LAST_SEEN_GRANULARITY_NS, PROTO_TCP, ROUTE_NONE, Stat,
 };
 
 use crate::{
@@ -33,7 +41,7 @@ pub struct Nat {
     pub addr: Addr,
     pub port: u16,
     pub stats_slot: u32,
-    /// The flow is in `PM_CONNTRACK` (else in `PM_CT_NEW`).
+    /// The flow is assured: it has a copy in `PM_CONNTRACK`.
     pub assured: bool,
     /// The entry found carried `FLOW_F_REPLIED`: for a forward entry, the backend has answered.
     pub replied: bool,
@@ -81,15 +89,25 @@ fn remove(key: &FlowKey, assured: bool) {
     };
 }
 
-/// Refreshes an entry for a packet seen now: last-seen time (rate-limited), the closing mark,
-/// and on the reply entry of an unassured flow the replied mark.
+/// Removes `key`'s entry from both tables: the store first, so that a packet in between finds at
+/// most a cache that no longer has a store to follow (never a store it would cache again).
 #[inline(always)]
-fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64, mark: u8) {
+fn forget(key: &FlowKey) {
+    remove(key, true);
+    remove(key, false);
+}
+
+/// Refreshes an entry for a packet seen now: last-seen time (rate-limited), the closing mark,
+/// and on the reply entry of an unassured flow the replied mark. Returns whether it wrote.
+#[inline(always)]
+fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64, mark: u8) -> bool {
     // SAFETY: `entry` comes from a successful map lookup; concurrent writers only store the same
     // kind of values (a racy last_seen or flag is harmless).
     unsafe {
+        let mut wrote = false;
         if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             (*entry).last_seen_ns = now;
+            wrote = true;
         }
         let mut flags = (*entry).flags | mark;
         if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -97,6 +115,21 @@ fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64, mark: u8) {
         }
         if flags != (*entry).flags {
             (*entry).flags = flags;
+            wrote = true;
+        }
+        wrote
+    }
+}
+
+/// An assured flow's cached entry (`PM_CT_NEW`) for `key` was refreshed or marked: its copy in
+/// `PM_CONNTRACK` takes the same time and marks.
+#[inline(always)]
+fn follow_cache(key: &FlowKey, cached: *mut FlowValue) {
+    if let Some(stored) = PM_CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: pointers from successful lookups; racy stores as in `touch`.
+        unsafe {
+            (*stored).last_seen_ns = (*cached).last_seen_ns;
+            (*stored).flags = (*cached).flags;
         }
     }
 }
@@ -107,27 +140,29 @@ fn is_syn(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Looks up the entry for `key` in direction `dir`, assured flows first. A TCP SYN (without
-/// ACK) on a closing flow is a new connection reusing the 5-tuple: the old flow's entries are
-/// removed and the caller creates a fresh flow.
+/// Looks up the entry for `key` in direction `dir` (the cache first) and refreshes it. A TCP SYN
+/// (without ACK) on a closing flow is a new connection reusing the 5-tuple: the old flow's
+/// entries are removed and the caller creates a fresh flow.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
-    let (entry, assured) = locate(key, dir)?;
+    let (entry, stored) = locate(key, dir)?;
     // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
     if dir == DIR_FORWARD && is_syn(tcp_flags) && unsafe { (*entry).flags } & FLOW_F_CLOSING != 0 {
         // SAFETY: as above.
         let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port_be) };
-        remove(&key.reply(addr, port), assured);
-        remove(key, assured);
+        forget(&key.reply(addr, port));
+        forget(key);
         return None;
     }
-    let mark = if !assured && dir == DIR_REPLY {
+    let nat = nat_of(entry, stored);
+    let mark = if !nat.assured && dir == DIR_REPLY {
         FLOW_F_REPLIED
     } else {
         0
     };
-    let nat = nat_of(entry, assured);
-    touch(entry, tcp_flags, now, mark);
+    if touch(entry, tcp_flags, now, mark) && nat.assured && !stored {
+        follow_cache(key, entry);
+    }
     if mark != 0 && !nat.replied {
         mark_forward_replied(key, &nat);
     }
@@ -150,33 +185,58 @@ fn mark_replied(forward: &FlowKey) {
     }
 }
 
-/// The entry for `key` (assured flows first) if it is one of direction `dir`: its pointer and
-/// whether it is assured. Entries are read in place, never copied whole: a copy would cost the
-/// ingress programs stack they do not have.
+/// The entry for `key` (the cache `PM_CT_NEW` first, then the store `PM_CONNTRACK`) if it is
+/// one of direction `dir`: its pointer and whether it is the store's. An entry found in the
+/// store only is cached again. Entries are read in place, never copied whole: a copy would cost
+/// the ingress programs stack they do not have.
 #[inline(always)]
 fn locate(key: &FlowKey, dir: u8) -> Option<(*mut FlowValue, bool)> {
-    for assured in [true, false] {
-        let Some(entry) = entry(key, assured) else {
-            continue;
-        };
+    if let Some(entry) = PM_CT_NEW.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
-        let direction = unsafe { (*entry).direction };
-        return (direction == dir).then_some((entry, assured));
+        return (unsafe { (*entry).direction } == dir).then_some((entry, false));
     }
-    None
+    let entry = PM_CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: as above.
+    if unsafe { (*entry).direction } != dir {
+        return None;
+    }
+    recache(key, entry);
+    Some((entry, true))
 }
 
-/// What a packet of the flow of `entry` (a lookup's, read in place) is rewritten with.
+/// An assured flow's entry found in the store only (the LRU shed its copy, or a daemon before
+/// the cache assured it): marked, and copied into `PM_CT_NEW` for the packets that follow (this
+/// one goes on with the store's entry). The copy is inserted from where the entry is, not from
+/// the stack.
 #[inline(always)]
-fn nat_of(entry: *mut FlowValue, assured: bool) -> Nat {
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, the insert would copy the 56-byte entry to the stack, which the ingress programs lack on 6.1"
+)]
+fn recache(key: &FlowKey, stored: *mut FlowValue) {
+    // SAFETY: pointer from a successful lookup, valid for the program's run (RCU); a racy flag
+    // store is harmless (as `touch`).
+    unsafe {
+        if (*stored).flags & FLOW_F_ASSURED == 0 {
+            (*stored).flags |= FLOW_F_ASSURED;
+        }
+        let _ = PM_CT_NEW.insert(key, &*stored, u64::from(BPF_NOEXIST));
+    }
+}
+
+/// What a packet of the flow of `entry` (a lookup's, read in place; `stored`: found in
+/// `PM_CONNTRACK`) is rewritten with.
+#[inline(always)]
+fn nat_of(entry: *mut FlowValue, stored: bool) -> Nat {
     // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
     unsafe {
+        let flags = (*entry).flags;
         Nat {
             addr: (*entry).nat_addr,
             port: (*entry).nat_port_be,
             stats_slot: (*entry).stats_slot,
-            assured,
-            replied: (*entry).flags & FLOW_F_REPLIED != 0,
+            assured: stored || flags & FLOW_F_ASSURED != 0,
+            replied: flags & FLOW_F_REPLIED != 0,
             route: &raw mut (*entry).route,
         }
     }
@@ -187,15 +247,18 @@ fn nat_of(entry: *mut FlowValue, assured: bool) -> Nat {
 /// SYNs whose answers lead nowhere would otherwise get assured).
 pub struct Reply {
     entry: *mut FlowValue,
+    /// `entry` is the store's (`PM_CONNTRACK`).
+    stored: bool,
     pub nat: Nat,
 }
 
 /// The reply entry for `key`, not refreshed until `Reply::seen`.
 #[inline(always)]
 pub fn find_reply(key: &FlowKey) -> Option<Reply> {
-    locate(key, DIR_REPLY).map(|(entry, assured)| Reply {
+    locate(key, DIR_REPLY).map(|(entry, stored)| Reply {
         entry,
-        nat: nat_of(entry, assured),
+        stored,
+        nat: nat_of(entry, stored),
     })
 }
 
@@ -204,7 +267,11 @@ impl Reply {
     #[inline(always)]
     pub fn seen(&self, pkt: &Packet, now: u64) {
         let mark = if self.nat.assured { 0 } else { FLOW_F_REPLIED };
-        touch(self.entry, pkt.tcp_flags, now, mark);
+        if touch(self.entry, pkt.tcp_flags, now, mark) && self.nat.assured && !self.stored {
+            // The reply key again from the packet (backend → client), not kept across the FIB
+            // lookup: the reply hook's stack has no room for it.
+            follow_cache(&flow_key(pkt), self.entry);
+        }
         if mark != 0 && !self.nat.replied {
             // The forward key straight from the packet (backend → client), not from a reply key
             // kept across the FIB lookup: the reply hook's stack has no room for both.
@@ -225,44 +292,55 @@ impl Reply {
 /// The flow entry for `key` in direction `dir`, read only (no refresh, no marks).
 #[inline(always)]
 pub fn find(key: &FlowKey, dir: u8) -> Option<Nat> {
-    locate(key, dir).map(|(entry, assured)| nat_of(entry, assured))
+    locate(key, dir).map(|(entry, stored)| nat_of(entry, stored))
 }
 
 /// After a forward packet of an unassured flow: if the backend has answered (the forward entry's
-/// mark, then the reply entry's) and this packet completes the exchange (anything but a TCP SYN), moves both entries to `PM_CONNTRACK`.
+/// mark, then the reply entry's) and this packet completes the exchange (anything but a TCP
+/// SYN), marks both entries assured and copies them into `PM_CONNTRACK`; they stay in
+/// `PM_CT_NEW` as the store's cache.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value, each insert would copy the 56-byte entry to the stack, which the ingress programs lack on 6.1"
+)]
 pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
     if nat.assured || !nat.replied || (key.proto == PROTO_TCP && tcp_flags & TCP_SYN != 0) {
         return;
     }
     let reply_key = key.reply(nat.addr, nat.port);
-    // SAFETY: both entries stay readable for the program's run (RCU), also once removed below;
-    // they are inserted into `PM_CONNTRACK` from where they are, not copied to the stack.
-    let Some(reply) = (unsafe { PM_CT_NEW.get(reply_key) }) else {
+    let Some(reply) = PM_CT_NEW.get_ptr_mut(reply_key) else {
         return;
     };
-    if reply.flags & FLOW_F_REPLIED == 0 {
-        return;
+    // SAFETY: both entries stay valid for the program's run (RCU); they are inserted into
+    // `PM_CONNTRACK` from where they are, not copied to the stack. A racy flag store is harmless
+    // (as `touch`): until the copies are in, the mark only spares the flow another try.
+    unsafe {
+        if (*reply).flags & FLOW_F_REPLIED == 0 {
+            return;
+        }
+        let Some(forward) = PM_CT_NEW.get_ptr_mut(key) else {
+            return;
+        };
+        (*reply).flags |= FLOW_F_ASSURED;
+        (*forward).flags |= FLOW_F_ASSURED;
+        if PM_CONNTRACK
+            .insert(reply_key, &*reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            if PM_CONNTRACK
+                .insert(key, &*forward, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                count(Stat::FlowAssured);
+                return;
+            }
+            let _ = PM_CONNTRACK.remove(reply_key);
+        }
+        (*reply).flags &= !FLOW_F_ASSURED;
+        (*forward).flags &= !FLOW_F_ASSURED;
     }
-    // SAFETY: as above.
-    let Some(forward) = (unsafe { PM_CT_NEW.get(key) }) else {
-        return;
-    };
-    if PM_CONNTRACK
-        .insert(reply_key, reply, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        count(Stat::CtAssuredFull);
-        return;
-    }
-    if PM_CONNTRACK.insert(key, forward, u64::from(BPF_NOEXIST)).is_err() {
-        let _ = PM_CONNTRACK.remove(reply_key);
-        count(Stat::CtAssuredFull);
-        return;
-    }
-    let _ = PM_CT_NEW.remove(reply_key);
-    let _ = PM_CT_NEW.remove(key);
-    count(Stat::FlowAssured);
+    count(Stat::CtAssuredFull);
 }
 
 /// Whether the reply key `reply_key` of a new flow from `pkt` to the published address is taken

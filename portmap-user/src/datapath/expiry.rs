@@ -1,13 +1,15 @@
-//! Flow expiry: the daemon walks both flow tables (`PM_CONNTRACK`, assured flows, and
-//! `PM_CT_NEW`) every `gc_interval_seconds`, pairs the two entries of each flow
-//! (`FlowKey::reply`, the same function the datapath inserts with) and deletes both once the
-//! flow is idle past its timeout.
+//! Flow expiry: the daemon walks both flow tables every `gc_interval_seconds` (`PM_CONNTRACK`,
+//! the store of assured flows, and `PM_CT_NEW`, the LRU of new flows and of the assured flows'
+//! cached copies), merges the copies of each assured entry (`merge_tables`), pairs the two
+//! entries of each flow (`FlowKey::reply`, the same function the datapath inserts with) and
+//! deletes both, with their copies, once the flow is idle past its timeout.
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use aya::maps::{HashMap, MapData};
 use portmap_common::{
-    DIR_FORWARD, DIR_REPLY, FLOW_F_CLOSING, FlowKey, FlowValue, PROTO_UDP, map_names, words_addr,
+    DIR_FORWARD, DIR_REPLY, FLOW_F_ASSURED, FLOW_F_CLOSING, FlowKey, FlowValue, PROTO_UDP, map_names,
+    words_addr,
 };
 
 use super::Datapath;
@@ -42,13 +44,33 @@ impl Datapath {
         Ok(())
     }
 
-    /// Deletes expired flows (both entries) of both tables; returns what remains.
+    /// The entries of assured flows and of new flows (`merge_tables`). The store is read
+    /// first: a flow assured in between is seen in the cache with its mark.
+    fn merged_flows(&self) -> anyhow::Result<MergedFlows> {
+        let [(store, store_capacity, _), (cache, cache_capacity, _)] = self.flow_tables();
+        let stored = self.table_entries(store, store_capacity)?;
+        let cached = self.table_entries(cache, cache_capacity)?;
+        Ok(merge_tables(stored, cached))
+    }
+
+    /// Deletes `keys` from the tables that may hold them: an assured flow's from the store
+    /// first, then from the cache (the datapath caches a stored entry again, never the reverse).
+    fn delete_flows(&mut self, keys: &[FlowKey], assured: bool) -> anyhow::Result<()> {
+        for (name, _, store) in self.flow_tables() {
+            if assured || !store {
+                self.delete_entries(name, keys)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes expired flows (both entries, in both tables); returns what remains.
     pub fn expire_flows(&mut self, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<ExpiryPlan> {
+        let flows = self.merged_flows()?;
         let mut total = ExpiryPlan::default();
-        for (name, capacity, assured) in self.flow_tables() {
-            let entries = self.table_entries(name, capacity)?;
-            let plan = plan_expiry(&entries, now_ns, timeouts, assured);
-            self.delete_entries(name, &plan.delete)?;
+        for (entries, assured) in [(&flows.assured, true), (&flows.new, false)] {
+            let plan = plan_expiry(entries, now_ns, timeouts, assured);
+            self.delete_flows(&plan.delete, assured)?;
             total.live_flows += plan.live_flows;
             total.new_flows += plan.new_flows;
             total.slots_in_use.extend(plan.slots_in_use);
@@ -64,13 +86,47 @@ impl Datapath {
         if flushes.is_empty() {
             return Ok(0);
         }
-        let mut flows = 0;
-        for (name, capacity, _) in self.flow_tables() {
-            let delete = plan_flush(&self.table_entries(name, capacity)?, flushes);
-            self.delete_entries(name, &delete)?;
-            flows += delete.len() / 2;
+        let flows = self.merged_flows()?;
+        let mut count = 0;
+        for (entries, assured) in [(&flows.assured, true), (&flows.new, false)] {
+            let delete = plan_flush(entries, flushes);
+            self.delete_flows(&delete, assured)?;
+            count += delete.len() / 2;
         }
-        Ok(flows)
+        Ok(count)
+    }
+}
+
+/// The flow entries of both tables, one per key, by kind.
+#[derive(Debug, Default, PartialEq)]
+pub struct MergedFlows {
+    /// Entries of assured flows: the store's, each with its cached copy's fresher time and marks
+    /// folded in, and cached entries marked `FLOW_F_ASSURED` whose store copy is gone.
+    pub assured: Vec<(FlowKey, FlowValue)>,
+    /// Entries of flows not assured yet (in the cache only).
+    pub new: Vec<(FlowKey, FlowValue)>,
+}
+
+/// Merges the store's (`PM_CONNTRACK`) and the cache's (`PM_CT_NEW`) entries: an assured
+/// flow's entry is in both while the LRU keeps its copy, and the copy is the fresher one (the
+/// datapath refreshes the store from it at most once per `LAST_SEEN_GRANULARITY_NS`).
+#[must_use]
+pub fn merge_tables(stored: Vec<(FlowKey, FlowValue)>, cached: Vec<(FlowKey, FlowValue)>) -> MergedFlows {
+    let mut assured: StdHashMap<FlowKey, FlowValue> = stored.into_iter().collect();
+    let mut new = Vec::new();
+    for (key, copy) in cached {
+        if let Some(value) = assured.get_mut(&key) {
+            value.last_seen_ns = value.last_seen_ns.max(copy.last_seen_ns);
+            value.flags |= copy.flags;
+        } else if copy.flags & FLOW_F_ASSURED != 0 {
+            assured.insert(key, copy);
+        } else {
+            new.push((key, copy));
+        }
+    }
+    MergedFlows {
+        assured: assured.into_iter().collect(),
+        new,
     }
 }
 
@@ -349,6 +405,51 @@ mod tests {
             ..narrowed
         };
         assert!(plan_flush(&entries, &[other]).is_empty());
+    }
+
+    #[test]
+    fn an_assured_entry_and_its_cached_copy_merge_into_one_with_the_fresher_time() {
+        let marked = |mut f: [(FlowKey, FlowValue); 2], flags: u8| {
+            f[0].1.flags |= flags;
+            f[1].1.flags |= flags;
+            f
+        };
+        let stored = marked(flow(PROTO_TCP, 1, 10 * S, 20 * S, 0), FLOW_F_ASSURED);
+        // The cache's copy: the forward entry refreshed since, the reply entry closing.
+        let mut cached = stored;
+        cached[0].1.last_seen_ns = 30 * S;
+        cached[1].1.flags |= FLOW_F_CLOSING;
+        cached[1].1.last_seen_ns = 15 * S;
+        // An assured flow whose store copy is gone (deleted between the two reads) and a new one.
+        let orphan = marked(flow(PROTO_TCP, 2, 5 * S, 5 * S, 0), FLOW_F_ASSURED);
+        let new = flow(PROTO_UDP, 3, 7 * S, 7 * S, 0);
+        let merged = merge_tables(
+            stored.to_vec(),
+            [cached, orphan, new].into_iter().flatten().collect(),
+        );
+        let mut assured = merged.assured.clone();
+        assured.sort_by_key(|(k, _)| (k.src_port_be, k.dst_port_be));
+        let mut want = vec![
+            (
+                stored[0].0,
+                FlowValue {
+                    last_seen_ns: 30 * S,
+                    ..stored[0].1
+                },
+            ),
+            (
+                stored[1].0,
+                FlowValue {
+                    flags: FLOW_F_ASSURED | FLOW_F_CLOSING,
+                    ..stored[1].1
+                },
+            ),
+            orphan[0],
+            orphan[1],
+        ];
+        want.sort_by_key(|(k, _)| (k.src_port_be, k.dst_port_be));
+        assert_eq!(assured, want);
+        assert_eq!(merged.new, new.to_vec());
     }
 
     #[test]

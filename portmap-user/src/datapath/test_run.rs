@@ -28,11 +28,22 @@ impl Datapath {
     /// Empties both flow tables.
     pub fn clear_flows(&mut self) -> anyhow::Result<()> {
         for (name, _, _) in self.flow_tables() {
-            let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(name)?)?;
-            let keys: Vec<FlowKey> = ct.keys().collect::<Result<_, _>>()?;
-            for key in keys {
-                ct.remove(&key)?;
-            }
+            self.clear_table(name)?;
+        }
+        Ok(())
+    }
+
+    /// Empties `PM_CT_NEW` only, as if the LRU shed every entry: new flows, and the cached
+    /// copies of the assured ones.
+    pub fn clear_flow_cache(&mut self) -> anyhow::Result<()> {
+        self.clear_table(map_names::CT_NEW)
+    }
+
+    fn clear_table(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(name)?)?;
+        let keys: Vec<FlowKey> = ct.keys().collect::<Result<_, _>>()?;
+        for key in keys {
+            ct.remove(&key)?;
         }
         Ok(())
     }

@@ -7,10 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use portmap::{datapath::Hook, model::maglev};
-use portmap_common::{FLOW_F_REPLIED, MappingCounters, Stat, addr_words, flow_hash, maglev_slot};
+use portmap_common::{
+    FLOW_F_ASSURED, FLOW_F_REPLIED, MappingCounters, Stat, addr_words, flow_hash, maglev_slot,
+};
 
 use crate::{
-    BACKEND, BACKEND6, CLIENT, CLIENT6, FlowEntry, Golden, HOST, HOST6, describe_counts, diff,
+    BACKEND, BACKEND6, CLIENT, CLIENT6, FlowEntry, Golden, HOST, HOST6, describe_counts, diff, expect,
     expected_action, outcome,
     packets::{
         ACK, BACKEND_MAC, CLIENT_MAC, FIN, Fragment, Frame, HOST_BACKEND_SIDE_MAC, HOST_CLIENT_SIDE_MAC,
@@ -246,15 +248,18 @@ impl Flow {
         self
     }
 
-    /// Assured: the backend answered and the client's next packet moved it to `PM_CONNTRACK`
-    /// (the reply entry keeps its replied mark).
+    /// Assured: the backend answered and the client's next packet copied it to `PM_CONNTRACK`
+    /// (the entries keep their replied mark, and both copies carry `FLOW_F_ASSURED`).
     fn assured(mut self) -> Self {
         self.assured = true;
         self.replied = true;
         self
     }
 
+    /// The flow's entries: an assured flow's twice, in `PM_CONNTRACK` and cached in `PM_CT_NEW`.
     fn entries(self) -> Vec<FlowEntry> {
+        let marks =
+            if self.replied { FLOW_F_REPLIED } else { 0 } | if self.assured { FLOW_F_ASSURED } else { 0 };
         let mut entries = vec![
             FlowEntry {
                 src: self.client,
@@ -262,7 +267,7 @@ impl Flow {
                 proto: self.proto,
                 nat: self.backend,
                 forward: true,
-                flags: u8::from(self.closing_forward) | if self.replied { FLOW_F_REPLIED } else { 0 },
+                flags: u8::from(self.closing_forward) | marks,
                 stats_slot: self.slot,
                 assured: self.assured,
             },
@@ -272,11 +277,21 @@ impl Flow {
                 proto: self.proto,
                 nat: self.host,
                 forward: false,
-                flags: u8::from(self.closing_reply) | if self.replied { FLOW_F_REPLIED } else { 0 },
+                flags: u8::from(self.closing_reply) | marks,
                 stats_slot: self.slot,
                 assured: self.assured,
             },
         ];
+        if self.assured {
+            let cached: Vec<FlowEntry> = entries
+                .iter()
+                .map(|e| FlowEntry {
+                    assured: false,
+                    ..e.clone()
+                })
+                .collect();
+            entries.extend(cached);
+        }
         entries.sort();
         entries
     }
@@ -441,6 +456,20 @@ pub fn rows() -> Vec<Row> {
         .leaves(Flow::dns().assured().entries())
         .through(1)
         .also(Stat::FlowAssured),
+        Row::rewritten(
+            "tcp FIN from the client on an assured flow: forwarded, its forward entry closing in both tables",
+            INGRESS,
+            web(FIN | ACK).build(),
+            Stat::FwdRedirect,
+            web(FIN | ACK).dnat(BACKEND, 80).routed_to_backend().build(),
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (Hook::TcEgress, syn_ack.clone()),
+            (Hook::TcIngress, web(ACK).build()),
+        ])
+        .leaves(Flow::web().assured().closing_forward().entries())
+        .through(0),
         Row::rewritten(
             "tcp data from the backend on an assured flow: restored",
             EGRESS,
@@ -1385,6 +1414,65 @@ fn sctp_range_and_maglev_rows() -> Vec<Row> {
         .new_flow(Flow::new(6, client(), to_host(8090), balanced, 9).entries())
         .through(9),
     ]
+}
+
+/// An assured flow whose cached copies the LRU shed (`PM_CT_NEW` emptied): its reply and its
+/// client's next packet are served from `PM_CONNTRACK`, byte for byte as before, and each
+/// caches its entry again.
+pub fn shed_cache(g: &mut Golden) -> anyhow::Result<String> {
+    let syn_ack = Frame::tcp(from_backend(80), client(), SYN | ACK).sent_by_backend();
+    let data = Frame::tcp(from_backend(80), client(), ACK)
+        .sent_by_backend()
+        .payload(10);
+    let stored_only = |entries: Vec<FlowEntry>| entries.into_iter().filter(|e| e.assured).collect::<Vec<_>>();
+    for hook in [Hook::TcIngress, Hook::XdpIngress] {
+        g.dp.clear_flows()?;
+        expect(g, hook, &web(SYN).build(), Stat::FwdRedirect, None)?;
+        expect(g, Hook::TcEgress, &syn_ack.clone().build(), Stat::ReplyNat, None)?;
+        expect(g, hook, &web(ACK).build(), Stat::FwdRedirect, None)?;
+        anyhow::ensure!(
+            g.flows()? == Flow::web().assured().entries(),
+            "not assured: {:?}",
+            g.flows()?
+        );
+        g.dp.clear_flow_cache()?;
+        anyhow::ensure!(g.flows()? == stored_only(Flow::web().assured().entries()));
+        expect(
+            g,
+            Hook::TcEgress,
+            &data.clone().build(),
+            Stat::ReplyNat,
+            Some(&data.clone().snat(HOST, TCP_PORT).build()),
+        )?;
+        let mut flows = stored_only(Flow::web().assured().entries());
+        flows.extend(
+            Flow::web()
+                .assured()
+                .entries()
+                .into_iter()
+                .filter(|e| !e.assured && !e.forward),
+        );
+        flows.sort();
+        anyhow::ensure!(
+            g.flows()? == flows,
+            "reply entry not cached again: {:?}",
+            g.flows()?
+        );
+        let ack = web(ACK).payload(10);
+        expect(
+            g,
+            hook,
+            &ack.clone().build(),
+            Stat::FwdRedirect,
+            Some(&ack.dnat(BACKEND, 80).routed_to_backend().build()),
+        )?;
+        anyhow::ensure!(
+            g.flows()? == Flow::web().assured().entries(),
+            "forward entry not cached again: {:?}",
+            g.flows()?
+        );
+    }
+    Ok("an assured flow shed from the cache: served from PM_CONNTRACK and cached again".into())
 }
 
 /// With room in `PM_CONNTRACK` for one flow only (`with_golden_conntrack(2, ..)`): a first flow

@@ -374,13 +374,36 @@ pub struct FlowEntry {
     pub forward: bool,
     pub flags: u8,
     pub stats_slot: u32,
-    /// In `PM_CONNTRACK` (else in `PM_CT_NEW`).
+    /// In `PM_CONNTRACK` (else in `PM_CT_NEW`: a new flow's entry, or an assured one's cached
+    /// copy, marked `FLOW_F_ASSURED`).
     pub assured: bool,
 }
 
 // FlowEntry mirrors FlowValue but its route cache (`FlowRoute`, 24 bytes): where packets left is
 // what the rows' output bytes and verdicts check, and `route_cache` tests the cache itself.
 const _: () = assert!(size_of::<FlowValue>() == 32 + 24, "FlowEntry mirrors FlowValue");
+
+/// Runs `frame` on `hook` and checks it is counted `want` and leaves as `output` (if given).
+pub fn expect(g: &Golden, hook: Hook, frame: &[u8], want: Stat, output: Option<&[u8]>) -> anyhow::Result<()> {
+    let run = g.run(hook, frame)?;
+    let (code, _) = outcome(&run.counted)?;
+    ensure!(
+        code == want,
+        "[{}] counted {}, expected {}",
+        hook.as_str(),
+        code.name(),
+        want.name()
+    );
+    if let Some(output) = output {
+        ensure!(
+            run.output.packet == output,
+            "[{}] output differs: {}",
+            hook.as_str(),
+            diff(output, &run.output.packet)
+        );
+    }
+    Ok(())
+}
 
 /// The hook's return code for a packet counted under `code`: one table for fixtures and fuzzer.
 pub fn expected_action(hook: Hook, code: Stat) -> u32 {
@@ -466,6 +489,13 @@ fn golden_fixtures() -> anyhow::Result<()> {
 fn an_assured_flow_finding_the_table_full_stays_new() -> anyhow::Result<()> {
     // Room for one flow's two entries.
     with_golden_conntrack(2, fixtures::assured_table_full).map(|report| println!("{report}"))
+}
+
+/// An assured flow shed from `PM_CT_NEW` (the LRU, which holds every active flow's entries
+/// for the one lookup per packet) is served from `PM_CONNTRACK` and cached again.
+#[test]
+fn an_assured_flow_shed_from_the_cache_is_served_from_the_store() -> anyhow::Result<()> {
+    with_golden(fixtures::shed_cache).map(|report| println!("{report}"))
 }
 
 /// Mapping 9 (two backends): new flows split about evenly; after `update` removes a backend,

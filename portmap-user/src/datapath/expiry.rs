@@ -6,13 +6,13 @@
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
-use aya::maps::{HashMap, MapData};
+use anyhow::Context as _;
 use portmap_common::{
     DIR_FORWARD, DIR_REPLY, FLOW_F_ASSURED, FLOW_F_CLOSING, FlowKey, FlowValue, PROTO_UDP, map_names,
     words_addr,
 };
 
-use super::Datapath;
+use super::{Datapath, sys};
 use crate::{config::Timeouts, model::table::FlowFlush};
 
 impl Datapath {
@@ -24,23 +24,21 @@ impl Datapath {
         ]
     }
 
-    /// Every entry of one flow table. Iterating while the datapath inserts and deletes can
-    /// revisit keys (the next key of a deleted one is the first one): at most its capacity.
+    /// Every entry of one flow table (at most its capacity), read bucket by bucket with
+    /// `BPF_MAP_LOOKUP_BATCH`: a walk of N entries is N / 4096 system calls, not 2 N (at 10,000
+    /// flows of a benchmark, 40,000 calls every `gc_interval_seconds`).
     pub(super) fn table_entries(
         &self,
         name: &str,
         capacity: usize,
     ) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let ct: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(self.map(name)?)?;
-        Ok(ct.iter().filter_map(Result::ok).take(capacity).collect())
+        sys::lookup_hash(self.hash_map_fd(name)?, capacity).with_context(|| format!("reading {name}"))
     }
 
+    /// Deletes `keys` from one table with `BPF_MAP_DELETE_BATCH`; a key already gone (LRU
+    /// eviction, the datapath's removal of a reused 5-tuple) is fine.
     fn delete_entries(&mut self, name: &str, keys: &[FlowKey]) -> anyhow::Result<()> {
-        let mut ct: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(self.map_mut(name)?)?;
-        for key in keys {
-            // Already gone (LRU eviction, a promotion or a concurrent re-creation) is fine.
-            let _ = ct.remove(key);
-        }
+        sys::delete_batch(self.hash_map_fd(name)?, keys).with_context(|| format!("deleting from {name}"))?;
         Ok(())
     }
 

@@ -317,9 +317,9 @@ impl Datapath {
         Ok(generation.get(&0, 0)?)
     }
 
-    fn hash_map_fd(&self, name: &str) -> anyhow::Result<RawFd> {
+    pub(super) fn hash_map_fd(&self, name: &str) -> anyhow::Result<RawFd> {
         match self.map(name)? {
-            aya::maps::Map::HashMap(d) => Ok(d.fd().as_fd().as_raw_fd()),
+            aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => Ok(d.fd().as_fd().as_raw_fd()),
             _ => bail!("{name} is not a hash map"),
         }
     }

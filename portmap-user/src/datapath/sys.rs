@@ -15,6 +15,7 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -163,6 +164,82 @@ pub(super) fn lookup_all_percpu(
     keys.truncate(done);
     values.truncate(done * stride);
     Ok((keys, values))
+}
+
+/// Entries one hash-map batch call moves at most (a bucket never holds nearly as many).
+const HASH_BATCH: usize = 4096;
+
+/// `BPF_MAP_LOOKUP_BATCH` of a hash map (kernel ≥ 5.6): up to `limit` entries, bucket by bucket,
+/// one system call per `HASH_BATCH` entries instead of two per entry (aya's iterator asks for the
+/// next key, then its value), and without revisiting keys that the datapath deletes meanwhile.
+pub(super) fn lookup_hash<K, V>(map_fd: RawFd, limit: usize) -> std::io::Result<Vec<(K, V)>>
+where
+    K: zerocopy::FromZeros + Copy,
+    V: zerocopy::FromZeros + Copy,
+{
+    let mut keys = vec![K::new_zeroed(); HASH_BATCH];
+    let mut values = vec![V::new_zeroed(); HASH_BATCH];
+    let mut entries = Vec::new();
+    let (mut in_batch, mut out_batch) = (None::<u32>, 0u32);
+    while entries.len() < limit {
+        let mut attr = BatchAttr {
+            in_batch: in_batch.as_ref().map_or(0, |b| std::ptr::from_ref(b) as u64),
+            out_batch: (&raw mut out_batch) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: HASH_BATCH as u32,
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at room for `count` keys
+        // and values of the map's sizes (K and V are its key and value layouts) and at the
+        // bucket cursors (a u32 for hash maps), all alive for the call.
+        let rc = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let got = (attr.count as usize).min(HASH_BATCH);
+        entries.extend(keys[..got].iter().copied().zip(values[..got].iter().copied()));
+        match rc {
+            // ENOENT: the last bucket was read (with `count` entries copied).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        in_batch = Some(out_batch);
+    }
+    entries.truncate(limit);
+    Ok(entries)
+}
+
+/// `BPF_MAP_DELETE_BATCH` (kernel ≥ 5.6) of `keys`, a key already gone included (the kernel
+/// stops at it: it is skipped and the batch goes on). Returns how many were deleted.
+pub(super) fn delete_batch<K: Copy>(map_fd: RawFd, keys: &[K]) -> std::io::Result<usize> {
+    let (mut done, mut deleted) = (0, 0);
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys[done..].as_ptr() as u64,
+            values: 0,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
+            map_fd: map_fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: BatchAttr is the `batch` member of bpf_attr; it points at `count` keys that
+        // live for the call; the kernel reads them and writes back only `count`.
+        let rc = unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) };
+        let count = attr.count as usize;
+        done += count;
+        deleted += count;
+        match rc {
+            Ok(_) if count == 0 => return Err(std::io::Error::other("the kernel deleted no entry")),
+            Ok(_) => {}
+            // The key at `done` is not in the map: skip it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls

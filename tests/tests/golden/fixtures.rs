@@ -1475,6 +1475,37 @@ pub fn shed_cache(g: &mut Golden) -> anyhow::Result<String> {
     Ok("an assured flow shed from the cache: served from PM_CONNTRACK and cached again".into())
 }
 
+/// The daemon's expiry pass over what the datapath made (its batch walk and deletes): an
+/// assured flow whose cached copies are gone (its deletes from `PM_CT_NEW` find nothing) and a
+/// new flow are counted and kept while young, and both go, every entry, once idle past their
+/// timeouts.
+pub fn expiry(g: &mut Golden) -> anyhow::Result<String> {
+    let syn_ack = Frame::tcp(from_backend(80), client(), SYN | ACK).sent_by_backend();
+    g.dp.clear_flows()?;
+    expect(g, Hook::TcIngress, &web(SYN).build(), Stat::FwdRedirect, None)?;
+    expect(g, Hook::TcEgress, &syn_ack.build(), Stat::ReplyNat, None)?;
+    expect(g, Hook::TcIngress, &web(ACK).build(), Stat::FwdRedirect, None)?;
+    g.dp.clear_flow_cache()?;
+    let other = Frame::tcp((CLIENT, CLIENT_PORT + 1), to_host(TCP_PORT), SYN).build();
+    expect(g, Hook::TcIngress, &other, Stat::FwdRedirect, None)?;
+    anyhow::ensure!(g.flows()?.len() == 4, "{:?}", g.flows()?);
+    let timeouts = portmap::config::Timeouts::default();
+    let now = portmap::datapath::monotonic_ns()?;
+    let young = g.dp.expire_flows(now, &timeouts)?;
+    anyhow::ensure!(
+        young.delete.is_empty() && (young.live_flows, young.new_flows) == (1, 1),
+        "young flows: {young:?}"
+    );
+    let later = now + (timeouts.tcp_seconds + 1) * 1_000_000_000;
+    let old = g.dp.expire_flows(later, &timeouts)?;
+    anyhow::ensure!(
+        old.delete.len() == 4 && (old.live_flows, old.new_flows) == (0, 0),
+        "idle flows: {old:?}"
+    );
+    anyhow::ensure!(g.flows()?.is_empty(), "left behind: {:?}", g.flows()?);
+    Ok("expiry: an assured flow shed from the cache and a new one, kept young, gone when idle".into())
+}
+
 /// With room in `PM_CONNTRACK` for one flow only (`with_golden_conntrack(2, ..)`): a first flow
 /// is assured, a second one's handshake ACK finds the table full and both stay where they are.
 pub fn assured_table_full(g: &mut Golden) -> anyhow::Result<String> {

@@ -498,6 +498,13 @@ fn an_assured_flow_shed_from_the_cache_is_served_from_the_store() -> anyhow::Res
     with_golden(fixtures::shed_cache).map(|report| println!("{report}"))
 }
 
+/// The daemon's expiry pass (batch walk of both tables, batch deletes that skip keys already
+/// gone) keeps young flows and deletes every entry of idle ones.
+#[test]
+fn expiry_keeps_young_flows_and_deletes_idle_ones_from_both_tables() -> anyhow::Result<()> {
+    with_golden(fixtures::expiry).map(|report| println!("{report}"))
+}
+
 /// Mapping 9 (two backends): new flows split about evenly; after `update` removes a backend,
 /// its established flows keep going to it while new flows all take the other; after adding a
 /// third, flows already established stay where they are.

@@ -202,6 +202,8 @@ where
             // ENOENT: the last bucket was read (with `count` entries copied).
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
+            // Not the end, yet nothing copied: never loop on it.
+            Ok(_) if got == 0 => return Err(std::io::Error::other("the kernel read no entry")),
             Ok(_) => {}
         }
         in_batch = Some(out_batch);

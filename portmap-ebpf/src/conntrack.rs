@@ -22,7 +22,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
 };
 use portmap_common::{
     Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_ASSURED, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowRoute,
@@ -49,13 +49,41 @@ pub struct Nat {
     pub route: *mut FlowRoute,
 }
 
-/// CLOCK_MONOTONIC at the last tick (`bpf_ktime_get_coarse_ns`, kernel >= 5.11): a flow's
-/// timestamps only need the resolution of its timeouts (seconds), and the coarse clock is a read
-/// of the tick's time instead of the clocksource (in a VM, a paravirtual clock read).
+/// The flow tables' clock: the last `bpf_ktime_get_coarse_ns` read and the jiffies it was read
+/// at (global data, shared by every CPU and program of this load; a new load starts from zero,
+/// which reads the clock on its first packet).
+#[repr(C)]
+struct Clock {
+    jiffies: u64,
+    ns: u64,
+}
+
+#[unsafe(no_mangle)]
+static mut PM_CLOCK: Clock = Clock { jiffies: 0, ns: 0 };
+
+/// How many ticks a clock read serves (8 ms at HZ=1000, 80 ms at HZ=100).
+const CLOCK_TICKS: u64 = 8;
+
+/// CLOCK_MONOTONIC, at most `CLOCK_TICKS` + 1 ticks old: a flow's timestamps only need the
+/// resolution of its timeouts (seconds). The coarse clock (kernel >= 5.11, the tick's time
+/// instead of a clocksource read, in a VM a paravirtual one) is a helper call of ~15 ns here;
+/// `bpf_jiffies64`, which the verifier inlines to a load, tells when to call it again, so a
+/// packet usually takes the time kept in `PM_CLOCK`. Racing CPUs store times one tick apart.
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without arguments; plain volatile accesses to this object's global data
+    // (torn pairs across CPUs are one tick apart, which a flow's timestamps do not notice).
+    unsafe {
+        let jiffies = bpf_jiffies64();
+        let clock = &raw mut PM_CLOCK;
+        if jiffies.wrapping_sub(core::ptr::read_volatile(&raw const (*clock).jiffies)) < CLOCK_TICKS {
+            return core::ptr::read_volatile(&raw const (*clock).ns);
+        }
+        let ns = bpf_ktime_get_coarse_ns();
+        core::ptr::write_volatile(&raw mut (*clock).ns, ns);
+        core::ptr::write_volatile(&raw mut (*clock).jiffies, jiffies);
+        ns
+    }
 }
 
 #[inline(always)]

@@ -4,9 +4,10 @@
 //! swapping. One's-complement sums are byte-order neutral, so a checksum updated from raw words
 //! and stored back raw is correct on any host.
 //!
-//! Used by the XDP context of the datapath (the TC context uses the kernel's
-//! `bpf_l3_csum_replace`/`bpf_l4_csum_replace`, which also keep `skb->csum` right) and by the
-//! unit tests, which check every update against a full recomputation.
+//! Used by the XDP context of the datapath; by the TC context to read back how the kernel's
+//! `bpf_l4_csum_replace` (which also keeps `skb->csum` and partial checksums right) applied an
+//! address change (`applied`); and by the unit tests, which check every update against a full
+//! recomputation.
 
 /// Folds a 64-bit one's-complement accumulator to 16 bits (without complementing).
 #[inline(always)]
@@ -47,6 +48,69 @@ pub fn udp_mangled(check: u16, updated: impl FnOnce(u16) -> u16) -> u16 {
     match updated(check) {
         0 => 0xffff,
         c => c,
+    }
+}
+
+/// Adds the change of a 32-bit field from `from` to `to` to the one's-complement accumulator
+/// `acc` (the RFC 1624 difference of several fields, summed before it is applied once).
+#[inline(always)]
+#[must_use]
+pub fn add_change(acc: u64, from: u32, to: u32) -> u64 {
+    acc + u64::from(!from) + u64::from(to)
+}
+
+/// Folds an accumulator to the 32-bit one's-complement sum the kernel calls `__wsum` (the
+/// difference `bpf_l4_csum_replace` takes when its size is 0).
+#[inline(always)]
+#[must_use]
+pub fn fold32(mut sum: u64) -> u32 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
+}
+
+/// The checksum `check` after fields whose difference is `diff` (an `add_change` accumulator)
+/// changed: RFC 1624 eqn. 3 applied once.
+#[inline(always)]
+#[must_use]
+pub fn apply_change(check: u16, diff: u64) -> u16 {
+    !fold(u64::from(!check) + u64::from(fold(diff)))
+}
+
+/// How the kernel applied a pseudo-header difference to an L4 checksum field
+/// (`bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR`), read back from the field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// As to a full checksum (eqn. 3): the skb is not CHECKSUM_PARTIAL, so a change inside the
+    /// segment (a port) is applied to the field too.
+    Full,
+    /// As to CHECKSUM_PARTIAL's pseudo-header sum, which the segment's own changes never touch.
+    Partial,
+    /// Neither can be told (the difference is a one's-complement zero, or the field was left
+    /// alone): ask the kernel again for the segment's change.
+    Unknown,
+}
+
+/// Tells from the field before (`before`) and after (`after`) the kernel applied `diff` which of
+/// its two ways it took: a full checksum moves by minus the difference, a partial sum by plus it.
+/// A zero reads as 0x0000 or 0xffff (the kernel writes `CSUM_MANGLED_0` for UDP), so both count
+/// as one.
+#[inline(always)]
+#[must_use]
+pub fn applied(before: u16, after: u16, diff: u64) -> Applied {
+    let zero_as_one = |c: u16| if c == 0xffff { 0 } else { c };
+    let d = fold(diff);
+    let full = zero_as_one(!fold(u64::from(!before) + u64::from(d)));
+    let partial = zero_as_one(fold(u64::from(before) + u64::from(d)));
+    let after = zero_as_one(after);
+    if full == partial {
+        Applied::Unknown
+    } else if after == full {
+        Applied::Full
+    } else if after == partial {
+        Applied::Partial
+    } else {
+        Applied::Unknown
     }
 }
 
@@ -164,6 +228,94 @@ mod tests {
                 prop_assert_eq!(u16::from_be_bytes(updated.to_ne_bytes()), want);
             }
         }
+    }
+
+    /// The kernel's `inet_proto_csum_replace_by_diff` on the field (`partial`: the skb is
+    /// CHECKSUM_PARTIAL) with `BPF_F_PSEUDO_HDR`, as `bpf_l4_csum_replace` of size 0 applies it.
+    fn kernel_by_diff(field: u16, diff: u32, partial: bool) -> u16 {
+        let csum_add = |a: u32, b: u32| {
+            let (s, carry) = a.overflowing_add(b);
+            s + u32::from(carry)
+        };
+        let csum_fold = |s: u32| {
+            let s = (s & 0xffff) + (s >> 16);
+            let s = (s & 0xffff) + (s >> 16);
+            !(s as u16)
+        };
+        if partial {
+            !csum_fold(csum_add(u32::from(field), diff))
+        } else {
+            csum_fold(csum_add(diff, !u32::from(field)))
+        }
+    }
+
+    proptest! {
+        /// DNAT of a TCP segment as the TC datapath does it: the address by one kernel call,
+        /// the port by hand once the field shows the skb's checksum is a full one.
+        #[test]
+        fn address_by_kernel_then_port_by_hand_matches_recomputation(
+            src: [u8; 4], dst: [u8; 4], new_dst: [u8; 4], new_port: u16,
+            seg in proptest::collection::vec(any::<u8>(), 20..200),
+        ) {
+            prop_assume!(fold(add_change(0, u32::from_ne_bytes(dst), u32::from_ne_bytes(new_dst))) % 0xffff != 0);
+            let mut seg = seg;
+            let c = l4_checksum(src, dst, 6, &seg, 16);
+            seg[16..18].copy_from_slice(&c.to_be_bytes());
+            let diff = add_change(0, u32::from_ne_bytes(dst), u32::from_ne_bytes(new_dst));
+            let before = raw16(&seg, 16);
+            let after = kernel_by_diff(before, fold32(diff), false);
+            prop_assert_eq!(after, apply_change(before, diff));
+            prop_assert_eq!(applied(before, after, diff), Applied::Full);
+            let old_port = raw16(&seg, 2);
+            seg[2..4].copy_from_slice(&new_port.to_be_bytes());
+            let check = replace2(after, old_port, raw16(&seg, 2));
+            seg[16..18].copy_from_slice(&check.to_ne_bytes());
+            prop_assert_eq!(u16::from_be_bytes([seg[16], seg[17]]), l4_checksum(src, new_dst, 6, &seg, 16));
+        }
+
+        /// CHECKSUM_PARTIAL: the field holds the pseudo-header's sum; the kernel moves it by the
+        /// address change, which reads as `Partial`, and the port is left to the checksum's
+        /// completion.
+        #[test]
+        fn a_partial_sum_reads_as_partial(src: [u8; 4], dst: [u8; 4], new_dst: [u8; 4], len: u16) {
+            let diff = add_change(0, u32::from_ne_bytes(dst), u32::from_ne_bytes(new_dst));
+            prop_assume!(fold(diff) % 0xffff != 0);
+            let pseudo = |dst: [u8; 4]| {
+                let mut p = Vec::new();
+                p.extend_from_slice(&src);
+                p.extend_from_slice(&dst);
+                p.extend_from_slice(&[0, 6]);
+                p.extend_from_slice(&len.to_be_bytes());
+                !checksum_be(0, &p)
+            };
+            let before = pseudo(dst).to_be();
+            let after = kernel_by_diff(before, fold32(diff), true);
+            prop_assert_eq!(after % 0xffff, pseudo(new_dst).to_be() % 0xffff);
+            prop_assert_eq!(applied(before, after, diff), Applied::Partial);
+        }
+
+        /// IPv6: four address words in one difference, as one per word.
+        #[test]
+        fn one_difference_of_four_words_is_four_updates(check: u16, from: [u32; 4], to: [u32; 4]) {
+            let diff = (0..4).fold(0, |acc, i| add_change(acc, from[i], to[i]));
+            let one_by_one = (0..4).fold(check, |c, i| replace4(c, from[i], to[i]));
+            prop_assert_eq!(apply_change(check, diff) % 0xffff, one_by_one % 0xffff);
+        }
+    }
+
+    /// A difference that is a one's-complement zero moves the field either way: not told apart.
+    #[test]
+    fn a_zero_difference_is_unknown() {
+        let (from, to) = (
+            u32::from_ne_bytes([10, 0, 0, 1]),
+            u32::from_ne_bytes([0, 1, 10, 0]),
+        );
+        let diff = add_change(0, from, to);
+        assert_eq!(fold(diff) % 0xffff, 0);
+        assert_eq!(
+            applied(0x1234, kernel_by_diff(0x1234, fold32(diff), false), diff),
+            Applied::Unknown
+        );
     }
 
     /// A UDP update whose result is 0x0000 must be sent as 0xffff (0 would mean "no checksum").

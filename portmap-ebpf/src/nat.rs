@@ -3,10 +3,10 @@
 use core::mem::offset_of;
 
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
-use portmap_common::{Addr, FAMILY_V6, PROTO_UDP};
+use portmap_common::{Addr, FAMILY_V6, PROTO_UDP, csum};
 
 use crate::{
-    ctx::{L4Csum, PacketCtx, StoreError},
+    ctx::{PacketCtx, StoreError},
     parse::{L4_DST_PORT_OFF, L4_SRC_PORT_OFF, Packet},
 };
 
@@ -44,10 +44,11 @@ impl Side {
     }
 }
 
-/// Rewrites one side's address and port, updating the IPv4 header checksum and the TCP/UDP
-/// checksum (pseudo-header for the address, segment for the port) by RFC 1624 differences.
-/// IPv6 has no header checksum; SCTP's CRC32c covers no address, and its port never changes
-/// (the daemon only accepts SCTP mappings that keep it).
+/// Rewrites one side's address and port, updating the IPv4 header checksum (per address word)
+/// and the TCP/UDP checksum (the pseudo-header's difference and the port's, in one update:
+/// `PacketCtx::l4_csum_nat`) by RFC 1624 differences. IPv6 has no header checksum; SCTP's
+/// CRC32c covers no address, and its port never changes (the daemon only accepts SCTP mappings
+/// that keep it).
 #[inline(always)]
 pub fn rewrite<C: PacketCtx>(
     ctx: &mut C,
@@ -60,32 +61,27 @@ pub fn rewrite<C: PacketCtx>(
     let (addr_off, port_off) = side.offsets(v6);
     let (old_addr, old_port) = side.of((pkt.saddr, pkt.sport), (pkt.daddr, pkt.dport));
     let (addr_off, port_off) = (pkt.l3_off + addr_off, pkt.l4_off + port_off);
-    let udp = pkt.proto == PROTO_UDP;
-    let check_off = pkt.l4_check_off();
     let words = if v6 { 4 } else { 1 };
+    let mut diff = None;
     for i in 0..4 {
         if i >= words || old_addr[i] == addr[i] {
             continue;
         }
-        if let Some(off) = check_off {
-            ctx.l4_csum_replace(off, old_addr[i], addr[i], 4, L4Csum { pseudo: true, udp })?;
-        }
+        diff = Some(csum::add_change(diff.unwrap_or(0), old_addr[i], addr[i]));
         if !v6 {
             ctx.l3_csum_replace(pkt.l3_off + IPV4_CHECK_OFF, old_addr[i], addr[i], 4)?;
         }
         ctx.store(addr_off + 4 * i, addr[i])?;
     }
     // A later fragment has no L4 header (l4_check_off is None): addresses only.
-    if old_port != port
-        && let Some(off) = check_off
-    {
-        ctx.l4_csum_replace(
-            off,
-            u32::from(old_port),
-            u32::from(port),
-            2,
-            L4Csum { pseudo: false, udp },
-        )?;
+    let Some(check_off) = pkt.l4_check_off() else {
+        return Ok(());
+    };
+    let port_change = (old_port != port).then_some((old_port, port));
+    if diff.is_some() || port_change.is_some() {
+        ctx.l4_csum_nat(check_off, diff, port_change, pkt.proto == PROTO_UDP)?;
+    }
+    if port_change.is_some() {
         ctx.store(port_off, port)?;
     }
     Ok(())

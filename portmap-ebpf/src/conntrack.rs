@@ -66,9 +66,10 @@ const CLOCK_TICKS: u64 = 8;
 
 /// CLOCK_MONOTONIC, at most `CLOCK_TICKS` + 1 ticks old: a flow's timestamps only need the
 /// resolution of its timeouts (seconds). The coarse clock (kernel >= 5.11, the tick's time
-/// instead of a clocksource read, in a VM a paravirtual one) is a helper call of ~15 ns here;
-/// `bpf_jiffies64`, which the verifier inlines to a load, tells when to call it again, so a
-/// packet usually takes the time kept in `PM_CLOCK`. Racing CPUs store times one tick apart.
+/// instead of a clocksource read, in a VM a paravirtual one) is still a helper call: ~35 ns of
+/// an established packet in `test_run` on the benchmark's machine. `bpf_jiffies64`, which the
+/// verifier inlines to a load, tells when to call it again, so a packet usually takes the time
+/// kept in `PM_CLOCK`. Racing CPUs store times one tick apart.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helpers without arguments; plain volatile accesses to this object's global data

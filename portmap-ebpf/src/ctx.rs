@@ -10,7 +10,7 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action},
-    helpers::generated::{bpf_redirect, bpf_redirect_peer},
+    helpers::generated::{bpf_csum_update, bpf_redirect, bpf_redirect_peer},
     programs::{TcContext, XdpContext},
 };
 use portmap_common::{Stat, csum};
@@ -98,13 +98,15 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
     ) -> Result<(), StoreError>;
     /// A translation's L4 checksum update in one go: `check_off` holds the TCP/UDP checksum,
     /// the pseudo-header's addresses changed by `addr_diff` (a `csum::add_change` accumulator;
-    /// `None`: unchanged) and a port of the segment from `port.0` to `port.1` (`None`: kept).
+    /// `None`: unchanged) and a port of the segment from `port.0` to `port.1` (`None`: kept);
+    /// `v6`: the addresses are IPv6 ones (no header checksum makes up for their change).
     fn l4_csum_nat(
         &mut self,
         check_off: usize,
         addr_diff: Option<u64>,
         port: Option<(u16, u16)>,
         udp: bool,
+        v6: bool,
     ) -> Result<(), StoreError>;
 
     /// Asks the kernel to send the packet out of `ifindex` once the program returns, and gives
@@ -283,6 +285,7 @@ impl PacketCtx for XdpContext {
         addr_diff: Option<u64>,
         port: Option<(u16, u16)>,
         udp: bool,
+        _v6: bool,
     ) -> Result<(), StoreError> {
         let p = ptr_at::<_, u16>(self, check_off).ok_or(StoreError)?;
         let update = |check: u16| {
@@ -415,6 +418,12 @@ impl PacketCtx for TcContext {
     /// (`csum::applied`): a full checksum takes the port's change here, as the helper would
     /// (the field and the port move `skb->csum` by opposite amounts), a partial one never does;
     /// when that cannot be told, the port takes its own helper call as before.
+    ///
+    /// IPv6 on a CHECKSUM_COMPLETE skb (a NIC's): the helper also moves `skb->csum` by the
+    /// field's change, which is right for IPv4, whose header checksum cancels the address
+    /// change in that sum, but not for IPv6, whose address and L4 checksum changes cancel each
+    /// other: `bpf_csum_update` takes it back (a no-op for any other skb). The kernel's own fix,
+    /// a `BPF_F_IPV6` flag (2025), is an unknown flag to older kernels, which refuse the call.
     #[inline(always)]
     fn l4_csum_nat(
         &mut self,
@@ -422,6 +431,7 @@ impl PacketCtx for TcContext {
         addr_diff: Option<u64>,
         port: Option<(u16, u16)>,
         udp: bool,
+        v6: bool,
     ) -> Result<(), StoreError> {
         let check = load::<_, u16>(self, check_off).ok_or(StoreError)?;
         // UDP without a checksum: BPF_F_MARK_MANGLED_0 would leave it alone too.
@@ -433,8 +443,14 @@ impl PacketCtx for TcContext {
         if let Some(diff) = addr_diff {
             // Size 0: `to` is the difference itself (`from` must be 0).
             let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled;
-            TcContext::l4_csum_replace(self, check_off, 0, u64::from(csum::fold32(diff)), flags)
+            let diff32 = csum::fold32(diff);
+            TcContext::l4_csum_replace(self, check_off, 0, u64::from(diff32), flags)
                 .map_err(|_| StoreError)?;
+            if v6 {
+                // SAFETY: the __sk_buff the kernel passed in; the helper only adds to skb->csum
+                // (-ENOTSUPP, ignored, unless the skb is CHECKSUM_COMPLETE).
+                let _ = unsafe { bpf_csum_update(self.skb.skb, diff32) };
+            }
             if let Some((from, to)) = port {
                 let after = load::<_, u16>(self, check_off).ok_or(StoreError)?;
                 match csum::applied(check, after, diff) {

@@ -79,7 +79,7 @@ pub fn rewrite<C: PacketCtx>(
     };
     let port_change = (old_port != port).then_some((old_port, port));
     if diff.is_some() || port_change.is_some() {
-        ctx.l4_csum_nat(check_off, diff, port_change, pkt.proto == PROTO_UDP)?;
+        ctx.l4_csum_nat(check_off, diff, port_change, pkt.proto == PROTO_UDP, v6)?;
     }
     if port_change.is_some() {
         ctx.store(port_off, port)?;

@@ -412,10 +412,10 @@ impl PacketCtx for TcContext {
     }
 
     /// One helper call instead of one per changed field (a call saved ~20 ns per packet in
-    /// `test_run` on the benchmark's machine): the addresses' difference goes to the kernel, which alone knows
-    /// how to apply it (CHECKSUM_PARTIAL's field holds the pseudo-header's sum, CHECKSUM_COMPLETE
-    /// also has `skb->csum` moved). Read back, the field shows which it did
-    /// (`csum::applied`): a full checksum takes the port's change here, as the helper would
+    /// `test_run` on the benchmark's machine): the addresses' difference goes to the kernel,
+    /// which alone knows how to apply it (CHECKSUM_PARTIAL's field holds the pseudo-header's
+    /// sum, CHECKSUM_COMPLETE also has `skb->csum` moved). Read back, the field shows which it
+    /// did (`csum::applied`): a full checksum takes the port's change here, as the helper would
     /// (the field and the port move `skb->csum` by opposite amounts), a partial one never does;
     /// when that cannot be told, the port takes its own helper call as before.
     ///

@@ -77,6 +77,37 @@ pub fn apply_change(check: u16, diff: u64) -> u16 {
     !fold(u64::from(!check) + u64::from(fold(diff)))
 }
 
+/// The folded one's-complement sum of a TCP, UDP or ICMPv6 pseudo-header (raw words): the
+/// addresses (an IPv4 address in the first word, zeros after), the protocol and the segment's
+/// length. It is what the L4 checksum field of a CHECKSUM_PARTIAL packet holds (the kernel
+/// writes `~csum_tcpudp_magic(..)` or `~csum_ipv6_magic(..)` of it there, and the device, or
+/// `skb_checksum_help`, completes it with the segment's own sum).
+#[inline(always)]
+#[must_use]
+pub fn pseudo_header(saddr: &[u32; 4], daddr: &[u32; 4], proto: u8, l4_len: u32) -> u16 {
+    let len = l4_len.to_be_bytes();
+    let mut sum = u64::from(u16::from_ne_bytes([0, proto]))
+        + u64::from(u16::from_ne_bytes([len[0], len[1]]))
+        + u64::from(u16::from_ne_bytes([len[2], len[3]]));
+    for i in 0..4 {
+        sum += u64::from(saddr[i]) + u64::from(daddr[i]);
+    }
+    fold(sum)
+}
+
+/// Whether the L4 checksum field `check` may be a CHECKSUM_PARTIAL packet's, whose pseudo-header
+/// sums to `pseudo` (`pseudo_header`): equal as one's-complement numbers (0x0000 and 0xffff are
+/// one zero). Where it is not, the packet is certainly not CHECKSUM_PARTIAL (a partial field
+/// that did not hold its pseudo-header's sum would complete to a wrong checksum), so its field
+/// is a full checksum; where it is, the packet is CHECKSUM_PARTIAL or its full checksum happens
+/// to equal that sum (about one packet in 65,535), which only the kernel can tell.
+#[inline(always)]
+#[must_use]
+pub fn may_be_partial(check: u16, pseudo: u16) -> bool {
+    let zero_as_one = |c: u16| if c == 0xffff { 0 } else { c };
+    zero_as_one(check) == zero_as_one(pseudo)
+}
+
 /// How the kernel applied a pseudo-header difference to an L4 checksum field
 /// (`bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR`), read back from the field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,6 +332,78 @@ mod tests {
             let one_by_one = (0..4).fold(check, |c, i| replace4(c, from[i], to[i]));
             prop_assert_eq!(apply_change(check, diff) % 0xffff, one_by_one % 0xffff);
         }
+    }
+
+    /// The pseudo-header of an IPv6 segment with `src`, `dst` and length `len`, as bytes.
+    fn pseudo_v6(src: [u8; 16], dst: [u8; 16], proto: u8, len: u32) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&len.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, proto]);
+        p
+    }
+
+    fn words(a: &[u8]) -> [u32; 4] {
+        let mut w = [0; 4];
+        for (i, c) in a.chunks_exact(4).enumerate() {
+            w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        w
+    }
+
+    proptest! {
+        /// A field holding `pseudo_header` completes, as a device or `skb_checksum_help` does
+        /// (the segment's sum, field included, complemented), to the full checksum: the value
+        /// is the one a CHECKSUM_PARTIAL packet carries (IPv4).
+        #[test]
+        fn a_partial_field_completes_to_the_full_checksum_v4(
+            src: [u8; 4], dst: [u8; 4], udp: bool,
+            seg in proptest::collection::vec(any::<u8>(), 20..200),
+        ) {
+            let (proto, check_off) = if udp { (17, 6) } else { (6, 16) };
+            let mut seg = seg;
+            let pseudo = pseudo_header(&words(&src), &words(&dst), proto, seg.len() as u32);
+            seg[check_off..check_off + 2].copy_from_slice(&pseudo.to_ne_bytes());
+            let completed = checksum_be(0, &seg);
+            prop_assert_eq!(completed % 0xffff, l4_checksum(src, dst, proto, &seg, check_off) % 0xffff);
+            prop_assert!(may_be_partial(pseudo, pseudo));
+        }
+
+        /// The same for IPv6 (a 32-bit length, the next header in the last byte).
+        #[test]
+        fn a_partial_field_completes_to_the_full_checksum_v6(
+            src: [u8; 16], dst: [u8; 16],
+            seg in proptest::collection::vec(any::<u8>(), 20..200),
+        ) {
+            let mut seg = seg;
+            let len = seg.len() as u32;
+            let pseudo = pseudo_header(&words(&src), &words(&dst), 6, len);
+            seg[16..18].copy_from_slice(&pseudo.to_ne_bytes());
+            let completed = checksum_be(0, &seg);
+            let mut full = pseudo_v6(src, dst, 6, len);
+            let mut zeroed = seg.clone();
+            zeroed[16..18].copy_from_slice(&[0, 0]);
+            full.extend_from_slice(&zeroed);
+            prop_assert_eq!(completed % 0xffff, checksum_be(0, &full) % 0xffff);
+        }
+
+        /// A full checksum is told from a partial one unless the two are equal numbers.
+        #[test]
+        fn a_full_checksum_is_not_partial_unless_equal(
+            src: [u8; 4], dst: [u8; 4],
+            seg in proptest::collection::vec(any::<u8>(), 20..200),
+        ) {
+            let full = l4_checksum(src, dst, 6, &seg, 16).to_be();
+            let pseudo = pseudo_header(&words(&src), &words(&dst), 6, seg.len() as u32);
+            prop_assert_eq!(may_be_partial(full, pseudo), full % 0xffff == pseudo % 0xffff);
+        }
+    }
+
+    #[test]
+    fn both_zeros_may_be_partial() {
+        assert!(may_be_partial(0, 0xffff) && may_be_partial(0xffff, 0));
+        assert!(!may_be_partial(0x1234, 0x1235));
     }
 
     /// A difference that is a one's-complement zero moves the field either way: not told apart.

@@ -64,6 +64,42 @@ pub struct L4Csum {
     pub udp: bool,
 }
 
+/// A translation's change to a TCP/UDP (or ICMPv6) checksum, applied in one go
+/// (`PacketCtx::l4_csum_nat`).
+#[derive(Clone, Copy)]
+pub struct L4Nat {
+    /// The pseudo-header's addresses changed by this (a `csum::add_change` accumulator;
+    /// `None`: unchanged).
+    pub addr_diff: Option<u64>,
+    /// A port of the segment changed from `.0` to `.1` (`None`: kept).
+    pub port: Option<(u16, u16)>,
+    /// UDP: a checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff.
+    pub udp: bool,
+    /// The addresses are IPv6 ones (no header checksum makes up for their change).
+    pub v6: bool,
+    /// The packet may be CHECKSUM_PARTIAL (`nat::may_be_partial`): only the kernel can apply
+    /// the change. Otherwise its field is a full checksum, which arithmetic can.
+    pub maybe_partial: bool,
+}
+
+/// The full checksum `check` after `change` (RFC 1624 arithmetic, both differences at once).
+#[inline(always)]
+fn full_l4_update(check: u16, change: &L4Nat) -> u16 {
+    let update = |check: u16| {
+        let check = change
+            .addr_diff
+            .map_or(check, |diff| csum::apply_change(check, diff));
+        change
+            .port
+            .map_or(check, |(from, to)| csum::replace2(check, from, to))
+    };
+    if change.udp {
+        csum::udp_mangled(check, update)
+    } else {
+        update(check)
+    }
+}
+
 /// `EbpfContext` gives aya-log (and helpers) the raw context.
 pub trait PacketCtx: aya_ebpf::EbpfContext {
     fn data(&self) -> usize;
@@ -83,6 +119,8 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
     fn raw(&self) -> *mut c_void;
     /// `tot_len` for `bpf_fib_lookup`'s MTU check, given the packet's IPv4 total length.
     fn fib_tot_len(&self, ip_tot_len: u16) -> u16;
+    /// A GSO super-packet (always CHECKSUM_PARTIAL): an skb with `gso_size` set.
+    fn gso(&self) -> bool;
 
     fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError>;
     /// `check_off` holds the IPv4 header checksum; a `size`-byte field changed `from` → `to`.
@@ -96,18 +134,9 @@ pub trait PacketCtx: aya_ebpf::EbpfContext {
         size: u8,
         how: L4Csum,
     ) -> Result<(), StoreError>;
-    /// A translation's L4 checksum update in one go: `check_off` holds the TCP/UDP checksum,
-    /// the pseudo-header's addresses changed by `addr_diff` (a `csum::add_change` accumulator;
-    /// `None`: unchanged) and a port of the segment from `port.0` to `port.1` (`None`: kept);
-    /// `v6`: the addresses are IPv6 ones (no header checksum makes up for their change).
-    fn l4_csum_nat(
-        &mut self,
-        check_off: usize,
-        addr_diff: Option<u64>,
-        port: Option<(u16, u16)>,
-        udp: bool,
-        v6: bool,
-    ) -> Result<(), StoreError>;
+    /// A translation's L4 checksum update in one go: `check_off` holds the checksum `change`
+    /// applies to.
+    fn l4_csum_nat(&mut self, check_off: usize, change: L4Nat) -> Result<(), StoreError>;
 
     /// Asks the kernel to send the packet out of `ifindex` once the program returns, and gives
     /// the hook's return code for that; `None` if this hook cannot redirect there. The packet may
@@ -236,6 +265,10 @@ impl PacketCtx for XdpContext {
     fn fib_tot_len(&self, ip_tot_len: u16) -> u16 {
         ip_tot_len
     }
+    #[inline(always)]
+    fn gso(&self) -> bool {
+        false
+    }
 
     #[inline(always)]
     fn store<T: Copy>(&mut self, off: usize, v: T) -> Result<(), StoreError> {
@@ -279,29 +312,10 @@ impl PacketCtx for XdpContext {
 
     /// RFC 1624 arithmetic: both changes applied to the field at once.
     #[inline(always)]
-    fn l4_csum_nat(
-        &mut self,
-        check_off: usize,
-        addr_diff: Option<u64>,
-        port: Option<(u16, u16)>,
-        udp: bool,
-        _v6: bool,
-    ) -> Result<(), StoreError> {
+    fn l4_csum_nat(&mut self, check_off: usize, change: L4Nat) -> Result<(), StoreError> {
         let p = ptr_at::<_, u16>(self, check_off).ok_or(StoreError)?;
-        let update = |check: u16| {
-            let check = addr_diff.map_or(check, |diff| csum::apply_change(check, diff));
-            port.map_or(check, |(from, to)| csum::replace2(check, from, to))
-        };
         // SAFETY: bounds checked by ptr_at; XDP packet memory is writable.
-        unsafe {
-            let check = p.read_unaligned();
-            let new = if udp {
-                csum::udp_mangled(check, update)
-            } else {
-                update(check)
-            };
-            p.write_unaligned(new);
-        }
+        unsafe { p.write_unaligned(full_l4_update(p.read_unaligned(), &change)) };
         Ok(())
     }
 
@@ -364,6 +378,11 @@ impl PacketCtx for TcContext {
         self.skb.skb.cast()
     }
     #[inline(always)]
+    fn gso(&self) -> bool {
+        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
+        unsafe { (*self.skb.skb).gso_size != 0 }
+    }
+    #[inline(always)]
     fn fib_tot_len(&self, ip_tot_len: u16) -> u16 {
         // A GSO super-packet: 0, the helper checks the skb itself, GSO-aware (it is forwardable
         // if its segments fit the egress device's MTU); its tot_len would always exceed it.
@@ -411,63 +430,30 @@ impl PacketCtx for TcContext {
             .map_err(|_| StoreError)
     }
 
-    /// One helper call instead of one per changed field (a call saved ~20 ns per packet in
-    /// `test_run` on the benchmark's machine): the addresses' difference goes to the kernel,
-    /// which alone knows how to apply it (CHECKSUM_PARTIAL's field holds the pseudo-header's
-    /// sum, CHECKSUM_COMPLETE also has `skb->csum` moved). Read back, the field shows which it
-    /// did (`csum::applied`): a full checksum takes the port's change here, as the helper would
-    /// (the field and the port move `skb->csum` by opposite amounts), a partial one never does;
-    /// when that cannot be told, the port takes its own helper call as before.
-    ///
-    /// IPv6 on a CHECKSUM_COMPLETE skb (a NIC's): the helper also moves `skb->csum` by the
-    /// field's change, which is right for IPv4, whose header checksum cancels the address
-    /// change in that sum, but not for IPv6, whose address and L4 checksum changes cancel each
-    /// other: `bpf_csum_update` takes it back (a no-op for any other skb). The kernel's own fix,
-    /// a `BPF_F_IPV6` flag (2025), is an unknown flag to older kernels, which refuse the call.
+    /// Only a CHECKSUM_PARTIAL skb needs the kernel's `bpf_l4_csum_replace` (its field holds the
+    /// pseudo-header's sum, which the address change moves the other way and the port's not at
+    /// all), and that helper costs ~60 ns of a packet in `test_run` on the benchmark's machine.
+    /// A packet that cannot be one (`L4Nat::maybe_partial`) has a full checksum, which takes the
+    /// arithmetic XDP uses. Either way, a CHECKSUM_COMPLETE skb then has `skb->csum` corrected
+    /// by `bpf_csum_update`, a helper that only adds (`complete_csum_correction`).
     #[inline(always)]
-    fn l4_csum_nat(
-        &mut self,
-        check_off: usize,
-        addr_diff: Option<u64>,
-        port: Option<(u16, u16)>,
-        udp: bool,
-        v6: bool,
-    ) -> Result<(), StoreError> {
+    fn l4_csum_nat(&mut self, check_off: usize, change: L4Nat) -> Result<(), StoreError> {
         let check = load::<_, u16>(self, check_off).ok_or(StoreError)?;
         // UDP without a checksum: BPF_F_MARK_MANGLED_0 would leave it alone too.
-        if udp && check == 0 {
+        if change.udp && check == 0 {
             return Ok(());
         }
-        let mangled = if udp { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
-        let mut port_left = port;
-        if let Some(diff) = addr_diff {
-            // Size 0: `to` is the difference itself (`from` must be 0).
-            let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled;
-            let diff32 = csum::fold32(diff);
-            TcContext::l4_csum_replace(self, check_off, 0, u64::from(diff32), flags)
-                .map_err(|_| StoreError)?;
-            if v6 {
-                // SAFETY: the __sk_buff the kernel passed in; the helper only adds to skb->csum
-                // (-ENOTSUPP, ignored, unless the skb is CHECKSUM_COMPLETE).
-                let _ = unsafe { bpf_csum_update(self.skb.skb, diff32) };
-            }
-            if let Some((from, to)) = port {
-                let after = load::<_, u16>(self, check_off).ok_or(StoreError)?;
-                match csum::applied(check, after, diff) {
-                    csum::Applied::Full => {
-                        let new = csum::replace2(after, from, to);
-                        let new = if udp && new == 0 { 0xffff } else { new };
-                        direct_store(self, check_off, new)?;
-                        port_left = None;
-                    }
-                    csum::Applied::Partial => port_left = None,
-                    csum::Applied::Unknown => {}
-                }
-            }
+        let by_kernel = change.maybe_partial;
+        if by_kernel {
+            l4_csum_nat_by_kernel(self, check_off, check, &change)?;
+        } else {
+            direct_store(self, check_off, full_l4_update(check, &change))?;
         }
-        if let Some((from, to)) = port_left {
-            TcContext::l4_csum_replace(self, check_off, u64::from(from), u64::from(to), 2 | mangled)
-                .map_err(|_| StoreError)?;
+        let correction = complete_csum_correction(&change, by_kernel);
+        if correction != 0 {
+            // SAFETY: the __sk_buff the kernel passed in; the helper only adds to skb->csum
+            // (-ENOTSUPP, ignored, unless the skb is CHECKSUM_COMPLETE).
+            let _ = unsafe { bpf_csum_update(self.skb.skb, correction) };
         }
         Ok(())
     }
@@ -502,5 +488,70 @@ impl PacketCtx for TcContext {
             Action::Drop => TC_ACT_SHOT as u32,
             Action::Redirected(code) => code,
         }
+    }
+}
+
+/// `PacketCtx::l4_csum_nat` by the kernel, for a skb that may be CHECKSUM_PARTIAL: one
+/// `bpf_l4_csum_replace` of the addresses' difference (size 0, `BPF_F_PSEUDO_HDR`), which
+/// alone knows how to apply it. Read back, the field shows which way it went
+/// (`csum::applied`): a full checksum takes the port's change here, as the helper would (the
+/// field and the port move `skb->csum` by opposite amounts), a partial one never does; when
+/// that cannot be told, the port takes its own helper call. `skb->csum` is left to
+/// `complete_csum_correction`.
+#[inline(always)]
+fn l4_csum_nat_by_kernel(
+    ctx: &mut TcContext,
+    check_off: usize,
+    check: u16,
+    change: &L4Nat,
+) -> Result<(), StoreError> {
+    let mangled = if change.udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let mut port_left = change.port;
+    if let Some(diff) = change.addr_diff {
+        // Size 0: `to` is the difference itself (`from` must be 0).
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | mangled;
+        let diff32 = csum::fold32(diff);
+        TcContext::l4_csum_replace(ctx, check_off, 0, u64::from(diff32), flags).map_err(|_| StoreError)?;
+        if let Some((from, to)) = change.port {
+            let after = load::<_, u16>(ctx, check_off).ok_or(StoreError)?;
+            match csum::applied(check, after, diff) {
+                csum::Applied::Full => {
+                    let new = csum::replace2(after, from, to);
+                    let new = if change.udp && new == 0 { 0xffff } else { new };
+                    direct_store(ctx, check_off, new)?;
+                    port_left = None;
+                }
+                csum::Applied::Partial => port_left = None,
+                csum::Applied::Unknown => {}
+            }
+        }
+    }
+    if let Some((from, to)) = port_left {
+        TcContext::l4_csum_replace(ctx, check_off, u64::from(from), u64::from(to), 2 | mangled)
+            .map_err(|_| StoreError)?;
+    }
+    Ok(())
+}
+
+/// What `skb->csum` (the sum of the packet from its IP header on) of a CHECKSUM_COMPLETE skb must
+/// still be moved by after `change` (`by_kernel`: applied by `l4_csum_nat_by_kernel`).
+///
+/// Right after `change` it must have moved by minus the addresses' difference for IPv4 (the IP
+/// header's sum stays, as its checksum makes up for the address; a port and the L4 checksum
+/// make up for each other; the L4 checksum also moves by minus the pseudo-header's change) and
+/// not at all for IPv6 (the L4 checksum's change makes up for the addresses'). Arithmetic moves
+/// it by nothing, so IPv4 needs that difference. The kernel's helper moves it by minus the
+/// difference for both families, so IPv6 needs it back: the kernel's own fix, a `BPF_F_IPV6`
+/// flag (2025), is an unknown flag to older kernels, which refuse the call.
+#[inline(always)]
+fn complete_csum_correction(change: &L4Nat, by_kernel: bool) -> u32 {
+    match (change.addr_diff, change.v6, by_kernel) {
+        (Some(diff), false, false) => !csum::fold32(diff),
+        (Some(diff), true, true) => csum::fold32(diff),
+        _ => 0,
     }
 }

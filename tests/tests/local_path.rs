@@ -2,7 +2,8 @@
 //! directly, or on a bridge port as Docker and the CNI bridge plugin attach containers) are
 //! learnt from the kernel's neighbour, FDB and route tables and reached without a FIB lookup
 //! (`fwd_local`); a backend that moves to another veth is followed, and whatever the cache
-//! cannot serve takes the FIB path. Needs root (run through `cargo xtask test`).
+//! cannot serve takes the FIB path; on that path, checksums the receivers check come out right.
+//! Needs root (run through `cargo xtask test`).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -187,6 +188,46 @@ fn what_the_fast_path_cannot_serve_takes_the_fib_path() -> anyhow::Result<()> {
     std::fs::write(&path, config_text(true))?;
     daemon.cli_ok(&["reload"])?;
     wait_local(&daemon, &[BACKEND, BACKEND6], |_| true)?;
+    daemon.stop()?;
+    daemon.cleanup().map(drop)
+}
+
+/// Checksums as the wire sees them. Between namespaces a veth hands a local socket's segment on
+/// as CHECKSUM_PARTIAL (its field holds the pseudo-header's sum, completed by whatever transmits
+/// it) and the receiver takes it unchecked, so a field the datapath got wrong would pass
+/// unseen. Here the host's devices complete every checksum in software when they transmit
+/// (`tx off`), and the receivers check it: the backend the client's segments (TC ingress, FIB
+/// path), the client the backend's (the reply hook). The ends send one segment per packet (no
+/// TSO or GSO), so the datapath sees each as CHECKSUM_PARTIAL and must tell it from a full
+/// checksum.
+#[test]
+fn partial_checksums_are_completed_right_after_the_rewrite() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    topo.enable_ipv6()?;
+    for iface in [portmap_tests::HOST_CLIENT_IFACE, HOST_BACKEND_IFACE] {
+        topo.host.exec("ethtool", &["-K", iface, "tx", "off"])?;
+    }
+    for (ns, iface) in [(&topo.client, "c0"), (&topo.backend, "b0")] {
+        ns.exec("ethtool", &["-K", iface, "tso", "off", "gso", "off"])?;
+    }
+    let config = portmap_tests::TempDir::new("cfg")?;
+    let path = config.path().join("portmap.toml");
+    std::fs::write(
+        &path,
+        "local_fast_path = false\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
+         \"5353:198.18.1.2:53/udp\"]\n",
+    )?;
+    let mut daemon = start_daemon(
+        &topo,
+        Mode::Tc,
+        &["--config", path.to_str().context("utf-8 path")?],
+    )?;
+    let before = daemon.stats()?;
+    traffic(&topo, &topo.backend)?;
+    let after = daemon.stats()?;
+    let (_, redirect, _) = paths(&before, &after);
+    ensure!(redirect > 0, "no packet took the FIB path: {after:?}");
+    ensure!(counter(&after, Stat::DropError) == 0);
     daemon.stop()?;
     daemon.cleanup().map(drop)
 }

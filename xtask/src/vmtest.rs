@@ -61,7 +61,10 @@ const GUEST_TESTS: [(&str, &[&str]); 5] = [
             "crash_keeps_traffic_flowing_and_restart_adopts",
         ],
     ),
-    ("local_path", &["--test-threads=1", "tc_reaches"]),
+    (
+        "local_path",
+        &["--test-threads=1", "tc_reaches", "partial_checksums"],
+    ),
     ("masquerade", &["--test-threads=1", "tc_replies"]),
     ("allow_lists", &["--test-threads=1", "drops_outside_tc"]),
 ];

@@ -197,9 +197,9 @@ fn what_the_fast_path_cannot_serve_takes_the_fib_path() -> anyhow::Result<()> {
 /// it) and the receiver takes it unchecked, so a field the datapath got wrong would pass
 /// unseen. Here the host's devices complete every checksum in software when they transmit
 /// (`tx off`), and the receivers check it: the backend the client's segments (TC ingress, FIB
-/// path), the client the backend's (the reply hook). The ends send one segment per packet (no
-/// TSO or GSO), so the datapath sees each as CHECKSUM_PARTIAL and must tell it from a full
-/// checksum.
+/// path), the client the backend's (reverse-NATed on their way back). The ends send one segment
+/// per packet (no TSO or GSO), so the datapath sees each as CHECKSUM_PARTIAL and must tell it
+/// from a full checksum.
 #[test]
 fn partial_checksums_are_completed_right_after_the_rewrite() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;

@@ -4,9 +4,10 @@
 //! swapping. One's-complement sums are byte-order neutral, so a checksum updated from raw words
 //! and stored back raw is correct on any host.
 //!
-//! Used by the XDP context of the datapath; by the TC context to read back how the kernel's
-//! `bpf_l4_csum_replace` (which also keeps `skb->csum` and partial checksums right) applied an
-//! address change (`applied`); and by the unit tests, which check every update against a full
+//! Used by the XDP context of the datapath; by the TC context for full checksums too, for telling
+//! them from CHECKSUM_PARTIAL ones (`pseudo_header`, `may_be_partial`), and to read back how the
+//! kernel's `bpf_l4_csum_replace` (which keeps partial checksums right) applied an address
+//! change (`applied`); and by the unit tests, which check every update against a full
 //! recomputation.
 
 /// Folds a 64-bit one's-complement accumulator to 16 bits (without complementing).

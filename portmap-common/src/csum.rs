@@ -109,6 +109,29 @@ pub fn may_be_partial(check: u16, pseudo: u16) -> bool {
     zero_as_one(check) == zero_as_one(pseudo)
 }
 
+/// What `skb->csum` of a CHECKSUM_COMPLETE skb (the sum of the packet from its IP header on, as
+/// a `__wsum`) must still be moved by, with `bpf_csum_update`, after a translation whose
+/// addresses changed by `addr_diff` (an `add_change` accumulator) was applied to its checksums
+/// by arithmetic (`by_kernel` false) or by the kernel's `bpf_l4_csum_replace` with
+/// `BPF_F_PSEUDO_HDR` (true); 0: nothing.
+///
+/// Over the whole translation the sum moves by minus the addresses' difference for IPv4 (the IP
+/// header's sum stays, as its checksum makes up for the address; a port and the L4 checksum make
+/// up for each other; the L4 checksum also moves by minus the pseudo-header's change) and not at
+/// all for IPv6 (the L4 checksum's change makes up for the addresses'). Arithmetic moves it by
+/// nothing, so IPv4 needs that difference. The kernel's helper moves it by minus the difference
+/// for both families, so IPv6 needs it back: the kernel's own fix, a `BPF_F_IPV6` flag (2025),
+/// is an unknown flag to older kernels, which refuse the call.
+#[inline(always)]
+#[must_use]
+pub fn complete_correction(addr_diff: Option<u64>, v6: bool, by_kernel: bool) -> u32 {
+    match (addr_diff, v6, by_kernel) {
+        (Some(diff), false, false) => !fold32(diff),
+        (Some(diff), true, true) => fold32(diff),
+        _ => 0,
+    }
+}
+
 /// How the kernel applied a pseudo-header difference to an L4 checksum field
 /// (`bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR`), read back from the field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,6 +421,96 @@ mod tests {
             let full = l4_checksum(src, dst, 6, &seg, 16).to_be();
             let pseudo = pseudo_header(&words(&src), &words(&dst), 6, seg.len() as u32);
             prop_assert_eq!(may_be_partial(full, pseudo), full % 0xffff == pseudo % 0xffff);
+        }
+    }
+
+    /// `skb->csum` of a CHECKSUM_COMPLETE skb: the one's-complement sum of `bytes` (raw words).
+    fn wsum(bytes: &[u8]) -> u64 {
+        let mut sum = 0u64;
+        let mut chunks = bytes.chunks_exact(2);
+        for w in &mut chunks {
+            sum += u64::from(u16::from_ne_bytes([w[0], w[1]]));
+        }
+        if let [last] = chunks.remainder() {
+            sum += u64::from(u16::from_ne_bytes([*last, 0]));
+        }
+        sum
+    }
+
+    /// The kernel's `bpf_csum_update`: `skb->csum` plus `by`.
+    fn csum_update(skb_csum: u64, by: u32) -> u64 {
+        skb_csum + u64::from(by)
+    }
+
+    /// DNAT of a TCP segment (destination address and port) with its checksums updated either
+    /// way; returns the packet's `skb->csum` (as the translation and the correction left it)
+    /// and the sum of the packet it left, which a receiving stack compares.
+    fn complete_after_dnat(
+        ip: &mut [u8],
+        seg: &mut [u8],
+        dst_off: usize,
+        words: usize,
+        new_dst: &[u8],
+        new_port: u16,
+        by_kernel: bool,
+    ) -> (u16, u16) {
+        let v6 = words == 4;
+        let before = wsum(&[&ip[..], &seg[..]].concat());
+        let mut diff = 0;
+        for i in 0..words {
+            let (from, to) = (raw32(ip, dst_off + 4 * i), raw32(new_dst, 4 * i));
+            diff = add_change(diff, from, to);
+            if !v6 {
+                let c = replace4(raw16(ip, 10), from, to);
+                ip[10..12].copy_from_slice(&c.to_ne_bytes());
+            }
+            ip[dst_off + 4 * i..dst_off + 4 * i + 4].copy_from_slice(&to.to_ne_bytes());
+        }
+        let old_port = raw16(seg, 2);
+        seg[2..4].copy_from_slice(&new_port.to_be_bytes());
+        let check = replace2(apply_change(raw16(seg, 16), diff), old_port, raw16(seg, 2));
+        seg[16..18].copy_from_slice(&check.to_ne_bytes());
+        // The kernel's helper moves skb->csum by minus the difference (for either family).
+        let moved = if by_kernel {
+            csum_update(before, !fold32(diff))
+        } else {
+            before
+        };
+        let skb_csum = csum_update(moved, complete_correction(Some(diff), v6, by_kernel));
+        let after = wsum(&[&ip[..], &seg[..]].concat());
+        (fold(skb_csum) % 0xffff, fold(after) % 0xffff)
+    }
+
+    proptest! {
+        /// A CHECKSUM_COMPLETE skb's sum still matches its packet after the translation and the
+        /// correction, IPv4 and IPv6, by arithmetic and by the kernel's helper.
+        #[test]
+        fn a_complete_sum_follows_the_translation(
+            seed: [u8; 20], src6: [u8; 16], dst6: [u8; 16], new_dst6: [u8; 16], new_port: u16,
+            by_kernel: bool, seg in proptest::collection::vec(any::<u8>(), 20..200),
+        ) {
+            let mut ip = ipv4_header(&seed);
+            let mut seg4 = seg.clone();
+            let (src, dst) = ([ip[12], ip[13], ip[14], ip[15]], [ip[16], ip[17], ip[18], ip[19]]);
+            let c = l4_checksum(src, dst, 6, &seg4, 16);
+            seg4[16..18].copy_from_slice(&c.to_be_bytes());
+            let (skb, packet) =
+                complete_after_dnat(&mut ip, &mut seg4, 16, 1, &new_dst6[..4], new_port, by_kernel);
+            prop_assert_eq!(skb, packet, "IPv4");
+
+            let mut ip6 = [0u8; 40];
+            ip6[0] = 0x60;
+            ip6[4..6].copy_from_slice(&(seg.len() as u16).to_be_bytes());
+            ip6[6] = 6;
+            ip6[8..24].copy_from_slice(&src6);
+            ip6[24..40].copy_from_slice(&dst6);
+            let mut seg6 = seg;
+            seg6[16..18].copy_from_slice(&[0, 0]);
+            let mut full = pseudo_v6(src6, dst6, 6, seg6.len() as u32);
+            full.extend_from_slice(&seg6);
+            seg6[16..18].copy_from_slice(&checksum_be(0, &full).to_be_bytes());
+            let (skb, packet) = complete_after_dnat(&mut ip6, &mut seg6, 24, 4, &new_dst6, new_port, by_kernel);
+            prop_assert_eq!(skb, packet, "IPv6");
         }
     }
 

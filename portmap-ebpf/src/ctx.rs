@@ -435,7 +435,7 @@ impl PacketCtx for TcContext {
     /// all), and that helper costs ~60 ns of a packet in `test_run` on the benchmark's machine.
     /// A packet that cannot be one (`L4Nat::maybe_partial`) has a full checksum, which takes the
     /// arithmetic XDP uses. Either way, a CHECKSUM_COMPLETE skb then has `skb->csum` corrected
-    /// by `bpf_csum_update`, a helper that only adds (`complete_csum_correction`).
+    /// by `bpf_csum_update`, a helper that only adds (`csum::complete_correction`).
     #[inline(always)]
     fn l4_csum_nat(&mut self, check_off: usize, change: L4Nat) -> Result<(), StoreError> {
         let check = load::<_, u16>(self, check_off).ok_or(StoreError)?;
@@ -449,7 +449,7 @@ impl PacketCtx for TcContext {
         } else {
             direct_store(self, check_off, full_l4_update(check, &change))?;
         }
-        let correction = complete_csum_correction(&change, by_kernel);
+        let correction = csum::complete_correction(change.addr_diff, change.v6, by_kernel);
         if correction != 0 {
             // SAFETY: the __sk_buff the kernel passed in; the helper only adds to skb->csum
             // (-ENOTSUPP, ignored, unless the skb is CHECKSUM_COMPLETE).
@@ -497,7 +497,7 @@ impl PacketCtx for TcContext {
 /// (`csum::applied`): a full checksum takes the port's change here, as the helper would (the
 /// field and the port move `skb->csum` by opposite amounts), a partial one never does; when
 /// that cannot be told, the port takes its own helper call. `skb->csum` is left to
-/// `complete_csum_correction`.
+/// `csum::complete_correction`.
 #[inline(always)]
 fn l4_csum_nat_by_kernel(
     ctx: &mut TcContext,
@@ -535,23 +535,4 @@ fn l4_csum_nat_by_kernel(
             .map_err(|_| StoreError)?;
     }
     Ok(())
-}
-
-/// What `skb->csum` (the sum of the packet from its IP header on) of a CHECKSUM_COMPLETE skb must
-/// still be moved by after `change` (`by_kernel`: applied by `l4_csum_nat_by_kernel`).
-///
-/// Right after `change` it must have moved by minus the addresses' difference for IPv4 (the IP
-/// header's sum stays, as its checksum makes up for the address; a port and the L4 checksum
-/// make up for each other; the L4 checksum also moves by minus the pseudo-header's change) and
-/// not at all for IPv6 (the L4 checksum's change makes up for the addresses'). Arithmetic moves
-/// it by nothing, so IPv4 needs that difference. The kernel's helper moves it by minus the
-/// difference for both families, so IPv6 needs it back: the kernel's own fix, a `BPF_F_IPV6`
-/// flag (2025), is an unknown flag to older kernels, which refuse the call.
-#[inline(always)]
-fn complete_csum_correction(change: &L4Nat, by_kernel: bool) -> u32 {
-    match (change.addr_diff, change.v6, by_kernel) {
-        (Some(diff), false, false) => !csum::fold32(diff),
-        (Some(diff), true, true) => csum::fold32(diff),
-        _ => 0,
-    }
 }

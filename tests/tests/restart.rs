@@ -255,7 +255,8 @@ fn restarts_are_invisible(mode: Mode, env: &[(&str, &str)]) -> anyhow::Result<()
     let via_new = portmap_tests::tcp_connect_result(&topo.client, SocketAddrV4::new(HOST_IP, 8081))?;
     ensure!(
         via_new.is_ok(),
-        "the mapping added by the changed config: {via_new:?}"
+        "the mapping added by the changed config: {via_new:?}; counters {:?}",
+        daemon.stats()?.counters
     );
 
     load.flowing("after the last start")?;

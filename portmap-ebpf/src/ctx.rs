@@ -389,9 +389,7 @@ impl PacketCtx for TcContext {
         // Any other packet: its length, so that a route MTU below the device's applies too and
         // a too-big packet gets FRAG_NEEDED (the kernel then fragments it or sends the ICMP
         // error) instead of being dropped after the redirect.
-        // SAFETY: the __sk_buff the kernel passed in is valid for the program's run.
-        let gso = unsafe { (*self.skb.skb).gso_size } != 0;
-        if gso { 0 } else { ip_tot_len }
+        if self.gso() { 0 } else { ip_tot_len }
     }
 
     /// A direct write: the verifier's prologue of a TC program that writes packet data unclones

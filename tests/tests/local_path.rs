@@ -97,6 +97,24 @@ fn setup(mode: Mode, link: BackendLink, extra: &[&str]) -> anyhow::Result<(Topol
     Ok((topo, daemon))
 }
 
+/// A config file's text with the mappings `traffic` uses and the local fast path on or off.
+fn config_text(fast: bool) -> String {
+    format!(
+        "local_fast_path = {fast}\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
+         \"5353:198.18.1.2:53/udp\"]\n"
+    )
+}
+
+/// A TC daemon started from the config file `path`, written first with `config_text(fast)`.
+fn start_from_config(topo: &Topology, path: &std::path::Path, fast: bool) -> anyhow::Result<Daemon> {
+    std::fs::write(path, config_text(fast))?;
+    start_daemon(
+        topo,
+        Mode::Tc,
+        &["--config", path.to_str().context("utf-8 path")?],
+    )
+}
+
 /// Every forwarded packet takes the fast path once the backend is learnt: none is looked up in
 /// the FIB or handed to the kernel.
 fn fast_path(mode: Mode, link: BackendLink, extra: &[&str]) -> anyhow::Result<()> {
@@ -164,21 +182,10 @@ fn what_the_fast_path_cannot_serve_takes_the_fib_path() -> anyhow::Result<()> {
     topo.enable_ipv6()?;
     let config = portmap_tests::TempDir::new("cfg")?;
     let path = config.path().join("portmap.toml");
-    let config_text = |fast: bool| {
-        format!(
-            "local_fast_path = {fast}\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
-             \"5353:198.18.1.2:53/udp\"]\n"
-        )
-    };
-    std::fs::write(&path, config_text(false))?;
     // Resolved before the daemon starts, which reads the neighbour table before it is ready:
     // what it learnt is settled when `stats` first answers.
     resolve_neighbours(&topo)?;
-    let mut daemon = start_daemon(
-        &topo,
-        Mode::Tc,
-        &["--config", path.to_str().context("utf-8 path")?],
-    )?;
+    let mut daemon = start_from_config(&topo, &path, false)?;
     let before = daemon.stats()?;
     ensure!(before.local_backends.is_empty(), "{:?}", before.local_backends);
     traffic(&topo, &topo.backend)?;
@@ -211,17 +218,7 @@ fn partial_checksums_are_completed_right_after_the_rewrite() -> anyhow::Result<(
         ns.exec("ethtool", &["-K", iface, "tso", "off", "gso", "off"])?;
     }
     let config = portmap_tests::TempDir::new("cfg")?;
-    let path = config.path().join("portmap.toml");
-    std::fs::write(
-        &path,
-        "local_fast_path = false\nmappings = [\"8080:198.18.1.2:80\", \"[::]:8080:[fd00:1::2]:80\", \
-         \"5353:198.18.1.2:53/udp\"]\n",
-    )?;
-    let mut daemon = start_daemon(
-        &topo,
-        Mode::Tc,
-        &["--config", path.to_str().context("utf-8 path")?],
-    )?;
+    let mut daemon = start_from_config(&topo, &config.path().join("portmap.toml"), false)?;
     let before = daemon.stats()?;
     traffic(&topo, &topo.backend)?;
     let after = daemon.stats()?;

@@ -373,22 +373,53 @@ pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
 }
 
 /// Whether the reply key `reply_key` of a new flow from `pkt` to the published address is taken
-/// by another flow. An earlier incarnation of this very flow (same client port, same published
-/// address) is not a clash: it is removed.
+/// by another flow (the store's entry, else the cache's). Two flows are not a clash, and the old
+/// one's entries leave both tables:
+/// - an earlier incarnation of this very flow (same client port, same published address);
+/// - for a TCP SYN, a closing flow to another published address or port of the same backend
+///   port (a FIN or RST seen either way): the client's kernel may reuse a local port towards
+///   another destination as soon as its connection closed, and after the rewrite the backend
+///   sees this SYN exactly as one reusing the old 5-tuple, which `lookup` also lets through.
 #[inline(always)]
-fn clashes(reply_key: &FlowKey, pkt: &Packet, assured: bool) -> bool {
-    let Some(old) = entry(reply_key, assured) else {
+fn clashes(reply_key: &FlowKey, pkt: &Packet) -> bool {
+    let Some(old) = entry(reply_key, true).or_else(|| entry(reply_key, false)) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup, read in place.
-    let same_flow = unsafe {
-        (*old).direction == DIR_REPLY && (*old).nat_addr == pkt.daddr && (*old).nat_port_be == pkt.dport
+    let (direction, addr, port, flags) = unsafe {
+        (
+            (*old).direction,
+            (*old).nat_addr,
+            (*old).nat_port_be,
+            (*old).flags,
+        )
     };
-    if !same_flow {
+    if direction != DIR_REPLY {
         return true;
     }
-    remove(reply_key, assured);
+    let old_forward = reply_key.forward(addr, port);
+    let same_flow = addr == pkt.daddr && port == pkt.dport;
+    if !same_flow
+        && (pkt.proto != PROTO_TCP
+            || !is_syn(pkt.tcp_flags)
+            || (flags & FLOW_F_CLOSING == 0 && !closing(&old_forward)))
+    {
+        return true;
+    }
+    forget(&old_forward);
+    forget(reply_key);
     false
+}
+
+/// Whether the forward entry for `key` (the cache's, else the store's) is marked closing.
+#[inline(always)]
+fn closing(key: &FlowKey) -> bool {
+    entry(key, false)
+        .or_else(|| entry(key, true))
+        .is_some_and(|entry| {
+            // SAFETY: pointer from a successful lookup, read in place.
+            unsafe { (*entry).direction == DIR_FORWARD && (*entry).flags & FLOW_F_CLOSING != 0 }
+        })
 }
 
 /// A new entry's route: nothing cached (its packets after the first fill it in, `forward`).
@@ -419,7 +450,7 @@ pub fn create(
 ) -> Result<Nat, Stat> {
     let (backend_addr, backend_port) = backend;
     let reply_key = key.reply(backend_addr, backend_port);
-    if clashes(&reply_key, pkt, true) || clashes(&reply_key, pkt, false) {
+    if clashes(&reply_key, pkt) {
         return Err(Stat::DropNatClash);
     }
     let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {

@@ -196,3 +196,64 @@ fn a_removed_mappings_tcp_flows_finish_and_never_count_under_a_later_mapping() -
     );
     daemon.stop()
 }
+
+/// From `ns`, a TCP exchange with `dst` from local port `port` (bound with `SO_REUSEADDR`, as a
+/// client's kernel may reuse one local port towards different destinations): sends `data`,
+/// half-closes and returns the echo. Connecting gives up after 3 s.
+fn exchange_from_port(
+    ns: &Netns,
+    port: u16,
+    dst: SocketAddr,
+    data: &'static [u8],
+) -> anyhow::Result<Vec<u8>> {
+    ns.run(move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        socket
+            .connect_timeout(&dst.into(), Duration::from_secs(3))
+            .with_context(|| format!("connect {dst} from port {port}"))?;
+        let mut stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(data)?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed)?;
+        Ok(echoed)
+    })
+}
+
+/// Two published ports of one backend port share their flows' reply keys (backend → client
+/// address and port). A client whose kernel reuses a local port towards the second published
+/// port once its connection through the first has closed must get through: the new SYN takes
+/// the closed flow's place, as it would reusing the same 5-tuple (the backend sees exactly that).
+#[test]
+fn a_closed_flows_client_port_reused_towards_another_published_port_connects() -> anyhow::Result<()> {
+    let topo = Topology::new(BackendLink::Veth)?;
+    let mut daemon = start_daemon(&topo, Mode::Tc, &[])?;
+    daemon.cli_ok(&["add", "8080:198.18.1.2:80"])?;
+    daemon.cli_ok(&["add", "8081:198.18.1.2:80"])?;
+    let _echo = EchoServer::start(&topo.backend, 80)?;
+    const CLIENT_PORT: u16 = 40_000;
+    let first = exchange_from_port(
+        &topo.client,
+        CLIENT_PORT,
+        SocketAddr::from((HOST_IP, 8080)),
+        b"first",
+    )?;
+    ensure!(first == b"first", "echo through 8080: {first:?}");
+    let second = exchange_from_port(
+        &topo.client,
+        CLIENT_PORT,
+        SocketAddr::from((HOST_IP, 8081)),
+        b"second",
+    );
+    let clashes = portmap_tests::counter(&daemon.stats()?, portmap_common::Stat::DropNatClash);
+    let second = second.map_err(|e| format!("{e:#}"));
+    ensure!(
+        matches!(&second, Ok(echoed) if echoed == b"second"),
+        "the same client port through 8081 after its flow through 8080 closed: {second:?} \
+         (drop_nat_clash {clashes})"
+    );
+    daemon.stop()
+}

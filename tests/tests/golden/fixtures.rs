@@ -874,6 +874,55 @@ pub fn rows() -> Vec<Row> {
         )
         .after(vec![syn.clone()])
         .leaves(Flow::web().entries()),
+        Row::rewritten(
+            "same client port to a second published port after the client closed its flow (FIN): the SYN takes the closed flow's place",
+            INGRESS,
+            Frame::tcp(client(), to_host(8084), SYN).build(),
+            Stat::FwdRedirect,
+            web_at_backend(Frame::tcp(client(), to_host(8084), SYN)),
+        )
+        .after(vec![syn.clone(), fin.clone()])
+        .new_flow(Flow::tcp(8084, (BACKEND, 80), 4).entries())
+        .through(4),
+        Row::rewritten(
+            "same client port to a second published port after the backend reset its flow (RST): the SYN takes the closed flow's place",
+            INGRESS,
+            Frame::tcp(client(), to_host(8084), SYN).build(),
+            Stat::FwdRedirect,
+            web_at_backend(Frame::tcp(client(), to_host(8084), SYN)),
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (
+                Hook::TcEgress,
+                Frame::tcp(from_backend(80), client(), RST | ACK).sent_by_backend().build(),
+            ),
+        ])
+        .new_flow(Flow::tcp(8084, (BACKEND, 80), 4).entries())
+        .through(4),
+        Row::rewritten(
+            "same client port to a second published port after an assured flow closed: its entries leave both tables",
+            INGRESS,
+            Frame::tcp(client(), to_host(8084), SYN).build(),
+            Stat::FwdRedirect,
+            web_at_backend(Frame::tcp(client(), to_host(8084), SYN)),
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (Hook::TcEgress, syn_ack.clone()),
+            (Hook::TcIngress, web(ACK).build()),
+            (Hook::TcIngress, fin.clone()),
+        ])
+        .new_flow(Flow::tcp(8084, (BACKEND, 80), 4).entries())
+        .through(4),
+        Row::untouched(
+            "same client port to a second published port after the first flow closed, not a SYN: NAT clash, dropped",
+            INGRESS,
+            Frame::tcp(client(), to_host(8084), ACK).build(),
+            Stat::DropNatClash,
+        )
+        .after(vec![syn.clone(), fin.clone()])
+        .leaves(Flow::web().closing_forward().entries()),
         // --- malformed IPv4
         Row::untouched(
             "IHL 4: dropped, as the kernel's ip_rcv would",

@@ -128,6 +128,23 @@ pub fn tcp_connect_result(
     })
 }
 
+/// How many connections a server's listen queue holds before the kernel drops SYNs: the
+/// namespace's `somaxconn` default. std's `TcpListener::bind` asks for 128, which a connect loop
+/// at ~30,000/s fills in 4 ms whenever the accepting thread is held up; every drop then costs
+/// the client a 1-s SYN retransmission (seen as `TcpExtListenOverflows`).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A TCP listener on `port` of every IPv6 and IPv4 address (dual stack, as std binds `::`),
+/// with `SO_REUSEADDR` as std sets it and a `LISTEN_BACKLOG` queue.
+fn listen_any(port: u16) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 /// A socket bound in a namespace for as long as this guard lives (a "local listener" of a host).
 pub struct Bound {
     stop: Option<std::sync::mpsc::Sender<()>>,
@@ -270,7 +287,7 @@ impl EchoServer {
             if pin_last_cpu {
                 pin_to_cpu(thread::available_parallelism().map_or(0, |n| n.get() - 1))?;
             }
-            let listener = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port));
+            let listener = listen_any(port);
             let _ = ready_tx.send(listener.as_ref().map(drop).map_err(|e| e.to_string()));
             let listener = listener?;
             listener.set_nonblocking(true)?;

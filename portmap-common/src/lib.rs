@@ -441,6 +441,38 @@ pub const FLOW_F_REPLIED: u8 = 2;
 /// (which the LRU never sheds) and its entries in `PM_CT_NEW` are that copy's cache, read first
 /// by every packet (one lookup per packet for every active flow).
 pub const FLOW_F_ASSURED: u8 = 4;
+/// A RST was seen in this entry's direction (always with `FLOW_F_CLOSING`): the connection is
+/// over at both ends, whatever the other direction did (`flow_ended`).
+pub const FLOW_F_RESET: u8 = 8;
+
+/// TCP flag bits (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The `FLOW_F_*` marks a TCP segment with flags `tcp_flags` leaves on its direction's entry:
+/// closing after a FIN or RST, reset after a RST (0 for anything else, and for UDP's zero).
+#[inline(always)]
+#[must_use]
+pub const fn close_marks(tcp_flags: u8) -> u8 {
+    let closing = if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        FLOW_F_CLOSING
+    } else {
+        0
+    };
+    let reset = if tcp_flags & TCP_RST != 0 { FLOW_F_RESET } else { 0 };
+    closing | reset
+}
+
+/// Whether a TCP flow whose forward and reply entries carry the flags `forward` and `reply` is
+/// over at both ends: a RST either way, or a FIN each way. A flow closed one way only may still
+/// carry data the other way (a half-close), so it is not.
+#[inline(always)]
+#[must_use]
+pub const fn flow_ended(forward: u8, reply: u8) -> bool {
+    (forward | reply) & FLOW_F_RESET != 0 || forward & reply & FLOW_F_CLOSING != 0
+}
 
 map_layout! {
 /// Value of `PM_CONNTRACK`. A flow is two entries inserted together: the forward entry (key =
@@ -753,5 +785,28 @@ mod tests {
             flows: 5 * n,
         };
         assert_eq!([c(1), c(2), c(4)].into_iter().sum::<MappingCounters>(), c(7));
+    }
+
+    #[test]
+    fn a_fin_marks_closing_and_a_rst_also_reset() {
+        assert_eq!(close_marks(TCP_SYN | TCP_ACK), 0);
+        assert_eq!(close_marks(0), 0);
+        assert_eq!(close_marks(TCP_FIN | TCP_ACK), FLOW_F_CLOSING);
+        assert_eq!(close_marks(TCP_RST), FLOW_F_CLOSING | FLOW_F_RESET);
+        assert_eq!(close_marks(TCP_RST | TCP_ACK), FLOW_F_CLOSING | FLOW_F_RESET);
+    }
+
+    #[test]
+    fn a_flow_ends_with_a_rst_either_way_or_a_fin_each_way() {
+        let (fin, rst) = (close_marks(TCP_FIN), close_marks(TCP_RST));
+        let other = FLOW_F_REPLIED | FLOW_F_ASSURED;
+        // Half-closed either way: the other direction may still carry data.
+        assert!(!flow_ended(fin | other, other));
+        assert!(!flow_ended(other, fin | other));
+        assert!(!flow_ended(0, 0));
+        assert!(flow_ended(fin, fin));
+        assert!(flow_ended(rst, 0));
+        assert!(flow_ended(0, rst | other));
+        assert!(flow_ended(fin, rst));
     }
 }

@@ -82,8 +82,8 @@ stats! {
     /// A flow could not be recorded (conntrack full or insert failure).
     DropCtFull = "drop_ct_full", Drop;
     /// The reply 5-tuple of a new flow is already used by another flow (same client port to two
-    /// host ports that lead to the same backend port) that is still open, or the new flow's
-    /// packet is not a TCP SYN (a closing flow's place goes to a SYN).
+    /// host ports that lead to the same backend port) that is still open or half-closed, or the
+    /// new flow's packet is not a TCP SYN (the place of a flow over at both ends goes to a SYN).
     DropNatClash = "drop_nat_clash", Drop;
     /// A helper or packet store failed (should not happen; kept visible).
     DropError = "drop_error", Drop;

@@ -26,12 +26,13 @@ use aya_ebpf::{
 };
 use portmap_common::{
     Addr, DIR_FORWARD, DIR_REPLY, FLOW_F_ASSURED, FLOW_F_CLOSING, FLOW_F_REPLIED, FlowKey, FlowRoute,
-    FlowValue, LAST_SEEN_GRANULARITY_NS, PROTO_TCP, ROUTE_NONE, Stat,
+    FlowValue, LAST_SEEN_GRANULARITY_NS, PROTO_TCP, ROUTE_NONE, Stat, TCP_ACK, TCP_SYN, close_marks,
+    flow_ended,
 };
 
 use crate::{
     maps::{PM_CONNTRACK, PM_CT_NEW},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::Packet,
     stats::count,
 };
 
@@ -138,10 +139,7 @@ fn touch(entry: *mut FlowValue, tcp_flags: u8, now: u64, mark: u8) -> bool {
             (*entry).last_seen_ns = now;
             wrote = true;
         }
-        let mut flags = (*entry).flags | mark;
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flags |= FLOW_F_CLOSING;
-        }
+        let flags = (*entry).flags | mark | close_marks(tcp_flags);
         if flags != (*entry).flags {
             (*entry).flags = flags;
             wrote = true;
@@ -376,10 +374,12 @@ pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
 /// by another flow (the store's entry, else the cache's). Two flows are not a clash, and the old
 /// one's entries leave both tables:
 /// - an earlier incarnation of this very flow (same client port, same published address);
-/// - for a TCP SYN, a closing flow to another published address or port of the same backend
-///   port (a FIN or RST seen either way): the client's kernel may reuse a local port towards
-///   another destination as soon as its connection closed, and after the rewrite the backend
-///   sees this SYN exactly as one reusing the old 5-tuple, which `lookup` also lets through.
+/// - for a TCP SYN, a flow to another published address or port of the same backend port that
+///   is over at both ends (`flow_ended`: a RST either way, or a FIN each way): the client's
+///   kernel may reuse a local port towards another destination once its connection closed, and
+///   after the rewrite the backend sees this SYN exactly as one reusing the old 5-tuple, which
+///   `lookup` also lets through. A flow closed one way only may still carry data the other way,
+///   so it keeps its reply key.
 #[inline(always)]
 fn clashes(reply_key: &FlowKey, pkt: &Packet) -> bool {
     let Some(old) = entry(reply_key, true).or_else(|| entry(reply_key, false)) else {
@@ -402,7 +402,7 @@ fn clashes(reply_key: &FlowKey, pkt: &Packet) -> bool {
     if !same_flow
         && (pkt.proto != PROTO_TCP
             || !is_syn(pkt.tcp_flags)
-            || (flags & FLOW_F_CLOSING == 0 && !closing(&old_forward)))
+            || !flow_ended(forward_flags(&old_forward), flags))
     {
         return true;
     }
@@ -411,15 +411,14 @@ fn clashes(reply_key: &FlowKey, pkt: &Packet) -> bool {
     false
 }
 
-/// Whether the forward entry for `key` (the cache's, else the store's) is marked closing.
+/// The flags of the forward entry for `key` (the cache's, else the store's; 0 if there is none).
 #[inline(always)]
-fn closing(key: &FlowKey) -> bool {
-    entry(key, false)
-        .or_else(|| entry(key, true))
-        .is_some_and(|entry| {
-            // SAFETY: pointer from a successful lookup, read in place.
-            unsafe { (*entry).direction == DIR_FORWARD && (*entry).flags & FLOW_F_CLOSING != 0 }
-        })
+fn forward_flags(key: &FlowKey) -> u8 {
+    match entry(key, false).or_else(|| entry(key, true)) {
+        // SAFETY: pointer from a successful lookup, read in place.
+        Some(entry) if unsafe { (*entry).direction } == DIR_FORWARD => unsafe { (*entry).flags },
+        _ => 0,
+    }
 }
 
 /// A new entry's route: nothing cached (its packets after the first fill it in, `forward`).
@@ -453,11 +452,7 @@ pub fn create(
     if clashes(&reply_key, pkt) {
         return Err(Stat::DropNatClash);
     }
-    let closing = if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        FLOW_F_CLOSING
-    } else {
-        0
-    };
+    let closing = close_marks(pkt.tcp_flags);
     // One value on the stack for both entries (the ingress programs have no room for two).
     let mut value = FlowValue {
         last_seen_ns: now,

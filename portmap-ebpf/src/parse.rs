@@ -63,12 +63,6 @@ pub const ICMP_CHECK_OFF: usize = 2;
 /// TCP's data offset (high nibble) and flags byte.
 const TCP_DOFF_FLAGS_OFF: usize = offset_of!(TcpHdr, _bitfield_1);
 
-/// TCP flag bits (byte 13 of the header).
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
 /// A parsed TCP/UDP/SCTP packet: offsets into the frame and raw (wire-order) fields.
 #[derive(Clone, Copy)]
 pub struct Packet {

@@ -225,8 +225,9 @@ fn exchange_from_port(
 
 /// Two published ports of one backend port share their flows' reply keys (backend → client
 /// address and port). A client whose kernel reuses a local port towards the second published
-/// port once its connection through the first has closed must get through: the new SYN takes
-/// the closed flow's place, as it would reusing the same 5-tuple (the backend sees exactly that).
+/// port once its connection through the first has closed (a FIN each way) must get through: the
+/// new SYN takes the closed flow's place, as it would reusing the same 5-tuple (the backend sees
+/// exactly that).
 #[test]
 fn a_closed_flows_client_port_reused_towards_another_published_port_connects() -> anyhow::Result<()> {
     let topo = Topology::new(BackendLink::Veth)?;

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use anyhow::Context as _;
 use portmap::{datapath::Hook, model::maglev};
 use portmap_common::{
-    FLOW_F_ASSURED, FLOW_F_REPLIED, MappingCounters, Stat, addr_words, flow_hash, maglev_slot,
+    FLOW_F_ASSURED, FLOW_F_REPLIED, MappingCounters, Stat, addr_words, close_marks, flow_hash, maglev_slot,
 };
 
 use crate::{
@@ -178,8 +178,9 @@ struct Flow {
     host: (IpAddr, u16),
     backend: (IpAddr, u16),
     slot: u32,
-    closing_forward: bool,
-    closing_reply: bool,
+    /// `FLOW_F_CLOSING` and `FLOW_F_RESET` marks of each entry (a FIN's or a RST's).
+    close_forward: u8,
+    close_reply: u8,
     /// The backend answered (`FLOW_F_REPLIED` on both entries, kept when assured).
     replied: bool,
     assured: bool,
@@ -199,10 +200,10 @@ impl Flow {
             host: (host.0.into(), host.1),
             backend: (backend.0.into(), backend.1),
             slot,
-            closing_forward: false,
+            close_forward: 0,
             replied: false,
             assured: false,
-            closing_reply: false,
+            close_reply: 0,
         }
     }
 
@@ -213,8 +214,8 @@ impl Flow {
             host: (HOST.into(), host_port),
             backend: (backend.0.into(), backend.1),
             slot,
-            closing_forward: false,
-            closing_reply: false,
+            close_forward: 0,
+            close_reply: 0,
             replied: false,
             assured: false,
         }
@@ -233,13 +234,27 @@ impl Flow {
         }
     }
 
+    /// The client sent a FIN.
     fn closing_forward(mut self) -> Self {
-        self.closing_forward = true;
+        self.close_forward = close_marks(FIN);
         self
     }
 
+    /// The backend sent a FIN.
     fn closing_reply(mut self) -> Self {
-        self.closing_reply = true;
+        self.close_reply = close_marks(FIN);
+        self
+    }
+
+    /// The client sent a RST.
+    fn reset_forward(mut self) -> Self {
+        self.close_forward = close_marks(RST);
+        self
+    }
+
+    /// The backend sent a RST.
+    fn reset_reply(mut self) -> Self {
+        self.close_reply = close_marks(RST);
         self
     }
 
@@ -267,7 +282,7 @@ impl Flow {
                 proto: self.proto,
                 nat: self.backend,
                 forward: true,
-                flags: u8::from(self.closing_forward) | marks,
+                flags: self.close_forward | marks,
                 stats_slot: self.slot,
                 assured: self.assured,
             },
@@ -277,7 +292,7 @@ impl Flow {
                 proto: self.proto,
                 nat: self.host,
                 forward: false,
-                flags: u8::from(self.closing_reply) | marks,
+                flags: self.close_reply | marks,
                 stats_slot: self.slot,
                 assured: self.assured,
             },
@@ -371,14 +386,14 @@ pub fn rows() -> Vec<Row> {
         .leaves(Flow::web().closing_forward().entries())
         .through(0),
         Row::rewritten(
-            "tcp RST on an established flow: rewritten, flow marked closing",
+            "tcp RST on an established flow: rewritten, flow marked closing and reset",
             INGRESS,
             web(RST).build(),
             Stat::FwdRedirect,
             web_at_backend(web(RST)),
         )
         .after(vec![syn.clone()])
-        .leaves(Flow::web().closing_forward().entries())
+        .leaves(Flow::web().reset_forward().entries())
         .through(0),
         Row::rewritten(
             "tcp SYN reusing the 5-tuple of a closing flow: a fresh flow",
@@ -489,7 +504,7 @@ pub fn rows() -> Vec<Row> {
         .leaves(Flow::web().assured().entries())
         .through(0),
         Row::rewritten(
-            "tcp RST from the backend: restored, reply entry marked closing",
+            "tcp RST from the backend: restored, reply entry marked closing and reset",
             EGRESS,
             Frame::tcp(from_backend(80), client(), RST | ACK).sent_by_backend().build(),
             Stat::ReplyNat,
@@ -499,7 +514,7 @@ pub fn rows() -> Vec<Row> {
                 .build(),
         )
         .after(vec![syn.clone()])
-        .leaves(Flow::web().closing_reply().replied().entries())
+        .leaves(Flow::web().reset_reply().replied().entries())
         .through(0),
         Row::untouched(
             "tcp from a backend address with no flow: untouched",
@@ -875,13 +890,20 @@ pub fn rows() -> Vec<Row> {
         .after(vec![syn.clone()])
         .leaves(Flow::web().entries()),
         Row::rewritten(
-            "same client port to a second published port after the client closed its flow (FIN): the SYN takes the closed flow's place",
+            "same client port to a second published port after its flow closed (a FIN each way): the SYN takes the closed flow's place",
             INGRESS,
             Frame::tcp(client(), to_host(8084), SYN).build(),
             Stat::FwdRedirect,
             web_at_backend(Frame::tcp(client(), to_host(8084), SYN)),
         )
-        .after(vec![syn.clone(), fin.clone()])
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (Hook::TcIngress, fin.clone()),
+            (
+                Hook::TcEgress,
+                Frame::tcp(from_backend(80), client(), FIN | ACK).sent_by_backend().build(),
+            ),
+        ])
         .new_flow(Flow::tcp(8084, (BACKEND, 80), 4).entries())
         .through(4),
         Row::rewritten(
@@ -901,7 +923,7 @@ pub fn rows() -> Vec<Row> {
         .new_flow(Flow::tcp(8084, (BACKEND, 80), 4).entries())
         .through(4),
         Row::rewritten(
-            "same client port to a second published port after an assured flow closed: its entries leave both tables",
+            "same client port to a second published port after the client reset an assured flow: its entries leave both tables",
             INGRESS,
             Frame::tcp(client(), to_host(8084), SYN).build(),
             Stat::FwdRedirect,
@@ -911,18 +933,40 @@ pub fn rows() -> Vec<Row> {
             (Hook::TcIngress, syn.clone()),
             (Hook::TcEgress, syn_ack.clone()),
             (Hook::TcIngress, web(ACK).build()),
-            (Hook::TcIngress, fin.clone()),
+            (Hook::TcIngress, web(RST).build()),
         ])
         .new_flow(Flow::tcp(8084, (BACKEND, 80), 4).entries())
         .through(4),
         Row::untouched(
-            "same client port to a second published port after the first flow closed, not a SYN: NAT clash, dropped",
+            "same client port to a second published port while the first flow is half-closed (the client's FIN only: the backend may still send): NAT clash, dropped",
             INGRESS,
-            Frame::tcp(client(), to_host(8084), ACK).build(),
+            Frame::tcp(client(), to_host(8084), SYN).build(),
             Stat::DropNatClash,
         )
         .after(vec![syn.clone(), fin.clone()])
         .leaves(Flow::web().closing_forward().entries()),
+        Row::untouched(
+            "same client port to a second published port while the first flow is half-closed (the backend's FIN only: the client may still send): NAT clash, dropped",
+            INGRESS,
+            Frame::tcp(client(), to_host(8084), SYN).build(),
+            Stat::DropNatClash,
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (
+                Hook::TcEgress,
+                Frame::tcp(from_backend(80), client(), FIN | ACK).sent_by_backend().build(),
+            ),
+        ])
+        .leaves(Flow::web().closing_reply().replied().entries()),
+        Row::untouched(
+            "same client port to a second published port after the first flow was reset, not a SYN: NAT clash, dropped",
+            INGRESS,
+            Frame::tcp(client(), to_host(8084), ACK).build(),
+            Stat::DropNatClash,
+        )
+        .after(vec![syn.clone(), web(RST).build()])
+        .leaves(Flow::web().reset_forward().entries()),
         // --- malformed IPv4
         Row::untouched(
             "IHL 4: dropped, as the kernel's ip_rcv would",

@@ -168,17 +168,27 @@ fn is_syn(tcp_flags: u8) -> bool {
 }
 
 /// Looks up the entry for `key` in direction `dir` (the cache first) and refreshes it. A TCP SYN
-/// (without ACK) on a closing flow is a new connection reusing the 5-tuple: the old flow's
-/// entries are removed and the caller creates a fresh flow.
+/// (without ACK) on a closing flow is a new connection reusing the 5-tuple, and the caller
+/// creates a fresh flow: the old flow's copies in the store are removed, its cached entries left
+/// for `create` to reopen in place (or, for another backend, to replace the forward one; the
+/// reply one then goes as a lone entry after the close grace). Found in the store only, the old
+/// flow's entries are removed.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, dir: u8, tcp_flags: u8, now: u64) -> Option<Nat> {
     let (entry, stored) = locate(key, dir)?;
     // SAFETY: pointer from a successful lookup, valid for the program's run (RCU).
-    if dir == DIR_FORWARD && is_syn(tcp_flags) && unsafe { (*entry).flags } & FLOW_F_CLOSING != 0 {
+    let flags = unsafe { (*entry).flags };
+    if dir == DIR_FORWARD && is_syn(tcp_flags) && flags & FLOW_F_CLOSING != 0 {
         // SAFETY: as above.
         let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port_be) };
-        forget(&key.reply(addr, port));
-        forget(key);
+        let reply_key = key.reply(addr, port);
+        if stored {
+            forget(&reply_key);
+            forget(key);
+        } else if flags & FLOW_F_ASSURED != 0 {
+            remove(&reply_key, true);
+            remove(key, true);
+        }
         return None;
     }
     let nat = nat_of(entry, stored);
@@ -370,20 +380,32 @@ pub fn assure(key: &FlowKey, nat: &Nat, tcp_flags: u8) {
     count(Stat::CtAssuredFull);
 }
 
-/// Whether the reply key `reply_key` of a new flow from `pkt` to the published address is taken
-/// by another flow (the store's entry, else the cache's). Two flows are not a clash, and the old
-/// one's entries leave both tables:
-/// - an earlier incarnation of this very flow (same client port, same published address);
+/// What the reply key `reply_key` of a new flow from `pkt` (key `key`) to the published address
+/// is to it (the store's entry, else the cache's): `Err(drop_nat_clash)` if another flow holds
+/// it. Two flows are not a clash:
+/// - an earlier incarnation of this very flow (same client port, same published address): a
+///   SYN's closing flow with both entries cached is reopened in place for it (`reopen`,
+///   `Ok(Some)`); otherwise the old entries leave both tables (`Ok(None)`);
 /// - for a TCP SYN, a flow to another published address or port of the same backend port that
 ///   is over at both ends (`flow_ended`: a RST either way, or a FIN each way): the client's
 ///   kernel may reuse a local port towards another destination once its connection closed, and
 ///   after the rewrite the backend sees this SYN exactly as one reusing the old 5-tuple, which
-///   `lookup` also lets through. A flow closed one way only may still carry data the other way,
-///   so it keeps its reply key.
+///   `lookup` also lets through. Its entries leave both tables. A flow closed one way only may
+///   still carry data the other way, so it keeps its reply key.
 #[inline(always)]
-fn clashes(reply_key: &FlowKey, pkt: &Packet) -> bool {
-    let Some(old) = entry(reply_key, true).or_else(|| entry(reply_key, false)) else {
-        return false;
+fn claim(
+    reply_key: &FlowKey,
+    pkt: &Packet,
+    key: &FlowKey,
+    stats_slot: u32,
+    now: u64,
+) -> Result<Option<Nat>, Stat> {
+    let (old, stored) = match entry(reply_key, true) {
+        Some(old) => (old, true),
+        None => match entry(reply_key, false) {
+            Some(old) => (old, false),
+            None => return Ok(None),
+        },
     };
     // SAFETY: pointer from a successful lookup, read in place.
     let (direction, addr, port, flags) = unsafe {
@@ -395,20 +417,58 @@ fn clashes(reply_key: &FlowKey, pkt: &Packet) -> bool {
         )
     };
     if direction != DIR_REPLY {
-        return true;
+        return Err(Stat::DropNatClash);
+    }
+    let same_flow = addr == pkt.daddr && port == pkt.dport;
+    if same_flow
+        && !stored
+        && is_syn(pkt.tcp_flags)
+        && let Some(nat) = reopen(pkt, key, old, stats_slot, now)
+    {
+        return Ok(Some(nat));
     }
     let old_forward = reply_key.forward(addr, port);
-    let same_flow = addr == pkt.daddr && port == pkt.dport;
     if !same_flow
         && (pkt.proto != PROTO_TCP
             || !is_syn(pkt.tcp_flags)
             || !flow_ended(forward_flags(&old_forward), flags))
     {
-        return true;
+        return Err(Stat::DropNatClash);
     }
     forget(&old_forward);
     forget(reply_key);
-    false
+    Ok(None)
+}
+
+/// A SYN's new flow in the place of its closing flow (`lookup` found it and removed the
+/// store's copies), whose reply entry is `reply` in the cache: when the forward entry is cached
+/// too, both are reset in place to a new flow's (no marks but the SYN's, a fresh time,
+/// `stats_slot`; the cached routes are kept, checked by stamp as any) instead of two deletes
+/// and two inserts in the LRU.
+#[inline(always)]
+fn reopen(pkt: &Packet, key: &FlowKey, reply: *mut FlowValue, stats_slot: u32, now: u64) -> Option<Nat> {
+    let forward = PM_CT_NEW.get_ptr_mut(key)?;
+    // SAFETY: pointers from successful lookups, valid for the program's run (RCU); racy stores
+    // as in `touch`.
+    unsafe {
+        if (*forward).direction != DIR_FORWARD || (*forward).flags & FLOW_F_CLOSING == 0 {
+            return None;
+        }
+        (*reply).last_seen_ns = now;
+        (*reply).flags = 0;
+        (*reply).stats_slot = stats_slot;
+        (*forward).last_seen_ns = now;
+        (*forward).flags = close_marks(pkt.tcp_flags);
+        (*forward).stats_slot = stats_slot;
+        Some(Nat {
+            addr: (*forward).nat_addr,
+            port: (*forward).nat_port_be,
+            stats_slot,
+            assured: false,
+            replied: false,
+            route: &raw mut (*forward).route,
+        })
+    }
 }
 
 /// The flags of the forward entry for `key` (the cache's, else the store's; 0 if there is none).
@@ -434,7 +494,8 @@ const NO_ROUTE: FlowRoute = FlowRoute {
 
 /// Records a new flow to `backend` through `mapping` in `PM_CT_NEW`: the reply entry first (it
 /// may clash with another flow), then the forward entry; if the forward insert fails the reply
-/// entry is removed again, so the two are only ever present together.
+/// entry is removed again, so the two are only ever present together. A SYN's closing flow
+/// with the same 5-tuple and backend is reopened in place instead (`claim`).
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -449,8 +510,8 @@ pub fn create(
 ) -> Result<Nat, Stat> {
     let (backend_addr, backend_port) = backend;
     let reply_key = key.reply(backend_addr, backend_port);
-    if clashes(&reply_key, pkt) {
-        return Err(Stat::DropNatClash);
+    if let Some(reopened) = claim(&reply_key, pkt, key, stats_slot, now)? {
+        return Ok(reopened);
     }
     let closing = close_marks(pkt.tcp_flags);
     // One value on the stack for both entries (the ingress programs have no room for two).

@@ -396,13 +396,28 @@ pub fn rows() -> Vec<Row> {
         .leaves(Flow::web().reset_forward().entries())
         .through(0),
         Row::rewritten(
-            "tcp SYN reusing the 5-tuple of a closing flow: a fresh flow",
+            "tcp SYN reusing the 5-tuple of a closing flow: a fresh flow (its entries reopened in place)",
             INGRESS,
             syn.clone(),
             Stat::FwdRedirect,
             web_at_backend(web(SYN)),
         )
         .after(vec![syn.clone(), fin.clone()])
+        .new_flow(Flow::web().entries())
+        .through(0),
+        Row::rewritten(
+            "tcp SYN reusing the 5-tuple of an assured flow the client reset: a fresh flow, not assured, its copies gone from the store",
+            INGRESS,
+            syn.clone(),
+            Stat::FwdRedirect,
+            web_at_backend(web(SYN)),
+        )
+        .after_exchange(vec![
+            (Hook::TcIngress, syn.clone()),
+            (Hook::TcEgress, syn_ack.clone()),
+            (Hook::TcIngress, web(ACK).build()),
+            (Hook::TcIngress, web(RST).build()),
+        ])
         .new_flow(Flow::web().entries())
         .through(0),
         Row::rewritten(

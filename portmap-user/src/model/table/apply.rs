@@ -1,7 +1,7 @@
 //! A configuration applied as one diff (start, reload, a container's set of ports): all or
 //! nothing, rolled back to a snapshot of the table and the maps when any write fails.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use portmap_common::PortKey;
 
@@ -102,10 +102,7 @@ impl Table {
     /// config, one added at run time (a `list --json` saved as the config); for any owner, one
     /// rebuilt from the pinned maps (`Origin::Unknown`) whose reservation flag is the owner's.
     fn adopt(&mut self, origin: &Origin, desired: &[Mapping]) {
-        // By all but the allow-list: a recovered mapping's list is whatever the maps held.
-        let wanted: HashSet<Mapping> = desired.iter().map(|m| m.with_allow(Vec::new())).collect();
-        let wants = |m: &Mapping| wanted.contains(&m.with_allow(Vec::new()));
-        let candidates: Vec<Key> = self
+        let adoptable: Vec<Key> = self
             .entries
             .iter()
             .filter(|(_, entry)| match &entry.origin {
@@ -113,11 +110,21 @@ impl Table {
                 Origin::Unknown { .. } => entry.origin.runtime_reserves() == origin.runtime_reserves(),
                 _ => false,
             })
-            .filter(|(_, entry)| wants(&entry.mapping) || wants(&entry.requested))
             .map(|(key, _)| *key)
             .collect();
+        if adoptable.is_empty() {
+            // The usual case (a reload with no runtime mappings): no set of `desired` to build.
+            return;
+        }
+        // By all but the allow-list: a recovered mapping's list is whatever the maps held.
+        let wanted: HashSet<Mapping> = desired.iter().map(|m| m.with_allow(Vec::new())).collect();
+        let wants = |m: &Mapping| wanted.contains(&m.with_allow(Vec::new()));
+        let candidates: Vec<Key> = adoptable
+            .into_iter()
+            .filter(|key| wants(&self.entries[key].mapping) || wants(&self.entries[key].requested))
+            .collect();
         for key in candidates {
-            let Some(entry) = self.entries.get_mut(&key) else {
+            let Some(entry) = self.entries.get_mut(&key).map(Arc::make_mut) else {
                 continue;
             };
             if wants(&entry.mapping) {
@@ -153,8 +160,14 @@ impl Table {
         let now = std::mem::replace(self, before);
         self.allow.write_back(&now.allow, maps);
         let keys: HashSet<&Key> = touched.iter().collect();
-        let now_entries: Vec<&Entry> = keys.iter().filter_map(|k| now.entries.get(*k)).collect();
-        let old_entries: Vec<&Entry> = keys.iter().filter_map(|k| self.entries.get(*k)).collect();
+        let now_entries: Vec<&Entry> = keys
+            .iter()
+            .filter_map(|k| now.entries.get(*k).map(|e| &**e))
+            .collect();
+        let old_entries: Vec<&Entry> = keys
+            .iter()
+            .filter_map(|k| self.entries.get(*k).map(|e| &**e))
+            .collect();
         let old_keys: HashSet<_> = old_entries
             .iter()
             .flat_map(|e| mapping_keys(&e.mapping))

@@ -2,7 +2,7 @@
 //! where a free run of dynamic host ports is.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, hash_map::Entry},
     net::IpAddr,
 };
 
@@ -73,31 +73,74 @@ pub(super) fn same_ports(a: &Mapping, b: &Mapping) -> bool {
         && a.host_ports == b.host_ports
 }
 
+/// Indices of `current` by a key, each key's in order: a FIFO queue per key, chained through
+/// one array so that a key with one index (the usual case) costs no allocation of its own.
+struct Queues<K> {
+    /// Per key: its first and last index still queued.
+    ends: HashMap<K, (usize, usize)>,
+    /// Per index: the next one of its key.
+    next: Vec<usize>,
+}
+
+impl<K: std::hash::Hash + Eq> Queues<K> {
+    const END: usize = usize::MAX;
+
+    /// Queues of indices below `indices`, room for `keys` keys.
+    fn new(indices: usize, keys: usize) -> Self {
+        Self {
+            ends: HashMap::with_capacity(keys),
+            next: vec![Self::END; indices],
+        }
+    }
+
+    fn push(&mut self, key: K, i: usize) {
+        match self.ends.entry(key) {
+            Entry::Occupied(mut ends) => {
+                let (_, last) = ends.get_mut();
+                self.next[*last] = i;
+                *last = i;
+            }
+            Entry::Vacant(ends) => {
+                ends.insert((i, i));
+            }
+        }
+    }
+
+    fn pop(&mut self, key: &K) -> Option<usize> {
+        let (first, last) = self.ends.get_mut(key)?;
+        let i = *first;
+        if i == *last {
+            self.ends.remove(key);
+        } else {
+            *first = self.next[i];
+        }
+        Some(i)
+    }
+}
+
 /// The diff from `current` to `desired` (both as requested, dynamic ones without host ports).
 #[must_use]
 pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
     // `current` indexed by mapping and by published ports, each in order, so that the first
     // match wins; linear in the sizes (a reload of 65,000 mappings must not be quadratic).
     let mut left: Vec<Option<&Mapping>> = current.iter().map(Some).collect();
-    let mut exact: HashMap<&Mapping, VecDeque<usize>> = HashMap::new();
-    let mut by_ports: HashMap<(Protocol, IpAddr, PortRange), VecDeque<usize>> = HashMap::new();
+    let n = current.len();
+    let mut exact: Queues<&Mapping> = Queues::new(n, n);
+    let mut by_ports: Queues<(Protocol, IpAddr, PortRange)> = Queues::new(n, n);
     // Dynamic ones (no host ports) by all but their allow-list: a new list keeps the port.
-    let mut dynamic: HashMap<Mapping, VecDeque<usize>> = HashMap::new();
+    let mut dynamic: Queues<Mapping> = Queues::new(n, 0);
     for (i, c) in current.iter().enumerate() {
-        exact.entry(c).or_default().push_back(i);
+        exact.push(c, i);
         if let Some(ports) = c.host_ports {
-            by_ports
-                .entry((c.protocol, c.host_ip, ports))
-                .or_default()
-                .push_back(i);
+            by_ports.push((c.protocol, c.host_ip, ports), i);
         } else {
-            dynamic.entry(c.with_allow(Vec::new())).or_default().push_back(i);
+            dynamic.push(c.with_allow(Vec::new()), i);
         }
     }
     let mut plan = Plan::default();
     let mut pending = Vec::new();
     for want in desired {
-        match exact.get_mut(want).and_then(VecDeque::pop_front) {
+        match exact.pop(&want) {
             Some(i) => left[i] = None,
             None => pending.push(want),
         }
@@ -105,12 +148,16 @@ pub fn plan(current: &[Mapping], desired: &[Mapping]) -> Plan {
     for want in pending {
         // `same_ports`: an unchanged binding whose mapping is still left (not matched exactly);
         // a dynamic one that differs only in its allow-list.
-        let queue = match want.host_ports {
-            Some(ports) => by_ports.get_mut(&(want.protocol, want.host_ip, ports)),
-            None => dynamic.get_mut(&want.with_allow(Vec::new())),
+        let same = match want.host_ports {
+            Some(ports) => {
+                let key = (want.protocol, want.host_ip, ports);
+                std::iter::from_fn(|| by_ports.pop(&key)).find(|&i| left[i].is_some())
+            }
+            None => {
+                let key = want.with_allow(Vec::new());
+                std::iter::from_fn(|| dynamic.pop(&key)).find(|&i| left[i].is_some())
+            }
         };
-        let same =
-            queue.and_then(|queue| std::iter::from_fn(|| queue.pop_front()).find(|&i| left[i].is_some()));
         match same {
             Some(i) => {
                 let old = left[i].take().expect("still left");
@@ -151,6 +198,49 @@ mod tests {
         assert_eq!(p.update, vec![(current[0].clone(), desired[1].clone())]);
         assert_eq!(p.add, ms(&["9000-9009:198.18.2.2:9000-9009"]));
         assert!(plan(&current, &current).is_empty());
+    }
+
+    #[test]
+    fn queues_pop_each_keys_indices_in_order() {
+        let mut q: Queues<&str> = Queues::new(6, 2);
+        for (i, key) in ["a", "b", "a", "a", "b", "c"].into_iter().enumerate() {
+            q.push(key, i);
+        }
+        assert_eq!(q.pop(&"a"), Some(0));
+        assert_eq!(q.pop(&"b"), Some(1));
+        assert_eq!(q.pop(&"a"), Some(2));
+        q.push("b", 1);
+        assert_eq!(q.pop(&"b"), Some(4));
+        assert_eq!(q.pop(&"b"), Some(1));
+        assert_eq!(q.pop(&"b"), None);
+        assert_eq!(q.pop(&"a"), Some(3));
+        assert_eq!(q.pop(&"a"), None);
+        assert_eq!(q.pop(&"c"), Some(5));
+        assert_eq!(q.pop(&"d"), None);
+    }
+
+    #[test]
+    fn duplicates_match_in_order() {
+        // Two requests of one dynamic mapping: one stays, the other goes (the later one).
+        let current = ms(&[":198.18.2.2:90", "8080:198.18.2.2:80", ":198.18.2.2:90"]);
+        let p = plan(&current, &ms(&[":198.18.2.2:90", "8080:198.18.2.2:80"]));
+        assert_eq!((p.update, p.add), (vec![], vec![]));
+        assert_eq!(p.remove, vec![current[2].clone()]);
+        // Both given an allow-list: each is updated, paired with the current ones in order.
+        let desired = vec![
+            current[0].with_allow(vec!["198.18.0.0/24".parse().unwrap()]),
+            current[2].with_allow(vec!["198.18.1.0/24".parse().unwrap()]),
+        ];
+        let p = plan(&current, &desired);
+        assert_eq!(
+            p.update,
+            vec![
+                (current[0].clone(), desired[0].clone()),
+                (current[2].clone(), desired[1].clone())
+            ]
+        );
+        assert_eq!(p.remove, vec![current[1].clone()]);
+        assert!(p.add.is_empty());
     }
 
     #[test]

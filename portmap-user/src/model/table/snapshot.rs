@@ -4,7 +4,10 @@
 //! a rewrite of every mapping. What follows from the mappings (pools of free slots, port
 //! accounting) is recomputed, and checked, on restore.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use anyhow::{bail, ensure};
 use portmap_common::MappingKey;
@@ -168,7 +171,10 @@ impl Table {
         std::mem::take(&mut self.changes)
             .into_iter()
             .filter_map(|change| match change {
-                Change::Put(key) => self.entries.get(&key).map(|e| Record::Put(Box::new(e.into()))),
+                Change::Put(key) => self
+                    .entries
+                    .get(&key)
+                    .map(|e| Record::Put(Box::new((&**e).into()))),
                 Change::Removed { seq, stats_slot } => Some(Record::Remove { seq, stats_slot }),
                 Change::List(list) => self.allow.content(list).map(|p| Record::List(p.into())),
             })
@@ -220,7 +226,7 @@ impl Table {
             }
             used.claim(&entry, capacity)?;
             table.count_ports(&entry.mapping, true);
-            table.entries.insert(key, entry);
+            table.entries.insert(key, Arc::new(entry));
         }
         ensure!(
             table.ports_used <= u64::from(capacity.ports),

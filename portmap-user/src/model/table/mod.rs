@@ -162,7 +162,7 @@ pub struct Table {
     /// it is undone to (`Table::roll_back`) in O(1), and a diff visits only what differs. The
     /// entries are shared pointers: the B-tree moves and copies its leaves' values as it
     /// inserts, splits and unshares them, 8 bytes each instead of a ~250-byte `Entry` (a
-    /// 50,000-mapping install took 40 % less time in the table).
+    /// 50,000-mapping install in the table alone: 48.5 → 38.7 ms).
     entries: imbl::OrdMap<Key, Arc<Entry>>,
     /// How many mappings publish each (protocol, port) on any address: dynamic allocation skips
     /// ports in use anywhere.

@@ -329,11 +329,12 @@ fn interleaved(
                 let fixed = run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;
                 let max = run(&bed.topo, dst, flows, None, plan.max_secs)?;
                 say(&format!(
-                    "  [{}/{repeats}] {:<28} {flows:>5} flows{what}: {:>6.0} ns CPU/packet (steal {:.1} %); max {:.0} kpps (sent {:.0})",
+                    "  [{}/{repeats}] {:<28} {flows:>5} flows{what}: {:>6.0} ns CPU/packet (steal {:.1} %, {:.1} IPIs/1000); max {:.0} kpps (sent {:.0})",
                     repeat + 1,
                     variant.name(),
                     fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
                     fixed.steal_percent,
+                    fixed.ipis_per_1000,
                     max.forwarded_pps / 1e3,
                     max.sent_pps / 1e3
                 ));

@@ -486,7 +486,10 @@ fn absolutes(s: &mut String, r: &Results) {
          netdev rule, so no socket lookup or ICMP error is measured). CPU per forwarded packet = CPU 1's busy time \
          at a fixed offered load ÷ packets that reached the sink, where busy = wall time − idle − iowait − steal \
          of the window (idle time is exact on this tickless kernel; the busy fields of /proc/stat are tick \
-         samples and miss short softirq bursts); steal is reported, not counted. Every variant is set up at once \
+         samples and miss short softirq bursts); steal is reported, not counted. IPIs per 1,000 packets: \
+         function-call IPIs (`CAL` in /proc/interrupts, all CPUs) in the fixed-load window; nearly all are RPS \
+         handing the generator's packets to CPU 1, one whenever a packet finds CPU 1's backlog empty, so the faster \
+         a variant empties it the more it gets (docs/bench/notes.md). Every variant is set up at once \
          and measured in turn, a different one first in each repeat; median [min–max] over the repeats. \
          \"sent\" is what the generator managed: where forwarded ≈ sent, the generator was the bottleneck. \
          Rows marked (replies) measure the other direction: after one packet per flow from the client, the sink \
@@ -500,9 +503,9 @@ fn absolutes(s: &mut String, r: &Results) {
     );
     let _ = writeln!(
         s,
-        "| variant | flows | CPU ns/packet (fixed load) | all CPU ns/packet | steal % | max forwarded kpps | sent kpps |"
+        "| variant | flows | CPU ns/packet (fixed load) | all CPU ns/packet | steal % | IPIs per 1,000 packets | max forwarded kpps | sent kpps |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
     let show = |spread: Option<Spread>, scale: f64| {
         spread.map_or_else(
             || "n/a".to_string(),
@@ -524,12 +527,13 @@ fn absolutes(s: &mut String, r: &Results) {
     for (p, direction) in rows {
         let _ = writeln!(
             s,
-            "| {}{direction} | {} | {} | {:.0} | {:.1} | {} | {:.0} |",
+            "| {}{direction} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {:.0} |",
             p.variant.name(),
             p.flows,
             show(p.cpu_ns, 1.0),
             p.fixed.total_cpu_ns_per_packet,
             p.fixed.steal_percent,
+            p.fixed.ipis_per_1000,
             show(p.max_pps, 1e3),
             p.max.sent_pps / 1e3
         );

@@ -125,7 +125,7 @@ impl Plan {
                 program_mappings: vec![1, 1_000, 10_000, 100_000, 1_000_000],
                 memory_mappings: vec![1_000, 10_000, 65_000],
                 connect_secs: 2.0,
-                repetitions: 3,
+                repetitions: 5,
                 iperf_secs: 5,
                 round_trips: 20_000,
                 repeat: 2_000_000,
@@ -199,18 +199,30 @@ fn main() -> anyhow::Result<()> {
 fn new_flows(plan: &Plan) -> anyhow::Result<Vec<NewFlows>> {
     let mut new_flows = Vec::new();
     say(&format!(
-        "new TCP connections per second (single-threaded connect/close, median of {})",
+        "new TCP connections per second (single-threaded connect/close, median of {} interleaved)",
         plan.repetitions
     ));
     for &n in &plan.flow_mappings {
-        // Routing is measured at every size too: it shows the run-to-run noise.
-        for variant in Variant::NEW_FLOWS {
-            let bed = setup::bed(variant, n)?;
-            let (ip, port) = target(variant, n - 1, false);
-            let mut samples = (0..plan.repetitions)
-                .map(|_| traffic::new_flows_per_second(&bed.topo, socket(ip, port), plan.connect_secs))
-                .collect::<anyhow::Result<Vec<f64>>>()
-                .with_context(|| format!("{} with {n} mappings", variant.name()))?;
+        // Routing is measured at every size too: it shows the run-to-run noise. Every variant
+        // is set up at once and the repetitions interleave, a different variant first in each:
+        // a disturbance of the shared machine spreads over the variants instead of moving one
+        // variant's median.
+        let beds = Variant::NEW_FLOWS
+            .iter()
+            .map(|&v| Ok((v, setup::bed(v, n)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); beds.len()];
+        for repeat in 0..plan.repetitions {
+            for k in 0..beds.len() {
+                let i = (k + repeat) % beds.len();
+                let (variant, bed) = &beds[i];
+                let (ip, port) = target(*variant, n - 1, false);
+                let sample = traffic::new_flows_per_second(&bed.topo, socket(ip, port), plan.connect_secs)
+                    .with_context(|| format!("{} with {n} mappings", variant.name()))?;
+                samples[i].push(sample);
+            }
+        }
+        for ((variant, _), mut samples) in beds.iter().zip(samples) {
             samples.sort_by(f64::total_cmp);
             let per_second = quantile(&samples, 0.5);
             say(&format!(
@@ -218,7 +230,7 @@ fn new_flows(plan: &Plan) -> anyhow::Result<Vec<NewFlows>> {
                 variant.name()
             ));
             new_flows.push(NewFlows {
-                variant,
+                variant: *variant,
                 mappings: n,
                 per_second,
                 samples,

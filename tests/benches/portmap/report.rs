@@ -442,7 +442,9 @@ fn absolutes(s: &mut String, r: &Results) {
         s,
         "\n## New TCP connections per second (single-threaded connect/close, RST close)\n\nTraffic goes to the \
          last-installed mapping. Routing (no NAT) is measured beside every size: its spread is the noise of this \
-         measurement on this machine.\n"
+         measurement on this machine. At each size every variant is set up at once and measured in turn for \
+         each sample, a different one first each time (a disturbance of the machine spreads over the variants); \
+         the samples are listed in ascending order.\n"
     );
     let _ = writeln!(s, "| variant | mappings | connections/s (median) | samples |");
     let _ = writeln!(s, "| --- | --- | --- | --- |");

@@ -346,7 +346,7 @@ fn interleaved(
                     variant.name(),
                     fixed.cpu_ns_per_packet.unwrap_or(f64::NAN),
                     fixed.steal_percent,
-                    fixed.ipis_per_1000,
+                    fixed.ipis_per_1000.unwrap_or(f64::NAN),
                     max.forwarded_pps / 1e3,
                     max.sent_pps / 1e3
                 ));

@@ -529,13 +529,15 @@ fn absolutes(s: &mut String, r: &Results) {
     for (p, direction) in rows {
         let _ = writeln!(
             s,
-            "| {}{direction} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {:.0} |",
+            "| {}{direction} | {} | {} | {:.0} | {:.1} | {} | {} | {:.0} |",
             p.variant.name(),
             p.flows,
             show(p.cpu_ns, 1.0),
             p.fixed.total_cpu_ns_per_packet,
             p.fixed.steal_percent,
-            p.fixed.ipis_per_1000,
+            p.fixed
+                .ipis_per_1000
+                .map_or_else(|| "n/a".to_string(), |n| format!("{n:.1}")),
             show(p.max_pps, 1e3),
             p.max.sent_pps / 1e3
         );

@@ -175,21 +175,19 @@ fn drop_udp_at_ingress(ns: &Netns, dev: &str, what: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Function-call IPIs (`CAL` in /proc/interrupts) sent so far, summed over every CPU: the
-/// cross-CPU hand-offs of a window (the generator's packets steered to CPU 1 by RPS are one
-/// per batch that finds CPU 1's backlog empty; a remote wake-up is another).
-fn function_call_ipis() -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string("/proc/interrupts")?;
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("CAL:"))
-        .context("no CAL line in /proc/interrupts")?;
-    Ok(line
-        .trim_start()
-        .trim_start_matches("CAL:")
-        .split_whitespace()
-        .map_while(|f| f.parse::<u64>().ok())
-        .sum())
+/// Function-call IPIs (x86's `CAL` line of /proc/interrupts) received so far, summed over every
+/// CPU: the cross-CPU hand-offs of a window (RPS sends one whenever it queues a packet to CPU 1's
+/// backlog while that is empty; a remote wake-up is another). `None` where the kernel shows no
+/// such line (other architectures name their IPIs differently).
+fn function_call_ipis() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/interrupts").ok()?;
+    let counts = text.lines().find_map(|l| l.trim_start().strip_prefix("CAL:"))?;
+    Some(
+        counts
+            .split_whitespace()
+            .map_while(|f| f.parse::<u64>().ok())
+            .sum(),
+    )
 }
 
 fn rx_packets(ns: &Netns, dev: &str) -> anyhow::Result<u64> {
@@ -213,7 +211,7 @@ pub struct PacketRun {
     /// CPU 1's steal time in the window (hypervisor), in percent: not counted as busy.
     pub steal_percent: f64,
     /// Function-call IPIs (all CPUs) per 1,000 forwarded packets (`function_call_ipis`).
-    pub ipis_per_1000: f64,
+    pub ipis_per_1000: Option<f64>,
 }
 
 /// 60-byte UDP frames (64 on the wire with the FCS) from `src` to `dst`, over `flows` source
@@ -431,7 +429,7 @@ fn measure(
     let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let started = Instant::now();
     let (before_all, before_cpu1) = (cpu_clock(None)?, cpu_clock(Some(1)).ok());
-    let before_ipis = function_call_ipis()?;
+    let before_ipis = function_call_ipis();
     let dev = from.1;
     let sent = from.0.run(move || {
         pin_to_cpu(0)?;
@@ -449,7 +447,9 @@ fn measure(
     let (busy_all, _) = busy_between(before_all, cpu_clock(None)?, wall, cpus);
     let cpu1 = before_cpu1.and_then(|b| Some(busy_between(b, cpu_clock(Some(1)).ok()?, wall, 1.0)));
     let busy_cpu1 = cpu1.map(|(busy, _)| busy);
-    let ipis = function_call_ipis()? - before_ipis;
+    let ipis = function_call_ipis()
+        .zip(before_ipis)
+        .map(|(after, before)| after.saturating_sub(before));
     let forwarded = rx_packets(to.0, to.1)? - before_rx;
     if forwarded == 0 {
         bail!("no packet reached {}", to.1);
@@ -463,7 +463,7 @@ fn measure(
             .map(|b| b * 1e9 / forwarded as f64),
         total_cpu_ns_per_packet: busy_all * 1e9 / forwarded as f64,
         steal_percent: cpu1.map_or(0.0, |(_, steal)| 100.0 * steal / wall),
-        ipis_per_1000: ipis as f64 * 1e3 / forwarded as f64,
+        ipis_per_1000: ipis.map(|n| n as f64 * 1e3 / forwarded as f64),
     })
 }
 

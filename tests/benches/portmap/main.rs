@@ -67,6 +67,12 @@ fn section<T: Default>(
     }
 }
 
+/// The indices of `len` variants in the order repeat `repeat` measures them: a different one
+/// first in each repeat, so that a disturbance of the shared machine spreads over the variants.
+fn rotation(len: usize, repeat: usize) -> impl Iterator<Item = usize> {
+    (0..len).map(move |k| (k + repeat) % len)
+}
+
 /// Sizes and durations of one run.
 struct Plan {
     flow_mappings: Vec<u32>,
@@ -213,8 +219,7 @@ fn new_flows(plan: &Plan) -> anyhow::Result<Vec<NewFlows>> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); beds.len()];
         for repeat in 0..plan.repetitions {
-            for k in 0..beds.len() {
-                let i = (k + repeat) % beds.len();
+            for i in rotation(beds.len(), repeat) {
                 let (variant, bed) = &beds[i];
                 let (ip, port) = target(*variant, n - 1, false);
                 let sample = traffic::new_flows_per_second(&bed.topo, socket(ip, port), plan.connect_secs)
@@ -252,8 +257,7 @@ fn throughput_and_latency(plan: &Plan) -> anyhow::Result<Vec<PerVariant>> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut gbps: Vec<Vec<f64>> = vec![Vec::new(); beds.len()];
     for repeat in 0..plan.packet_repeats {
-        for k in 0..beds.len() {
-            let i = (k + repeat) % beds.len();
+        for i in rotation(beds.len(), repeat) {
             let (variant, bed) = &beds[i];
             let (ip, port) = target(*variant, 0, false);
             let run = traffic::iperf3_gbps(&bed.topo, socket(ip, port), plan.iperf_secs)?;
@@ -334,8 +338,7 @@ fn interleaved(
     let mut runs: Vec<Vec<(PacketRun, PacketRun)>> = vec![Vec::new(); beds.len() * counts.len()];
     for repeat in 0..repeats {
         for (f, &flows) in counts.iter().enumerate() {
-            for k in 0..beds.len() {
-                let i = (k + repeat) % beds.len();
+            for i in rotation(beds.len(), repeat) {
                 let (variant, bed) = &beds[i];
                 let dst = target(*variant, 0, true);
                 let fixed = run(&bed.topo, dst, flows, Some(plan.offered_pps), plan.packet_secs)?;

@@ -31,7 +31,7 @@ use portmap_common::{
 };
 
 use crate::{
-    maps::{PM_CONNTRACK, PM_CT_NEW},
+    maps::{PM_CONNTRACK, PM_CT_NEW, zeroed},
     parse::Packet,
     stats::count,
 };
@@ -481,16 +481,14 @@ fn forward_flags(key: &FlowKey) -> u8 {
     }
 }
 
-/// A new entry's route: nothing cached (its packets after the first fill it in, `forward`).
-const NO_ROUTE: FlowRoute = FlowRoute {
-    ifindex: 0,
-    stamp: 0,
-    dmac: [0; 6],
-    smac: [0; 6],
-    max_len: 0,
-    kind: ROUTE_NONE,
-    tos: 0,
-};
+/// A new entry's route: nothing cached (its packets after the first fill it in, `forward`), all
+/// zeros read from global data (`maps::zeroed`: a zero literal would be a `memset` call).
+#[inline(always)]
+fn no_route() -> FlowRoute {
+    const { assert!(ROUTE_NONE == 0) };
+    // SAFETY: `FlowRoute` is plain integers; all zeros is `ROUTE_NONE`, nothing cached.
+    unsafe { zeroed() }
+}
 
 /// Records a new flow to `backend` through `mapping` in `PM_CT_NEW`: the reply entry first (it
 /// may clash with another flow), then the forward entry; if the forward insert fails the reply
@@ -522,7 +520,7 @@ pub fn create(
         direction: DIR_REPLY,
         flags: 0,
         stats_slot,
-        route: NO_ROUTE,
+        route: no_route(),
     };
     if PM_CT_NEW.insert(reply_key, &value, u64::from(BPF_ANY)).is_err() {
         return Err(Stat::DropCtFull);

@@ -115,3 +115,34 @@ pub static PM_ROUTE_GEN: Array<u32> = Array::with_max_entries(1, 0);
 /// program runs to its end on its CPU, so the one block is never used by two at once.
 #[map]
 pub static PM_FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// 64 zero bytes in global data (`.bss`), which the compiler cannot take for constants: a copy
+/// from them stays a `memcpy`, which the BPF backend expands inline. Zeroing a place any other
+/// way (a zeroed literal, a copy from a zero constant) compiles to a call to `memset`, a byte
+/// loop in a subprogram: 64 iterations for `bpf_fib_lookup`'s block on every FIB lookup, 24 for
+/// a new flow's route, and a call frame on 6.1's verifier. Nothing writes them.
+#[unsafe(no_mangle)]
+static mut PM_ZEROS: [u64; 8] = [0; 8];
+
+/// Zeroes `*dst` from `PM_ZEROS` (for plain-data types of at most 64 bytes, aligned to at most 8,
+/// whose all-zero value is valid).
+///
+/// # Safety
+/// `dst` is valid for a write of `T`, and an all-zero `T` is a valid value.
+#[inline(always)]
+pub unsafe fn zero<T>(dst: *mut T) {
+    const { assert!(size_of::<T>() <= 64 && align_of::<T>() <= 8) };
+    // SAFETY: `PM_ZEROS` is 64 bytes aligned to 8, never written; the caller's for `dst`.
+    unsafe { core::ptr::copy_nonoverlapping((&raw const PM_ZEROS).cast::<T>(), dst, 1) }
+}
+
+/// An all-zero `T` read from `PM_ZEROS` (as `zero`, for a value built on the stack).
+///
+/// # Safety
+/// An all-zero `T` is a valid value.
+#[inline(always)]
+pub unsafe fn zeroed<T>() -> T {
+    const { assert!(size_of::<T>() <= 64 && align_of::<T>() <= 8) };
+    // SAFETY: as in `zero`; the caller's for the value.
+    unsafe { core::ptr::read((&raw const PM_ZEROS).cast::<T>()) }
+}

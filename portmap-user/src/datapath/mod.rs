@@ -43,6 +43,8 @@ mod hooks;
 pub mod kernel;
 mod links;
 mod maps;
+#[cfg(test)]
+mod object_tests;
 mod pins;
 mod sys;
 #[cfg(feature = "test-run")]

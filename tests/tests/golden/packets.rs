@@ -26,7 +26,7 @@ pub const LOCAL_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x05, 0x05];
 pub fn backend_macs(backend: IpAddr) -> Option<([u8; 6], [u8; 6])> {
     match backend.to_string().as_str() {
         "198.18.1.2" | "198.18.1.4" | "fd00:1::2" => Some((BACKEND_MAC, HOST_BACKEND_SIDE_MAC)),
-        "198.18.2.2" => Some((BACKEND2_MAC, HOST_BACKEND2_SIDE_MAC)),
+        "198.18.2.2" | "fd00:2::2" => Some((BACKEND2_MAC, HOST_BACKEND2_SIDE_MAC)),
         _ => crate::LOCAL_BACKENDS
             .iter()
             .find(|(addr, ..)| *addr == backend.to_string())

@@ -13,15 +13,9 @@ use portmap_common::{
 };
 
 use crate::{
-    maps::{PM_ALLOW, PM_BACKENDS, PM_LOCAL_ADDRS, PM_MAGLEV, PM_MAPPINGS},
+    maps::{PM_ALLOW, PM_BACKENDS, PM_LOCAL_ADDRS, PM_MAGLEV, PM_MAPPINGS, zeroed},
     parse::Packet,
 };
-
-/// The wildcard address, read (volatile, from read-only data) where a key needs it: LLVM turns
-/// a zero store into a call to `memset` (the BPF backend expands `memcpy` inline, not `memset`),
-/// and any call costs the XDP program's frame 32 bytes on 6.1's verifier, which counts at least
-/// that for a called function; the program is at the limit.
-static ZERO_ADDR: Addr = [0; 4];
 
 /// 127.0.0.0/8 or ::1.
 #[inline(always)]
@@ -67,8 +61,10 @@ pub fn lookup(
     if !local() {
         return None;
     }
-    // SAFETY: a read of a static.
-    key.addr = unsafe { core::ptr::read_volatile(&raw const ZERO_ADDR) };
+    // The wildcard address from `maps::zeroed`: a zero literal would be a `memset` call, and any
+    // call costs the XDP program's frame 32 bytes on 6.1's verifier; the program is at the limit.
+    // SAFETY: all zeros is an `Addr` (integers).
+    key.addr = unsafe { zeroed() };
     // SAFETY: as above.
     unsafe { PM_MAPPINGS.get(key) }
 }

@@ -7,6 +7,7 @@
 //! per scaling curve to the output directory. Nothing here asserts a timing.
 
 mod allow;
+mod control;
 mod flood;
 mod micro;
 mod plot;
@@ -531,11 +532,11 @@ fn restart_stalls(plan: &Plan) -> anyhow::Result<Vec<results::RestartRun>> {
         .collect()
 }
 
-fn control_plane(plan: &Plan) -> anyhow::Result<Vec<micro::ControlPlane>> {
+fn control_plane(plan: &Plan) -> anyhow::Result<Vec<control::ControlPlane>> {
     say("control plane");
     let mut control = Vec::new();
     for &n in &plan.control_mappings {
-        let c = micro::control_plane(n)?;
+        let c = control::control_plane(n, plan.repetitions)?;
         say(&format!(
             "  {n:>6}: portmap install {:.2} ms (in daemon), reload changing all {:.2} ms, iptables-restore {:.1} ms, nft -f {:.1} ms",
             c.portmap_install_in_daemon_ms,

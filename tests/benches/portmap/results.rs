@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::{micro, setup::Variant, traffic::PacketRun};
+use crate::{control, micro, setup::Variant, traffic::PacketRun};
 
 #[derive(Serialize)]
 pub struct Machine {
@@ -109,7 +109,7 @@ pub struct Results {
     /// The reply direction (sink → client).
     pub replies: Vec<Packets>,
     pub programs: Vec<micro::ProgramCost>,
-    pub control: Vec<micro::ControlPlane>,
+    pub control: Vec<control::ControlPlane>,
     pub memory: micro::Memory,
     pub daemon_memory: Vec<micro::DaemonMemory>,
     pub flood: Vec<crate::flood::FloodRun>,

@@ -6,7 +6,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     maps::{
-        Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap, Map, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     util::nr_cpus,
@@ -23,7 +23,7 @@ use portmap_common::{
 
 use super::{
     Datapath,
-    sys::{lookup_all_percpu, update_batch},
+    sys::{delete_batch, lookup_all_percpu, update_batch, zero_batch_per_cpu},
 };
 use crate::model::table::{AllowPlacement, MapContents, Maps};
 
@@ -55,9 +55,7 @@ impl Maps for Datapath {
 
     /// Keeps going past a failure and reports the first.
     fn remove_mappings(&mut self, keys: &[MappingKey]) -> anyhow::Result<()> {
-        let mut map: HashMap<_, MappingKey, MappingValue> =
-            HashMap::try_from(self.map_mut(map_names::MAPPINGS)?)?;
-        remove_all(&mut map, keys, |key| {
+        self.remove_all::<_, MappingValue>(map_names::MAPPINGS, keys, |key| {
             format!("the entry of host port {}", u16::from_be(key.port_be))
         })
     }
@@ -79,19 +77,15 @@ impl Maps for Datapath {
             .with_context(|| format!("writing Maglev table {group}"))
     }
 
-    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+    fn reset_counters(&mut self, slots: &[u32]) -> anyhow::Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
         let cpus = nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
-        let mut stats: PerCpuArray<_, MappingCounters> =
-            PerCpuArray::try_from(self.map_mut(map_names::MAPPING_STATS)?)?;
-        stats.set(
-            slot,
-            PerCpuValues::try_from(vec![MappingCounters::default(); cpus])?,
-            0,
-        )?;
-        let mut denied: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.map_mut(map_names::MAPPING_DENIED)?)?;
-        denied.set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
-        Ok(())
+        zero_batch_per_cpu::<MappingCounters>(self.per_cpu_array_fd(map_names::MAPPING_STATS)?, slots, cpus)
+            .context("zeroing mapping counters (BPF_MAP_UPDATE_BATCH)")?;
+        zero_batch_per_cpu::<u64>(self.per_cpu_array_fd(map_names::MAPPING_DENIED)?, slots, cpus)
+            .context("zeroing mapping denied counters (BPF_MAP_UPDATE_BATCH)")
     }
 
     fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
@@ -103,8 +97,7 @@ impl Maps for Datapath {
     }
 
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
-        let mut map: HashMap<_, PortKey, u8> = HashMap::try_from(self.map_mut(map_names::PUBLISHED_PORTS)?)?;
-        remove_all(&mut map, ports, |key| {
+        self.remove_all::<_, u8>(map_names::PUBLISHED_PORTS, ports, |key| {
             format!("published port {}", u16::from_be(key.port_be))
         })
     }
@@ -140,7 +133,7 @@ impl Maps for Datapath {
 /// half-done removal leaves as little behind as it can); a key that is not there (never written,
 /// as in the rollback of a batch that failed) is as good as removed; the first real failure is
 /// returned, naming its entry.
-fn remove_all<K: aya::Pod, V: aya::Pod>(
+fn remove_each<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<&mut MapData, K, V>,
     keys: &[K],
     describe: impl Fn(&K) -> String,
@@ -159,6 +152,22 @@ fn remove_all<K: aya::Pod, V: aya::Pod>(
 }
 
 impl Datapath {
+    /// Removes `keys` from the hash map `name` as `remove_each` does, in batches of one system
+    /// call (`BPF_MAP_DELETE_BATCH`, which skips a key that is not there); when the kernel
+    /// refuses a batch, key by key, to try every key and name the first that fails.
+    fn remove_all<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        keys: &[K],
+        describe: impl Fn(&K) -> String,
+    ) -> anyhow::Result<()> {
+        if keys.is_empty() || delete_batch(self.hash_map_fd(name)?, keys).is_ok() {
+            return Ok(());
+        }
+        let mut map: HashMap<_, K, V> = HashMap::try_from(self.map_mut(name)?)?;
+        remove_each(&mut map, keys, describe)
+    }
+
     /// What the mapping maps hold (`PM_MAPPINGS`, the Maglev tables and backend slots they use,
     /// `PM_PUBLISHED_PORTS`): for a table rebuilt from an adopted datapath without saved state.
     pub fn mapping_contents(&self) -> anyhow::Result<MapContents> {
@@ -321,6 +330,13 @@ impl Datapath {
         match self.map(name)? {
             aya::maps::Map::HashMap(d) | aya::maps::Map::LruHashMap(d) => Ok(d.fd().as_fd().as_raw_fd()),
             _ => bail!("{name} is not a hash map"),
+        }
+    }
+
+    fn per_cpu_array_fd(&self, name: &str) -> anyhow::Result<RawFd> {
+        match self.map(name)? {
+            aya::maps::Map::PerCpuArray(d) => Ok(d.fd().as_fd().as_raw_fd()),
+            _ => bail!("{name} is not a per-CPU array"),
         }
     }
 

@@ -247,13 +247,37 @@ pub(super) fn delete_batch<K: Copy>(map_fd: RawFd, keys: &[K]) -> std::io::Resul
 /// `BPF_MAP_UPDATE_BATCH` (kernel ≥ 5.6): writes `keys[i]` → `values[i]` in as few system calls
 /// as the kernel allows (aya 0.14 has no batch API).
 pub(super) fn update_batch<K: Copy, V: Copy>(map_fd: RawFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "a value for every key");
+    // SAFETY: `values` holds `keys.len()` values of `size_of::<V>()` bytes each.
+    unsafe { update_batch_raw(map_fd, keys, values.as_ptr().cast(), size_of::<V>()) }
+}
+
+/// `update_batch` of a per-CPU map, every key's value zero on every CPU (`cpus` of them, as the
+/// kernel counts possible CPUs): the kernel wants each key's values side by side, each rounded
+/// up to 8 bytes.
+pub(super) fn zero_batch_per_cpu<V>(map_fd: RawFd, keys: &[u32], cpus: usize) -> std::io::Result<()> {
+    let stride = size_of::<V>().next_multiple_of(8) * cpus;
+    let zeroes = vec![0u8; stride * keys.len()];
+    // SAFETY: `zeroes` holds `keys.len()` values of `stride` bytes each.
+    unsafe { update_batch_raw(map_fd, keys, zeroes.as_ptr(), stride) }
+}
+
+/// # Safety
+/// `values` points at `keys.len()` values of `stride` bytes each, the map's value size.
+unsafe fn update_batch_raw<K: Copy>(
+    map_fd: RawFd,
+    keys: &[K],
+    values: *const u8,
+    stride: usize,
+) -> std::io::Result<()> {
     let mut done = 0;
     while done < keys.len() {
         let mut attr = BatchAttr {
             in_batch: 0,
             out_batch: 0,
             keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
+            // SAFETY: `done < keys.len()`, so this stays inside the caller's values.
+            values: unsafe { values.add(done * stride) } as u64,
             count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
             map_fd: map_fd as u32,
             elem_flags: 0,

@@ -66,12 +66,22 @@ impl Table {
         let plan = plan(&self.requested_by(origin), desired);
         let mut touched: Vec<Key> = Vec::new();
         let result = (|| {
+            // Every add takes a stats slot and nothing here frees one (a removed mapping's
+            // drains first): a plan that cannot fit fails before it writes anything, and a
+            // reload that releases the drained slots and tries again has nothing to undo.
+            if plan.add.len() > self.slots.available() as usize {
+                return Err(self.mappings_full());
+            }
+            // The removals in one batch, written before the updates (which may take their
+            // Maglev tables and backend slots again).
+            let mut removals = Batch::new(&mut *maps);
             for m in &plan.remove {
                 let key = self.find(m)?;
                 touched.push(key);
                 let applied = self.entries[&key].mapping.clone();
-                self.remove(maps, &applied)?;
+                self.remove(&mut removals, &applied)?;
             }
+            removals.commit().map_err(TableError::Datapath)?;
             for (old, new) in &plan.update {
                 let key = self.find(old)?;
                 touched.push(key);

@@ -9,6 +9,8 @@
 
 mod allow_lists;
 mod apply;
+#[cfg(test)]
+mod batch_tests;
 mod error;
 mod place;
 mod plan;
@@ -203,7 +205,7 @@ fn write_mapping<M: Maps + ?Sized>(
     reset_stats: bool,
 ) -> anyhow::Result<()> {
     if reset_stats {
-        maps.reset_counters(place.stats_slot)?;
+        maps.reset_counters(&[place.stats_slot])?;
     }
     if let Some(group) = &place.group {
         let (backends, table) = group_contents(mapping, group)

@@ -58,6 +58,15 @@ pub(super) fn port_key(protocol: Protocol, port: u16) -> PortKey {
 }
 
 impl Table {
+    /// The error of a change that needs more stats slots than `max_mappings` leaves free.
+    pub(super) fn mappings_full(&self) -> TableError {
+        TableError::Full {
+            what: "the mapping table",
+            max: self.max_ports,
+            limit: "max_mappings",
+        }
+    }
+
     /// Takes stats slot, Maglev table, backend slots and allow-list for `mapping` (reusing
     /// `reuse`'s stats slot and table where an update keeps them). Nothing is taken when this
     /// fails.
@@ -91,11 +100,7 @@ impl Table {
         let stats_slot = match reuse {
             Some(e) => e.place.stats_slot,
             None => {
-                let (slot, reused) = self.slots.take_reused().ok_or(TableError::Full {
-                    what: "the mapping table",
-                    max: self.max_ports,
-                    limit: "max_mappings",
-                })?;
+                let (slot, reused) = self.slots.take_reused().ok_or_else(|| self.mappings_full())?;
                 taken.stats = Some((slot, reused));
                 slot
             }

@@ -51,9 +51,9 @@ impl Maps for FlakyMaps {
         self.write()?;
         self.contents.set_maglev(group, table)
     }
-    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+    fn reset_counters(&mut self, slots: &[u32]) -> anyhow::Result<()> {
         self.write()?;
-        self.contents.reset_counters(slot)
+        self.contents.reset_counters(slots)
     }
     fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
         self.write()?;

@@ -48,8 +48,8 @@ pub trait Maps {
     fn set_backends(&mut self, slots: &[(u32, BackendValue)]) -> anyhow::Result<()>;
     /// Writes the `PM_MAGLEV` table of `group`.
     fn set_maglev(&mut self, group: u32, table: &MaglevTable) -> anyhow::Result<()>;
-    /// Zeroes the `PM_MAPPING_STATS` slot on every CPU.
-    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()>;
+    /// Zeroes the `PM_MAPPING_STATS` and `PM_MAPPING_DENIED` slots on every CPU.
+    fn reset_counters(&mut self, slots: &[u32]) -> anyhow::Result<()>;
     /// Adds `PM_PUBLISHED_PORTS` entries (bind() of them is refused on the host).
     fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()>;
     /// Removes `PM_PUBLISHED_PORTS` entries; a port that is not there counts as removed.
@@ -60,15 +60,24 @@ pub trait Maps {
     fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()>;
 }
 
-/// Collects `PM_MAPPINGS` and `PM_PUBLISHED_PORTS` writes and sends them to the kernel together
-/// on [`Batch::commit`], so that a config of many mappings takes few system calls and becomes
-/// visible at once. Other writes pass straight through. The batch lives only as long as this
-/// guard: dropping it uncommitted writes none of the collected entries, and it can never stay
-/// open by mistake.
+/// Collects `PM_MAPPINGS` and `PM_PUBLISHED_PORTS` writes and removals and counter resets and
+/// sends them to the kernel together, so that a config of many mappings takes few system calls
+/// and becomes visible at once. Removals are written before any other write passes through (an
+/// entry is unreachable before the Maglev table or allow-list it pointed at is zeroed or taken
+/// again) and at [`Batch::commit`], first; the additions at the commit, last (counters are zero
+/// and ports published before an entry makes them reachable). The batch lives only as long as
+/// this guard: dropping it uncommitted writes none of the collected additions, and it can never
+/// stay open by mistake. A failed removal fails the commit, also when the write that sent it
+/// was a best-effort one whose caller goes on (zeroing a freed Maglev table).
 pub struct Batch<'a, M: Maps + ?Sized> {
     maps: &'a mut M,
     pending: Vec<(MappingKey, MappingValue)>,
     ports: Vec<PortKey>,
+    resets: Vec<u32>,
+    removed: Vec<MappingKey>,
+    unpublished: Vec<PortKey>,
+    /// The failure of a removal written before a pass-through write, for the commit.
+    failed: Option<anyhow::Error>,
 }
 
 impl<'a, M: Maps + ?Sized> Batch<'a, M> {
@@ -77,11 +86,43 @@ impl<'a, M: Maps + ?Sized> Batch<'a, M> {
             maps,
             pending: Vec::new(),
             ports: Vec::new(),
+            resets: Vec::new(),
+            removed: Vec::new(),
+            unpublished: Vec::new(),
+            failed: None,
         }
     }
 
-    /// Writes the collected entries: the published ports, then the mappings.
-    pub fn commit(self) -> anyhow::Result<()> {
+    /// Writes the collected removals, before the write that follows (which must not happen
+    /// when they failed: an entry would still point at what it changes).
+    fn write_removals(&mut self) -> anyhow::Result<()> {
+        if self.failed.is_none() {
+            self.failed = self.send_removals().err();
+        }
+        self.failed
+            .as_ref()
+            .map_or(Ok(()), |e| Err(anyhow::anyhow!("{e:#}")))
+    }
+
+    fn send_removals(&mut self) -> anyhow::Result<()> {
+        let removed = std::mem::take(&mut self.removed);
+        if !removed.is_empty() {
+            self.maps.remove_mappings(&removed)?;
+        }
+        let unpublished = std::mem::take(&mut self.unpublished);
+        if !unpublished.is_empty() {
+            self.maps.unpublish_ports(&unpublished)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what was collected: the removals, the counter resets and the published ports,
+    /// then the mappings.
+    pub fn commit(mut self) -> anyhow::Result<()> {
+        self.write_removals()?;
+        if !self.resets.is_empty() {
+            self.maps.reset_counters(&self.resets)?;
+        }
         if !self.ports.is_empty() {
             self.maps.publish_ports(&self.ports)?;
         }
@@ -99,20 +140,26 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
     }
 
     fn remove_mappings(&mut self, keys: &[MappingKey]) -> anyhow::Result<()> {
-        self.pending.retain(|(k, _)| !keys.contains(k));
-        self.maps.remove_mappings(keys)
+        if !self.pending.is_empty() {
+            self.pending.retain(|(k, _)| !keys.contains(k));
+        }
+        self.removed.extend_from_slice(keys);
+        Ok(())
     }
 
     fn set_backends(&mut self, slots: &[(u32, BackendValue)]) -> anyhow::Result<()> {
+        self.write_removals()?;
         self.maps.set_backends(slots)
     }
 
     fn set_maglev(&mut self, group: u32, table: &MaglevTable) -> anyhow::Result<()> {
+        self.write_removals()?;
         self.maps.set_maglev(group, table)
     }
 
-    fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
-        self.maps.reset_counters(slot)
+    fn reset_counters(&mut self, slots: &[u32]) -> anyhow::Result<()> {
+        self.resets.extend_from_slice(slots);
+        Ok(())
     }
 
     fn publish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
@@ -121,15 +168,20 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
     }
 
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
-        self.ports.retain(|p| !ports.contains(p));
-        self.maps.unpublish_ports(ports)
+        if !self.ports.is_empty() {
+            self.ports.retain(|p| !ports.contains(p));
+        }
+        self.unpublished.extend_from_slice(ports);
+        Ok(())
     }
 
     fn set_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        self.write_removals()?;
         self.maps.set_allow(list)
     }
 
     fn clear_allow(&mut self, list: &AllowPlacement) -> anyhow::Result<()> {
+        self.write_removals()?;
         self.maps.clear_allow(list)
     }
 }
@@ -298,7 +350,7 @@ impl Maps for MapContents {
     }
 
     /// Counters move with traffic and are not part of the compared contents.
-    fn reset_counters(&mut self, _slot: u32) -> anyhow::Result<()> {
+    fn reset_counters(&mut self, _slots: &[u32]) -> anyhow::Result<()> {
         Ok(())
     }
 

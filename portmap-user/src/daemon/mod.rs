@@ -207,7 +207,7 @@ fn restore_table(
              mapping takes it over; `portmap del` removes one)",
             cfg.startup.pin_dir.display(),
             file.display(),
-            table.entries().len()
+            table.len()
         );
         return Ok((table, 0));
     };
@@ -217,7 +217,7 @@ fn restore_table(
     info!(
         "adopted the datapath in {}: {} mapping(s) restored from {}",
         cfg.startup.pin_dir.display(),
-        table.entries().len(),
+        table.len(),
         file.display()
     );
     Ok((table, generation))

@@ -143,7 +143,7 @@ impl Saver {
         if pending.is_empty() {
             return Ok(());
         }
-        let too_long = self.journal_lines + pending.len() > MIN_JOURNAL.max(table.entries().len());
+        let too_long = self.journal_lines + pending.len() > MIN_JOURNAL.max(table.len());
         let Some(journal) = self.journal.as_mut().filter(|_| !too_long) else {
             return self.write_snapshot(table, self.generation + pending.len() as u64);
         };

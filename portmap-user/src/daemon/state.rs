@@ -205,7 +205,7 @@ impl State {
         };
         format!(
             "{} mapping(s) on {}; flows {}/{} assured, {}/{} new{docker}",
-            self.table.entries().len(),
+            self.table.len(),
             ifaces.join(", "),
             assured.active,
             assured.capacity,

@@ -292,6 +292,17 @@ impl Table {
         std::mem::take(&mut self.flushes)
     }
 
+    /// How many mappings are applied (without listing them, as `entries` does).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The applied mappings, in the order they were added.
     #[must_use]
     pub fn entries(&self) -> Vec<&Entry> {

@@ -101,32 +101,34 @@ fn portmap(r: &mut ControlPlane, dir: &Path) -> anyhow::Result<()> {
         daemon.cli_ok(args)?;
         Ok(started.elapsed().as_secs_f64() * 1e3)
     };
-    let mut s: [Vec<f64>; 7] = Default::default();
+    let (mut install_round_trip, mut install, mut changed_all) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut add_round_trip, mut add, mut del, mut add_range) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..r.samples {
         std::fs::write(&config, &installed)?;
-        s[0].push(round_trip(&["reload"])?);
-        s[1].push(logged_ms(&daemon, "reloaded")?);
+        install_round_trip.push(round_trip(&["reload"])?);
+        install.push(logged_ms(&daemon, "reloaded")?);
         std::fs::write(&config, &changed)?;
         round_trip(&["reload"])?;
-        s[2].push(logged_ms(&daemon, "reloaded")?);
-        s[3].push(round_trip(&["add", &spec])?);
-        s[4].push(logged_ms(&daemon, "added")?);
+        changed_all.push(logged_ms(&daemon, "reloaded")?);
+        add_round_trip.push(round_trip(&["add", &spec])?);
+        add.push(logged_ms(&daemon, "added")?);
         round_trip(&["del", &spec])?;
-        s[5].push(logged_ms(&daemon, "deleted")?);
+        del.push(logged_ms(&daemon, "deleted")?);
         round_trip(&["add", &range])?;
-        s[6].push(logged_ms(&daemon, "added")?);
+        add_range.push(logged_ms(&daemon, "added")?);
         round_trip(&["del", &range])?;
         std::fs::write(&config, &empty)?;
         round_trip(&["reload"])?;
     }
-    r.portmap_install_round_trip_ms = median(&s[0]);
-    r.portmap_install_in_daemon_ms = median(&s[1]);
-    r.portmap_install_in_daemon_samples = s[1].clone();
-    r.portmap_reload_all_changed_ms = median(&s[2]);
-    r.portmap_add_round_trip_ms = median(&s[3]);
-    r.portmap_add_in_daemon_ms = median(&s[4]);
-    r.portmap_del_in_daemon_ms = median(&s[5]);
-    r.portmap_add_range_10k_ms = median(&s[6]);
+    r.portmap_install_round_trip_ms = median(&install_round_trip);
+    r.portmap_install_in_daemon_ms = median(&install);
+    r.portmap_install_in_daemon_samples = install;
+    r.portmap_reload_all_changed_ms = median(&changed_all);
+    r.portmap_add_round_trip_ms = median(&add_round_trip);
+    r.portmap_add_in_daemon_ms = median(&add);
+    r.portmap_del_in_daemon_ms = median(&del);
+    r.portmap_add_range_10k_ms = median(&add_range);
     Ok(())
 }
 
@@ -152,17 +154,17 @@ fn iptables(r: &mut ControlPlane, dir: &Path) -> anyhow::Result<()> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Ok(setup::timed_in(&bed.topo, "iptables", &args, None)? * 1e3)
     };
-    let mut s: [Vec<f64>; 3] = Default::default();
+    let (mut restore, mut append, mut delete) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..r.samples {
-        s[0].push(setup::timed_in(&bed.topo, "iptables-restore", &[], Some(&rules))? * 1e3);
-        s[1].push(iptables("-A")?);
-        s[2].push(iptables("-D")?);
+        restore.push(setup::timed_in(&bed.topo, "iptables-restore", &[], Some(&rules))? * 1e3);
+        append.push(iptables("-A")?);
+        delete.push(iptables("-D")?);
         setup::timed_in(&bed.topo, "iptables-restore", &[], Some(&empty))?;
     }
-    r.iptables_restore_ms = median(&s[0]);
-    r.iptables_restore_samples = s[0].clone();
-    r.iptables_append_one_ms = median(&s[1]);
-    r.iptables_delete_one_ms = median(&s[2]);
+    r.iptables_restore_ms = median(&restore);
+    r.iptables_restore_samples = restore;
+    r.iptables_append_one_ms = median(&append);
+    r.iptables_delete_one_ms = median(&delete);
     if r.mappings <= 1_000 {
         r.iptables_one_by_one_ms = Some(iptables_one_by_one(&bed.topo, r.mappings)?);
     }
@@ -202,15 +204,15 @@ fn nftables(r: &mut ControlPlane, dir: &Path) -> anyhow::Result<()> {
     std::fs::write(&file, setup::nft_ruleset(r.mappings, false))?;
     let file = file.to_str().context("utf-8")?;
     let element = format!("{{ {} : {SINK} . 80 }}", next_port(r.mappings));
-    let mut s: [Vec<f64>; 2] = Default::default();
+    let (mut load, mut add_element) = (Vec::new(), Vec::new());
+    let add = ["add", "element", "ip", "pm", "tports", &element];
     for _ in 0..r.samples {
-        s[0].push(setup::timed_in(&bed.topo, "nft", &["-f", file], None)? * 1e3);
-        let add = ["add", "element", "ip", "pm", "tports", &element];
-        s[1].push(setup::timed_in(&bed.topo, "nft", &add, None)? * 1e3);
+        load.push(setup::timed_in(&bed.topo, "nft", &["-f", file], None)? * 1e3);
+        add_element.push(setup::timed_in(&bed.topo, "nft", &add, None)? * 1e3);
         setup::timed_in(&bed.topo, "nft", &["delete", "table", "ip", "pm"], None)?;
     }
-    r.nft_file_ms = median(&s[0]);
-    r.nft_file_samples = s[0].clone();
-    r.nft_add_element_ms = median(&s[1]);
+    r.nft_file_ms = median(&load);
+    r.nft_file_samples = load;
+    r.nft_add_element_ms = median(&add_element);
     Ok(())
 }

@@ -462,11 +462,7 @@ impl Table {
         origin: Origin,
     ) -> Result<Mapping, TableError> {
         if self.ports_used + u64::from(requested.port_count()) > u64::from(self.max_ports) {
-            return Err(TableError::Full {
-                what: "the mapping table",
-                max: self.max_ports,
-                limit: "max_mappings",
-            });
+            return Err(self.mappings_full());
         }
         let (mapping, next_dynamic) = self.resolve(requested, sockets)?;
         let (place, taken) = self.place(&mapping, None)?;

@@ -58,7 +58,8 @@ pub(super) fn port_key(protocol: Protocol, port: u16) -> PortKey {
 }
 
 impl Table {
-    /// The error of a change that needs more stats slots than `max_mappings` leaves free.
+    /// The error of a change that needs more stats slots or host ports than `max_mappings`
+    /// leaves free.
     pub(super) fn mappings_full(&self) -> TableError {
         TableError::Full {
             what: "the mapping table",

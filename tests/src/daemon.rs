@@ -172,7 +172,8 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + crate::slowdown(Duration::from_secs(20));
+        let wait = crate::slowdown(Duration::from_secs(20));
+        let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()) {
                 self.child = None;
@@ -187,7 +188,11 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        bail!("portmap run did not answer within 20 s:\n{}", self.log())
+        bail!(
+            "portmap run did not answer within {} s:\n{}",
+            wait.as_secs(),
+            self.log()
+        )
     }
 
     /// The daemon's output so far.

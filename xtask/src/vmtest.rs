@@ -122,13 +122,7 @@ pub fn vmtest(package: Option<String>, fuzz_packets: u64, filter: Option<&str>) 
     // CPU the host starved (seen in CI: a soft lockup and an RCU stall of 20-60 s in whatever
     // task was current, and a daemon that could not start within its 200 s): it runs once more
     // in a new guest. A failure without a stall, or a second failure, fails the run.
-    let again: Vec<_> = tests
-        .iter()
-        .filter(|(name, _)| {
-            stalled.contains(name) && tally.binaries.iter().any(|b| &b.name == name && !b.ok())
-        })
-        .cloned()
-        .collect();
+    let again = run_again(&tests, &tally, &stalled);
     if !again.is_empty() {
         let names: Vec<_> = again.iter().map(|(n, _)| n.as_str()).collect();
         println!(
@@ -416,6 +410,22 @@ struct Guest {
     stalled: BTreeSet<String>,
 }
 
+/// The test binaries to run once more: those that failed (or printed no result) while the
+/// guest's kernel reported a stalled CPU.
+fn run_again(
+    tests: &[(String, PathBuf)],
+    tally: &Tally,
+    stalled: &BTreeSet<String>,
+) -> Vec<(String, PathBuf)> {
+    tests
+        .iter()
+        .filter(|(name, _)| {
+            stalled.contains(name) && tally.binaries.iter().any(|b| &b.name == name && !b.ok())
+        })
+        .cloned()
+        .collect()
+}
+
 /// Whether a console line is the guest kernel's report of a CPU that did not schedule (soft
 /// lockup) or did not pass an RCU quiescent state for many seconds.
 fn kernel_stall(line: &str) -> bool {
@@ -568,6 +578,41 @@ mod tests {
         ] {
             assert!(!kernel_stall(line), "{line}");
         }
+    }
+
+    /// Only a binary that failed and saw a stall runs again: not one that failed without a
+    /// stall, not one that saw a stall and passed.
+    #[test]
+    fn a_failure_during_a_stall_and_only_that_runs_again() {
+        let mut tally = Tally::default();
+        for line in [
+            "vmtest: running golden",
+            "test result: ok. 15 passed; 0 failed; 0 ignored",
+            "vmtest: exit golden 0",
+            "vmtest: running local_path",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored",
+            "vmtest: exit local_path 101",
+            "vmtest: running e2e",
+            "vmtest: exit e2e 101",
+            "vmtest: running masquerade",
+            "test result: FAILED. 0 passed; 1 failed; 0 ignored",
+            "vmtest: exit masquerade 101",
+        ] {
+            tally.line(line);
+        }
+        let tests: Vec<_> = ["golden", "local_path", "e2e", "masquerade"]
+            .iter()
+            .map(|n| ((*n).to_owned(), PathBuf::from(format!("/t/{n}"))))
+            .collect();
+        let stalled: BTreeSet<String> = ["golden", "local_path", "e2e"]
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect();
+        let again: Vec<_> = run_again(&tests, &tally, &stalled)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(again, ["local_path", "e2e"]);
     }
 
     #[test]

@@ -648,23 +648,24 @@ impl Table {
         }
         self.free(maps, &old.place, Some(&place));
         let stats_slot = place.stats_slot;
-        self.flushes.extend(
-            old.mapping
-                .backends
-                .iter()
-                .filter(|b| {
-                    flushes_udp(&mapping)
-                        && !mapping
+        if flushes_udp(&mapping) {
+            self.flushes.extend(
+                old.mapping
+                    .backends
+                    .iter()
+                    .filter(|b| {
+                        !mapping
                             .backends
                             .iter()
                             .any(|n| n.ip == b.ip && n.ports == b.ports)
-                })
-                .map(|b| FlowFlush {
-                    stats_slot,
-                    backend: Some((b.ip, b.ports)),
-                    outside: None,
-                }),
-        );
+                    })
+                    .map(|b| FlowFlush {
+                        stats_slot,
+                        backend: Some((b.ip, b.ports)),
+                        outside: None,
+                    }),
+            );
+        }
         let narrowed = place.allow.as_ref().filter(|new| {
             old.place
                 .allow

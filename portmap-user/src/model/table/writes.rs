@@ -140,9 +140,7 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
     }
 
     fn remove_mappings(&mut self, keys: &[MappingKey]) -> anyhow::Result<()> {
-        if !self.pending.is_empty() {
-            self.pending.retain(|(k, _)| !keys.contains(k));
-        }
+        self.pending.retain(|(k, _)| !keys.contains(k));
         self.removed.extend_from_slice(keys);
         Ok(())
     }
@@ -168,9 +166,7 @@ impl<M: Maps + ?Sized> Maps for Batch<'_, M> {
     }
 
     fn unpublish_ports(&mut self, ports: &[PortKey]) -> anyhow::Result<()> {
-        if !self.ports.is_empty() {
-            self.ports.retain(|p| !ports.contains(p));
-        }
+        self.ports.retain(|p| !ports.contains(p));
         self.unpublished.extend_from_slice(ports);
         Ok(())
     }

@@ -450,6 +450,16 @@ fn program_costs(plan: &Plan) -> anyhow::Result<Vec<micro::ProgramCost>> {
                 cost.established_tc_local_ns,
                 cost.new_flow_xdp_ns
             ));
+            if let Some(m) = &cost.many_flows {
+                say(&format!(
+                    "  {n:>8} mappings, {} flows: established XDP {:.1} ns, TC to a local backend {:.1} ns \
+                     (up to the conntrack lookup {:.1} ns)",
+                    micro::MANY_FLOWS,
+                    m.established_xdp_ns,
+                    m.established_tc_local_ns,
+                    m.tc_lookup_ns
+                ));
+            }
             if let Some(a) = &cost.allow {
                 say(&format!(
                     "  {n:>8} mappings, {} allow prefixes: established XDP {:.1} ns / TC {:.1} ns, new flow {:.1} ns, \

@@ -40,6 +40,22 @@ pub struct ProgramCost {
     pub tc_steps_ns: [f64; 4],
     /// The same with `allow::PREFIXES` prefixes on the measured mapping.
     pub allow: Option<AllowCost>,
+    /// Established packets over `MANY_FLOWS` flows, each run on the next flow's packet.
+    pub many_flows: Option<ManyFlowsCost>,
+}
+
+/// How many flows `ManyFlowsCost` spreads its packets over: the traffic rows' flow count.
+pub const MANY_FLOWS: u16 = 10_000;
+
+/// The established-flow programs over `MANY_FLOWS` flows: what the flow count adds to a
+/// packet's cost inside the program (the flow table's cache misses), beside the traffic rows'
+/// 10,000-flow figures, which also count the kernel around it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ManyFlowsCost {
+    pub established_xdp_ns: f64,
+    pub established_tc_local_ns: f64,
+    /// The TC program cut after the conntrack lookup (cumulative, as `ProgramCost::tc_steps_ns[1]`).
+    pub tc_lookup_ns: f64,
 }
 
 fn tcp_frame(src_port: u16, dst: (Ipv4Addr, u16), flags_syn: bool) -> Vec<u8> {
@@ -176,7 +192,14 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
         dp.sync_local_backends(local.iter().map(|(a, l)| (*a, &l.backend)))?;
         let xdp_local = cost(&dp, xdp_prog, true, &ack)?;
         let tc_local = cost(&dp, tc_prog, false, &ack)?;
+        let flows = many_flows(&dp, ifindex, last, last_backend_port)?;
+        let many_tc_local = cycle_run_ns(&dp, tc_prog, false, &flows, ifindex)? - overhead;
         dp.sync_local_backends([])?;
+        let many_xdp = cycle_run_ns(&dp, xdp_prog, true, &flows, ifindex)? - overhead;
+        // The TC program cut after its conntrack lookup (`BENCH_TC_STEPS`' second), over the
+        // same flows: how much of what they add is the lookup.
+        let many_tc_lookup =
+            cycle_run_ns(&dp, prog_names::BENCH_TC_STEPS[1], false, &flows, ifindex)? - overhead;
         // New flows: one run per client port (a fresh port range for each measurement).
         let new_runs = 2_000u16;
         // XDP_DROP for the refused ones, anything else for the rest.
@@ -223,6 +246,11 @@ pub fn program_cost(topo: &Topology, mappings: u32, repeat: u32) -> anyhow::Resu
             xdp_steps_ns: xdp_steps,
             tc_steps_ns: tc_steps,
             allow: Some(allow),
+            many_flows: Some(ManyFlowsCost {
+                established_xdp_ns: many_xdp,
+                established_tc_local_ns: many_tc_local,
+                tc_lookup_ns: many_tc_lookup,
+            }),
         })
     })
 }
@@ -251,6 +279,52 @@ fn single_run_ns(
             total += run.duration.as_secs_f64() * 1e9;
         }
         means.push(total / f64::from(per_batch));
+    }
+    means.sort_by(f64::total_cmp);
+    Ok(means[means.len() / 2])
+}
+
+/// Opens `MANY_FLOWS` assured flows to `dst` (SYN, the sink's SYN-ACK, ACK; client ports from
+/// 30000) and returns each one's next packet.
+fn many_flows(
+    dp: &Datapath,
+    ifindex: u32,
+    dst: (Ipv4Addr, u16),
+    backend_port: u16,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut acks = Vec::with_capacity(MANY_FLOWS.into());
+    for port in (30_000..).take(MANY_FLOWS.into()) {
+        dp.test_run(Hook::TcIngress, &tcp_frame(port, dst, true), ifindex, 1)?;
+        dp.test_run(Hook::TcEgress, &syn_ack_from_sink(backend_port, port), ifindex, 1)?;
+        let ack = tcp_frame(port, dst, false);
+        dp.test_run(Hook::TcIngress, &ack, ifindex, 1)?;
+        acks.push(ack);
+    }
+    Ok(acks)
+}
+
+/// As `single_run_ns`, with each call on the next of `frames` (one per flow) in turn: the
+/// median of five passes' means, after a pass that warms what fits in the caches.
+fn cycle_run_ns(
+    dp: &Datapath,
+    name: &str,
+    xdp: bool,
+    frames: &[Vec<u8>],
+    ifindex: u32,
+) -> anyhow::Result<f64> {
+    const PASSES: usize = 5;
+    let mut means = Vec::with_capacity(PASSES);
+    for pass in 0..=PASSES {
+        let mut total = 0.0;
+        for frame in frames {
+            let run = dp.test_run_bench(name, xdp, frame, ifindex, 1)?;
+            let dropped = if xdp { 1 } else { 2 };
+            anyhow::ensure!(run.return_value != dropped, "{name} dropped a packet");
+            total += run.duration.as_secs_f64() * 1e9;
+        }
+        if pass > 0 {
+            means.push(total / frames.len() as f64);
+        }
     }
     means.sort_by(f64::total_cmp);
     Ok(means[means.len() / 2])

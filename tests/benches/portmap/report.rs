@@ -566,6 +566,7 @@ fn absolutes(s: &mut String, r: &Results) {
         );
     }
     step_table(s, r);
+    many_flows_table(s, r);
     crate::allow::table(s, r);
     let samples = r.control.first().map_or(1, |c| c.samples);
     let _ = writeln!(
@@ -663,6 +664,38 @@ fn step_table(s: &mut String, r: &Results) {
             steps[3] - steps[2],
             full - steps[3],
             full / p.noop_ns
+        );
+    }
+}
+
+/// The established-flow packet over `MANY_FLOWS` flows beside the same packet of one flow, and
+/// the TC program cut after its conntrack lookup both ways: what the flow count adds inside
+/// the program, and how much of it is the lookup.
+fn many_flows_table(s: &mut String, r: &Results) {
+    let _ = writeln!(
+        s,
+        "\n### eBPF cost of an established-flow packet over {} flows (each run on the next flow's packet)\n",
+        crate::micro::MANY_FLOWS
+    );
+    let _ = writeln!(
+        s,
+        "| mappings | XDP, FIB path: 1 flow (ns) | {n} flows (ns) | ÷ 1 flow | TC, local backend: 1 flow (ns) | {n} flows (ns) | ÷ 1 flow | TC up to the conntrack lookup: 1 flow (ns) | {n} flows (ns) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        n = crate::micro::MANY_FLOWS
+    );
+    for p in &r.programs {
+        let Some(m) = &p.many_flows else { continue };
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} | {:.2}× | {:.0} | {:.0} |",
+            p.mappings,
+            p.established_xdp_ns,
+            m.established_xdp_ns,
+            m.established_xdp_ns / p.established_xdp_ns,
+            p.established_tc_local_ns,
+            m.established_tc_local_ns,
+            m.established_tc_local_ns / p.established_tc_local_ns,
+            p.tc_steps_ns[1],
+            m.tc_lookup_ns
         );
     }
 }

@@ -1,6 +1,6 @@
 //! Measurements that need no traffic: the programs' cost per packet through
-//! `BPF_PROG_TEST_RUN` (established and new flows, 1 to 1M mappings, beside a no-op program),
-//! and map memory.
+//! `BPF_PROG_TEST_RUN` (established flows, one and `MANY_FLOWS`, and new ones, 1 to 1M mappings,
+//! beside a no-op program), and map memory.
 
 use std::net::Ipv4Addr;
 

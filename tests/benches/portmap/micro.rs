@@ -272,16 +272,22 @@ fn single_run_ns(
     for _ in 0..BATCHES {
         let mut total = 0.0;
         for _ in 0..per_batch {
-            let run = dp.test_run_bench(name, xdp, frame, ifindex, 1)?;
-            // XDP_DROP / TC_ACT_SHOT: a step failed (the flow was not found, say).
-            let dropped = if xdp { 1 } else { 2 };
-            anyhow::ensure!(run.return_value != dropped, "{name} dropped the packet");
-            total += run.duration.as_secs_f64() * 1e9;
+            total += one_run_ns(dp, name, xdp, frame, ifindex)?;
         }
         means.push(total / f64::from(per_batch));
     }
     means.sort_by(f64::total_cmp);
     Ok(means[means.len() / 2])
+}
+
+/// One run of the loaded program `name` on a fresh copy of `frame`, as the kernel times it;
+/// an error if the program dropped it.
+fn one_run_ns(dp: &Datapath, name: &str, xdp: bool, frame: &[u8], ifindex: u32) -> anyhow::Result<f64> {
+    let run = dp.test_run_bench(name, xdp, frame, ifindex, 1)?;
+    // XDP_DROP / TC_ACT_SHOT: a step failed (the flow was not found, say).
+    let dropped = if xdp { 1 } else { 2 };
+    anyhow::ensure!(run.return_value != dropped, "{name} dropped the packet");
+    Ok(run.duration.as_secs_f64() * 1e9)
 }
 
 /// Opens `MANY_FLOWS` assured flows to `dst` (SYN, the sink's SYN-ACK, ACK; client ports from
@@ -317,10 +323,7 @@ fn cycle_run_ns(
     for pass in 0..=PASSES {
         let mut total = 0.0;
         for frame in frames {
-            let run = dp.test_run_bench(name, xdp, frame, ifindex, 1)?;
-            let dropped = if xdp { 1 } else { 2 };
-            anyhow::ensure!(run.return_value != dropped, "{name} dropped a packet");
-            total += run.duration.as_secs_f64() * 1e9;
+            total += one_run_ns(dp, name, xdp, frame, ifindex)?;
         }
         if pass > 0 {
             means.push(total / frames.len() as f64);
